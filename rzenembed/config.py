@@ -1,0 +1,377 @@
+"""The pipeline's configuration tree: pydantic models, YAML loading, dotted overrides.
+
+One ``PipelineConfig`` describes a whole run, from storage and source datasets to the
+registered model. Every model forbids unknown keys, so a typo fails loudly instead of
+silently falling back to a default. Errors are raised as ``ConfigError`` whose message
+names the field path, the value given and what was expected.
+
+Secrets never live here: storage credentials come from the environment or the standard
+AWS configuration, never from a config file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rzenembed.prompts import TEMPLATES, template_names
+
+TASK_GROUPS: tuple[str, ...] = (
+    "image_classification",
+    "image_qa",
+    "image_retrieval",
+    "visual_grounding",
+    "visdoc_retrieval",
+    "video_retrieval",
+    "video_qa",
+    "text_retrieval",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names field, value and expectation."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------- storage, data
+
+
+class StorageConfig(Strict):
+    """Where dataset versions, checkpoints and models are written (local path or s3://)."""
+
+    root: str = "runs/data"
+    # Endpoint for S3-compatible stores (a local S3 server, MinIO); credentials are read
+    # from the environment / AWS config, never from here.
+    endpoint_url: str | None = None
+
+
+class SourceConfig(Strict):
+    """One raw dataset to prepare."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    uri: str = Field(min_length=1)
+    format: Literal["rzenembed", "jsonl", "mmeb"] = "rzenembed"
+    task_group: str
+    stage: Literal["stage1", "stage2", "both"] = "stage2"
+    classification: bool = False
+    cap: int | None = Field(default=None, gt=0)
+
+    @field_validator("task_group")
+    @classmethod
+    def _known_group(cls, value: str) -> str:
+        if value not in TASK_GROUPS:
+            raise ValueError(f"expected one of {', '.join(TASK_GROUPS)}")
+        return value
+
+
+class PrepConfig(Strict):
+    """Thresholds of the data-preparation steps."""
+
+    shard_rows: int = Field(default=2048, gt=0)
+    seed: int = 0
+    cap_per_dataset: int = Field(default=100_000, gt=0)
+    max_text_chars: int = Field(default=8192, gt=0)
+    max_image_pixels: int = Field(default=64_000_000, gt=0)
+    min_image_side: int = Field(default=32, gt=0)
+    blur_threshold: float = Field(default=10.0, ge=0)
+    phash_radius: int = Field(default=4, ge=0, le=64)
+    clip_seconds: float = Field(default=10.0, gt=0)
+    long_video_min_s: float = Field(default=60.0, gt=0)
+    long_video_max_s: float = Field(default=180.0, gt=0)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelConfig(Strict):
+    """The backbone and how inputs reach it."""
+
+    name_or_path: str = Field(min_length=1)
+    template: str = "rzenembed-paper"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    min_visual_tokens: int = Field(default=4, gt=0)
+    max_visual_tokens: int = Field(default=1280, gt=0)
+    video_frames: int = Field(default=8, gt=0)
+    max_text_tokens: int = Field(default=2048, gt=0)
+    gradient_checkpointing: bool = False
+    padding_side: Literal["left", "right"] = "right"
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        if value not in TEMPLATES:
+            raise ValueError(f"expected one of {', '.join(template_names())}")
+        return value
+
+    @model_validator(mode="after")
+    def _token_range(self) -> ModelConfig:
+        if self.min_visual_tokens > self.max_visual_tokens:
+            raise ValueError("min_visual_tokens must not exceed max_visual_tokens")
+        return self
+
+
+class LoraConfig(Strict):
+    """LoRA on the linear layers of the vision encoder and/or the LLM (never the LM head)."""
+
+    enabled: bool = True
+    r: int = Field(default=64, gt=0)
+    alpha: float = Field(default=128.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    vision: bool = True
+    llm: bool = True
+
+    @model_validator(mode="after")
+    def _some_target(self) -> LoraConfig:
+        if self.enabled and not (self.vision or self.llm):
+            raise ValueError("LoRA enabled but neither vision nor llm is targeted")
+        return self
+
+
+# --------------------------------------------------------------------------- loss
+
+
+class TemperatureConfig(Strict):
+    """Per-task temperature tau = exp(theta); learnable or fixed at ``init``."""
+
+    learnable: bool = True
+    init: float = Field(default=0.02, gt=0)
+    min: float = Field(default=0.005, gt=0)
+    max: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TemperatureConfig:
+        if not self.min <= self.init <= self.max:
+            raise ValueError(f"expected min <= init <= max, got {self.min}, {self.init}, {self.max}")
+        return self
+
+
+class LossConfig(Strict):
+    """The RzenEmbed contrastive loss; each refinement can be switched off for ablations."""
+
+    hardness_alpha: float = Field(default=9.0, ge=0)
+    false_negative_delta: float | None = Field(default=0.95, gt=0, le=1)
+    false_negative_rule: Literal["relative", "absolute"] = "relative"
+    temperature: TemperatureConfig = TemperatureConfig()
+    task_groups: list[str] = Field(default_factory=lambda: list(TASK_GROUPS), min_length=1)
+    gather_across_ranks: bool = True
+
+    @field_validator("task_groups")
+    @classmethod
+    def _unique_groups(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("task groups must be unique")
+        return value
+
+
+# --------------------------------------------------------------------------- training
+
+
+class OptimConfig(Strict):
+    lr: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class StageConfig(Strict):
+    """One training stage (shared shape of stage 1 and every stage-2 mixture)."""
+
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    global_batch_size: int = Field(default=768, gt=0)
+    gradcache_chunk: int | None = Field(default=32, gt=0)
+    hard_negatives: int = Field(default=1, ge=0)
+    sampling: Literal["static", "adaptive"] = "static"
+    checkpoint_every: int = Field(default=500, gt=0)
+    seed: int = 0
+    optim: OptimConfig = OptimConfig()
+
+
+class MixtureConfig(Strict):
+    """A stage-2 data mixture: dataset name -> relative sampling weight."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    datasets: dict[str, float] = Field(min_length=1)
+
+    @field_validator("datasets")
+    @classmethod
+    def _positive_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not v > 0}
+        if bad:
+            raise ValueError(f"mixture weights must be > 0, got {bad}")
+        return value
+
+
+class Stage2Config(StageConfig):
+    mixtures: list[MixtureConfig] = Field(default_factory=list)
+    from_stage1: bool = True
+
+    @field_validator("mixtures")
+    @classmethod
+    def _unique_names(cls, value: list[MixtureConfig]) -> list[MixtureConfig]:
+        names = [m.name for m in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"mixture names must be unique, got {names}")
+        return value
+
+
+# --------------------------------------------------------------------------- soup, eval
+
+
+class SoupConfig(Strict):
+    method: Literal["delta", "factors", "greedy"] = "delta"
+    weights: dict[str, float] | None = None
+    normalize: bool = True
+
+
+class EvalConfig(Strict):
+    datasets: list[str] = Field(default_factory=list)
+    batch_size: int = Field(default=16, gt=0)
+    champion_metric: str = "all"
+    ndcg_k: int = Field(default=5, gt=0)
+
+
+class TrackingConfig(Strict):
+    tracking_uri: str = "sqlite:///runs/mlflow.db"
+    experiment: str = "rzenembed"
+    registered_model: str = "rzenembed"
+
+
+class ComputeConfig(Strict):
+    ray_address: str | None = None
+    num_workers: int = Field(default=1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    max_failures: int = Field(default=0, ge=-1)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class PipelineConfig(Strict):
+    """The root: everything one pipeline execution needs."""
+
+    name: str = Field(default="rzenembed", min_length=1)
+    seed: int = 0
+    storage: StorageConfig = StorageConfig()
+    sources: list[SourceConfig] = Field(default_factory=list)
+    prep: PrepConfig = PrepConfig()
+    model: ModelConfig
+    lora: LoraConfig = LoraConfig()
+    loss: LossConfig = LossConfig()
+    stage1: StageConfig = StageConfig()
+    stage2: Stage2Config = Stage2Config()
+    soup: SoupConfig = SoupConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    compute: ComputeConfig = ComputeConfig()
+
+    @model_validator(mode="after")
+    def _mixtures_name_sources(self) -> PipelineConfig:
+        known = {s.name for s in self.sources}
+        if not known:
+            return self
+        for mixture in self.stage2.mixtures:
+            unknown = sorted(set(mixture.datasets) - known)
+            if unknown:
+                raise ValueError(
+                    f"stage2 mixture {mixture.name!r} names unknown datasets {unknown}; "
+                    f"configured sources: {sorted(known)}"
+                )
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key (value {err['input']!r}); check the spelling")
+        else:
+            lines.append(f"{path}: got {err.get('input')!r}; {err['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def validate_config(data: dict[str, Any]) -> PipelineConfig:
+    """Build a ``PipelineConfig`` from plain data, raising ``ConfigError`` on any problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"<root>: got {type(data).__name__}; expected a mapping")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into a key path and a YAML-parsed value."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r}: expected KEY.PATH=VALUE")
+    path = key.strip().split(".")
+    if any(not part for part in path):
+        raise ConfigError(f"override {override!r}: empty component in key path {key!r}")
+    return path, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``value`` at ``path`` inside ``data``; list items are addressed by index."""
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        where = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            node = node[_index(part, node, where)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"{where}: cannot descend into a {type(node).__name__}")
+    last = path[-1]
+    if isinstance(node, list):
+        node[_index(last, node, ".".join(path))] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"{'.'.join(path)}: cannot set a key on a {type(node).__name__}")
+
+
+def _index(part: str, node: list[Any], where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{where}: got index {part!r}; expected 0..{len(node) - 1}")
+    return int(part)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config, apply ``KEY.PATH=VALUE`` overrides in order, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return config_from_dict(data, overrides)
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> PipelineConfig:
+    data = json.loads(json.dumps(data))  # a private copy that overrides may mutate
+    for override in overrides or []:
+        apply_override(data, *parse_override(override))
+    return validate_config(data)
+
+
+def config_digest(cfg: BaseModel) -> str:
+    """A stable sha256 of a config (section), used for caching and provenance."""
+    canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()

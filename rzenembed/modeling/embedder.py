@@ -1,0 +1,321 @@
+"""The RzenEmbed embedder: Qwen2-VL backbone, named prompt template, EOS pooling, LoRA.
+
+The backbone runs without its language-model head: the embedding is the last-layer hidden
+state of the final (EOS) token, L2-normalised, so no vocabulary-sized logits are ever
+computed. The same code loads the tiny test model, Qwen2-VL-2B/7B from a local path, a
+saved adapter (base + LoRA) or a merged model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rzenembed.config import LoraConfig, ModelConfig, config_digest
+from rzenembed.modeling.card import ModelCard, ModelFolderError
+from rzenembed.modeling.inputs import EmbedInput, as_input, load_image, sample_frames
+from rzenembed.modeling.lora import apply_lora
+from rzenembed.modeling.pooling import eos_pool
+from rzenembed.prompts import PromptInput, get_template
+
+log = logging.getLogger(__name__)
+
+# Keys of the processor's output that the Qwen2-VL backbone consumes.
+BACKBONE_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "mm_token_type_ids",
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+)
+# Model settings that travel in rzenembed.json (the path itself does not).
+RUNTIME_SETTINGS = (
+    "dtype",
+    "attn_implementation",
+    "min_visual_tokens",
+    "max_visual_tokens",
+    "video_frames",
+    "max_text_tokens",
+    "padding_side",
+)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class RzenEmbedder(nn.Module):
+    """A Qwen2-VL model turned into an embedding model.
+
+    Build it with ``from_pretrained`` (a model/adapter folder, or a raw checkpoint plus a
+    ``ModelConfig``). ``forward`` takes processor outputs and returns (batch, dim) float32
+    unit vectors with gradients; ``encode`` is the batched inference entry point.
+    """
+
+    def __init__(self, backbone: nn.Module, processor: Any, cfg: ModelConfig, base_path: str):
+        super().__init__()
+        self.backbone = backbone
+        self.processor = processor
+        self.cfg = cfg
+        self.base_path = base_path
+        self.template = get_template(cfg.template)
+        self._configure_processor()
+        if cfg.gradient_checkpointing:
+            self.hf_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        self.hf_model.config.use_cache = False
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        config: ModelConfig | None = None,
+        device: str | torch.device | None = None,
+        trainable: bool = False,
+    ) -> RzenEmbedder:
+        """Load a model folder, an adapter folder, or (with ``config``) a raw checkpoint.
+
+        A folder with ``rzenembed.json`` is queried with the template saved there, whatever
+        ``config.template`` says; ``config`` still sets dtype, attention kernel and token
+        budgets. A folder without it needs ``config`` and uses ``config.template``.
+        """
+        path = str(path)
+        if not Path(path).is_dir():
+            raise ModelFolderError(f"model folder not found: {path}")
+        card = ModelCard.load(path) if ModelCard.exists(path) else None
+        if card is None and config is None:
+            ModelCard.load(path)  # raises the explanatory error
+        cfg = _resolve_config(path, card, config)
+        if card is not None and card.kind == "adapter":
+            base_path = _resolve_base(path, card)
+            backbone = _load_backbone(base_path, cfg)
+            from peft import PeftModel
+
+            backbone = PeftModel.from_pretrained(backbone, path, is_trainable=trainable)
+            processor = _load_processor(base_path)
+        else:
+            base_path = path
+            backbone = _load_backbone(path, cfg)
+            processor = _load_processor(path)
+        embedder = cls(backbone, processor, cfg, base_path)
+        if device is not None:
+            embedder.to(device)
+        return embedder
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def is_lora(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.backbone, PeftModel)
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The transformers Qwen2VLForConditionalGeneration (LoRA layers injected, if any)."""
+        return self.backbone.get_base_model() if self.is_lora else self.backbone
+
+    @property
+    def core(self) -> nn.Module:
+        """The backbone without LM head (vision tower + language model)."""
+        return self.hf_model.model
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.hf_model.config.text_config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def apply_lora(self, cfg: LoraConfig) -> RzenEmbedder:
+        """Add fresh LoRA adapters to every vision/LLM linear layer; freezes the rest."""
+        if self.is_lora:
+            raise RuntimeError("this embedder already carries LoRA adapters; merge them first")
+        self.backbone = apply_lora(self.backbone, cfg)
+        self._lora_cfg = cfg
+        return self
+
+    def merge_lora(self) -> RzenEmbedder:
+        """Fold the LoRA updates into the base weights (W + scale * B A) and drop the adapters."""
+        if not self.is_lora:
+            raise RuntimeError("no LoRA adapters to merge")
+        self.backbone = self.backbone.merge_and_unload()
+        return self
+
+    # ------------------------------------------------------------------ inputs
+
+    def _configure_processor(self) -> None:
+        """Apply the configured visual-token budgets and padding side to the processor."""
+        image_proc = self.processor.image_processor
+        unit = (image_proc.patch_size * image_proc.merge_size) ** 2
+        min_pixels = self.cfg.min_visual_tokens * unit
+        image_proc.size = {"shortest_edge": min_pixels, "longest_edge": self.cfg.max_visual_tokens * unit}
+        video_proc = self.processor.video_processor
+        # A video's frames share one budget: temporal_patch frames fold into one token group.
+        per_frame = self.cfg.max_visual_tokens * unit * video_proc.temporal_patch_size // self.cfg.video_frames
+        per_frame = max(per_frame, unit)
+        video_proc.size = {"shortest_edge": min(min_pixels, per_frame), "longest_edge": per_frame}
+        video_proc.cap_pixels_per_frame = False  # our per-frame cap already bounds the total
+        self.processor.tokenizer.padding_side = self.cfg.padding_side
+
+    def _truncate(self, text: str) -> str:
+        if not text:
+            return text
+        ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self.cfg.max_text_tokens:
+            return text
+        return self.processor.tokenizer.decode(ids[: self.cfg.max_text_tokens])
+
+    def render(self, item: EmbedInput) -> str:
+        """The exact string the model sees for ``item`` (before visual-token expansion)."""
+        return self.template.render(
+            PromptInput(
+                instruction=item.instruction,
+                text=self._truncate(item.text),
+                num_images=len(item.images),
+                num_videos=item.num_videos,
+            )
+        )
+
+    def prepare(self, items: Sequence[EmbedInput | str | dict]) -> dict[str, torch.Tensor]:
+        """Processor inputs for a batch: rendered prompts, images and videos, padded."""
+        items = [as_input(i) for i in items]
+        temporal = self.processor.video_processor.temporal_patch_size
+        images = [load_image(img) for item in items for img in item.images]
+        videos = [
+            sample_frames(item.video, self.cfg.video_frames, temporal)
+            for item in items
+            if item.video is not None
+        ]
+        batch = self.processor(
+            text=[self.render(item) for item in items],
+            images=images or None,
+            videos=videos or None,
+            padding=True,
+            return_tensors="pt",
+        )
+        return {k: batch[k] for k in BACKBONE_INPUTS if k in batch}
+
+    # ------------------------------------------------------------------ embedding
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        """(batch, dim) float32 unit vectors for prepared inputs; differentiable."""
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k in BACKBONE_INPUTS}
+        outputs = self.core(**inputs, use_cache=False, return_dict=True)
+        return eos_pool(outputs.last_hidden_state, inputs["attention_mask"])
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        items: Iterable[EmbedInput | str | dict],
+        batch_size: int = 16,
+        show_progress: bool = False,
+    ) -> torch.Tensor:
+        """Embed ``items`` in batches of similar length; returns (n, dim) float32 on CPU.
+
+        Sorting by estimated length before batching limits padding; the output keeps the
+        input order.
+        """
+        items = [as_input(i) for i in items]
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(items)), key=lambda i: self._estimated_length(items[i]))
+        out = torch.empty(len(items), self.embedding_dim, dtype=torch.float32)
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="embed", disable=not show_progress, unit="batch"):
+            idx = order[start : start + batch_size]
+            out[idx] = self(**self.prepare([items[i] for i in idx])).cpu()
+        self.train(was_training)
+        return out
+
+    def _estimated_length(self, item: EmbedInput) -> int:
+        visual = (len(item.images) + item.num_videos) * self.cfg.max_visual_tokens
+        return (len(item.text) + len(item.instruction)) // 4 + visual
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write safetensors weights, the processor and ``rzenembed.json``.
+
+        With LoRA adapters only the adapter is written (it names its base folder); call
+        ``merge_lora`` first to write a standalone merged model.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.is_lora:
+            self.backbone.save_pretrained(out, safe_serialization=True)
+            kind, base = "adapter", str(Path(self.base_path).resolve())
+        else:
+            self.hf_model.save_pretrained(out, safe_serialization=True)
+            kind, base = "model", None
+        self.processor.save_pretrained(out)
+        card = ModelCard(
+            kind=kind,
+            template=self.cfg.template,
+            embedding_dim=self.embedding_dim,
+            base_model=base,
+            config_digest=config_digest(self.cfg),
+            settings={k: getattr(self.cfg, k) for k in RUNTIME_SETTINGS},
+            extra=dict(extra or {}),
+        )
+        card.save(out)
+        return out
+
+
+def _resolve_config(path: str, card: ModelCard | None, config: ModelConfig | None) -> ModelConfig:
+    """The effective ModelConfig: runtime settings from ``config`` (or the card), template
+    always from the card when there is one."""
+    if config is None:
+        assert card is not None
+        return ModelConfig(name_or_path=path, template=card.template, **card.settings)
+    if card is None:
+        return config
+    if config.template != card.template:
+        log.warning(
+            "model %s was saved with template %r; using it instead of the configured %r",
+            path,
+            card.template,
+            config.template,
+        )
+    return config.model_copy(update={"template": card.template, "name_or_path": path})
+
+
+def _resolve_base(adapter_path: str, card: ModelCard) -> str:
+    if not card.base_model:
+        raise ModelFolderError(f"{adapter_path}: adapter card names no base_model")
+    base = Path(card.base_model)
+    if not base.is_absolute():
+        base = Path(adapter_path) / base
+    if not base.is_dir():
+        raise ModelFolderError(f"{adapter_path}: base model folder {base} not found")
+    return str(base)
+
+
+def _load_backbone(path: str, cfg: ModelConfig) -> nn.Module:
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(
+        path,
+        dtype=torch_dtype(cfg.dtype),
+        attn_implementation=cfg.attn_implementation,
+    )
+
+
+def _load_processor(path: str) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
