@@ -301,7 +301,8 @@ def _format_errors(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             lines.append(f"{path}: unknown key (value {err['input']!r}); check the spelling")
         else:
-            lines.append(f"{path}: got {err.get('input')!r}; {err['msg']}")
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{path}: got {err.get('input')!r}; {message}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

@@ -4,7 +4,8 @@ The folder has exactly what a real checkpoint has (``config.json``, safetensors 
 ``tokenizer.json``, image and video processor configs, chat template) so it loads through
 the very same ``from_pretrained`` path as Qwen2-VL-2B/7B. Weights are random but seeded;
 the tokenizer is a byte-level BPE trained here on a small built-in corpus and carries the
-Qwen2-VL special tokens. Building it twice with the same seed gives identical files.
+Qwen2-VL special tokens. Building it twice with the same seed gives identical files; the
+seed changes the weights only, never the vocabulary.
 
 Command line: ``rzenembed tiny-model OUT [--seed N]``.
 """
@@ -128,7 +129,7 @@ def training_corpus(seed: int = 0, sentences: int = 1500) -> list[str]:
     return lines
 
 
-def build_tokenizer(spec: TinySpec, seed: int = 0):
+def build_tokenizer(spec: TinySpec, corpus_seed: int = 0):
     """Train a byte-level BPE with Qwen2's pre-tokeniser and wrap it as a Qwen2 tokenizer."""
     from transformers import Qwen2Tokenizer
 
@@ -146,7 +147,7 @@ def build_tokenizer(spec: TinySpec, seed: int = 0):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    raw.train_from_iterator(training_corpus(seed), trainer=trainer)
+    raw.train_from_iterator(training_corpus(corpus_seed), trainer=trainer)
     model = raw.model
     vocab = raw.get_vocab()
     merges = _merges_of(model)
@@ -239,7 +240,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None =
     spec = spec or TinySpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec, seed)
+    tokenizer = build_tokenizer(spec)  # the vocabulary never depends on the weight seed
     config = build_config(spec, tokenizer)
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()

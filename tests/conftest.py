@@ -1,0 +1,49 @@
+"""Shared fixtures: the tiny offline Qwen2-VL model is built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from rzenembed.config import ModelConfig  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from rzenembed.modeling.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config(tiny_model_dir) -> ModelConfig:
+    return ModelConfig(
+        name_or_path=str(tiny_model_dir),
+        max_visual_tokens=64,
+        video_frames=4,
+        max_text_tokens=128,
+    )
+
+
+@pytest.fixture()
+def tiny_embedder(tiny_model_dir, tiny_model_config):
+    from rzenembed.modeling import RzenEmbedder
+
+    return RzenEmbedder.from_pretrained(tiny_model_dir, config=tiny_model_config)
+
+
+def random_image(seed: int, size: tuple[int, int] = (84, 112)) -> Image.Image:
+    pixels = np.random.RandomState(seed).randint(0, 255, (*size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+@pytest.fixture()
+def image_factory():
+    return random_image

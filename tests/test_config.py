@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rzenembed.config import (
+    ConfigError,
+    config_digest,
+    config_from_dict,
+    load_config,
+    parse_override,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"model": {"name_or_path": "runs/tiny-model"}}
+
+
+@pytest.mark.parametrize("name", ["tiny", "qwen2vl-2b", "qwen2vl-7b"])
+def test_shipped_configs_load_and_start_with_their_command(name):
+    path = ROOT / "configs" / f"{name}.yaml"
+    cfg = load_config(path)
+    assert path.read_text().startswith("#")
+    assert "rzenembed " in path.read_text().splitlines()[1]
+    assert cfg.model.template == "rzenembed-paper"
+
+
+@pytest.mark.parametrize("name", ["qwen2vl-2b", "qwen2vl-7b"])
+def test_paper_configs_carry_the_paper_hyperparameters(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert (cfg.lora.r, cfg.lora.vision, cfg.lora.llm) == (64, True, True)
+    for stage in (cfg.stage1, cfg.stage2):
+        assert stage.optim.lr == 2e-4
+        assert stage.optim.schedule == "cosine"
+        assert stage.optim.weight_decay == 0.05
+        assert stage.global_batch_size == 768
+        assert stage.epochs == 1
+    assert cfg.loss.hardness_alpha == 9
+    assert cfg.loss.false_negative_delta == 0.95
+    assert cfg.model.max_visual_tokens == 1280
+    assert cfg.model.dtype == "bfloat16"
+    assert cfg.model.gradient_checkpointing is True
+    assert cfg.prep.cap_per_dataset == 100_000
+    assert len(cfg.stage2.mixtures) >= 2
+
+
+def test_dotted_overrides_apply_in_order_and_parse_yaml_values():
+    cfg = config_from_dict(
+        MINIMAL,
+        [
+            "loss.hardness_alpha=5",
+            "loss.false_negative_delta=null",
+            "loss.temperature.learnable=false",
+            "stage1.optim.lr=1e-3",
+            "loss.hardness_alpha=7",
+        ],
+    )
+    assert cfg.loss.hardness_alpha == 7
+    assert cfg.loss.false_negative_delta is None
+    assert cfg.loss.temperature.learnable is False
+    assert cfg.stage1.optim.lr == 1e-3
+
+
+def test_override_into_a_list_item_by_index():
+    data = {
+        **MINIMAL,
+        "sources": [{"name": "a", "uri": "/d/a", "task_group": "image_qa"}],
+    }
+    cfg = config_from_dict(data, ["sources.0.cap=10"])
+    assert cfg.sources[0].cap == 10
+    with pytest.raises(ConfigError, match=r"sources\.3: got index '3'; expected 0\.\.0"):
+        config_from_dict(data, ["sources.3.cap=10"])
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("loss.hardnes_alpha=5", r"loss\.hardnes_alpha: unknown key"),
+        ("stage1.optim.lr=-0.1", r"stage1\.optim\.lr: got -0\.1; Input should be greater than 0"),
+        ("model.template=rzen-typo", r"model\.template: got 'rzen-typo'; expected one of plain, "),
+        ("model.dtype=float8", r"model\.dtype: got 'float8'"),
+        ("loss.temperature.init=5", r"loss\.temperature: .*min <= init <= max"),
+        ("compute.num_workers=zero", r"compute\.num_workers: got 'zero'"),
+    ],
+)
+def test_bad_values_name_the_field_the_value_and_the_expectation(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_dict(MINIMAL, [override])
+
+
+def test_missing_required_model_section_is_reported():
+    with pytest.raises(ConfigError, match=r"model: got .*Field required"):
+        config_from_dict({})
+
+
+def test_mixture_naming_an_unknown_dataset_fails():
+    data = {
+        **MINIMAL,
+        "sources": [{"name": "a", "uri": "/d/a", "task_group": "image_qa"}],
+        "stage2": {"mixtures": [{"name": "m", "datasets": {"a": 1, "b": 2}}]},
+    }
+    with pytest.raises(ConfigError, match=r"names unknown datasets \['b'\]"):
+        config_from_dict(data)
+
+
+@pytest.mark.parametrize("bad", ["noequals", "=3", "a..b=1"])
+def test_malformed_override_is_rejected(bad):
+    with pytest.raises(ConfigError, match="override"):
+        parse_override(bad)
+
+
+def test_missing_file_and_bad_yaml_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_digest_is_stable_and_sensitive():
+    a = config_from_dict(MINIMAL)
+    b = config_from_dict(MINIMAL)
+    c = config_from_dict(MINIMAL, ["loss.hardness_alpha=1"])
+    assert config_digest(a) == config_digest(b)
+    assert config_digest(a) != config_digest(c)
+    assert config_digest(a.model) == config_digest(c.model)
+    assert len(config_digest(a)) == 64
