@@ -61,3 +61,20 @@ def test_cli_writes_the_bundle(tmp_path, capsys):
     assert "written to" in capsys.readouterr().out
     config = json.loads((tmp_path / "cli-model" / "config.json").read_text())
     assert config["model_type"] == "qwen2_vl"
+
+
+def test_weights_use_the_hub_checkpoint_layout(tiny_model_dir):
+    """Qwen2-VL-2B/7B on disk name tensors model.layers.* / visual.*; the tiny folder does
+    too, so loading it exercises the same key conversion as a real checkpoint."""
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:
+        prefixes = {".".join(k.split(".")[:2]) for k in f.keys()}  # noqa: SIM118
+    assert prefixes == {
+        "model.embed_tokens",
+        "model.layers",
+        "model.norm",
+        "visual.blocks",
+        "visual.merger",
+        "visual.patch_embed",
+    }
