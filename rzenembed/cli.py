@@ -1,7 +1,7 @@
 """The ``rzenembed`` command line.
 
-    rzenembed tiny-model OUT [--seed N]          write the tiny offline Qwen2-VL folder
-    rzenembed config CONFIG.yaml [--set K=V ...]  validate a config, print it resolved
+rzenembed tiny-model OUT [--seed N]          write the tiny offline Qwen2-VL folder
+rzenembed config CONFIG.yaml [--set K=V ...]  validate a config, print it resolved
 """
 
 from __future__ import annotations

@@ -150,7 +150,9 @@ class TemperatureConfig(Strict):
     @model_validator(mode="after")
     def _ordered(self) -> TemperatureConfig:
         if not self.min <= self.init <= self.max:
-            raise ValueError(f"expected min <= init <= max, got {self.min}, {self.init}, {self.max}")
+            raise ValueError(
+                f"expected min <= init <= max, got {self.min}, {self.init}, {self.max}"
+            )
         return self
 
 

@@ -48,10 +48,22 @@ def synthetic_page() -> Image.Image:
 
 def demo_inputs() -> list[tuple[str, EmbedInput]]:
     return [
-        ("text", EmbedInput(text="A red ball on a grey floor.", instruction="Find an image that matches the given caption.")),
+        (
+            "text",
+            EmbedInput(
+                text="A red ball on a grey floor.",
+                instruction="Find an image that matches the given caption.",
+            ),
+        ),
         ("image", EmbedInput(images=[synthetic_image((200, 30, 30))])),
         ("video", EmbedInput(video=synthetic_video(), instruction="Represent the given video.")),
-        ("page", EmbedInput(images=[synthetic_page()], instruction="Understand the content of the provided document image.")),
+        (
+            "page",
+            EmbedInput(
+                images=[synthetic_page()],
+                instruction="Understand the content of the provided document image.",
+            ),
+        ),
     ]
 
 
@@ -72,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "embeddings.npy", vectors.numpy())
-    print(f"{len(names)} inputs -> {tuple(vectors.shape)} embeddings (template {embedder.cfg.template})")
+    print(
+        f"{len(names)} inputs -> {tuple(vectors.shape)} embeddings "
+        f"(template {embedder.cfg.template})"
+    )
     print("cosine similarities:")
     print("        " + " ".join(f"{n:>7}" for n in names))
     sims = vectors @ vectors.T

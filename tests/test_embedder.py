@@ -173,7 +173,10 @@ def test_adapter_and_merged_folders_round_trip(tiny_embedder, tmp_path):
     assert not list(adapter.glob("*.bin")) and not list(adapter.glob("*.pt"))
     card = ModelCard.load(adapter)
     assert (card.kind, card.template, card.embedding_dim, card.extra) == (
-        "adapter", "rzenembed-paper", 64, {"stage": 2},
+        "adapter",
+        "rzenembed-paper",
+        64,
+        {"stage": 2},
     )
     loaded = RzenEmbedder.from_pretrained(adapter)
     torch.testing.assert_close(loaded.encode(items), before, atol=1e-5, rtol=0)
@@ -201,7 +204,7 @@ def test_loading_uses_the_saved_template(tiny_embedder, tiny_model_config, tmp_p
 def test_clear_errors_for_bad_folders(tmp_path, tiny_model_dir):
     with pytest.raises(ModelFolderError, match="model folder not found"):
         RzenEmbedder.from_pretrained(tmp_path / "missing")
-    with pytest.raises(ModelFolderError, match="has no rzenembed.json"):
+    with pytest.raises(ModelFolderError, match=r"has no rzenembed\.json"):
         RzenEmbedder.from_pretrained(tiny_model_dir)
 
 

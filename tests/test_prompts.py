@@ -19,7 +19,7 @@ def test_registry_lists_the_three_templates():
 
 
 def test_unknown_template_names_the_registered_ones():
-    with pytest.raises(KeyError, match="unknown prompt template 'paper'.*rzenembed-paper"):
+    with pytest.raises(KeyError, match=r"unknown prompt template 'paper'.*rzenembed-paper"):
         get_template("paper")
 
 
@@ -56,7 +56,10 @@ def test_paper_template(item, expected):
     ("item", "expected"),
     [
         (
-            PromptInput(instruction="Find me an everyday image that matches the given caption: ", text="A cat."),
+            PromptInput(
+                instruction="Find me an everyday image that matches the given caption: ",
+                text="A cat.",
+            ),
             "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
             "<|im_start|>user\nFind me an everyday image that matches the given caption: A cat."
             "<|im_end|>\n<|im_start|>assistant\n<|endoftext|>",

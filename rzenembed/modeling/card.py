@@ -50,7 +50,8 @@ class ModelCard:
         version = data.get("format_version")
         if version != CARD_FORMAT_VERSION:
             raise ModelFolderError(
-                f"{path}: format_version {version!r} is not supported (expected {CARD_FORMAT_VERSION})"
+                f"{path}: format_version {version!r} is not supported "
+                f"(expected {CARD_FORMAT_VERSION})"
             )
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)

@@ -161,10 +161,18 @@ class RzenEmbedder(nn.Module):
         image_proc = self.processor.image_processor
         unit = (image_proc.patch_size * image_proc.merge_size) ** 2
         min_pixels = self.cfg.min_visual_tokens * unit
-        image_proc.size = {"shortest_edge": min_pixels, "longest_edge": self.cfg.max_visual_tokens * unit}
+        image_proc.size = {
+            "shortest_edge": min_pixels,
+            "longest_edge": self.cfg.max_visual_tokens * unit,
+        }
         video_proc = self.processor.video_processor
         # A video's frames share one budget: temporal_patch frames fold into one token group.
-        per_frame = self.cfg.max_visual_tokens * unit * video_proc.temporal_patch_size // self.cfg.video_frames
+        per_frame = (
+            self.cfg.max_visual_tokens
+            * unit
+            * video_proc.temporal_patch_size
+            // self.cfg.video_frames
+        )
         per_frame = max(per_frame, unit)
         video_proc.size = {"shortest_edge": min(min_pixels, per_frame), "longest_edge": per_frame}
         video_proc.cap_pixels_per_frame = False  # our per-frame cap already bounds the total

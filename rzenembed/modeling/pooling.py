@@ -20,7 +20,9 @@ def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * positions).argmax(dim=1)  # (batch,)
 
 
-def eos_pool(hidden: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+def eos_pool(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+) -> torch.Tensor:
     """Hidden state of each row's final (EOS) token, as float32, L2-normalised by default."""
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     pooled = hidden[rows, last_token_positions(attention_mask)].float()  # (batch, dim)

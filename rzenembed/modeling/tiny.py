@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from rzenembed import prompts
 
@@ -88,17 +88,47 @@ class TinySpec:
 
 
 _SUBJECTS = (
-    "a dog", "a cat", "two children", "an old man", "a red car", "a blue bicycle", "a bird",
-    "a bowl of fruit", "a laptop", "a train", "a cup of coffee", "the city skyline",
-    "a mountain lake", "a football player", "a chart", "a scanned invoice", "a slide",
+    "a dog",
+    "a cat",
+    "two children",
+    "an old man",
+    "a red car",
+    "a blue bicycle",
+    "a bird",
+    "a bowl of fruit",
+    "a laptop",
+    "a train",
+    "a cup of coffee",
+    "the city skyline",
+    "a mountain lake",
+    "a football player",
+    "a chart",
+    "a scanned invoice",
+    "a slide",
 )
 _VERBS = (
-    "sits on", "runs across", "stands next to", "is parked near", "flies over", "rests on",
-    "is shown in", "appears beside", "moves toward", "is drawn on",
+    "sits on",
+    "runs across",
+    "stands next to",
+    "is parked near",
+    "flies over",
+    "rests on",
+    "is shown in",
+    "appears beside",
+    "moves toward",
+    "is drawn on",
 )
 _PLACES = (
-    "the grass", "a wooden table", "the beach", "a busy street", "the snow", "a kitchen",
-    "the page", "a river", "the stage", "a white background",
+    "the grass",
+    "a wooden table",
+    "the beach",
+    "a busy street",
+    "the snow",
+    "a kitchen",
+    "the page",
+    "a river",
+    "the stage",
+    "a white background",
 )
 _EXTRA = (
     "Find an image that matches the given caption.",
@@ -167,7 +197,9 @@ def _merges_of(bpe_model) -> list[tuple[str, str]]:
     import json
 
     state = json.loads(Tokenizer(bpe_model).to_str())
-    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["model"]["merges"]]
+    return [
+        tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["model"]["merges"]
+    ]
 
 
 def build_processor(spec: TinySpec, tokenizer):
@@ -175,7 +207,10 @@ def build_processor(spec: TinySpec, tokenizer):
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     unit = (spec.patch_size * spec.spatial_merge_size) ** 2
-    size = {"shortest_edge": spec.min_visual_tokens * unit, "longest_edge": spec.max_visual_tokens * unit}
+    size = {
+        "shortest_edge": spec.min_visual_tokens * unit,
+        "longest_edge": spec.max_visual_tokens * unit,
+    }
     common = dict(
         size=size,
         patch_size=spec.patch_size,
@@ -194,7 +229,9 @@ def build_config(spec: TinySpec, tokenizer):
     """A Qwen2VLConfig of the tiny dimensions whose token ids match ``tokenizer``."""
     from transformers import Qwen2VLConfig
 
-    ids = dict(zip(SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)), strict=True))
+    ids = dict(
+        zip(SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)), strict=True)
+    )
     text_config = {
         "vocab_size": len(tokenizer),
         "hidden_size": spec.hidden_size,
