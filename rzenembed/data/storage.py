@@ -1,0 +1,71 @@
+"""Filesystem access through fsspec: the same code on a local folder and on ``s3://``.
+
+S3 endpoints and credentials come from the environment or the standard AWS configuration
+(``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``~/.aws``...), never from a config file. A custom
+endpoint (a local S3 server, MinIO) is taken from the ``endpoint_url`` argument (from
+``storage.endpoint_url``) or from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+
+class UnsafeURIError(ValueError):
+    """A media URI that would escape its dataset root."""
+
+
+def storage_options(uri: str, endpoint_url: str | None = None) -> dict[str, Any]:
+    """fsspec options for ``uri``: only the S3 endpoint, credentials stay with botocore."""
+    if not uri.startswith("s3://"):
+        return {}
+    endpoint = (
+        endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[AbstractFileSystem, str]:
+    """The filesystem serving ``uri`` and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri, endpoint_url))
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path components onto a URI with forward slashes (local or remote)."""
+    return posixpath.join(uri.rstrip("/"), *parts) if parts else uri
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def resolve_media_uri(root: str, uri: str) -> str:
+    """The full URI of a media file referenced by a record of the dataset at ``root``.
+
+    Relative URIs are resolved against the root and must stay inside it; absolute
+    URIs must also point inside the root. Anything else raises ``UnsafeURIError``.
+    """
+    if not uri:
+        raise UnsafeURIError("empty media URI")
+    base = root.rstrip("/")
+    if "://" in uri or uri.startswith("/"):
+        candidate = uri
+    else:
+        candidate = base + "/" + uri
+    scheme, sep, rest = candidate.partition("://")
+    root_scheme, root_sep, root_rest = base.partition("://")
+    if sep and root_sep and scheme != root_scheme:
+        raise UnsafeURIError(f"media URI {uri!r} is on another store than the root {root!r}")
+    path = rest if sep else candidate
+    root_path = root_rest if root_sep else base
+    normal = posixpath.normpath(path)
+    normal_root = posixpath.normpath(root_path)
+    if normal != normal_root and not normal.startswith(normal_root + "/"):
+        raise UnsafeURIError(f"media URI {uri!r} escapes the dataset root {root!r}")
+    return f"{scheme}://{normal}" if sep else normal

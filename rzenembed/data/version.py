@@ -1,0 +1,271 @@
+"""Dataset versions: immutable folders of Parquet shards committed by a manifest.
+
+Layout of a version at ``URI``::
+
+    URI/data/part-00000.parquet ...     the records (or eval tables under their own names)
+    URI/rejects/part-00000.parquet ...  rows the step did not pass on, with reason codes
+    URI/manifest.json                   written last: its presence commits the version
+
+Shards are first written under ``URI/_staging-<token>/`` and moved into place only when
+the step has produced all of them; the manifest comes after. A step killed at any point
+leaves no manifest, so readers never see a half-written version, and a rerun clears the
+staging area and writes the version again.
+
+The location of a step's output is derived from what determines it (step name, step code
+version, config digest, input digests), so rerunning a finished step finds its committed
+version instead of recomputing it, and the same inputs always give the same content digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rzenembed.data.schema import REJECT_SCHEMA, SCHEMA_VERSION
+from rzenembed.data.storage import filesystem, join
+
+MANIFEST = "manifest.json"
+DATA_DIR = "data"
+REJECTS_DIR = "rejects"
+
+
+class VersionNotFoundError(FileNotFoundError):
+    """No committed version (no manifest) at a URI."""
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the version folder
+    rows: int
+    sha256: str
+
+
+@dataclass
+class InputRef:
+    """A version (or raw source) a step read, as recorded in its output's manifest."""
+
+    uri: str
+    content_digest: str
+    rows: int | None = None
+
+
+@dataclass
+class Manifest:
+    dataset: str
+    step: str
+    version_id: str
+    rows: int
+    shards: list[ShardInfo]
+    reject_shards: list[ShardInfo]
+    rejected: int
+    reject_counts: dict[str, int]
+    content_digest: str
+    config_digest: str
+    code_version: str
+    inputs: list[InputRef]
+    stats: dict[str, Any] = field(default_factory=dict)
+    schema: str = "record"
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+        data["reject_shards"] = [ShardInfo(**s) for s in data["reject_shards"]]
+        data["inputs"] = [InputRef(**i) for i in data["inputs"]]
+        return cls(**data)
+
+
+def version_id(step: str, code_version: str, config_digest: str, inputs: list[InputRef]) -> str:
+    """A short, deterministic id for what a step produces from these inputs."""
+    key = json.dumps(
+        [step, code_version, config_digest, sorted(i.content_digest for i in inputs)],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """Parquet bytes of ``table`` with fixed writer settings, so equal tables give equal bytes."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", write_statistics=True, store_schema=True)
+    return sink.getvalue()
+
+
+def content_digest(shards: list[ShardInfo], reject_shards: list[ShardInfo]) -> str:
+    key = json.dumps(
+        [[s.path, s.sha256] for s in shards] + [[s.path, s.sha256] for s in reject_shards],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def put_table(
+    folder_uri: str, rel_path: str, table: pa.Table, endpoint_url: str | None = None
+) -> ShardInfo:
+    """Write ``table`` as Parquet at ``folder_uri/rel_path``; usable from any process."""
+    payload = table_bytes(table)
+    fs, folder = filesystem(folder_uri, endpoint_url)
+    parent = rel_path.rsplit("/", 1)[0] if "/" in rel_path else ""
+    fs.makedirs(join(folder, parent) if parent else folder, exist_ok=True)
+    with fs.open(join(folder, rel_path), "wb") as f:
+        f.write(payload)
+    return ShardInfo(rel_path, table.num_rows, hashlib.sha256(payload).hexdigest())
+
+
+class DatasetVersion:
+    """A committed version: its manifest and readers for its shards and rejects."""
+
+    def __init__(self, uri: str, manifest: Manifest, endpoint_url: str | None = None):
+        self.uri = uri
+        self.manifest = manifest
+        self.endpoint_url = endpoint_url
+
+    @classmethod
+    def open(cls, uri: str, endpoint_url: str | None = None) -> DatasetVersion:
+        fs, path = filesystem(uri, endpoint_url)
+        manifest_path = join(path, MANIFEST)
+        if not fs.exists(manifest_path):
+            raise VersionNotFoundError(f"no committed dataset version at {uri} (no {MANIFEST})")
+        with fs.open(manifest_path, "r") as f:
+            return cls(uri, Manifest.from_json(f.read()), endpoint_url)
+
+    @staticmethod
+    def exists(uri: str, endpoint_url: str | None = None) -> bool:
+        fs, path = filesystem(uri, endpoint_url)
+        return fs.exists(join(path, MANIFEST))
+
+    @property
+    def rows(self) -> int:
+        return self.manifest.rows
+
+    @property
+    def content_digest(self) -> str:
+        return self.manifest.content_digest
+
+    def ref(self) -> InputRef:
+        return InputRef(uri=self.uri, content_digest=self.content_digest, rows=self.rows)
+
+    def shard_uris(self) -> list[str]:
+        return [join(self.uri, s.path) for s in self.manifest.shards]
+
+    def read_shard(self, shard: ShardInfo, columns: list[str] | None = None) -> pa.Table:
+        fs, path = filesystem(join(self.uri, shard.path), self.endpoint_url)
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        for shard in self.manifest.shards:
+            yield self.read_shard(shard, columns)
+
+    def read_table(self, columns: list[str] | None = None) -> pa.Table:
+        tables = list(self.iter_tables(columns))
+        return pa.concat_tables(tables) if tables else pa.table({})
+
+    def read_rejects(self) -> pa.Table:
+        tables = [self.read_shard(s) for s in self.manifest.reject_shards]
+        return pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()
+
+
+class VersionWriter:
+    """Writes one version: shards into staging, then ``commit`` moves them and writes the
+    manifest. Shard names are given by the caller so output does not depend on timing."""
+
+    def __init__(self, uri: str, schema: pa.Schema, endpoint_url: str | None = None):
+        self.uri = uri
+        self.schema = schema
+        self.endpoint_url = endpoint_url
+        self.fs, self.path = filesystem(uri, endpoint_url)
+        token = f"_staging-{uuid.uuid4().hex[:12]}"
+        self.staging = join(self.path, token)
+        self.staging_uri = join(uri, token)  # what other processes write shards under
+        self._shards: dict[str, ShardInfo] = {}
+        self._rejects: dict[str, ShardInfo] = {}
+        self._reject_counts: Counter[str] = Counter()
+        self.clear_stale_staging()
+
+    def clear_stale_staging(self) -> None:
+        """Remove what an interrupted earlier run left behind (never a committed version)."""
+        if not self.fs.exists(self.path):
+            return
+        if self.fs.exists(join(self.path, MANIFEST)):
+            raise FileExistsError(f"{self.uri} is already a committed version; versions are immutable")
+        self.fs.rm(self.path, recursive=True)
+
+    def _put(self, rel_path: str, table: pa.Table) -> ShardInfo:
+        return put_table(self.staging_uri, rel_path, table, self.endpoint_url)
+
+    def write_shard(self, name: str, table: pa.Table) -> ShardInfo:
+        """Write a data shard (``name`` like ``part-00003``); the table must match the schema."""
+        table = table.cast(self.schema) if table.schema != self.schema else table
+        info = self._put(f"{DATA_DIR}/{name}.parquet", table)
+        self._shards[name] = info
+        return info
+
+    def write_rejects(self, name: str, table: pa.Table) -> ShardInfo | None:
+        if table.num_rows == 0:
+            return None
+        table = table.cast(REJECT_SCHEMA) if table.schema != REJECT_SCHEMA else table
+        info = self._put(f"{REJECTS_DIR}/{name}.parquet", table)
+        self._rejects[name] = info
+        self._reject_counts.update(table.column("reason").to_pylist())
+        return info
+
+    def add_shard_info(self, name: str, info: ShardInfo, rejects: ShardInfo | None = None,
+                       reject_counts: dict[str, int] | None = None) -> None:
+        """Record shards written by other processes into this writer's staging area."""
+        self._shards[name] = info
+        if rejects is not None:
+            self._rejects[name] = rejects
+        self._reject_counts.update(reject_counts or {})
+
+    def commit(
+        self,
+        *,
+        dataset: str,
+        step: str,
+        config_digest: str,
+        code_version: str,
+        inputs: list[InputRef],
+        stats: dict[str, Any] | None = None,
+        schema_name: str = "record",
+    ) -> DatasetVersion:
+        """Move the staged shards into place, then write the manifest (the commit point)."""
+        shards = [self._shards[k] for k in sorted(self._shards)]
+        rejects = [self._rejects[k] for k in sorted(self._rejects)]
+        for info in shards + rejects:
+            self.fs.makedirs(join(self.path, info.path.rsplit("/", 1)[0]), exist_ok=True)
+            self.fs.mv(join(self.staging, info.path), join(self.path, info.path))
+        if self.fs.exists(self.staging):
+            self.fs.rm(self.staging, recursive=True)
+        manifest = Manifest(
+            dataset=dataset,
+            step=step,
+            version_id=self.path.rstrip("/").rsplit("/", 1)[-1],
+            rows=sum(s.rows for s in shards),
+            shards=shards,
+            reject_shards=rejects,
+            rejected=sum(s.rows for s in rejects),
+            reject_counts=dict(sorted(self._reject_counts.items())),
+            content_digest=content_digest(shards, rejects),
+            config_digest=config_digest,
+            code_version=code_version,
+            inputs=inputs,
+            stats=dict(stats or {}),
+            schema=schema_name,
+        )
+        with self.fs.open(join(self.path, MANIFEST), "w") as f:
+            f.write(manifest.to_json())
+        return DatasetVersion(self.uri, manifest, self.endpoint_url)
