@@ -86,6 +86,13 @@ class PrepConfig(Strict):
     clip_seconds: float = Field(default=10.0, gt=0)
     long_video_min_s: float = Field(default=60.0, gt=0)
     long_video_max_s: float = Field(default=180.0, gt=0)
+    clip_min_s: float = Field(default=1.0, gt=0)
+    clip_hard_negatives: int = Field(default=2, ge=0)
+    frames_per_clip: int = Field(default=8, ge=2)
+    frame_jpeg_quality: int = Field(default=90, ge=10, le=100)
+    classification_dataset: str = Field(default="classification-merged", min_length=1)
+    mixture_temperature: float = Field(default=1.0, gt=0)
+    max_in_flight: int = Field(default=4, gt=0)
 
 
 # --------------------------------------------------------------------------- model
@@ -377,4 +384,20 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
 def config_digest(cfg: BaseModel) -> str:
     """A stable sha256 of a config (section), used for caching and provenance."""
     canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def digest_of(value: Any) -> str:
+    """sha256 of any JSON-able value (pydantic models are dumped first), canonically encoded."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, BaseModel):
+            return v.model_dump(mode="json")
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        return v
+
+    canonical = json.dumps(plain(value), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -201,7 +201,9 @@ class VersionWriter:
         if not self.fs.exists(self.path):
             return
         if self.fs.exists(join(self.path, MANIFEST)):
-            raise FileExistsError(f"{self.uri} is already a committed version; versions are immutable")
+            raise FileExistsError(
+                f"{self.uri} is already a committed version; versions are immutable"
+            )
         self.fs.rm(self.path, recursive=True)
 
     def _put(self, rel_path: str, table: pa.Table) -> ShardInfo:
@@ -223,8 +225,13 @@ class VersionWriter:
         self._reject_counts.update(table.column("reason").to_pylist())
         return info
 
-    def add_shard_info(self, name: str, info: ShardInfo, rejects: ShardInfo | None = None,
-                       reject_counts: dict[str, int] | None = None) -> None:
+    def add_shard_info(
+        self,
+        name: str,
+        info: ShardInfo,
+        rejects: ShardInfo | None = None,
+        reject_counts: dict[str, int] | None = None,
+    ) -> None:
         """Record shards written by other processes into this writer's staging area."""
         self._shards[name] = info
         if rejects is not None:

@@ -1,0 +1,227 @@
+"""What every data-preparation step shares: reason codes, rejects, sharded execution.
+
+A step reads one or more committed versions and writes a new one. Per-shard work runs as
+Ray tasks (``map_shards``) that write their output shards straight into the new version's
+staging area; the driver only collects shard infos, reject counts and stats, then commits.
+
+The output location is derived from the step, its code version, its config section and
+the input digests (``version_id``), so a finished step is found again instead of redone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from rzenembed.config import PipelineConfig
+from rzenembed.data.fanout import map_shards
+from rzenembed.data.schema import RECORD_SCHEMA, REJECT_SCHEMA
+from rzenembed.data.storage import join
+from rzenembed.data.version import (
+    DatasetVersion,
+    InputRef,
+    ShardInfo,
+    VersionWriter,
+    put_table,
+    version_id,
+)
+
+# Every reason a row can be rejected for; docs/data.md lists the same table.
+REASON_CODES: dict[str, str] = {
+    "schema_invalid": "a field is missing or has the wrong type",
+    "text_empty": "the query (or positive) has neither text, instruction nor media",
+    "text_too_long": "a text exceeds prep.max_text_chars characters",
+    "uri_escapes_root": "a media URI points outside the dataset root",
+    "media_missing": "a referenced media file does not exist",
+    "media_undecodable": "a media file is corrupt, truncated or not an image/video",
+    "image_too_large": "an image header declares more than prep.max_image_pixels pixels",
+    "image_too_small": "an image's shorter side is under prep.min_image_side pixels",
+    "image_blurry": "the variance of the Laplacian is under prep.blur_threshold",
+    "video_truncated": "a video's last frames cannot be decoded",
+    "duplicate_exact": "same text and media bytes as an earlier row of the dataset",
+    "duplicate_near": "an image within prep.phash_radius bits (pHash) of an earlier row's",
+    "video_too_short": "a video is shorter than the step's minimum length",
+    "video_too_long": "a video is longer than the step's maximum length",
+    "no_video": "the row has no video to split or package",
+}
+
+
+def reject(
+    step: str,
+    row: dict[str, Any],
+    reason: str,
+    detail: str = "",
+    shard: str = "",
+    index: int | None = None,
+) -> dict[str, Any]:
+    """A reject row: the reason, a human detail, and the row itself (without raw bytes)."""
+    if reason not in REASON_CODES:
+        raise KeyError(f"unknown reason code {reason!r}")
+    return {
+        "id": _str_or_none(row.get("id")),
+        "dataset": _str_or_none(row.get("dataset")),
+        "step": step,
+        "reason": reason,
+        "detail": detail,
+        "source_shard": shard,
+        "source_row": index,
+        "row_json": json.dumps(row, default=_json_default, sort_keys=True),
+    }
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    return str(value)
+
+
+@dataclass
+class ShardResult:
+    """What a per-shard task hands back to the driver (small: no rows)."""
+
+    name: str
+    rows_in: int
+    data: ShardInfo
+    rejects: ShardInfo | None
+    reject_counts: dict[str, int]
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ShardJob:
+    """Everything a Ray task needs to process one shard, all picklable."""
+
+    name: str
+    staging_uri: str
+    step: str
+    fn: Callable[..., tuple[list[dict], list[dict], dict[str, int]]]
+    load: Callable[[], list[dict]]
+    params: dict[str, Any]
+    endpoint_url: str | None = None
+    schema: pa.Schema = RECORD_SCHEMA
+
+
+def run_shard_job(job: ShardJob) -> ShardResult:
+    """Load a shard's rows, apply the step's function, write output and rejects to staging."""
+    rows = job.load()
+    kept, rejected, stats = job.fn(rows, job.name, **job.params)
+    dropped, added = stats.get("dropped_by_cap", 0), stats.get("rows_added", 0)
+    if len(kept) + len(rejected) + dropped != len(rows) + added:
+        raise AssertionError(
+            f"{job.step} shard {job.name}: {len(rows)} rows in + {added} added != "
+            f"{len(kept)} out + {len(rejected)} rejected + {dropped} dropped: rows were lost"
+        )
+    data = put_table(
+        job.staging_uri,
+        f"data/{job.name}.parquet",
+        pa.Table.from_pylist(kept, schema=job.schema),
+        job.endpoint_url,
+    )
+    reject_info = None
+    if rejected:
+        table = pa.Table.from_pylist(rejected, schema=REJECT_SCHEMA)
+        reject_info = put_table(
+            job.staging_uri, f"rejects/{job.name}.parquet", table, job.endpoint_url
+        )
+    counts = dict(Counter(r["reason"] for r in rejected))
+    return ShardResult(job.name, len(rows), data, reject_info, counts, stats)
+
+
+@dataclass
+class StepPlan:
+    """Identity and location of a step's output version."""
+
+    step: str
+    dataset: str
+    uri: str
+    config_digest: str
+    code_version: str
+    inputs: list[InputRef]
+
+
+def plan_step(
+    cfg: PipelineConfig,
+    step: str,
+    dataset: str,
+    code_version: str,
+    config_digest: str,
+    inputs: list[InputRef],
+) -> StepPlan:
+    vid = version_id(step, code_version, config_digest, inputs)
+    uri = join(cfg.storage.root, dataset, step, vid)
+    return StepPlan(step, dataset, uri, config_digest, code_version, inputs)
+
+
+def committed(plan: StepPlan, cfg: PipelineConfig) -> DatasetVersion | None:
+    """The step's output if it was already committed (a cache hit), else None."""
+    if DatasetVersion.exists(plan.uri, cfg.storage.endpoint_url):
+        return DatasetVersion.open(plan.uri, cfg.storage.endpoint_url)
+    return None
+
+
+def execute(
+    plan: StepPlan,
+    cfg: PipelineConfig,
+    jobs_for: Callable[[str], list[ShardJob]],
+    stats: dict[str, Any] | None = None,
+    media_root: str | None = None,
+    show_progress: bool = True,
+) -> DatasetVersion:
+    """Run the shard jobs on Ray, then commit the version with summed counts and stats."""
+    writer = VersionWriter(plan.uri, RECORD_SCHEMA, cfg.storage.endpoint_url)
+    jobs = jobs_for(writer.staging_uri)
+    results = map_shards(
+        run_shard_job,
+        jobs,
+        max_in_flight=cfg.prep.max_in_flight,
+        desc=plan.step,
+        show_progress=show_progress,
+    )
+    totals: Counter[str] = Counter()
+    for result in results:
+        writer.add_shard_info(result.name, result.data, result.rejects, result.reject_counts)
+        totals.update(result.stats)
+        totals["rows_in"] += result.rows_in
+    merged = {**dict(totals), **(stats or {})}
+    if media_root is not None:
+        merged["media_root"] = media_root
+    return writer.commit(
+        dataset=plan.dataset,
+        step=plan.step,
+        config_digest=plan.config_digest,
+        code_version=plan.code_version,
+        inputs=plan.inputs,
+        stats=merged,
+    )
+
+
+def version_shard_loader(version: DatasetVersion, shard: ShardInfo) -> Callable[[], list[dict]]:
+    """A picklable loader of one shard of ``version`` as Python rows."""
+    return _ShardLoader(version.uri, shard, version.endpoint_url)
+
+
+@dataclass
+class _ShardLoader:
+    uri: str
+    shard: ShardInfo
+    endpoint_url: str | None
+
+    def __call__(self) -> list[dict]:
+        version = DatasetVersion.open(self.uri, self.endpoint_url)
+        return version.read_shard(self.shard).to_pylist()
+
+
+def media_root_of(version: DatasetVersion) -> str:
+    root = version.manifest.stats.get("media_root")
+    if not root:
+        raise ValueError(f"{version.uri}: manifest names no media_root")
+    return str(root)

@@ -1,0 +1,115 @@
+"""Mixture: the data manifest of one training stage (or one stage-2 data mixture).
+
+It lists the dataset versions the stage trains on, with their sampling probabilities, so
+the trainer needs nothing else and lineage can walk from a run to its exact data:
+
+- from the mixture's weights (``stage2.mixtures[].datasets``), normalised; classification
+  sources are represented by the merged classification dataset, which receives the sum of
+  their weights;
+- or, without weights (stage 1), proportional to size with a temperature:
+  ``p_i ~ rows_i ** (1 / prep.mixture_temperature)`` (T = 1: by size; larger T: flatter).
+
+The manifest is written once, at a location derived from its content, and is immutable.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from rzenembed.config import MixtureConfig, PipelineConfig, digest_of
+from rzenembed.data.storage import filesystem, join
+from rzenembed.data.version import DatasetVersion
+
+STAGE_MANIFEST = "stage-manifest.json"
+
+
+@dataclass
+class StageDataset:
+    dataset: str
+    uri: str
+    content_digest: str
+    rows: int
+    task_group: str
+    probability: float
+
+
+@dataclass
+class StageManifest:
+    stage: str
+    mixture: str
+    datasets: list[StageDataset]
+    digest: str = ""
+    uri: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def load(cls, uri: str, endpoint_url: str | None = None) -> StageManifest:
+        fs, path = filesystem(uri, endpoint_url)
+        with fs.open(path if path.endswith(".json") else join(path, STAGE_MANIFEST), "r") as f:
+            data = json.loads(f.read())
+        data["datasets"] = [StageDataset(**d) for d in data["datasets"]]
+        return cls(**data)
+
+
+def _task_group(cfg: PipelineConfig, dataset: str) -> str:
+    if dataset == cfg.prep.classification_dataset:
+        return "image_classification"
+    for source in cfg.sources:
+        if source.name == dataset:
+            return source.task_group
+    raise KeyError(f"dataset {dataset!r} is not a configured source")
+
+
+def mixture_weights(
+    cfg: PipelineConfig, versions: dict[str, DatasetVersion], mixture: MixtureConfig | None
+) -> dict[str, float]:
+    """Unnormalised weight per dataset in ``versions``."""
+    if mixture is None:
+        power = 1.0 / cfg.prep.mixture_temperature
+        return {name: float(v.rows) ** power for name, v in versions.items()}
+    classification = {s.name for s in cfg.sources if s.classification}
+    weights: dict[str, float] = {}
+    for name, weight in mixture.datasets.items():
+        target = cfg.prep.classification_dataset if name in classification else name
+        if target not in versions:
+            raise KeyError(f"mixture {mixture.name!r}: no prepared version of {target!r}")
+        weights[target] = weights.get(target, 0.0) + weight
+    return weights
+
+
+def run_mixture(
+    cfg: PipelineConfig,
+    stage: str,
+    versions: dict[str, DatasetVersion],
+    mixture: MixtureConfig | None = None,
+) -> StageManifest:
+    """Write (or find) the stage's data manifest for ``versions``."""
+    weights = mixture_weights(cfg, versions, mixture)
+    weights = {k: w for k, w in weights.items() if versions[k].rows > 0 and w > 0}
+    if not weights:
+        raise ValueError(f"stage {stage}: no non-empty dataset to train on")
+    total = sum(weights.values())
+    datasets = [
+        StageDataset(
+            name,
+            versions[name].uri,
+            versions[name].content_digest,
+            versions[name].rows,
+            _task_group(cfg, name),
+            weights[name] / total,
+        )
+        for name in sorted(weights)
+    ]
+    manifest = StageManifest(stage, mixture.name if mixture else "all", datasets)
+    manifest.digest = digest_of(asdict(manifest))
+    folder = join(cfg.storage.root, "_stages", f"{stage}-{manifest.mixture}", manifest.digest[:16])
+    manifest.uri = join(folder, STAGE_MANIFEST)
+    fs, path = filesystem(manifest.uri, cfg.storage.endpoint_url)
+    if not fs.exists(path):
+        fs.makedirs(join(filesystem(folder, cfg.storage.endpoint_url)[1]), exist_ok=True)
+        with fs.open(path, "w") as f:
+            f.write(manifest.to_json())
+    return manifest
