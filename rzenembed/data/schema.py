@@ -134,7 +134,7 @@ def side(text: str = "", instruction: str = "", media_items: list[dict] | None =
 
 
 def record(
-    id: str,  # noqa: A002 - the column is called id
+    id: str,
     dataset: str,
     task_group: str,
     query: dict,

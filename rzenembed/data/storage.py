@@ -54,10 +54,8 @@ def resolve_media_uri(root: str, uri: str) -> str:
     if not uri:
         raise UnsafeURIError("empty media URI")
     base = root.rstrip("/")
-    if "://" in uri or uri.startswith("/"):
-        candidate = uri
-    else:
-        candidate = base + "/" + uri
+    absolute = "://" in uri or uri.startswith("/")
+    candidate = uri if absolute else base + "/" + uri
     scheme, sep, rest = candidate.partition("://")
     root_scheme, root_sep, root_rest = base.partition("://")
     if sep and root_sep and scheme != root_scheme:

@@ -16,6 +16,7 @@ Two passes over the shards, both on Ray:
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -154,7 +155,7 @@ def _bands(value: int, count: int) -> list[tuple[int, int]]:
     edges = [round(64 * i / count) for i in range(count + 1)]
     return [
         (i, (value >> lo) & ((1 << (hi - lo)) - 1))
-        for i, (lo, hi) in enumerate(zip(edges, edges[1:], strict=False))
+        for i, (lo, hi) in enumerate(itertools.pairwise(edges))
     ]
 
 
