@@ -1,0 +1,188 @@
+"""RzenEmbedLoss across two gloo ranks equals the single-process loss on the whole batch.
+
+Two CPU processes each encode half of one batch with the same tiny encoder, compute the loss
+(candidates gathered with gradient), back-propagate and average gradients as DDP would. The
+mean of their losses and the averaged encoder and temperature gradients must equal what one
+process gets on the whole batch. Results travel back to the parent as files in tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rzenembed.config import LossConfig, TemperatureConfig
+from rzenembed.losses import RzenEmbedLoss
+
+WORLD = 2
+BATCH, NEGS, IN_DIM, DIM = 8, 2, 12, 6
+GROUPS = ["classification", "qa", "retrieval"]
+TOL = 1e-5
+JOIN_TIMEOUT_S = 120
+
+
+def make_inputs() -> dict[str, Tensor]:
+    """The global batch of raw inputs, ids and tasks; identical in every process."""
+    gen = torch.Generator().manual_seed(1)
+    xp = torch.randn(BATCH, IN_DIM, generator=gen, dtype=torch.float64)
+    xq = xp + 0.5 * torch.randn(BATCH, IN_DIM, generator=gen, dtype=torch.float64)
+    xn = torch.randn(BATCH, NEGS, IN_DIM, generator=gen, dtype=torch.float64)
+    # A negative held by rank 1 that nearly duplicates a positive held by rank 0: only the
+    # gathered false-negative rule can catch it.
+    xn[5, 0] = xp[1] + 0.01 * torch.randn(IN_DIM, generator=gen, dtype=torch.float64)
+    positive_ids = torch.arange(BATCH)
+    positive_ids[6] = positive_ids[2]  # the same item on both ranks
+    negative_ids = torch.arange(100, 100 + BATCH * NEGS).reshape(BATCH, NEGS)
+    negative_ids[1, 1] = positive_ids[7]
+    group_ids = torch.tensor([3, -1, -1, 4, -1, 3, -1, -1])  # rows 0 and 5 share a label
+    negative_group_ids = torch.full((BATCH, NEGS), -1)
+    negative_group_ids[6, 0] = 4
+    task_index = torch.tensor([0, 1, 2, 0, 1, 2, 2, 0])
+    return dict(
+        xq=xq,
+        xp=xp,
+        xn=xn,
+        positive_ids=positive_ids,
+        negative_ids=negative_ids,
+        group_ids=group_ids,
+        negative_group_ids=negative_group_ids,
+        task_index=task_index,
+    )
+
+
+def make_models(gather: bool = True) -> tuple[nn.Linear, RzenEmbedLoss]:
+    """Encoder and loss, identical wherever they are built (fixed seed, float64)."""
+    torch.manual_seed(0)
+    encoder = nn.Linear(IN_DIM, DIM).double()
+    cfg = LossConfig(
+        hardness_alpha=9.0,
+        false_negative_delta=0.95,
+        false_negative_rule="relative",
+        temperature=TemperatureConfig(learnable=True, init=0.05, min=0.01, max=1.0),
+        task_groups=GROUPS,
+        gather_across_ranks=gather,
+    )
+    loss = RzenEmbedLoss(cfg).double()
+    with torch.no_grad():
+        loss.theta.copy_(torch.tensor([0.05, 0.1, 0.2], dtype=torch.float64).log())
+    return encoder, loss
+
+
+def forward_backward(
+    encoder: nn.Linear, loss: RzenEmbedLoss, data: dict[str, Tensor], rows: slice
+) -> dict:
+    """Encode the given rows, run the loss and back-propagate; returns the loss output."""
+
+    def embed(x: Tensor) -> Tensor:
+        return F.normalize(encoder(x), dim=-1)
+
+    out = loss(
+        embed(data["xq"][rows]),
+        embed(data["xp"][rows]),
+        data["task_index"][rows],
+        negatives=embed(data["xn"][rows]),
+        positive_ids=data["positive_ids"][rows],
+        negative_ids=data["negative_ids"][rows],
+        group_ids=data["group_ids"][rows],
+        negative_group_ids=data["negative_group_ids"][rows],
+    )
+    out["loss"].backward()
+    return out
+
+
+def _rank_main(rank: int, port: int, out_dir: str) -> None:
+    """One rank: half the batch, gradients averaged like DDP, results saved to a file."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=WORLD,
+            timeout=timedelta(seconds=60),
+        )
+        try:
+            result = _run_rank(rank)
+        finally:
+            dist.destroy_process_group()
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    except Exception:
+        (Path(out_dir) / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise
+
+
+def _run_rank(rank: int) -> dict:
+    data = make_inputs()
+    local = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    encoder, loss = make_models()
+    out = forward_backward(encoder, loss, data, local)
+    grads = [encoder.weight.grad, encoder.bias.grad, loss.theta.grad]
+    for grad in grads:
+        dist.all_reduce(grad)
+        grad /= WORLD
+    # The same rows without gathering, to show that gathering is what makes the sums agree.
+    enc_local, loss_local = make_models(gather=False)
+    local_only = forward_backward(enc_local, loss_local, data, local)["loss"].item()
+    return {
+        "loss": out["loss"].item(),
+        "local_only_loss": local_only,
+        "weight_grad": grads[0],
+        "bias_grad": grads[1],
+        "theta_grad": grads[2],
+    }
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_two_ranks(out_dir: Path) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, str(out_dir))) for r in range(WORLD)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    hung = [proc for proc in procs if proc.is_alive()]
+    for proc in hung:
+        proc.kill()
+        proc.join(5)
+    errors = "\n".join(p.read_text() for p in sorted(out_dir.glob("*.error")))
+    assert not hung, f"ranks still running after {JOIN_TIMEOUT_S}s\n{errors}"
+    assert all(proc.exitcode == 0 for proc in procs), errors or "a rank exited non-zero"
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built in")
+def test_two_ranks_match_single_process(tmp_path: Path) -> None:
+    ranks = _run_two_ranks(tmp_path)
+    encoder, loss = make_models()
+    single = forward_backward(encoder, loss, make_inputs(), slice(None))
+
+    mean_loss = sum(r["loss"] for r in ranks) / WORLD
+    assert mean_loss == pytest.approx(single["loss"].item(), abs=TOL)
+    assert single["masked_fraction"] > 0  # the batch exercises the masks across ranks
+    for name, want in [
+        ("weight_grad", encoder.weight.grad),
+        ("bias_grad", encoder.bias.grad),
+        ("theta_grad", loss.theta.grad),
+    ]:
+        for rank in ranks:  # all_reduce left every rank with the same average
+            torch.testing.assert_close(rank[name], want, atol=TOL, rtol=0)
+    assert abs(sum(r["local_only_loss"] for r in ranks) / WORLD - mean_loss) > 1e-3
