@@ -1,0 +1,246 @@
+"""Video steps: split long videos into clips, and package 1-3 minute videos whole.
+
+*Split clips.* The recipe makes video training harder by cutting long videos into clips:
+clips of one source then look alike and serve as each other's hard negatives. A video is
+cut along its timestamped, captioned ``segments`` when the record has them (each clip is
+paired with its own caption), else into fixed ``prep.clip_seconds`` windows (a tail
+shorter than ``prep.clip_min_s`` is dropped) paired with the record's text. Siblings share
+``group_id = "video:<source id>"`` and each clip lists up to ``prep.clip_hard_negatives``
+neighbouring siblings as explicit negatives. The manifest marks such groups as
+``group_semantics: siblings`` (hard negatives), unlike merged classification where a
+shared group means "the same item" (never a negative).
+
+*Package long videos.* Videos between ``prep.long_video_min_s`` and ``prep.long_video_max_s``
+with a full description become one record each, frames sampled over the whole video.
+
+In both, frames are sampled uniformly (segment centres) inside the clip, as many as fit the
+model's visual-token budget (``model.max_visual_tokens``, at most ``prep.frames_per_clip``),
+decoded with decord once, and stored inline as JPEG bytes in the record (docs/data.md
+gives the measurement behind storing frames rather than re-decoding video at train time).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rzenembed.config import PipelineConfig, digest_of
+from rzenembed.data import media as media_ops
+from rzenembed.data.schema import media
+from rzenembed.data.storage import resolve_media_uri
+from rzenembed.data.version import DatasetVersion
+from rzenembed.prep.base import (
+    ShardJob,
+    committed,
+    execute,
+    media_root_of,
+    plan_step,
+    reject,
+    version_shard_loader,
+)
+from rzenembed.prep.ingest import RowError, read_media
+
+SPLIT_STEP = "split-clips"
+PACKAGE_STEP = "package-long-videos"
+CODE_VERSION = "1"
+
+
+def _knobs(cfg: PipelineConfig) -> dict[str, Any]:
+    prep = cfg.prep
+    return {
+        "clip_seconds": prep.clip_seconds,
+        "clip_min_s": prep.clip_min_s,
+        "clip_hard_negatives": prep.clip_hard_negatives,
+        "frames_per_clip": prep.frames_per_clip,
+        "jpeg_quality": prep.frame_jpeg_quality,
+        "long_video_min_s": prep.long_video_min_s,
+        "long_video_max_s": prep.long_video_max_s,
+        "max_visual_tokens": cfg.model.max_visual_tokens,
+    }
+
+
+def _run(
+    cfg: PipelineConfig, version: DatasetVersion, step: str, fn, semantics: str, show_progress: bool
+) -> DatasetVersion:
+    knobs = _knobs(cfg)
+    plan = plan_step(
+        cfg, step, version.manifest.dataset, CODE_VERSION, digest_of(knobs), [version.ref()]
+    )
+    if (done := committed(plan, cfg)) is not None:
+        return done
+    root = media_root_of(version)
+    params = {"root": root, "knobs": knobs, "endpoint_url": cfg.storage.endpoint_url}
+
+    def jobs(staging: str) -> list[ShardJob]:
+        return [
+            ShardJob(
+                shard.path.rsplit("/", 1)[-1].removesuffix(".parquet"),
+                staging,
+                step,
+                fn,
+                version_shard_loader(version, shard),
+                params,
+                cfg.storage.endpoint_url,
+            )
+            for shard in version.manifest.shards
+        ]
+
+    return execute(
+        plan,
+        cfg,
+        jobs,
+        stats={"group_semantics": semantics},
+        media_root=root,
+        show_progress=show_progress,
+    )
+
+
+def run_split_clips(
+    cfg: PipelineConfig, version: DatasetVersion, show_progress: bool = True
+) -> DatasetVersion:
+    return _run(cfg, version, SPLIT_STEP, split_rows, "siblings", show_progress)
+
+
+def run_package_long_videos(
+    cfg: PipelineConfig, version: DatasetVersion, show_progress: bool = True
+) -> DatasetVersion:
+    return _run(cfg, version, PACKAGE_STEP, package_rows, "none", show_progress)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def find_video(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The side holding the row's video ("positive" preferred) and the media item."""
+    for where in ("positive", "query"):
+        for item in row[where].get("media") or []:
+            if item["kind"] == "video":
+                return where, item
+    raise RowError("no_video", "the row has no video media item")
+
+
+def clip_windows(
+    duration: float, segments: list[dict] | None, clip_s: float, min_s: float
+) -> list[tuple[float, float, str | None]]:
+    """(start, end, caption) of each clip: the segments, or fixed windows over the video."""
+    if segments:
+        windows = []
+        for seg in sorted(segments, key=lambda s: s["start_s"]):
+            start, end = max(0.0, seg["start_s"]), min(duration, seg["end_s"])
+            if end - start >= min_s:
+                windows.append((start, end, seg.get("text")))
+        return windows
+    windows, start = [], 0.0
+    while start < duration:
+        end = min(start + clip_s, duration)
+        if end - start >= min_s or not windows:
+            windows.append((start, end, None))
+        start = end
+    return windows
+
+
+def sample_clip(
+    data: bytes,
+    info: media_ops.VideoInfo,
+    uri: str,
+    start: float,
+    end: float,
+    knobs: dict[str, Any],
+) -> dict[str, Any]:
+    """A ``frames`` media item: uniformly sampled frames of [start, end) as JPEG bytes."""
+    count = media_ops.frames_for_budget(
+        info.width, info.height, knobs["max_visual_tokens"], knobs["frames_per_clip"]
+    )
+    times = media_ops.frame_timestamps(start, end, count)
+    frames = media_ops.encode_frames(media_ops.decode_frames(data, times), knobs["jpeg_quality"])
+    return media("frames", uri, start_s=start, end_s=end, timestamps=times, frames=frames)
+
+
+def _load_video(row: dict, root: str, endpoint_url: str | None):
+    where, item = find_video(row)
+    data = read_media(resolve_media_uri(root, item["uri"]), item["uri"], endpoint_url)
+    try:
+        info = media_ops.probe_video(data)
+    except media_ops.MediaError as exc:
+        raise RowError(exc.reason, f"{item['uri']}: {exc}") from None
+    return where, item, data, info
+
+
+def _replace_media(side: dict, old: dict, new: dict) -> dict:
+    items = [new if m is old else m for m in side.get("media") or []]
+    return {**side, "media": items}
+
+
+# --------------------------------------------------------------------------- split clips
+
+
+def split_rows(rows: list[dict], shard: str, *, root: str, knobs: dict, endpoint_url: str | None):
+    kept, rejected, added = [], [], 0
+    for position, row in enumerate(rows):
+        try:
+            clips = split_row(row, root, knobs, endpoint_url)
+        except (RowError, media_ops.MediaError) as err:
+            reason = getattr(err, "reason", "media_undecodable")
+            rejected.append(reject(SPLIT_STEP, row, reason, str(err), shard, position))
+            continue
+        kept.extend(clips)
+        added += len(clips) - 1
+    return kept, rejected, {"rows_added": added, "clips": len(kept)}
+
+
+def split_row(row: dict, root: str, knobs: dict, endpoint_url: str | None) -> list[dict]:
+    where, item, data, info = _load_video(row, root, endpoint_url)
+    windows = clip_windows(
+        info.duration_s, row.get("segments"), knobs["clip_seconds"], knobs["clip_min_s"]
+    )
+    if not windows:
+        raise RowError("video_too_short", f"no clip of at least {knobs['clip_min_s']} s")
+    items = [sample_clip(data, info, item["uri"], s, e, knobs) for s, e, _ in windows]
+    text_side = "query" if where == "positive" else "positive"
+    clips = []
+    for k, ((_, _, caption), clip_item) in enumerate(zip(windows, items, strict=True)):
+        clip = {**row, "id": f"{row['id']}#clip{k:03d}", "group_id": f"video:{row['id']}"}
+        clip[where] = _replace_media(row[where], item, clip_item)
+        if caption is not None:  # each segment is paired with its own caption
+            clip[text_side] = {**row[text_side], "text": caption}
+        clip["segments"] = None
+        clips.append(clip)
+    for k, clip in enumerate(clips):
+        siblings = _neighbours(k, len(clips), knobs["clip_hard_negatives"])
+        # Negatives are candidates for the query, so they take the positive's shape; a
+        # sibling whose positive equals this clip's own (uncaptioned text) is no negative.
+        clip["negatives"] = [
+            clips[j]["positive"] for j in siblings if clips[j]["positive"] != clip["positive"]
+        ]
+    return clips
+
+
+def _neighbours(k: int, count: int, limit: int) -> list[int]:
+    """Up to ``limit`` sibling indexes, nearest in time first."""
+    order = sorted((j for j in range(count) if j != k), key=lambda j: (abs(j - k), j))
+    return order[:limit]
+
+
+# --------------------------------------------------------------------------- long videos
+
+
+def package_rows(rows: list[dict], shard: str, *, root: str, knobs: dict, endpoint_url: str | None):
+    kept, rejected = [], []
+    for position, row in enumerate(rows):
+        try:
+            kept.append(package_row(row, root, knobs, endpoint_url))
+        except (RowError, media_ops.MediaError) as err:
+            reason = getattr(err, "reason", "media_undecodable")
+            rejected.append(reject(PACKAGE_STEP, row, reason, str(err), shard, position))
+    return kept, rejected, {}
+
+
+def package_row(row: dict, root: str, knobs: dict, endpoint_url: str | None) -> dict:
+    where, item, data, info = _load_video(row, root, endpoint_url)
+    if info.duration_s < knobs["long_video_min_s"]:
+        raise RowError(
+            "video_too_short", f"{info.duration_s:.1f} s < {knobs['long_video_min_s']} s"
+        )
+    if info.duration_s > knobs["long_video_max_s"]:
+        raise RowError("video_too_long", f"{info.duration_s:.1f} s > {knobs['long_video_max_s']} s")
+    frames = sample_clip(data, info, item["uri"], 0.0, info.duration_s, knobs)
+    return {**row, where: _replace_media(row[where], item, frames), "segments": None}
