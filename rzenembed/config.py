@@ -63,6 +63,8 @@ class SourceConfig(Strict):
     stage: Literal["stage1", "stage2", "both"] = "stage2"
     classification: bool = False
     cap: int | None = Field(default=None, gt=0)
+    # Video sources: cut long videos into clips, or package 1-3 minute videos whole.
+    video: Literal["none", "split-clips", "package-long"] = "none"
 
     @field_validator("task_group")
     @classmethod
