@@ -1,6 +1,7 @@
 """The ``rzenembed`` command line.
 
 rzenembed tiny-model OUT [--seed N]          write the tiny offline Qwen2-VL folder
+rzenembed sample-data OUT [--seed N]         write the generated sample corpus
 rzenembed config CONFIG.yaml [--set K=V ...]  validate a config, print it resolved
 """
 
@@ -21,6 +22,18 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample_data(args: argparse.Namespace) -> int:
+    from rzenembed.data.sample import build_sample_corpus
+
+    corpus = build_sample_corpus(args.out, seed=args.seed)
+    rows = sum(d.rows for d in corpus.datasets)
+    print(
+        f"sample corpus written to {corpus.root}: {len(corpus.datasets)} datasets, {rows} rows, "
+        f"{len(corpus.eval_sets)} eval sets; sources in {corpus.sources_yaml}"
+    )
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     print(json.dumps(cfg.model_dump(mode="json"), indent=2))
@@ -36,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out", help="output folder")
     tiny.add_argument("--seed", type=int, default=0, help="weight/tokenizer seed (default 0)")
     tiny.set_defaults(func=_cmd_tiny_model)
+
+    sample = sub.add_parser("sample-data", help="write the generated sample corpus")
+    sample.add_argument("out", help="output folder")
+    sample.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    sample.set_defaults(func=_cmd_sample_data)
 
     config = sub.add_parser("config", help="validate a config and print it fully resolved")
     config.add_argument("config", help="YAML config file")
