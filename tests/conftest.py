@@ -7,6 +7,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Dummy credentials for the local S3 server (moto); set before Ray starts so its workers
+# inherit them. Real credentials are never needed by the tests.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import numpy as np
 import pytest
@@ -47,3 +53,22 @@ def random_image(seed: int, size: tuple[int, int] = (84, 112)) -> Image.Image:
 @pytest.fixture()
 def image_factory():
     return random_image
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray runtime for the session: 2 CPUs, no dashboard."""
+    import ray
+
+    from rzenembed.data.fanout import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_corpus(tmp_path_factory):
+    from rzenembed.data.sample import build_sample_corpus
+
+    return build_sample_corpus(tmp_path_factory.mktemp("corpus") / "sample", seed=0)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 import struct
 import warnings
 from collections.abc import Iterator, Sequence
@@ -40,10 +41,16 @@ IMAGE_TOO_SMALL = "image_too_small"
 VIDEO_TRUNCATED = "video_truncated"
 
 
+_OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 class MediaError(ValueError):
     """A media file the pipeline cannot use; ``reason`` is a reject reason code."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
+        # Library messages may embed object addresses ("<BytesIO at 0x7f...>"); rejects
+        # must be reproducible, so they are cut out.
+        detail = _OBJECT_ADDRESS.sub("", detail)
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail

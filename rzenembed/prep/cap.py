@@ -95,6 +95,6 @@ def run_cap(
 def keep_selected(rows: list[dict], shard: str, *, keep: set[str] | None):
     """Rows whose id was selected; the rest are counted as dropped, not rejected."""
     if keep is None:
-        return rows, [], {}
+        return rows, [], {"dropped_by_cap": 0}
     kept = [row for row in rows if row["id"] in keep]
     return kept, [], {"dropped_by_cap": len(rows) - len(kept)}

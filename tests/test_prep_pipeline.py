@@ -1,0 +1,189 @@
+"""The data-preparation steps on the sample corpus, on Ray, end to end."""
+
+from __future__ import annotations
+
+import yaml
+import pytest
+
+from rzenembed.config import PipelineConfig, config_from_dict
+from rzenembed.data.version import DatasetVersion
+from rzenembed.prep.prepare import prepare_all
+
+pytestmark = pytest.mark.slow
+
+
+def sample_config(corpus, storage_root: str, **prep) -> PipelineConfig:
+    sources = yaml.safe_load(corpus.sources_yaml.read_text())
+    data = {
+        "model": {"name_or_path": "unused", "max_visual_tokens": 64},
+        "storage": {"root": storage_root},
+        "sources": sources,
+        "prep": {
+            "shard_rows": 16,
+            "cap_per_dataset": 25,
+            "clip_seconds": 4.0,
+            "frames_per_clip": 4,
+            "long_video_min_s": 5.0,
+            "long_video_max_s": 20.0,
+            **prep,
+        },
+        "stage2": {
+            "mixtures": [
+                {
+                    "name": "even",
+                    "datasets": {
+                        s["name"]: 1.0 for s in sources if s["stage"] in ("stage2", "both")
+                    },
+                },
+            ]
+        },
+    }
+    return config_from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, sample_corpus, tmp_path_factory):
+    cfg = sample_config(sample_corpus, str(tmp_path_factory.mktemp("versions")))
+    return cfg, prepare_all(cfg, base=str(sample_corpus.root), show_progress=False)
+
+
+def all_versions(prepared_data) -> list[DatasetVersion]:
+    found = [v for steps in prepared_data.versions.values() for v in steps.values()]
+    return found + [
+        prepared_data.final[n] for n in prepared_data.final if n not in prepared_data.versions
+    ]
+
+
+def test_every_step_accounts_for_every_row(prepared):
+    _, data = prepared
+    for version in all_versions(data):
+        m = version.manifest
+        rows_in = m.stats["rows_in"] + m.stats.get("rows_added", 0)
+        assert rows_in == m.rows + m.rejected + m.stats.get("dropped_by_cap", 0), (
+            m.dataset,
+            m.step,
+        )
+        assert sum(m.reject_counts.values()) == m.rejected == version.read_rejects().num_rows
+        if m.step != "ingest":
+            (parent,) = [i for i in m.inputs] if m.step != "merge-classification" else [m.inputs[0]]
+            assert parent.rows is not None
+
+
+def test_chained_steps_feed_each_other(prepared):
+    _, data = prepared
+    for name, steps in data.versions.items():
+        ordered = list(steps.values())
+        for before, after in zip(ordered, ordered[1:], strict=False):
+            assert after.manifest.inputs[0].content_digest == before.content_digest, name
+            assert after.manifest.stats["rows_in"] == before.rows, name
+
+
+def test_planted_rows_are_rejected_with_their_reason(prepared, sample_corpus):
+    _, data = prepared
+    rejected = {}
+    for version in all_versions(data):
+        for row in version.read_rejects().to_pylist():
+            rejected[row["id"]] = row["reason"]
+    for row_id, reason in sample_corpus.planted.items():
+        assert rejected.get(row_id) == reason, row_id
+    assert set(rejected) == set(sample_corpus.planted), "no valid row may be rejected"
+
+
+def test_rejects_keep_the_row_itself(prepared):
+    _, data = prepared
+    rejects = data.versions["sample-captions"]["ingest"].read_rejects().to_pylist()
+    escaping = next(r for r in rejects if r["reason"] == "uri_escapes_root")
+    assert "../" in escaping["row_json"] and escaping["source_row"] is not None
+
+
+def test_cap_keeps_exactly_n_rows(prepared):
+    _, data = prepared
+    for name, steps in data.versions.items():
+        before, capped = list(steps.values())[-2], steps["cap"]
+        assert capped.rows == min(25, before.rows), name
+        assert capped.manifest.stats["dropped_by_cap"] == max(0, before.rows - 25)
+
+
+def test_merged_classification_unifies_labels(prepared):
+    cfg, data = prepared
+    merged = data.final[cfg.prep.classification_dataset].read_table().to_pylist()
+    groups: dict[str, set[str]] = {}
+    for row in merged:
+        groups.setdefault(row["group_id"], set()).add(row["id"].split("/")[0])
+        assert row["positive"]["text"] == row["label"]
+        assert row["task_group"] == "image_classification"
+    assert groups["label:circle"] >= {"sample-shapes-a", "sample-shapes-b"}
+    stats = data.final[cfg.prep.classification_dataset].manifest.stats
+    assert {k for k in stats if k.startswith("source_rows/")} == {
+        "source_rows/sample-shapes-a",
+        "source_rows/sample-shapes-b",
+        "source_rows/sample-digits",
+    }
+
+
+def test_clips_lie_inside_their_segments_and_siblings_share_a_group(prepared, sample_corpus):
+    _, data = prepared
+    clips = data.versions["sample-long-videos"]["split-clips"].read_table().to_pylist()
+    raw = data.versions["sample-long-videos"]["clean"].read_table().to_pylist()
+    segments = {r["id"]: r["segments"] for r in raw}
+    assert len(clips) == sum(len(s) for s in segments.values())
+    for clip in clips:
+        source = clip["id"].split("#")[0]
+        (item,) = clip["positive"]["media"]
+        assert item["kind"] == "frames" and len(item["frames"]) == len(item["timestamps"]) >= 2
+        segment = next(s for s in segments[source] if s["start_s"] == item["start_s"])
+        assert all(segment["start_s"] <= t < segment["end_s"] for t in item["timestamps"])
+        assert clip["query"]["text"] == segment["text"]
+        assert clip["group_id"] == f"video:{source}"
+        assert clip["negatives"] and all(
+            n["media"][0]["start_s"] != item["start_s"] for n in clip["negatives"]
+        )
+    assert (
+        data.versions["sample-long-videos"]["split-clips"].manifest.stats["group_semantics"]
+        == "siblings"
+    )
+
+
+def test_stage_manifests_cover_the_stages(prepared):
+    cfg, data = prepared
+    stage1, stage2 = data.stages["stage1"], data.stages["stage2/even"]
+    for manifest in (stage1, stage2):
+        assert sum(d.probability for d in manifest.datasets) == pytest.approx(1.0)
+    assert {d.task_group for d in stage1.datasets} >= {"text_retrieval", "image_retrieval"}
+    names = {d.dataset for d in stage2.datasets}
+    assert cfg.prep.classification_dataset in names and "sample-shapes-a" not in names
+    merged = next(d for d in stage2.datasets if d.dataset == cfg.prep.classification_dataset)
+    assert merged.probability == pytest.approx(3 / 10)  # 3 classification sources of 10
+
+
+def test_rerun_is_a_cache_hit_and_a_fresh_run_gives_the_same_digests(
+    prepared, sample_corpus, tmp_path
+):
+    cfg, data = prepared
+    again = prepare_all(cfg, base=str(sample_corpus.root), show_progress=False)
+    assert again.final["sample-captions"].uri == data.final["sample-captions"].uri
+    fresh_cfg = sample_config(sample_corpus, str(tmp_path / "fresh"))
+    source = next(s for s in fresh_cfg.sources if s.name == "sample-captions")
+    from rzenembed.prep.prepare import prepare_source
+
+    fresh = prepare_source(fresh_cfg, source, base=str(sample_corpus.root), show_progress=False)
+    for step, version in fresh.items():
+        assert version.content_digest == data.versions["sample-captions"][step].content_digest
+
+
+def test_package_long_videos(prepared, sample_corpus):
+    from rzenembed.prep.video import run_package_long_videos
+
+    cfg, data = prepared
+    clean = data.versions["sample-long-videos"]["clean"]
+    packaged = run_package_long_videos(cfg, clean, show_progress=False)
+    assert packaged.rows == clean.rows and packaged.manifest.rejected == 0
+    for row in packaged.read_table().to_pylist():
+        (item,) = row["positive"]["media"]
+        assert item["kind"] == "frames" and item["start_s"] == 0.0
+        assert len(item["frames"]) == 4
+    strict = cfg.model_copy(update={"prep": cfg.prep.model_copy(update={"long_video_min_s": 60.0})})
+    too_short = run_package_long_videos(strict, clean, show_progress=False)
+    assert too_short.rows == 0 and too_short.manifest.reject_counts == {
+        "video_too_short": clean.rows
+    }
