@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import yaml
+import itertools
+
 import pytest
+import yaml
 
 from rzenembed.config import PipelineConfig, config_from_dict
 from rzenembed.data.version import DatasetVersion
@@ -64,16 +66,15 @@ def test_every_step_accounts_for_every_row(prepared):
             m.step,
         )
         assert sum(m.reject_counts.values()) == m.rejected == version.read_rejects().num_rows
-        if m.step != "ingest":
-            (parent,) = [i for i in m.inputs] if m.step != "merge-classification" else [m.inputs[0]]
-            assert parent.rows is not None
+        if m.step != "ingest":  # inputs are versions, recorded with their row counts
+            assert m.inputs and all(i.rows is not None for i in m.inputs)
 
 
 def test_chained_steps_feed_each_other(prepared):
     _, data = prepared
     for name, steps in data.versions.items():
         ordered = list(steps.values())
-        for before, after in zip(ordered, ordered[1:], strict=False):
+        for before, after in itertools.pairwise(ordered):
             assert after.manifest.inputs[0].content_digest == before.content_digest, name
             assert after.manifest.stats["rows_in"] == before.rows, name
 
