@@ -188,3 +188,30 @@ def test_package_long_videos(prepared, sample_corpus):
     assert too_short.rows == 0 and too_short.manifest.reject_counts == {
         "video_too_short": clean.rows
     }
+
+
+def test_a_step_killed_before_its_manifest_leaves_no_version_and_reruns(
+    ray_local, sample_corpus, tmp_path, monkeypatch
+):
+    from rzenembed.data import version as version_module
+    from rzenembed.prep.ingest import run_ingest
+
+    cfg = sample_config(sample_corpus, str(tmp_path / "versions"))
+    source = next(s for s in cfg.sources if s.name == "sample-captions")
+
+    def die(self):  # the moment after every shard is in place, before the commit point
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(version_module.Manifest, "to_json", die)
+    with pytest.raises(KeyboardInterrupt):
+        run_ingest(cfg, source, base=str(sample_corpus.root), show_progress=False)
+    monkeypatch.undo()
+    versions = list((tmp_path / "versions" / "sample-captions" / "ingest").iterdir())
+    assert len(versions) == 1 and (versions[0] / "data").is_dir()
+    assert not DatasetVersion.exists(str(versions[0]))
+
+    rerun = run_ingest(cfg, source, base=str(sample_corpus.root), show_progress=False)
+    reference_cfg = sample_config(sample_corpus, str(tmp_path / "reference"))
+    reference = run_ingest(reference_cfg, source, base=str(sample_corpus.root), show_progress=False)
+    assert rerun.uri == str(versions[0])
+    assert rerun.content_digest == reference.content_digest

@@ -59,11 +59,12 @@ def resolve_media_uri(root: str, uri: str) -> str:
     scheme, sep, rest = candidate.partition("://")
     root_scheme, root_sep, root_rest = base.partition("://")
     if sep and root_sep and scheme != root_scheme:
-        raise UnsafeURIError(f"media URI {uri!r} is on another store than the root {root!r}")
+        raise UnsafeURIError(f"media URI {uri!r} is on another store than the dataset root")
     path = rest if sep else candidate
     root_path = root_rest if root_sep else base
     normal = posixpath.normpath(path)
     normal_root = posixpath.normpath(root_path)
     if normal != normal_root and not normal.startswith(normal_root + "/"):
-        raise UnsafeURIError(f"media URI {uri!r} escapes the dataset root {root!r}")
+        # The root is left out of the message: rejects must read the same on every store.
+        raise UnsafeURIError(f"media URI {uri!r} escapes the dataset root")
     return f"{scheme}://{normal}" if sep else normal

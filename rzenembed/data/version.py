@@ -125,6 +125,20 @@ def put_table(
     return ShardInfo(rel_path, table.num_rows, hashlib.sha256(payload).hexdigest())
 
 
+def write_atomically(fs, path: str, text: str) -> None:
+    """Make ``path`` appear whole or not at all: an object-store PUT already is; on a
+    filesystem the text goes to a temporary name first and is renamed into place."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:
+        temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open(temporary, "w") as f:
+            f.write(text)
+        fs.mv(temporary, path)
+    else:
+        with fs.open(path, "w") as f:
+            f.write(text)
+
+
 class DatasetVersion:
     """A committed version: its manifest and readers for its shards and rejects."""
 
@@ -273,6 +287,5 @@ class VersionWriter:
             stats=dict(stats or {}),
             schema=schema_name,
         )
-        with self.fs.open(join(self.path, MANIFEST), "w") as f:
-            f.write(manifest.to_json())
+        write_atomically(self.fs, join(self.path, MANIFEST), manifest.to_json())
         return DatasetVersion(self.uri, manifest, self.endpoint_url)

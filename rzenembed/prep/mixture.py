@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from rzenembed.config import MixtureConfig, PipelineConfig, digest_of
 from rzenembed.data.storage import filesystem, join
-from rzenembed.data.version import DatasetVersion
+from rzenembed.data.version import DatasetVersion, write_atomically
 
 STAGE_MANIFEST = "stage-manifest.json"
 
@@ -110,6 +110,5 @@ def run_mixture(
     fs, path = filesystem(manifest.uri, cfg.storage.endpoint_url)
     if not fs.exists(path):
         fs.makedirs(join(filesystem(folder, cfg.storage.endpoint_url)[1]), exist_ok=True)
-        with fs.open(path, "w") as f:
-            f.write(manifest.to_json())
+        write_atomically(fs, path, manifest.to_json())
     return manifest
