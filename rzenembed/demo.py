@@ -1,10 +1,12 @@
-"""The local demo: build the tiny offline model and embed text, an image, a video and a page.
+"""The local demo: prepare the sample corpus on Ray, then embed with the tiny model.
 
-    python -m rzenembed.demo --out runs/demo        (what `make demo` runs)
+    python -m rzenembed.demo --config configs/tiny.yaml --out runs/demo   (`make demo`)
 
-Until the full pipeline lands, this is the end-to-end example of the embedding path: the
-tiny Qwen2-VL folder is written (or reused), loaded through the same ``from_pretrained``
-as a real checkpoint, and four kinds of input land in one vector space.
+Until training, souping and evaluation land, this runs what exists end to end: the sample
+corpus is generated (or reused) and prepared into versioned datasets and stage manifests
+on a local Ray runtime; the tiny Qwen2-VL folder is written (or reused), loaded through the
+same ``from_pretrained`` as a real checkpoint, and a text, an image, a video and a page are
+embedded into one vector space. Rerunning it reuses every committed version.
 """
 
 from __future__ import annotations
@@ -67,6 +69,33 @@ def demo_inputs() -> list[tuple[str, EmbedInput]]:
     ]
 
 
+def prepare_data(cfg) -> None:
+    """Generate the sample corpus when missing, prepare it, print counts per step."""
+    from rzenembed.data.fanout import ensure_ray
+    from rzenembed.data.sample import build_sample_corpus
+    from rzenembed.prep.prepare import prepare_all
+
+    corpus_dirs = {Path(s.uri).parent for s in cfg.sources}
+    for folder in sorted(corpus_dirs):
+        if not (folder / "sources.yaml").is_file():
+            print(f"generating the sample corpus in {folder}")
+            build_sample_corpus(folder, seed=cfg.seed)
+    ensure_ray(address=cfg.compute.ray_address, num_cpus=2)
+    prepared = prepare_all(cfg, show_progress=False)
+    print(f"{'dataset':<24} {'step':<22} {'rows':>5} {'rejected':>8}  reasons")
+    rows = [(n, st, v) for n, steps in prepared.versions.items() for st, v in steps.items()]
+    rows += [
+        (n, v.manifest.step, v) for n, v in prepared.final.items() if n not in prepared.versions
+    ]
+    for name, step, version in rows:
+        m = version.manifest
+        reasons = ", ".join(f"{k}={v}" for k, v in m.reject_counts.items())
+        print(f"{name:<24} {step:<22} {m.rows:>5} {m.rejected:>8}  {reasons}")
+    for stage, manifest in prepared.stages.items():
+        mix = ", ".join(f"{d.dataset} {d.probability:.2f}" for d in manifest.datasets)
+        print(f"stage manifest {stage}: {mix}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
@@ -74,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     cfg = load_config(args.config)
+    if cfg.sources:
+        prepare_data(cfg)
     model_dir = Path(cfg.model.name_or_path)
     if not (model_dir / "config.json").is_file():
         print(f"building the tiny offline model in {model_dir}")
