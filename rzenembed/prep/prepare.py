@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rzenembed.config import PipelineConfig, SourceConfig
+from rzenembed.data.fanout import ensure_ray
 from rzenembed.data.version import DatasetVersion
 from rzenembed.prep.cap import run_cap
 from rzenembed.prep.clean import run_clean
@@ -52,6 +53,7 @@ def prepare_all(
     cfg: PipelineConfig, base: str | None = None, show_progress: bool = True
 ) -> PreparedData:
     """Prepare every configured source and write the stage manifests."""
+    ensure_ray(address=cfg.compute.ray_address)
     out = PreparedData()
     for source in cfg.sources:
         out.versions[source.name] = prepare_source(cfg, source, base, show_progress)
