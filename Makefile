@@ -1,5 +1,6 @@
 # Two entry points: `make test` (the whole suite, what CI runs) and `make demo`.
-# Both create .venv when missing or when requirements.txt / pyproject.toml changed.
+# Both create .venv when missing or when requirements.txt, constraints.txt or
+# pyproject.toml changed.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,10 +13,10 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: test demo lint format bench clean
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip wheel
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
