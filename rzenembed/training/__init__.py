@@ -1,0 +1,1 @@
+"""Two-stage training: sampler, collator, GradCache, per-worker loop, Ray Train stages."""

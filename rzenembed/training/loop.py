@@ -1,0 +1,374 @@
+"""The per-worker training loop, shared by both stages (run by Ray Train's TorchTrainer).
+
+Each global step: the sampler picks one dataset and its global batch (all ranks agree);
+this rank collates its slice, GradCache computes the gradients (negatives gathered across
+ranks inside the loss), gradients of the trainable parameters are averaged across ranks in
+one flat all-reduce, clipped, and AdamW steps. Dropout randomness is seeded from
+(seed, step, rank) at the start of every step, so a resumed run draws exactly what an
+uninterrupted one would without carrying RNG state around.
+
+Gradients are averaged by hand instead of through DDP: a text-only batch leaves the vision
+LoRA factors without gradient, which DDP treats as an error unless it searches the graph
+for unused parameters on every step; a flat all-reduce of the (small) LoRA gradients does
+the same job deterministically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rzenembed.training.sampler import AdaptiveSettings, StageSampler
+from torch import nn
+
+from rzenembed.config import PipelineConfig, StageConfig
+from rzenembed.data.version import DatasetVersion
+from rzenembed.losses import RzenEmbedLoss
+from rzenembed.modeling import RzenEmbedder
+from rzenembed.prep.mixture import StageManifest
+from rzenembed.training.collate import DatasetRows, TrainBatch, collate
+from rzenembed.training.gradcache import gradcache_step, plain_step, prepare_batch
+from rzenembed.training.metrics import JsonlLogger, MetricsLogger, MlflowLogger, MultiLogger
+from rzenembed.training.optim import build_optimizer, build_scheduler
+
+CHECKPOINT_STATE = "trainer_state.json"
+CHECKPOINT_WEIGHTS = "trainable.pt"
+CHECKPOINT_OPTIM = "optimizer.pt"
+
+
+@dataclass
+class RunSpec:
+    """Everything a worker needs, JSON-able so it travels in ``train_loop_config``."""
+
+    cfg: dict[str, Any]
+    stage: str  # "stage1" | "stage2"
+    mixture: str
+    stage_manifest: str
+    base_model: str
+    output_dir: str
+    total_steps: int
+    mlflow_run_id: str | None = None
+
+    @property
+    def config(self) -> PipelineConfig:
+        return PipelineConfig.model_validate(self.cfg)
+
+    @property
+    def stage_config(self) -> StageConfig:
+        return getattr(self.config, self.stage)
+
+
+class TrainModule(nn.Module):
+    """The embedder and the loss (which owns the temperatures) as one module."""
+
+    def __init__(self, embedder: RzenEmbedder, loss: RzenEmbedLoss):
+        super().__init__()
+        self.embedder = embedder
+        self.loss = loss
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu() for n, p in self.named_parameters() if p.requires_grad}
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over ranks with one flat all-reduce."""
+    _, size = world()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if size > 1:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= size
+        grads = list(torch.split(flat, [g.numel() for g in grads]))
+    for param, grad in zip(params, grads, strict=True):
+        param.grad = grad.view_as(param)
+
+
+def global_mean(value: float) -> float:
+    _, size = world()
+    if size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / size
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    key = f"{seed}:{step}:{rank}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 1
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def build_model(spec: RunSpec) -> TrainModule:
+    cfg = spec.config
+    embedder = RzenEmbedder.from_pretrained(spec.base_model, config=cfg.model)
+    embedder.apply_lora(cfg.lora)
+    return TrainModule(embedder, RzenEmbedLoss(cfg.loss))
+
+
+def load_sources(manifest: StageManifest, endpoint_url: str | None) -> dict[str, DatasetRows]:
+    return {
+        d.dataset: DatasetRows.load(DatasetVersion.open(d.uri, endpoint_url), d.task_group)
+        for d in manifest.datasets
+    }
+
+
+def build_sampler(spec: RunSpec, manifest: StageManifest) -> StageSampler:
+    stage = spec.stage_config
+    adaptive = AdaptiveSettings() if stage.sampling == "adaptive" else None
+    return StageSampler(
+        datasets=[d.dataset for d in manifest.datasets],
+        probabilities=[d.probability for d in manifest.datasets],
+        sizes=[d.rows for d in manifest.datasets],
+        global_batch=stage.global_batch_size,
+        seed=stage.seed,
+        adaptive=adaptive,
+    )
+
+
+def build_logger(spec: RunSpec) -> MetricsLogger:
+    loggers: list[MetricsLogger] = [JsonlLogger(Path(spec.output_dir) / "metrics.jsonl")]
+    tracking = spec.config.tracking
+    if spec.mlflow_run_id is not None:
+        loggers.append(
+            MlflowLogger(
+                tracking.tracking_uri, tracking.experiment, spec.mixture, spec.mlflow_run_id
+            )
+        )
+    return MultiLogger(loggers)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(
+    folder: Path, module: TrainModule, optimizer, scheduler, sampler_state: dict, step: int
+) -> None:
+    torch.save(module.trainable_state(), folder / CHECKPOINT_WEIGHTS)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        folder / CHECKPOINT_OPTIM,
+    )
+    state = {"step": step, "sampler": sampler_state}
+    (folder / CHECKPOINT_STATE).write_text(json.dumps(state))
+
+
+def restore_checkpoint(folder: Path, module: TrainModule, optimizer, scheduler, sampler) -> int:
+    """Load a checkpoint written by ``save_checkpoint``; returns the next step to run."""
+    weights = torch.load(folder / CHECKPOINT_WEIGHTS, weights_only=True)
+    missing = set(module.trainable_state()) - set(weights)
+    if missing:
+        raise RuntimeError(f"checkpoint lacks trainable tensors: {sorted(missing)[:5]}")
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    states = torch.load(folder / CHECKPOINT_OPTIM, weights_only=False)
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    state = json.loads((folder / CHECKPOINT_STATE).read_text())
+    sampler.load_state_dict(state["sampler"])
+    return int(state["step"]) + 1
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """State and steps of one worker's run."""
+
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+        self.cfg = spec.config
+        self.stage = spec.stage_config
+        self.rank, self.world_size = world()
+        self.manifest = StageManifest.load(spec.stage_manifest, self.cfg.storage.endpoint_url)
+        self.sources = load_sources(self.manifest, self.cfg.storage.endpoint_url)
+        self.module = build_model(spec)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.module, self.stage.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.stage.optim, spec.total_steps)
+        self.sampler = build_sampler(spec, self.manifest)
+        self.start_step = 0
+        self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
+
+    def planned_batch(self, step: int) -> tuple[TrainBatch, dict]:
+        """Plan ``step`` (one dataset, its global batch), snapshot the sampler, collate."""
+        plan = self.sampler.plan(step)
+        state = self.sampler.state_dict()
+        source = self.sources[plan.dataset]
+        indices = self.sampler.rank_slice(plan, self.rank, self.world_size)
+        rows = [source.rows[int(i)] for i in indices]
+        batch = collate(rows, source, self.stage.hard_negatives, self.cfg.model.video_frames)
+        return batch, state
+
+    def train_step(self, step: int, batch: TrainBatch) -> dict[str, Any]:
+        torch.manual_seed(step_seed(self.stage.seed, step, self.rank))
+        self.module.train()
+        embedder, loss_module = self.module.embedder, self.module.loss
+        task = loss_module.task_index([batch.task_group] * len(batch.queries))
+        prepared = prepare_batch(
+            embedder,
+            batch.queries,
+            batch.positives,
+            batch.negatives,
+            batch.num_negatives,
+            self.stage.gradcache_chunk,
+        )
+
+        def loss_fn(q, p, n):
+            return loss_module(
+                q,
+                p,
+                task,
+                negatives=n,
+                positive_ids=batch.positive_ids,
+                negative_ids=batch.negative_ids,
+                group_ids=batch.group_ids,
+            )
+
+        def embed(inputs):
+            return embedder(**inputs)
+
+        started = time.perf_counter()
+        if self.stage.gradcache_chunk:
+            out = gradcache_step(embed, prepared, loss_fn)
+        else:
+            out = plain_step(embed, prepared, loss_fn)
+        average_gradients(self.params)
+        max_norm = self.stage.optim.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - started
+        tokens = sum(int(c["attention_mask"].sum()) for c in _chunks(prepared))
+        return self._metrics(batch, out, grad_norm, elapsed, tokens)
+
+    def _metrics(self, batch, out, grad_norm, elapsed, tokens) -> dict[str, Any]:
+        loss = global_mean(float(out["loss"]))
+        samples = len(batch.queries) * self.world_size
+        return {
+            "loss": loss,
+            "per_task_loss": {k: float(v) for k, v in out.get("per_task_loss", {}).items()},
+            "temperature": {k: float(v) for k, v in out.get("temperatures", {}).items()},
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": tokens * self.world_size / elapsed,
+            "dataset": batch.dataset,
+        }
+
+
+def _chunks(prepared) -> list[dict[str, torch.Tensor]]:
+    chunks = list(prepared.queries) + list(prepared.positives)
+    return chunks + list(prepared.negatives or [])
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point for ``TorchTrainer``: run (or resume) one stage/mixture."""
+    import ray.train
+
+    spec = RunSpec(**config)
+    torch.set_num_threads(max(1, int(os.environ.get("RZENEMBED_TORCH_THREADS", "1"))))
+    trainer = Trainer(spec)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.start_step = restore_checkpoint(
+                Path(folder), trainer.module, trainer.optimizer, trainer.scheduler, trainer.sampler
+            )
+    run_steps(trainer)
+
+
+def run_steps(trainer: Trainer) -> None:
+    """Steps from ``start_step`` to the end, loading the next batch while this one computes.
+
+    With static sampling the next step's plan does not depend on this step's loss, so its
+    batch is collated in a background thread during the current step; adaptive sampling
+    plans after each step's loss is known. The sampler state saved with a checkpoint is
+    the snapshot taken right after planning that step, whatever was prefetched since.
+    """
+    from tqdm.auto import tqdm
+
+    spec, every = trainer.spec, trainer.stage.checkpoint_every
+    adaptive = trainer.stage.sampling == "adaptive"
+    logger = build_logger(spec) if trainer.rank == 0 else None
+    bar = tqdm(
+        total=spec.total_steps,
+        initial=trainer.start_step,
+        desc=f"{spec.stage}/{spec.mixture}",
+        disable=trainer.rank != 0,
+    )
+    pending: Future | None = None
+    for step in range(trainer.start_step, spec.total_steps):
+        batch, sampler_state = pending.result() if pending else trainer.planned_batch(step)
+        pending = None
+        if not adaptive and step + 1 < spec.total_steps:
+            pending = trainer._prefetch.submit(trainer.planned_batch, step + 1)
+        metrics = trainer.train_step(step, batch)
+        if adaptive and math.isfinite(metrics["loss"]):  # a NaN would poison the averages
+            changes = trainer.sampler.observe(step, batch.dataset, metrics["loss"])
+            sampler_state = trainer.sampler.state_dict()
+            if changes:
+                metrics["sampling_changes"] = [vars(c) for c in changes]
+        if logger is not None:
+            logger.log(step, {**metrics, "probabilities": dict(trainer.sampler.probabilities)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", dataset=batch.dataset)
+        if (step + 1) % every == 0 or step + 1 == spec.total_steps:
+            report(trainer, step, metrics, sampler_state)
+    bar.close()
+    if logger is not None:
+        logger.close()
+    if trainer.rank == 0:
+        save_adapter(trainer)
+
+
+def report(trainer: Trainer, step: int, metrics: dict[str, Any], sampler_state: dict) -> None:
+    """A checkpoint through ``ray.train.report`` (every rank reports; rank 0 carries it)."""
+    import ray.train
+
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    scalars["step"] = step
+    if trainer.rank != 0:
+        ray.train.report(scalars, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(
+            Path(folder), trainer.module, trainer.optimizer, trainer.scheduler, sampler_state, step
+        )
+        ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def save_adapter(trainer: Trainer) -> Path:
+    spec = trainer.spec
+    extra = {
+        "stage": spec.stage,
+        "mixture": spec.mixture,
+        "stage_manifest": spec.stage_manifest,
+        "manifest_digest": trainer.manifest.digest,
+        "temperatures": trainer.module.loss.temperature_dict(),
+        "steps": spec.total_steps,
+    }
+    return trainer.module.embedder.save_pretrained(Path(spec.output_dir) / "adapter", extra=extra)

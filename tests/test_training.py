@@ -1,0 +1,94 @@
+"""Two-stage training on Ray Train with 2 CPU workers, on the sample corpus, tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rzenembed.config import config_from_dict
+from rzenembed.modeling import ModelCard, RzenEmbedder
+from rzenembed.prep.prepare import prepare_all
+from rzenembed.training.metrics import read_jsonl
+from rzenembed.training.stages import merge_stage1, run_stage1, run_stage2
+
+from .test_prep_pipeline import sample_config
+
+pytestmark = pytest.mark.slow
+
+
+def training_config(corpus, root, model_dir, **stage):
+    base = sample_config(corpus, root).model_dump(mode="json")
+    sources = [s["name"] for s in base["sources"] if s["stage"] in ("stage2", "both")]
+    base["model"] = {
+        "name_or_path": str(model_dir),
+        "max_visual_tokens": 16,
+        "video_frames": 4,
+        "max_text_tokens": 64,
+    }
+    base["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
+    common = {
+        "global_batch_size": 8,
+        "gradcache_chunk": 4,
+        "max_steps": 6,
+        "checkpoint_every": 3,
+        "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
+        **stage,
+    }
+    base["stage1"] = dict(common)
+    base["stage2"] = {
+        **common,
+        "mixtures": [
+            {"name": "even", "datasets": {n: 1.0 for n in sources}},
+            {
+                "name": "doc-heavy",
+                "datasets": {n: (4.0 if n == "sample-visdoc" else 1.0) for n in sources},
+            },
+        ],
+    }
+    base["compute"] = {"num_workers": 2, "cpus_per_worker": 1}
+    return config_from_dict(base)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    cfg = training_config(sample_corpus, str(root / "versions"), tiny_model_dir)
+    data = prepare_all(cfg, base=str(sample_corpus.root), show_progress=False)
+    stage1 = run_stage1(cfg, data.stages["stage1"], output_dir=root / "models")
+    merged = merge_stage1(cfg, stage1)
+    stage2 = [
+        run_stage2(cfg, data.stages[f"stage2/{m.name}"], merged, m, output_dir=root / "models")
+        for m in cfg.stage2.mixtures
+    ]
+    return cfg, data, stage1, merged, stage2
+
+
+def test_each_run_writes_an_adapter_and_its_metrics(trained):
+    cfg, data, stage1, merged, stage2 = trained
+    for result in [stage1, *stage2]:
+        card = ModelCard.load(result.adapter_dir)
+        assert card.kind == "adapter" and card.template == cfg.model.template
+        assert card.extra["stage"] == result.stage and card.extra["mixture"] == result.mixture
+        assert set(card.extra["temperatures"]) == set(cfg.loss.task_groups)
+        steps = read_jsonl(result.metrics_path)
+        assert [s["step"] for s in steps] == list(range(6))
+        assert all(s["dataset"] for s in steps)
+    assert ModelCard.load(merged).kind == "model"
+    assert {r.mixture for r in stage2} == {"even", "doc-heavy"}
+
+
+def test_every_step_draws_one_dataset_from_the_manifest(trained):
+    _, data, stage1, _, stage2 = trained
+    allowed = {d.dataset for d in data.stages["stage1"].datasets}
+    assert {s["dataset"] for s in read_jsonl(stage1.metrics_path)} <= allowed
+
+
+def test_adapters_load_through_the_embedder(trained):
+    cfg, _, _, merged, stage2 = trained
+    for result in stage2:
+        embedder = RzenEmbedder.from_pretrained(result.adapter_dir)
+        assert ModelCard.load(result.adapter_dir).base_model == str(merged.resolve())
+        vectors = embedder.encode(["a red circle", "a blue square"])
+        torch.testing.assert_close(vectors.norm(dim=1), torch.ones(2))
