@@ -86,6 +86,7 @@ class TrainBatch:
     negative_ids: torch.Tensor | None  # (b, K)
     group_ids: torch.Tensor  # (b,)
     row_ids: list[str]
+    plan_digest: str = ""  # of the step's global plan (dataset + row indices), for checks
 
 
 class MediaReader:

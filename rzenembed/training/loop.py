@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +29,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from rzenembed.training.sampler import AdaptiveSettings, StageSampler
 from torch import nn
 
 from rzenembed.config import PipelineConfig, StageConfig
@@ -40,6 +40,7 @@ from rzenembed.training.collate import DatasetRows, TrainBatch, collate
 from rzenembed.training.gradcache import gradcache_step, plain_step, prepare_batch
 from rzenembed.training.metrics import JsonlLogger, MetricsLogger, MlflowLogger, MultiLogger
 from rzenembed.training.optim import build_optimizer, build_scheduler
+from rzenembed.training.sampler import AdaptiveSettings, StageSampler
 
 CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_WEIGHTS = "trainable.pt"
@@ -58,6 +59,10 @@ class RunSpec:
     output_dir: str
     total_steps: int
     mlflow_run_id: str | None = None
+    # Fault injection for resilience tests: the last rank kills its own process at this
+    # step, once (a marker file remembers that it happened).
+    crash_at_step: int | None = None
+    crash_marker: str | None = None
 
     @property
     def config(self) -> PipelineConfig:
@@ -120,8 +125,12 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def build_model(spec: RunSpec) -> TrainModule:
+    """Base model + fresh LoRA adapters + loss. The adapters' random initialisation is
+    seeded from the stage seed, so every rank starts from identical weights (gradients are
+    averaged, never the weights) and a rerun starts from the same point."""
     cfg = spec.config
     embedder = RzenEmbedder.from_pretrained(spec.base_model, config=cfg.model)
+    torch.manual_seed(spec.stage_config.seed)
     embedder.apply_lora(cfg.lora)
     return TrainModule(embedder, RzenEmbedLoss(cfg.loss))
 
@@ -220,6 +229,8 @@ class Trainer:
         indices = self.sampler.rank_slice(plan, self.rank, self.world_size)
         rows = [source.rows[int(i)] for i in indices]
         batch = collate(rows, source, self.stage.hard_negatives, self.cfg.model.video_frames)
+        key = plan.dataset.encode() + plan.indices.astype("int64").tobytes()
+        batch.plan_digest = hashlib.blake2b(key, digest_size=8).hexdigest()
         return batch, state
 
     def train_step(self, step: int, batch: TrainBatch) -> dict[str, Any]:
@@ -277,6 +288,7 @@ class Trainer:
             "samples_per_s": samples / elapsed,
             "tokens_per_s": tokens * self.world_size / elapsed,
             "dataset": batch.dataset,
+            "batch": batch.plan_digest,
         }
 
 
@@ -326,6 +338,7 @@ def run_steps(trainer: Trainer) -> None:
         pending = None
         if not adaptive and step + 1 < spec.total_steps:
             pending = trainer._prefetch.submit(trainer.planned_batch, step + 1)
+        _maybe_crash(trainer, step)
         metrics = trainer.train_step(step, batch)
         if adaptive and math.isfinite(metrics["loss"]):  # a NaN would poison the averages
             changes = trainer.sampler.observe(step, batch.dataset, metrics["loss"])
@@ -343,6 +356,21 @@ def run_steps(trainer: Trainer) -> None:
         logger.close()
     if trainer.rank == 0:
         save_adapter(trainer)
+
+
+def _maybe_crash(trainer: Trainer, step: int) -> None:
+    spec = trainer.spec
+    if spec.crash_at_step != step or trainer.rank != trainer.world_size - 1:
+        return
+    marker = Path(spec.crash_marker or Path(spec.output_dir) / "crashed")
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(step))
+    # The controller registers reported checkpoints asynchronously; give it time to record
+    # the last one, so that the test knows which checkpoint recovery must start from.
+    time.sleep(3.0)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def report(trainer: Trainer, step: int, metrics: dict[str, Any], sampler_state: dict) -> None:

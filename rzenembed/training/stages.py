@@ -66,8 +66,13 @@ def run_training(
     mixture: str,
     output_dir: str | Path | None = None,
     mlflow_run_id: str | None = None,
+    crash_at_step: int | None = None,
 ) -> TrainResult:
-    """Train one stage/mixture on Ray Train (or return the finished adapter)."""
+    """Train one stage/mixture on Ray Train (or return the finished adapter).
+
+    ``crash_at_step`` is fault injection for resilience tests: one worker kills itself
+    once at that step.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -78,8 +83,9 @@ def run_training(
     run_name = f"{cfg.name}-{stage_name}-{mixture}"
     out = output_root(cfg, output_dir) / stage_name / mixture
     steps = total_steps(stage, manifest)
-    result = TrainResult(stage_name, mixture, out / "adapter", out / "metrics.jsonl", steps,
-                         run_name)
+    result = TrainResult(
+        stage_name, mixture, out / "adapter", out / "metrics.jsonl", steps, run_name
+    )
     if ModelCard.exists(result.adapter_dir):
         return result
     ensure_ray(address=cfg.compute.ray_address)
@@ -92,6 +98,8 @@ def run_training(
         output_dir=str(out.resolve()),
         total_steps=steps,
         mlflow_run_id=mlflow_run_id,
+        crash_at_step=crash_at_step,
+        crash_marker=str((out / "crash-marker").resolve()) if crash_at_step is not None else None,
     )
     backend = cfg.compute.backend
     if backend == "auto":

@@ -1,0 +1,94 @@
+"""Checkpoints and resume: a stopped run continues where it stopped with the same data
+order, and a killed worker is recovered by Ray Train from the last checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+
+from rzenembed.prep.prepare import prepare_all
+from rzenembed.training.metrics import read_jsonl
+from rzenembed.training.stages import run_stage1
+
+from .test_training import training_config
+
+pytestmark = pytest.mark.slow
+STEPS, EVERY = 8, 3  # checkpoints after steps 2, 5 and 7
+
+
+@pytest.fixture(scope="module")
+def setup(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    cfg = training_config(
+        sample_corpus,
+        str(root / "versions"),
+        tiny_model_dir,
+        max_steps=STEPS,
+        checkpoint_every=EVERY,
+    )
+    data = prepare_all(cfg, base=str(sample_corpus.root), show_progress=False)
+    reference = run_stage1(
+        cfg.model_copy(update={"name": "reference"}),
+        data.stages["stage1"],
+        output_dir=root / "reference",
+    )
+    return cfg, data, root, read_jsonl(reference.metrics_path)
+
+
+def last_per_step(rows: list[dict]) -> dict[int, dict]:
+    return {row["step"]: row for row in rows}
+
+
+def assert_same_as_reference(rows: list[dict], reference: list[dict], from_step: int) -> None:
+    ours, ref = last_per_step(rows), last_per_step(reference)
+    assert sorted(ours) == list(range(STEPS))
+    for step in range(from_step, STEPS):
+        assert ours[step]["batch"] == ref[step]["batch"], step
+        assert ours[step]["dataset"] == ref[step]["dataset"], step
+        assert ours[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4, abs=1e-5), step
+
+
+def test_a_stopped_run_resumes_from_its_last_checkpoint(setup):
+    from rzenembed.training.stages import run_training
+
+    cfg, data, root, reference = setup
+    cfg = cfg.model_copy(update={"name": "stopped"})
+    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death
+        run_training(
+            cfg,
+            "stage1",
+            data.stages["stage1"],
+            cfg.model.name_or_path,
+            "all",
+            output_dir=root / "stopped",
+            crash_at_step=4,
+        )
+    result = run_stage1(cfg, data.stages["stage1"], output_dir=root / "stopped")
+    rows = read_jsonl(result.metrics_path)
+    steps = [row["step"] for row in rows]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[restart] == 3  # after the checkpoint of step 2, not from 0
+    assert steps[-1] == STEPS - 1
+    assert_same_as_reference(rows, reference, from_step=3)
+
+
+def test_a_killed_worker_is_recovered_from_the_last_checkpoint(setup):
+    from rzenembed.training.stages import run_training
+
+    cfg, data, root, reference = setup
+    cfg = cfg.model_copy(
+        update={"name": "killed", "compute": cfg.compute.model_copy(update={"max_failures": 1})}
+    )
+    result = run_training(
+        cfg,
+        "stage1",
+        data.stages["stage1"],
+        cfg.model.name_or_path,
+        "all",
+        output_dir=root / "killed",
+        crash_at_step=7,
+    )
+    rows = read_jsonl(result.metrics_path)
+    steps = [row["step"] for row in rows]
+    assert steps.count(6) == 2 and steps[-1] == STEPS - 1  # steps 6.. ran twice
+    assert (result.adapter_dir / "rzenembed.json").is_file()
+    assert_same_as_reference(rows, reference, from_step=6)
