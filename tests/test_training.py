@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -66,7 +64,7 @@ def trained(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
 
 
 def test_each_run_writes_an_adapter_and_its_metrics(trained):
-    cfg, data, stage1, merged, stage2 = trained
+    cfg, _data, stage1, merged, stage2 = trained
     for result in [stage1, *stage2]:
         card = ModelCard.load(result.adapter_dir)
         assert card.kind == "adapter" and card.template == cfg.model.template
@@ -80,13 +78,13 @@ def test_each_run_writes_an_adapter_and_its_metrics(trained):
 
 
 def test_every_step_draws_one_dataset_from_the_manifest(trained):
-    _, data, stage1, _, stage2 = trained
+    _, data, stage1, _, _stage2 = trained
     allowed = {d.dataset for d in data.stages["stage1"].datasets}
     assert {s["dataset"] for s in read_jsonl(stage1.metrics_path)} <= allowed
 
 
 def test_adapters_load_through_the_embedder(trained):
-    cfg, _, _, merged, stage2 = trained
+    _cfg, _, _, merged, stage2 = trained
     for result in stage2:
         embedder = RzenEmbedder.from_pretrained(result.adapter_dir)
         assert ModelCard.load(result.adapter_dir).base_model == str(merged.resolve())
