@@ -1,0 +1,1 @@
+"""MMEB-style evaluation of embedding models (retrieval scoring of evaluation sets)."""
