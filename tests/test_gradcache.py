@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +22,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -41,6 +38,7 @@ from rzenembed.training.gradcache import (
 )
 
 from .conftest import random_image
+from .multiprocess import run_ranks
 
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 BATCH = 6
@@ -439,34 +437,8 @@ def _ddp_gradcache(rank: int) -> dict[str, Any]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run_ranks(out_dir: Path) -> list[dict[str, Any]]:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_rank, args=(r, port, str(out_dir))) for r in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    hung = [proc for proc in procs if proc.is_alive()]
-    for proc in hung:
-        proc.kill()
-        proc.join(5)
-    errors = "\n".join(path.read_text() for path in sorted(out_dir.glob("*.error")))
-    assert not hung, f"ranks still running after {JOIN_TIMEOUT_S}s\n{errors}"
-    assert all(proc.exitcode == 0 for proc in procs), errors or "a rank exited non-zero"
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
-
-
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built in")
 def test_ddp_gradcache_matches_one_process_and_reduces_once(tmp_path: Path) -> None:
-    ranks = _run_ranks(tmp_path)
+    ranks = run_ranks(_ddp_rank, WORLD, tmp_path, JOIN_TIMEOUT_S)
     q, p, n = toy_data(GLOBAL_BATCH, GLOBAL_NEGS)
     for name, encoder in [("dense", ToyEncoder()), ("towers", TwoTowerEncoder())]:
         whole = tag_negatives(prepare_batch(StackPreparer(), q, p, n, GLOBAL_NEGS, None))

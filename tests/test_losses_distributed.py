@@ -9,8 +9,6 @@ process gets on the whole batch. Results travel back to the parent as files in t
 from __future__ import annotations
 
 import os
-import socket
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -18,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rzenembed.config import LossConfig, TemperatureConfig
 from rzenembed.losses import RzenEmbedLoss
+
+from .multiprocess import run_ranks
 
 WORLD = 2
 BATCH, NEGS, IN_DIM, DIM = 8, 2, 12, 6
@@ -144,34 +143,8 @@ def _run_rank(rank: int) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run_two_ranks(out_dir: Path) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, str(out_dir))) for r in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    hung = [proc for proc in procs if proc.is_alive()]
-    for proc in hung:
-        proc.kill()
-        proc.join(5)
-    errors = "\n".join(p.read_text() for p in sorted(out_dir.glob("*.error")))
-    assert not hung, f"ranks still running after {JOIN_TIMEOUT_S}s\n{errors}"
-    assert all(proc.exitcode == 0 for proc in procs), errors or "a rank exited non-zero"
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
-
-
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built in")
 def test_two_ranks_match_single_process(tmp_path: Path) -> None:
-    ranks = _run_two_ranks(tmp_path)
+    ranks = run_ranks(_rank_main, WORLD, tmp_path, JOIN_TIMEOUT_S)
     encoder, loss = make_models()
     single = forward_backward(encoder, loss, make_inputs(), slice(None))
 

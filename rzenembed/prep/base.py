@@ -204,6 +204,34 @@ def execute(
     )
 
 
+def shard_name(shard: ShardInfo) -> str:
+    """``part-00003`` for ``data/part-00003.parquet``: output shards keep input names."""
+    return shard.path.rsplit("/", 1)[-1].removesuffix(".parquet")
+
+
+def per_shard_jobs(
+    version: DatasetVersion,
+    staging: str,
+    step: str,
+    fn: Callable[..., tuple[list[dict], list[dict], dict[str, int]]],
+    params: dict[str, Any] | Callable[[int], dict[str, Any]],
+    endpoint_url: str | None,
+) -> list[ShardJob]:
+    """One job per shard of ``version``; ``params`` may depend on the shard's position."""
+    return [
+        ShardJob(
+            shard_name(shard),
+            staging,
+            step,
+            fn,
+            version_shard_loader(version, shard),
+            params(i) if callable(params) else params,
+            endpoint_url,
+        )
+        for i, shard in enumerate(version.manifest.shards)
+    ]
+
+
 def version_shard_loader(version: DatasetVersion, shard: ShardInfo) -> Callable[[], list[dict]]:
     """A picklable loader of one shard of ``version`` as Python rows."""
     return _ShardLoader(version.uri, shard, version.endpoint_url)

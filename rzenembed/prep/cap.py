@@ -23,8 +23,8 @@ from rzenembed.prep.base import (
     committed,
     execute,
     media_root_of,
+    per_shard_jobs,
     plan_step,
-    version_shard_loader,
 )
 
 STEP = "cap"
@@ -73,18 +73,9 @@ def run_cap(
     keep = select_ids(version, limit, cfg.prep.seed) if version.rows > limit else None
 
     def jobs(staging: str) -> list[ShardJob]:
-        return [
-            ShardJob(
-                shard.path.rsplit("/", 1)[-1].removesuffix(".parquet"),
-                staging,
-                STEP,
-                keep_selected,
-                version_shard_loader(version, shard),
-                {"keep": keep},
-                cfg.storage.endpoint_url,
-            )
-            for shard in version.manifest.shards
-        ]
+        return per_shard_jobs(
+            version, staging, STEP, keep_selected, {"keep": keep}, cfg.storage.endpoint_url
+        )
 
     stats = {"cap_limit": limit, "seed": cfg.prep.seed}
     return execute(

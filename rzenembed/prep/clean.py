@@ -31,6 +31,7 @@ from rzenembed.prep.base import (
     committed,
     execute,
     media_root_of,
+    per_shard_jobs,
     plan_step,
     reject,
     version_shard_loader,
@@ -78,21 +79,16 @@ def run_clean(
         show_progress=show_progress,
     )
     decisions = decide(facts, cfg.prep.phash_radius)
-    names = [s.path.rsplit("/", 1)[-1].removesuffix(".parquet") for s in shards]
 
     def jobs(staging: str) -> list[ShardJob]:
-        return [
-            ShardJob(
-                name,
-                staging,
-                STEP,
-                apply_decisions,
-                version_shard_loader(version, shard),
-                {"decisions": decisions[i]},
-                cfg.storage.endpoint_url,
-            )
-            for i, (name, shard) in enumerate(zip(names, shards, strict=True))
-        ]
+        return per_shard_jobs(
+            version,
+            staging,
+            STEP,
+            apply_decisions,
+            lambda i: {"decisions": decisions[i]},
+            cfg.storage.endpoint_url,
+        )
 
     return execute(plan, cfg, jobs, media_root=root, show_progress=show_progress)
 

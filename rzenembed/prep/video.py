@@ -33,9 +33,9 @@ from rzenembed.prep.base import (
     committed,
     execute,
     media_root_of,
+    per_shard_jobs,
     plan_step,
     reject,
-    version_shard_loader,
 )
 from rzenembed.prep.ingest import RowError, read_media
 
@@ -71,18 +71,7 @@ def _run(
     params = {"root": root, "knobs": knobs, "endpoint_url": cfg.storage.endpoint_url}
 
     def jobs(staging: str) -> list[ShardJob]:
-        return [
-            ShardJob(
-                shard.path.rsplit("/", 1)[-1].removesuffix(".parquet"),
-                staging,
-                step,
-                fn,
-                version_shard_loader(version, shard),
-                params,
-                cfg.storage.endpoint_url,
-            )
-            for shard in version.manifest.shards
-        ]
+        return per_shard_jobs(version, staging, step, fn, params, cfg.storage.endpoint_url)
 
     return execute(
         plan,
