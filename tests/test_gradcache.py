@@ -31,6 +31,7 @@ from rzenembed.modeling import EmbedInput, RzenEmbedder
 from rzenembed.training import gradcache
 from rzenembed.training.gradcache import (
     ContrastiveBatch,
+    PendingChunk,
     chunk_inputs,
     gradcache_step,
     plain_step,
@@ -240,7 +241,8 @@ def toy_step(
     params = [*encoder.parameters(), loss.theta]
     for param in params:
         param.grad = None
-    task = torch.zeros(len(torch.cat([c["x"] for c in batch.queries])), dtype=torch.long)
+    rows = sum(len(c) if isinstance(c, PendingChunk) else len(c["x"]) for c in batch.queries)
+    task = torch.zeros(rows, dtype=torch.long)
 
     def loss_fn(q: Tensor, p: Tensor, n: Tensor | None) -> dict[str, Any]:
         return loss(q, p, task, negatives=n)
@@ -284,6 +286,30 @@ def test_toy_gradcache_matches_plain_step(num_neg, chunk):
     assert float(result["loss"]) == pytest.approx(float(want_result["loss"]), abs=1e-12)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-8)
+
+
+class CountingPreparer(StackPreparer):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def prepare(self, items: list[Tensor]) -> dict[str, Tensor]:
+        self.calls += 1
+        return super().prepare(items)
+
+
+def test_lazy_chunks_are_prepared_when_embedded_and_give_the_same_gradients():
+    q, p, n = toy_data(7, 2)
+    encoder, loss = ToyEncoder(), toy_loss()
+    eager = prepare_batch(StackPreparer(), q, p, n, 2, 3)
+    want_result, want = toy_step(gradcache_step, encoder, loss, eager)
+    preparer = CountingPreparer()
+    lazy = prepare_batch(preparer, q, p, n, 2, 3, lazy=True)
+    assert preparer.calls == 0 and all(isinstance(c, PendingChunk) for c in lazy.chunks())
+    result, got = toy_step(gradcache_step, encoder, loss, lazy)
+    assert preparer.calls == 2 * len(lazy.chunks())  # phase 1 and phase 3, nothing kept
+    assert float(result["loss"]) == float(want_result["loss"])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 
 def test_loss_sees_query_major_negatives_of_shape_b_k_d():

@@ -74,6 +74,31 @@ class ContrastiveBatch:
 # --------------------------------------------------------------------------- preparation
 
 
+@dataclass
+class PendingChunk:
+    """Raw items of a chunk, run through the processor only when the chunk is embedded.
+
+    Holding processor outputs for a whole global batch would make host memory grow with
+    the batch (images are float32 patches: 22 MiB per image at 1280 visual tokens), which
+    is what GradCache exists to avoid; a pending chunk costs one processor pass more per
+    step (phase 1 and phase 3 each prepare it) and keeps memory flat.
+    """
+
+    items: list[Any]
+    preparer: Preparer
+
+    def prepare(self) -> Chunk:
+        return self.preparer.prepare(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def materialise(chunk: Chunk | PendingChunk) -> Chunk:
+    """Processor outputs of ``chunk``, preparing it now when it is pending."""
+    return chunk.prepare() if isinstance(chunk, PendingChunk) else chunk
+
+
 def chunk_inputs(items: Sequence[T], chunk_size: int | None) -> list[list[T]]:
     """Split ``items`` into consecutive chunks of ``chunk_size`` (the last may be shorter).
 
@@ -95,11 +120,14 @@ def prepare_batch(
     negatives: Sequence[Any] | None,
     num_negatives: int,
     chunk_size: int | None,
+    lazy: bool = False,
 ) -> ContrastiveBatch:
     """Run the processor over each chunk of queries, positives and flattened negatives.
 
     Chunks are prepared separately so each is padded only to its own longest item; a chunk
-    is then the unit of work of both GradCache passes.
+    is then the unit of work of both GradCache passes. With ``lazy`` the chunks stay raw
+    (``PendingChunk``) and are prepared when embedded, so host memory does not grow with
+    the global batch.
     """
     if len(queries) != len(positives):
         raise ValueError(f"got {len(queries)} queries but {len(positives)} positives")
@@ -112,8 +140,11 @@ def prepare_batch(
             f"flattened negatives, got {len(negatives)}"
         )
 
-    def prepared(items: Sequence[Any]) -> list[Chunk]:
-        return [embedder.prepare(chunk) for chunk in chunk_inputs(items, chunk_size)]
+    def prepared(items: Sequence[Any]) -> list[Any]:
+        chunks = chunk_inputs(items, chunk_size)
+        if lazy:
+            return [PendingChunk(chunk, embedder) for chunk in chunks]
+        return [embedder.prepare(chunk) for chunk in chunks]
 
     return ContrastiveBatch(
         queries=prepared(queries),
@@ -205,7 +236,7 @@ def gradcache_step(
         context = no_sync() if no_sync is not None and not last else contextlib.nullcontext()
         with context:
             restore_rng_state(state)
-            embed(chunk).backward(grad)
+            embed(materialise(chunk)).backward(grad)
     restore_rng_state(after)
     return detach_result(result)
 
@@ -216,7 +247,7 @@ def plain_step(embed: EmbedFn, batch: ContrastiveBatch, loss_fn: LossFn) -> dict
     Memory grows with the whole batch; the gradients are what :func:`gradcache_step` must
     reproduce when started from the same RNG state.
     """
-    reps = [embed(chunk) for chunk in batch.chunks()]
+    reps = [embed(materialise(chunk)) for chunk in batch.chunks()]
     query, positive, negatives = _split_roles(batch, reps, requires_grad=False)
     result = loss_fn(query, positive, _as_negatives(negatives, batch))
     result["loss"].backward()
@@ -240,7 +271,7 @@ def _embed_without_graph(
         states.append(capture_rng_state())
         # no_grad, not inference_mode: inference tensors could not become phase 2's leaves.
         with torch.no_grad():
-            reps.append(embed(chunk))
+            reps.append(embed(materialise(chunk)))
     return states, reps
 
 

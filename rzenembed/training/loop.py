@@ -245,6 +245,7 @@ class Trainer:
             batch.negatives,
             batch.num_negatives,
             self.stage.gradcache_chunk,
+            lazy=bool(self.stage.gradcache_chunk),  # host memory flat in the global batch
         )
 
         def loss_fn(q, p, n):
@@ -258,7 +259,12 @@ class Trainer:
                 group_ids=batch.group_ids,
             )
 
+        tokens = 0
+
         def embed(inputs):
+            nonlocal tokens
+            if torch.is_grad_enabled():  # each chunk is embedded once with a graph
+                tokens += int(inputs["attention_mask"].sum())
             return embedder(**inputs)
 
         started = time.perf_counter()
@@ -273,7 +279,6 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
-        tokens = sum(int(c["attention_mask"].sum()) for c in _chunks(prepared))
         return self._metrics(batch, out, grad_norm, elapsed, tokens)
 
     def _metrics(self, batch, out, grad_norm, elapsed, tokens) -> dict[str, Any]:
@@ -290,11 +295,6 @@ class Trainer:
             "dataset": batch.dataset,
             "batch": batch.plan_digest,
         }
-
-
-def _chunks(prepared) -> list[dict[str, torch.Tensor]]:
-    chunks = list(prepared.queries) + list(prepared.positives)
-    return chunks + list(prepared.negatives or [])
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
