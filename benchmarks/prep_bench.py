@@ -60,12 +60,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from rss import proc_status_kib, reset_peak_rss
 
 from rzenembed.config import PipelineConfig, config_from_dict
 from rzenembed.data.schema import MEDIA_TYPE, RECORD_SCHEMA, SIDE_TYPE, media, record, side
 from rzenembed.data.version import DatasetVersion, VersionWriter
 
 SHARD_ROWS = 100_000
+CHILD_TIMEOUT_S = 900
 RAY_CPUS = 2
 CAP_MODES = {
     "read": "read id column only",
@@ -213,24 +215,6 @@ def write_version(uri: str, rows: int, dataset: str) -> DatasetVersion:
 # --------------------------------------------------------------------------- cap: children
 
 
-def proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux 4.0+); False if not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def read_ids(version: DatasetVersion) -> int:
     """What ``select_ids`` does without the ranking: the id column of each shard as str."""
     count = 0
@@ -270,10 +254,6 @@ def child_main(mode: str, version_uri: str, limit: int, storage_root: str) -> No
         "peak_kib": peak,
         "peak_reset": reset,
     }
-    if mode == "run_cap":
-        import ray
-
-        ray.shutdown()
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -290,7 +270,7 @@ def run_child(mode: str, version: DatasetVersion, limit: int, storage_root: str)
         "--storage",
         storage_root,
     ]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         sys.stderr.write(done.stdout + done.stderr)
@@ -627,11 +607,28 @@ def run_parts(args: argparse.Namespace, out: Path) -> None:
             )
 
 
+def exit_now() -> None:
+    """Stop Ray, flush and exit without the interpreter's teardown.
+
+    ``DatasetVersion.read_shard`` hands pyarrow a Python file object; pyarrow can still be
+    cleaning up after such reads when the interpreter shuts down, and then aborts ("terminate
+    called without an active exception", apache/arrow#34314) or hangs (#33975). On the
+    benchmark machine a script that only read shards this way aborted at exit 24 times in 60.
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
         child_main(args.child, args.version, args.limit, args.storage)
-        return
+        exit_now()
     start = time.perf_counter()
     if args.out:
         out = Path(args.out).resolve()
@@ -641,6 +638,7 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="prep-bench-") as tmp:
             run_parts(args, Path(tmp))
     print(f"\ntotal: {time.perf_counter() - start:.0f} s")
+    exit_now()
 
 
 if __name__ == "__main__":

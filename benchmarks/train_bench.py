@@ -53,7 +53,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -66,6 +65,7 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
+from rss import peak_rss_kib, proc_status_kib, reset_peak_rss
 from torch import Tensor, nn
 
 from rzenembed.config import LoraConfig, LossConfig, ModelConfig, OptimConfig
@@ -134,32 +134,6 @@ def synthetic_items(
 
 
 # --------------------------------------------------------------------------- CPU memory
-
-
-def proc_status_kib(field: str) -> int:
-    """A ``VmRSS``/``VmHWM`` line of /proc/self/status, in KiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_rss_kib(resettable: bool) -> int:
-    """The high-water mark since the reset, or ``ru_maxrss`` (whole process) without one."""
-    if resettable:
-        return proc_status_kib("VmHWM")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def tensor_peak_bytes(fn: Callable[[], object]) -> int:

@@ -42,3 +42,32 @@ def run_ranks(
     assert not hung, f"ranks still running after {timeout_s}s\n{errors}"
     assert all(proc.exitcode == 0 for proc in procs), errors or "a rank exited non-zero"
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+
+
+def gloo_rank(work: Callable[[int], Any], rank: int, port: int, out_dir: str, world: int) -> None:
+    """Body of one spawned rank: join a gloo group, run ``work(rank)``, save its result
+    (or the traceback) where ``run_ranks`` collects it."""
+    import os
+    import traceback
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=60),
+        )
+        try:
+            result = work(rank)
+        finally:
+            dist.destroy_process_group()
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    except Exception:
+        (Path(out_dir) / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise

@@ -11,11 +11,8 @@ two gloo ranks check the DDP path end to end.
 from __future__ import annotations
 
 import contextlib
-import os
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +36,7 @@ from rzenembed.training.gradcache import (
 )
 
 from .conftest import random_image
-from .multiprocess import run_ranks
+from .multiprocess import gloo_rank, run_ranks
 
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 BATCH = 6
@@ -383,24 +380,7 @@ JOIN_TIMEOUT_S = 120
 
 def _ddp_rank(rank: int, port: int, out_dir: str) -> None:
     """One rank: its half of the batch through GradCache with a DDP encoder and no_sync."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=timedelta(seconds=60),
-        )
-        try:
-            result = _ddp_gradcache(rank)
-        finally:
-            dist.destroy_process_group()
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    except Exception:
-        (Path(out_dir) / f"rank{rank}.error").write_text(traceback.format_exc())
-        raise
+    gloo_rank(_ddp_gradcache, rank, port, out_dir, WORLD)
 
 
 class TwoTowerEncoder(nn.Module):

@@ -8,9 +8,6 @@ process gets on the whole batch. Results travel back to the parent as files in t
 
 from __future__ import annotations
 
-import os
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from torch import Tensor, nn
 from rzenembed.config import LossConfig, TemperatureConfig
 from rzenembed.losses import RzenEmbedLoss
 
-from .multiprocess import run_ranks
+from .multiprocess import gloo_rank, run_ranks
 
 WORLD = 2
 BATCH, NEGS, IN_DIM, DIM = 8, 2, 12, 6
@@ -102,24 +99,7 @@ def forward_backward(
 
 def _rank_main(rank: int, port: int, out_dir: str) -> None:
     """One rank: half the batch, gradients averaged like DDP, results saved to a file."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=timedelta(seconds=60),
-        )
-        try:
-            result = _run_rank(rank)
-        finally:
-            dist.destroy_process_group()
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    except Exception:
-        (Path(out_dir) / f"rank{rank}.error").write_text(traceback.format_exc())
-        raise
+    gloo_rank(_run_rank, rank, port, out_dir, WORLD)
 
 
 def _run_rank(rank: int) -> dict:
