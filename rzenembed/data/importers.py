@@ -83,9 +83,9 @@ def iter_raw_rows(
 
 def _rows_of_file(fs, file: str) -> Iterator[Any]:
     if file.endswith(".parquet"):
-        with fs.open(file, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
-                yield from batch.to_pylist()
+        # By path through the filesystem (see DatasetVersion.read_shard for why).
+        for batch in pq.ParquetFile(file, filesystem=fs).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
         return
     with fs.open(file, "r", encoding="utf-8") as f:
         for line in f:

@@ -177,8 +177,9 @@ class DatasetVersion:
 
     def read_shard(self, shard: ShardInfo, columns: list[str] | None = None) -> pa.Table:
         fs, path = filesystem(join(self.uri, shard.path), self.endpoint_url)
-        with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+        # By path through the filesystem, not from an open Python file object: pyarrow reading
+        # from file objects aborted some processes at interpreter exit.
+        return pq.read_table(path, columns=columns, filesystem=fs)
 
     def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         for shard in self.manifest.shards:
