@@ -1,6 +1,6 @@
 """Data-preparation costs: cap memory and speed, clip splitting, clean on 1 vs 2 Ray workers.
 
-Run from the repository root (``--part all`` takes about 5 minutes on 2 CPU cores):
+Run from the repository root (``--part all`` takes 3-6 minutes on 2 CPU cores):
 
     python benchmarks/prep_bench.py [--part cap|clips|clean|all] [--rows-large 5000000]
         [--rows-small 1000000] [--limit 100000] [--images 600] [--out DIR]
