@@ -98,14 +98,10 @@ def _inspect_job(job: tuple) -> list[RowFacts]:
     return [inspect_row(i, row, root, knobs, endpoint_url) for i, row in enumerate(loader())]
 
 
-def _images(row: dict[str, Any]) -> list[str]:
+def _media_items(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every media item of the row: query, positive, then negatives."""
     sides = [row["query"], row["positive"], *(row.get("negatives") or [])]
-    return [m["uri"] for s in sides for m in (s.get("media") or []) if m["kind"] == "image"]
-
-
-def _all_media(row: dict[str, Any]) -> list[str]:
-    sides = [row["query"], row["positive"], *(row.get("negatives") or [])]
-    return [m["uri"] for s in sides for m in (s.get("media") or [])]
+    return [m for s in sides for m in (s.get("media") or [])]
 
 
 def inspect_row(
@@ -117,9 +113,10 @@ def inspect_row(
         row["positive"]["instruction"],
         row["positive"]["text"],
     ]
-    images = set(_images(row))
+    items = _media_items(row)
+    images = {m["uri"] for m in items if m["kind"] == "image"}
     blobs, phashes, reason, detail = [], [], None, ""
-    for uri in _all_media(row):
+    for uri in (m["uri"] for m in items):
         try:
             data = read_media(resolve_media_uri(root, uri), uri, endpoint_url)
         except RowError as err:
