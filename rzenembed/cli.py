@@ -1,8 +1,8 @@
 """The ``rzenembed`` command line.
 
-rzenembed tiny-model OUT [--seed N]          write the tiny offline Qwen2-VL folder
-rzenembed sample-data OUT [--seed N]         write the generated sample corpus
-rzenembed config CONFIG.yaml [--set K=V ...]  validate a config, print it resolved
+rzenembed tiny-model OUT [--seed N]               write the tiny offline Qwen2-VL folder
+rzenembed sample-data OUT [--seed N] [--scale K]  write the generated sample corpus
+rzenembed config CONFIG.yaml [--set K=V ...]       validate a config, print it resolved
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
 def _cmd_sample_data(args: argparse.Namespace) -> int:
     from rzenembed.data.sample import build_sample_corpus
 
-    corpus = build_sample_corpus(args.out, seed=args.seed)
+    corpus = build_sample_corpus(args.out, seed=args.seed, scale=args.scale)
     rows = sum(d.rows for d in corpus.datasets)
     print(
         f"sample corpus written to {corpus.root}: {len(corpus.datasets)} datasets, {rows} rows, "
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample-data", help="write the generated sample corpus")
     sample.add_argument("out", help="output folder")
     sample.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    sample.add_argument(
+        "--scale", type=int, default=1, help="multiply the image datasets' rows (default 1)"
+    )
     sample.set_defaults(func=_cmd_sample_data)
 
     config = sub.add_parser("config", help="validate a config and print it fully resolved")

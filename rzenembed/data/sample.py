@@ -119,6 +119,7 @@ class SampleCorpus:
 
     root: Path
     seed: int
+    scale: int
     datasets: tuple[DatasetInfo, ...]
     eval_sets: tuple[EvalSetInfo, ...]
     # Every video written (path relative to root) -> its length in seconds.
@@ -147,6 +148,7 @@ class SampleCorpus:
         """A JSON-ready description with paths relative to the root (so builds compare equal)."""
         return {
             "seed": self.seed,
+            "scale": self.scale,
             "datasets": [
                 {
                     **info.source_entry(self.root),
@@ -183,9 +185,11 @@ def _dump_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 class _MediaFolder:
     """Writes media files under a folder and hands back their URIs relative to it."""
 
-    def __init__(self, folder: Path, subdir: str = "media") -> None:
+    def __init__(self, folder: Path, subdir: str = "media", scale: int = 1) -> None:
         self.folder = folder
         self.subdir = subdir
+        # How many times the default number of clean rows the scalable builders write.
+        self.scale = scale
         self.video_seconds: dict[str, float] = {}
 
     def save(self, data: bytes, filename: str) -> str:
@@ -215,8 +219,9 @@ class _RawDataset(_MediaFolder):
         stage: str,
         format: str = "rzenembed",
         classification: bool = False,
+        scale: int = 1,
     ) -> None:
-        super().__init__(root / name, "images" if format == "mmeb" else "media")
+        super().__init__(root / name, "images" if format == "mmeb" else "media", scale)
         self.name, self.task_group, self.stage = name, task_group, stage
         self.format, self.classification = format, classification
         self.rows: list[dict[str, Any]] = []
@@ -382,7 +387,7 @@ def _build_captions(ds: _RawDataset, rng: np.random.Generator, seen: _Seen) -> N
     plants = {5: MEDIA_UNDECODABLE, 11: MEDIA_MISSING, 17: URI_ESCAPES_ROOT}
     originals = {23: (2, DUPLICATE_EXACT), 29: (8, DUPLICATE_NEAR)}
     made: list[tuple[str, Image.Image]] = []
-    for i in range(40):
+    for i in range(40 * ds.scale):
         original, reason = originals.get(i, (None, plants.get(i)))
         if original is None:
             caption, image = _captioned_scene(rng, seen)
@@ -407,7 +412,7 @@ def _composed_change(rng: np.random.Generator, kind: str, colour: str) -> tuple[
 
 def _build_composed(ds: _RawDataset, rng: np.random.Generator, seen: _Seen) -> None:
     """Source image + change in words -> target image (a new picture, not an edit)."""
-    for i in range(20):
+    for i in range(20 * ds.scale):
         kind, colour = draw.combo(int(rng.integers(len(SHAPES) * len(COLOURS))))
         change, new_kind, new_colour = _composed_change(rng, kind, colour)
         source = _new_shape_image(rng, seen, kind, colour)
@@ -427,7 +432,7 @@ class _ClassificationSpec:
 def _classification_builder(spec: _ClassificationSpec) -> Callable:
     def build(ds: _RawDataset, rng: np.random.Generator, seen: _Seen) -> None:
         """Image -> label text; the hard negative is another label of the same dataset."""
-        order = rng.permutation(np.arange(spec.rows) % len(spec.labels)).tolist()
+        order = rng.permutation(np.arange(spec.rows * ds.scale) % len(spec.labels)).tolist()
         for i, label_index in enumerate(order):
             label, reason = spec.labels[label_index], spec.plants.get(i)
             colour = draw.random_colour(rng)
@@ -646,8 +651,8 @@ def _build_long_videos(ds: _RawDataset, rng: np.random.Generator, seen: _Seen) -
 class _EvalSet(_MediaFolder):
     """Queries and candidates of one evaluation set, written as two JSONL tables."""
 
-    def __init__(self, root: Path, name: str, category: str) -> None:
-        super().__init__(root / "eval" / name)
+    def __init__(self, root: Path, name: str, category: str, scale: int = 1) -> None:
+        super().__init__(root / "eval" / name, scale=scale)
         self.name, self.category = name, category
         self.queries: list[dict[str, Any]] = []
         self.candidates: list[dict[str, Any]] = []
@@ -678,7 +683,7 @@ class _EvalSet(_MediaFolder):
 def _eval_classification(ev: _EvalSet, rng: np.random.Generator, seen: _Seen) -> None:
     """Image -> one of six label texts (a local candidate list, as MMEB does)."""
     label_ids = {label: ev.candidate(side(label)) for label in SHAPES}
-    for i in range(12):
+    for i in range(12 * ev.scale):
         label = SHAPES[i % len(SHAPES)]
         style = "filled" if i % 2 == 0 else "outline"
         image = _new_shape_image(rng, seen, label, draw.random_colour(rng), style)
@@ -689,11 +694,11 @@ def _eval_classification(ev: _EvalSet, rng: np.random.Generator, seen: _Seen) ->
 def _eval_image_retrieval(ev: _EvalSet, rng: np.random.Generator, seen: _Seen) -> None:
     """Caption -> its scene among five (its own and four others)."""
     captions, ids = [], []
-    for i in range(15):
+    for i in range(15 * ev.scale):
         caption, image = _captioned_scene(rng, seen)
         captions.append(caption)
         ids.append(ev.candidate(side(media_items=[ev.image(image, f"c_{i:04d}")])))
-    for i in range(10):
+    for i in range(10 * ev.scale):
         others = [ids[j] for j in rng.permutation(len(ids)).tolist() if j != i][:4]
         listed = [ids[i], *others]
         shuffled = [listed[j] for j in rng.permutation(len(listed)).tolist()]
@@ -766,25 +771,33 @@ _EVAL_SETS: tuple[tuple[str, str, Callable], ...] = (
 )
 
 
-def build_sample_corpus(out: str | Path, seed: int = 0) -> SampleCorpus:
+def build_sample_corpus(out: str | Path, seed: int = 0, scale: int = 1) -> SampleCorpus:
     """Write the sample corpus under ``out`` and describe it; same seed, same bytes.
+
+    ``scale`` multiplies the clean rows of the cheap image datasets (captions, composed
+    changes, both shape classifications) and the queries of the two image evaluation sets.
+    At 1 the corpus exercises every preparation step in seconds but is small enough for a
+    model to memorise; a learning check needs more rows than it can memorise (see
+    docs/data.md). Planted rows, pages and videos do not change with it.
 
     ``out`` should be empty or missing: files of an older build that this one does not
     write are left alone.
     """
+    if scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale}")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     seen = _Seen()
     raw = []
     for name, builder, task_group, stage, options in _DATASETS:
-        raw.append(_RawDataset(root, name, task_group, stage, **options))
+        raw.append(_RawDataset(root, name, task_group, stage, **options, scale=scale))
         builder(raw[-1], _rng(seed, name), seen)
     evals = []
     for name, category, builder in _EVAL_SETS:
-        evals.append(_EvalSet(root, name, category))
+        evals.append(_EvalSet(root, name, category, scale))
         builder(evals[-1], _rng(seed, name), seen)
     corpus = SampleCorpus(
-        root=root, seed=seed, datasets=tuple(ds.finish() for ds in raw),
+        root=root, seed=seed, scale=scale, datasets=tuple(ds.finish() for ds in raw),
         eval_sets=tuple(ev.finish() for ev in evals), video_seconds=_videos(root, [*raw, *evals]),
     )  # fmt: skip
     _write_descriptions(corpus)
