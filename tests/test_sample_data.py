@@ -415,3 +415,26 @@ def test_corpus_json_describes_the_build(corpus):
     described = json.loads((corpus.root / "corpus.json").read_text())
     assert described == json.loads(json.dumps(corpus.to_json()))
     assert str(corpus.root) not in (corpus.root / "corpus.json").read_text()
+
+
+def test_scale_multiplies_the_image_rows_and_image_eval_queries(corpus, tmp_path):
+    scaled = build_sample_corpus(tmp_path / "scaled", seed=0, scale=3)
+    rows = {d.name: d.rows for d in scaled.datasets}
+    base = {d.name: d.rows for d in corpus.datasets}
+    for name in ("sample-captions", "sample-composed", "sample-shapes-a", "sample-shapes-b"):
+        assert rows[name] == 3 * base[name]
+    for name in ("sample-visdoc", "sample-long-videos", "sample-digits"):
+        assert rows[name] == base[name]
+    # Planted rows keep their ids and reasons: the preparation tests' expectations hold.
+    assert scaled.planted == corpus.planted
+    queries = {e.name: (e.queries, e.candidates) for e in scaled.eval_sets}
+    assert queries["eval-image-retrieval"] == (30, 45)
+    assert queries["eval-shapes-classification"] == (36, 6)
+    assert queries["eval-visdoc"] == (12, 6)
+    assert json.loads((scaled.root / "corpus.json").read_text())["scale"] == 3
+
+
+def test_scale_below_one_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="scale must be a positive integer, got 0"):
+        build_sample_corpus(tmp_path / "none", scale=0)
+    assert not (tmp_path / "none").exists()
