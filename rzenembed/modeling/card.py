@@ -28,6 +28,7 @@ class ModelCard:
     pooling: str = "eos-last-token"
     normalize: bool = True
     base_model: str | None = None  # for adapters: the base folder they apply to
+    base_digest: str | None = None  # for adapters: weights_digest of that folder at training
     config_digest: str = ""
     settings: dict[str, Any] = field(default_factory=dict)  # runtime model settings
     extra: dict[str, Any] = field(default_factory=dict)  # stage, mixture, soup recipe...

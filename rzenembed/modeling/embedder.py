@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from rzenembed.config import LoraConfig, ModelConfig, config_digest
 from rzenembed.modeling.card import ModelCard, ModelFolderError
+from rzenembed.modeling.digest import weights_digest
 from rzenembed.modeling.inputs import EmbedInput, as_input, load_image, sample_frames
 from rzenembed.modeling.lora import apply_lora
 from rzenembed.modeling.pooling import eos_pool
@@ -267,15 +268,17 @@ class RzenEmbedder(nn.Module):
         if self.is_lora:
             self.backbone.save_pretrained(out, safe_serialization=True)
             kind, base = "adapter", str(Path(self.base_path).resolve())
+            base_digest = weights_digest(base) if Path(base).is_dir() else None
         else:
             self.hf_model.save_pretrained(out, safe_serialization=True)
-            kind, base = "model", None
+            kind, base, base_digest = "model", None, None
         self.processor.save_pretrained(out)
         card = ModelCard(
             kind=kind,
             template=self.cfg.template,
             embedding_dim=self.embedding_dim,
             base_model=base,
+            base_digest=base_digest,
             config_digest=config_digest(self.cfg),
             settings={k: getattr(self.cfg, k) for k in RUNTIME_SETTINGS},
             extra=dict(extra or {}),
