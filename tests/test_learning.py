@@ -14,7 +14,7 @@ import yaml
 
 from rzenembed.config import config_from_dict
 from rzenembed.data.sample import build_sample_corpus
-from rzenembed.evaluation.retrieval import hit_at_1
+from rzenembed.evaluation import evaluate
 from rzenembed.modeling import RzenEmbedder
 from rzenembed.prep.prepare import prepare_all
 from rzenembed.training.metrics import read_jsonl
@@ -57,15 +57,18 @@ def learned(ray_local, tiny_model_dir, tmp_path_factory):
     folder = corpus.root / "eval" / "eval-image-retrieval"
     untrained = RzenEmbedder.from_pretrained(tiny_model_dir, config=cfg.model)
     trained = RzenEmbedder.from_pretrained(result.adapter_dir, config=cfg.model)
-    return hit_at_1(untrained, folder), hit_at_1(trained, folder), result
+    (before,) = evaluate(untrained, folder)
+    (after,) = evaluate(trained, folder)
+    return before, after, result
 
 
 def test_training_lifts_held_out_hit_at_1_well_above_the_untrained_model(learned):
     before, after, _ = learned
     assert before.queries == after.queries == 100
-    print(f"held-out Hit@1: untrained {before.hit_at_1:.2f}, trained {after.hit_at_1:.2f}")
-    assert before.hit_at_1 < 0.3  # the untrained model is at chance (0.2)
-    assert after.hit_at_1 >= before.hit_at_1 + 0.25
+    assert before.metric == after.metric == "hit@1"
+    print(f"held-out Hit@1: untrained {before.score:.2f}, trained {after.score:.2f}")
+    assert before.score < 0.3  # the untrained model is at chance (0.2)
+    assert after.score >= before.score + 0.25
 
 
 def test_training_loss_falls_over_the_run(learned):

@@ -376,7 +376,7 @@ def test_eval_sets_match_their_schemas(corpus):
         categories[info.category] = info.ranking
     assert categories["image_classification"] == "local"
     assert categories["image_retrieval"] == "local"
-    assert categories["visdoc"] == "global"
+    assert categories["visdoc_ood"] == "global"
     assert "video_retrieval" in categories
 
 

@@ -766,7 +766,7 @@ _DATASETS: tuple[tuple[str, Callable, str, str, dict[str, Any]], ...] = (
 _EVAL_SETS: tuple[tuple[str, str, Callable], ...] = (
     ("eval-shapes-classification", "image_classification", _eval_classification),
     ("eval-image-retrieval", "image_retrieval", _eval_image_retrieval),
-    ("eval-visdoc", "visdoc", _eval_visdoc),
+    ("eval-visdoc", "visdoc_ood", _eval_visdoc),
     ("eval-video-retrieval", "video_retrieval", _eval_video),
 )
 
