@@ -3,6 +3,10 @@
 rzenembed tiny-model OUT [--seed N]               write the tiny offline Qwen2-VL folder
 rzenembed sample-data OUT [--seed N] [--scale K]  write the generated sample corpus
 rzenembed config CONFIG.yaml [--set K=V ...]       validate a config, print it resolved
+rzenembed embed --model PATH INPUT.jsonl OUT.parquet   embed a file of inputs (resumable)
+rzenembed evaluate --model PATH --eval EVALSET OUT/    MMEB-style scores and a report
+rzenembed import-mmeb-eval FILE OUT --name N --category C --media-root DIR
+rzenembed soup ADAPTER... --out DIR [--method M] [--weights W,...] [--eval EVALSET]
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from rzenembed.config import ConfigError, config_digest, load_config
 
@@ -41,6 +46,65 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from rzenembed.embedding import embed_file
+
+    out = embed_file(args.model, args.input, args.out, args.batch_size, args.part_rows)
+    print(f"embeddings written to {out}")
+    return 0
+
+
+def _evaluate_to(model: str, evals: list[str], out: str, args: argparse.Namespace) -> dict:
+    from rzenembed.evaluation import evaluate, write_report
+    from rzenembed.modeling import RzenEmbedder
+    from rzenembed.modeling.digest import folder_digest
+
+    embedder = RzenEmbedder.from_pretrained(model)
+    digest = folder_digest(model)
+    scores = evaluate(
+        embedder, evals, model_digest=digest, cache_dir=args.cache, batch_size=args.batch_size,
+        datasets=args.dataset, show_progress=True,
+    )  # fmt: skip
+    info = {"path": str(Path(model).resolve()), "digest": digest}
+    return write_report(scores, out, info, previous=args.previous)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    paths = _evaluate_to(args.model, args.eval, args.out, args)
+    report = json.loads(paths["json"].read_text())
+    print(f"All: {100 * report['all']['score']:.1f} over {report['all']['datasets']} datasets")
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_import_mmeb(args: argparse.Namespace) -> int:
+    from rzenembed.evaluation.evalset import import_mmeb_eval, read_mmeb_rows
+
+    rows = read_mmeb_rows(args.file)
+    out = import_mmeb_eval(rows, args.name, args.category, args.out, args.media_root)
+    print(f"evaluation set {args.name} ({len(rows)} queries) written to {out}")
+    return 0
+
+
+def _cmd_soup(args: argparse.Namespace) -> int:
+    from rzenembed.evaluation import evaluate
+    from rzenembed.soup import soup
+
+    score = None
+    if args.eval:
+
+        def score(embedder) -> float:
+            results = evaluate(embedder, args.eval, batch_size=args.batch_size)
+            return sum(r.score for r in results) / len(results)
+
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    result = soup(args.adapters, args.out, args.method, weights, not args.no_normalize, score)
+    kept = [a["name"] for a in result.recipe["adapters"] if a["kept"]]
+    print(f"souped model ({args.method}, adapters {kept}) written to {result.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rzenembed", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +128,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override"
     )
     config.set_defaults(func=_cmd_config)
+
+    embed = sub.add_parser("embed", help="embed a JSONL file of inputs into Parquet")
+    embed.add_argument("--model", required=True, help="model or adapter folder")
+    embed.add_argument("input", help="JSONL: id, text, instruction, image(s), video, frames")
+    embed.add_argument("out", help="output Parquet file (id, embedding)")
+    embed.add_argument("--batch-size", type=int, default=16)
+    embed.add_argument("--part-rows", type=int, default=1024, help="rows per resumable part")
+    embed.set_defaults(func=_cmd_embed)
+
+    ev = sub.add_parser("evaluate", help="score a model on evaluation sets, write a report")
+    ev.add_argument("--model", required=True, help="model or adapter folder")
+    ev.add_argument("--eval", required=True, action="append", help="eval set or folder of sets")
+    ev.add_argument("out", help="report folder (report.json, report.md, report.png)")
+    ev.add_argument("--previous", help="an earlier report.json: adds a delta column")
+    ev.add_argument("--dataset", action="append", default=[], help="only these datasets")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument(
+        "--cache",
+        default=str(Path.home() / ".cache" / "rzenembed" / "candidates"),
+        help="candidate-embedding cache folder (keyed by model digest)",
+    )
+    ev.set_defaults(func=_cmd_evaluate)
+
+    mmeb = sub.add_parser("import-mmeb-eval", help="convert an MMEB eval file to an eval set")
+    mmeb.add_argument("file", help="MMEB (VLM2Vec) eval rows: .jsonl or .parquet")
+    mmeb.add_argument("out", help="evaluation set folder to write")
+    mmeb.add_argument("--name", required=True, help="dataset name, e.g. ImageNet-1K")
+    mmeb.add_argument("--category", required=True, help="e.g. image_classification")
+    mmeb.add_argument("--media-root", required=True, help="folder the image paths start from")
+    mmeb.set_defaults(func=_cmd_import_mmeb)
+
+    sp = sub.add_parser("soup", help="combine stage-2 LoRA adapters into one merged model")
+    sp.add_argument("adapters", nargs="+", help="adapter folders (same base model)")
+    sp.add_argument("--out", required=True, help="merged model folder to write")
+    sp.add_argument("--method", choices=["delta", "factors", "greedy"], default="delta")
+    sp.add_argument("--weights", help="comma-separated, one per adapter (default uniform)")
+    sp.add_argument("--no-normalize", action="store_true", help="use the weights as given")
+    sp.add_argument("--eval", action="append", default=[], help="held-out sets (greedy)")
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.set_defaults(func=_cmd_soup)
     return parser
 
 
@@ -71,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        # ModelFolderError, EmbedJobError, EvalSetError, SoupError, MediaError derive from these
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
