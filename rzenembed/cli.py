@@ -7,12 +7,14 @@ rzenembed embed --model PATH INPUT.jsonl OUT.parquet   embed a file of inputs (r
 rzenembed evaluate --model PATH --eval EVALSET OUT/    MMEB-style scores and a report
 rzenembed import-mmeb-eval FILE OUT --name N --category C --media-root DIR
 rzenembed soup ADAPTER... --out DIR [--method M] [--weights W,...] [--eval EVALSET]
+rzenembed lineage models:/rzenembed@champion [--tracking-uri URI] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -105,6 +107,25 @@ def _cmd_soup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lineage(args: argparse.Namespace) -> int:
+    from rzenembed.config import TrackingConfig
+    from rzenembed.tracking import Tracker, lineage, raw_sources, render
+
+    tracker = Tracker(TrackingConfig(tracking_uri=args.tracking_uri))
+    tree = lineage(tracker, args.model_uri)
+    if args.json:
+        print(json.dumps(_tree_json(tree), indent=2))
+    else:
+        print(render(tree))
+        print(f"# {len(raw_sources(tree))} raw sources reached")
+    return 0
+
+
+def _tree_json(node) -> dict:
+    return {**node.ref.to_json(), "step": node.step, "seen_before": node.seen_before,
+            "inputs": [_tree_json(c) for c in node.children]}  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rzenembed", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eval", action="append", default=[], help="held-out sets (greedy)")
     sp.add_argument("--batch-size", type=int, default=16)
     sp.set_defaults(func=_cmd_soup)
+
+    lin = sub.add_parser("lineage", help="walk a registered model back to its raw datasets")
+    lin.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    lin.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db"),
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local demo store)",
+    )
+    lin.add_argument("--json", action="store_true", help="print the tree as JSON")
+    lin.set_defaults(func=_cmd_lineage)
     return parser
 
 

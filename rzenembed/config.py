@@ -247,6 +247,8 @@ class SoupConfig(Strict):
 
 
 class EvalConfig(Strict):
+    # Evaluation set folders (or folders of sets); relative paths resolve like sources.
+    sets: list[str] = Field(default_factory=list)
     datasets: list[str] = Field(default_factory=list)
     batch_size: int = Field(default=16, gt=0)
     champion_metric: str = "all"
@@ -257,6 +259,10 @@ class TrackingConfig(Strict):
     tracking_uri: str = "sqlite:///runs/mlflow.db"
     experiment: str = "rzenembed"
     registered_model: str = "rzenembed"
+    # None: beside a SQLite file (<db folder>/mlartifacts), else the server's default.
+    artifact_location: str | None = None
+    # Upload model folders as LoggedModel artifacts (off: the LoggedModel names the folder).
+    upload_models: bool = True
 
 
 class ComputeConfig(Strict):
@@ -300,6 +306,13 @@ class PipelineConfig(Strict):
                     f"configured sources: {sorted(known)}"
                 )
         return self
+
+    def source(self, name: str) -> SourceConfig:
+        """The configured source called ``name``."""
+        for source in self.sources:
+            if source.name == name:
+                return source
+        raise KeyError(f"no source {name!r}; configured: {[s.name for s in self.sources]}")
 
 
 # --------------------------------------------------------------------------- loading

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from rzenembed.config import MixtureConfig, PipelineConfig, StageConfig
+from rzenembed.config import MixtureConfig, PipelineConfig, StageConfig, digest_of
 from rzenembed.data.storage import is_remote, join
 from rzenembed.modeling import ModelCard, RzenEmbedder
 from rzenembed.prep.mixture import StageManifest
@@ -50,6 +50,24 @@ def output_root(cfg: PipelineConfig, output_dir: str | Path | None) -> Path:
     return Path(cfg.storage.root) / "_models" / cfg.name
 
 
+def run_key(
+    cfg: PipelineConfig, stage_name: str, manifest: StageManifest, base_model: str | Path
+) -> str:
+    """What decides a run's result: its stage section, the model, LoRA and loss settings,
+    the data (manifest digest), the base weights' folder and the world size. A run with
+    another key trains afresh in its own folder instead of reusing a finished adapter."""
+    stage = getattr(cfg, stage_name).model_dump(mode="json")
+    stage.pop("mixtures", None)
+    section = {
+        "stage": stage_name, "settings": stage, "model": cfg.model.model_dump(mode="json"),
+        "lora": cfg.lora.model_dump(mode="json"), "loss": cfg.loss.model_dump(mode="json"),
+        "manifest": manifest.digest, "base": str(Path(base_model).resolve()),
+        "workers": cfg.compute.num_workers,
+    }  # fmt: skip
+    section["model"].pop("name_or_path")  # the base folder stands for it
+    return digest_of(section)[:12]
+
+
 def _validate_batch(stage: StageConfig, workers: int) -> None:
     if stage.global_batch_size % workers:
         raise ValueError(
@@ -80,8 +98,9 @@ def run_training(
 
     stage: StageConfig = getattr(cfg, stage_name)
     _validate_batch(stage, cfg.compute.num_workers)
-    run_name = f"{cfg.name}-{stage_name}-{mixture}"
-    out = output_root(cfg, output_dir) / stage_name / mixture
+    key = run_key(cfg, stage_name, manifest, base_model)
+    run_name = f"{cfg.name}-{stage_name}-{mixture}-{key}"
+    out = output_root(cfg, output_dir) / stage_name / f"{mixture}-{key}"
     steps = total_steps(stage, manifest)
     result = TrainResult(
         stage_name, mixture, out / "adapter", out / "metrics.jsonl", steps, run_name

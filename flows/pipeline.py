@@ -1,0 +1,256 @@
+"""The pipeline flows: data-prep, train-stage, soup, evaluate and full-pipeline.
+
+Every flow takes a config path plus dotted overrides (validated by the config models
+before any work starts), opens one MLflow parent run for its execution, starts local Ray
+or joins ``compute.ray_address`` / ``RAY_ADDRESS``, and chains the tasks. Steps are cached
+on their inputs' digests, their config section and the code version, so every flow can
+rebuild its inputs by calling the upstream tasks: a finished step is a cache hit. Pass
+``refresh=True`` to recompute every step regardless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+
+from rzenembed.config import PipelineConfig, config_digest, load_config
+from rzenembed.data.fanout import ensure_ray
+from rzenembed.tracking import Tracker
+from tasks.common import RunContext
+from tasks.data import (
+    cap,
+    clean,
+    ingest,
+    merge_classification,
+    mixture,
+    package_long_videos,
+    split_clips,
+)
+from tasks.model import evaluate_model, register_model, soup_adapters
+from tasks.training import base_model_ref, merge_stage1_model, train_stage1, train_stage2
+
+
+def resolve(config_path: str, overrides: Sequence[str] | None) -> PipelineConfig:
+    """Load and validate the config; a bad value fails the flow before any work."""
+    return load_config(config_path, list(overrides or []))
+
+
+class Execution:
+    """One flow execution: its config, MLflow parent run and task options."""
+
+    def __init__(self, flow_name: str, config_path: str, overrides, base, refresh: bool):
+        self.cfg = resolve(config_path, overrides)
+        self.base = base
+        self.refresh = refresh
+        ensure_ray(address=self.cfg.compute.ray_address)
+        self.tracker = Tracker(self.cfg.tracking)
+        self.digest = config_digest(self.cfg)
+        run_id = self.tracker.start_pipeline(self.cfg, str(flow_run.get_id() or ""), self.digest)
+        self.tracker.client.set_tag(run_id, "rzenembed.flow", flow_name)
+        self.ctx = RunContext(parent_run_id=run_id)
+
+    def opts(self, task):
+        return task.with_options(refresh_cache=True) if self.refresh else task
+
+    def finish(self, failed: bool = False) -> None:
+        self.tracker.end(self.ctx.parent_run_id, failed=failed)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def run_data_prep(ex: Execution) -> dict[str, Any]:
+    """Every source through its steps (sources in parallel), the merge, the manifests."""
+    cfg, ctx = ex.cfg, ex.ctx
+    chains = {}
+    for source in cfg.sources:
+        current = ex.opts(ingest).submit(cfg, source.name, ex.base, ctx)
+        steps = {"ingest": current}
+        current = steps["clean"] = ex.opts(clean).submit(cfg, current, ctx)
+        if source.video == "split-clips":
+            current = steps["split-clips"] = ex.opts(split_clips).submit(cfg, current, ctx)
+        elif source.video == "package-long":
+            current = steps["package-long-videos"] = ex.opts(package_long_videos).submit(
+                cfg, current, ctx
+            )
+        steps["cap"] = ex.opts(cap).submit(cfg, current, ctx)
+        chains[source.name] = steps
+    versions = {name: {s: f.result() for s, f in steps.items()} for name, steps in chains.items()}
+    finals = {s.name: versions[s.name]["cap"] for s in cfg.sources if not s.classification}
+    classification = [versions[s.name]["cap"] for s in cfg.sources if s.classification]
+    if classification:
+        merged = ex.opts(merge_classification)(cfg, classification, ctx)
+        finals[cfg.prep.classification_dataset] = merged
+    by_stage = {s.name: s.stage for s in cfg.sources}
+    merged_name = cfg.prep.classification_dataset
+    stage1 = {n: r for n, r in finals.items() if by_stage.get(n) in ("stage1", "both")}
+    stage2 = {n: r for n, r in finals.items()
+              if n == merged_name or by_stage.get(n) in ("stage2", "both")}  # fmt: skip
+    manifests = {}
+    if stage1:
+        manifests["stage1"] = ex.opts(mixture)(cfg, "stage1", None, stage1, ctx)
+    for m in cfg.stage2.mixtures:
+        manifests[f"stage2/{m.name}"] = ex.opts(mixture)(cfg, "stage2", m.name, stage2, ctx)
+    _counts_table(versions, finals)
+    return {"versions": versions, "finals": finals, "stages": manifests}
+
+
+def _counts_table(versions: dict[str, dict[str, Any]], finals: dict[str, Any]) -> None:
+    rows = []
+    refs = [r for steps in versions.values() for r in steps.values()]
+    refs += [r for n, r in finals.items() if n not in versions]
+    for ref in refs:
+        extra = ref["extra"]
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(extra["reject_counts"].items()))
+        rows.append({"dataset": extra["dataset"], "step": extra["step"], "rows": extra["rows"],
+                     "rejected": extra["rejected"], "reasons": reasons or "-"})  # fmt: skip
+    create_table_artifact(rows, key="data-counts",
+                          description="rows kept and rejected by every data step")  # fmt: skip
+
+
+def run_training_stages(ex: Execution, data: dict[str, Any]) -> dict[str, Any]:
+    cfg, ctx = ex.cfg, ex.ctx
+    stages = data["stages"]
+    base = base_model_ref(cfg)
+    if "stage1" not in stages:
+        raise ValueError("no stage-1 source configured (sources with stage: stage1 or both)")
+    adapter1 = ex.opts(train_stage1)(cfg, stages["stage1"], base, ctx)
+    merged = ex.opts(merge_stage1_model)(cfg, adapter1, ctx)
+    adapters = [
+        ex.opts(train_stage2)(cfg, m.name, stages[f"stage2/{m.name}"], merged, ctx)
+        for m in cfg.stage2.mixtures
+    ]
+    if not adapters:
+        raise ValueError("no stage-2 mixture configured (stage2.mixtures)")
+    return {"base": base, "stage1": adapter1, "merged": merged, "stage2": adapters}
+
+
+def run_soup(ex: Execution, trained: dict[str, Any]) -> dict[str, Any]:
+    return ex.opts(soup_adapters)(ex.cfg, trained["stage2"], ex.base, ex.ctx)
+
+
+def run_evaluate(ex: Execution, model: dict[str, Any], baseline: dict[str, Any]) -> dict:
+    return ex.opts(evaluate_model)(ex.cfg, model, baseline, ex.base, ex.ctx)
+
+
+def _run(flow_name: str, config_path, overrides, base, refresh, body) -> dict[str, Any]:
+    ex = Execution(flow_name, config_path, overrides, base, refresh)
+    try:
+        out = body(ex)
+    except BaseException:
+        ex.finish(failed=True)
+        raise
+    ex.finish()
+    return {"mlflow_parent_run_id": ex.ctx.parent_run_id, **out}
+
+
+# --------------------------------------------------------------------------- flows
+
+
+@flow(name="data-prep", log_prints=True)
+def data_prep(
+    config_path: str = "configs/tiny.yaml",
+    overrides: list[str] | None = None,
+    base: str | None = None,
+    refresh: bool = False,
+) -> dict[str, Any]:
+    """Prepare every configured source into versioned datasets and stage manifests."""
+    return _run("data-prep", config_path, overrides, base, refresh, run_data_prep)
+
+
+@flow(name="train-stage", log_prints=True)
+def train_stage(
+    config_path: str = "configs/tiny.yaml",
+    overrides: list[str] | None = None,
+    base: str | None = None,
+    refresh: bool = False,
+    stage: Literal["stage1", "both"] = "both",
+) -> dict[str, Any]:
+    """Stage 1 (and, with ``both``, stage 2 for every mixture) on the prepared data."""
+
+    def body(ex: Execution) -> dict[str, Any]:
+        data = run_data_prep(ex)
+        if stage == "stage1":
+            base_ref = base_model_ref(ex.cfg)
+            return {"stage1": ex.opts(train_stage1)(ex.cfg, data["stages"]["stage1"],
+                                                    base_ref, ex.ctx)}  # fmt: skip
+        return run_training_stages(ex, data)
+
+    return _run("train-stage", config_path, overrides, base, refresh, body)
+
+
+@flow(name="soup", log_prints=True)
+def soup_flow(
+    config_path: str = "configs/tiny.yaml",
+    overrides: list[str] | None = None,
+    base: str | None = None,
+    refresh: bool = False,
+) -> dict[str, Any]:
+    """The stage-2 adapters souped into one model (upstream steps are cache hits)."""
+    return _run(
+        "soup",
+        config_path,
+        overrides,
+        base,
+        refresh,
+        lambda ex: {"model": run_soup(ex, run_training_stages(ex, run_data_prep(ex)))},
+    )
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(
+    config_path: str = "configs/tiny.yaml",
+    overrides: list[str] | None = None,
+    base: str | None = None,
+    refresh: bool = False,
+) -> dict[str, Any]:
+    """The souped model scored on the configured evaluation sets."""
+
+    def body(ex: Execution) -> dict[str, Any]:
+        trained = run_training_stages(ex, run_data_prep(ex))
+        model = run_soup(ex, trained)
+        return {"report": run_evaluate(ex, model, trained["base"])}
+
+    return _run("evaluate", config_path, overrides, base, refresh, body)
+
+
+@flow(name="full-pipeline", log_prints=True)
+def full_pipeline(
+    config_path: str = "configs/tiny.yaml",
+    overrides: list[str] | None = None,
+    base: str | None = None,
+    refresh: bool = False,
+) -> dict[str, Any]:
+    """Raw datasets -> data prep -> stage 1 -> stage 2 per mixture -> soup -> evaluate ->
+    register (champion only if better). Returns the model URI and where everything is."""
+
+    def body(ex: Execution) -> dict[str, Any]:
+        data = run_data_prep(ex)
+        trained = run_training_stages(ex, data)
+        model = run_soup(ex, trained)
+        report = run_evaluate(ex, model, trained["base"])
+        registered = ex.opts(register_model)(ex.cfg, model, report, ex.ctx)
+        _announce(ex, registered, report)
+        return {"model_uri": registered["uri"], "registered": registered, "report": report,
+                "model": model, "trained": trained, "data": data}  # fmt: skip
+
+    return _run("full-pipeline", config_path, overrides, base, refresh, body)
+
+
+def _announce(ex: Execution, registered: dict[str, Any], report: dict[str, Any]) -> None:
+    """Where to look: the model URI, the scores, the report, lineage and the MLflow UI."""
+    scores, baseline = report["extra"]["scores"], report["extra"]["baseline"]
+    decision = registered["extra"]["decision"]
+    tracking = ex.cfg.tracking.tracking_uri
+    moved = "champion moved here" if decision["promoted"] else "champion kept"
+    print(
+        f"model: {registered['uri']} ({moved})\n"
+        f"score All {100 * scores['All']:.1f} (untrained base {100 * baseline['All']:.1f})\n"
+        f"report: {report['extra']['markdown']}\n"
+        f"lineage: rzenembed lineage {registered['uri']} --tracking-uri {tracking}\n"
+        f"browse: mlflow ui --backend-store-uri {tracking}"
+    )

@@ -1,0 +1,404 @@
+"""MLflow tracking and lineage of pipeline executions.
+
+One parent run per pipeline execution, one child run per step. Every child run records
+what it read and what it wrote as ``LineageRef``s in a ``lineage.json`` artifact (the full
+URIs and digests, and the run that produced each input) and, for the MLflow UI, as MLflow
+dataset inputs and LoggedModel inputs/outputs. Adapters and the souped model are MLflow
+LoggedModels; the souped model is registered with alias ``candidate`` and evaluation moves
+``champion`` only when the candidate beats it. ``lineage(model_uri)`` walks from a
+registered model version back to the raw source datasets.
+
+Nothing secret reaches MLflow: params, tags and JSON artifacts go through ``redact``, which
+masks values of secret-looking keys, credentials inside URLs, and any value equal to a
+secret environment variable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rzenembed.config import PipelineConfig, TrackingConfig
+
+REDACTED = "***"
+SECRET_KEY = re.compile(
+    r"(secret|password|passwd|token|credential|access[_-]?key|api[_-]?key|private[_-]?key|auth)",
+    re.IGNORECASE,
+)
+URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s:]+(:[^/@\s]*)?@", re.I)
+LINEAGE_FILE = "lineage.json"
+STEP_TAG = "rzenembed.step"
+PIPELINE_TAG = "rzenembed.pipeline"
+MAX_PARAM_CHARS = 6000
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of environment variables whose names look secret (AWS keys, tokens, ...)."""
+    env = os.environ if environ is None else environ
+    values = {v for k, v in env.items() if SECRET_KEY.search(k) and len(v) >= 4}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(value: Any, secrets: Iterable[str] | None = None) -> Any:
+    """``value`` with secrets masked, recursively through dicts and lists."""
+    secrets = list(secret_values() if secrets is None else secrets)
+    if isinstance(value, Mapping):
+        return {
+            k: REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v, secrets)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact(v, secrets) for v in value]
+    if isinstance(value, str):
+        text = URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", value)
+        for secret in secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+    return value
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Dotted keys -> string values (lists as JSON), for MLflow params."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            out[name] = text[:MAX_PARAM_CHARS]
+    return out
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=cwd, timeout=10, check=True)  # fmt: skip
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- lineage refs
+
+
+@dataclass
+class LineageRef:
+    """A dataset version, stage manifest, model, report or raw source a step read or wrote.
+
+    ``run_id`` is the MLflow run that produced it (None for raw sources). ``model_id`` is
+    its MLflow LoggedModel, for models.
+    """
+
+    kind: str  # raw | dataset | stage-manifest | model | adapter | report
+    name: str
+    uri: str
+    digest: str
+    run_id: str | None = None
+    model_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LineageRef:
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------- the tracker
+
+
+def artifact_location(cfg: TrackingConfig) -> str | None:
+    """Where artifacts go: configured, else beside a SQLite file, else the server's default."""
+    if cfg.artifact_location:
+        return cfg.artifact_location
+    if cfg.tracking_uri.startswith("sqlite:///"):
+        db = Path(cfg.tracking_uri.removeprefix("sqlite:///"))
+        return (db.parent.resolve() / "mlartifacts").as_uri()
+    return None
+
+
+class _SerialClient:
+    """An MlflowClient whose calls run one at a time in this process: steps run in threads,
+    and a SQLite store answers concurrent writers with "database is locked"."""
+
+    _lock = threading.RLock()
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return call
+
+
+class Tracker:
+    """Explicit-run-id MLflow calls (no fluent active-run state, safe across threads)."""
+
+    def __init__(self, cfg: TrackingConfig):
+        from mlflow import MlflowClient
+
+        self.cfg = cfg
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        self.client = _SerialClient(
+            MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
+        )
+        found = self.client.get_experiment_by_name(cfg.experiment)
+        if found is None:
+            self.experiment_id = self.client.create_experiment(
+                cfg.experiment, artifact_location=artifact_location(cfg)
+            )
+        else:
+            self.experiment_id = found.experiment_id
+
+    # runs ------------------------------------------------------------------
+
+    def start_pipeline(self, cfg: PipelineConfig, flow_run_id: str | None, digest: str) -> str:
+        tags = {
+            PIPELINE_TAG: "true",
+            "rzenembed.config_digest": digest,
+            "rzenembed.git_commit": git_commit(Path(__file__).parent),
+            "rzenembed.prefect_flow_run_id": flow_run_id or "none",
+            "rzenembed.config_name": cfg.name,
+        }
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"{cfg.name}-pipeline")
+        config = redact(cfg.model_dump(mode="json"))
+        self.log_params(run.info.run_id, {"config_digest": digest, "config_name": cfg.name})
+        self.log_json(run.info.run_id, "config.json", config)
+        return run.info.run_id
+
+    def start_step(
+        self, parent_run_id: str | None, step: str, name: str, section: Mapping[str, Any]
+    ) -> str:
+        tags = {STEP_TAG: step}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
+        self.log_params(run.info.run_id, flatten(redact(dict(section))))
+        return run.info.run_id
+
+    def end(self, run_id: str, failed: bool = False) -> None:
+        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in redact(dict(params)).items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(self, run_id: str, rows: Iterable[tuple[str, float, int]]) -> None:
+        """(key, value, step) rows, in batches."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(s)) for k, v, s in rows]
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(run_id, metrics=batch[start : start + 1000])
+
+    def log_json(self, run_id: str, name: str, data: Any) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(redact(data), indent=2, sort_keys=True) + "\n")
+            self.client.log_artifact(run_id, str(path))
+
+    def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    # lineage ---------------------------------------------------------------
+
+    def record_lineage(
+        self, run_id: str, step: str, inputs: list[LineageRef], outputs: list[LineageRef]
+    ) -> None:
+        """lineage.json, plus MLflow dataset and LoggedModel inputs for the UI."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput
+
+        datasets, models = [], []
+        for ref in inputs:
+            if ref.model_id:
+                models.append(LoggedModelInput(ref.model_id))
+            elif ref.kind in ("raw", "dataset", "stage-manifest"):
+                source = json.dumps({"uri": redact(ref.uri)})
+                dataset = Dataset(ref.name, ref.digest[:36], ref.kind, source)
+                datasets.append(DatasetInput(dataset, [InputTag("mlflow.data.context", step)]))
+        if datasets or models:
+            self.client.log_inputs(run_id, datasets=datasets or None, models=models or None)
+        payload = {"step": step, "inputs": [r.to_json() for r in inputs],
+                   "outputs": [r.to_json() for r in outputs]}  # fmt: skip
+        self.log_json(run_id, LINEAGE_FILE, payload)
+
+    def read_lineage(self, run_id: str) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.client.download_artifacts(run_id, LINEAGE_FILE, tmp)
+            return json.loads(Path(path).read_text())
+
+    # models ----------------------------------------------------------------
+
+    def log_model(
+        self, run_id: str, name: str, folder: str | Path, model_type: str,
+        params: Mapping[str, Any], tags: Mapping[str, str], upload: bool = True,
+    ) -> str:  # fmt: skip
+        """A LoggedModel produced by ``run_id`` (its files uploaded unless ``upload`` is False)."""
+        from mlflow.entities import LoggedModelOutput
+
+        model = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=run_id, model_type=model_type,
+            params={k: str(v) for k, v in redact(dict(params)).items()},
+            tags={**redact(dict(tags)), "rzenembed.folder": str(Path(folder).resolve())},
+        )  # fmt: skip
+        if upload:
+            self.client.log_model_artifacts(model.model_id, str(folder))
+        self.client.finalize_logged_model(model.model_id, "READY")
+        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+        return model.model_id
+
+    def register(self, model_id: str, run_id: str, tags: Mapping[str, str]) -> str:
+        """A new version of the registered model, alias ``candidate``; returns the version."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        # The registry resolves a models:/ source through the process's tracking URI.
+        mlflow.set_tracking_uri(self.cfg.tracking_uri)
+        name = self.cfg.registered_model
+        with contextlib.suppress(MlflowException):  # already registered
+            self.client.create_registered_model(name)
+        version = self.client.create_model_version(
+            name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
+            tags={**redact(dict(tags)), "rzenembed.model_id": model_id},
+        )  # fmt: skip
+        self.client.set_registered_model_alias(name, "candidate", version.version)
+        return str(version.version)
+
+    def champion(self) -> Any | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(self.cfg.registered_model, "champion")
+        except MlflowException:
+            return None
+
+    def promote_if_better(self, version: str, metric: str, score: float) -> dict[str, Any]:
+        """Move ``champion`` to ``version`` when its score beats the champion's (or there is
+        none); the decision and both scores are tagged on the new version and returned."""
+        name = self.cfg.registered_model
+        tag = f"rzenembed.score.{metric}"
+        self.client.set_model_version_tag(name, version, tag, repr(score))
+        current = self.champion()
+        previous = None
+        if current is not None and tag in current.tags:
+            previous = float(current.tags[tag])
+        promoted = current is None or previous is None or score > previous
+        if promoted:
+            self.client.set_registered_model_alias(name, "champion", version)
+        decision = {
+            "candidate_version": version,
+            "candidate_score": score,
+            "champion_version": None if current is None else str(current.version),
+            "champion_score": previous,
+            "metric": metric,
+            "promoted": promoted,
+        }
+        self.client.set_model_version_tag(name, version, "rzenembed.promotion",
+                                          json.dumps(decision))  # fmt: skip
+        return decision
+
+
+# --------------------------------------------------------------------------- the walk
+
+
+@dataclass
+class LineageNode:
+    ref: LineageRef
+    step: str | None = None
+    children: list[LineageNode] = field(default_factory=list)
+    seen_before: bool = False
+
+
+def resolve_model_version(tracker: Tracker, model_uri: str) -> Any:
+    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` -> the MLflow model version."""
+    if not model_uri.startswith("models:/"):
+        raise ValueError(f"expected models:/NAME/VERSION or models:/NAME@ALIAS, got {model_uri}")
+    rest = model_uri.removeprefix("models:/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return tracker.client.get_model_version_by_alias(name, alias)
+    name, _, version = rest.rpartition("/")
+    if not name:
+        raise ValueError(f"expected models:/NAME/VERSION or models:/NAME@ALIAS, got {model_uri}")
+    return tracker.client.get_model_version(name, version)
+
+
+def lineage(tracker: Tracker, model_uri: str) -> LineageNode:
+    """The tree of everything the registered model came from, down to raw sources."""
+    version = resolve_model_version(tracker, model_uri)
+    model = tracker.client.get_logged_model(version.model_id or version.tags["rzenembed.model_id"])
+    root_ref = LineageRef(
+        kind="registered-model", name=f"{version.name} v{version.version}",
+        uri=model_uri, digest=model.tags.get("rzenembed.digest", ""),
+        run_id=model.source_run_id, model_id=model.model_id,
+        extra={"aliases": list(version.aliases)},
+    )  # fmt: skip
+    seen: dict[str, LineageNode] = {}
+    root = LineageNode(root_ref)
+    _expand(tracker, root, seen)
+    return root
+
+
+def _expand(tracker: Tracker, node: LineageNode, seen: dict[str, LineageNode]) -> None:
+    run_id = node.ref.run_id
+    if not run_id:
+        return
+    if run_id in seen:
+        node.seen_before = True
+        node.step = seen[run_id].step
+        return
+    seen[run_id] = node
+    data = tracker.read_lineage(run_id)
+    node.step = data["step"]
+    for raw in data["inputs"]:
+        child = LineageNode(LineageRef.from_json(raw))
+        node.children.append(child)
+        _expand(tracker, child, seen)
+
+
+def raw_sources(node: LineageNode) -> list[LineageRef]:
+    """Every raw source reached from ``node``."""
+    found = [node.ref] if node.ref.kind == "raw" else []
+    for child in node.children:
+        found += raw_sources(child)
+    return found
+
+
+def render(node: LineageNode, prefix: str = "", last: bool = True, top: bool = True) -> str:
+    """A text tree: kind, name, digest (12 chars), the producing step and run."""
+    ref = node.ref
+    producer = f" <- {node.step} run {ref.run_id}" if ref.run_id else ""
+    note = " (as above)" if node.seen_before else ""
+    line = f"{ref.kind} {ref.name} [{ref.digest[:12]}] {ref.uri}{producer}{note}"
+    out = [line if top else f"{prefix}{'└─ ' if last else '├─ '}{line}"]
+    inner = prefix if top else prefix + ("   " if last else "│  ")
+    for i, child in enumerate(node.children):
+        out.append(render(child, inner, i == len(node.children) - 1, top=False))
+    return "\n".join(out)

@@ -1,0 +1,129 @@
+"""What every pipeline task shares: the cache key, retries, the MLflow child run, refs.
+
+A task's cache key is its step name, the digests of its inputs, the config section that
+decides its output and the code version: the same inputs and settings never run twice
+(Prefect reports the task "Cached"), whatever the parent run or the time. Transient
+failures (IO, a lost Ray worker) are retried; bad input is not (it raises a ValueError,
+or is rejected and counted by the step itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from rzenembed.config import PipelineConfig, digest_of
+from rzenembed.tracking import LineageRef, Tracker
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "rzenembed"
+FAULT_ENV = "RZENEMBED_FAIL_ONCE"  # "<step>:<marker file>": fail that step once (tests)
+
+
+@cache
+def code_version() -> str:
+    """Digest of the library's source: a code change invalidates every cached step."""
+    h = hashlib.sha256()
+    for path in sorted(PACKAGE_ROOT.rglob("*.py")):
+        h.update(path.relative_to(PACKAGE_ROOT).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class RunContext:
+    """Where a task reports: the MLflow parent run of this pipeline execution.
+
+    Not part of any cache key: a step done for one execution is reused by the next.
+    """
+
+    parent_run_id: str | None = None
+
+    def tracker(self, cfg: PipelineConfig) -> Tracker:
+        return Tracker(cfg.tracking)
+
+
+def step_cache_key(step: str, section: Any, inputs: list[str]) -> str:
+    payload = json.dumps([step, digest_of(section), sorted(inputs), code_version()])
+    return f"rzenembed-{step}-{hashlib.sha256(payload.encode()).hexdigest()[:32]}"
+
+
+def keyed(step: str, section_fn, inputs_fn):
+    """A Prefect ``cache_key_fn`` from a step name, the config section and input digests."""
+
+    def key(_context, parameters: dict[str, Any]) -> str:
+        return step_cache_key(step, section_fn(parameters), inputs_fn(parameters))
+
+    return key
+
+
+def is_transient(exc: BaseException) -> bool:
+    """IO and lost-worker errors are worth a retry; anything else is not."""
+    if isinstance(exc, ValueError | TypeError | KeyError | NotImplementedError):
+        return False
+    if isinstance(exc, OSError | TimeoutError | ConnectionError):
+        return True
+    module = type(exc).__module__
+    return module.startswith("ray.") and "TaskError" not in type(exc).__name__
+
+
+def retry_transient(_task, _task_run, state) -> bool:
+    try:
+        state.result()
+    except BaseException as exc:  # the failure the state carries
+        return is_transient(exc)
+    return False
+
+
+RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": retry_transient}
+
+
+def maybe_fail_once(step: str) -> None:
+    """Fault injection for resume tests: fail ``step`` the first time only."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec or not spec.startswith(f"{step}:"):
+        return
+    marker = Path(spec.split(":", 1)[1])
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(step)
+    raise RuntimeError(f"injected failure in step {step} ({FAULT_ENV})")
+
+
+@contextmanager
+def step_run(
+    cfg: PipelineConfig, ctx: RunContext, step: str, name: str, section: Mapping[str, Any]
+) -> Iterator[tuple[Tracker, str]]:
+    """An MLflow child run for one step: FINISHED when the body returns, FAILED if it raises."""
+    tracker = ctx.tracker(cfg)
+    run_id = tracker.start_step(ctx.parent_run_id, step, name, section)
+    try:
+        yield tracker, run_id
+    except BaseException:
+        tracker.end(run_id, failed=True)
+        raise
+    tracker.end(run_id)
+
+
+def version_ref(version, name: str | None = None, run_id: str | None = None) -> dict[str, Any]:
+    """A dataset version as a lineage ref dict (what data tasks return)."""
+    manifest = version.manifest
+    ref = LineageRef(
+        kind="dataset", name=name or f"{manifest.dataset}/{manifest.step}", uri=version.uri,
+        digest=version.content_digest, run_id=run_id,
+        extra={"rows": manifest.rows, "rejected": manifest.rejected,
+               "reject_counts": dict(manifest.reject_counts), "dataset": manifest.dataset,
+               "step": manifest.step},
+    )  # fmt: skip
+    return ref.to_json()
+
+
+def as_ref(data: Mapping[str, Any]) -> LineageRef:
+    return LineageRef.from_json(data)

@@ -1,0 +1,222 @@
+"""Training tasks: stage 1, the stage-1 merge, stage 2 per mixture, each one Ray Train job.
+
+The task waits on ``TorchTrainer.fit`` and shows its progress as a Prefect progress
+artifact (read from the run's metrics file). The step metrics reach MLflow live when the
+tracking server is remote (rank 0 logs them); with a local SQLite store they are posted
+from the metrics file when the run ends, so only one process ever writes the file. A loss
+and temperature chart is logged beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from rzenembed.config import PipelineConfig
+from rzenembed.modeling.digest import folder_digest, weights_digest
+from rzenembed.prep.mixture import StageManifest
+from rzenembed.tracking import LineageRef, Tracker, flatten
+from rzenembed.training.metrics import read_jsonl
+from rzenembed.training.stages import (
+    TrainResult,
+    merge_stage1,
+    output_root,
+    run_key,
+    run_training,
+    total_steps,
+)
+from tasks.common import RETRIES, RunContext, as_ref, keyed, maybe_fail_once, step_run
+
+
+def _train_section(p: dict[str, Any]) -> dict[str, Any]:
+    cfg: PipelineConfig = p["cfg"]
+    stage = p["stage"]
+    settings = getattr(cfg, stage).model_dump(mode="json")
+    settings.pop("mixtures", None)
+    model = cfg.model.model_dump(mode="json")
+    model.pop("name_or_path")
+    return {"stage": stage, "settings": settings, "model": model, "storage": cfg.storage.root,
+            "lora": cfg.lora.model_dump(mode="json"), "loss": cfg.loss.model_dump(mode="json"),
+            "workers": cfg.compute.num_workers, "name": cfg.name}  # fmt: skip
+
+
+def _train_inputs(p: dict[str, Any]) -> list[str]:
+    return [p["manifest"]["digest"], p["base"]["digest"]]
+
+
+def base_model_ref(cfg: PipelineConfig) -> dict[str, Any]:
+    """The configured base checkpoint as a lineage ref (digest of its weights)."""
+    path = Path(cfg.model.name_or_path)
+    return LineageRef("model", "base", str(path.resolve()), weights_digest(path)).to_json()
+
+
+def _live_metrics(cfg: PipelineConfig) -> bool:
+    return cfg.tracking.tracking_uri.startswith(("http://", "https://", "databricks"))
+
+
+class _Progress:
+    """Polls the metrics file and moves a Prefect progress artifact (best effort)."""
+
+    def __init__(self, path: Path, total: int, label: str):
+        self.path, self.total = path, total
+        self.artifact = create_progress_artifact(0.0, description=f"training {label}")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(5.0):
+            self.update()
+
+    def update(self) -> None:
+        try:
+            steps = len(read_jsonl(self.path)) if self.path.is_file() else 0
+            update_progress_artifact(self.artifact, 100.0 * min(steps, self.total) / self.total)
+        except Exception:  # progress is cosmetic; never fail training for it
+            pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self.update()
+
+
+def post_metrics(tracker: Tracker, run_id: str, metrics_path: Path) -> None:
+    """Step metrics from the run's metrics file to MLflow (last line wins per step)."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for row in read_jsonl(metrics_path):
+        by_step[int(row["step"])] = row
+    rows = []
+    for step, row in sorted(by_step.items()):
+        numeric = {k: v for k, v in flatten(row).items() if k not in ("step", "dataset", "batch")}
+        for key, value in numeric.items():
+            try:
+                rows.append((key.replace(".", "/"), float(value), step))
+            except ValueError:
+                continue
+    tracker.log_metrics(run_id, rows)
+
+
+def plot_training(metrics_path: Path, out: Path, title: str) -> Path:
+    """Loss and per-task temperature curves as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(metrics_path)
+    steps = [r["step"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(steps, [r["loss"] for r in rows], color="#2f6db3", lw=1)
+    left.set(title=f"{title}: loss", xlabel="step", ylabel="loss")
+    tasks = sorted({k for r in rows for k in r.get("temperature", {})})
+    seen = {k for r in rows for k in r.get("per_task_loss", {})}
+    for name in [t for t in tasks if t in seen] or tasks:
+        right.plot(steps, [r.get("temperature", {}).get(name) for r in rows], lw=1, label=name)
+    right.set(title="temperature per task", xlabel="step", ylabel="tau")
+    if tasks:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _train(
+    cfg: PipelineConfig, stage: str, mixture: str, manifest: dict[str, Any],
+    base: dict[str, Any], ctx: RunContext,
+) -> dict[str, Any]:  # fmt: skip
+    maybe_fail_once(stage)
+    section = _train_section({"cfg": cfg, "stage": stage})
+    label = f"{stage}/{mixture}"
+    with step_run(cfg, ctx, stage, f"train {label}", section) as (tracker, run_id):
+        stage_manifest = StageManifest.load(manifest["uri"], cfg.storage.endpoint_url)
+        live = _live_metrics(cfg)
+        steps = total_steps(getattr(cfg, stage), stage_manifest)
+        progress = None
+        result: TrainResult | None = None
+        try:
+            key = run_key(cfg, stage, stage_manifest, base["uri"])
+            metrics_file = output_root(cfg, None) / stage / f"{mixture}-{key}" / "metrics.jsonl"
+            progress = _Progress(metrics_file, steps, label)
+            result = run_training(cfg, stage, stage_manifest, base["uri"], mixture,
+                                  mlflow_run_id=run_id if live else None)  # fmt: skip
+        finally:
+            if progress is not None:
+                progress.close()
+        if not live:
+            post_metrics(tracker, run_id, result.metrics_path)
+        chart = plot_training(result.metrics_path, result.metrics_path.with_suffix(".png"), label)
+        tracker.log_file(run_id, chart, "charts")
+        tracker.log_file(run_id, result.metrics_path)
+        card = json.loads((result.adapter_dir / "rzenembed.json").read_text())
+        digest = folder_digest(result.adapter_dir)
+        model_id = tracker.log_model(
+            run_id, f"adapter-{stage}-{mixture}", result.adapter_dir, "lora-adapter",
+            params={"stage": stage, "mixture": mixture, "steps": result.steps},
+            tags={"rzenembed.digest": digest, "rzenembed.stage": stage,
+                  "rzenembed.mixture": mixture,
+                  "rzenembed.manifest_digest": stage_manifest.digest},
+            upload=cfg.tracking.upload_models,
+        )  # fmt: skip
+        out = LineageRef(
+            "adapter", label, str(result.adapter_dir.resolve()), digest, run_id, model_id,
+            extra={"stage": stage, "mixture": mixture, "steps": result.steps,
+                   "metrics": str(result.metrics_path.resolve()),
+                   "temperatures": card["extra"].get("temperatures", {})},
+        ).to_json()  # fmt: skip
+        tracker.record_lineage(run_id, stage, [as_ref(manifest), as_ref(base)], [as_ref(out)])
+    return out
+
+
+@task(name="train-stage1", persist_result=True,
+      cache_key_fn=keyed("train-stage1", lambda p: _train_section({**p, "stage": "stage1"}),
+                         _train_inputs), **RETRIES)  # fmt: skip
+def train_stage1(
+    cfg: PipelineConfig, manifest: dict[str, Any], base: dict[str, Any], ctx: RunContext
+) -> dict[str, Any]:
+    """Stage 1: fresh LoRA on the base model, over the stage-1 manifest."""
+    return _train(cfg, "stage1", "all", manifest, base, ctx)
+
+
+@task(name="merge-stage1", persist_result=True,
+      cache_key_fn=keyed("merge-stage1", lambda p: {"model": p["cfg"].model.model_dump(
+          mode="json", exclude={"name_or_path"})}, lambda p: [p["adapter"]["digest"]]),
+      **RETRIES)  # fmt: skip
+def merge_stage1_model(
+    cfg: PipelineConfig, adapter: dict[str, Any], ctx: RunContext
+) -> dict[str, Any]:
+    """The stage-1 adapter folded into its base: the base of every stage-2 run."""
+    section = {"model": cfg.model.model_dump(mode="json")}
+    with step_run(cfg, ctx, "merge-stage1", "merge stage1", section) as (tracker, run_id):
+        extra = adapter["extra"]
+        result = TrainResult("stage1", "all", Path(adapter["uri"]), Path(extra["metrics"]),
+                             extra["steps"], "")  # fmt: skip
+        merged = merge_stage1(cfg, result)
+        digest = folder_digest(merged)
+        model_id = tracker.log_model(
+            run_id, "stage1-merged", merged, "merged-model", params={"stage": "stage1"},
+            tags={"rzenembed.digest": digest}, upload=False,
+        )  # fmt: skip
+        out = LineageRef("model", "stage1-merged", str(merged.resolve()), digest, run_id,
+                         model_id).to_json()  # fmt: skip
+        tracker.record_lineage(run_id, "merge-stage1", [as_ref(adapter)], [as_ref(out)])
+    return out
+
+
+@task(name="train-stage2", persist_result=True,
+      cache_key_fn=keyed("train-stage2",
+                         lambda p: {**_train_section({**p, "stage": "stage2"}),
+                                    "mixture": p["mixture"]},
+                         _train_inputs), **RETRIES)  # fmt: skip
+def train_stage2(
+    cfg: PipelineConfig, mixture: str, manifest: dict[str, Any], base: dict[str, Any],
+    ctx: RunContext,
+) -> dict[str, Any]:  # fmt: skip
+    """Stage 2 for one mixture: fresh LoRA on the merged stage-1 model."""
+    return _train(cfg, "stage2", mixture, manifest, base, ctx)
