@@ -30,10 +30,8 @@ from typing import Any
 from rzenembed.config import PipelineConfig, TrackingConfig
 
 REDACTED = "***"
-SECRET_KEY = re.compile(
-    r"(secret|password|passwd|token|credential|access[_-]?key|api[_-]?key|private[_-]?key|auth)",
-    re.IGNORECASE,
-)
+SECRET_WORDS = {"SECRET", "PASSWORD", "PASSWD", "TOKEN", "CREDENTIAL", "CREDENTIALS", "APIKEY"}
+NOT_SECRETS = {"true", "false", "none", "null", "yes", "no"}
 URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s:]+(:[^/@\s]*)?@", re.I)
 LINEAGE_FILE = "lineage.json"
 STEP_TAG = "rzenembed.step"
@@ -44,10 +42,22 @@ MAX_PARAM_CHARS = 6000
 # --------------------------------------------------------------------------- secrets
 
 
+def is_secret_name(name: str) -> bool:
+    """AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD, api_key, HF_TOKEN: yes;
+    TOKENIZERS_PARALLELISM, key_frames: no (whole words of the name decide)."""
+    words = set(re.split(r"[_\-.\s]+", name.upper()))
+    if words & SECRET_WORDS:
+        return True
+    return "KEY" in words and bool(words & {"ACCESS", "API", "PRIVATE", "SECRET"})
+
+
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Values of environment variables whose names look secret (AWS keys, tokens, ...)."""
+    """Values of environment variables whose names are secret (AWS keys, tokens, ...)."""
     env = os.environ if environ is None else environ
-    values = {v for k, v in env.items() if SECRET_KEY.search(k) and len(v) >= 4}
+    values = {
+        v for k, v in env.items()
+        if is_secret_name(k) and len(v) >= 4 and v.lower() not in NOT_SECRETS
+    }  # fmt: skip
     return sorted(values, key=len, reverse=True)
 
 
@@ -56,7 +66,7 @@ def redact(value: Any, secrets: Iterable[str] | None = None) -> Any:
     secrets = list(secret_values() if secrets is None else secrets)
     if isinstance(value, Mapping):
         return {
-            k: REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v, secrets)
+            k: REDACTED if is_secret_name(str(k)) and v not in (None, "") else redact(v, secrets)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
