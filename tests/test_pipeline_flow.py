@@ -1,0 +1,216 @@
+"""full-pipeline on a real (temporary) Prefect API, local Ray and an MLflow SQLite store.
+
+Four executions share one storage root: a complete run; the same config again (every step
+a cache hit); a run with a changed stage-2 setting whose stage 2 fails once (injected);
+and its rerun, which finishes without redoing data prep or stage 1.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
+from rzenembed.data.version import DatasetVersion
+from rzenembed.prep.mixture import StageManifest
+from rzenembed.tracking import Tracker, lineage, raw_sources
+
+pytestmark = pytest.mark.slow
+
+SECRET = "rz-secret-7f3a9c1e55"
+KEY_ID = "RZKEYID4242EXAMPLE"
+DATA_STEPS = {"ingest", "clean", "split-clips", "cap", "merge-classification", "mixture"}
+
+
+def pipeline_config(corpus, model_dir, root: Path) -> Path:
+    sources = yaml.safe_load(corpus.sources_yaml.read_text())
+    for source in sources:
+        source["uri"] = str(corpus.root / source["uri"])
+    stage2 = [s["name"] for s in sources if s["stage"] in ("stage2", "both")]
+    common = {"global_batch_size": 4, "gradcache_chunk": None, "max_steps": 3,
+              "checkpoint_every": 3, "hard_negatives": 0,
+              "optim": {"lr": 1e-3, "warmup_ratio": 0.0}}  # fmt: skip
+    cfg = {
+        "name": "flowtest",
+        "storage": {"root": str(root / "data")},
+        "sources": sources,
+        "prep": {"shard_rows": 64, "cap_per_dataset": 25, "clip_seconds": 4.0,
+                 "frames_per_clip": 4, "long_video_min_s": 5.0, "long_video_max_s": 20.0},
+        "model": {"name_or_path": str(model_dir), "max_visual_tokens": 16, "video_frames": 4,
+                  "max_text_tokens": 64},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "loss": {"false_negative_delta": None},
+        "stage1": common,
+        "stage2": {**common, "mixtures": [
+            {"name": "even", "datasets": {n: 1.0 for n in stage2}},
+            {"name": "doc-heavy",
+             "datasets": {n: (4.0 if n == "sample-visdoc" else 1.0) for n in stage2}},
+        ]},
+        "eval": {"sets": [str(corpus.root / "eval")], "batch_size": 8},
+        "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": "flowtest"},
+        "compute": {"num_workers": 1, "cpus_per_worker": 1},
+    }  # fmt: skip
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def task_states(flow_run_id) -> dict[str, list[str]]:
+    """Task name -> the state names of its runs in that flow run."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    out: dict[str, list[str]] = {}
+    for run in runs:
+        out.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+    return out
+
+
+def artifacts(flow_run_id) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts()
+    return {a.key or a.type: a.data for a in found if a.flow_run_id == flow_run_id}
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
+    from flows.pipeline import full_pipeline
+
+    root = tmp_path_factory.mktemp("pipeline")
+    config = pipeline_config(sample_corpus, tiny_model_dir, root)
+    saved = {k: os.environ.get(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID",
+                                              "RZENEMBED_FAIL_ONCE")}  # fmt: skip
+    os.environ.update({"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": KEY_ID})
+    changed = ["stage2.optim.lr=0.002"]
+    out = {"root": root, "config": config}
+    try:
+        with (
+            prefect_test_harness(server_startup_timeout=120),
+            temporary_settings({PREFECT_LOCAL_STORAGE_PATH: root / "prefect-results"}),
+        ):
+            out["first"] = full_pipeline(str(config), return_state=True)
+            out["again"] = full_pipeline(str(config), return_state=True)
+            os.environ["RZENEMBED_FAIL_ONCE"] = f"stage2:{root / 'fault-marker'}"
+            out["failed"] = full_pipeline(str(config), changed, return_state=True)
+            out["resumed"] = full_pipeline(str(config), changed, return_state=True)
+            for name in ("first", "again", "failed", "resumed"):
+                state = out[name]
+                out[f"{name}_tasks"] = task_states(state.state_details.flow_run_id)
+                out[f"{name}_artifacts"] = artifacts(state.state_details.flow_run_id)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return out
+
+
+def tracker_for(runs) -> Tracker:
+    from rzenembed.config import load_config
+
+    return Tracker(load_config(runs["config"]).tracking)
+
+
+def test_the_first_run_registers_a_champion(runs):
+    state = runs["first"]
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["model_uri"] == "models:/rzenembed/1"
+    client = MlflowClient(tracking_uri=tracker_for(runs).cfg.tracking_uri)
+    champion = client.get_model_version_by_alias("rzenembed", "champion")
+    assert str(champion.version) == "1" and "candidate" in champion.aliases
+
+
+def test_lineage_reaches_every_raw_dataset_with_manifest_digests(runs):
+    from rzenembed.config import load_config
+
+    cfg = load_config(runs["config"])
+    tree = lineage(tracker_for(runs), "models:/rzenembed@champion")
+    reached = {ref.name: ref for ref in raw_sources(tree)}
+    assert set(reached) == {s.name for s in cfg.sources}
+    data = runs["first"].result()["data"]
+    for name, steps in data["versions"].items():
+        manifest = DatasetVersion.open(steps["ingest"]["uri"]).manifest
+        assert reached[name].digest == manifest.inputs[0].content_digest
+        assert reached[name].uri == manifest.inputs[0].uri
+
+    def walk(node):
+        yield node
+        for child in node.children:
+            yield from walk(child)
+
+    nodes = list(walk(tree))
+    for node in nodes:
+        if node.ref.kind == "dataset":
+            assert node.ref.digest == DatasetVersion.open(node.ref.uri).content_digest
+        if node.ref.kind == "stage-manifest":
+            assert node.ref.digest == StageManifest.load(node.ref.uri).digest
+    assert {n.step for n in nodes if n.step} >= DATA_STEPS | {
+        "stage1",
+        "merge-stage1",
+        "stage2",
+        "soup",
+    }
+
+
+def test_every_step_has_a_child_run_under_one_parent(runs):
+    parent = runs["first"].result()["mlflow_parent_run_id"]
+    client = MlflowClient(tracking_uri=tracker_for(runs).cfg.tracking_uri)
+    experiment = client.get_experiment_by_name("flowtest").experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'",
+                                  max_results=500)  # fmt: skip
+    steps = {run.data.tags["rzenembed.step"] for run in children}
+    assert steps == DATA_STEPS | {"stage1", "merge-stage1", "stage2", "soup", "evaluate",
+                                  "register"}  # fmt: skip
+    assert all(run.info.status == "FINISHED" for run in children)
+    stage2 = [r for r in children if r.data.tags["rzenembed.step"] == "stage2"]
+    assert len(stage2) == 2
+    history = client.get_metric_history(stage2[0].info.run_id, "loss")
+    assert [m.step for m in history] == [0, 1, 2]
+
+
+def test_the_evaluation_report_is_an_artifact(runs):
+    report = runs["first"].result()["report"]
+    assert Path(report["uri"]).is_file() and Path(report["extra"]["png"]).is_file()
+    assert "Summary (MMEB-V2 layout)" in runs["first_artifacts"]["evaluation-report"]
+    assert "data-counts" in runs["first_artifacts"]
+    client = MlflowClient(tracking_uri=tracker_for(runs).cfg.tracking_uri)
+    files = {f.path for f in client.list_artifacts(report["run_id"], "report")}
+    assert files == {"report/report.json", "report/report.md", "report/report.png"}
+
+
+def test_an_unchanged_second_run_redoes_no_step(runs):
+    assert runs["again"].is_completed()
+    tasks = runs["again_tasks"]
+    assert set(tasks) >= DATA_STEPS
+    assert all(state == "Cached" for states in tasks.values() for state in states), tasks
+
+
+def test_a_run_failed_in_stage2_resumes_without_redoing_data_or_stage1(runs):
+    assert runs["failed"].is_failed()
+    failed = runs["failed_tasks"]
+    assert "Failed" in failed["train-stage2"]
+    resumed = runs["resumed_tasks"]
+    assert runs["resumed"].is_completed(), runs["resumed"].message
+    for step in [*DATA_STEPS, "train-stage1", "merge-stage1"]:
+        assert set(resumed[step]) == {"Cached"}, (step, resumed[step])
+    assert set(resumed["train-stage2"]) == {"Completed"}
+    assert runs["resumed"].result()["model_uri"] == "models:/rzenembed/2"
+
+
+def test_secrets_appear_nowhere_in_the_mlflow_store(runs):
+    root = runs["root"]
+    stores = [root / "mlflow.db", *(p for p in (root / "mlartifacts").rglob("*") if p.is_file())]
+    assert len(stores) > 20
+    for path in stores:
+        data = path.read_bytes()
+        assert SECRET.encode() not in data and KEY_ID.encode() not in data, path
