@@ -125,9 +125,16 @@ def test_the_first_run_registers_a_champion(runs):
     assert state.is_completed(), state.message
     result = state.result()
     assert result["model_uri"] == "models:/rzenembed/1"
+    decision = result["registered"]["extra"]["decision"]
+    assert decision["promoted"] and decision["champion_version"] is None  # the first model
     client = MlflowClient(tracking_uri=tracker_for(runs).cfg.tracking_uri)
+    first = client.get_model_version("rzenembed", "1")
+    assert float(first.tags["rzenembed.score.All"]) == decision["candidate_score"]
+    # The later runs registered v2; the champion is whichever scored higher.
     champion = client.get_model_version_by_alias("rzenembed", "champion")
-    assert str(champion.version) == "1" and "candidate" in champion.aliases
+    second = client.get_model_version("rzenembed", "2")
+    scores = {v.version: float(v.tags["rzenembed.score.All"]) for v in (first, second)}
+    assert champion.version == max(scores, key=lambda v: (scores[v], -int(v)))
 
 
 def test_lineage_reaches_every_raw_dataset_with_manifest_digests(runs):
