@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 
 export PREFECT_HOME := $(CURDIR)/runs/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# A first start migrates a fresh database; on a busy 2-core machine that can pass 20 s.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -26,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/python -m rzenembed.demo --out runs/demo
+	$(BIN)/python -m flows.demo --config configs/tiny.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -17,7 +17,7 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from rzenembed.config import PipelineConfig, config_digest, load_config
+from rzenembed.config import PipelineConfig, config_digest, load_config, resolve_paths
 from rzenembed.data.fanout import ensure_ray
 from rzenembed.tracking import Tracker
 from tasks.common import RunContext
@@ -43,8 +43,9 @@ class Execution:
     """One flow execution: its config, MLflow parent run and task options."""
 
     def __init__(self, flow_name: str, config_path: str, overrides, base, refresh: bool):
-        self.cfg = resolve(config_path, overrides)
-        self.base = base
+        # Relative paths resolve against `base` (default: the working directory), once.
+        self.cfg = resolve_paths(resolve(config_path, overrides), base)
+        self.base = None
         self.refresh = refresh
         ensure_ray(address=self.cfg.compute.ray_address)
         self.tracker = Tracker(self.cfg.tracking)

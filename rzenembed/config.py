@@ -318,6 +318,34 @@ class PipelineConfig(Strict):
 # --------------------------------------------------------------------------- loading
 
 
+def _is_local_relative(uri: str) -> bool:
+    return "://" not in uri and not uri.startswith("/")
+
+
+def resolve_paths(cfg: PipelineConfig, base: str | Path | None = None) -> PipelineConfig:
+    """A copy with every relative local path (storage root, source URIs, the model folder
+    when it exists there, evaluation sets, a SQLite tracking file) made absolute against
+    ``base`` (default: the current directory). Ray workers start in other directories, and
+    lineage records should name files unambiguously."""
+    root = Path(base or Path.cwd()).resolve()
+
+    def fix(uri: str) -> str:
+        return str(root / uri) if _is_local_relative(uri) else uri
+
+    data = cfg.model_dump(mode="json")
+    data["storage"]["root"] = fix(data["storage"]["root"])
+    for source in data["sources"]:
+        source["uri"] = fix(source["uri"])
+    model = data["model"]["name_or_path"]
+    if _is_local_relative(model) and (root / model).exists():
+        data["model"]["name_or_path"] = str(root / model)
+    data["eval"]["sets"] = [fix(s) for s in data["eval"]["sets"]]
+    uri = data["tracking"]["tracking_uri"]
+    if uri.startswith("sqlite:///") and _is_local_relative(uri.removeprefix("sqlite:///")):
+        data["tracking"]["tracking_uri"] = f"sqlite:///{root / uri.removeprefix('sqlite:///')}"
+    return PipelineConfig.model_validate(data)
+
+
 def _format_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -120,7 +121,12 @@ def from_mmeb(raw: Any, dataset: str, position: int) -> Any:
 
 
 def source_uri(source: SourceConfig, base: str | None = None) -> str:
-    """A source's URI, resolved against ``base`` when it is a relative local path."""
-    if base is None or "://" in source.uri or source.uri.startswith("/"):
+    """A source's URI, resolved against ``base`` when it is a relative local path; a local
+    path is made absolute (versions record it as their media root, and Ray workers do not
+    share the driver's working directory)."""
+    if "://" in source.uri:
         return source.uri
-    return join(base, source.uri)
+    if base is None or source.uri.startswith("/"):
+        return os.path.abspath(source.uri)
+    uri = join(base, source.uri)
+    return uri if "://" in uri else os.path.abspath(uri)

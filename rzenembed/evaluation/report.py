@@ -89,6 +89,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     delta = report.get("delta", {})
     lines = [f"# Evaluation of {report['model'].get('path', 'a model')}", ""]
     digest = report["model"].get("digest")
+    if report.get("previous"):
+        before = (report["previous"].get("model") or {}).get("path", "an earlier report")
+        lines += [f"Δ rows and columns compare with {before}.", ""]
     lines += [f"Model digest `{digest}`. " if digest else "", f"Created {report['created']}. "
               f"{report['all']['datasets']} datasets; scores in % (Hit@1 for image and video, "
               f"NDCG@k for visual documents).", ""]  # fmt: skip
