@@ -127,3 +127,28 @@ def test_digest_is_stable_and_sensitive():
     assert config_digest(a) != config_digest(c)
     assert config_digest(a.model) == config_digest(c.model)
     assert len(config_digest(a)) == 64
+
+
+def test_resolve_paths_makes_local_paths_absolute(tmp_path):
+    from rzenembed.config import config_from_dict, resolve_paths
+
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    cfg = config_from_dict({
+        "storage": {"root": "runs/data"},
+        "sources": [
+            {"name": "a", "uri": "corpus/a", "task_group": "image_retrieval"},
+            {"name": "b", "uri": "s3://bucket/b", "task_group": "image_retrieval"},
+        ],
+        "model": {"name_or_path": "models/tiny"},
+        "eval": {"sets": ["corpus/eval", "/abs/eval"]},
+        "tracking": {"tracking_uri": "sqlite:///runs/mlflow.db"},
+    })  # fmt: skip
+    out = resolve_paths(cfg, tmp_path)
+    assert out.storage.root == str(tmp_path / "runs/data")
+    assert [s.uri for s in out.sources] == [str(tmp_path / "corpus/a"), "s3://bucket/b"]
+    assert out.model.name_or_path == str(tmp_path / "models/tiny")
+    assert out.eval.sets == [str(tmp_path / "corpus/eval"), "/abs/eval"]
+    assert out.tracking.tracking_uri == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    hub = resolve_paths(cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"name_or_path": "Qwen/Qwen2-VL-2B-Instruct"})}), tmp_path)  # fmt: skip
+    assert hub.model.name_or_path == "Qwen/Qwen2-VL-2B-Instruct"  # not a local folder here
