@@ -10,16 +10,20 @@ rebuild its inputs by calling the upstream tasks: a finished step is a cache hit
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from rzenembed.config import PipelineConfig, config_digest, load_config, resolve_paths
 from rzenembed.data.fanout import ensure_ray
-from rzenembed.tracking import Tracker
+from rzenembed.evaluation.report import levels
+from rzenembed.tracking import Tracker, lineage
 from tasks.common import RunContext
 from tasks.data import (
     cap,
@@ -44,7 +48,13 @@ class Execution:
 
     def __init__(self, flow_name: str, config_path: str, overrides, base, refresh: bool):
         # Relative paths resolve against `base` (default: the working directory), once.
-        self.cfg = resolve_paths(resolve(config_path, overrides), base)
+        cfg = resolve_paths(resolve(config_path, overrides), base)
+        if os.environ.get("MLFLOW_TRACKING_URI"):  # a service stack names its MLflow server
+            tracking = cfg.tracking.model_copy(
+                update={"tracking_uri": os.environ["MLFLOW_TRACKING_URI"]}
+            )
+            cfg = cfg.model_copy(update={"tracking": tracking})
+        self.cfg = cfg
         self.base = None
         self.refresh = refresh
         ensure_ray(address=self.cfg.compute.ray_address)
@@ -128,6 +138,16 @@ def run_training_stages(ex: Execution, data: dict[str, Any]) -> dict[str, Any]:
     if not adapters:
         raise ValueError("no stage-2 mixture configured (stage2.mixtures)")
     return {"base": base, "stage1": adapter1, "merged": merged, "stage2": adapters}
+
+
+def run_stage2_from(ex: Execution, data: dict[str, Any], merged: dict[str, Any]) -> dict:
+    """Stage 2 for every mixture on an existing merged stage-1 model."""
+    cfg, ctx = ex.cfg, ex.ctx
+    adapters = [
+        ex.opts(train_stage2)(cfg, m.name, data["stages"][f"stage2/{m.name}"], merged, ctx)
+        for m in cfg.stage2.mixtures
+    ]
+    return {"base": base_model_ref(cfg), "merged": merged, "stage2": adapters}
 
 
 def run_soup(ex: Execution, trained: dict[str, Any]) -> dict[str, Any]:
@@ -240,6 +260,85 @@ def full_pipeline(
                 "model": model, "trained": trained, "data": data}  # fmt: skip
 
     return _run("full-pipeline", config_path, overrides, base, refresh, body)
+
+
+def champion_stage1_model(tracker: Tracker, registered_model: str) -> dict[str, Any] | None:
+    """The merged stage-1 model the current champion was trained from, if it still exists."""
+    if tracker.champion() is None:
+        return None
+    tree = lineage(tracker, f"models:/{registered_model}@champion")
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if node.ref.kind == "model" and node.ref.name == "stage1-merged":
+            return node.ref.to_json() if Path(node.ref.uri).is_dir() else None
+        stack.extend(node.children)
+    return None
+
+
+def _champion_scores(tracker: Tracker) -> tuple[str | None, dict[str, float]]:
+    champion = tracker.champion()
+    if champion is None:
+        return None, {}
+    path = Path(champion.tags.get("rzenembed.report", ""))
+    report = json.loads(path.read_text()) if path.is_file() else None
+    return str(champion.version), levels(report) if report else {}
+
+
+def _comparison(old_version, old: dict[str, float], registered: dict, report: dict) -> str:
+    new = report["extra"]["scores"]
+    decision = registered["extra"]["decision"]
+    keys = [k for k in new if not k.startswith("dataset:")] + sorted(
+        k for k in new if k.startswith("dataset:")
+    )
+    rows = [f"| {k} | {'–' if k not in old else f'{100 * old[k]:.1f}'} | {100 * new[k]:.1f} |"
+            for k in keys]  # fmt: skip
+    verdict = "moved to the new model" if decision["promoted"] else "stays where it was"
+    return "\n".join([
+        "# Retraining", "",
+        f"Champion before: {'none' if old_version is None else f'v{old_version}'}; "
+        f"new candidate: {registered['uri']}. Champion {verdict} "
+        f"({decision['metric']}: {decision['candidate_score']:.4f} against "
+        f"{decision['champion_score']}, margin {decision['min_improvement']}).", "",
+        "| level | champion | candidate |", "|---|---|---|", *rows, "",
+    ])  # fmt: skip
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(
+    config_path: str = "configs/tiny.yaml",
+    overrides: list[str] | None = None,
+    base: str | None = None,
+    refresh: bool = False,
+    retrain_stage1: bool = False,
+) -> dict[str, Any]:
+    """Scheduled retraining: reprocess what changed (everything else is a cache hit), train
+    stage 2 from the champion's stage-1 model (unless ``retrain_stage1`` or there is none),
+    soup, evaluate, register, and move ``champion`` only if the new model is better."""
+
+    def body(ex: Execution) -> dict[str, Any]:
+        old_version, old_scores = _champion_scores(ex.tracker)
+        data = run_data_prep(ex)
+        merged = None if retrain_stage1 else champion_stage1_model(
+            ex.tracker, ex.cfg.tracking.registered_model)  # fmt: skip
+        if merged is None:
+            trained = run_training_stages(ex, data)
+        else:
+            print(f"stage 2 starts from the champion's stage-1 model {merged['uri']}")
+            trained = run_stage2_from(ex, data, merged)
+        model = run_soup(ex, trained)
+        report = run_evaluate(ex, model, trained["base"])
+        registered = ex.opts(register_model)(ex.cfg, model, report, ex.ctx)
+        create_markdown_artifact(
+            _comparison(old_version, old_scores, registered, report),
+            key="retraining",
+            description="champion against candidate",
+        )
+        _announce(ex, registered, report)
+        return {"model_uri": registered["uri"], "registered": registered, "report": report,
+                "model": model, "trained": trained, "data": data}  # fmt: skip
+
+    return _run("retrain", config_path, overrides, base, refresh, body)
 
 
 def _announce(ex: Execution, registered: dict[str, Any], report: dict[str, Any]) -> None:

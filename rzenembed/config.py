@@ -252,6 +252,8 @@ class EvalConfig(Strict):
     datasets: list[str] = Field(default_factory=list)
     batch_size: int = Field(default=16, gt=0)
     champion_metric: str = "all"
+    # A candidate becomes champion only when it beats the champion by more than this.
+    min_improvement: float = Field(default=0.0, ge=0)
     ndcg_k: int = Field(default=5, gt=0)
 
 

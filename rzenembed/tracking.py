@@ -309,9 +309,12 @@ class Tracker:
         except MlflowException:
             return None
 
-    def promote_if_better(self, version: str, metric: str, score: float) -> dict[str, Any]:
-        """Move ``champion`` to ``version`` when its score beats the champion's (or there is
-        none); the decision and both scores are tagged on the new version and returned."""
+    def promote_if_better(
+        self, version: str, metric: str, score: float, min_improvement: float = 0.0
+    ) -> dict[str, Any]:
+        """Move ``champion`` to ``version`` when its score beats the champion's by more than
+        ``min_improvement`` (or there is no champion); the decision and both scores are
+        tagged on the new version and returned."""
         name = self.cfg.registered_model
         tag = f"rzenembed.score.{metric}"
         self.client.set_model_version_tag(name, version, tag, repr(score))
@@ -319,7 +322,7 @@ class Tracker:
         previous = None
         if current is not None and tag in current.tags:
             previous = float(current.tags[tag])
-        promoted = current is None or previous is None or score > previous
+        promoted = current is None or previous is None or score > previous + min_improvement
         if promoted:
             self.client.set_registered_model_alias(name, "champion", version)
         decision = {
@@ -328,6 +331,7 @@ class Tracker:
             "champion_version": None if current is None else str(current.version),
             "champion_score": previous,
             "metric": metric,
+            "min_improvement": min_improvement,
             "promoted": promoted,
         }
         self.client.set_model_version_tag(name, version, "rzenembed.promotion",

@@ -184,7 +184,8 @@ def champion_level(metric: str) -> str:
 
 @task(name="register", persist_result=True,
       cache_key_fn=keyed("register", lambda p: {"tracking": p["cfg"].tracking.model_dump(
-          mode="json"), "metric": p["cfg"].eval.champion_metric},
+          mode="json"), "metric": p["cfg"].eval.champion_metric,
+          "margin": p["cfg"].eval.min_improvement},
           lambda p: [p["model"]["digest"], p["report"]["digest"]]), **RETRIES)  # fmt: skip
 def register_model(
     cfg: PipelineConfig, model: dict[str, Any], report: dict[str, Any], ctx: RunContext
@@ -202,7 +203,9 @@ def register_model(
             run_id,
             {"rzenembed.digest": model["digest"], "rzenembed.report": report["uri"]},
         )
-        decision = tracker.promote_if_better(version, level, float(scores[level]))
+        decision = tracker.promote_if_better(
+            version, level, float(scores[level]), cfg.eval.min_improvement
+        )
         tracker.log_json(run_id, "promotion.json", decision)
         uri = f"models:/{cfg.tracking.registered_model}/{version}"
         out = LineageRef(

@@ -1,13 +1,16 @@
 """full-pipeline on a real (temporary) Prefect API, local Ray and an MLflow SQLite store.
 
-Four executions share one storage root: a complete run; the same config again (every step
+Five executions share one storage root: a complete run; the same config again (every step
 a cache hit); a run with a changed stage-2 setting whose stage 2 fails once (injected);
-and its rerun, which finishes without redoing data prep or stage 1.
+its rerun, which finishes without redoing data prep or stage 1; and a retrain after one
+source changed, with a gating margin no candidate can clear.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,6 +65,29 @@ def pipeline_config(corpus, model_dir, root: Path) -> Path:
     return path
 
 
+CHANGED_SOURCE = "sample-image-qa"
+
+
+class CopiedCorpus:
+    def __init__(self, root: Path):
+        self.root = root
+        self.sources_yaml = root / "sources.yaml"
+
+
+def copy_corpus(corpus, target: Path) -> CopiedCorpus:
+    shutil.copytree(corpus.root, target)
+    return CopiedCorpus(target)
+
+
+def add_row(records: Path) -> None:
+    """A new, valid row in a source: a copy of its first row under a new id and text."""
+    first = json.loads(records.read_text().splitlines()[0])
+    first["id"] = f"{first['id']}-added"
+    first["query"]["text"] = first["query"]["text"] + " (asked again)"
+    with records.open("a") as f:
+        f.write(json.dumps(first) + "\n")
+
+
 def task_states(flow_run_id) -> dict[str, list[str]]:
     """Task name -> the state names of its runs in that flow run."""
     with get_client(sync_client=True) as client:
@@ -82,10 +108,11 @@ def artifacts(flow_run_id) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def runs(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
-    from flows.pipeline import full_pipeline
+    from flows.pipeline import full_pipeline, retrain
 
     root = tmp_path_factory.mktemp("pipeline")
-    config = pipeline_config(sample_corpus, tiny_model_dir, root)
+    corpus = copy_corpus(sample_corpus, root / "corpus")  # the retrain edits a source
+    config = pipeline_config(corpus, tiny_model_dir, root)
     saved = {k: os.environ.get(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID",
                                               "RZENEMBED_FAIL_ONCE")}  # fmt: skip
     os.environ.update({"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": KEY_ID})
@@ -101,7 +128,10 @@ def runs(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
             os.environ["RZENEMBED_FAIL_ONCE"] = f"stage2:{root / 'fault-marker'}"
             out["failed"] = full_pipeline(str(config), changed, return_state=True)
             out["resumed"] = full_pipeline(str(config), changed, return_state=True)
-            for name in ("first", "again", "failed", "resumed"):
+            add_row(corpus.root / CHANGED_SOURCE / "records.jsonl")
+            gated = [*changed, "eval.min_improvement=1.0"]  # no candidate can clear it
+            out["retrain"] = retrain(str(config), gated, return_state=True)
+            for name in ("first", "again", "failed", "resumed", "retrain"):
                 state = out[name]
                 out[f"{name}_tasks"] = task_states(state.state_details.flow_run_id)
                 out[f"{name}_artifacts"] = artifacts(state.state_details.flow_run_id)
@@ -221,3 +251,23 @@ def test_secrets_appear_nowhere_in_the_mlflow_store(runs):
     for path in stores:
         data = path.read_bytes()
         assert SECRET.encode() not in data and KEY_ID.encode() not in data, path
+
+
+def test_a_retrain_reprocesses_only_the_changed_source_and_keeps_the_champion(runs):
+    state = runs["retrain"]
+    assert state.is_completed(), state.message
+    result = state.result()
+    tasks = runs["retrain_tasks"]
+    ingest = tasks["ingest"]
+    assert sorted(ingest).count("Completed") == 1 and ingest.count("Cached") == len(ingest) - 1
+    assert "train-stage1" not in tasks  # stage 2 started from the champion's stage-1 model
+    assert set(tasks["train-stage2"]) == {"Completed"}
+    assert result["model_uri"] == "models:/rzenembed/3"
+    decision = result["registered"]["extra"]["decision"]
+    assert not decision["promoted"] and decision["min_improvement"] == 1.0
+    client = MlflowClient(tracking_uri=tracker_for(runs).cfg.tracking_uri)
+    champion = client.get_model_version_by_alias("rzenembed", "champion")
+    assert str(champion.version) == decision["champion_version"] != "3"
+    assert "Champion stays where it was" in runs["retrain_artifacts"]["retraining"]
+    merged = runs["resumed"].result()["trained"]["merged"]
+    assert result["trained"]["merged"]["uri"] == merged["uri"]

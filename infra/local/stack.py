@@ -1,0 +1,237 @@
+"""The local service stack on loopback: Prefect server + process work pool + worker, an
+MLflow server and a Ray head. ``up`` is idempotent, ``down`` stops exactly what ``up``
+started (each service runs in its own process group, recorded in a pid file), ``status``
+shows what runs.
+
+    infra/local/up      [--state DIR] [--prefect-port 4200] [--mlflow-port 5000]
+                        [--ray-port 6379] [--ray-cpus N] [--mlflow-backend URI]
+    infra/local/status  [--state DIR]
+    infra/local/down    [--state DIR]
+    source runs/stack/env.sh     # PREFECT_API_URL, MLFLOW_TRACKING_URI, RAY_ADDRESS
+
+State (pid files, logs, the Prefect and MLflow databases, MLflow artifacts) lives under
+``--state`` (default ``runs/stack``). The MLflow backend is SQLite there unless
+``--mlflow-backend`` names another store, e.g. ``postgresql://user:pass@host/mlflow``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+POOL = "local-process"
+SERVICES = ("prefect-server", "mlflow-server", "ray-head", "prefect-worker")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped) counts as gone.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.is_file() and stat.read_text().split(") ", 1)[-1].startswith("Z"))
+
+
+class Stack:
+    def __init__(self, state: Path):
+        self.state = state.resolve()
+        self.settings_file = self.state / "stack.json"
+
+    def pid_file(self, name: str) -> Path:
+        return self.state / f"{name}.pid"
+
+    def pid(self, name: str) -> int | None:
+        path = self.pid_file(name)
+        if not path.is_file():
+            return None
+        pid = int(path.read_text().strip())
+        return pid if _alive(pid) else None
+
+    def settings(self) -> dict:
+        return json.loads(self.settings_file.read_text()) if self.settings_file.is_file() else {}
+
+    def env(self, s: dict) -> dict[str, str]:
+        return {
+            "PREFECT_API_URL": f"http://127.0.0.1:{s['prefect_port']}/api",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{s['mlflow_port']}",
+            "RAY_ADDRESS": f"127.0.0.1:{s['ray_port']}",
+        }
+
+    def base_env(self, s: dict) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "PREFECT_HOME": str(self.state / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+            "PREFECT_LOCAL_STORAGE_PATH": str(self.state / "prefect" / "storage"),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        })  # fmt: skip
+        return env
+
+    # ---------------------------------------------------------------- start
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        if self.pid(name):
+            print(f"{name}: already running (pid {self.pid(name)})")
+            return
+        log = open(self.state / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps it)
+        process = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        self.pid_file(name).write_text(f"{process.pid}\n")
+        print(f"{name}: started (pid {process.pid}, log {self.state / f'{name}.log'})")
+
+    def wait_http(self, name: str, url: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.pid(name):
+                raise RuntimeError(f"{name} exited; see {self.state / f'{name}.log'}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"{name} did not answer {url} within {timeout:.0f} s")
+
+    def wait_port(self, name: str, port: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.pid(name):
+                raise RuntimeError(f"{name} exited; see {self.state / f'{name}.log'}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(1)
+        raise TimeoutError(f"{name} did not open port {port} within {timeout:.0f} s")
+
+    def up(self, args: argparse.Namespace) -> None:
+        self.state.mkdir(parents=True, exist_ok=True)
+        s = self.settings() if any(self.pid(n) for n in SERVICES) else {}
+        s = s or {
+            "prefect_port": args.prefect_port, "mlflow_port": args.mlflow_port,
+            "ray_port": args.ray_port, "ray_cpus": args.ray_cpus,
+            "mlflow_backend": args.mlflow_backend
+            or f"sqlite:///{self.state / 'mlflow.db'}",
+        }  # fmt: skip
+        self.settings_file.write_text(json.dumps(s, indent=2) + "\n")
+        env = self.base_env(s)
+        self.start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host",
+                   "127.0.0.1", "--port", str(s["prefect_port"])], env)  # fmt: skip
+        self.start("mlflow-server", [
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(s["mlflow_port"]),
+            "--backend-store-uri", s["mlflow_backend"],
+            "--artifacts-destination", str(self.state / "mlartifacts"), "--workers", "1",
+        ], env)  # fmt: skip
+        self.start("ray-head", [
+            str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+            "--port", str(s["ray_port"]), "--num-cpus", str(s["ray_cpus"]),
+            "--include-dashboard=false", "--disable-usage-stats",
+        ], env)  # fmt: skip
+        urls = self.env(s)
+        self.wait_http("prefect-server", f"{urls['PREFECT_API_URL']}/health")
+        self.wait_http("mlflow-server", f"{urls['MLFLOW_TRACKING_URI']}/health")
+        self.wait_port("ray-head", s["ray_port"])
+        worker_env = {**env, **urls}
+        subprocess.run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process",
+                        "--overwrite"], env=worker_env, cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        self.start("prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOL,
+                   "--name", "local-worker"], worker_env)  # fmt: skip
+        lines = [f"export {k}={v}" for k, v in urls.items()]
+        (self.state / "env.sh").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        print(f"# source {self.state / 'env.sh'}")
+
+    # ---------------------------------------------------------------- stop
+
+    def down(self) -> None:
+        for name in reversed(SERVICES):
+            path = self.pid_file(name)
+            if not path.is_file():
+                continue
+            pid = int(path.read_text().strip())
+            if _alive(pid):
+                self._stop_group(name, pid)
+            path.unlink()
+        print("stack stopped")
+
+    def _stop_group(self, name: str, pid: int) -> None:
+        try:
+            group = os.getpgid(pid)
+        except ProcessLookupError:
+            return
+        os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _group_alive(group):
+            time.sleep(0.5)
+        if _group_alive(group):
+            os.killpg(group, signal.SIGKILL)
+            time.sleep(1)
+        print(f"{name}: stopped (process group {group})")
+
+    def status(self) -> int:
+        s = self.settings()
+        running = 0
+        for name in SERVICES:
+            pid = self.pid(name)
+            running += bool(pid)
+            print(f"{name:<16} {'running, pid ' + str(pid) if pid else 'stopped'}")
+        if s and running:
+            for key, value in self.env(s).items():
+                print(f"{key}={value}")
+        return 0 if running == len(SERVICES) else 1
+
+
+def _group_alive(group: int) -> bool:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) == group and _alive(int(entry.name)):
+                return True
+        except (ProcessLookupError, PermissionError):
+            continue
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--state", default=os.environ.get("RZENEMBED_STACK", "runs/stack"))
+    parser.add_argument("--prefect-port", type=int, default=4200)
+    parser.add_argument("--mlflow-port", type=int, default=5000)
+    parser.add_argument("--ray-port", type=int, default=6379)
+    parser.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--mlflow-backend", help="MLflow backend store URI (default SQLite)")
+    args = parser.parse_args(argv)
+    stack = Stack(Path(args.state))
+    if args.command == "up":
+        stack.up(args)
+        return 0
+    if args.command == "down":
+        stack.down()
+        return 0
+    return stack.status()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

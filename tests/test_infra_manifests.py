@@ -1,0 +1,79 @@
+"""The deployment file and the cluster manifests parse and carry what the docs rely on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from rzenembed.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def docs(path: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((ROOT / path).read_text()) if d]
+
+
+def test_prefect_yaml_deployments():
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    assert set(by_name) == {"local", "cluster", "scheduled-retraining"}
+    assert by_name["local"]["entrypoint"] == "flows/pipeline.py:full_pipeline"
+    assert by_name["local"]["work_pool"]["name"] == "local-process"
+    assert by_name["cluster"]["parameters"]["config_path"] == "configs/qwen2vl-2b.yaml"
+    retrain = by_name["scheduled-retraining"]
+    assert retrain["entrypoint"] == "flows/pipeline.py:retrain"
+    assert retrain["schedules"] == [{"cron": "0 3 * * 1", "timezone": "UTC", "active": True}]
+    for deployment in spec["deployments"]:
+        load_config(ROOT / deployment["parameters"]["config_path"],
+                    deployment["parameters"].get("overrides", []))  # fmt: skip
+
+
+def test_the_ray_cluster_fits_the_paper_configs():
+    (cluster,) = docs("infra/k8s/raycluster.yaml")
+    assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    gpu = groups["gpu-h100"]
+    gpus = int(gpu["rayStartParams"]["num-gpus"]) * gpu["replicas"]
+    cpus = int(gpu["rayStartParams"]["num-cpus"]) * gpu["replicas"]
+    limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == gpu["rayStartParams"]["num-gpus"]
+    for name in ("qwen2vl-2b", "qwen2vl-7b"):
+        compute = load_config(ROOT / f"configs/{name}.yaml").compute
+        assert gpus >= compute.num_workers * compute.gpus_per_worker
+        assert cpus >= compute.num_workers * compute.cpus_per_worker
+    head_ports = {p["name"] for p in cluster["spec"]["headGroupSpec"]["template"]["spec"][
+        "containers"][0]["ports"]}  # fmt: skip
+    assert {"gcs", "client"} <= head_ports
+
+
+def test_the_worker_reaches_ray_mlflow_and_prefect():
+    deployments = {d["metadata"]["name"]: d for d in docs("infra/k8s/prefect.yaml")
+                   if d["kind"] == "Deployment"}  # fmt: skip
+    worker = deployments["prefect-worker"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert env["RAY_ADDRESS"] == "rzenembed-head-svc:6379"  # KubeRay's head service
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert "cluster-process" in worker["command"]
+    assert worker["envFrom"] == [{"secretRef": {"name": "rzenembed-s3"}}]
+
+
+def test_mlflow_uses_postgres_and_s3_artifacts():
+    by_kind = {(d["kind"], d["metadata"]["name"]): d for d in docs("infra/k8s/mlflow.yaml")}
+    server = by_kind[("Deployment", "mlflow")]["spec"]["template"]["spec"]["containers"][0]
+    args = server["args"]
+    assert "--backend-store-uri=$(MLFLOW_BACKEND_STORE_URI)" in args
+    assert any(a.startswith("--artifacts-destination=s3://") for a in args)
+    secret = server["env"][0]["valueFrom"]["secretKeyRef"]
+    assert secret == {"name": "rzenembed-mlflow-db", "key": "url"}
+    assert ("StatefulSet", "rzenembed-postgres") in by_kind
+
+
+def test_the_cluster_launcher_config():
+    (spec,) = docs("infra/ray/cluster.yaml")
+    types = spec["available_node_types"]
+    assert spec["head_node_type"] == "head" and types["gpu_h100"]["resources"]["GPU"] == 8
+    compute = load_config(ROOT / "configs/qwen2vl-7b.yaml").compute
+    assert types["gpu_h100"]["max_workers"] * 8 >= compute.num_workers
