@@ -172,7 +172,17 @@ class Stack:
             if _alive(pid):
                 self._stop_group(name, pid)
             path.unlink()
+            if name == "ray-head":
+                self._forget_ray_head()
         print("stack stopped")
+
+    def _forget_ray_head(self) -> None:
+        """Ray remembers the last head it started in /tmp/ray/ray_current_cluster; a
+        stopped head must not be found there by a later `ray.init()`."""
+        marker = Path("/tmp/ray/ray_current_cluster")
+        address = f"127.0.0.1:{self.settings().get('ray_port')}"
+        if marker.is_file() and marker.read_text().strip() == address:
+            marker.unlink()
 
     def _stop_group(self, name: str, pid: int) -> None:
         try:

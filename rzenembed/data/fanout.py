@@ -34,6 +34,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(
+            # "local": always a fresh runtime for this process, never a cluster that a
+            # stale /tmp/ray/ray_current_cluster file points at.
+            address="local",
             num_cpus=num_cpus or os.cpu_count() or 1,
             include_dashboard=False,
             log_to_driver=False,
