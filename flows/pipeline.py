@@ -32,6 +32,7 @@ from tasks.data import (
     merge_classification,
     mixture,
     package_long_videos,
+    recaption,
     split_clips,
 )
 from tasks.model import evaluate_model, register_model, soup_adapters
@@ -82,6 +83,8 @@ def run_data_prep(ex: Execution) -> dict[str, Any]:
         current = ex.opts(ingest).submit(cfg, source.name, ex.base, ctx)
         steps = {"ingest": current}
         current = steps["clean"] = ex.opts(clean).submit(cfg, current, ctx)
+        if source.recaption:
+            current = steps["recaption"] = ex.opts(recaption).submit(cfg, current, ctx)
         if source.video == "split-clips":
             current = steps["split-clips"] = ex.opts(split_clips).submit(cfg, current, ctx)
         elif source.video == "package-long":

@@ -63,6 +63,8 @@ class SourceConfig(Strict):
     stage: Literal["stage1", "stage2", "both"] = "stage2"
     classification: bool = False
     cap: int | None = Field(default=None, gt=0)
+    # Rewrite image captions with prep.recaption.model (after clean, before cap).
+    recaption: bool = False
     # Video sources: cut long videos into clips, or package 1-3 minute videos whole.
     video: Literal["none", "split-clips", "package-long"] = "none"
 
@@ -71,6 +73,37 @@ class SourceConfig(Strict):
     def _known_group(cls, value: str) -> str:
         if value not in TASK_GROUPS:
             raise ValueError(f"expected one of {', '.join(TASK_GROUPS)}")
+        return value
+
+
+class RecaptionConfig(Strict):
+    """The recaption step (sources with ``recaption: true``); see docs/data.md."""
+
+    model: str | None = None  # the captioning model folder (a Qwen2-VL-family checkpoint)
+    policy: Literal["add", "replace", "both-in-one"] = "add"
+    prompt: str = (
+        "Describe this image in one or two precise sentences: the objects, their colours "
+        "and where they are."
+    )
+    join: str = "{original} {generated}"  # the both-in-one text
+    max_new_tokens: int = Field(default=64, gt=0)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int = 0
+    batch_size: int = Field(default=8, gt=0)
+    max_visual_tokens: int = Field(default=256, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    actors: int = Field(default=1, gt=0)
+    gpus_per_actor: float = Field(default=0.0, ge=0)
+    max_chars: int = Field(default=1000, gt=0)
+    max_repeat_ratio: float = Field(default=0.5, ge=0, le=1)
+
+    @field_validator("join")
+    @classmethod
+    def _join_names_both(cls, value: str) -> str:
+        if "{original}" not in value or "{generated}" not in value:
+            raise ValueError("join must contain {original} and {generated}")
         return value
 
 
@@ -95,6 +128,7 @@ class PrepConfig(Strict):
     classification_dataset: str = Field(default="classification-merged", min_length=1)
     mixture_temperature: float = Field(default=1.0, gt=0)
     max_in_flight: int = Field(default=4, gt=0)
+    recaption: RecaptionConfig = RecaptionConfig()
 
 
 # --------------------------------------------------------------------------- model

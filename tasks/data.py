@@ -15,11 +15,13 @@ from prefect.artifacts import create_table_artifact
 from rzenembed.config import PipelineConfig
 from rzenembed.data.importers import source_digest, source_uri
 from rzenembed.data.version import DatasetVersion
+from rzenembed.modeling.digest import weights_digest
 from rzenembed.prep.cap import run_cap
 from rzenembed.prep.clean import run_clean
 from rzenembed.prep.ingest import run_ingest
 from rzenembed.prep.merge import run_merge_classification
 from rzenembed.prep.mixture import run_mixture
+from rzenembed.prep.recaption import captioner_path, run_recaption
 from rzenembed.prep.video import run_package_long_videos, run_split_clips
 from rzenembed.tracking import LineageRef
 from tasks.common import RETRIES, RunContext, as_ref, keyed, step_run, version_ref
@@ -96,6 +98,30 @@ def _single_step(step: str, fn):
 
 
 clean = _single_step("clean", lambda cfg, v: run_clean(cfg, v, show_progress=False))
+
+
+def _recaption_section(p: dict[str, Any]) -> dict[str, Any]:
+    cfg: PipelineConfig = p["cfg"]
+    return {**_prep_section(p), "captioner": weights_digest(captioner_path(cfg))}
+
+
+@task(name="recaption", persist_result=True,
+      cache_key_fn=keyed("recaption", _recaption_section, _input_digests), **RETRIES)  # fmt: skip
+def recaption(cfg: PipelineConfig, ref: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Rewrite the image captions of one dataset version with the captioning model."""
+    name = f"recaption {ref['extra']['dataset']}"
+    section = {**_prep_section({"cfg": cfg}), "recaption": cfg.prep.recaption.model_dump(
+        mode="json")}  # fmt: skip
+    with step_run(cfg, ctx, "recaption", name, section) as (tracker, run_id):
+        version = run_recaption(cfg, _open(cfg, ref), show_progress=False)
+        captioner = version.manifest.stats["captioner"]
+        model = LineageRef("model", "captioner", captioner["path"], captioner["digest"])
+        out = version_ref(version, run_id=run_id)
+        tracker.record_lineage(run_id, "recaption", [as_ref(ref), model], [as_ref(out)])
+    _counts_artifact(out)
+    return out
+
+
 split_clips = _single_step("split-clips", lambda cfg, v: run_split_clips(cfg, v, False))
 package_long_videos = _single_step(
     "package-long-videos", lambda cfg, v: run_package_long_videos(cfg, v, False)

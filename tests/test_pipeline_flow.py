@@ -80,10 +80,17 @@ def copy_corpus(corpus, target: Path) -> CopiedCorpus:
 
 
 def add_row(records: Path) -> None:
-    """A new, valid row in a source: a copy of its first row under a new id and text."""
+    """A new, valid row in a source: the first row's shape with a new id, question and
+    image (a fresh image: a copy of an existing one would be cleaned away as a duplicate)."""
+    import numpy as np
+    from PIL import Image
+
     first = json.loads(records.read_text().splitlines()[0])
+    pixels = np.random.default_rng(7).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").save(records.parent / "media" / "added.png")
     first["id"] = f"{first['id']}-added"
     first["query"]["text"] = first["query"]["text"] + " (asked again)"
+    first["query"]["media"] = [{**first["query"]["media"][0], "uri": "media/added.png"}]
     with records.open("a") as f:
         f.write(json.dumps(first) + "\n")
 

@@ -1,7 +1,7 @@
 """The whole data preparation of a config, as plain function calls (no orchestrator).
 
-Per source: ingest -> clean -> (split clips | package long videos) -> cap. Classification
-sources are then merged into one dataset. Finally each stage gets its data manifest:
+Per source: ingest -> clean -> (recaption) -> (split clips | package long videos) -> cap.
+Classification sources are then merged into one dataset. Finally each stage gets its data manifest:
 stage 1 over the stage-1 sources (proportional to size), stage 2 once per configured
 mixture. Every step returns a committed version, and a step whose inputs and config did
 not change returns its existing version, so calling this twice does no work twice.
@@ -20,6 +20,7 @@ from rzenembed.prep.clean import run_clean
 from rzenembed.prep.ingest import run_ingest
 from rzenembed.prep.merge import run_merge_classification
 from rzenembed.prep.mixture import StageManifest, run_mixture
+from rzenembed.prep.recaption import run_recaption
 from rzenembed.prep.video import run_package_long_videos, run_split_clips
 
 
@@ -35,10 +36,13 @@ class PreparedData:
 def prepare_source(
     cfg: PipelineConfig, source: SourceConfig, base: str | None = None, show_progress: bool = True
 ) -> dict[str, DatasetVersion]:
-    """ingest -> clean -> video step (if any) -> cap for one source; versions by step."""
+    """ingest -> clean -> recaption (if asked) -> video step (if any) -> cap for one source;
+    versions by step."""
     steps = {"ingest": run_ingest(cfg, source, base, show_progress)}
     steps["clean"] = run_clean(cfg, steps["ingest"], show_progress)
     current = steps["clean"]
+    if source.recaption:
+        current = steps["recaption"] = run_recaption(cfg, current, show_progress)
     if source.video == "split-clips":
         current = steps["split-clips"] = run_split_clips(cfg, current, show_progress)
     elif source.video == "package-long":

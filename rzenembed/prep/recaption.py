@@ -1,0 +1,392 @@
+"""Recaption: rewrite image captions with a vision-language model, keeping the originals.
+
+Stage 1 of the recipe trains on image-text pairs whose captions were rewritten by a strong
+captioner into longer, more precise descriptions (RECIPE.md). This step runs after
+``clean`` and before ``cap`` for sources with ``recaption: true``.
+
+A row is captionable when one side is a caption (text, no media) and the other side is one
+image without text. For each, the captioner (a Qwen2-VL-family folder, ``generate`` with
+``prep.recaption`` settings) writes a new description, and the policy decides the output:
+
+``add``           the original row, plus a new row ``<id>#recaption`` with the new caption;
+                  both get the same ``group_id`` so they are never each other's negatives
+``replace``       the row with its caption replaced
+``both-in-one``   the row with ``join`` applied (default: "{original} {generated}")
+
+A generated caption that is empty, longer than ``max_chars`` or repetitive (the share of
+repeated word 3-grams above ``max_repeat_ratio``) is rejected with a reason code
+(``caption_empty``, ``caption_too_long``, ``caption_repetitive``) and the original row is
+kept as it was. Every generated caption that does not take its original's place (kept
+under ``add``, or rejected) counts as an added row, so rows in + added = rows out +
+rejected. Rows that are not captionable pass through unchanged.
+
+Work runs on Ray actors that each load the captioner once (GPU actors with
+``gpus_per_actor``) and take shards from a bounded queue. Each finished shard is written to
+a work area keyed by the step's version id (``<storage.root>/_work/recaption/<id>/``), so an
+interrupted run resumes with the shards that are missing; the version is committed from
+the work area and the work area removed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from rzenembed.config import PipelineConfig, RecaptionConfig, digest_of
+from rzenembed.data.schema import RECORD_SCHEMA, REJECT_SCHEMA
+from rzenembed.data.storage import filesystem, join
+from rzenembed.data.version import DatasetVersion, VersionWriter, put_table, write_atomically
+from rzenembed.prep.base import (
+    committed,
+    media_root_of,
+    plan_step,
+    reject,
+    shard_name,
+    version_shard_loader,
+)
+
+STEP = "recaption"
+CODE_VERSION = "1"
+SUFFIX = "#recaption"
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Which side of a row is the caption and which is the image."""
+
+    text_side: str
+    image_side: str
+
+
+def caption_slot(row: dict[str, Any]) -> Slot | None:
+    """The caption and image sides of a captionable row, else None."""
+    for text_side, image_side in (("query", "positive"), ("positive", "query")):
+        text, image = row.get(text_side) or {}, row.get(image_side) or {}
+        media = image.get("media") or []
+        if (
+            (text.get("text") or "").strip()
+            and not (text.get("media") or [])
+            and len(media) == 1
+            and media[0].get("kind") == "image"
+            and not (image.get("text") or "").strip()
+        ):
+            return Slot(text_side, image_side)
+    return None
+
+
+def repeat_ratio(text: str, n: int = 3) -> float:
+    """Share of word n-grams that repeat an earlier one (0 for texts under n + 1 words)."""
+    words = text.lower().split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if len(grams) < 2:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def check_caption(text: str, settings: RecaptionConfig) -> tuple[str, str] | None:
+    """(reason, detail) when a generated caption must not be used, else None."""
+    if not text.strip():
+        return "caption_empty", "the captioner produced no text"
+    if len(text) > settings.max_chars:
+        return "caption_too_long", f"{len(text)} characters > {settings.max_chars}"
+    ratio = repeat_ratio(text)
+    if ratio > settings.max_repeat_ratio:
+        return "caption_repetitive", f"{ratio:.2f} of word 3-grams repeat"
+    return None
+
+
+def apply_policy(
+    rows: Sequence[dict[str, Any]],
+    captions: dict[int, str],
+    settings: RecaptionConfig,
+    shard: str,
+) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """Output rows, rejects and counts for a shard, given the generated caption per row."""
+    kept: list[dict] = []
+    rejected: list[dict] = []
+    stats = {"captionable": 0, "captioned": 0, "rows_added": 0}
+    for index, row in enumerate(rows):
+        slot = caption_slot(row)
+        if slot is None or index not in captions:
+            kept.append(row)
+            continue
+        stats["captionable"] += 1
+        generated = " ".join(captions[index].split())
+        original = row[slot.text_side]["text"]
+        candidate = _with_caption(row, slot, generated, settings, original)
+        problem = check_caption(generated, settings)
+        if problem is not None:
+            rejected.append(reject(STEP, candidate, *problem, shard=shard, index=index))
+            kept.append(row)
+            stats["rows_added"] += 1  # the rejected candidate is the extra row
+            continue
+        stats["captioned"] += 1
+        if settings.policy == "add":
+            group = row.get("group_id") or f"recaption:{row['id']}"
+            kept.append({**row, "group_id": group})
+            kept.append({**candidate, "group_id": group})
+            stats["rows_added"] += 1
+        else:
+            kept.append(candidate)
+    return kept, rejected, stats
+
+
+def _with_caption(
+    row: dict, slot: Slot, generated: str, settings: RecaptionConfig, original: str
+) -> dict:
+    text = generated
+    new_id = row["id"]
+    if settings.policy == "both-in-one":
+        text = settings.join.format(original=original, generated=generated)
+    elif settings.policy == "add":
+        new_id = f"{row['id']}{SUFFIX}"
+    side = {**row[slot.text_side], "text": text}
+    return {**row, "id": new_id, slot.text_side: side}
+
+
+# --------------------------------------------------------------------------- the captioner
+
+
+class Captioner:
+    """A Qwen2-VL-family generation model and its processor, loaded once per actor."""
+
+    def __init__(self, path: str, settings: RecaptionConfig, device: str = "cpu"):
+        import torch
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+        self.settings = settings
+        self.device = device
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}[settings.dtype]  # fmt: skip
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+        self.model.eval()
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.processor.tokenizer.padding_side = "left"  # generation continues on the right
+        unit = self.processor.image_processor.patch_size * self.processor.image_processor.merge_size
+        self.processor.image_processor.size = {
+            "shortest_edge": 4 * unit * unit,
+            "longest_edge": settings.max_visual_tokens * unit * unit,
+        }
+
+    def caption(self, images: Sequence[Any]) -> list[str]:
+        """One generated description per image, in order (batched)."""
+        import torch
+
+        s = self.settings
+        out: list[str] = []
+        for start in range(0, len(images), s.batch_size):
+            batch = list(images[start : start + s.batch_size])
+            message = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.prompt}]}
+            ]
+            prompt = self.processor.apply_chat_template(message, add_generation_prompt=True)
+            inputs = self.processor(text=[prompt] * len(batch), images=batch, padding=True,
+                                    return_tensors="pt").to(self.device)  # fmt: skip
+            torch.manual_seed(s.seed + start)  # sampled captions are reproducible too
+            random.seed(s.seed + start)
+            with torch.inference_mode():
+                generated = self.model.generate(
+                    **inputs, max_new_tokens=s.max_new_tokens, do_sample=s.do_sample,
+                    temperature=s.temperature if s.do_sample else None,
+                    top_p=s.top_p if s.do_sample else None,
+                    pad_token_id=self.processor.tokenizer.pad_token_id,
+                )  # fmt: skip
+            new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+            out += self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return out
+
+
+@dataclass
+class ShardTask:
+    name: str
+    load: Callable[[], list[dict]]
+    media_root: str
+    work_uri: str
+    endpoint_url: str | None
+
+
+class CaptionWorker:
+    """The Ray actor body: one captioner, many shards."""
+
+    def __init__(self, path: str, settings: dict[str, Any], device: str):
+        self.settings = RecaptionConfig.model_validate(settings)
+        self.captioner = Captioner(path, self.settings, device)
+
+    def run(self, task: ShardTask) -> dict[str, Any]:
+        return caption_shard(task, self.captioner)
+
+
+def caption_shard(task: ShardTask, captioner: Captioner) -> dict[str, Any]:
+    """Caption one shard and write its rows, rejects and counts to the work area."""
+    from rzenembed.training.collate import MediaReader
+
+    rows = task.load()
+    reader = MediaReader(task.media_root, task.endpoint_url)
+    todo = [(i, caption_slot(r)) for i, r in enumerate(rows)]
+    todo = [(i, slot) for i, slot in todo if slot is not None]
+    images = [reader.image(rows[i][slot.image_side]["media"][0]["uri"]) for i, slot in todo]
+    texts = captioner.caption(images) if images else []
+    captions = {i: text for (i, _), text in zip(todo, texts, strict=True)}
+    kept, rejected, stats = apply_policy(rows, captions, captioner.settings, task.name)
+    if len(kept) + len(rejected) != len(rows) + stats["rows_added"]:
+        raise AssertionError(f"recaption shard {task.name}: rows were lost")
+    data = put_table(
+        task.work_uri,
+        f"{task.name}.parquet",
+        pa.Table.from_pylist(kept, schema=RECORD_SCHEMA),
+        task.endpoint_url,
+    )
+    rejects = None
+    if rejected:
+        rejects = put_table(task.work_uri, f"{task.name}.rejects.parquet",
+                            pa.Table.from_pylist(rejected, schema=REJECT_SCHEMA),
+                            task.endpoint_url)  # fmt: skip
+    result = {"name": task.name, "rows_in": len(rows), "rows": data.rows,
+              "rejected": 0 if rejects is None else rejects.rows, "stats": stats,
+              "reject_counts": _counts(rejected)}  # fmt: skip
+    # The marker is written last: a shard without it is redone on rerun.
+    fs, path = filesystem(join(task.work_uri, f"{task.name}.done.json"), task.endpoint_url)
+    write_atomically(fs, path, json.dumps(result))
+    return result
+
+
+def read_table(uri: str, endpoint_url: str | None) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri, endpoint_url)
+    return pq.read_table(path, filesystem=fs)
+
+
+def _counts(rejected: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in rejected:
+        counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+    return counts
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def captioner_path(cfg: PipelineConfig) -> str:
+    path = cfg.prep.recaption.model
+    if not path:
+        raise ValueError("prep.recaption.model is not set: name the captioning model folder")
+    return path
+
+
+def run_recaption(
+    cfg: PipelineConfig,
+    version: DatasetVersion,
+    show_progress: bool = True,
+    stop_after: int | None = None,
+) -> DatasetVersion:
+    """Recaption ``version`` (or return the committed result).
+
+    ``stop_after`` (tests) stops after that many newly captioned shards without committing,
+    as an interrupted run would.
+    """
+    from rzenembed.modeling.digest import weights_digest
+
+    settings = cfg.prep.recaption
+    path = captioner_path(cfg)
+    model_digest = weights_digest(path)
+    section = {"settings": settings.model_dump(mode="json", exclude={"model", "actors",
+               "gpus_per_actor"}), "captioner": model_digest}  # fmt: skip
+    plan = plan_step(cfg, STEP, version.manifest.dataset, CODE_VERSION, digest_of(section),
+                     [version.ref()])  # fmt: skip
+    if (done := committed(plan, cfg)) is not None:
+        return done
+    root = media_root_of(version)
+    version_id = plan.uri.rstrip("/").rsplit("/", 1)[-1]
+    work = join(cfg.storage.root, "_work", STEP, f"{version.manifest.dataset}-{version_id}")
+    tasks = [
+        ShardTask(shard_name(s), version_shard_loader(version, s), root, work,
+                  cfg.storage.endpoint_url)
+        for s in version.manifest.shards
+    ]  # fmt: skip
+    results = _finished(work, cfg.storage.endpoint_url)
+    missing = [t for t in tasks if t.name not in results]
+    resumed = len(tasks) - len(missing)
+    if stop_after is not None:
+        missing = missing[:stop_after]
+    for result in _run_actors(missing, path, settings, show_progress):
+        results[result["name"]] = result
+    if stop_after is not None:
+        return None  # type: ignore[return-value]  # interrupted on purpose
+    stats = {
+        "captioner": {"path": path, "digest": model_digest},
+        "policy": settings.policy,
+        "media_root": root,
+        "shards_resumed": resumed,
+        "shards_captioned": len(tasks) - resumed,
+    }
+    out = _commit(plan, cfg, tasks, results, work, stats)
+    fs, work_path = filesystem(work, cfg.storage.endpoint_url)
+    fs.rm(work_path, recursive=True)
+    return out
+
+
+def _finished(work: str, endpoint_url: str | None) -> dict[str, dict]:
+    fs, path = filesystem(work, endpoint_url)
+    if not fs.exists(path):
+        return {}
+    done = {}
+    for file in sorted(fs.glob(join(path, "*.done.json"))):
+        with fs.open(file, "r") as f:
+            result = json.loads(f.read())
+        done[result["name"]] = result
+    return done
+
+
+def _run_actors(tasks: list[ShardTask], path: str, settings: RecaptionConfig, show_progress: bool):
+    """Yield shard results as the actors finish them (at most ``actors`` at a time)."""
+    if not tasks:
+        return
+    import ray
+    from ray.util import ActorPool
+    from tqdm.auto import tqdm
+
+    from rzenembed.data.fanout import ensure_ray
+
+    ensure_ray()
+    device = "cuda" if settings.gpus_per_actor > 0 else "cpu"
+    actor = ray.remote(num_cpus=1, num_gpus=settings.gpus_per_actor)(CaptionWorker)
+    count = max(1, min(settings.actors, len(tasks)))
+    actors = [actor.remote(path, settings.model_dump(mode="json"), device) for _ in range(count)]
+    pool = ActorPool(actors)
+    try:
+        with tqdm(total=len(tasks), desc=STEP, unit="shard", disable=not show_progress) as bar:
+            for result in pool.map_unordered(lambda a, t: a.run.remote(t), tasks):
+                bar.update(1)
+                yield result
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def _commit(plan, cfg: PipelineConfig, tasks, results, work: str, stats) -> DatasetVersion:
+    writer = VersionWriter(plan.uri, RECORD_SCHEMA, cfg.storage.endpoint_url)
+    totals: dict[str, int] = {}
+    for task in tasks:
+        result = results[task.name]
+        writer.write_shard(task.name, read_table(join(work, f"{task.name}.parquet"),
+                                                 cfg.storage.endpoint_url))  # fmt: skip
+        if result["rejected"]:
+            writer.write_rejects(
+                task.name,
+                read_table(join(work, f"{task.name}.rejects.parquet"), cfg.storage.endpoint_url),
+            )
+        for key, value in {**result["stats"], "rows_in": result["rows_in"]}.items():
+            totals[key] = totals.get(key, 0) + value
+    return writer.commit(
+        dataset=plan.dataset, step=plan.step, config_digest=plan.config_digest,
+        code_version=plan.code_version, inputs=plan.inputs, stats={**totals, **stats},
+    )  # fmt: skip
