@@ -36,6 +36,15 @@ clean
     rounds; the best run of each is the figure (other load only ever slows a run down),
     the median is printed next to it.
 
+recaption
+    Captions/s of the recaption step's ``Captioner`` (``generate``, greedy) on ``--captions``
+    random 96x96 images at batch sizes 1, 8 and 32, with the tiny model on CPU in one
+    process (no Ray: the actor runs exactly this loop). Every caption is forced to 32 new
+    tokens (``min_new_tokens`` in the captioner's generation config) so that an early
+    end-of-sequence cannot flatter a batch size. Median of 3 runs after a warm-up; the
+    batching gain is the ratio to batch 1. ``--gpu`` runs the same on CUDA with the real
+    Qwen2-VL-2B architecture (random weights, bfloat16) instead of the tiny model.
+
 The 1-minute load average is printed before and after each part: on a shared machine the
 clean part's speed-up depends on both cores being free, which the control row shows.
 """
@@ -571,12 +580,81 @@ def report_clean(images: int, seconds: dict[str, list[float]]) -> None:
         )
 
 
+# --------------------------------------------------------------------------- recaption
+
+
+def captioner_folder(out: Path, gpu: bool) -> Path:
+    """The tiny model (or, with ``gpu``, the 2B architecture with random weights) with
+    every caption forced to 32 new tokens."""
+    from rzenembed.modeling.tiny import build_tiny_model
+
+    folder = out / ("captioner-2b" if gpu else "captioner")
+    if not (folder / "config.json").is_file():
+        build_tiny_model(folder)
+        if gpu:
+            import torch
+            from transformers import Qwen2VLForConditionalGeneration
+
+            from rzenembed.modeling.architectures import qwen2vl_config
+
+            tiny = json.loads((folder / "config.json").read_text())
+            config = qwen2vl_config("qwen2vl-2b")
+            # The tiny processor's special token ids, so its prompts place the images.
+            for key in ("image_token_id", "video_token_id", "vision_start_token_id",
+                        "vision_end_token_id"):  # fmt: skip
+                setattr(config, key, tiny[key])
+            for stale in folder.glob("model*.safetensors"):
+                stale.unlink()
+            torch.manual_seed(0)
+            model = Qwen2VLForConditionalGeneration(config)
+            model.to(torch.bfloat16).save_pretrained(folder)
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**config, "min_new_tokens": 32}))
+    return folder
+
+
+def bench_recaption(out: Path, captions: int, gpu: bool, repeats: int = 3) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from rzenembed.config import RecaptionConfig
+    from rzenembed.prep.recaption import Captioner
+
+    folder = captioner_folder(out, gpu)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8), "RGB")
+              for _ in range(captions)]  # fmt: skip
+    rows, base = [], None
+    for batch in (1, 8, 32):
+        settings = RecaptionConfig(model=str(folder), max_new_tokens=32, batch_size=batch,
+                                   max_visual_tokens=64,
+                                   dtype="bfloat16" if gpu else "float32")  # fmt: skip
+        captioner = Captioner(str(folder), settings, "cuda" if gpu else "cpu")
+        captioner.caption(images[:batch])  # warm-up
+        seconds = []
+        for _ in range(repeats):
+            took, _ = timed(lambda c=captioner: c.caption(images))
+            seconds.append(took)
+        rate = captions / statistics.median(seconds)
+        base = base or rate
+        rows.append([batch, f"{rate:.1f}", f"{rate / base:.2f}x",
+                     " ".join(f"{s:.2f}" for s in seconds)])  # fmt: skip
+    device = "CUDA, Qwen2-VL-2B architecture" if gpu else "CPU, tiny model"
+    print_table(f"recaption: {captions} images, 32 new tokens each, {device}",
+                ["batch", "captions/s", "vs batch 1", "each run s"], rows)  # fmt: skip
+
+
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["cap", "clips", "clean", "all"], default="all")
+    parser.add_argument(
+        "--part", choices=["cap", "clips", "clean", "recaption", "all"], default="all"
+    )
+    parser.add_argument("--captions", type=int, default=64, help="images for recaption")
+    parser.add_argument("--gpu", action="store_true", help="recaption on CUDA, 2B architecture")
     parser.add_argument("--rows-large", type=int, default=5_000_000)
     parser.add_argument("--rows-small", type=int, default=1_000_000)
     parser.add_argument("--limit", type=int, default=100_000, help="cap N")
@@ -595,6 +673,7 @@ def run_parts(args: argparse.Namespace, out: Path) -> None:
         "cap": lambda: bench_cap(out, args.rows_large, args.rows_small, args.limit),
         "clips": lambda: bench_clips(out),
         "clean": lambda: bench_clean(out, args.images),
+        "recaption": lambda: bench_recaption(out, args.captions, args.gpu),
     }
     for name, work in parts.items():
         if args.part in (name, "all"):
