@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 POOL = "local-process"
+CLUSTER_POOL = "cluster-process"
 SERVICES = ("prefect-server", "mlflow-server", "ray-head", "prefect-worker")
 
 
@@ -151,9 +152,12 @@ class Stack:
         self.wait_http("mlflow-server", f"{urls['MLFLOW_TRACKING_URI']}/health")
         self.wait_port("ray-head", s["ray_port"])
         worker_env = {**env, **urls}
-        subprocess.run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process",
-                        "--overwrite"], env=worker_env, cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        # Both pools of prefect.yaml exist, so `prefect deploy --all` succeeds here; only
+        # `local-process` gets a worker (runs of the cluster deployment wait for a cluster's).
+        for pool in (POOL, CLUSTER_POOL):
+            subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type",
+                            "process", "--overwrite"], env=worker_env, cwd=ROOT, check=True,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
         self.start("prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOL,
                    "--name", "local-worker"], worker_env)  # fmt: skip
         lines = [f"export {k}={v}" for k, v in urls.items()]
