@@ -69,6 +69,9 @@ class Stack:
             "PREFECT_API_URL": f"http://127.0.0.1:{s['prefect_port']}/api",
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{s['mlflow_port']}",
             "RAY_ADDRESS": f"127.0.0.1:{s['ray_port']}",
+            # The head and every driver that joins it use Ray's token authentication
+            # (token in ~/.ray/auth_token); a driver with another mode is refused.
+            "RAY_AUTH_MODE": "token",
         }
 
     def base_env(self, s: dict) -> dict[str, str]:
@@ -81,6 +84,7 @@ class Stack:
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "token",
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         })  # fmt: skip
         return env
