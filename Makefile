@@ -25,6 +25,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	mkdir -p $(PREFECT_HOME)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
