@@ -98,7 +98,8 @@ def _rows_of_file(fs, file: str) -> Iterator[Any]:
                 yield {"__unparsable__": line[:200], "__error__": str(exc)}
 
 
-def _mmeb_side(text: Any, image_path: Any) -> dict:
+def mmeb_side(text: Any, image_path: Any) -> dict:
+    """One side of an MMEB row (train or eval): the image placeholder removed from the text."""
     text = text if isinstance(text, str) else ""
     text = " ".join(text.replace(MMEB_IMAGE_PLACEHOLDER, " ").split())
     items = [media("image", image_path)] if isinstance(image_path, str) and image_path else []
@@ -111,11 +112,11 @@ def from_mmeb(raw: Any, dataset: str, position: int) -> Any:
         return raw
     negatives = []
     if raw.get("neg_text") or raw.get("neg_image_path"):
-        negatives.append(_mmeb_side(raw.get("neg_text"), raw.get("neg_image_path")))
+        negatives.append(mmeb_side(raw.get("neg_text"), raw.get("neg_image_path")))
     return {
         "id": f"{dataset}-{position:08d}",
-        "query": _mmeb_side(raw.get("qry"), raw.get("qry_image_path")),
-        "positive": _mmeb_side(raw.get("pos_text"), raw.get("pos_image_path")),
+        "query": mmeb_side(raw.get("qry"), raw.get("qry_image_path")),
+        "positive": mmeb_side(raw.get("pos_text"), raw.get("pos_image_path")),
         "negatives": negatives,
     }
 

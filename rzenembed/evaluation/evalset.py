@@ -18,8 +18,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from rzenembed.data.importers import MMEB_IMAGE_PLACEHOLDER
-from rzenembed.data.schema import media, side
+from rzenembed.data.importers import mmeb_side
 from rzenembed.evaluation.categories import category_of
 
 QUERIES, CANDIDATES, META = "queries", "candidates", "evalset.json"
@@ -47,18 +46,23 @@ class EvalDataset:
 def _read_table(folder: Path, stem: str) -> list[dict[str, Any]]:
     jsonl, parquet = folder / f"{stem}.jsonl", folder / f"{stem}.parquet"
     if jsonl.is_file():
-        rows = []
-        with jsonl.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise EvalSetError(f"{jsonl}:{number}: not JSON ({error})") from None
-        return rows
+        return _read_jsonl(jsonl)
     if parquet.is_file():
         return pq.read_table(parquet).to_pylist()
     raise EvalSetError(f"{folder} has no {stem}.jsonl or {stem}.parquet")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every row of a JSONL file; a malformed line is an error naming its number."""
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise EvalSetError(f"{path}:{number}: not JSON ({error})") from None
+    return rows
 
 
 def is_eval_folder(folder: Path) -> bool:
@@ -124,16 +128,6 @@ def _check(folder: Path, name: str, queries: list[dict], candidates: list[dict])
 # --------------------------------------------------------------------------- MMEB
 
 
-def _mmeb_text(value: Any) -> str:
-    text = value if isinstance(value, str) else ""
-    return " ".join(text.replace(MMEB_IMAGE_PLACEHOLDER, " ").split())
-
-
-def _mmeb_side(text: Any, image: Any) -> dict[str, Any]:
-    items = [media("image", image)] if isinstance(image, str) and image else []
-    return side(text=_mmeb_text(text), media_items=items)
-
-
 def _listed(row: dict[str, Any], key: str, count: int | None = None) -> list:
     value = row.get(key)
     if value is None:
@@ -147,15 +141,7 @@ def read_mmeb_rows(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if path.suffix == ".parquet":
         return pq.read_table(path).to_pylist()
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise EvalSetError(f"{path}:{number}: not JSON ({error})") from None
-    return rows
+    return _read_jsonl(path)
 
 
 def import_mmeb_eval(
@@ -186,13 +172,13 @@ def import_mmeb_eval(
             )
         listed = []
         for text, image in zip(texts, images, strict=True):
-            candidate = _mmeb_side(text, image)
+            candidate = mmeb_side(text, image)
             key = json.dumps(candidate, sort_keys=True)
             if key not in index:
                 index[key] = f"{name}-c{len(index):06d}"
                 candidates.append({"cid": index[key], "dataset": name, "candidate": candidate})
             listed.append(index[key])
-        query = _mmeb_side(row.get("qry_text", row.get("qry")),
+        query = mmeb_side(row.get("qry_text", row.get("qry")),
                            row.get("qry_img_path", row.get("qry_image_path")))  # fmt: skip
         if not query["text"] and not query["media"]:
             raise EvalSetError(f"MMEB row {number} of {name}: empty query")
