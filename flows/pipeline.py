@@ -134,18 +134,14 @@ def run_training_stages(ex: Execution, data: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("no stage-1 source configured (sources with stage: stage1 or both)")
     adapter1 = ex.opts(train_stage1)(cfg, stages["stage1"], base, ctx)
     merged = ex.opts(merge_stage1_model)(cfg, adapter1, ctx)
-    adapters = [
-        ex.opts(train_stage2)(cfg, m.name, stages[f"stage2/{m.name}"], merged, ctx)
-        for m in cfg.stage2.mixtures
-    ]
-    if not adapters:
-        raise ValueError("no stage-2 mixture configured (stage2.mixtures)")
-    return {"base": base, "stage1": adapter1, "merged": merged, "stage2": adapters}
+    return {**run_stage2_from(ex, data, merged), "stage1": adapter1}
 
 
 def run_stage2_from(ex: Execution, data: dict[str, Any], merged: dict[str, Any]) -> dict:
     """Stage 2 for every mixture on an existing merged stage-1 model."""
     cfg, ctx = ex.cfg, ex.ctx
+    if not cfg.stage2.mixtures:
+        raise ValueError("no stage-2 mixture configured (stage2.mixtures)")
     adapters = [
         ex.opts(train_stage2)(cfg, m.name, data["stages"][f"stage2/{m.name}"], merged, ctx)
         for m in cfg.stage2.mixtures

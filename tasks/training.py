@@ -25,8 +25,7 @@ from rzenembed.training.metrics import read_jsonl
 from rzenembed.training.stages import (
     TrainResult,
     merge_stage1,
-    output_root,
-    run_key,
+    run_dir,
     run_training,
     total_steps,
 )
@@ -141,9 +140,8 @@ def _train(
         progress = None
         result: TrainResult | None = None
         try:
-            key = run_key(cfg, stage, stage_manifest, base["uri"])
-            metrics_file = output_root(cfg, None) / stage / f"{mixture}-{key}" / "metrics.jsonl"
-            progress = _Progress(metrics_file, steps, label)
+            folder = run_dir(cfg, stage, stage_manifest, base["uri"], mixture)
+            progress = _Progress(folder / "metrics.jsonl", steps, label)
             result = run_training(cfg, stage, stage_manifest, base["uri"], mixture,
                                   mlflow_run_id=run_id if live else None)  # fmt: skip
         finally:

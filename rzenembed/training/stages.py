@@ -68,6 +68,15 @@ def run_key(
     return digest_of(section)[:12]
 
 
+def run_dir(
+    cfg: PipelineConfig, stage_name: str, manifest: StageManifest, base_model: str | Path,
+    mixture: str, output_dir: str | Path | None = None,
+) -> Path:  # fmt: skip
+    """The folder of a run: ``<output>/<stage>/<mixture>-<run key>``."""
+    key = run_key(cfg, stage_name, manifest, base_model)
+    return output_root(cfg, output_dir) / stage_name / f"{mixture}-{key}"
+
+
 def _validate_batch(stage: StageConfig, workers: int) -> None:
     if stage.global_batch_size % workers:
         raise ValueError(
@@ -98,9 +107,8 @@ def run_training(
 
     stage: StageConfig = getattr(cfg, stage_name)
     _validate_batch(stage, cfg.compute.num_workers)
-    key = run_key(cfg, stage_name, manifest, base_model)
-    run_name = f"{cfg.name}-{stage_name}-{mixture}-{key}"
-    out = output_root(cfg, output_dir) / stage_name / f"{mixture}-{key}"
+    out = run_dir(cfg, stage_name, manifest, base_model, mixture, output_dir)
+    run_name = f"{cfg.name}-{stage_name}-{out.name}"
     steps = total_steps(stage, manifest)
     result = TrainResult(
         stage_name, mixture, out / "adapter", out / "metrics.jsonl", steps, run_name
