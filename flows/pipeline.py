@@ -346,6 +346,8 @@ def _announce(ex: Execution, registered: dict[str, Any], report: dict[str, Any])
     decision = registered["extra"]["decision"]
     tracking = ex.cfg.tracking.tracking_uri
     moved = "champion moved here" if decision["promoted"] else "champion kept"
+    if decision.get("already_champion"):
+        moved = "same digest as before: already the champion"
     print(
         f"model: {registered['uri']} ({moved})\n"
         f"score All {100 * scores['All']:.1f} (untrained base {100 * baseline['All']:.1f})\n"

@@ -8,6 +8,7 @@ rzenembed evaluate --model PATH --eval EVALSET OUT/    MMEB-style scores and a r
 rzenembed import-mmeb-eval FILE OUT --name N --category C --media-root DIR
 rzenembed soup ADAPTER... --out DIR [--method M] [--weights W,...] [--eval EVALSET]
 rzenembed lineage models:/rzenembed@champion [--tracking-uri URI] [--json]
+rzenembed verify models:/rzenembed@champion|FOLDER [--tracking-uri URI] [--json]
 """
 
 from __future__ import annotations
@@ -121,9 +122,39 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from rzenembed.config import TrackingConfig
+    from rzenembed.tracking import Tracker
+    from rzenembed.verify import render, verify
+
+    tracker = Tracker(TrackingConfig(tracking_uri=args.tracking_uri))
+    endpoint = args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    result = verify(tracker, args.target, endpoint_url=endpoint, jobs=args.jobs)
+    counts = result.counts
+    if args.json:
+        print(json.dumps({"ok": result.ok, "counts": counts, "tree": result.root.to_json()},
+                         indent=2))  # fmt: skip
+    else:
+        print(render(result.root))
+        summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+        print(f"# {sum(counts.values())} nodes: {summary}")
+    for node in result.failures():
+        print(f"{node.check.status}: {node.ref.kind} {node.ref.name} at {node.ref.uri}: "
+              f"{node.check.detail or 'digest differs'}", file=sys.stderr)  # fmt: skip
+    return 0 if result.ok else 1
+
+
 def _tree_json(node) -> dict:
     return {**node.ref.to_json(), "step": node.step, "seen_before": node.seen_before,
             "inputs": [_tree_json(c) for c in node.children]}  # fmt: skip
+
+
+def _tracking_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db"),
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local demo store)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,13 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     lin = sub.add_parser("lineage", help="walk a registered model back to its raw datasets")
     lin.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
-    lin.add_argument(
-        "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db"),
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local demo store)",
-    )
+    _tracking_option(lin)
     lin.add_argument("--json", action="store_true", help="print the tree as JSON")
     lin.set_defaults(func=_cmd_lineage)
+
+    ver = sub.add_parser(
+        "verify", help="recompute every digest on a model's lineage; non-zero exit on a mismatch"
+    )
+    ver.add_argument("target", help="models:/NAME/VERSION, models:/NAME@ALIAS or a model folder")
+    _tracking_option(ver)
+    ver.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
+    ver.add_argument("--jobs", type=int, default=8, help="shards hashed at once (default 8)")
+    ver.add_argument("--json", action="store_true", help="print the checked tree as JSON")
+    ver.set_defaults(func=_cmd_verify)
     return parser
 
 

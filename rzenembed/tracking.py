@@ -36,6 +36,8 @@ URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s:]+(:[^/@\s
 LINEAGE_FILE = "lineage.json"
 STEP_TAG = "rzenembed.step"
 PIPELINE_TAG = "rzenembed.pipeline"
+DIGEST_TAG = "rzenembed.digest"
+REGISTERED_BY_TAG = "rzenembed.registered_by"
 MAX_PARAM_CHARS = 6000
 
 
@@ -284,22 +286,58 @@ class Tracker:
         self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
         return model.model_id
 
-    def register(self, model_id: str, run_id: str, tags: Mapping[str, str]) -> str:
-        """A new version of the registered model, alias ``candidate``; returns the version."""
+    def version_with_digest(self, digest: str) -> Any | None:
+        """The registered version whose model has this content digest (the oldest if there
+        were ever several), or None."""
+        from mlflow.exceptions import MlflowException
+
+        name = self.cfg.registered_model
+        query = f"name = '{name}' AND tags.`{DIGEST_TAG}` = '{digest}'"
+        try:
+            found = self.client.search_model_versions(query)
+        except MlflowException:  # no such registered model yet
+            return None
+        found = [v for v in found if v.tags.get(DIGEST_TAG) == digest]
+        return min(found, key=lambda v: int(v.version)) if found else None
+
+    def register(
+        self, model_id: str, run_id: str, digest: str, tags: Mapping[str, str]
+    ) -> tuple[str, bool]:
+        """The registered version of the model with content ``digest``, alias ``candidate``;
+        returns (version, reused).
+
+        One identity, one version: when a version with this digest exists (a rerun, the
+        same training on another storage root), it is reused instead of registering a
+        duplicate; the registering run is added to its ``rzenembed.registered_by`` tag and
+        the run is tagged with the version it resolved to.
+        """
         import mlflow
         from mlflow.exceptions import MlflowException
 
         # The registry resolves a models:/ source through the process's tracking URI.
         mlflow.set_tracking_uri(self.cfg.tracking_uri)
         name = self.cfg.registered_model
-        with contextlib.suppress(MlflowException):  # already registered
-            self.client.create_registered_model(name)
-        version = self.client.create_model_version(
-            name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
-            tags={**redact(dict(tags)), "rzenembed.model_id": model_id},
-        )  # fmt: skip
-        self.client.set_registered_model_alias(name, "candidate", version.version)
-        return str(version.version)
+        existing = self.version_with_digest(digest)
+        if existing is not None:
+            version, reused = str(existing.version), True
+            runs = json.loads(existing.tags.get(REGISTERED_BY_TAG, "[]"))
+            if run_id not in runs:
+                runs.append(run_id)
+                self.client.set_model_version_tag(name, version, REGISTERED_BY_TAG,
+                                                  json.dumps(runs))  # fmt: skip
+        else:
+            with contextlib.suppress(MlflowException):  # already registered
+                self.client.create_registered_model(name)
+            created = self.client.create_model_version(
+                name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
+                tags={**redact(dict(tags)), DIGEST_TAG: digest, "rzenembed.model_id": model_id,
+                      REGISTERED_BY_TAG: json.dumps([run_id])},
+            )  # fmt: skip
+            version, reused = str(created.version), False
+        self.client.set_tag(run_id, "rzenembed.registered_version", f"{name}/{version}")
+        self.client.set_tag(run_id, "rzenembed.reused_version", str(reused).lower())
+        self.client.set_registered_model_alias(name, "candidate", version)
+        return version, reused
 
     def champion(self) -> Any | None:
         from mlflow.exceptions import MlflowException
@@ -322,7 +360,9 @@ class Tracker:
         previous = None
         if current is not None and tag in current.tags:
             previous = float(current.tags[tag])
-        promoted = current is None or previous is None or score > previous + min_improvement
+        already = current is not None and str(current.version) == str(version)
+        promoted = (already or current is None or previous is None
+                    or score > previous + min_improvement)  # fmt: skip
         if promoted:
             self.client.set_registered_model_alias(name, "champion", version)
         decision = {
@@ -333,6 +373,7 @@ class Tracker:
             "metric": metric,
             "min_improvement": min_improvement,
             "promoted": promoted,
+            "already_champion": already,
         }
         self.client.set_model_version_tag(name, version, "rzenembed.promotion",
                                           json.dumps(decision))  # fmt: skip
@@ -370,13 +411,27 @@ def lineage(tracker: Tracker, model_uri: str) -> LineageNode:
     model = tracker.client.get_logged_model(version.model_id or version.tags["rzenembed.model_id"])
     root_ref = LineageRef(
         kind="registered-model", name=f"{version.name} v{version.version}",
-        uri=model_uri, digest=model.tags.get("rzenembed.digest", ""),
+        uri=model_uri, digest=model.tags.get(DIGEST_TAG, ""),
         run_id=model.source_run_id, model_id=model.model_id,
-        extra={"aliases": list(version.aliases)},
+        extra={"aliases": list(version.aliases), "folder": model.tags.get("rzenembed.folder"),
+               "registered_digest": version.tags.get(DIGEST_TAG)},
     )  # fmt: skip
-    seen: dict[str, LineageNode] = {}
+    return expand_lineage(tracker, root_ref)
+
+
+def logged_models_with_digest(tracker: Tracker, digest: str) -> list[Any]:
+    """Every LoggedModel (in any experiment) tagged with this content digest, oldest first."""
+    experiments = [e.experiment_id for e in tracker.client.search_experiments()]
+    found = tracker.client.search_logged_models(
+        experiments, filter_string=f"tags.`{DIGEST_TAG}` = '{digest}'"
+    )
+    return sorted(found, key=lambda m: m.creation_timestamp)
+
+
+def expand_lineage(tracker: Tracker, root_ref: LineageRef) -> LineageNode:
+    """The tree under ``root_ref``: the inputs its producing run recorded, recursively."""
     root = LineageNode(root_ref)
-    _expand(tracker, root, seen)
+    _expand(tracker, root, {})
     return root
 
 

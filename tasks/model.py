@@ -14,6 +14,7 @@ from rzenembed.config import PipelineConfig, digest_of
 from rzenembed.data.storage import join
 from rzenembed.evaluation import discover, evaluate, write_report
 from rzenembed.evaluation.report import levels
+from rzenembed.identity import json_file_digest
 from rzenembed.modeling import ModelCard, RzenEmbedder
 from rzenembed.modeling.digest import file_digest, folder_digest
 from rzenembed.soup import soup
@@ -163,7 +164,7 @@ def evaluate_model(
             key="evaluation-report",
             description="MMEB-style scores; Δ against the untrained base",
         )
-        digest = file_digest(paths["json"])
+        digest = json_file_digest(paths["json"])  # scores and model digest, not paths/time
         ref = LineageRef("report", "evaluation", str(paths["json"].resolve()), digest, run_id,
                          extra={"scores": now, "baseline": levels(json.loads(
                              base_paths["json"].read_text())),
@@ -175,6 +176,14 @@ def evaluate_model(
 
 
 # --------------------------------------------------------------------------- register
+
+
+def _verdict(decision: dict[str, Any], version: str) -> str:
+    if decision.get("already_champion"):
+        return f"The same model (same digest) is already the champion, v{version}"
+    if decision["promoted"]:
+        return f"Champion moved to v{version}"
+    return f"Champion stays at v{decision['champion_version']}"
 
 
 def champion_level(metric: str) -> str:
@@ -198,11 +207,12 @@ def register_model(
                          f"no level {level!r}; it has {sorted(scores)}")  # fmt: skip
     section = {"tracking": cfg.tracking.model_dump(mode="json"), "metric": level}
     with step_run(cfg, ctx, "register", "register", section) as (tracker, run_id):
-        version = tracker.register(
-            model["model_id"],
-            run_id,
-            {"rzenembed.digest": model["digest"], "rzenembed.report": report["uri"]},
+        version, reused = tracker.register(
+            model["model_id"], run_id, model["digest"], {"rzenembed.report": report["uri"]}
         )
+        if reused:
+            print(f"model digest {model['digest'][:12]} is already registered as version "
+                  f"{version}; reusing it")  # fmt: skip
         decision = tracker.promote_if_better(
             version, level, float(scores[level]), cfg.eval.min_improvement
         )
@@ -215,7 +225,7 @@ def register_model(
             model["digest"],
             run_id,
             model["model_id"],
-            extra={"version": version, "decision": decision},
+            extra={"version": version, "decision": decision, "reused": reused},
         ).to_json()
         tracker.record_lineage(run_id, "register", [as_ref(model), as_ref(report)], [as_ref(out)])
     champion = decision["champion_score"]
@@ -224,8 +234,7 @@ def register_model(
         f"| candidate v{version} | {100 * decision['candidate_score']:.1f} |\n"
         f"| champion {decision['champion_version'] or '(none)'} | "
         f"{'–' if champion is None else f'{100 * champion:.1f}'} |\n\n"
-        f"Champion {'moved to' if decision['promoted'] else 'stays at'} "
-        f"v{version if decision['promoted'] else decision['champion_version']}.\n",
+        f"{_verdict(decision, version)}.\n",
         key="registration", description="candidate against champion",
     )  # fmt: skip
     return out

@@ -51,7 +51,8 @@ def _train_inputs(p: dict[str, Any]) -> list[str]:
 def base_model_ref(cfg: PipelineConfig) -> dict[str, Any]:
     """The configured base checkpoint as a lineage ref (digest of its weights)."""
     path = Path(cfg.model.name_or_path)
-    return LineageRef("model", "base", str(path.resolve()), weights_digest(path)).to_json()
+    return LineageRef("model", "base", str(path.resolve()), weights_digest(path),
+                      extra={"digest_of": "weights"}).to_json()  # fmt: skip
 
 
 def _live_metrics(cfg: PipelineConfig) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rzenembed.config import TrackingConfig
@@ -76,7 +78,8 @@ def test_a_lineage_walk_over_real_runs(tmp_path, monkeypatch):
     model_id = tracker.log_model(train, "adapter", folder, "lora-adapter", {}, {
         "rzenembed.digest": "f" * 64})  # fmt: skip
     tracker.record_lineage(train, "stage1", [version], [])
-    version_number = tracker.register(model_id, train, {})
+    version_number, reused = tracker.register(model_id, train, "f" * 64, {})
+    assert not reused
     decision = tracker.promote_if_better(version_number, "All", 0.5)
     assert decision["promoted"] and decision["champion_version"] is None
     tree = lineage(tracker, "models:/rzenembed@champion")
@@ -85,8 +88,34 @@ def test_a_lineage_walk_over_real_runs(tmp_path, monkeypatch):
     assert tree.children[0].ref.run_id == ingest and tree.children[0].step == "ingest"
     params = tracker.client.get_run(ingest).data.params
     assert params["uri"] == f"s3://{REDACTED}@b"
-    second = tracker.register(model_id, train, {})
+    second, reused = tracker.register(model_id, train, "a" * 64, {})
+    assert (second, reused) == ("2", False)
     worse = tracker.promote_if_better(second, "All", 0.4)
     assert not worse["promoted"] and worse["champion_score"] == 0.5
     assert str(tracker.champion().version) == version_number
+
+
+def test_registering_the_same_digest_again_reuses_its_version(tmp_path):
+    cfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="t")
+    tracker = Tracker(cfg)
+    runs = [tracker.client.create_run(tracker.experiment_id).info.run_id for _ in range(3)]
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"\0" * 8)
+    models = [tracker.log_model(r, "souped", folder, "souped-model", {}, {}) for r in runs]
+    assert tracker.register(models[0], runs[0], "1" * 64, {}) == ("1", False)
+    assert tracker.promote_if_better("1", "All", 0.5)["promoted"]
+    assert tracker.register(models[1], runs[1], "2" * 64, {}) == ("2", False)
+    # A rerun elsewhere produced the first model again: same digest, same version.
+    assert tracker.register(models[2], runs[2], "1" * 64, {}) == ("1", True)
+    client = tracker.client
+    assert len(client.search_model_versions("name = 'rzenembed'")) == 2
+    first = client.get_model_version("rzenembed", "1")
+    assert json.loads(first.tags["rzenembed.registered_by"]) == [runs[0], runs[2]]
+    assert first.tags["rzenembed.model_id"] == models[0]  # it keeps its first LoggedModel
+    assert client.get_run(runs[2]).data.tags["rzenembed.registered_version"] == "rzenembed/1"
+    assert str(client.get_model_version_by_alias("rzenembed", "candidate").version) == "1"
+    decision = tracker.promote_if_better("1", "All", 0.5)
+    assert decision["promoted"] and decision["already_champion"]
+    assert str(tracker.champion().version) == "1"
     assert b"walk-secret-123" not in (tmp_path / "mlflow.db").read_bytes()

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rzenembed.identity import dumps_canonical
+
 CARD_FILE = "rzenembed.json"
 CARD_FORMAT_VERSION = 1
 
@@ -36,7 +38,7 @@ class ModelCard:
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / CARD_FILE
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        path.write_text(dumps_canonical(asdict(self)))
         return path
 
     @classmethod

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rzenembed.config import LoraConfig, ModelConfig, config_digest
+from rzenembed.identity import rewrite_canonical_json
 from rzenembed.modeling.card import ModelCard, ModelFolderError
 from rzenembed.modeling.digest import weights_digest
 from rzenembed.modeling.inputs import EmbedInput, as_input, load_image, sample_frames
@@ -286,6 +287,11 @@ class RzenEmbedder(nn.Module):
         else:
             self.hf_model.save_pretrained(out, safe_serialization=True)
             kind, base, base_digest = "model", None, None
+        # peft lists target_modules in set order: rewritten canonically, the same model
+        # gives the same bytes whatever the process's hash seed.
+        for name in ("adapter_config.json", "config.json"):
+            if (out / name).is_file():
+                rewrite_canonical_json(out / name)
         self.processor.save_pretrained(out)
         card = ModelCard(
             kind=kind,
@@ -293,7 +299,8 @@ class RzenEmbedder(nn.Module):
             embedding_dim=self.embedding_dim,
             base_model=base,
             base_digest=base_digest,
-            config_digest=config_digest(self.cfg),
+            # Where the base lives is no part of the settings' identity (base_digest is).
+            config_digest=config_digest(self.cfg.model_copy(update={"name_or_path": "-"})),
             settings={k: getattr(self.cfg, k) for k in RUNTIME_SETTINGS},
             extra=dict(extra or {}),
         )

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from rzenembed.config import MixtureConfig, PipelineConfig, digest_of
+from rzenembed.config import MixtureConfig, PipelineConfig
 from rzenembed.data.storage import filesystem, join
 from rzenembed.data.version import DatasetVersion, write_atomically
+from rzenembed.identity import dumps_canonical, json_digest
 
 STAGE_MANIFEST = "stage-manifest.json"
 
@@ -43,7 +44,15 @@ class StageManifest:
     uri: str = ""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        return dumps_canonical(asdict(self))
+
+    def content_digest(self) -> str:
+        """What the stage trains on: each dataset's name, content digest, rows, task group
+        and probability. Where the versions live (their URIs) is left out, so the same data
+        prepared under another storage root gives the same stage identity."""
+        content = {"stage": self.stage, "mixture": self.mixture,
+                   "datasets": [asdict(d) for d in self.datasets]}  # fmt: skip
+        return json_digest(content)
 
     @classmethod
     def load(cls, uri: str, endpoint_url: str | None = None) -> StageManifest:
@@ -104,7 +113,7 @@ def run_mixture(
         for name in sorted(weights)
     ]
     manifest = StageManifest(stage, mixture.name if mixture else "all", datasets)
-    manifest.digest = digest_of(asdict(manifest))
+    manifest.digest = manifest.content_digest()
     folder = join(cfg.storage.root, "_stages", f"{stage}-{manifest.mixture}", manifest.digest[:16])
     manifest.uri = join(folder, STAGE_MANIFEST)
     fs, path = filesystem(manifest.uri, cfg.storage.endpoint_url)

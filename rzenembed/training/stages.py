@@ -20,6 +20,7 @@ from pathlib import Path
 from rzenembed.config import MixtureConfig, PipelineConfig, StageConfig, digest_of
 from rzenembed.data.storage import is_remote, join
 from rzenembed.modeling import ModelCard, RzenEmbedder
+from rzenembed.modeling.digest import weights_digest
 from rzenembed.prep.mixture import StageManifest
 from rzenembed.training.loop import RunSpec, train_loop_per_worker
 
@@ -54,14 +55,15 @@ def run_key(
     cfg: PipelineConfig, stage_name: str, manifest: StageManifest, base_model: str | Path
 ) -> str:
     """What decides a run's result: its stage section, the model, LoRA and loss settings,
-    the data (manifest digest), the base weights' folder and the world size. A run with
-    another key trains afresh in its own folder instead of reusing a finished adapter."""
+    the data (manifest digest), the base weights (their digest, not their folder) and the
+    world size. A run with another key trains afresh in its own folder instead of reusing
+    a finished adapter."""
     stage = getattr(cfg, stage_name).model_dump(mode="json")
     stage.pop("mixtures", None)
     section = {
         "stage": stage_name, "settings": stage, "model": cfg.model.model_dump(mode="json"),
         "lora": cfg.lora.model_dump(mode="json"), "loss": cfg.loss.model_dump(mode="json"),
-        "manifest": manifest.digest, "base": str(Path(base_model).resolve()),
+        "manifest": manifest.digest, "base": weights_digest(base_model),
         "workers": cfg.compute.num_workers,
     }  # fmt: skip
     section["model"].pop("name_or_path")  # the base folder stands for it
