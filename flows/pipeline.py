@@ -353,5 +353,6 @@ def _announce(ex: Execution, registered: dict[str, Any], report: dict[str, Any])
         f"score All {100 * scores['All']:.1f} (untrained base {100 * baseline['All']:.1f})\n"
         f"report: {report['extra']['markdown']}\n"
         f"lineage: rzenembed lineage {registered['uri']} --tracking-uri {tracking}\n"
+        f"verify: rzenembed verify {registered['uri']} --tracking-uri {tracking}\n"
         f"browse: mlflow ui --backend-store-uri {tracking}"
     )

@@ -3,11 +3,16 @@
 Five executions share one storage root: a complete run; the same config again (every step
 a cache hit); a run with a changed stage-2 setting whose stage 2 fails once (injected);
 its rerun, which finishes without redoing data prep or stage 1; and a retrain after one
-source changed, with a gating margin no candidate can clear.
+source changed, with a gating margin no candidate can clear. Between the first two, the
+same pipeline runs from scratch on a fresh storage root against the same MLflow store
+(one registered version, not two), and ``rzenembed verify`` checks the registered model's
+lineage before and after one byte of one dataset shard is changed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -32,7 +37,7 @@ KEY_ID = "RZKEYID4242EXAMPLE"
 DATA_STEPS = {"ingest", "clean", "split-clips", "cap", "merge-classification", "mixture"}
 
 
-def pipeline_config(corpus, model_dir, root: Path) -> Path:
+def pipeline_config(corpus, model_dir, root: Path, data: str = "data") -> Path:
     sources = yaml.safe_load(corpus.sources_yaml.read_text())
     for source in sources:
         source["uri"] = str(corpus.root / source["uri"])
@@ -42,7 +47,7 @@ def pipeline_config(corpus, model_dir, root: Path) -> Path:
               "optim": {"lr": 1e-3, "warmup_ratio": 0.0}}  # fmt: skip
     cfg = {
         "name": "flowtest",
-        "storage": {"root": str(root / "data")},
+        "storage": {"root": str(root / data)},
         "sources": sources,
         "prep": {"shard_rows": 64, "cap_per_dataset": 25, "clip_seconds": 4.0,
                  "frames_per_clip": 4, "long_video_min_s": 5.0, "long_video_max_s": 20.0},
@@ -60,7 +65,7 @@ def pipeline_config(corpus, model_dir, root: Path) -> Path:
         "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": "flowtest"},
         "compute": {"num_workers": 1, "cpus_per_worker": 1},
     }  # fmt: skip
-    path = root / "pipeline.yaml"
+    path = root / f"pipeline-{data}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
@@ -131,6 +136,9 @@ def runs(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
             temporary_settings({PREFECT_LOCAL_STORAGE_PATH: root / "prefect-results"}),
         ):
             out["first"] = full_pipeline(str(config), return_state=True)
+            fresh = pipeline_config(corpus, tiny_model_dir, root, data="data-fresh")
+            out["fresh"] = full_pipeline(str(fresh), refresh=True, return_state=True)
+            out["verify"] = verify_before_and_after_a_changed_byte(config, out["first"])
             out["again"] = full_pipeline(str(config), return_state=True)
             os.environ["RZENEMBED_FAIL_ONCE"] = f"stage2:{root / 'fault-marker'}"
             out["failed"] = full_pipeline(str(config), changed, return_state=True)
@@ -138,7 +146,7 @@ def runs(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
             add_row(corpus.root / CHANGED_SOURCE / "records.jsonl")
             gated = [*changed, "eval.min_improvement=1.0"]  # no candidate can clear it
             out["retrain"] = retrain(str(config), gated, return_state=True)
-            for name in ("first", "again", "failed", "resumed", "retrain"):
+            for name in ("first", "fresh", "again", "failed", "resumed", "retrain"):
                 state = out[name]
                 out[f"{name}_tasks"] = task_states(state.state_details.flow_run_id)
                 out[f"{name}_artifacts"] = artifacts(state.state_details.flow_run_id)
@@ -148,6 +156,41 @@ def runs(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+    return out
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    from rzenembed.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def verify_before_and_after_a_changed_byte(config: Path, first) -> dict:
+    """``rzenembed verify`` on the registered model; then one byte of one shard of the
+    cleaned caption dataset is flipped, verified again, and put back."""
+    from rzenembed.config import load_config
+
+    tracking = load_config(config).tracking.tracking_uri
+    argv = ["verify", "models:/rzenembed@champion", "--tracking-uri", tracking]
+    out = {"clean": run_cli(argv)}
+    version = DatasetVersion.open(first.result()["data"]["versions"]["sample-captions"]["clean"][
+        "uri"])  # fmt: skip
+    shard = Path(version.uri) / version.manifest.shards[0].path
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle] ^= 0x01
+    original = shard.read_bytes()
+    shard.write_bytes(bytes(data))
+    try:
+        out["changed"] = run_cli(argv)
+        out["changed_json"] = run_cli([*argv, "--json"])
+    finally:
+        shard.write_bytes(original)
+    out["restored"] = run_cli(argv)
+    out["shard"] = (version.uri, version.manifest.shards[0].path)
     return out
 
 
@@ -278,3 +321,43 @@ def test_a_retrain_reprocesses_only_the_changed_source_and_keeps_the_champion(ru
     assert "Champion stays where it was" in runs["retrain_artifacts"]["retraining"]
     merged = runs["resumed"].result()["trained"]["merged"]
     assert result["trained"]["merged"]["uri"] == merged["uri"]
+
+
+def test_a_fresh_run_of_the_same_inputs_reuses_the_registered_version(runs):
+    first, fresh = runs["first"].result(), runs["fresh"].result()
+    assert runs["fresh"].is_completed(), runs["fresh"].message
+    assert fresh["model"]["uri"] != first["model"]["uri"]  # another storage root
+    assert "data-fresh" in fresh["model"]["uri"]
+    for a, b in zip(first["trained"]["stage2"], fresh["trained"]["stage2"], strict=True):
+        assert a["digest"] == b["digest"]
+    assert fresh["model"]["digest"] == first["model"]["digest"]
+    assert fresh["report"]["digest"] == first["report"]["digest"]
+    assert fresh["model_uri"] == first["model_uri"] == "models:/rzenembed/1"
+    assert fresh["registered"]["extra"]["reused"] is True
+    assert fresh["registered"]["extra"]["decision"]["already_champion"] is True
+    assert set(runs["fresh_tasks"]["register"]) == {"Completed"}  # really ran, not cached
+    client = MlflowClient(tracking_uri=tracker_for(runs).cfg.tracking_uri)
+    v1 = client.get_model_version("rzenembed", "1")
+    assert len(json.loads(v1.tags["rzenembed.registered_by"])) == 2
+
+
+def test_verify_passes_then_names_the_changed_shard(runs):
+    checks = runs["verify"]
+    code, text, err = checks["clean"]
+    assert code == 0, text + err
+    assert "[CHANGED]" not in text and "[MISSING]" not in text
+    summary = text.strip().splitlines()[-1]
+    assert summary.startswith("# ") and " 0 CHANGED, 0 MISSING" in summary
+    kinds = {line.split("] ", 1)[1].split(" ", 1)[0] for line in text.splitlines()
+             if "[OK]" in line}  # fmt: skip
+    assert kinds >= {"registered-model", "adapter", "model", "stage-manifest", "dataset", "raw"}
+    code, text, err = checks["changed"]
+    uri, shard = checks["shard"]
+    assert code == 1
+    changed = [line for line in text.splitlines() if "[CHANGED]" in line]
+    assert changed and all(uri in line for line in changed), changed
+    assert f"shard {shard} changed" in changed[0]
+    assert f"CHANGED: dataset sample-captions/clean at {uri}" in err
+    tree = json.loads(checks["changed_json"][1])
+    assert tree["ok"] is False and tree["counts"]["CHANGED"] >= 1
+    assert checks["restored"][0] == 0
