@@ -130,6 +130,16 @@ def candidate_ids(
     return torch.cat([part.to(device=device, dtype=torch.long) for part in parts])
 
 
+def _real_slots(mask: Tensor | None, batch: int, num_neg: int, device: Any) -> Tensor:
+    """``(b * (1 + K),)`` 1 for a real candidate, 0 for a padded negative slot."""
+    positives = torch.ones(batch, dtype=torch.long, device=device)
+    if mask is None:
+        negatives = torch.ones(batch * num_neg, dtype=torch.long, device=device)
+    else:
+        negatives = mask.reshape(-1).to(device=device, dtype=torch.long)
+    return torch.cat([positives, negatives])
+
+
 # --------------------------------------------------------------------------- input checks
 
 
@@ -141,7 +151,12 @@ def _check_tensor(name: str, value: Any, shape: Sequence[int], kind: str) -> Non
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(value.shape)}")
     is_float = value.is_floating_point()
     is_int = not is_float and not value.is_complex() and value.dtype != torch.bool
-    if (kind == "float" and not is_float) or (kind == "int" and not is_int):
+    is_bool = value.dtype == torch.bool
+    if (
+        (kind == "float" and not is_float)
+        or (kind == "int" and not is_int)
+        or (kind == "bool" and not is_bool)
+    ):
         raise ValueError(f"{name}: expected {kind} dtype, got {value.dtype}")
 
 
@@ -242,6 +257,7 @@ class RzenEmbedLoss(nn.Module):
         negative_ids: Tensor | None = None,
         group_ids: Tensor | None = None,
         negative_group_ids: Tensor | None = None,
+        negative_mask: Tensor | None = None,
     ) -> dict[str, Any]:
         """Contrastive loss of the local queries against all (gathered) candidates.
 
@@ -258,6 +274,10 @@ class RzenEmbedLoss(nn.Module):
             group_ids: ``(b,)`` group id of query i and its positive (e.g. a class label);
                 candidates in the same group are never negatives. -1 means "no id".
             negative_group_ids: ``(b, K)`` group ids of the explicit negatives.
+            negative_mask: ``(b, K)`` bool, True where a negative slot holds a real
+                negative. Rows with fewer than K negatives are padded (every rank must pass
+                the same K); a padded slot is no candidate of any query: it never enters a
+                denominator and is not counted in ``masked_fraction``. None: all real.
 
         Returns:
             ``loss``: scalar tensor, mean over local queries. ``per_task_loss``: group name ->
@@ -274,21 +294,24 @@ class RzenEmbedLoss(nn.Module):
             negative_ids,
             group_ids,
             negative_group_ids,
+            negative_mask,
         )
         # Ids and tasks often come straight from a CPU dataloader.
         task_index = task_index.to(device=query.device, dtype=torch.long)
         cands, cand_ids, targets = self._candidates(
-            positive, negatives, positive_ids, negative_ids, group_ids, negative_group_ids
-        )
+            positive, negatives, positive_ids, negative_ids, group_ids, negative_group_ids,
+            negative_mask,
+        )  # fmt: skip
         dtype = torch.promote_types(query.dtype, self.theta.dtype)
         # Similarities in at least float32: at tau ~ 0.02 a bf16 rounding error of a cosine
         # becomes a sizeable logit error.
         cand_sim = query.to(dtype) @ cands.to(dtype).T  # (b, N)
         excluded = self._excluded(cand_sim, targets, positive_ids, group_ids, cand_ids)  # (b, N)
-        logits = self._logits(cand_sim, targets, task_index, excluded)  # (b, N)
+        padded = cand_ids[:, 2] == 0  # (N,) slots that hold no candidate at all
+        logits = self._logits(cand_sim, targets, task_index, excluded | padded[None, :])
         del cand_sim  # autograd keeps it only if tau is learnable; else free it before softmax
         row_loss = F.cross_entropy(logits, targets, reduction="none")  # (b,)
-        return self._report(row_loss, task_index, excluded)
+        return self._report(row_loss, task_index, excluded & ~padded[None, :], padded)
 
     def _gathering(self) -> bool:
         return self.cfg.gather_across_ranks and distributed_world_size() > 1
@@ -301,8 +324,10 @@ class RzenEmbedLoss(nn.Module):
         negative_ids: Tensor | None,
         group_ids: Tensor | None,
         negative_group_ids: Tensor | None,
+        negative_mask: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Candidates ``(N, D)``, their (item, group) ids ``(N, 2)`` and the targets ``(b,)``."""
+        """Candidates ``(N, D)``, their (item id, group id, real) columns ``(N, 3)`` and the
+        targets ``(b,)``; ``real`` is 0 for a padded negative slot."""
         batch, dim = positive.shape
         num_neg = 0 if negatives is None else negatives.shape[1]
         local = positive
@@ -312,9 +337,10 @@ class RzenEmbedLoss(nn.Module):
             [
                 candidate_ids(positive_ids, negative_ids, batch, num_neg, positive.device),
                 candidate_ids(group_ids, negative_group_ids, batch, num_neg, positive.device),
+                _real_slots(negative_mask, batch, num_neg, positive.device),
             ],
             dim=1,
-        )  # (b * (1 + K), 2)
+        )  # (b * (1 + K), 3)
         offset = 0
         if self._gathering():
             _check_same_shape_on_all_ranks(batch, num_neg, dim, positive.device)
@@ -358,15 +384,18 @@ class RzenEmbedLoss(nn.Module):
         # In place is safe: div and add save their inputs for backward, not their output.
         return logits.masked_fill_(excluded, float("-inf"))
 
-    def _report(self, row_loss: Tensor, task_index: Tensor, excluded: Tensor) -> dict[str, Any]:
+    def _report(
+        self, row_loss: Tensor, task_index: Tensor, excluded: Tensor, padded: Tensor
+    ) -> dict[str, Any]:
         """The result dict; all logging numbers leave the device in one transfer."""
         groups = len(self.task_groups)
         sums = torch.zeros(groups, dtype=torch.float64, device=row_loss.device)
         sums.index_add_(0, task_index, row_loss.detach().double())
         counts = torch.bincount(task_index, minlength=groups).double()
         masked = excluded.sum().double().reshape(1)
+        real = (~padded).sum().double().reshape(1)
         temps = self.temperatures().detach().double()
-        values = torch.cat([sums, counts, masked, temps]).tolist()
+        values = torch.cat([sums, counts, masked, real, temps]).tolist()
         per_task = {
             name: total / count
             for name, total, count in zip(
@@ -374,7 +403,8 @@ class RzenEmbedLoss(nn.Module):
             )
             if count > 0
         }
-        would_be_negatives = excluded.shape[0] * (excluded.shape[1] - 1)
+        # Per row: every real candidate but its own target.
+        would_be_negatives = excluded.shape[0] * (values[2 * groups + 1] - 1)
         return {
             "loss": row_loss.mean(),
             "per_task_loss": per_task,
@@ -392,6 +422,7 @@ class RzenEmbedLoss(nn.Module):
         negative_ids: Tensor | None,
         group_ids: Tensor | None,
         negative_group_ids: Tensor | None,
+        negative_mask: Tensor | None = None,
     ) -> None:
         """Fail early, naming the argument, before a shape error surfaces deep in a matmul."""
         batch, dim, num_neg = _embedding_shapes(query, negatives)
@@ -405,6 +436,10 @@ class RzenEmbedLoss(nn.Module):
         _check_optional("negative_ids", negative_ids, (batch, num_neg), "int")
         _check_optional("group_ids", group_ids, (batch,), "int")
         _check_optional("negative_group_ids", negative_group_ids, (batch, num_neg), "int")
+        if negative_mask is not None:
+            if negatives is None:
+                raise ValueError("negative_mask given without negatives")
+            _check_tensor("negative_mask", negative_mask, (batch, num_neg), "bool")
         self._check_task_range(task_index)
 
     def _check_task_range(self, task_index: Tensor) -> None:

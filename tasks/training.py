@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from rzenembed.config import PipelineConfig
@@ -60,10 +60,13 @@ def _live_metrics(cfg: PipelineConfig) -> bool:
 
 
 class _Progress:
-    """Polls the metrics file and moves a Prefect progress artifact (best effort)."""
+    """Polls the metrics file, moves a Prefect progress artifact and repeats the loop's
+    warnings (e.g. masking that removes most negatives) in the Prefect log (best effort)."""
 
     def __init__(self, path: Path, total: int, label: str):
-        self.path, self.total = path, total
+        self.path, self.total, self.label = path, total, label
+        self.logger = get_run_logger()  # taken here: the poller thread has no run context
+        self.warned: set[int] = set()
         self.artifact = create_progress_artifact(0.0, description=f"training {label}")
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -75,7 +78,12 @@ class _Progress:
 
     def update(self) -> None:
         try:
-            steps = len(read_jsonl(self.path)) if self.path.is_file() else 0
+            rows = read_jsonl(self.path) if self.path.is_file() else []
+            for row in rows:
+                if row.get("warning") and row["step"] not in self.warned:
+                    self.warned.add(row["step"])
+                    self.logger.warning("%s: %s", self.label, row["warning"])
+            steps = len(rows)
             update_progress_artifact(self.artifact, 100.0 * min(steps, self.total) / self.total)
         except Exception:  # progress is cosmetic; never fail training for it
             pass

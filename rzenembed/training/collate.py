@@ -55,17 +55,20 @@ class DatasetRows:
     group_semantics: str
     task_group: str
     endpoint_url: str | None = None
+    max_negatives: int = 0  # the most hard negatives any row of the dataset has
 
     @classmethod
     def load(cls, version: DatasetVersion, task_group: str) -> DatasetRows:
         stats = version.manifest.stats
+        rows = version.read_table().to_pylist()
         return cls(
             name=version.manifest.dataset,
-            rows=version.read_table().to_pylist(),
+            rows=rows,
             media_root=str(stats.get("media_root", "")),
             group_semantics=str(stats.get("group_semantics", "same-item")),
             task_group=task_group,
             endpoint_url=version.endpoint_url,
+            max_negatives=max((len(r.get("negatives") or []) for r in rows), default=0),
         )
 
     def __len__(self) -> int:
@@ -80,13 +83,21 @@ class TrainBatch:
     task_group: str
     queries: list[EmbedInput]
     positives: list[EmbedInput]
-    negatives: list[EmbedInput]  # flattened, num_negatives per query
-    num_negatives: int
+    negatives: list[EmbedInput]  # the real ones, flattened query-major
+    num_negatives: int  # K: the same on every rank of a step
     positive_ids: torch.Tensor  # (b,)
-    negative_ids: torch.Tensor | None  # (b, K)
+    negative_ids: torch.Tensor | None  # (b, K), NO_ID in padded slots
     group_ids: torch.Tensor  # (b,)
     row_ids: list[str]
     plan_digest: str = ""  # of the step's global plan (dataset + row indices), for checks
+    negative_mask: torch.Tensor | None = None  # (b, K) bool: True = a real negative
+
+    @property
+    def padded_fraction(self) -> float:
+        """Share of this rank's K negative slots that hold no real negative."""
+        if self.negative_mask is None or self.negative_mask.numel() == 0:
+            return 0.0
+        return 1.0 - float(self.negative_mask.float().mean())
 
 
 class MediaReader:
@@ -131,14 +142,30 @@ def to_input(side: dict[str, Any], reader: MediaReader, max_frames: int) -> Embe
     )
 
 
+def negatives_per_step(source: DatasetRows, hard_negatives: int) -> int:
+    """K for every step on ``source``: the configured ``hard_negatives``, capped by the most
+    negatives any row of the dataset has. It depends only on the config and the dataset, so
+    every rank computes the same K whatever rows its slice holds (the loss gathers
+    ``(b, K, D)`` blocks across ranks and needs equal shapes)."""
+    return min(hard_negatives, source.max_negatives)
+
+
 def collate(
     rows: list[dict[str, Any]], source: DatasetRows, hard_negatives: int, max_frames: int
 ) -> TrainBatch:
-    """Inputs and ids for ``rows`` of ``source``; K = the fewest negatives any row has,
-    capped at ``hard_negatives``, so the negatives form a (b, K) block."""
+    """Inputs and ids for ``rows`` of ``source``, with K = ``negatives_per_step`` negative
+    slots per row. A row with fewer negatives keeps all it has; its remaining slots are
+    padded (``negative_mask`` False, id ``NO_ID``): nothing is embedded for them and the loss
+    leaves them out, so no row's negatives are dropped because another row has fewer."""
     reader = MediaReader(source.media_root, source.endpoint_url)
-    k = min([hard_negatives, *(len(r.get("negatives") or []) for r in rows)]) if rows else 0
-    negatives = [n for r in rows for n in (r.get("negatives") or [])[:k]]
+    k = negatives_per_step(source, hard_negatives)
+    kept = [(r.get("negatives") or [])[:k] for r in rows]
+    negatives = [n for row_negatives in kept for n in row_negatives]
+    mask = torch.tensor([[j < len(n) for j in range(k)] for n in kept], dtype=torch.bool)
+    negative_ids = torch.tensor(
+        [[stable_id(item_key(n[j])) if j < len(n) else NO_ID for j in range(k)] for n in kept],
+        dtype=torch.long,
+    )
     mask_groups = source.group_semantics != "siblings"
     return TrainBatch(
         dataset=source.name,
@@ -148,13 +175,10 @@ def collate(
         negatives=[to_input(n, reader, max_frames) for n in negatives],
         num_negatives=k,
         positive_ids=torch.tensor([stable_id(item_key(r["positive"])) for r in rows]),
-        negative_ids=(
-            torch.tensor([stable_id(item_key(n)) for n in negatives]).view(len(rows), k)
-            if k
-            else None
-        ),
+        negative_ids=negative_ids.view(len(rows), k) if k else None,
         group_ids=torch.tensor(
             [stable_id(r["group_id"]) if mask_groups and r.get("group_id") else NO_ID for r in rows]
         ),
         row_ids=[r["id"] for r in rows],
+        negative_mask=mask.view(len(rows), k) if k else None,
     )

@@ -49,21 +49,26 @@ class ContrastiveBatch:
 
     ``negatives`` holds the ``b * K`` hard negatives flattened query-major (the K negatives
     of query 0, then those of query 1, ...), chunked independently of the queries; None
-    means no explicit negatives (``num_negatives`` is then 0).
+    means no explicit negatives (``num_negatives`` is then 0). With ``negative_mask``
+    (``(b, K)`` bool), rows may have fewer than K negatives: ``negatives`` then holds only
+    the real ones, in the query-major order of the True slots, and the padded slots become
+    zero vectors that the loss leaves out (no placeholder is ever embedded).
     """
 
     queries: list[Chunk]
     positives: list[Chunk]
     negatives: list[Chunk] | None
     num_negatives: int
+    negative_mask: Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.queries or not self.positives:
             raise ValueError("a contrastive batch needs at least one query and one positive")
-        if (self.negatives is None) != (self.num_negatives == 0):
+        real = self.num_negatives if self.negative_mask is None else int(self.negative_mask.sum())
+        if (self.negatives is None) != (real == 0):
             raise ValueError(
-                f"negatives and num_negatives disagree: {self.num_negatives} negatives per "
-                f"query but negatives is {'None' if self.negatives is None else 'given'}"
+                f"negatives and num_negatives disagree: {real} real negatives but negatives "
+                f"is {'None' if self.negatives is None else 'given'}"
             )
 
     def chunks(self) -> list[Chunk]:
@@ -121,6 +126,7 @@ def prepare_batch(
     num_negatives: int,
     chunk_size: int | None,
     lazy: bool = False,
+    negative_mask: Tensor | None = None,
 ) -> ContrastiveBatch:
     """Run the processor over each chunk of queries, positives and flattened negatives.
 
@@ -134,7 +140,15 @@ def prepare_batch(
     if num_negatives < 0:
         raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
     negatives = list(negatives or [])
-    if len(negatives) != len(queries) * num_negatives:
+    if negative_mask is not None:
+        if tuple(negative_mask.shape) != (len(queries), num_negatives):
+            raise ValueError(f"negative_mask has shape {tuple(negative_mask.shape)}, expected "
+                             f"{(len(queries), num_negatives)}")  # fmt: skip
+        expected = int(negative_mask.sum())
+        if len(negatives) != expected:
+            raise ValueError(f"negative_mask marks {expected} real negatives, got "
+                             f"{len(negatives)}")  # fmt: skip
+    elif len(negatives) != len(queries) * num_negatives:
         raise ValueError(
             f"expected {len(queries)} x {num_negatives} = {len(queries) * num_negatives} "
             f"flattened negatives, got {len(negatives)}"
@@ -149,8 +163,9 @@ def prepare_batch(
     return ContrastiveBatch(
         queries=prepared(queries),
         positives=prepared(positives),
-        negatives=prepared(negatives) if num_negatives else None,
+        negatives=prepared(negatives) if negatives else None,
         num_negatives=num_negatives,
+        negative_mask=negative_mask,
     )
 
 
@@ -223,7 +238,7 @@ def gradcache_step(
     # Phase 2: full-batch loss on leaf copies of the embeddings; its backward gives the loss
     # parameters their gradients and caches d loss / d embedding for every row.
     query, positive, negatives = _split_roles(batch, reps, requires_grad=True)
-    result = loss_fn(query, positive, _as_negatives(negatives, batch))
+    result = loss_fn(query, positive, _as_negatives(negatives, batch, query))
     result["loss"].backward()
     grads = _chunk_grads(reps, (query, positive, negatives))
     # The RNG state a plain step would end in (after its forward and its loss); phase 3
@@ -249,7 +264,7 @@ def plain_step(embed: EmbedFn, batch: ContrastiveBatch, loss_fn: LossFn) -> dict
     """
     reps = [embed(materialise(chunk)) for chunk in batch.chunks()]
     query, positive, negatives = _split_roles(batch, reps, requires_grad=False)
-    result = loss_fn(query, positive, _as_negatives(negatives, batch))
+    result = loss_fn(query, positive, _as_negatives(negatives, batch, query))
     result["loss"].backward()
     return detach_result(result)
 
@@ -298,16 +313,27 @@ def _split_roles(
     if query.shape[0] != positive.shape[0]:
         raise ValueError(f"{query.shape[0]} query rows but {positive.shape[0]} positive rows")
     expected = query.shape[0] * batch.num_negatives
+    if batch.negative_mask is not None:
+        expected = int(batch.negative_mask.sum())
     if negatives is not None and negatives.shape[0] != expected:
         raise ValueError(f"expected {expected} negative rows, got {negatives.shape[0]}")
     return query, positive, negatives
 
 
-def _as_negatives(flat: Tensor | None, batch: ContrastiveBatch) -> Tensor | None:
-    """``(b*K, D)`` query-major negatives as the ``(b, K, D)`` the loss expects."""
-    if flat is None:
+def _as_negatives(flat: Tensor | None, batch: ContrastiveBatch, query: Tensor) -> Tensor | None:
+    """Query-major negatives as the ``(b, K, D)`` the loss expects; with a mask, the real
+    ones are scattered into their slots (differentiably) and padded slots stay zero."""
+    if batch.num_negatives == 0:
         return None
-    return flat.view(-1, batch.num_negatives, flat.shape[-1])
+    rows, dim = query.shape
+    if batch.negative_mask is None:
+        assert flat is not None
+        return flat.view(rows, batch.num_negatives, dim)
+    full = query.new_zeros(rows * batch.num_negatives, dim)
+    if flat is not None:
+        slots = batch.negative_mask.reshape(-1).nonzero().squeeze(1).to(query.device)
+        full = full.index_copy(0, slots, flat.to(full.dtype))
+    return full.view(rows, batch.num_negatives, dim)
 
 
 def _chunk_grads(reps: list[Tensor], leaves: tuple[Tensor | None, ...]) -> list[Tensor]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
@@ -38,10 +39,17 @@ from rzenembed.modeling import RzenEmbedder
 from rzenembed.prep.mixture import StageManifest
 from rzenembed.training.collate import DatasetRows, TrainBatch, collate
 from rzenembed.training.gradcache import gradcache_step, plain_step, prepare_batch
-from rzenembed.training.metrics import JsonlLogger, MetricsLogger, MlflowLogger, MultiLogger
+from rzenembed.training.metrics import (
+    JsonlLogger,
+    MaskingWatch,
+    MetricsLogger,
+    MlflowLogger,
+    MultiLogger,
+)
 from rzenembed.training.optim import build_optimizer, build_scheduler
 from rzenembed.training.sampler import AdaptiveSettings, StageSampler
 
+log = logging.getLogger(__name__)
 CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_WEIGHTS = "trainable.pt"
 CHECKPOINT_OPTIM = "optimizer.pt"
@@ -94,24 +102,40 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def average_gradients(params: list[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over ranks with one flat all-reduce."""
+def average_gradients(params: list[nn.Parameter]) -> int:
+    """Average the gradients of ``params`` over ranks with one flat all-reduce.
+
+    A parameter that received no gradient on any rank this step (the vision LoRA on a
+    text-only batch) keeps ``grad = None``, so the optimizer skips it: no weight decay and
+    no momentum drift on towers the step did not use. One that has a gradient on some ranks
+    only gets zeros from the others. Returns how many parameters were skipped.
+    """
     _, size = world()
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    device = params[0].device if params else torch.device("cpu")
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=device)
     if size > 1:
+        dist.all_reduce(used, op=dist.ReduceOp.MAX)
+    active = [p for p, flag in zip(params, used.tolist(), strict=True) if flag]
+    for param, flag in zip(params, used.tolist(), strict=True):
+        if not flag:
+            param.grad = None
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in active]
+    if size > 1 and active:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= size
         grads = list(torch.split(flat, [g.numel() for g in grads]))
-    for param, grad in zip(params, grads, strict=True):
+    for param, grad in zip(active, grads, strict=True):
         param.grad = grad.view_as(param)
+    return len(params) - len(active)
 
 
-def global_mean(value: float) -> float:
+def global_mean(value: float, device: torch.device | str = "cpu") -> float:
+    """The mean of ``value`` over ranks (a tensor on ``device``: NCCL reduces on the GPU)."""
     _, size = world()
     if size == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return float(tensor.item()) / size
 
@@ -246,6 +270,7 @@ class Trainer:
             batch.num_negatives,
             self.stage.gradcache_chunk,
             lazy=bool(self.stage.gradcache_chunk),  # host memory flat in the global batch
+            negative_mask=batch.negative_mask,
         )
 
         def loss_fn(q, p, n):
@@ -257,6 +282,7 @@ class Trainer:
                 positive_ids=batch.positive_ids,
                 negative_ids=batch.negative_ids,
                 group_ids=batch.group_ids,
+                negative_mask=batch.negative_mask,
             )
 
         tokens = 0
@@ -272,22 +298,29 @@ class Trainer:
             out = gradcache_step(embed, prepared, loss_fn)
         else:
             out = plain_step(embed, prepared, loss_fn)
-        average_gradients(self.params)
+        skipped = average_gradients(self.params)
         max_norm = self.stage.optim.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
-        return self._metrics(batch, out, grad_norm, elapsed, tokens)
+        metrics = self._metrics(batch, out, grad_norm, elapsed, tokens)
+        metrics["params_without_grad"] = skipped
+        return metrics
 
     def _metrics(self, batch, out, grad_norm, elapsed, tokens) -> dict[str, Any]:
-        loss = global_mean(float(out["loss"]))
+        device = self.params[0].device if self.params else "cpu"
+        loss = global_mean(float(out["loss"]), device)
         samples = len(batch.queries) * self.world_size
+        masked = global_mean(float(out.get("masked_fraction", 0.0)), device)
         return {
             "loss": loss,
             "per_task_loss": {k: float(v) for k, v in out.get("per_task_loss", {}).items()},
             "temperature": {k: float(v) for k, v in out.get("temperatures", {}).items()},
+            "masked_fraction": masked,
+            "negatives_per_query": batch.num_negatives,
+            "padded_negatives": global_mean(batch.padded_fraction, device),
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
             "samples_per_s": samples / elapsed,
@@ -333,6 +366,7 @@ def run_steps(trainer: Trainer) -> None:
         disable=trainer.rank != 0,
     )
     pending: Future | None = None
+    watch = MaskingWatch()
     for step in range(trainer.start_step, spec.total_steps):
         batch, sampler_state = pending.result() if pending else trainer.planned_batch(step)
         pending = None
@@ -345,6 +379,10 @@ def run_steps(trainer: Trainer) -> None:
             sampler_state = trainer.sampler.state_dict()
             if changes:
                 metrics["sampling_changes"] = [vars(c) for c in changes]
+        if (warning := watch.observe(step, metrics["masked_fraction"])) is not None:
+            metrics["warning"] = warning
+            if trainer.rank == 0:
+                log.warning("%s", warning)
         if logger is not None:
             logger.log(step, {**metrics, "probabilities": dict(trainer.sampler.probabilities)})
         bar.update(1)

@@ -79,3 +79,30 @@ def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with Path(path).open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# Masking that removes most would-be negatives for many steps in a row is the symptom of
+# collapsed or anisotropic embeddings (every candidate scores like the positive), not of
+# hard data: the loss then has almost nothing to push against.
+MASKING_ALERT_FRACTION = 0.5
+MASKING_ALERT_STEPS = 50
+
+
+class MaskingWatch:
+    """Counts consecutive steps whose ``masked_fraction`` exceeds ``fraction``; returns a
+    warning text on the step the streak reaches ``steps`` (and again every ``steps`` steps
+    while it lasts), None otherwise."""
+
+    def __init__(self, fraction: float = MASKING_ALERT_FRACTION, steps: int = MASKING_ALERT_STEPS):
+        self.fraction, self.steps, self.streak = fraction, steps, 0
+
+    def observe(self, step: int, masked_fraction: float) -> str | None:
+        self.streak = self.streak + 1 if masked_fraction > self.fraction else 0
+        if self.streak and self.streak % self.steps == 0:
+            return (
+                f"step {step}: masking removed more than {self.fraction:.0%} of the would-be "
+                f"negatives for {self.streak} consecutive steps (now {masked_fraction:.0%}); "
+                "embeddings may be collapsed or anisotropic (false_negative_delta too lenient "
+                "for this model?)"
+            )
+        return None
