@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rzenembed.config import LossConfig
+from rzenembed.runtime import check_collective
 
 NO_ID = -1
 FalseNegativeRule = Literal["relative", "absolute"]
@@ -60,6 +61,8 @@ def gather_with_grad(x: Tensor) -> Tensor:
         return x
     from torch.distributed.nn.functional import all_gather
 
+    check_collective(x, "gather_with_grad")
+
     with warnings.catch_warnings():
         # all_gather is marked deprecated, but the suggested replacement has no backward;
         # the gradient path is the whole point here.
@@ -72,6 +75,7 @@ def gather_without_grad(x: Tensor) -> Tensor:
     """Concatenate ``x`` from every rank along dim 0; for ids and other non-differentiable data."""
     if distributed_world_size() == 1:
         return x
+    check_collective(x, "gather_without_grad")
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)

@@ -37,6 +37,7 @@ from rzenembed.data.version import DatasetVersion
 from rzenembed.losses import RzenEmbedLoss
 from rzenembed.modeling import RzenEmbedder
 from rzenembed.prep.mixture import StageManifest
+from rzenembed.runtime import Runtime, activated, check_collective, train_worker_runtime
 from rzenembed.training.collate import DatasetRows, TrainBatch, collate
 from rzenembed.training.gradcache import gradcache_step, plain_step, prepare_batch
 from rzenembed.training.metrics import (
@@ -114,7 +115,7 @@ def average_gradients(params: list[nn.Parameter]) -> int:
     device = params[0].device if params else torch.device("cpu")
     used = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=device)
     if size > 1:
-        dist.all_reduce(used, op=dist.ReduceOp.MAX)
+        dist.all_reduce(check_collective(used, "average_gradients: used"), op=dist.ReduceOp.MAX)
     active = [p for p, flag in zip(params, used.tolist(), strict=True) if flag]
     for param, flag in zip(params, used.tolist(), strict=True):
         if not flag:
@@ -122,7 +123,7 @@ def average_gradients(params: list[nn.Parameter]) -> int:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in active]
     if size > 1 and active:
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
+        dist.all_reduce(check_collective(flat, "average_gradients"))
         flat /= size
         grads = list(torch.split(flat, [g.numel() for g in grads]))
     for param, grad in zip(active, grads, strict=True):
@@ -136,7 +137,7 @@ def global_mean(value: float, device: torch.device | str = "cpu") -> float:
     if size == 1:
         return value
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(check_collective(tensor, "global_mean"))
     return float(tensor.item()) / size
 
 
@@ -148,15 +149,18 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 # --------------------------------------------------------------------------- setup
 
 
-def build_model(spec: RunSpec) -> TrainModule:
-    """Base model + fresh LoRA adapters + loss. The adapters' random initialisation is
+def build_model(spec: RunSpec, runtime: Runtime) -> TrainModule:
+    """Base model + fresh LoRA adapters + loss, on the runtime's device (the temperatures
+    live in the loss module and move with it). The adapters' random initialisation is
     seeded from the stage seed, so every rank starts from identical weights (gradients are
     averaged, never the weights) and a rerun starts from the same point."""
     cfg = spec.config
     embedder = RzenEmbedder.from_pretrained(spec.base_model, config=cfg.model)
     torch.manual_seed(spec.stage_config.seed)
     embedder.apply_lora(cfg.lora)
-    return TrainModule(embedder, RzenEmbedLoss(cfg.loss))
+    module = TrainModule(embedder, RzenEmbedLoss(cfg.loss))
+    runtime.place(module)
+    return module
 
 
 def load_sources(manifest: StageManifest, endpoint_url: str | None) -> dict[str, DatasetRows]:
@@ -235,9 +239,10 @@ class Trainer:
         self.cfg = spec.config
         self.stage = spec.stage_config
         self.rank, self.world_size = world()
+        self.runtime = train_worker_runtime(self.cfg.model, self.cfg.compute)
         self.manifest = StageManifest.load(spec.stage_manifest, self.cfg.storage.endpoint_url)
         self.sources = load_sources(self.manifest, self.cfg.storage.endpoint_url)
-        self.module = build_model(spec)
+        self.module = build_model(spec, self.runtime)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.module, self.stage.optim)
         self.scheduler = build_scheduler(self.optimizer, self.stage.optim, spec.total_steps)
@@ -291,7 +296,8 @@ class Trainer:
             nonlocal tokens
             if torch.is_grad_enabled():  # each chunk is embedded once with a graph
                 tokens += int(inputs["attention_mask"].sum())
-            return embedder(**inputs)
+            with self.runtime.autocast():
+                return embedder(**inputs).float()
 
         started = time.perf_counter()
         if self.stage.gradcache_chunk:
@@ -343,7 +349,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             trainer.start_step = restore_checkpoint(
                 Path(folder), trainer.module, trainer.optimizer, trainer.scheduler, trainer.sampler
             )
-    run_steps(trainer)
+    with activated(trainer.runtime):
+        run_steps(trainer)
 
 
 def run_steps(trainer: Trainer) -> None:
