@@ -163,9 +163,9 @@ class ModelConfig(Strict):
 
 
 class LoraConfig(Strict):
-    """LoRA on the linear layers of the vision encoder and/or the LLM (never the LM head)."""
+    """LoRA on the linear layers of the vision encoder and/or the LLM (never the LM head).
+    Both stages always train LoRA adapters: the recipe has no full fine-tuning path."""
 
-    enabled: bool = True
     r: int = Field(default=64, gt=0)
     alpha: float = Field(default=128.0, gt=0)
     dropout: float = Field(default=0.05, ge=0, lt=1)
@@ -174,8 +174,8 @@ class LoraConfig(Strict):
 
     @model_validator(mode="after")
     def _some_target(self) -> LoraConfig:
-        if self.enabled and not (self.vision or self.llm):
-            raise ValueError("LoRA enabled but neither vision nor llm is targeted")
+        if not (self.vision or self.llm):
+            raise ValueError("LoRA targets neither vision nor llm; set at least one")
         return self
 
 
@@ -260,7 +260,6 @@ class MixtureConfig(Strict):
 
 class Stage2Config(StageConfig):
     mixtures: list[MixtureConfig] = Field(default_factory=list)
-    from_stage1: bool = True
 
     @field_validator("mixtures")
     @classmethod

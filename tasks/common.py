@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,17 +21,21 @@ from typing import Any
 from rzenembed.config import PipelineConfig, digest_of
 from rzenembed.tracking import LineageRef, Tracker
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "rzenembed"
-FAULT_ENV = "RZENEMBED_FAIL_ONCE"  # "<step>:<marker file>": fail that step once (tests)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The code that decides what a step produces: the library, and the tasks and flows that
+# call it (a changed task can change what it passes to the library).
+CODE_FOLDERS = ("rzenembed", "tasks", "flows")
 
 
 @cache
 def code_version() -> str:
-    """Digest of the library's source: a code change invalidates every cached step."""
+    """Digest of the library's, tasks' and flows' source: a change in any of them
+    invalidates every cached step."""
     h = hashlib.sha256()
-    for path in sorted(PACKAGE_ROOT.rglob("*.py")):
-        h.update(path.relative_to(PACKAGE_ROOT).as_posix().encode())
-        h.update(path.read_bytes())
+    for folder in CODE_FOLDERS:
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            h.update(path.relative_to(REPO_ROOT).as_posix().encode())
+            h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -82,19 +85,6 @@ def retry_transient(_task, _task_run, state) -> bool:
 
 
 RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": retry_transient}
-
-
-def maybe_fail_once(step: str) -> None:
-    """Fault injection for resume tests: fail ``step`` the first time only."""
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec or not spec.startswith(f"{step}:"):
-        return
-    marker = Path(spec.split(":", 1)[1])
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(step)
-    raise RuntimeError(f"injected failure in step {step} ({FAULT_ENV})")
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from rzenembed.modeling.digest import file_digest, folder_digest
 from rzenembed.soup import soup
 from rzenembed.tracking import LineageRef
 from rzenembed.training.stages import output_root
-from tasks.common import RETRIES, RunContext, as_ref, keyed, maybe_fail_once, step_run
+from tasks.common import RETRIES, RunContext, as_ref, keyed, step_run
 
 CHAMPION_LEVELS = {"all": "All", "image": "Image", "video": "Video", "visdoc": "VisDoc"}
 
@@ -72,7 +72,6 @@ def soup_adapters(
     cfg: PipelineConfig, adapters: list[dict[str, Any]], base: str | None, ctx: RunContext
 ) -> dict[str, Any]:
     """The stage-2 adapters -> one merged model (a LoggedModel naming its adapters)."""
-    maybe_fail_once("soup")
     section = _soup_section({"cfg": cfg})
     with step_run(cfg, ctx, "soup", f"soup ({cfg.soup.method})", section) as (tracker, run_id):
         key = digest_of([section, [a["digest"] for a in adapters]])[:12]

@@ -26,22 +26,18 @@ from rzenembed.training.stages import (
     TrainResult,
     merge_stage1,
     run_dir,
+    run_settings,
     run_training,
     total_steps,
 )
-from tasks.common import RETRIES, RunContext, as_ref, keyed, maybe_fail_once, step_run
+from tasks.common import RETRIES, RunContext, as_ref, keyed, step_run
 
 
 def _train_section(p: dict[str, Any]) -> dict[str, Any]:
+    """What decides the run (``run_settings``, shared with the run key) plus where its
+    outputs live (storage root, config name): a cached result is a set of URIs there."""
     cfg: PipelineConfig = p["cfg"]
-    stage = p["stage"]
-    settings = getattr(cfg, stage).model_dump(mode="json")
-    settings.pop("mixtures", None)
-    model = cfg.model.model_dump(mode="json")
-    model.pop("name_or_path")
-    return {"stage": stage, "settings": settings, "model": model, "storage": cfg.storage.root,
-            "lora": cfg.lora.model_dump(mode="json"), "loss": cfg.loss.model_dump(mode="json"),
-            "workers": cfg.compute.num_workers, "name": cfg.name}  # fmt: skip
+    return {**run_settings(cfg, p["stage"]), "storage": cfg.storage.root, "name": cfg.name}
 
 
 def _train_inputs(p: dict[str, Any]) -> list[str]:
@@ -139,7 +135,6 @@ def _train(
     cfg: PipelineConfig, stage: str, mixture: str, manifest: dict[str, Any],
     base: dict[str, Any], ctx: RunContext,
 ) -> dict[str, Any]:  # fmt: skip
-    maybe_fail_once(stage)
     section = _train_section({"cfg": cfg, "stage": stage})
     label = f"{stage}/{mixture}"
     with step_run(cfg, ctx, stage, f"train {label}", section) as (tracker, run_id):

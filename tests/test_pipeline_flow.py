@@ -26,9 +26,12 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
+import tasks.training
 from rzenembed.data.version import DatasetVersion
 from rzenembed.prep.mixture import StageManifest
 from rzenembed.tracking import Tracker, lineage, raw_sources
+
+from .faults import FailOnce
 
 pytestmark = pytest.mark.slow
 
@@ -125,8 +128,7 @@ def runs(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     corpus = copy_corpus(sample_corpus, root / "corpus")  # the retrain edits a source
     config = pipeline_config(corpus, tiny_model_dir, root)
-    saved = {k: os.environ.get(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID",
-                                              "RZENEMBED_FAIL_ONCE")}  # fmt: skip
+    saved = {k: os.environ.get(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")}
     os.environ.update({"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": KEY_ID})
     changed = ["stage2.optim.lr=0.002"]
     out = {"root": root, "config": config}
@@ -140,9 +142,13 @@ def runs(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
             out["fresh"] = full_pipeline(str(fresh), refresh=True, return_state=True)
             out["verify"] = verify_before_and_after_a_changed_byte(config, out["first"])
             out["again"] = full_pipeline(str(config), return_state=True)
-            os.environ["RZENEMBED_FAIL_ONCE"] = f"stage2:{root / 'fault-marker'}"
-            out["failed"] = full_pipeline(str(config), changed, return_state=True)
-            out["resumed"] = full_pipeline(str(config), changed, return_state=True)
+            # Stage 2 fails once (the tasks run in this process, so a patch reaches them).
+            with pytest.MonkeyPatch.context() as patch:
+                failing = FailOnce(tasks.training.run_training, root / "fault-marker",
+                                   lambda cfg, stage, *a, **k: stage == "stage2")  # fmt: skip
+                patch.setattr(tasks.training, "run_training", failing)
+                out["failed"] = full_pipeline(str(config), changed, return_state=True)
+                out["resumed"] = full_pipeline(str(config), changed, return_state=True)
             add_row(corpus.root / CHANGED_SOURCE / "records.jsonl")
             gated = [*changed, "eval.min_improvement=1.0"]  # no candidate can clear it
             out["retrain"] = retrain(str(config), gated, return_state=True)

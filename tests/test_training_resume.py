@@ -9,6 +9,7 @@ from rzenembed.prep.prepare import prepare_all
 from rzenembed.training.metrics import read_jsonl
 from rzenembed.training.stages import run_stage1
 
+from .faults import KillOnce, by_value
 from .test_training import training_config
 
 pytestmark = pytest.mark.slow
@@ -18,6 +19,7 @@ STEPS, EVERY = 8, 3  # checkpoints after steps 2, 5 and 7
 @pytest.fixture(scope="module")
 def setup(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
+    by_value()  # the workers receive KillOnce by value
     cfg = training_config(
         sample_corpus,
         str(root / "versions"),
@@ -60,7 +62,7 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(setup):
             cfg.model.name_or_path,
             "all",
             output_dir=root / "stopped",
-            crash_at_step=4,
+            step_callbacks=[KillOnce(4, root / "stopped-marker")],
         )
     result = run_stage1(cfg, data.stages["stage1"], output_dir=root / "stopped")
     rows = read_jsonl(result.metrics_path)
@@ -85,7 +87,7 @@ def test_a_killed_worker_is_recovered_from_the_last_checkpoint(setup):
         cfg.model.name_or_path,
         "all",
         output_dir=root / "killed",
-        crash_at_step=7,
+        step_callbacks=[KillOnce(7, root / "killed-marker")],
     )
     rows = read_jsonl(result.metrics_path)
     steps = [row["step"] for row in rows]

@@ -20,11 +20,10 @@ import json
 import logging
 import math
 import os
-import signal
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +67,9 @@ class RunSpec:
     output_dir: str
     total_steps: int
     mlflow_run_id: str | None = None
-    # Fault injection for resilience tests: the last rank kills its own process at this
-    # step, once (a marker file remembers that it happened).
-    crash_at_step: int | None = None
-    crash_marker: str | None = None
+    # Callables ``(trainer, step)`` run on every rank before each step, after its batch is
+    # ready: profilers, custom checks (the resilience tests use one to kill a worker).
+    step_callbacks: list[Any] = field(default_factory=list)
 
     @property
     def config(self) -> PipelineConfig:
@@ -379,7 +377,8 @@ def run_steps(trainer: Trainer) -> None:
         pending = None
         if not adaptive and step + 1 < spec.total_steps:
             pending = trainer._prefetch.submit(trainer.planned_batch, step + 1)
-        _maybe_crash(trainer, step)
+        for callback in spec.step_callbacks:
+            callback(trainer, step)
         metrics = trainer.train_step(step, batch)
         if adaptive and math.isfinite(metrics["loss"]):  # a NaN would poison the averages
             changes = trainer.sampler.observe(step, batch.dataset, metrics["loss"])
@@ -401,21 +400,6 @@ def run_steps(trainer: Trainer) -> None:
         logger.close()
     if trainer.rank == 0:
         save_adapter(trainer)
-
-
-def _maybe_crash(trainer: Trainer, step: int) -> None:
-    spec = trainer.spec
-    if spec.crash_at_step != step or trainer.rank != trainer.world_size - 1:
-        return
-    marker = Path(spec.crash_marker or Path(spec.output_dir) / "crashed")
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(step))
-    # The controller registers reported checkpoints asynchronously; give it time to record
-    # the last one, so that the test knows which checkpoint recovery must start from.
-    time.sleep(3.0)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def report(trainer: Trainer, step: int, metrics: dict[str, Any], sampler_state: dict) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rzenembed.config import MixtureConfig, PipelineConfig, StageConfig, digest_of
 from rzenembed.data.storage import is_remote, join
@@ -51,22 +52,28 @@ def output_root(cfg: PipelineConfig, output_dir: str | Path | None) -> Path:
     return Path(cfg.storage.root) / "_models" / cfg.name
 
 
+def run_settings(cfg: PipelineConfig, stage_name: str) -> dict:
+    """The settings that decide a run's result besides its data and base weights: the stage
+    section (without the mixture list), the model settings (without the base's folder,
+    which the base digest stands for), LoRA, loss and the worker count. The run key and
+    the training task's cache key both start from this one definition."""
+    stage = getattr(cfg, stage_name).model_dump(mode="json")
+    stage.pop("mixtures", None)
+    model = cfg.model.model_dump(mode="json")
+    model.pop("name_or_path")
+    return {"stage": stage_name, "settings": stage, "model": model,
+            "lora": cfg.lora.model_dump(mode="json"), "loss": cfg.loss.model_dump(mode="json"),
+            "workers": cfg.compute.num_workers}  # fmt: skip
+
+
 def run_key(
     cfg: PipelineConfig, stage_name: str, manifest: StageManifest, base_model: str | Path
 ) -> str:
-    """What decides a run's result: its stage section, the model, LoRA and loss settings,
-    the data (manifest digest), the base weights (their digest, not their folder) and the
-    world size. A run with another key trains afresh in its own folder instead of reusing
-    a finished adapter."""
-    stage = getattr(cfg, stage_name).model_dump(mode="json")
-    stage.pop("mixtures", None)
-    section = {
-        "stage": stage_name, "settings": stage, "model": cfg.model.model_dump(mode="json"),
-        "lora": cfg.lora.model_dump(mode="json"), "loss": cfg.loss.model_dump(mode="json"),
-        "manifest": manifest.digest, "base": weights_digest(base_model),
-        "workers": cfg.compute.num_workers,
-    }  # fmt: skip
-    section["model"].pop("name_or_path")  # the base folder stands for it
+    """What decides a run's result: ``run_settings``, the data (manifest digest) and the
+    base weights (their digest, not their folder). A run with another key trains afresh in
+    its own folder instead of reusing a finished adapter."""
+    section = {**run_settings(cfg, stage_name), "manifest": manifest.digest,
+               "base": weights_digest(base_model)}  # fmt: skip
     return digest_of(section)[:12]
 
 
@@ -95,12 +102,12 @@ def run_training(
     mixture: str,
     output_dir: str | Path | None = None,
     mlflow_run_id: str | None = None,
-    crash_at_step: int | None = None,
+    step_callbacks: list[Any] | None = None,
 ) -> TrainResult:
     """Train one stage/mixture on Ray Train (or return the finished adapter).
 
-    ``crash_at_step`` is fault injection for resilience tests: one worker kills itself
-    once at that step.
+    ``step_callbacks``: picklable callables ``(trainer, step)`` each worker runs before
+    every step (see ``RunSpec``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -127,8 +134,7 @@ def run_training(
         output_dir=str(out.resolve()),
         total_steps=steps,
         mlflow_run_id=mlflow_run_id,
-        crash_at_step=crash_at_step,
-        crash_marker=str((out / "crash-marker").resolve()) if crash_at_step is not None else None,
+        step_callbacks=list(step_callbacks or []),
     )
     backend = cfg.compute.backend
     if backend == "auto":
