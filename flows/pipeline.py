@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
@@ -22,6 +21,8 @@ from prefect.runtime import flow_run
 
 from rzenembed.config import PipelineConfig, config_digest, load_config, resolve_paths
 from rzenembed.data.fanout import ensure_ray
+from rzenembed.data.folders import exists, read_text
+from rzenembed.data.storage import join
 from rzenembed.evaluation.report import levels
 from rzenembed.tracking import Tracker, lineage
 from tasks.common import RunContext
@@ -261,7 +262,9 @@ def full_pipeline(
     return _run("full-pipeline", config_path, overrides, base, refresh, body)
 
 
-def champion_stage1_model(tracker: Tracker, registered_model: str) -> dict[str, Any] | None:
+def champion_stage1_model(
+    tracker: Tracker, registered_model: str, endpoint_url: str | None = None
+) -> dict[str, Any] | None:
     """The merged stage-1 model the current champion was trained from, if it still exists."""
     if tracker.champion() is None:
         return None
@@ -270,17 +273,20 @@ def champion_stage1_model(tracker: Tracker, registered_model: str) -> dict[str, 
     while stack:
         node = stack.pop()
         if node.ref.kind == "model" and node.ref.name == "stage1-merged":
-            return node.ref.to_json() if Path(node.ref.uri).is_dir() else None
+            card = join(node.ref.uri, "rzenembed.json")
+            return node.ref.to_json() if exists(card, endpoint_url) else None
         stack.extend(node.children)
     return None
 
 
-def _champion_scores(tracker: Tracker) -> tuple[str | None, dict[str, float]]:
+def _champion_scores(
+    tracker: Tracker, endpoint_url: str | None
+) -> tuple[str | None, dict[str, float]]:
     champion = tracker.champion()
     if champion is None:
         return None, {}
-    path = Path(champion.tags.get("rzenembed.report", ""))
-    report = json.loads(path.read_text()) if path.is_file() else None
+    uri = champion.tags.get("rzenembed.report", "")
+    report = json.loads(read_text(uri, endpoint_url)) if uri and exists(uri, endpoint_url) else None
     return str(champion.version), levels(report) if report else {}
 
 
@@ -316,10 +322,11 @@ def retrain(
     soup, evaluate, register, and move ``champion`` only if the new model is better."""
 
     def body(ex: Execution) -> dict[str, Any]:
-        old_version, old_scores = _champion_scores(ex.tracker)
+        endpoint = ex.cfg.storage.endpoint_url
+        old_version, old_scores = _champion_scores(ex.tracker, endpoint)
         data = run_data_prep(ex)
         merged = None if retrain_stage1 else champion_stage1_model(
-            ex.tracker, ex.cfg.tracking.registered_model)  # fmt: skip
+            ex.tracker, ex.cfg.tracking.registered_model, endpoint)  # fmt: skip
         if merged is None:
             trained = run_training_stages(ex, data)
         else:

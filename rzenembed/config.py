@@ -306,8 +306,17 @@ class ComputeConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)
+    # Custom Ray resources each training worker needs (e.g. {"trainer": 1} on nodes that
+    # declare one such slot: one worker per node).
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
     max_failures: int = Field(default=0, ge=-1)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # The model steps outside training (stage-1 merge, soup, evaluation) run as Ray tasks
+    # and actors with these resources; None: 1 GPU each when use_gpu, else none.
+    step_gpus: float | None = Field(default=None, ge=0)
+    step_cpus: float = Field(default=1.0, ge=0)
+    # Evaluation embeds with this many actors (one per GPU), each a slice of the items.
+    eval_actors: int = Field(default=1, gt=0)
 
 
 class PipelineConfig(Strict):

@@ -128,22 +128,28 @@ def train_worker_runtime(model: ModelConfig, compute: ComputeConfig) -> Runtime:
     return Runtime(torch.device(device), backend_for(compute), autocast_for(model, device))
 
 
+def task_device(want_gpu: bool) -> torch.device:
+    """The device of a Ray task or actor, or of a local command.
+
+    In Ray: CUDA only when Ray assigned this task a GPU (the task's ``num_gpus``). Outside
+    Ray: CUDA when one is visible and ``want_gpu`` allows it. ``RZENEMBED_DEVICE`` wins.
+    """
+    device = _override()
+    if device is not None:
+        return device
+    if _in_ray():
+        use_cuda = bool(_ray_assigned_gpus()) and torch.cuda.is_available()
+    else:
+        use_cuda = want_gpu and torch.cuda.is_available()
+    return torch.device("cuda") if use_cuda else torch.device("cpu")
+
+
 def task_runtime(
     model: ModelConfig, compute: ComputeConfig, want_gpu: bool | None = None
 ) -> Runtime:
-    """The runtime of a Ray task or actor, or of a local command.
-
-    In Ray: CUDA only when Ray assigned this task a GPU (the task's ``num_gpus``). Outside
-    Ray: CUDA when one is visible and ``want_gpu`` (default ``compute.use_gpu``) allows it.
-    """
-    device = _override()
-    if device is None:
-        wanted = compute.use_gpu if want_gpu is None else want_gpu
-        if _in_ray():
-            use_cuda = bool(_ray_assigned_gpus()) and torch.cuda.is_available()
-        else:
-            use_cuda = wanted and torch.cuda.is_available()
-        device = torch.device("cuda") if use_cuda else torch.device("cpu")
+    """The runtime of a Ray task or actor, or of a local command (see ``task_device``);
+    ``want_gpu`` defaults to ``compute.use_gpu``."""
+    device = task_device(compute.use_gpu if want_gpu is None else want_gpu)
     return Runtime(device, backend_for(compute), autocast_for(model, device))
 
 

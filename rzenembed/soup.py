@@ -40,9 +40,11 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file
 
+from rzenembed.data.folders import FolderNotPublishedError, stage_folder
+from rzenembed.data.storage import is_remote
 from rzenembed.modeling.card import ModelCard, ModelFolderError
 from rzenembed.modeling.digest import folder_digest, weights_digest
-from rzenembed.modeling.embedder import RzenEmbedder
+from rzenembed.modeling.embedder import RzenEmbedder, resolve_base
 
 SoupMethod = Literal["delta", "factors", "greedy"]
 PEFT_PREFIX = "base_model.model."
@@ -60,7 +62,7 @@ class SoupError(ValueError):
 class Adapter:
     """One LoRA adapter folder, read into memory."""
 
-    path: Path
+    path: Path  # the local (staged) folder
     card: ModelCard
     base_path: Path
     base_digest: str
@@ -69,6 +71,8 @@ class Adapter:
     rslora: bool
     # module name (as in the base model) -> (A, B)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    uri: str = ""  # where it was read from (a local folder or a storage-root URI)
+    base_uri: str = ""
 
     @property
     def name(self) -> str:
@@ -86,9 +90,14 @@ class Adapter:
         return self.scale(module) * (b.double() @ a.double())
 
 
-def load_adapter(path: str | Path) -> Adapter:
-    """Read an adapter folder written by training (peft safetensors + ``rzenembed.json``)."""
-    path = Path(path)
+def load_adapter(path: str | Path, endpoint_url: str | None = None) -> Adapter:
+    """Read an adapter folder written by training (peft safetensors + ``rzenembed.json``),
+    local or on the storage root (staged, with its base, to this machine's cache)."""
+    uri = str(path) if is_remote(str(path)) else str(Path(path).resolve())
+    try:
+        path = stage_folder(uri, endpoint_url)
+    except FolderNotPublishedError:
+        raise ModelFolderError(f"model folder not found: {uri}") from None
     card = ModelCard.load(path)
     if card.kind != "adapter":
         raise SoupError(f"{path} is a {card.kind} folder, not a LoRA adapter")
@@ -103,12 +112,11 @@ def load_adapter(path: str | Path) -> Adapter:
     }
     if unsupported:
         raise SoupError(f"{path}: unsupported adapter settings {unsupported}")
-    if not card.base_model:
-        raise ModelFolderError(f"{path}: adapter card names no base_model")
-    base = Path(card.base_model)
-    base = base if base.is_absolute() else path / base
-    if not base.is_dir():
-        raise ModelFolderError(f"{path}: base model folder {base} not found")
+    base_uri = resolve_base(uri, card)
+    try:
+        base = stage_folder(base_uri, endpoint_url)
+    except FolderNotPublishedError:
+        raise ModelFolderError(f"{path}: base model folder {base_uri} not found") from None
     return Adapter(
         path=path,
         card=card,
@@ -118,6 +126,8 @@ def load_adapter(path: str | Path) -> Adapter:
         alpha=float(config["lora_alpha"]),
         rslora=bool(config.get("use_rslora")),
         factors=_factors(path, load_file(str(path / ADAPTER_WEIGHTS))),
+        uri=uri,
+        base_uri=base_uri,
     )
 
 
@@ -262,7 +272,7 @@ def apply_updates(model: torch.nn.Module, updates: dict[str, torch.Tensor]) -> N
             weight.copy_(merged.to(weight.dtype))
 
 
-def base_embedder(adapter: Adapter) -> RzenEmbedder:
+def base_embedder(adapter: Adapter, device: torch.device | str | None = None) -> RzenEmbedder:
     """The adapters' base model as an embedder, queried with the adapter's template."""
     from rzenembed.config import ModelConfig
 
@@ -270,7 +280,7 @@ def base_embedder(adapter: Adapter) -> RzenEmbedder:
         name_or_path=str(adapter.base_path), template=adapter.card.template,
         **adapter.card.settings,
     )  # fmt: skip
-    return RzenEmbedder.from_pretrained(adapter.base_path, config=cfg)
+    return RzenEmbedder.from_pretrained(adapter.base_path, config=cfg, device=device)
 
 
 # --------------------------------------------------------------------------- greedy
@@ -286,14 +296,15 @@ class GreedyTrace:
 
 
 def greedy_select(
-    adapters: Sequence[Adapter], score: Callable[[RzenEmbedder], float]
-) -> tuple[list[int], GreedyTrace]:
+    adapters: Sequence[Adapter], score: Callable[[RzenEmbedder], float],
+    device: torch.device | str | None = None,
+) -> tuple[list[int], GreedyTrace]:  # fmt: skip
     """Indices of the adapters the greedy soup keeps, and the scores behind the choice.
 
     One base model is loaded; the targeted weights are saved once and restored before each
     candidate soup is applied, so every candidate is scored on exactly base + its soup.
     """
-    embedder = base_embedder(adapters[0])
+    embedder = base_embedder(adapters[0], device)
     model = embedder.hf_model
     originals = {m: model.get_submodule(m).weight.detach().clone() for m in adapters[0].factors}
 
@@ -337,6 +348,8 @@ def soup(
     weights: Sequence[float] | None = None,
     normalize: bool = True,
     score: Callable[[RzenEmbedder], float] | None = None,
+    device: torch.device | str | None = None,
+    endpoint_url: str | None = None,
 ) -> SoupResult:
     """Combine the adapters in ``adapter_paths`` into a merged model folder at ``out_dir``.
 
@@ -348,21 +361,21 @@ def soup(
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} already exists; souping never overwrites a model")
-    adapters = [load_adapter(p) for p in adapter_paths]
+    adapters = [load_adapter(p, endpoint_url) for p in adapter_paths]
     check_compatible(adapters, "factors" if method == "factors" else "delta")
     if method == "greedy":
         if score is None:
             raise SoupError("greedy souping needs a score function (held-out evaluation)")
         if weights is not None:
             raise SoupError("greedy souping chooses uniform weights; do not pass weights")
-        kept, trace = greedy_select(adapters, score)
+        kept, trace = greedy_select(adapters, score, device)
         chosen, final_weights, arithmetic = [adapters[i] for i in kept], None, "delta"
     else:
         chosen, trace, arithmetic = adapters, None, method
         final_weights = weights
     resolved = resolve_weights(final_weights, len(chosen), normalize)
     recipe = _recipe(method, adapters, chosen, resolved, normalize, trace)
-    embedder = base_embedder(chosen[0])
+    embedder = base_embedder(chosen[0], device)
     apply_updates(embedder.hf_model, soup_updates(chosen, resolved, arithmetic))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -380,12 +393,12 @@ def _recipe(method, adapters, chosen, weights, normalize, trace) -> dict[str, An
     return {
         "method": method,
         "normalize": normalize,
-        "base_model": str(first.base_path.resolve()),
+        "base_model": first.base_uri,
         "base_digest": first.base_digest,
         "adapters": [
             {
                 "name": a.name,
-                "path": str(a.path.resolve()),
+                "path": a.uri,
                 "digest": a.digest,
                 "stage": a.card.extra.get("stage"),
                 "mixture": a.card.extra.get("mixture"),

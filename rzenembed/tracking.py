@@ -271,17 +271,25 @@ class Tracker:
     def log_model(
         self, run_id: str, name: str, folder: str | Path, model_type: str,
         params: Mapping[str, Any], tags: Mapping[str, str], upload: bool = True,
+        endpoint_url: str | None = None,
     ) -> str:  # fmt: skip
-        """A LoggedModel produced by ``run_id`` (its files uploaded unless ``upload`` is False)."""
+        """A LoggedModel produced by ``run_id``, tagged with its folder's URI on the storage
+        root; its files are also uploaded as MLflow artifacts when ``upload`` (a remote
+        folder is staged here first: on a cluster prefer ``tracking.upload_models: false``,
+        the storage root already holds the model)."""
         from mlflow.entities import LoggedModelOutput
 
+        from rzenembed.data.folders import stage_folder
+        from rzenembed.data.storage import is_remote
+
+        uri = str(folder) if is_remote(str(folder)) else str(Path(folder).resolve())
         model = self.client.create_logged_model(
             self.experiment_id, name=name, source_run_id=run_id, model_type=model_type,
             params={k: str(v) for k, v in redact(dict(params)).items()},
-            tags={**redact(dict(tags)), "rzenembed.folder": str(Path(folder).resolve())},
+            tags={**redact(dict(tags)), "rzenembed.folder": uri},
         )  # fmt: skip
         if upload:
-            self.client.log_model_artifacts(model.model_id, str(folder))
+            self.client.log_model_artifacts(model.model_id, str(stage_folder(uri, endpoint_url)))
         self.client.finalize_logged_model(model.model_id, "READY")
         self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
         return model.model_id

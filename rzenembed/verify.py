@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -153,14 +154,22 @@ def check_stage_manifest(ref: LineageRef, endpoint_url: str | None) -> Check:
     return Check(OK if digest == ref.digest else CHANGED, digest)
 
 
-def check_folder(ref: LineageRef, folder: str | None) -> Check:
+def check_folder(ref: LineageRef, folder: str | None, endpoint_url: str | None) -> Check:
+    """A model folder's digest recomputed from its files: a local folder in place, a remote
+    one downloaded afresh (never the staging cache, which is keyed by the recorded digest)."""
+    from rzenembed.data.folders import download_folder
+    from rzenembed.data.storage import is_remote
     from rzenembed.modeling.digest import folder_digest, weights_digest
 
-    if not folder or not Path(folder).is_dir():
+    if not folder or not _folder_present(folder, endpoint_url):
         return Check(MISSING, detail=f"model folder {folder} is gone")
     rule = weights_digest if ref.extra.get("digest_of") == "weights" else folder_digest
     try:
-        digest = rule(folder)
+        if is_remote(folder):
+            with tempfile.TemporaryDirectory(prefix="rzenembed-verify-") as tmp:
+                digest = rule(download_folder(folder, Path(tmp), endpoint_url))
+        else:
+            digest = rule(folder)
     except (FileNotFoundError, ValueError) as exc:
         return Check(CHANGED, detail=str(exc))
     if digest != ref.digest:
@@ -169,6 +178,16 @@ def check_folder(ref: LineageRef, folder: str | None) -> Check:
     if registered and registered != ref.digest:
         return Check(CHANGED, digest, f"the registry records digest {registered[:12]}")
     return Check(OK, digest)
+
+
+def _folder_present(folder: str, endpoint_url: str | None) -> bool:
+    from rzenembed.data.folders import exists
+    from rzenembed.data.storage import is_remote, join
+
+    if not is_remote(folder):
+        return Path(folder).is_dir()
+    return any(exists(join(folder, name), endpoint_url)
+               for name in ("config.json", "adapter_config.json"))  # fmt: skip
 
 
 def check_raw(ref: LineageRef, endpoint_url: str | None) -> Check:
@@ -182,12 +201,13 @@ def check_raw(ref: LineageRef, endpoint_url: str | None) -> Check:
     return Check(OK if digest == ref.digest else CHANGED, digest, detail)
 
 
-def check_report(ref: LineageRef) -> Check:
-    from rzenembed.identity import json_file_digest
+def check_report(ref: LineageRef, endpoint_url: str | None) -> Check:
+    from rzenembed.data.folders import exists, read_text
+    from rzenembed.identity import json_digest
 
-    if not Path(ref.uri).is_file():
+    if not exists(ref.uri, endpoint_url):
         return Check(MISSING, detail="report file is gone")
-    digest = json_file_digest(ref.uri)
+    digest = json_digest(json.loads(read_text(ref.uri, endpoint_url)))
     return Check(OK if digest == ref.digest else CHANGED, digest)
 
 
@@ -198,13 +218,13 @@ def check_ref(ref: LineageRef, endpoint_url: str | None, pool: ThreadPoolExecuto
     if ref.kind == "stage-manifest":
         return check_stage_manifest(ref, endpoint_url)
     if ref.kind == "registered-model":
-        return check_folder(ref, ref.extra.get("folder"))
+        return check_folder(ref, ref.extra.get("folder"), endpoint_url)
     if ref.kind in ("model", "adapter"):
-        return check_folder(ref, ref.uri)
+        return check_folder(ref, ref.uri, endpoint_url)
     if ref.kind == "raw":
         return check_raw(ref, endpoint_url)
     if ref.kind == "report":
-        return check_report(ref)
+        return check_report(ref, endpoint_url)
     return Check(CHANGED, detail=f"unknown lineage kind {ref.kind!r}")
 
 
@@ -220,7 +240,7 @@ def root_of(tracker: Tracker, target: str) -> LineageNode:
 
     folder = Path(target)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{target}: neither a models:/ URI nor a model folder")
+        raise FileNotFoundError(f"{target}: neither a models:/ URI nor a local model folder")
     digest = folder_digest(folder)
     found = logged_models_with_digest(tracker, digest)
     if not found:

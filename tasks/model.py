@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import json
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from rzenembed.config import PipelineConfig, digest_of
-from rzenembed.data.storage import join
-from rzenembed.evaluation import discover, evaluate, write_report
+from rzenembed.data.folders import listing_digest, stage_folder
+from rzenembed.data.storage import is_remote, join
+from rzenembed.evaluation import discover
 from rzenembed.evaluation.report import levels
-from rzenembed.identity import json_file_digest
-from rzenembed.modeling import ModelCard, RzenEmbedder
-from rzenembed.modeling.digest import file_digest, folder_digest
-from rzenembed.soup import soup
+from rzenembed.model_steps import REPORT_FILES, evaluate_step, report_uris, soup_step
+from rzenembed.modeling.digest import file_digest
 from rzenembed.tracking import LineageRef
 from rzenembed.training.stages import output_root
 from tasks.common import RETRIES, RunContext, as_ref, keyed, step_run
@@ -36,10 +33,14 @@ def eval_set_paths(cfg: PipelineConfig, base: str | None) -> list[str]:
     return out
 
 
-def eval_sets_digest(paths: list[str]) -> str:
-    """Content digest of every evaluation table (media are named by them)."""
+def eval_sets_digest(paths: list[str], endpoint_url: str | None = None) -> str:
+    """Content digest of every evaluation table (media are named by them); a remote set by
+    its listing (names, sizes, ETags), so the Prefect worker downloads nothing."""
     h = hashlib.sha256()
     for path in paths:
+        if is_remote(path):
+            h.update(f"{path}:{listing_digest(path, endpoint_url)}\n".encode())
+            continue
         for folder in discover(path):
             for table in sorted(folder.glob("*.jsonl")) + sorted(folder.glob("*.parquet")):
                 h.update(f"{folder.name}/{table.name}:{file_digest(table)}\n".encode())
@@ -71,38 +72,25 @@ def _weights(cfg: PipelineConfig, adapters: list[dict[str, Any]]) -> list[float]
 def soup_adapters(
     cfg: PipelineConfig, adapters: list[dict[str, Any]], base: str | None, ctx: RunContext
 ) -> dict[str, Any]:
-    """The stage-2 adapters -> one merged model (a LoggedModel naming its adapters)."""
+    """The stage-2 adapters -> one merged model (a Ray task; a LoggedModel naming its
+    adapters), published at ``<output root>/soup-<key>``."""
     section = _soup_section({"cfg": cfg})
     with step_run(cfg, ctx, "soup", f"soup ({cfg.soup.method})", section) as (tracker, run_id):
         key = digest_of([section, [a["digest"] for a in adapters]])[:12]
-        out_dir = output_root(cfg, None) / f"soup-{key}"
-        if not ModelCard.exists(out_dir):
-            score = None
-            if cfg.soup.method == "greedy":
-                sets = eval_set_paths(cfg, base)
-
-                def score(embedder: RzenEmbedder) -> float:
-                    results = evaluate(
-                        embedder,
-                        sets,
-                        batch_size=cfg.eval.batch_size,
-                        datasets=cfg.eval.datasets,
-                        ndcg_k=cfg.eval.ndcg_k,
-                    )
-                    return sum(r.score for r in results) / len(results)  # fmt: skip
-
-            soup([a["uri"] for a in adapters], out_dir, cfg.soup.method, _weights(cfg, adapters),
-                 cfg.soup.normalize, score)  # fmt: skip
-        recipe = ModelCard.load(out_dir).extra["soup"]
+        out_uri = join(output_root(cfg), f"soup-{key}")
+        sets = eval_set_paths(cfg, base) if cfg.soup.method == "greedy" else []
+        souped = soup_step(cfg, [a["uri"] for a in adapters], out_uri, _weights(cfg, adapters),
+                           sets)  # fmt: skip
+        recipe, digest = souped["recipe"], souped["digest"]
         tracker.log_json(run_id, "soup_recipe.json", recipe)
-        digest = folder_digest(out_dir)
         model_id = tracker.log_model(
-            run_id, "souped", out_dir, "souped-model",
+            run_id, "souped", out_uri, "souped-model",
             params={"method": cfg.soup.method, "adapters": len(adapters)},
             tags={"rzenembed.digest": digest}, upload=cfg.tracking.upload_models,
+            endpoint_url=cfg.storage.endpoint_url,
         )  # fmt: skip
         kept = [a["name"] for a in recipe["adapters"] if a["kept"]]
-        out = LineageRef("model", "souped", str(out_dir.resolve()), digest, run_id, model_id,
+        out = LineageRef("model", "souped", out_uri, digest, run_id, model_id,
                          extra={"method": cfg.soup.method, "kept": kept}).to_json()  # fmt: skip
         tracker.record_lineage(run_id, "soup", [as_ref(a) for a in adapters], [as_ref(out)])
     return out
@@ -118,16 +106,10 @@ def _eval_section(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _eval_inputs(p: dict[str, Any]) -> list[str]:
+    cfg = p["cfg"]
     return [p["model"]["digest"], p["baseline"]["digest"],
-            eval_sets_digest(eval_set_paths(p["cfg"], p.get("base")))]  # fmt: skip
-
-
-def _scores(cfg: PipelineConfig, model_dir: str, sets: list[str], digest: str, cache: Path):
-    embedder = RzenEmbedder.from_pretrained(model_dir, config=None if ModelCard.exists(
-        model_dir) else cfg.model)  # fmt: skip
-    return evaluate(embedder, sets, model_digest=digest, cache_dir=cache,
-                    batch_size=cfg.eval.batch_size, max_frames=cfg.model.video_frames,
-                    ndcg_k=cfg.eval.ndcg_k, datasets=cfg.eval.datasets)  # fmt: skip
+            eval_sets_digest(eval_set_paths(cfg, p.get("base")),
+                             cfg.storage.endpoint_url)]  # fmt: skip
 
 
 @task(name="evaluate", persist_result=True,
@@ -136,39 +118,38 @@ def evaluate_model(
     cfg: PipelineConfig, model: dict[str, Any], baseline: dict[str, Any], base: str | None,
     ctx: RunContext,
 ) -> dict[str, Any]:  # fmt: skip
-    """MMEB-style scores of ``model``, with the untrained ``baseline`` as the delta column."""
+    """MMEB-style scores of ``model`` (Ray: a coordinator task and embedding actors), with
+    the untrained ``baseline`` as the delta column; reports published under
+    ``<output root>/eval-<digest>``."""
     sets = eval_set_paths(cfg, base)
+    endpoint = cfg.storage.endpoint_url
     with step_run(cfg, ctx, "evaluate", "evaluate", _eval_section({"cfg": cfg})) as (
         tracker,
         run_id,
     ):
-        root = output_root(cfg, None)
-        out = root / f"eval-{model['digest'][:12]}"
-        cache = root / "_embedding_cache"
-        base_scores = _scores(cfg, baseline["uri"], sets, baseline["digest"], cache)
-        base_paths = write_report(
-            base_scores, out / "baseline", {"path": baseline["uri"], "digest": baseline["digest"]}
-        )
-        scores = _scores(cfg, model["uri"], sets, model["digest"], cache)
-        paths = write_report(scores, out, {"path": model["uri"], "digest": model["digest"]},
-                             previous=base_paths["json"])  # fmt: skip
-        report = json.loads(paths["json"].read_text())
-        for path in paths.values():
-            tracker.log_file(run_id, path, "report")
+        root = output_root(cfg)
+        out_uri = join(root, f"eval-{model['digest'][:12]}")
+        results = evaluate_step(cfg, {"uri": model["uri"], "digest": model["digest"]},
+                                {"uri": baseline["uri"], "digest": baseline["digest"]}, sets,
+                                out_uri, join(root, "_embedding_cache"))  # fmt: skip
+        report = results["model"]["report"]
+        folder = stage_folder(out_uri, endpoint)  # three small files, for MLflow and Prefect
+        for name in REPORT_FILES.values():
+            tracker.log_file(run_id, folder / name, "report")
         now = levels(report)
         tracker.log_metrics(run_id, [(f"eval/{k.replace(':', '/')}", v, 0) for k, v in
                                      now.items()])  # fmt: skip
         create_markdown_artifact(
-            paths["markdown"].read_text(),
+            (folder / REPORT_FILES["markdown"]).read_text(),
             key="evaluation-report",
             description="MMEB-style scores; Δ against the untrained base",
         )
-        digest = json_file_digest(paths["json"])  # scores and model digest, not paths/time
-        ref = LineageRef("report", "evaluation", str(paths["json"].resolve()), digest, run_id,
-                         extra={"scores": now, "baseline": levels(json.loads(
-                             base_paths["json"].read_text())),
-                                "markdown": str(paths["markdown"].resolve()),
-                                "png": str(paths["png"].resolve())}).to_json()  # fmt: skip
+        uris = report_uris(out_uri)
+        ref = LineageRef("report", "evaluation", uris["json"], results["model"]["digest"],
+                         run_id, extra={"scores": now,
+                                        "baseline": levels(results["baseline"]["report"]),
+                                        "markdown": uris["markdown"],
+                                        "png": uris["png"]}).to_json()  # fmt: skip
         tracker.record_lineage(run_id, "evaluate", [as_ref(model), as_ref(baseline)],
                                [as_ref(ref)])  # fmt: skip
     return ref

@@ -10,6 +10,7 @@ and temperature chart is logged beside them.
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,14 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from rzenembed.config import PipelineConfig
-from rzenembed.modeling.digest import folder_digest, weights_digest
+from rzenembed.data.folders import exists, read_text
+from rzenembed.data.storage import is_remote, join
+from rzenembed.model_steps import merge_step
+from rzenembed.modeling.digest import model_digest
 from rzenembed.prep.mixture import StageManifest
 from rzenembed.tracking import LineageRef, Tracker, flatten
-from rzenembed.training.metrics import read_jsonl
 from rzenembed.training.stages import (
     TrainResult,
-    merge_stage1,
     run_dir,
     run_settings,
     run_training,
@@ -46,8 +48,10 @@ def _train_inputs(p: dict[str, Any]) -> list[str]:
 
 def base_model_ref(cfg: PipelineConfig) -> dict[str, Any]:
     """The configured base checkpoint as a lineage ref (digest of its weights)."""
-    path = Path(cfg.model.name_or_path)
-    return LineageRef("model", "base", str(path.resolve()), weights_digest(path),
+    uri = cfg.model.name_or_path
+    uri = uri if is_remote(uri) else str(Path(uri).resolve())
+    digest = model_digest(uri, cfg.storage.endpoint_url, weights_only=True)
+    return LineageRef("model", "base", uri, digest,
                       extra={"digest_of": "weights"}).to_json()  # fmt: skip
 
 
@@ -56,11 +60,13 @@ def _live_metrics(cfg: PipelineConfig) -> bool:
 
 
 class _Progress:
-    """Polls the metrics file, moves a Prefect progress artifact and repeats the loop's
-    warnings (e.g. masking that removes most negatives) in the Prefect log (best effort)."""
+    """Polls the run's metrics file (a URI on the storage root), moves a Prefect progress
+    artifact and repeats the loop's warnings (e.g. masking that removes most negatives) in
+    the Prefect log (best effort). On a remote root the file is published at every
+    checkpoint, so progress moves in checkpoint steps."""
 
-    def __init__(self, path: Path, total: int, label: str):
-        self.path, self.total, self.label = path, total, label
+    def __init__(self, uri: str, endpoint_url: str | None, total: int, label: str):
+        self.uri, self.endpoint_url, self.total, self.label = uri, endpoint_url, total, label
         self.logger = get_run_logger()  # taken here: the poller thread has no run context
         self.warned: set[int] = set()
         self.artifact = create_progress_artifact(0.0, description=f"training {label}")
@@ -74,7 +80,7 @@ class _Progress:
 
     def update(self) -> None:
         try:
-            rows = read_jsonl(self.path) if self.path.is_file() else []
+            rows = read_metrics(self.uri, self.endpoint_url)
             for row in rows:
                 if row.get("warning") and row["step"] not in self.warned:
                     self.warned.add(row["step"])
@@ -90,30 +96,37 @@ class _Progress:
         self.update()
 
 
-def post_metrics(tracker: Tracker, run_id: str, metrics_path: Path) -> None:
-    """Step metrics from the run's metrics file to MLflow (last line wins per step)."""
+def read_metrics(uri: str, endpoint_url: str | None) -> list[dict[str, Any]]:
+    """The rows of a run's metrics file on the storage root ([] before the first)."""
+    if not exists(uri, endpoint_url):
+        return []
+    text = read_text(uri, endpoint_url)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def post_metrics(tracker: Tracker, run_id: str, rows: list[dict[str, Any]]) -> None:
+    """Step metrics to MLflow (last line wins per step)."""
     by_step: dict[int, dict[str, Any]] = {}
-    for row in read_jsonl(metrics_path):
+    for row in rows:
         by_step[int(row["step"])] = row
-    rows = []
+    out = []
     for step, row in sorted(by_step.items()):
         numeric = {k: v for k, v in flatten(row).items() if k not in ("step", "dataset", "batch")}
         for key, value in numeric.items():
             try:
-                rows.append((key.replace(".", "/"), float(value), step))
+                out.append((key.replace(".", "/"), float(value), step))
             except ValueError:
                 continue
-    tracker.log_metrics(run_id, rows)
+    tracker.log_metrics(run_id, out)
 
 
-def plot_training(metrics_path: Path, out: Path, title: str) -> Path:
+def plot_training(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
     """Loss and per-task temperature curves as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_jsonl(metrics_path)
     steps = [r["step"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     left.plot(steps, [r["loss"] for r in rows], color="#2f6db3", lw=1)
@@ -143,33 +156,38 @@ def _train(
         steps = total_steps(getattr(cfg, stage), stage_manifest)
         progress = None
         result: TrainResult | None = None
+        endpoint = cfg.storage.endpoint_url
         try:
             folder = run_dir(cfg, stage, stage_manifest, base["uri"], mixture)
-            progress = _Progress(folder / "metrics.jsonl", steps, label)
+            progress = _Progress(join(folder, "metrics.jsonl"), endpoint, steps, label)
             result = run_training(cfg, stage, stage_manifest, base["uri"], mixture,
                                   mlflow_run_id=run_id if live else None)  # fmt: skip
         finally:
             if progress is not None:
                 progress.close()
+        rows = read_metrics(result.metrics_uri, endpoint)
         if not live:
-            post_metrics(tracker, run_id, result.metrics_path)
-        chart = plot_training(result.metrics_path, result.metrics_path.with_suffix(".png"), label)
-        tracker.log_file(run_id, chart, "charts")
-        tracker.log_file(run_id, result.metrics_path)
-        card = json.loads((result.adapter_dir / "rzenembed.json").read_text())
-        digest = folder_digest(result.adapter_dir)
+            post_metrics(tracker, run_id, rows)
+        with tempfile.TemporaryDirectory() as tmp:
+            chart = plot_training(rows, Path(tmp) / "metrics.png", label)
+            tracker.log_file(run_id, chart, "charts")
+            metrics_file = Path(tmp) / "metrics.jsonl"
+            metrics_file.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            tracker.log_file(run_id, metrics_file)
+        card = json.loads(read_text(join(result.adapter_uri, "rzenembed.json"), endpoint))
+        digest = model_digest(result.adapter_uri, endpoint)
         model_id = tracker.log_model(
-            run_id, f"adapter-{stage}-{mixture}", result.adapter_dir, "lora-adapter",
+            run_id, f"adapter-{stage}-{mixture}", result.adapter_uri, "lora-adapter",
             params={"stage": stage, "mixture": mixture, "steps": result.steps},
             tags={"rzenembed.digest": digest, "rzenembed.stage": stage,
                   "rzenembed.mixture": mixture,
                   "rzenembed.manifest_digest": stage_manifest.digest},
-            upload=cfg.tracking.upload_models,
+            upload=cfg.tracking.upload_models, endpoint_url=endpoint,
         )  # fmt: skip
         out = LineageRef(
-            "adapter", label, str(result.adapter_dir.resolve()), digest, run_id, model_id,
+            "adapter", label, result.adapter_uri, digest, run_id, model_id,
             extra={"stage": stage, "mixture": mixture, "steps": result.steps,
-                   "metrics": str(result.metrics_path.resolve()),
+                   "metrics": result.metrics_uri,
                    "temperatures": card["extra"].get("temperatures", {})},
         ).to_json()  # fmt: skip
         tracker.record_lineage(run_id, stage, [as_ref(manifest), as_ref(base)], [as_ref(out)])
@@ -188,25 +206,21 @@ def train_stage1(
 
 @task(name="merge-stage1", persist_result=True,
       cache_key_fn=keyed("merge-stage1", lambda p: {"model": p["cfg"].model.model_dump(
-          mode="json", exclude={"name_or_path"})}, lambda p: [p["adapter"]["digest"]]),
-      **RETRIES)  # fmt: skip
+          mode="json", exclude={"name_or_path"}), "storage": p["cfg"].storage.root},
+          lambda p: [p["adapter"]["digest"]]), **RETRIES)  # fmt: skip
 def merge_stage1_model(
     cfg: PipelineConfig, adapter: dict[str, Any], ctx: RunContext
 ) -> dict[str, Any]:
-    """The stage-1 adapter folded into its base: the base of every stage-2 run."""
+    """The stage-1 adapter folded into its base (a Ray task): the base of every stage-2 run."""
     section = {"model": cfg.model.model_dump(mode="json")}
     with step_run(cfg, ctx, "merge-stage1", "merge stage1", section) as (tracker, run_id):
-        extra = adapter["extra"]
-        result = TrainResult("stage1", "all", Path(adapter["uri"]), Path(extra["metrics"]),
-                             extra["steps"], "")  # fmt: skip
-        merged = merge_stage1(cfg, result)
-        digest = folder_digest(merged)
+        merged = merge_step(cfg, adapter["uri"])
+        digest = model_digest(merged, cfg.storage.endpoint_url)
         model_id = tracker.log_model(
             run_id, "stage1-merged", merged, "merged-model", params={"stage": "stage1"},
             tags={"rzenembed.digest": digest}, upload=False,
         )  # fmt: skip
-        out = LineageRef("model", "stage1-merged", str(merged.resolve()), digest, run_id,
-                         model_id).to_json()  # fmt: skip
+        out = LineageRef("model", "stage1-merged", merged, digest, run_id, model_id).to_json()
         tracker.record_lineage(run_id, "merge-stage1", [as_ref(adapter)], [as_ref(out)])
     return out
 

@@ -23,10 +23,10 @@ def main(config_path: str, manifest_uri: str) -> None:
     cfg = config_from_dict(json.loads(Path(config_path).read_text()))
     ensure_ray(num_cpus=1)
     result = run_stage1(cfg, StageManifest.load(manifest_uri))
-    souped = soup([result.adapter_dir], output_root(cfg, None) / "soup")
-    print(json.dumps({"adapter": folder_digest(result.adapter_dir),
+    souped = soup([result.adapter_uri], Path(output_root(cfg)) / "soup")
+    print(json.dumps({"adapter": folder_digest(result.adapter_uri),
                       "soup": folder_digest(souped.path),
-                      "adapter_dir": str(result.adapter_dir)}))  # fmt: skip
+                      "adapter_dir": result.adapter_uri}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -53,10 +53,10 @@ def learned(ray_local, tiny_model_dir, tmp_path_factory):
     corpus = build_sample_corpus(root / "corpus", seed=0, scale=10)
     cfg = learning_config(corpus, root, tiny_model_dir)
     data = prepare_all(cfg, base=str(corpus.root), show_progress=False)
-    result = run_stage1(cfg, data.stages["stage1"], output_dir=root / "models")
+    result = run_stage1(cfg, data.stages["stage1"])
     folder = corpus.root / "eval" / "eval-image-retrieval"
     untrained = RzenEmbedder.from_pretrained(tiny_model_dir, config=cfg.model)
-    trained = RzenEmbedder.from_pretrained(result.adapter_dir, config=cfg.model)
+    trained = RzenEmbedder.from_pretrained(result.adapter_uri, config=cfg.model)
     (before,) = evaluate(untrained, folder)
     (after,) = evaluate(trained, folder)
     return before, after, result
@@ -73,7 +73,7 @@ def test_training_lifts_held_out_hit_at_1_well_above_the_untrained_model(learned
 
 def test_training_loss_falls_over_the_run(learned):
     *_, result = learned
-    losses = [row["loss"] for row in read_jsonl(result.metrics_path)]
+    losses = [row["loss"] for row in read_jsonl(result.metrics_uri)]
     assert len(losses) == STEPS
     first, last = sum(losses[:25]) / 25, sum(losses[-25:]) / 25
     assert last < 0.7 * first

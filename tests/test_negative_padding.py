@@ -186,7 +186,7 @@ def _padded_loss_on_rank(rank: int) -> dict[str, Any]:
 def test_two_ranks_with_different_padding_match_one_process(tmp_path: Path):
     ranks = run_ranks(_padding_rank, 2, tmp_path, 120)
     q, p, n, mask = padded_inputs([c for counts in RANK_COUNTS for c in counts], seed=3)
-    want = float(reference(q, p, n, mask))
+    want = float(reference(q, p, n, mask).detach())
     assert sum(r["loss"] for r in ranks) / 2 == pytest.approx(want)
 
 
@@ -238,8 +238,8 @@ def test_two_workers_train_on_rows_with_0_1_and_2_negatives(ray_local, tiny_mode
     version = writer.commit(dataset="pad", step="ingest", config_digest="-", code_version="1",
                             inputs=[], stats={"media_root": str(tmp_path)})  # fmt: skip
     manifest = run_mixture(cfg, "stage2", {"pad": version}, cfg.stage2.mixtures[0])
-    result = run_training(cfg, "stage2", manifest, tiny_model_dir, "pad", tmp_path / "out")
-    metrics = read_jsonl(result.metrics_path)
+    result = run_training(cfg, "stage2", manifest, tiny_model_dir, "pad")
+    metrics = read_jsonl(result.metrics_uri)
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
     assert all(m["negatives_per_query"] == 2 for m in metrics)
     assert all(0.0 < m["padded_negatives"] < 1.0 for m in metrics)

@@ -54,23 +54,21 @@ def trained(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     cfg = training_config(sample_corpus, str(root / "versions"), tiny_model_dir)
     data = prepare_all(cfg, base=str(sample_corpus.root), show_progress=False)
-    stage1 = run_stage1(cfg, data.stages["stage1"], output_dir=root / "models")
+    stage1 = run_stage1(cfg, data.stages["stage1"])
     merged = merge_stage1(cfg, stage1)
-    stage2 = [
-        run_stage2(cfg, data.stages[f"stage2/{m.name}"], merged, m, output_dir=root / "models")
-        for m in cfg.stage2.mixtures
-    ]
+    stage2 = [run_stage2(cfg, data.stages[f"stage2/{m.name}"], merged, m)
+              for m in cfg.stage2.mixtures]  # fmt: skip
     return cfg, data, stage1, merged, stage2
 
 
 def test_each_run_writes_an_adapter_and_its_metrics(trained):
     cfg, _data, stage1, merged, stage2 = trained
     for result in [stage1, *stage2]:
-        card = ModelCard.load(result.adapter_dir)
+        card = ModelCard.load(result.adapter_uri)
         assert card.kind == "adapter" and card.template == cfg.model.template
         assert card.extra["stage"] == result.stage and card.extra["mixture"] == result.mixture
         assert set(card.extra["temperatures"]) == set(cfg.loss.task_groups)
-        steps = read_jsonl(result.metrics_path)
+        steps = read_jsonl(result.metrics_uri)
         assert [s["step"] for s in steps] == list(range(6))
         assert all(s["dataset"] for s in steps)
     assert ModelCard.load(merged).kind == "model"
@@ -80,13 +78,13 @@ def test_each_run_writes_an_adapter_and_its_metrics(trained):
 def test_every_step_draws_one_dataset_from_the_manifest(trained):
     _, data, stage1, _, _stage2 = trained
     allowed = {d.dataset for d in data.stages["stage1"].datasets}
-    assert {s["dataset"] for s in read_jsonl(stage1.metrics_path)} <= allowed
+    assert {s["dataset"] for s in read_jsonl(stage1.metrics_uri)} <= allowed
 
 
 def test_adapters_load_through_the_embedder(trained):
     _cfg, _, _, merged, stage2 = trained
     for result in stage2:
-        embedder = RzenEmbedder.from_pretrained(result.adapter_dir)
-        assert ModelCard.load(result.adapter_dir).base_model == str(merged.resolve())
+        embedder = RzenEmbedder.from_pretrained(result.adapter_uri)
+        assert ModelCard.load(result.adapter_uri).base_model == merged
         vectors = embedder.encode(["a red circle", "a blue square"])
         torch.testing.assert_close(vectors.norm(dim=1), torch.ones(2))

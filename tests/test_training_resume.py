@@ -3,6 +3,8 @@ order, and a killed worker is recovered by Ray Train from the last checkpoint.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rzenembed.prep.prepare import prepare_all
@@ -28,12 +30,8 @@ def setup(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
         checkpoint_every=EVERY,
     )
     data = prepare_all(cfg, base=str(sample_corpus.root), show_progress=False)
-    reference = run_stage1(
-        cfg.model_copy(update={"name": "reference"}),
-        data.stages["stage1"],
-        output_dir=root / "reference",
-    )
-    return cfg, data, root, read_jsonl(reference.metrics_path)
+    reference = run_stage1(cfg.model_copy(update={"name": "reference"}), data.stages["stage1"])
+    return cfg, data, root, read_jsonl(reference.metrics_uri)
 
 
 def last_per_step(rows: list[dict]) -> dict[int, dict]:
@@ -61,11 +59,10 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(setup):
             data.stages["stage1"],
             cfg.model.name_or_path,
             "all",
-            output_dir=root / "stopped",
             step_callbacks=[KillOnce(4, root / "stopped-marker")],
         )
-    result = run_stage1(cfg, data.stages["stage1"], output_dir=root / "stopped")
-    rows = read_jsonl(result.metrics_path)
+    result = run_stage1(cfg, data.stages["stage1"])
+    rows = read_jsonl(result.metrics_uri)
     steps = [row["step"] for row in rows]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[restart] == 3  # after the checkpoint of step 2, not from 0
@@ -86,11 +83,10 @@ def test_a_killed_worker_is_recovered_from_the_last_checkpoint(setup):
         data.stages["stage1"],
         cfg.model.name_or_path,
         "all",
-        output_dir=root / "killed",
         step_callbacks=[KillOnce(7, root / "killed-marker")],
     )
-    rows = read_jsonl(result.metrics_path)
+    rows = read_jsonl(result.metrics_uri)
     steps = [row["step"] for row in rows]
     assert steps.count(6) == 2 and steps[-1] == STEPS - 1  # steps 6.. ran twice
-    assert (result.adapter_dir / "rzenembed.json").is_file()
+    assert (Path(result.adapter_uri) / "rzenembed.json").is_file()
     assert_same_as_reference(rows, reference, from_step=6)

@@ -10,8 +10,8 @@ corpus never sits in memory as decoded images.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rzenembed.data.folders import write_bytes
+from rzenembed.data.storage import filesystem, join
 from rzenembed.evaluation.categories import category_of, main_metric
 from rzenembed.evaluation.evalset import EvalDataset, discover, load_eval_folder
 from rzenembed.evaluation.metrics import DEFAULT_KS, mean_metrics, rank_metrics
@@ -76,21 +78,25 @@ def candidate_cache_key(model_digest: str, dataset: EvalDataset, max_frames: int
 
 def _cached_candidates(
     encoder: Encoder, dataset: EvalDataset, reader: MediaReader, max_frames: int,
-    batch_size: int, cache_dir: Path | None, model_digest: str | None, show_progress: bool,
+    batch_size: int, cache_dir: str | None, model_digest: str | None, show_progress: bool,
+    endpoint_url: str | None = None,
 ) -> torch.Tensor:  # fmt: skip
+    """Candidate vectors from the cache (a local folder or a URI on the storage root, so
+    every node shares it), or embedded and added to it."""
     sides = [c["candidate"] for c in dataset.candidates]
     if cache_dir is None or model_digest is None:
         return _encode(encoder, sides, reader, max_frames, batch_size,
                        f"{dataset.name} candidates", show_progress)  # fmt: skip
-    path = cache_dir / f"{candidate_cache_key(model_digest, dataset, max_frames)}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
+    uri = join(str(cache_dir), f"{candidate_cache_key(model_digest, dataset, max_frames)}.pt")
+    fs, path = filesystem(uri, endpoint_url)
+    if fs.exists(path):
+        with fs.open(path, "rb") as f:
+            return torch.load(io.BytesIO(f.read()), weights_only=True)
     vectors = _encode(encoder, sides, reader, max_frames, batch_size,
                       f"{dataset.name} candidates", show_progress)  # fmt: skip
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(vectors, partial)
-    os.replace(partial, path)  # a crash mid-write never leaves a truncated cache entry
+    buffer = io.BytesIO()
+    torch.save(vectors, buffer)
+    write_bytes(uri, buffer.getvalue(), endpoint_url)  # whole or not at all
     return vectors
 
 
@@ -132,6 +138,7 @@ def evaluate(
     ndcg_k: int = 5,
     datasets: Sequence[str] = (),
     show_progress: bool = False,
+    endpoint_url: str | None = None,
 ) -> list[DatasetScore]:
     """Score ``encoder`` on every dataset found under ``eval_paths`` (see ``discover``).
 
@@ -143,7 +150,7 @@ def evaluate(
     if max_frames is None:
         cfg = getattr(encoder, "cfg", None)
         max_frames = int(getattr(cfg, "video_frames", 4))
-    cache = Path(cache_dir) if cache_dir is not None else None
+    cache = str(cache_dir) if cache_dir is not None else None
     folders = [folder for path in eval_paths for folder in discover(path)]
     results = []
     for folder in folders:
@@ -152,7 +159,8 @@ def evaluate(
                 continue
             reader = MediaReader(dataset.media_root)
             candidates = _cached_candidates(encoder, dataset, reader, max_frames, batch_size,
-                                            cache, model_digest, show_progress)  # fmt: skip
+                                            cache, model_digest, show_progress,
+                                            endpoint_url)  # fmt: skip
             queries = _encode(encoder, [q["query"] for q in dataset.queries], reader,
                               max_frames, batch_size, f"{dataset.name} queries",
                               show_progress)  # fmt: skip

@@ -131,3 +131,23 @@ def weights_digest(folder: str | Path) -> str:
     """The digest of a base model's weights and architecture (its card left out, so that a
     re-saved card with other metadata does not change the identity of the weights)."""
     return folder_digest(folder, include_card=False)
+
+
+def model_digest(uri: str, endpoint_url: str | None = None, weights_only: bool = False) -> str:
+    """The digest of a model folder given by URI: computed from the files of a local folder;
+    for a remote one, read from its commit marker when published by the pipeline, else
+    computed from a staged copy."""
+    from rzenembed.data.folders import published_info, stage_folder
+    from rzenembed.data.storage import is_remote
+
+    rule = weights_digest if weights_only else folder_digest
+    if not is_remote(uri):
+        return rule(uri)
+    info = published_info(uri, endpoint_url) or {}
+    recorded = info.get("weights_digest" if weights_only else "digest")
+    return recorded or rule(stage_folder(uri, endpoint_url))
+
+
+def digests_of(folder: str | Path) -> dict[str, str]:
+    """Both digests of a local folder, as a commit marker records them."""
+    return {"digest": folder_digest(folder), "weights_digest": weights_digest(folder)}

@@ -19,6 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rzenembed.config import LoraConfig, ModelConfig, config_digest
+from rzenembed.data.folders import FolderNotPublishedError, stage_folder
+from rzenembed.data.storage import is_remote, join
 from rzenembed.identity import rewrite_canonical_json
 from rzenembed.modeling.card import ModelCard, ModelFolderError
 from rzenembed.modeling.digest import weights_digest
@@ -69,6 +71,7 @@ class RzenEmbedder(nn.Module):
         self.processor = processor
         self.cfg = cfg
         self.base_path = base_path
+        self.base_uri = str(Path(base_path).resolve())
         self.template = get_template(cfg.template)
         self._configure_processor()
         if cfg.gradient_checkpointing:
@@ -86,32 +89,38 @@ class RzenEmbedder(nn.Module):
         config: ModelConfig | None = None,
         device: str | torch.device | None = None,
         trainable: bool = False,
+        endpoint_url: str | None = None,
     ) -> RzenEmbedder:
         """Load a model folder, an adapter folder, or (with ``config``) a raw checkpoint.
 
-        A folder with ``rzenembed.json`` is queried with the template saved there, whatever
-        ``config.template`` says; ``config`` still sets dtype, attention kernel and token
-        budgets. A folder without it needs ``config`` and uses ``config.template``.
+        ``path`` may be a local folder or a URI on the storage root (``s3://``): a remote
+        folder, and an adapter's remote base, are staged to this machine's cache first
+        (``rzenembed.data.folders.stage_folder``). A folder with ``rzenembed.json`` is
+        queried with the template saved there, whatever ``config.template`` says;
+        ``config`` still sets dtype, attention kernel and token budgets. A folder without
+        it needs ``config`` and uses ``config.template``.
         """
-        path = str(path)
-        if not Path(path).is_dir():
-            raise ModelFolderError(f"model folder not found: {path}")
+        uri = str(path)
+        path = _staged(uri, endpoint_url)
         card = ModelCard.load(path) if ModelCard.exists(path) else None
         if card is None and config is None:
             ModelCard.load(path)  # raises the explanatory error
         cfg = _resolve_config(path, card, config)
         if card is not None and card.kind == "adapter":
-            base_path = _resolve_base(path, card)
+            base_uri = resolve_base(uri, card)
+            base_path = _staged(base_uri, endpoint_url)
             backbone = _load_backbone(base_path, cfg)
             from peft import PeftModel
 
             backbone = PeftModel.from_pretrained(backbone, path, is_trainable=trainable)
             processor = _load_processor(base_path)
         else:
-            base_path = path
+            base_uri, base_path = uri, path
             backbone = _load_backbone(path, cfg)
             processor = _load_processor(path)
         embedder = cls(backbone, processor, cfg, base_path)
+        # What a saved adapter names as its base: the URI, not this machine's staged copy.
+        embedder.base_uri = base_uri if is_remote(base_uri) else str(Path(base_path).resolve())
         if device is not None:
             embedder.to(device)
         return embedder
@@ -282,8 +291,9 @@ class RzenEmbedder(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         if self.is_lora:
             self.backbone.save_pretrained(out, safe_serialization=True)
-            kind, base = "adapter", str(Path(self.base_path).resolve())
-            base_digest = weights_digest(base) if Path(base).is_dir() else None
+            kind, base = "adapter", self.base_uri
+            local = Path(self.base_path)
+            base_digest = weights_digest(local) if local.is_dir() else None
         else:
             self.hf_model.save_pretrained(out, safe_serialization=True)
             kind, base, base_digest = "model", None, None
@@ -326,15 +336,23 @@ def _resolve_config(path: str, card: ModelCard | None, config: ModelConfig | Non
     return config.model_copy(update={"template": card.template, "name_or_path": path})
 
 
-def _resolve_base(adapter_path: str, card: ModelCard) -> str:
+def resolve_base(adapter_uri: str, card: ModelCard) -> str:
+    """The URI of an adapter's base: as recorded (absolute path or remote URI), or relative
+    to the adapter's own location."""
     if not card.base_model:
-        raise ModelFolderError(f"{adapter_path}: adapter card names no base_model")
-    base = Path(card.base_model)
-    if not base.is_absolute():
-        base = Path(adapter_path) / base
-    if not base.is_dir():
-        raise ModelFolderError(f"{adapter_path}: base model folder {base} not found")
-    return str(base)
+        raise ModelFolderError(f"{adapter_uri}: adapter card names no base_model")
+    base = card.base_model
+    if is_remote(base) or base.startswith("/"):
+        return base
+    return join(adapter_uri, base) if is_remote(adapter_uri) else str(Path(adapter_uri) / base)
+
+
+def _staged(uri: str, endpoint_url: str | None) -> str:
+    """A local folder with the model at ``uri`` (itself when it is local)."""
+    try:
+        return str(stage_folder(uri, endpoint_url))
+    except FolderNotPublishedError:
+        raise ModelFolderError(f"model folder not found: {uri}") from None
 
 
 def _load_backbone(path: str, cfg: ModelConfig) -> nn.Module:

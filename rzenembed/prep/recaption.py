@@ -216,8 +216,12 @@ class ShardTask:
 class CaptionWorker:
     """The Ray actor body: one captioner, many shards."""
 
-    def __init__(self, path: str, settings: dict[str, Any], device: str):
+    def __init__(self, path: str, settings: dict[str, Any]):
+        from rzenembed.runtime import task_device
+
         self.settings = RecaptionConfig.model_validate(settings)
+        # The GPU Ray assigned to this actor (gpus_per_actor), else the CPU.
+        device = str(task_device(self.settings.gpus_per_actor > 0))
         self.captioner = Captioner(path, self.settings, device)
 
     def run(self, task: ShardTask) -> dict[str, Any]:
@@ -357,10 +361,9 @@ def _run_actors(tasks: list[ShardTask], path: str, settings: RecaptionConfig, sh
     from rzenembed.data.fanout import ensure_ray
 
     ensure_ray()
-    device = "cuda" if settings.gpus_per_actor > 0 else "cpu"
     actor = ray.remote(num_cpus=1, num_gpus=settings.gpus_per_actor)(CaptionWorker)
     count = max(1, min(settings.actors, len(tasks)))
-    actors = [actor.remote(path, settings.model_dump(mode="json"), device) for _ in range(count)]
+    actors = [actor.remote(path, settings.model_dump(mode="json")) for _ in range(count)]
     pool = ActorPool(actors)
     try:
         with tqdm(total=len(tasks), desc=STEP, unit="shard", disable=not show_progress) as bar:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,9 +33,12 @@ import torch.distributed as dist
 from torch import nn
 
 from rzenembed.config import PipelineConfig, StageConfig
+from rzenembed.data.folders import is_published, publish_folder
+from rzenembed.data.storage import is_remote, join
 from rzenembed.data.version import DatasetVersion
 from rzenembed.losses import RzenEmbedLoss
 from rzenembed.modeling import RzenEmbedder
+from rzenembed.modeling.digest import digests_of
 from rzenembed.prep.mixture import StageManifest
 from rzenembed.runtime import Runtime, activated, check_collective, train_worker_runtime
 from rzenembed.training.collate import DatasetRows, TrainBatch, collate
@@ -153,7 +157,8 @@ def build_model(spec: RunSpec, runtime: Runtime) -> TrainModule:
     seeded from the stage seed, so every rank starts from identical weights (gradients are
     averaged, never the weights) and a rerun starts from the same point."""
     cfg = spec.config
-    embedder = RzenEmbedder.from_pretrained(spec.base_model, config=cfg.model)
+    embedder = RzenEmbedder.from_pretrained(spec.base_model, config=cfg.model,
+                                            endpoint_url=cfg.storage.endpoint_url)  # fmt: skip
     torch.manual_seed(spec.stage_config.seed)
     embedder.apply_lora(cfg.lora)
     module = TrainModule(embedder, RzenEmbedLoss(cfg.loss))
@@ -182,7 +187,13 @@ def build_sampler(spec: RunSpec, manifest: StageManifest) -> StageSampler:
 
 
 def build_logger(spec: RunSpec) -> MetricsLogger:
-    loggers: list[MetricsLogger] = [JsonlLogger(Path(spec.output_dir) / "metrics.jsonl")]
+    uri = join(spec.output_dir, "metrics.jsonl")
+    if is_remote(uri):  # written locally, published at checkpoints and at the end
+        local = Path(tempfile.mkdtemp(prefix="rzenembed-metrics-")) / "metrics.jsonl"
+        jsonl = JsonlLogger(local, publish_uri=uri, endpoint_url=spec.config.storage.endpoint_url)
+    else:
+        jsonl = JsonlLogger(uri)
+    loggers: list[MetricsLogger] = [jsonl]
     tracking = spec.config.tracking
     if spec.mlflow_run_id is not None:
         loggers.append(
@@ -395,6 +406,8 @@ def run_steps(trainer: Trainer) -> None:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", dataset=batch.dataset)
         if (step + 1) % every == 0 or step + 1 == spec.total_steps:
             report(trainer, step, metrics, sampler_state)
+            if logger is not None:
+                logger.sync()
     bar.close()
     if logger is not None:
         logger.close()
@@ -418,7 +431,9 @@ def report(trainer: Trainer, step: int, metrics: dict[str, Any], sampler_state: 
         ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def save_adapter(trainer: Trainer) -> Path:
+def save_adapter(trainer: Trainer) -> str:
+    """Rank 0 writes the adapter locally, then publishes it to ``<run>/adapter`` on the
+    storage root (commit marker last), where every other node and the pipeline read it."""
     spec = trainer.spec
     extra = {
         "stage": spec.stage,
@@ -428,4 +443,13 @@ def save_adapter(trainer: Trainer) -> Path:
         "temperatures": trainer.module.loss.temperature_dict(),
         "steps": spec.total_steps,
     }
-    return trainer.module.embedder.save_pretrained(Path(spec.output_dir) / "adapter", extra=extra)
+    uri = join(spec.output_dir, "adapter")
+    endpoint = spec.config.storage.endpoint_url
+    work = Path(tempfile.mkdtemp(prefix="rzenembed-adapter-"))
+    try:
+        folder = trainer.module.embedder.save_pretrained(work / "adapter", extra=extra)
+        if not is_published(uri, endpoint):  # a restarted group may have published it
+            publish_folder(folder, uri, endpoint, **digests_of(folder))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return uri

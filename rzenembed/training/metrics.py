@@ -17,19 +17,38 @@ class MetricsLogger(Protocol):
 
 
 class JsonlLogger:
-    """One JSON object per step, appended (a resumed run continues the same file)."""
+    """One JSON object per step, appended (a resumed run continues the same file).
 
-    def __init__(self, path: str | Path):
+    With ``publish_uri`` (a remote run folder) the lines go to a local file and ``sync``
+    copies it whole to the URI (at every checkpoint and at the end), so the file on the
+    storage root is what any node reads; a resumed run, possibly on another node, starts
+    from the published lines.
+    """
+
+    def __init__(self, path: str | Path, publish_uri: str | None = None,
+                 endpoint_url: str | None = None):  # fmt: skip
+        from rzenembed.data.folders import exists, read_text
+
         self.path = Path(path)
+        self.publish_uri, self.endpoint_url = publish_uri, endpoint_url
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if publish_uri and exists(publish_uri, endpoint_url) and not self.path.exists():
+            self.path.write_text(read_text(publish_uri, endpoint_url), encoding="utf-8")
         self._file = self.path.open("a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self._file.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
         self._file.flush()
 
+    def sync(self) -> None:
+        if self.publish_uri:
+            from rzenembed.data.folders import write_text
+
+            write_text(self.publish_uri, self.path.read_text(encoding="utf-8"), self.endpoint_url)
+
     def close(self) -> None:
         self._file.close()
+        self.sync()
 
 
 class MlflowLogger:
@@ -59,6 +78,11 @@ class MultiLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         for logger in self.loggers:
             logger.log(step, metrics)
+
+    def sync(self) -> None:
+        for logger in self.loggers:
+            if hasattr(logger, "sync"):
+                logger.sync()
 
     def close(self) -> None:
         for logger in self.loggers:

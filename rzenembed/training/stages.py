@@ -2,27 +2,34 @@
 
 ``run_stage1(cfg, manifest)`` trains LoRA adapters on the base model over the stage-1 data
 manifest. ``run_stage2(cfg, manifest, stage1_model, mixture)`` starts from the stage-1
-weights (the stage-1 adapter merged into the base and saved as a model folder by
+weights (the stage-1 adapter merged into the base and published as a model folder by
 ``merge_stage1``) with fresh adapters, one run per stage-2 data mixture.
 
-A run is named ``<config name>-<stage>-<mixture>`` and keeps its Ray Train state under
-``<storage.root>/_train``; calling the same run again resumes from its last checkpoint, and
-a run whose adapter already exists is not retrained. ``compute.max_failures`` lets Ray
-restart the worker group from the last checkpoint when a worker is lost.
+Every output is a URI under ``storage.root`` (a local path or ``s3://``), readable from
+any node: the run's folder ``<root>/_models/<config name>/<stage>/<mixture>-<key>/`` holds
+the published ``adapter/`` and ``metrics.jsonl``; Ray Train keeps its checkpoints under
+``<root>/_train`` through its storage filesystem. Calling the same run again resumes from
+its last checkpoint, and a run whose adapter is published is not retrained.
+``compute.max_failures`` lets Ray restart the worker group from the last checkpoint when a
+worker is lost.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rzenembed.config import MixtureConfig, PipelineConfig, StageConfig, digest_of
-from rzenembed.data.storage import is_remote, join
+from rzenembed.data.folders import is_published, publish_folder
+from rzenembed.data.storage import filesystem, is_remote, join
 from rzenembed.modeling import ModelCard, RzenEmbedder
-from rzenembed.modeling.digest import weights_digest
+from rzenembed.modeling.digest import digests_of, model_digest
 from rzenembed.prep.mixture import StageManifest
+from rzenembed.runtime import task_runtime
 from rzenembed.training.loop import RunSpec, train_loop_per_worker
 
 
@@ -30,8 +37,8 @@ from rzenembed.training.loop import RunSpec, train_loop_per_worker
 class TrainResult:
     stage: str
     mixture: str
-    adapter_dir: Path
-    metrics_path: Path
+    adapter_uri: str
+    metrics_uri: str
     steps: int
     run_name: str
 
@@ -44,12 +51,9 @@ def total_steps(stage: StageConfig, manifest: StageManifest) -> int:
     return max(1, math.ceil(stage.epochs * rows / stage.global_batch_size))
 
 
-def output_root(cfg: PipelineConfig, output_dir: str | Path | None) -> Path:
-    if output_dir is not None:
-        return Path(output_dir)
-    if is_remote(cfg.storage.root):
-        raise ValueError("a remote storage root needs an explicit local output_dir")
-    return Path(cfg.storage.root) / "_models" / cfg.name
+def output_root(cfg: PipelineConfig) -> str:
+    """Where a config's models live: ``<storage.root>/_models/<config name>``."""
+    return join(cfg.storage.root, "_models", cfg.name)
 
 
 def run_settings(cfg: PipelineConfig, stage_name: str) -> dict:
@@ -73,17 +77,18 @@ def run_key(
     base weights (their digest, not their folder). A run with another key trains afresh in
     its own folder instead of reusing a finished adapter."""
     section = {**run_settings(cfg, stage_name), "manifest": manifest.digest,
-               "base": weights_digest(base_model)}  # fmt: skip
+               "base": model_digest(str(base_model), cfg.storage.endpoint_url,
+                                    weights_only=True)}  # fmt: skip
     return digest_of(section)[:12]
 
 
 def run_dir(
     cfg: PipelineConfig, stage_name: str, manifest: StageManifest, base_model: str | Path,
-    mixture: str, output_dir: str | Path | None = None,
-) -> Path:  # fmt: skip
-    """The folder of a run: ``<output>/<stage>/<mixture>-<run key>``."""
+    mixture: str,
+) -> str:  # fmt: skip
+    """The URI of a run's folder: ``<output root>/<stage>/<mixture>-<run key>``."""
     key = run_key(cfg, stage_name, manifest, base_model)
-    return output_root(cfg, output_dir) / stage_name / f"{mixture}-{key}"
+    return join(output_root(cfg), stage_name, f"{mixture}-{key}")
 
 
 def _validate_batch(stage: StageConfig, workers: int) -> None:
@@ -100,29 +105,30 @@ def run_training(
     manifest: StageManifest,
     base_model: str | Path,
     mixture: str,
-    output_dir: str | Path | None = None,
     mlflow_run_id: str | None = None,
     step_callbacks: list[Any] | None = None,
 ) -> TrainResult:
-    """Train one stage/mixture on Ray Train (or return the finished adapter).
+    """Train one stage/mixture on Ray Train (or return the published adapter).
 
-    ``step_callbacks``: picklable callables ``(trainer, step)`` each worker runs before
-    every step (see ``RunSpec``).
+    ``base_model`` is a local folder or a URI on the storage root. ``step_callbacks``:
+    picklable callables ``(trainer, step)`` each worker runs before every step (see
+    ``RunSpec``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rzenembed.data.fanout import ensure_ray
+    from rzenembed.runtime import backend_for
 
     stage: StageConfig = getattr(cfg, stage_name)
     _validate_batch(stage, cfg.compute.num_workers)
-    out = run_dir(cfg, stage_name, manifest, base_model, mixture, output_dir)
-    run_name = f"{cfg.name}-{stage_name}-{out.name}"
+    base = _absolute(str(base_model))
+    out = run_dir(cfg, stage_name, manifest, base, mixture)
+    run_name = f"{cfg.name}-{stage_name}-{out.rstrip('/').rsplit('/', 1)[-1]}"
     steps = total_steps(stage, manifest)
-    result = TrainResult(
-        stage_name, mixture, out / "adapter", out / "metrics.jsonl", steps, run_name
-    )
-    if ModelCard.exists(result.adapter_dir):
+    result = TrainResult(stage_name, mixture, join(out, "adapter"), join(out, "metrics.jsonl"),
+                         steps, run_name)  # fmt: skip
+    if is_published(result.adapter_uri, cfg.storage.endpoint_url):
         return result
     ensure_ray(address=cfg.compute.ray_address)
     spec = RunSpec(
@@ -130,22 +136,20 @@ def run_training(
         stage=stage_name,
         mixture=mixture,
         stage_manifest=manifest.uri,
-        base_model=str(Path(base_model).resolve()),
-        output_dir=str(out.resolve()),
+        base_model=base,
+        output_dir=out,
         total_steps=steps,
         mlflow_run_id=mlflow_run_id,
         step_callbacks=list(step_callbacks or []),
     )
-    backend = cfg.compute.backend
-    if backend == "auto":
-        backend = "nccl" if cfg.compute.use_gpu else "gloo"
-    resources = {"CPU": cfg.compute.cpus_per_worker}
+    resources = {"CPU": cfg.compute.cpus_per_worker, **cfg.compute.resources_per_worker}
     if cfg.compute.use_gpu:
         resources["GPU"] = cfg.compute.gpus_per_worker or 1
+    path, storage_fs = train_storage(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=vars(spec),
-        torch_config=TorchConfig(backend=backend),
+        torch_config=TorchConfig(backend=backend_for(cfg.compute)),
         scaling_config=ScalingConfig(
             num_workers=cfg.compute.num_workers,
             use_gpu=cfg.compute.use_gpu,
@@ -153,7 +157,8 @@ def run_training(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=_train_storage(cfg),
+            storage_path=path,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.compute.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -162,33 +167,64 @@ def run_training(
     return result
 
 
-def _train_storage(cfg: PipelineConfig) -> str:
+def _absolute(uri: str) -> str:
+    return uri if is_remote(uri) else str(Path(uri).resolve())
+
+
+def train_storage(cfg: PipelineConfig) -> tuple[str, Any]:
+    """Ray Train's checkpoint location ``<root>/_train`` and the filesystem it goes through:
+    a local folder as a plain path; a remote root through its fsspec filesystem (the S3
+    endpoint of ``storage.endpoint_url`` included), so every node writes and reads the
+    checkpoints on the storage root."""
     root = cfg.storage.root
-    return join(root, "_train") if is_remote(root) else str((Path(root) / "_train").resolve())
+    if not is_remote(root):
+        return str((Path(root) / "_train").resolve()), None
+    import pyarrow.fs
+
+    fs, path = filesystem(join(root, "_train"), cfg.storage.endpoint_url)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def run_stage1(
-    cfg: PipelineConfig, manifest: StageManifest, output_dir: str | Path | None = None
-) -> TrainResult:
-    return run_training(cfg, "stage1", manifest, cfg.model.name_or_path, "all", output_dir)
+def run_stage1(cfg: PipelineConfig, manifest: StageManifest) -> TrainResult:
+    return run_training(cfg, "stage1", manifest, cfg.model.name_or_path, "all")
 
 
-def merge_stage1(cfg: PipelineConfig, stage1: TrainResult) -> Path:
-    """The stage-1 adapter merged into its base, saved as a standalone model folder."""
-    target = stage1.adapter_dir.parent / "merged"
-    if ModelCard.exists(target):
+def merged_uri(stage1: TrainResult) -> str:
+    return join(stage1.adapter_uri.rstrip("/").rsplit("/", 1)[0], "merged")
+
+
+def merge_stage1(cfg: PipelineConfig, stage1: TrainResult) -> str:
+    """The stage-1 adapter merged into its base, published as a standalone model folder
+    beside the adapter (``<run>/merged``); returns its URI. Runs wherever it is called (a
+    Ray task in the pipeline), on the device the runtime picks there."""
+    target = merged_uri(stage1)
+    endpoint = cfg.storage.endpoint_url
+    if is_published(target, endpoint):
         return target
-    embedder = RzenEmbedder.from_pretrained(stage1.adapter_dir, config=cfg.model)
-    card = ModelCard.load(stage1.adapter_dir)
-    embedder.merge_lora().save_pretrained(target, extra={**card.extra, "merged": True})
+    runtime = task_runtime(cfg.model, cfg.compute)
+    embedder = RzenEmbedder.from_pretrained(
+        stage1.adapter_uri, config=cfg.model, device=runtime.device, endpoint_url=endpoint
+    )
+    card = ModelCard.load(embedder_folder(stage1.adapter_uri, endpoint))
+    work = Path(tempfile.mkdtemp(prefix="rzenembed-merge-"))
+    try:
+        folder = embedder.merge_lora().save_pretrained(
+            work / "merged", extra={**card.extra, "merged": True}
+        )
+        publish_folder(folder, target, endpoint, **digests_of(folder))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return target
 
 
+def embedder_folder(uri: str, endpoint_url: str | None) -> Path:
+    """The local copy of a model folder (staged when remote)."""
+    from rzenembed.data.folders import stage_folder
+
+    return stage_folder(uri, endpoint_url)
+
+
 def run_stage2(
-    cfg: PipelineConfig,
-    manifest: StageManifest,
-    stage1_model: str | Path,
-    mixture: MixtureConfig,
-    output_dir: str | Path | None = None,
+    cfg: PipelineConfig, manifest: StageManifest, stage1_model: str | Path, mixture: MixtureConfig
 ) -> TrainResult:
-    return run_training(cfg, "stage2", manifest, stage1_model, mixture.name, output_dir)
+    return run_training(cfg, "stage2", manifest, stage1_model, mixture.name)

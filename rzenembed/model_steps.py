@@ -1,0 +1,218 @@
+"""The model steps outside training, as Ray work: merge, soup, evaluation.
+
+The Prefect worker is a light coordinator on a CPU pod; it never loads a model. Each step
+here runs as a Ray task that requests the configured resources (``compute.step_gpus``,
+default one GPU when ``compute.use_gpu``; ``compute.step_cpus``), stages its inputs from
+the storage root, computes on the device the runtime picks inside the task, publishes its
+outputs to the storage root and returns small JSON-able results (URIs, digests, scores).
+Evaluation embeds with ``compute.eval_actors`` actors (one GPU each), every actor taking a
+contiguous slice of the items, while a coordinator task ranks and writes the reports.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rzenembed.config import PipelineConfig
+from rzenembed.data.folders import is_published, publish_folder, stage_folder
+from rzenembed.data.storage import is_remote, join
+from rzenembed.modeling.inputs import EmbedInput
+
+REPORT_FILES = {"json": "report.json", "markdown": "report.md", "png": "report.png"}
+
+
+def step_gpus(cfg: PipelineConfig) -> float:
+    compute = cfg.compute
+    if compute.step_gpus is not None:
+        return compute.step_gpus
+    return 1.0 if compute.use_gpu else 0.0
+
+
+def on_ray(cfg: PipelineConfig, fn: Callable[..., Any], *args: Any, gpus: float | None = None,
+           cpus: float | None = None, **kwargs: Any) -> Any:  # fmt: skip
+    """Run ``fn(*args, **kwargs)`` as a Ray task with the step's resources; its result."""
+    import ray
+
+    from rzenembed.data.fanout import ensure_ray
+
+    ensure_ray(address=cfg.compute.ray_address)
+    options = {"num_gpus": step_gpus(cfg) if gpus is None else gpus,
+               "num_cpus": cfg.compute.step_cpus if cpus is None else cpus,
+               "max_retries": 0}  # fmt: skip
+    return ray.get(ray.remote(fn).options(**options).remote(*args, **kwargs))
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def merge_step(cfg: PipelineConfig, adapter_uri: str) -> str:
+    """The stage-1 merge (``training.stages.merge_stage1``) on Ray; the merged model's URI."""
+    from rzenembed.training.stages import TrainResult, merge_stage1
+
+    result = TrainResult("stage1", "all", adapter_uri, "", 0, "")
+    return on_ray(cfg, merge_stage1, cfg, result)
+
+
+# --------------------------------------------------------------------------- soup
+
+
+def _soup_task(cfg: PipelineConfig, adapters: list[str], out_uri: str, weights, eval_sets):
+    from rzenembed.modeling.digest import digests_of
+    from rzenembed.runtime import task_runtime
+    from rzenembed.soup import soup
+
+    endpoint = cfg.storage.endpoint_url
+    runtime = task_runtime(cfg.model, cfg.compute)
+    score = None
+    if cfg.soup.method == "greedy":
+        sets = [str(stage_eval_set(s, endpoint)) for s in eval_sets]
+
+        def score(embedder) -> float:
+            from rzenembed.evaluation import evaluate
+
+            results = evaluate(embedder, sets, batch_size=cfg.eval.batch_size,
+                               datasets=cfg.eval.datasets, ndcg_k=cfg.eval.ndcg_k)  # fmt: skip
+            return sum(r.score for r in results) / len(results)
+
+    work = Path(tempfile.mkdtemp(prefix="rzenembed-soup-"))
+    try:
+        result = soup(adapters, work / "soup", cfg.soup.method, weights, cfg.soup.normalize,
+                      score, device=runtime.device, endpoint_url=endpoint)  # fmt: skip
+        digests = digests_of(result.path)
+        publish_folder(result.path, out_uri, endpoint, **digests)
+        return {"recipe": result.recipe, **digests}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def soup_step(
+    cfg: PipelineConfig, adapters: list[str], out_uri: str, weights: list[float] | None,
+    eval_sets: Sequence[str] = (),
+) -> dict[str, Any]:  # fmt: skip
+    """The adapters souped and published at ``out_uri`` (or the published soup read back):
+    ``{"recipe", "digest", "weights_digest"}``."""
+    from rzenembed.data.folders import published_info
+
+    endpoint = cfg.storage.endpoint_url
+    if is_published(out_uri, endpoint):
+        info = published_info(out_uri, endpoint) or {}
+        card = json.loads((stage_folder(out_uri, endpoint) / "rzenembed.json").read_text())
+        return {"recipe": card["extra"]["soup"], "digest": info["digest"],
+                "weights_digest": info["weights_digest"]}  # fmt: skip
+    return on_ray(cfg, _soup_task, cfg, list(adapters), out_uri, weights, list(eval_sets))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def stage_eval_set(uri: str, endpoint_url: str | None) -> Path:
+    """A local copy of an evaluation set folder (a remote one is staged once)."""
+    return stage_folder(uri, endpoint_url) if is_remote(uri) else Path(uri)
+
+
+class EmbedActor:
+    """One model on one device (the GPU Ray gave the actor), embedding what it is sent."""
+
+    def __init__(self, cfg: PipelineConfig, model_uri: str):
+        from rzenembed.modeling import ModelCard, RzenEmbedder
+        from rzenembed.runtime import task_runtime
+
+        runtime = task_runtime(cfg.model, cfg.compute)
+        folder = stage_folder(model_uri, cfg.storage.endpoint_url)
+        config = None if ModelCard.exists(folder) else cfg.model
+        self.embedder = RzenEmbedder.from_pretrained(folder, config=config, device=runtime.device)
+        self.cfg = self.embedder.cfg
+        self.runtime = runtime
+
+    def encode(self, items: list[EmbedInput], batch_size: int = 16) -> torch.Tensor:
+        with self.runtime.autocast():
+            return self.embedder.encode(items, batch_size=batch_size)
+
+
+class ActorPoolEncoder:
+    """``encode`` over several ``EmbedActor``s: contiguous slices, one per actor, in order."""
+
+    def __init__(self, actors: list[Any]):
+        self.actors = actors
+
+    def encode(self, items: Sequence[EmbedInput], batch_size: int = 16) -> torch.Tensor:
+        import ray
+
+        items = list(items)
+        per = -(-len(items) // len(self.actors)) if items else 0
+        parts = [items[i * per : (i + 1) * per] for i in range(len(self.actors))]
+        futures = [a.encode.remote(p, batch_size) for a, p in zip(self.actors, parts, strict=True)
+                   if p]  # fmt: skip
+        out = ray.get(futures)
+        return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def _evaluate_task(cfg: PipelineConfig, models: dict[str, dict[str, str]], sets: list[str],
+                   out_uri: str, cache_uri: str) -> dict[str, Any]:  # fmt: skip
+    """Coordinator: embedding actors per model, ranking here, reports published."""
+    import ray
+
+    from rzenembed.evaluation import evaluate, write_report
+    from rzenembed.identity import json_file_digest
+
+    endpoint = cfg.storage.endpoint_url
+    local_sets = [str(stage_eval_set(s, endpoint)) for s in sets]
+    actor_cls = ray.remote(EmbedActor).options(num_gpus=step_gpus(cfg),
+                                               num_cpus=cfg.compute.step_cpus)  # fmt: skip
+    work = Path(tempfile.mkdtemp(prefix="rzenembed-eval-"))
+    out: dict[str, Any] = {}
+    try:
+        previous = None
+        for role in ("baseline", "model"):  # the baseline first: the model's report has deltas
+            model = models[role]
+            actors = [actor_cls.remote(cfg, model["uri"]) for _ in range(cfg.compute.eval_actors)]
+            try:
+                scores = evaluate(ActorPoolEncoder(actors), local_sets,
+                                  model_digest=model["digest"], cache_dir=cache_uri,
+                                  batch_size=cfg.eval.batch_size,
+                                  max_frames=cfg.model.video_frames, ndcg_k=cfg.eval.ndcg_k,
+                                  datasets=cfg.eval.datasets, endpoint_url=endpoint)  # fmt: skip
+            finally:
+                for actor in actors:
+                    ray.kill(actor)
+            folder = work / "report" / ("baseline" if role == "baseline" else "")
+            paths = write_report(scores, folder, {"path": model["uri"], "digest": model["digest"]},
+                                 previous=previous)  # fmt: skip
+            previous = paths["json"]
+            out[role] = {"report": json.loads(paths["json"].read_text()),
+                         "digest": json_file_digest(paths["json"])}  # fmt: skip
+        publish_folder(work / "report", out_uri, endpoint)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def evaluate_step(
+    cfg: PipelineConfig, model: dict[str, str], baseline: dict[str, str], sets: list[str],
+    out_uri: str, cache_uri: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Score ``model`` and the untrained ``baseline`` (``{"uri", "digest"}`` each) on the
+    evaluation sets and publish both reports at ``out_uri`` (``report.*`` and
+    ``baseline/report.*``); returns each report and its digest. Runs as a coordinator Ray
+    task (no GPU: it ranks) with ``compute.eval_actors`` embedding actors."""
+    endpoint = cfg.storage.endpoint_url
+    if is_published(out_uri, endpoint):
+        folder = stage_folder(out_uri, endpoint)
+        from rzenembed.identity import json_file_digest
+
+        return {role: {"report": json.loads((folder / sub / "report.json").read_text()),
+                       "digest": json_file_digest(folder / sub / "report.json")}
+                for role, sub in (("baseline", "baseline"), ("model", ""))}  # fmt: skip
+    return on_ray(cfg, _evaluate_task, cfg, {"model": model, "baseline": baseline}, list(sets),
+                  out_uri, cache_uri, gpus=0.0, cpus=0.0)  # fmt: skip
+
+
+def report_uris(out_uri: str) -> dict[str, str]:
+    return {kind: join(out_uri, name) for kind, name in REPORT_FILES.items()}
