@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test demo lint format bench clean
+.PHONY: test demo lint format bench gpu-check clean
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loss_bench.py
+
+# On a machine with one CUDA device: training (NCCL, bf16), evaluation on CUDA and the 2B
+# benchmark, PASS/FAIL per part with figures (docs/PERFORMANCE.md). `--dry-run` on CPU.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -72,3 +72,15 @@ def sample_corpus(tmp_path_factory):
     from rzenembed.data.sample import build_sample_corpus
 
     return build_sample_corpus(tmp_path_factory.mktemp("corpus") / "sample", seed=0)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A local S3 server (moto in server mode) on loopback, for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

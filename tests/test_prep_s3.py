@@ -15,17 +15,6 @@ pytestmark = pytest.mark.slow
 DATASET = "sample-captions"
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 def s3_config(corpus, endpoint: str):
     local = sample_config(corpus, "unused")
     data = local.model_dump(mode="json")

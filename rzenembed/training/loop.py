@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rzenembed.config import PipelineConfig, StageConfig
-from rzenembed.data.folders import is_published, publish_folder
+from rzenembed.data.folders import is_published, publish_folder, write_text
 from rzenembed.data.storage import is_remote, join
 from rzenembed.data.version import DatasetVersion
 from rzenembed.losses import RzenEmbedLoss
@@ -358,8 +358,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             trainer.start_step = restore_checkpoint(
                 Path(folder), trainer.module, trainer.optimizer, trainer.scheduler, trainer.sampler
             )
+    record_worker(trainer)
     with activated(trainer.runtime):
         run_steps(trainer)
+
+
+def record_worker(trainer: Trainer) -> None:
+    """``<run>/workers/rank<N>.json`` on the storage root: where each rank ran (node, host,
+    device, backend, autocast), for the user and for the cluster test."""
+    import socket
+
+    import ray
+
+    runtime = trainer.runtime
+    info = {"rank": trainer.rank, "world_size": trainer.world_size,
+            "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+            "device": str(runtime.device), "backend": runtime.backend,
+            "autocast": None if runtime.autocast_dtype is None else str(runtime.autocast_dtype),
+            "start_step": trainer.start_step}  # fmt: skip
+    uri = join(trainer.spec.output_dir, "workers", f"rank{trainer.rank}.json")
+    write_text(uri, json.dumps(info, indent=2, sort_keys=True) + "\n",
+               trainer.cfg.storage.endpoint_url)  # fmt: skip
 
 
 def run_steps(trainer: Trainer) -> None:

@@ -1,0 +1,237 @@
+"""full-pipeline on a two-node Ray cluster on this machine with everything on S3.
+
+A head and a second node (``ray start`` on 127.0.0.1, each with its own temporary
+directory and staging cache, Ray's token authentication on) each declare one ``trainer``
+slot, so the two training workers land on different nodes. Raw sources, the base model
+and the evaluation sets are on a local S3 server (moto), and so is ``storage.root``. The
+Prefect worker is a separate driver process. Afterwards the cluster is stopped and both
+nodes' temporary directories and caches are deleted; ``rzenembed verify`` then recomputes
+every digest on the registered model's lineage from S3 alone: nothing the pipeline needs
+was left on a node's disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rzenembed.data.storage import filesystem
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+RAY = Path(sys.executable).parent / "ray"
+BUCKET = "rzenembed-cluster"
+SOURCES = ("sample-text-pairs", "sample-captions", "sample-mmeb-vqa", "sample-visdoc",
+           "sample-video-clips")  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def node_processes(marker: str) -> list[int]:
+    """Pids of the processes whose command line names ``marker`` (a node's temp dir)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(marker in part for part in proc.info["cmdline"] or []):
+                found.append(proc.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def stop_nodes(temp_dirs: list[Path]) -> None:
+    """Kill exactly this cluster's processes (``ray stop`` would stop every Ray here)."""
+    import psutil
+
+    for _ in range(3):
+        pids = [pid for d in temp_dirs for pid in node_processes(str(d))]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def s3(s3_endpoint):
+    fs, _ = filesystem(f"s3://{BUCKET}", s3_endpoint)
+    fs.mkdir(BUCKET)
+    return fs
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_endpoint):
+    """Head + second node on loopback; yields (address, env for drivers, node dirs)."""
+    import ray
+
+    ray.shutdown()  # this process's local runtime; later tests start a fresh one
+    root = tmp_path_factory.mktemp("cluster")
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "RAY_USAGE_STATS_ENABLED": "0", "AWS_ENDPOINT_URL": s3_endpoint}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    nodes = {name: root / name for name in ("head", "node-b")}
+    caches = {name: root / f"cache-{name}" for name in nodes}
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+              "--resources", json.dumps({"trainer": 1}), "--disable-usage-stats"]  # fmt: skip
+    try:
+        for name, args in (
+            ("head", ["--head", "--port", str(port), "--include-dashboard=false"]),
+            ("node-b", ["--address", f"127.0.0.1:{port}"]),
+        ):
+            node_env = {**env, "RZENEMBED_CACHE": str(caches[name])}
+            subprocess.run([str(RAY), "start", *args, *common, "--temp-dir", str(nodes[name])],
+                           env=node_env, check=True, capture_output=True, timeout=120)  # fmt: skip
+        yield f"127.0.0.1:{port}", env, [*nodes.values(), *caches.values()]
+    finally:
+        stop_nodes(list(nodes.values()))
+
+
+def upload_inputs(s3, corpus, model_dir) -> None:
+    for name in SOURCES:
+        s3.put(str(corpus.root / name), f"{BUCKET}/corpus/{name}", recursive=True)
+    s3.put(str(corpus.root / "eval"), f"{BUCKET}/corpus/eval", recursive=True)
+    s3.put(str(model_dir), f"{BUCKET}/models/tiny", recursive=True)
+
+
+def cluster_config(corpus, root: Path, address: str, endpoint: str) -> Path:
+    sources = [s for s in yaml.safe_load(corpus.sources_yaml.read_text()) if s["name"] in SOURCES]
+    for source in sources:
+        source["uri"] = f"s3://{BUCKET}/corpus/{source['name']}"
+    stage2 = [s["name"] for s in sources if s["stage"] in ("stage2", "both")]
+    common = {"global_batch_size": 4, "gradcache_chunk": 2, "max_steps": 3,
+              "checkpoint_every": 2, "hard_negatives": 2,
+              "optim": {"lr": 1e-3, "warmup_ratio": 0.0}}  # fmt: skip
+    cfg = {
+        "name": "cluster",
+        "storage": {"root": f"s3://{BUCKET}/store", "endpoint_url": endpoint},
+        "sources": sources,
+        "prep": {"shard_rows": 32, "cap_per_dataset": 16, "clip_seconds": 4.0,
+                 "frames_per_clip": 2, "long_video_min_s": 5.0, "long_video_max_s": 20.0},
+        "model": {"name_or_path": f"s3://{BUCKET}/models/tiny", "max_visual_tokens": 16,
+                  "video_frames": 2, "max_text_tokens": 64},
+        "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
+        "loss": {"false_negative_delta": None},
+        "stage1": common,
+        "stage2": {**common, "mixtures": [{"name": "even",
+                                           "datasets": {n: 1.0 for n in stage2}}]},
+        "eval": {"sets": [f"s3://{BUCKET}/corpus/eval/eval-image-retrieval"], "batch_size": 8},
+        "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": "cluster",
+                     "upload_models": False},
+        "compute": {"ray_address": address, "num_workers": 2, "cpus_per_worker": 1,
+                    "resources_per_worker": {"trainer": 1}, "step_cpus": 0.5},
+    }  # fmt: skip
+    path = root / "cluster.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+DRIVER = """
+import json, sys
+from flows.pipeline import full_pipeline
+state = full_pipeline(sys.argv[1], return_state=True)
+out = state.result() if state.is_completed() else {"failed": state.message}
+print("RESULT " + json.dumps(out, default=str))
+"""
+
+
+@pytest.fixture(scope="module")
+def run(cluster, s3, s3_endpoint, sample_corpus, tiny_model_dir, tmp_path_factory):
+    address, env, node_dirs = cluster
+    root = tmp_path_factory.mktemp("cluster-run")
+    upload_inputs(s3, sample_corpus, tiny_model_dir)
+    config = cluster_config(sample_corpus, root, address, s3_endpoint)
+    driver_env = {**env, "PREFECT_HOME": str(root / "prefect"),
+                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                  "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+                  "RZENEMBED_CACHE": str(root / "cache-driver")}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", DRIVER, str(config)], cwd=REPO,
+                          env=driver_env, capture_output=True, text=True, timeout=1200)  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-4000:] + done.stderr[-4000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    # Nothing on a node's disk may matter from here on.
+    stop_nodes([d for d in node_dirs if "cache" not in d.name])
+    for folder in [*node_dirs, root / "cache-driver"]:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"result": result, "config": config, "root": root, "env": driver_env}
+
+
+def uris(value) -> list[str]:
+    """Every URI-looking string in a JSON value."""
+    if isinstance(value, dict):
+        return [u for v in value.values() for u in uris(v)]
+    if isinstance(value, list):
+        return [u for v in value for u in uris(v)]
+    return [value] if isinstance(value, str) and ("://" in value or value.startswith("/")) else []
+
+
+def test_the_cluster_run_registers_a_model_whose_outputs_are_all_on_s3(run):
+    result = run["result"]
+    assert "failed" not in result, result
+    assert result["model_uri"] == "models:/rzenembed/1"
+    outputs = {k: result[k] for k in ("model", "report", "trained", "data")}
+    found = [u for u in uris(outputs) if not u.startswith(("models:/", "sqlite:"))]
+    assert found and all(u.startswith(f"s3://{BUCKET}/") for u in found), [
+        u for u in found if not u.startswith(f"s3://{BUCKET}/")]  # fmt: skip
+    assert result["model"]["uri"].startswith(f"s3://{BUCKET}/store/_models/cluster/soup-")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run['root']}/mlflow.db")
+    version = client.get_model_version("rzenembed", "1")
+    model = client.get_logged_model(version.tags["rzenembed.model_id"])
+    assert model.tags["rzenembed.folder"] == result["model"]["uri"]
+
+
+def test_every_checkpoint_is_on_s3_and_the_workers_ran_on_two_nodes(run, s3):
+    trained = run["result"]["trained"]
+    adapters = [trained["stage1"], *trained["stage2"]]
+    checkpoints = [p for p in s3.find(f"{BUCKET}/store/_train") if "/checkpoint_" in p]
+    assert {p.split("/_train/")[1].split("/")[0] for p in checkpoints} == {
+        f"cluster-{a['extra']['stage']}-{a['uri'].rstrip('/').split('/')[-2]}" for a in adapters
+    }
+    for adapter in adapters:
+        run_folder = adapter["uri"].removeprefix("s3://").rsplit("/", 1)[0]
+        workers = [json.loads(s3.cat(p)) for p in s3.find(f"{run_folder}/workers")]
+        assert sorted(w["rank"] for w in workers) == [0, 1]
+        assert len({w["node_id"] for w in workers}) == 2, workers
+        assert {w["backend"] for w in workers} == {"gloo"}
+
+
+def test_padded_negatives_were_trained_across_the_two_workers(run, s3):
+    stage2 = run["result"]["trained"]["stage2"][0]
+    text = s3.cat(stage2["extra"]["metrics"].removeprefix("s3://")).decode()
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert {r["negatives_per_query"] for r in rows} <= {0, 1, 2}
+    assert all("padded_negatives" in r and "masked_fraction" in r for r in rows)
+
+
+def test_verify_passes_from_s3_alone_after_the_nodes_are_gone(run, s3_endpoint, tmp_path):
+    env = {**run["env"], "RZENEMBED_CACHE": str(tmp_path / "fresh-cache")}
+    done = subprocess.run(
+        [sys.executable, "-m", "rzenembed.cli", "verify", "models:/rzenembed/1",
+         "--tracking-uri", f"sqlite:///{run['root']}/mlflow.db", "--endpoint-url", s3_endpoint],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "0 CHANGED, 0 MISSING" in done.stdout
+    assert "[OK] raw sample-video-clips" in done.stdout
