@@ -61,8 +61,9 @@ def _evaluate_to(model: str, evals: list[str], out: str, args: argparse.Namespac
     from rzenembed.evaluation import evaluate, write_report
     from rzenembed.modeling import RzenEmbedder
     from rzenembed.modeling.digest import folder_digest
+    from rzenembed.runtime import task_device
 
-    embedder = RzenEmbedder.from_pretrained(model)
+    embedder = RzenEmbedder.from_pretrained(model, device=task_device(want_gpu=True))
     digest = folder_digest(model)
     scores = evaluate(
         embedder, evals, model_digest=digest, cache_dir=args.cache, batch_size=args.batch_size,

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from rzenembed.modeling import EmbedInput, ModelCard, ModelFolderError, RzenEmbedder
 from rzenembed.modeling.digest import file_digest, folder_digest
+from rzenembed.runtime import task_device
 from rzenembed.training.collate import MediaReader
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -162,7 +163,8 @@ def embed_file(
             )
     parts.mkdir(parents=True, exist_ok=True)
     (parts / JOB_FILE).write_text(json.dumps(job, indent=2) + "\n")
-    embedder = RzenEmbedder.from_pretrained(model)
+    # A local command: the GPU when one is visible (rzenembed.runtime), else the CPU.
+    embedder = RzenEmbedder.from_pretrained(model, device=task_device(want_gpu=True))
     reader = MediaReader(str(Path(input_path).parent.resolve()))
     max_frames = embedder.cfg.video_frames
     starts = range(0, len(rows), part_rows)

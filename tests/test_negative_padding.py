@@ -214,30 +214,35 @@ def test_masking_watch_warns_after_a_long_streak_only():
 # --------------------------------------------------------------------------- Ray Train
 
 
-@pytest.mark.slow
-def test_two_workers_train_on_rows_with_0_1_and_2_negatives(ray_local, tiny_model_dir, tmp_path):
-    from rzenembed.training.stages import run_training
-
+def padding_stage(root: Path, model_dir: Path, counts: list[int], steps: int):
+    """A stage-2 config with two workers and ``hard_negatives: 2``, and the stage manifest
+    of one text dataset whose rows have ``counts`` negatives."""
     cfg = config_from_dict({
         "name": "padding",
-        "storage": {"root": str(tmp_path / "store")},
-        "sources": [{"name": "pad", "uri": str(tmp_path / "raw"), "stage": "stage2",
+        "storage": {"root": str(root / "store")},
+        "sources": [{"name": "pad", "uri": str(root / "raw"), "stage": "stage2",
                      "task_group": "text_retrieval"}],
-        "model": {"name_or_path": str(tiny_model_dir), "max_text_tokens": 32},
+        "model": {"name_or_path": str(model_dir), "max_text_tokens": 32},
         "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
         "loss": {"false_negative_delta": None},
-        "stage2": {"global_batch_size": 4, "gradcache_chunk": 2, "max_steps": 4,
-                   "checkpoint_every": 4, "hard_negatives": 2,
+        "stage2": {"global_batch_size": 4, "gradcache_chunk": 2, "max_steps": steps,
+                   "checkpoint_every": steps, "hard_negatives": 2,
                    "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
                    "mixtures": [{"name": "pad", "datasets": {"pad": 1.0}}]},
         "compute": {"num_workers": 2, "cpus_per_worker": 1},
     })  # fmt: skip
-    rows = dataset([0, 1, 2, 0, 1, 2, 0, 1]).rows
-    writer = VersionWriter(str(tmp_path / "store" / "pad" / "v1"), RECORD_SCHEMA)
-    writer.write_shard("part-00000", records_table(rows))
+    writer = VersionWriter(str(root / "store" / "pad" / "v1"), RECORD_SCHEMA)
+    writer.write_shard("part-00000", records_table(dataset(counts).rows))
     version = writer.commit(dataset="pad", step="ingest", config_digest="-", code_version="1",
-                            inputs=[], stats={"media_root": str(tmp_path)})  # fmt: skip
-    manifest = run_mixture(cfg, "stage2", {"pad": version}, cfg.stage2.mixtures[0])
+                            inputs=[], stats={"media_root": str(root)})  # fmt: skip
+    return cfg, run_mixture(cfg, "stage2", {"pad": version}, cfg.stage2.mixtures[0])
+
+
+@pytest.mark.slow
+def test_two_workers_train_on_rows_with_0_1_and_2_negatives(ray_local, tiny_model_dir, tmp_path):
+    from rzenembed.training.stages import run_training
+
+    cfg, manifest = padding_stage(tmp_path, tiny_model_dir, [0, 1, 2, 0, 1, 2, 0, 1], steps=4)
     result = run_training(cfg, "stage2", manifest, tiny_model_dir, "pad")
     metrics = read_jsonl(result.metrics_uri)
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]

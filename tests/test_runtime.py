@@ -11,10 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from rzenembed.config import ComputeConfig, ModelConfig, config_from_dict
-from rzenembed.data.schema import RECORD_SCHEMA, records_table
-from rzenembed.data.version import VersionWriter
-from rzenembed.prep.mixture import run_mixture
+from rzenembed.config import ComputeConfig, ModelConfig
 from rzenembed.runtime import (
     DEVICE_ENV,
     DeviceError,
@@ -28,7 +25,7 @@ from rzenembed.runtime import (
 )
 
 from .multiprocess import gloo_rank, run_ranks
-from .test_negative_padding import dataset
+from .test_negative_padding import padding_stage
 
 META = Runtime(torch.device("meta"), "nccl")
 
@@ -109,23 +106,7 @@ def _one_step(rank: int) -> dict[str, Any]:
 def test_one_training_step_keeps_everything_on_the_runtime_device(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    cfg = config_from_dict({
-        "name": "device",
-        "storage": {"root": str(tmp_path / "store")},
-        "sources": [{"name": "pad", "uri": str(tmp_path / "raw"), "stage": "stage2",
-                     "task_group": "text_retrieval"}],
-        "model": {"name_or_path": str(tiny_model_dir), "max_text_tokens": 32},
-        "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
-        "loss": {"false_negative_delta": None},
-        "stage2": {"global_batch_size": 4, "gradcache_chunk": 2, "max_steps": 1,
-                   "hard_negatives": 2, "mixtures": [{"name": "pad", "datasets": {"pad": 1.0}}]},
-        "compute": {"num_workers": 2, "cpus_per_worker": 1},
-    })  # fmt: skip
-    writer = VersionWriter(str(tmp_path / "store" / "pad" / "v1"), RECORD_SCHEMA)
-    writer.write_shard("part-00000", records_table(dataset([0, 1, 2, 1]).rows))
-    version = writer.commit(dataset="pad", step="ingest", config_digest="-", code_version="1",
-                            inputs=[], stats={"media_root": str(tmp_path)})  # fmt: skip
-    manifest = run_mixture(cfg, "stage2", {"pad": version}, cfg.stage2.mixtures[0])
+    cfg, manifest = padding_stage(tmp_path, tiny_model_dir, [0, 1, 2, 1], steps=1)
     spec = {"cfg": cfg.model_dump(mode="json"), "stage": "stage2", "mixture": "pad",
             "stage_manifest": manifest.uri, "base_model": str(tiny_model_dir),
             "output_dir": str(tmp_path / "out"), "total_steps": 1}  # fmt: skip
