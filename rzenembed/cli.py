@@ -9,6 +9,7 @@ rzenembed import-mmeb-eval FILE OUT --name N --category C --media-root DIR
 rzenembed soup ADAPTER... --out DIR [--method M] [--weights W,...] [--eval EVALSET]
 rzenembed lineage models:/rzenembed@champion [--tracking-uri URI] [--json]
 rzenembed verify models:/rzenembed@champion|FOLDER [--tracking-uri URI] [--json]
+rzenembed publish FOLDER URI [--endpoint-url URL]   a model folder onto the storage root
 """
 
 from __future__ import annotations
@@ -145,6 +146,22 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from rzenembed.data.folders import publish_folder
+    from rzenembed.modeling.digest import digests_of
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    digests = digests_of(folder)
+    endpoint = args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    marker = publish_folder(folder, args.uri, endpoint, **digests)
+    short = {k: v[:12] for k, v in digests.items()}
+    print(f"published {len(marker['files'])} files to {args.uri} "
+          f"(digest {short['digest']}, weights {short['weights_digest']})")  # fmt: skip
+    return 0
+
+
 def _tree_json(node) -> dict:
     return {**node.ref.to_json(), "step": node.step, "seen_before": node.seen_before,
             "inputs": [_tree_json(c) for c in node.children]}  # fmt: skip
@@ -237,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--jobs", type=int, default=8, help="shards hashed at once (default 8)")
     ver.add_argument("--json", action="store_true", help="print the checked tree as JSON")
     ver.set_defaults(func=_cmd_verify)
+
+    pub = sub.add_parser(
+        "publish", help="copy a model folder onto the storage root with its commit marker"
+    )
+    pub.add_argument("folder", help="local model folder (e.g. Qwen2-VL-2B-Instruct)")
+    pub.add_argument("uri", help="target URI, e.g. s3://bucket/models/Qwen2-VL-2B-Instruct")
+    pub.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
+    pub.set_defaults(func=_cmd_publish)
     return parser
 
 
