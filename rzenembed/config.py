@@ -112,7 +112,8 @@ class PrepConfig(Strict):
 
     shard_rows: int = Field(default=2048, gt=0)
     seed: int = 0
-    cap_per_dataset: int = Field(default=100_000, gt=0)
+    cap_per_dataset: int = Field(default=100_000, gt=0)  # stage-2 datasets (the paper's rule)
+    stage1_cap_per_dataset: int | None = Field(default=None, gt=0)  # stage-1 sources: uncapped
     max_text_chars: int = Field(default=8192, gt=0)
     max_image_pixels: int = Field(default=64_000_000, gt=0)
     min_image_side: int = Field(default=32, gt=0)

@@ -98,11 +98,14 @@ def test_rejects_keep_the_row_itself(prepared):
 
 
 def test_cap_keeps_exactly_n_rows(prepared):
-    _, data = prepared
+    from rzenembed.prep.cap import cap_limit
+
+    cfg, data = prepared
     for name, steps in data.versions.items():
         before, capped = list(steps.values())[-2], steps["cap"]
-        assert capped.rows == min(25, before.rows), name
-        assert capped.manifest.stats["dropped_by_cap"] == max(0, before.rows - 25)
+        limit = cap_limit(cfg, name) or before.rows  # stage-1 sources are uncapped
+        assert capped.rows == min(limit, before.rows), name
+        assert capped.manifest.stats["dropped_by_cap"] == max(0, before.rows - limit)
 
 
 def test_merged_classification_unifies_labels(prepared):
@@ -241,3 +244,57 @@ def test_docs_list_every_reason_code_and_prep_knob():
         assert f"`{code}`" in text, code
     for knob in PrepConfig.model_fields:
         assert f"`{knob}`" in text or f"`{knob}`," in text, knob
+
+
+def test_the_distributed_cap_keeps_what_the_reference_ranking_keeps(prepared, tmp_path):
+    from rzenembed.prep.cap import run_cap, select_ids
+
+    cfg, data = prepared
+    version = data.versions["sample-long-videos"]["split-clips"]  # 35 rows in 3 shards
+    capped = run_cap(cfg.model_copy(update={"storage": cfg.storage.model_copy(
+        update={"root": str(tmp_path)})}), version, limit=10, show_progress=False)  # fmt: skip
+    kept = set(capped.read_table(columns=["id"]).column("id").to_pylist())
+    assert kept == select_ids(version, 10, seed=cfg.prep.seed)
+    assert capped.manifest.stats["dropped_by_cap"] == version.rows - 10
+    assert capped.manifest.stats["group_semantics"] == "siblings"  # clips stay negatives
+
+
+def test_stage1_sources_are_uncapped_and_copied_byte_for_byte(prepared):
+    from rzenembed.prep.cap import cap_limit
+
+    cfg, data = prepared
+    stage1 = [s.name for s in cfg.sources if s.stage == "stage1"]
+    assert stage1 and all(cap_limit(cfg, name) is None for name in stage1)
+    assert cap_limit(cfg, "sample-visdoc") == cap_limit(cfg, "classification-merged") == 25
+    for name in stage1:
+        steps = data.versions[name]
+        before = steps["recaption"] if "recaption" in steps else steps["clean"]
+        shards = [(s.path, s.rows, s.sha256) for s in steps["cap"].manifest.shards]
+        assert shards == [(s.path, s.rows, s.sha256) for s in before.manifest.shards]
+        assert steps["cap"].manifest.stats["dropped_by_cap"] == 0
+
+
+def test_a_tie_at_the_threshold_keeps_only_the_listed_ids(prepared, tmp_path):
+    import numpy as np
+
+    from rzenembed.prep.cap import Threshold, _filter_shard, _FilterJob, rank_ids
+
+    cfg, data = prepared
+    version = data.versions["sample-long-videos"]["split-clips"]
+    shard = version.manifest.shards[0]
+    table = version.read_shard(shard)
+    ranks = rank_ids(cfg.prep.seed, table.column("id"))
+    order = np.argsort(ranks)
+    cut = int(ranks[order[3]])  # rows 0..2 are below it, row 3 is at it
+    ids = table.column("id").to_pylist()
+    listed = Threshold(cut, [ids[order[3]]])
+    unlisted = Threshold(cut, ["no-such-id"])
+    for rule, expected in ((listed, 4), (unlisted, 3)):
+        job = _FilterJob(version.uri, shard, None, str(tmp_path / str(expected)), cfg.prep.seed,
+                         rule)  # fmt: skip
+        _, info, rows_in, dropped = _filter_shard(job)
+        assert (info.rows, rows_in, dropped) == (
+            expected,
+            table.num_rows,
+            table.num_rows - expected,
+        )

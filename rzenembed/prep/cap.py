@@ -1,34 +1,48 @@
 """Cap: keep at most N rows of a dataset, chosen by a seeded hash ranking.
 
 Taking the first N rows would bias toward whatever order the source was written in.
-Instead every row gets the rank ``blake2b(seed, id)`` and the N smallest ranks are kept:
-the same input and seed always select the same rows, another seed selects others, and a
-row's fate does not depend on its position.
+Instead every row gets the rank ``blake2b(seed, id)`` and the N smallest ranks are kept
+(ties, which a 64-bit hash practically never has, go to the smaller id): the same input
+and seed always select the same rows, another seed selects others, and a row's fate does
+not depend on its position.
 
-Memory is O(N), not O(input): the driver streams only the id column, shard by shard,
-keeping the N best ranks in a bounded max-heap; then Ray tasks filter each shard against
-the selected ids. Dropped rows are not copied into rejects (the input version keeps them);
-they are counted in the manifest as ``dropped_by_cap``.
+All row work happens on the workers, in Arrow:
+
+1. *rank* (per shard): read the id column, rank it, return the shard's N smallest ranks
+   (numbers only, no ids);
+2. *threshold* (driver): the N-th smallest of those ranks, ``T``; if several rows share
+   ``T``, the ids at ``T`` that still fit (read from the shards holding ``T``);
+3. *filter* (per shard): keep rows with rank < ``T`` (or = ``T`` and a listed id) through an
+   Arrow filter; the shard never becomes Python rows and no id set travels to the tasks.
+
+Which cap applies (``cap_limit``): a source's own ``cap``, else ``prep.cap_per_dataset``
+(100k, the paper's stage-2 rule) for stage-2 sources and those used in both stages, else
+``prep.stage1_cap_per_dataset`` (default none: stage 1 trains on everything, as in the
+paper). An uncapped dataset, or one already within its cap, is committed as byte copies
+of its input's data shards: the same shard digests, no decoding. Dropped rows are not copied into
+rejects (the input version keeps them); they are counted as ``dropped_by_cap``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import heapq
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from rzenembed.config import PipelineConfig, digest_of
-from rzenembed.data.version import DatasetVersion
-from rzenembed.prep.base import (
-    ShardJob,
-    committed,
-    execute,
-    media_root_of,
-    per_shard_jobs,
-    plan_step,
-)
+from rzenembed.data.fanout import map_shards
+from rzenembed.data.schema import RECORD_SCHEMA
+from rzenembed.data.storage import filesystem, join
+from rzenembed.data.version import DatasetVersion, ShardInfo, VersionWriter, put_table
+from rzenembed.prep.base import committed, media_root_of, plan_step, shard_name
 
 STEP = "cap"
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 
 
 def rank(seed: int, row_id: str) -> int:
@@ -37,24 +51,111 @@ def rank(seed: int, row_id: str) -> int:
     return int.from_bytes(digest.digest(), "big")
 
 
+def rank_ids(seed: int, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """``rank`` of every id, as a uint64 array."""
+    key = str(seed).encode()
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8, key=key).digest(), "big")
+         for i in ids.to_pylist()),
+        dtype=np.uint64, count=len(ids),
+    )  # fmt: skip
+
+
 def select_ids(version: DatasetVersion, limit: int, seed: int) -> set[str]:
-    """The ids of the ``limit`` lowest-ranked rows, reading only the id column."""
-    heap: list[tuple[int, str]] = []  # max-heap of the best ranks via negation
-    for table in version.iter_tables(columns=["id"]):
-        for row_id in table.column("id").to_pylist():
-            item = (-rank(seed, row_id), row_id)
-            if len(heap) < limit:
-                heapq.heappush(heap, item)
-            elif item > heap[0]:
-                heapq.heapreplace(heap, item)
-    return {row_id for _, row_id in heap}
+    """The ids of the ``limit`` lowest (rank, id) pairs, streamed through a bounded heap in
+    one process: the reference the distributed selection is checked against (tests,
+    benchmark)."""
+    pairs = ((rank(seed, i), i) for table in version.iter_tables(columns=["id"])
+             for i in table.column("id").to_pylist())  # fmt: skip
+    return {row_id for _, row_id in heapq.nsmallest(limit, pairs)}
 
 
-def cap_limit(cfg: PipelineConfig, dataset: str) -> int:
+def cap_limit(cfg: PipelineConfig, dataset: str) -> int | None:
+    """The cap of ``dataset`` (None: uncapped); see the module docstring."""
     for source in cfg.sources:
-        if source.name == dataset and source.cap is not None:
-            return source.cap
-    return cfg.prep.cap_per_dataset
+        if source.name == dataset:
+            if source.cap is not None:
+                return source.cap
+            if source.stage == "stage1":
+                return cfg.prep.stage1_cap_per_dataset
+            return cfg.prep.cap_per_dataset
+    return cfg.prep.cap_per_dataset  # merged classification and other derived datasets
+
+
+@dataclass
+class Threshold:
+    """Keep a row when its rank is below ``rank``, or equal to it and its id is listed."""
+
+    rank: int
+    ids_at_rank: list[str]
+
+
+def _shard_ranks(job: tuple[str, ShardInfo, str | None, int, int]) -> np.ndarray:
+    uri, shard, endpoint, seed, limit = job
+    version = DatasetVersion.open(uri, endpoint)
+    ranks = rank_ids(seed, version.read_shard(shard, columns=["id"]).column("id"))
+    if len(ranks) > limit:
+        ranks = np.partition(ranks, limit - 1)[:limit]
+    return ranks
+
+
+def _ids_at(job: tuple[str, ShardInfo, str | None, int, int]) -> list[str]:
+    uri, shard, endpoint, seed, value = job
+    version = DatasetVersion.open(uri, endpoint)
+    ids = version.read_shard(shard, columns=["id"]).column("id")
+    hits = np.flatnonzero(rank_ids(seed, ids) == np.uint64(value))
+    return [ids[int(i)].as_py() for i in hits]
+
+
+def threshold(
+    version: DatasetVersion, limit: int, seed: int, in_flight: int, show_progress: bool
+) -> Threshold:
+    """The selection rule of the ``limit`` lowest ranks, computed on the workers."""
+    shards = version.manifest.shards
+    jobs = [(version.uri, s, version.endpoint_url, seed, limit) for s in shards]
+    parts = map_shards(_shard_ranks, jobs, max_in_flight=in_flight, desc="cap/rank",
+                       show_progress=show_progress)  # fmt: skip
+    ranks = np.concatenate(parts) if parts else np.empty(0, np.uint64)
+    value = np.partition(ranks, limit - 1)[limit - 1]
+    below = int((ranks < value).sum())
+    if int((ranks == value).sum()) + below == limit:  # no tie straddles the cut
+        return Threshold(int(value), [])
+    holders = [(version.uri, s, version.endpoint_url, seed, int(value))
+               for s, part in zip(shards, parts, strict=True) if (part == value).any()]  # fmt: skip
+    found = map_shards(_ids_at, holders, max_in_flight=in_flight, desc="cap/ties",
+                       show_progress=False)  # fmt: skip
+    tied = sorted(i for ids in found for i in ids)
+    return Threshold(int(value), tied[: limit - below])
+
+
+@dataclass
+class _FilterJob:
+    uri: str
+    shard: ShardInfo
+    endpoint_url: str | None
+    staging_uri: str
+    seed: int
+    rule: Threshold | None  # None: keep every row (a byte copy)
+
+
+def _filter_shard(job: _FilterJob) -> tuple[str, ShardInfo, int, int]:
+    """(name, written shard, rows in, rows dropped); rows stay Arrow throughout."""
+    name = shard_name(job.shard)
+    if job.rule is None:
+        fs, src = filesystem(join(job.uri, job.shard.path), job.endpoint_url)
+        _, dst = filesystem(join(job.staging_uri, job.shard.path), job.endpoint_url)
+        fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+        fs.copy(src, dst)
+        return name, job.shard, job.shard.rows, 0
+    table = DatasetVersion.open(job.uri, job.endpoint_url).read_shard(job.shard)
+    ranks = rank_ids(job.seed, table.column("id"))
+    at = ranks == np.uint64(job.rule.rank)
+    if job.rule.ids_at_rank and at.any():  # a tie straddles the cut: only the listed ids
+        listed = pc.is_in(table.column("id"), value_set=pa.array(job.rule.ids_at_rank))
+        at &= np.asarray(listed.to_numpy(zero_copy_only=False), dtype=bool)
+    kept = table.filter(pa.array((ranks < np.uint64(job.rule.rank)) | at))
+    info = put_table(job.staging_uri, job.shard.path, kept, job.endpoint_url)
+    return name, info, table.num_rows, table.num_rows - kept.num_rows
 
 
 def run_cap(
@@ -63,29 +164,30 @@ def run_cap(
     limit: int | None = None,
     show_progress: bool = True,
 ) -> DatasetVersion:
-    """Cap ``version`` to ``limit`` rows (default: the source's cap or prep.cap_per_dataset)."""
+    """Cap ``version`` to ``limit`` rows (default: ``cap_limit`` of its dataset)."""
     dataset = version.manifest.dataset
-    limit = limit or cap_limit(cfg, dataset)
+    limit = limit if limit is not None else cap_limit(cfg, dataset)
     section = {"limit": limit, "seed": cfg.prep.seed}
     plan = plan_step(cfg, STEP, dataset, CODE_VERSION, digest_of(section), [version.ref()])
     if (done := committed(plan, cfg)) is not None:
         return done
-    keep = select_ids(version, limit, cfg.prep.seed) if version.rows > limit else None
-
-    def jobs(staging: str) -> list[ShardJob]:
-        return per_shard_jobs(
-            version, staging, STEP, keep_selected, {"keep": keep}, cfg.storage.endpoint_url
-        )
-
-    stats = {"cap_limit": limit, "seed": cfg.prep.seed}
-    return execute(
-        plan, cfg, jobs, stats=stats, media_root=media_root_of(version), show_progress=show_progress
-    )
-
-
-def keep_selected(rows: list[dict], shard: str, *, keep: set[str] | None):
-    """Rows whose id was selected; the rest are counted as dropped, not rejected."""
-    if keep is None:
-        return rows, [], {"dropped_by_cap": 0}
-    kept = [row for row in rows if row["id"] in keep]
-    return kept, [], {"dropped_by_cap": len(rows) - len(kept)}
+    in_flight = cfg.prep.max_in_flight
+    rule = None
+    if limit is not None and version.rows > limit:
+        rule = threshold(version, limit, cfg.prep.seed, in_flight, show_progress)
+    writer = VersionWriter(plan.uri, RECORD_SCHEMA, cfg.storage.endpoint_url)
+    jobs = [_FilterJob(version.uri, s, version.endpoint_url, writer.staging_uri, cfg.prep.seed,
+                       rule) for s in version.manifest.shards]  # fmt: skip
+    results = map_shards(_filter_shard, jobs, max_in_flight=in_flight, desc="cap",
+                         show_progress=show_progress)  # fmt: skip
+    stats: dict[str, Any] = {"cap_limit": limit, "seed": cfg.prep.seed, "rows_in": 0,
+                             "dropped_by_cap": 0, "media_root": media_root_of(version)}  # fmt: skip
+    for name, info, rows_in, dropped in results:
+        writer.add_shard_info(name, info)
+        stats["rows_in"] += rows_in
+        stats["dropped_by_cap"] += dropped
+    if "group_semantics" in version.manifest.stats:  # clips stay each other's negatives
+        stats["group_semantics"] = version.manifest.stats["group_semantics"]
+    return writer.commit(dataset=plan.dataset, step=plan.step, config_digest=plan.config_digest,
+                         code_version=plan.code_version, inputs=plan.inputs,
+                         stats=stats)  # fmt: skip
