@@ -10,9 +10,10 @@ cap
     ``--rows-small`` rows, 100k rows per shard, built column-wise as Arrow arrays), then caps
     each to ``--limit`` rows. Every measurement runs in a fresh Python process so that its
     memory is its own: reading the id column only (what ``select_ids`` reads, without the
-    ranking), ``select_ids`` (the driver-side ranking pass, which must be O(N) in memory),
-    and the whole ``run_cap`` on a local Ray (2 CPUs, workers warmed up first; it includes
-    its own ``select_ids``). Each child reports its RSS after imports and setup (the
+    ranking), ``select_ids`` (the single-process reference ranking, O(N) in memory), the
+    previous ``run_cap`` (``select_ids`` on the driver, then shard tasks filtering Python
+    rows against the shipped id set: the baseline) and ``run_cap`` (ranks and an Arrow
+    filter on the workers), both on a local Ray with 2 CPUs. Each child reports its RSS after imports and setup (the
     baseline) and its peak RSS while the work ran, read from VmHWM in /proc/self/status
     after resetting it at the baseline (``echo 5 > /proc/self/clear_refs``). ``ru_maxrss``
     is not used: a child started by ``subprocess`` (vfork + exec) inherits the parent's
@@ -81,7 +82,8 @@ RAY_CPUS = 2
 CAP_MODES = {
     "read": "read id column only",
     "select": "select_ids",
-    "run_cap": "run_cap (Ray, 2 CPUs)",
+    "previous": "previous run_cap (driver select_ids + Python-row filter, Ray 2 CPUs)",
+    "run_cap": "run_cap (ranks and Arrow filter on the workers, Ray 2 CPUs)",
 }
 
 
@@ -232,6 +234,33 @@ def read_ids(version: DatasetVersion) -> int:
     return count
 
 
+def _previous_filter(job: tuple) -> int:
+    """The previous cap's per-shard work: the shard as Python rows, kept by id set membership,
+    written back through ``Table.from_pylist``."""
+    from rzenembed.data.schema import RECORD_SCHEMA
+    from rzenembed.data.version import put_table
+
+    uri, shard, keep, staging = job
+    rows = DatasetVersion.open(uri).read_shard(shard).to_pylist()
+    kept = [row for row in rows if row["id"] in keep]
+    put_table(staging, shard.path, pa.Table.from_pylist(kept, schema=RECORD_SCHEMA))
+    return len(kept)
+
+
+def previous_run_cap(cfg, version: DatasetVersion, limit: int, storage_root: str) -> int:
+    """The cap as it was before it moved to the workers (the baseline of the speed-up): the
+    driver ranks every id (``select_ids``), then every shard task receives the kept-id set
+    and filters Python rows."""
+    from rzenembed.data.fanout import map_shards
+    from rzenembed.prep.cap import select_ids
+
+    keep = select_ids(version, limit, seed=0)
+    staging = os.path.join(storage_root, "previous")
+    jobs = [(version.uri, shard, keep, staging) for shard in version.manifest.shards]
+    return sum(map_shards(_previous_filter, jobs, max_in_flight=cfg.prep.max_in_flight,
+                          show_progress=False))  # fmt: skip
+
+
 def child_main(mode: str, version_uri: str, limit: int, storage_root: str) -> None:
     """One measurement in this fresh process; prints a JSON line with time and memory."""
     import gc
@@ -239,7 +268,7 @@ def child_main(mode: str, version_uri: str, limit: int, storage_root: str) -> No
     from rzenembed.prep.cap import run_cap, select_ids
 
     version = DatasetVersion.open(version_uri)
-    if mode == "run_cap":
+    if mode in ("run_cap", "previous"):
         start_ray()
         cfg = bench_config(storage_root, cap_per_dataset=limit)
     gc.collect()
@@ -250,6 +279,8 @@ def child_main(mode: str, version_uri: str, limit: int, storage_root: str) -> No
         kept = min(limit, read_ids(version))
     elif mode == "select":
         kept = len(select_ids(version, limit, seed=0))
+    elif mode == "previous":
+        kept = previous_run_cap(cfg, version, limit, storage_root)
     else:
         kept = run_cap(cfg, version, show_progress=False).rows
     seconds = time.perf_counter() - start

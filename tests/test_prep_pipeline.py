@@ -274,27 +274,29 @@ def test_stage1_sources_are_uncapped_and_copied_byte_for_byte(prepared):
         assert steps["cap"].manifest.stats["dropped_by_cap"] == 0
 
 
-def test_a_tie_at_the_threshold_keeps_only_the_listed_ids(prepared, tmp_path):
-    import numpy as np
+def test_rows_tied_at_the_cut_are_settled_exactly(ray_local, tmp_path):
+    """Repeated ids share a rank: the cut falls inside the tie, and the cap still keeps
+    exactly N rows, the tied ones first by (id, shard, row)."""
+    import pyarrow as pa
 
-    from rzenembed.prep.cap import Threshold, _filter_shard, _FilterJob, rank_ids
+    from rzenembed.data.schema import RECORD_SCHEMA, record, records_table, side
+    from rzenembed.data.version import VersionWriter
+    from rzenembed.prep.cap import rank_ids, run_cap
 
-    cfg, data = prepared
-    version = data.versions["sample-long-videos"]["split-clips"]
-    shard = version.manifest.shards[0]
-    table = version.read_shard(shard)
-    ranks = rank_ids(cfg.prep.seed, table.column("id"))
-    order = np.argsort(ranks)
-    cut = int(ranks[order[3]])  # rows 0..2 are below it, row 3 is at it
-    ids = table.column("id").to_pylist()
-    listed = Threshold(cut, [ids[order[3]]])
-    unlisted = Threshold(cut, ["no-such-id"])
-    for rule, expected in ((listed, 4), (unlisted, 3)):
-        job = _FilterJob(version.uri, shard, None, str(tmp_path / str(expected)), cfg.prep.seed,
-                         rule)  # fmt: skip
-        _, info, rows_in, dropped = _filter_shard(job)
-        assert (info.rows, rows_in, dropped) == (
-            expected,
-            table.num_rows,
-            table.num_rows - expected,
-        )
+    ids = [f"r{i}" for i in range(20)] + ["r5", "r5"]  # r5 three times, in two shards
+    rows = [record(i, "ties", "text_retrieval", side(f"q {n}"), side(f"a {n}"))
+            for n, i in enumerate(ids)]  # fmt: skip
+    writer = VersionWriter(str(tmp_path / "in"), RECORD_SCHEMA)
+    writer.write_shard("part-00000", records_table(rows[:11]))
+    writer.write_shard("part-00001", records_table(rows[11:]))
+    version = writer.commit(dataset="ties", step="ingest", config_digest="-", code_version="1",
+                            inputs=[], stats={"media_root": str(tmp_path)})  # fmt: skip
+    ranks = rank_ids(0, version.read_table(columns=["id"]).column("id"))
+    limit = int((ranks < rank_ids(0, pa.array(["r5"]))[0]).sum()) + 2  # 2 of the 3 fit
+    cfg = config_from_dict({"model": {"name_or_path": "unused"},
+                            "storage": {"root": str(tmp_path / "store")}})  # fmt: skip
+    capped = run_cap(cfg, version, limit=limit, show_progress=False)
+    kept = capped.read_table(columns=["id", "query"]).to_pylist()
+    assert len(kept) == limit
+    assert sorted(r["query"]["text"] for r in kept if r["id"] == "r5") == ["q 20", "q 5"]
+    assert capped.manifest.stats["dropped_by_cap"] == len(ids) - limit

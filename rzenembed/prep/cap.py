@@ -10,10 +10,13 @@ All row work happens on the workers, in Arrow:
 
 1. *rank* (per shard): read the id column, rank it, return the shard's N smallest ranks
    (numbers only, no ids);
-2. *threshold* (driver): the N-th smallest of those ranks, ``T``; if several rows share
-   ``T``, the ids at ``T`` that still fit (read from the shards holding ``T``);
-3. *filter* (per shard): keep rows with rank < ``T`` (or = ``T`` and a listed id) through an
-   Arrow filter; the shard never becomes Python rows and no id set travels to the tasks.
+2. *threshold* (driver): the N-th smallest rank ``T``, merging a few shards' winners at a
+   time (memory O(N), not O(rows));
+3. *filter* (per shard): keep rows with rank <= ``T`` through an Arrow filter; the shard
+   never becomes Python rows and no id set travels to the tasks. Should more than N rows
+   share ranks <= ``T`` (rows tied at ``T``: practically never with 64-bit ranks, but a
+   repeated id does it), the shards holding ``T`` are filtered again keeping only the tied
+   rows that fit, first by (id, shard, row).
 
 Which cap applies (``cap_limit``): a source's own ``cap``, else ``prep.cap_per_dataset``
 (100k, the paper's stage-2 rule) for stage-2 sources and those used in both stages, else
@@ -32,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from rzenembed.config import PipelineConfig, digest_of
 from rzenembed.data.fanout import map_shards
@@ -84,10 +86,11 @@ def cap_limit(cfg: PipelineConfig, dataset: str) -> int | None:
 
 @dataclass
 class Threshold:
-    """Keep a row when its rank is below ``rank``, or equal to it and its id is listed."""
+    """Keep a row when its rank is below ``rank``, or equal to it and (when ``at_rank`` is
+    given, i.e. a tie straddles the cut) its (shard, row) position is listed."""
 
     rank: int
-    ids_at_rank: list[str]
+    at_rank: dict[str, list[int]] | None = None
 
 
 def _shard_ranks(job: tuple[str, ShardInfo, str | None, int, int]) -> np.ndarray:
@@ -99,33 +102,49 @@ def _shard_ranks(job: tuple[str, ShardInfo, str | None, int, int]) -> np.ndarray
     return ranks
 
 
-def _ids_at(job: tuple[str, ShardInfo, str | None, int, int]) -> list[str]:
+def _ties_at(job: tuple[str, ShardInfo, str | None, int, int]) -> list[tuple[str, str, int]]:
+    """(id, shard, row) of every row of one shard ranked exactly ``value``."""
     uri, shard, endpoint, seed, value = job
     version = DatasetVersion.open(uri, endpoint)
     ids = version.read_shard(shard, columns=["id"]).column("id")
     hits = np.flatnonzero(rank_ids(seed, ids) == np.uint64(value))
-    return [ids[int(i)].as_py() for i in hits]
+    return [(ids[int(i)].as_py(), shard_name(shard), int(i)) for i in hits]
 
 
 def threshold(
     version: DatasetVersion, limit: int, seed: int, in_flight: int, show_progress: bool
 ) -> Threshold:
-    """The selection rule of the ``limit`` lowest ranks, computed on the workers."""
+    """The rank of the ``limit``-th lowest row, computed on the workers: keep every row
+    ranked below it or at it (exactly ``limit`` rows unless several rows share that rank,
+    which ``run_cap`` detects from the filter's counts and settles by id)."""
     shards = version.manifest.shards
     jobs = [(version.uri, s, version.endpoint_url, seed, limit) for s in shards]
-    parts = map_shards(_shard_ranks, jobs, max_in_flight=in_flight, desc="cap/rank",
-                       show_progress=show_progress)  # fmt: skip
-    ranks = np.concatenate(parts) if parts else np.empty(0, np.uint64)
-    value = np.partition(ranks, limit - 1)[limit - 1]
-    below = int((ranks < value).sum())
-    if int((ranks == value).sum()) + below == limit:  # no tie straddles the cut
-        return Threshold(int(value), [])
-    holders = [(version.uri, s, version.endpoint_url, seed, int(value))
-               for s, part in zip(shards, parts, strict=True) if (part == value).any()]  # fmt: skip
-    found = map_shards(_ids_at, holders, max_in_flight=in_flight, desc="cap/ties",
+    # The driver keeps only the best `limit` ranks seen so far, merging a group of shards'
+    # winners at a time: memory O(limit + group x shard), not O(rows).
+    best = np.empty(0, np.uint64)
+    group = max(2, 2 * in_flight)
+    for start in range(0, len(jobs), group):
+        parts = map_shards(_shard_ranks, jobs[start : start + group], max_in_flight=in_flight,
+                           desc="cap/rank", show_progress=show_progress)  # fmt: skip
+        best = np.concatenate([best, *parts])
+        if len(best) > limit:
+            best = np.partition(best, limit - 1)[:limit]
+    return Threshold(int(best.max()))
+
+
+def settle_tie(
+    version: DatasetVersion, seed: int, value: int, room: int, in_flight: int
+) -> dict[str, list[int]]:
+    """Which rows ranked exactly ``value`` fit in the ``room`` left below the cap: the first
+    by (id, shard, row), so the choice is deterministic even for repeated ids. Only needed
+    when a tie straddles the cut, which 64-bit ranks practically never produce."""
+    jobs = [(version.uri, s, version.endpoint_url, seed, value) for s in version.manifest.shards]
+    found = map_shards(_ties_at, jobs, max_in_flight=in_flight, desc="cap/ties",
                        show_progress=False)  # fmt: skip
-    tied = sorted(i for ids in found for i in ids)
-    return Threshold(int(value), tied[: limit - below])
+    chosen: dict[str, list[int]] = {}
+    for _, shard, row in sorted(t for ties in found for t in ties)[:room]:
+        chosen.setdefault(shard, []).append(row)
+    return chosen
 
 
 @dataclass
@@ -138,24 +157,26 @@ class _FilterJob:
     rule: Threshold | None  # None: keep every row (a byte copy)
 
 
-def _filter_shard(job: _FilterJob) -> tuple[str, ShardInfo, int, int]:
-    """(name, written shard, rows in, rows dropped); rows stay Arrow throughout."""
+def _filter_shard(job: _FilterJob) -> tuple[str, ShardInfo, int, int, int]:
+    """(name, written shard, rows in, rows dropped, rows kept at the threshold rank); rows
+    stay Arrow throughout."""
     name = shard_name(job.shard)
     if job.rule is None:
         fs, src = filesystem(join(job.uri, job.shard.path), job.endpoint_url)
         _, dst = filesystem(join(job.staging_uri, job.shard.path), job.endpoint_url)
         fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
         fs.copy(src, dst)
-        return name, job.shard, job.shard.rows, 0
+        return name, job.shard, job.shard.rows, 0, 0
     table = DatasetVersion.open(job.uri, job.endpoint_url).read_shard(job.shard)
     ranks = rank_ids(job.seed, table.column("id"))
     at = ranks == np.uint64(job.rule.rank)
-    if job.rule.ids_at_rank and at.any():  # a tie straddles the cut: only the listed ids
-        listed = pc.is_in(table.column("id"), value_set=pa.array(job.rule.ids_at_rank))
-        at &= np.asarray(listed.to_numpy(zero_copy_only=False), dtype=bool)
+    if job.rule.at_rank is not None:  # a tie straddles the cut: only the listed rows
+        listed = np.zeros(len(at), dtype=bool)
+        listed[job.rule.at_rank.get(name, [])] = True
+        at &= listed
     kept = table.filter(pa.array((ranks < np.uint64(job.rule.rank)) | at))
     info = put_table(job.staging_uri, job.shard.path, kept, job.endpoint_url)
-    return name, info, table.num_rows, table.num_rows - kept.num_rows
+    return name, info, table.num_rows, table.num_rows - kept.num_rows, int(at.sum())
 
 
 def run_cap(
@@ -180,9 +201,20 @@ def run_cap(
                        rule) for s in version.manifest.shards]  # fmt: skip
     results = map_shards(_filter_shard, jobs, max_in_flight=in_flight, desc="cap",
                          show_progress=show_progress)  # fmt: skip
+    kept = sum(r[2] - r[3] for r in results)
+    if rule is not None and kept > limit:  # rows tied at the threshold rank: settle them
+        below = kept - sum(r[4] for r in results)
+        chosen = settle_tie(version, cfg.prep.seed, rule.rank, limit - below, in_flight)
+        rule = Threshold(rule.rank, chosen)
+        redo = [j for j, r in zip(jobs, results, strict=True) if r[4]]
+        for job in redo:
+            job.rule = rule
+        again = {r[0]: r for r in map_shards(_filter_shard, redo, max_in_flight=in_flight,
+                                             desc="cap/ties", show_progress=False)}  # fmt: skip
+        results = [again.get(r[0], r) for r in results]
     stats: dict[str, Any] = {"cap_limit": limit, "seed": cfg.prep.seed, "rows_in": 0,
                              "dropped_by_cap": 0, "media_root": media_root_of(version)}  # fmt: skip
-    for name, info, rows_in, dropped in results:
+    for name, info, rows_in, dropped, _ in results:
         writer.add_shard_info(name, info)
         stats["rows_in"] += rows_in
         stats["dropped_by_cap"] += dropped
