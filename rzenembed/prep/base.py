@@ -178,9 +178,11 @@ def execute(
     stats: dict[str, Any] | None = None,
     media_root: str | None = None,
     show_progress: bool = True,
+    writer: VersionWriter | None = None,
 ) -> DatasetVersion:
-    """Run the shard jobs on Ray, then commit the version with summed counts and stats."""
-    writer = VersionWriter(plan.uri, RECORD_SCHEMA, cfg.storage.endpoint_url)
+    """Run the shard jobs on Ray, then commit the version with summed counts and stats
+    (into ``writer``'s staging area when a step already opened one for scratch work)."""
+    writer = writer or VersionWriter(plan.uri, RECORD_SCHEMA, cfg.storage.endpoint_url)
     jobs = jobs_for(writer.staging_uri)
     results = map_shards(
         run_shard_job,

@@ -1,31 +1,36 @@
 """Clean: drop bad images and duplicates within a dataset.
 
-Two passes over the shards, both on Ray:
+Three passes, all on Ray:
 
 1. *inspect* (per shard): decode every image once; reject corrupt/truncated images, images
    under ``prep.min_image_side`` and blurry ones (variance of the Laplacian under
    ``prep.blur_threshold``); compute each row's content hash (texts + media bytes) and the
-   64-bit pHash of its images. Only these small facts go back to the driver.
-2. *decide* (driver): walk rows in dataset order; a row whose content hash was seen is an
-   exact duplicate, a row with an image within ``prep.phash_radius`` bits of an earlier
-   kept row's image is a near duplicate. Near duplicates are found with multi-index
-   hashing: split the 64 bits into radius + 1 bands; two hashes within the radius agree
-   exactly on at least one band (pigeonhole), so only rows sharing a band are compared.
+   64-bit pHash of its images, and write the row's dedup keys (content hash; pHash bands)
+   into key partitions. Only the bad rows go back to the driver.
+2. *dedup* (per key partition, then a small resolve in the driver): exact duplicates share
+   a content hash with an earlier kept row, near duplicates have an image within
+   ``prep.phash_radius`` bits of an earlier kept row's image (``rzenembed.prep.dedup``: a
+   distributed group-by on the keys, equal to the sequential rule ``decide`` below, which
+   stays as the single-process reference).
 3. *write* (per shard): keep or reject each row according to the decisions.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from rzenembed.config import PipelineConfig, digest_of
 from rzenembed.data import media as media_ops
 from rzenembed.data.fanout import map_shards
-from rzenembed.data.storage import resolve_media_uri
-from rzenembed.data.version import DatasetVersion
+from rzenembed.data.schema import RECORD_SCHEMA
+from rzenembed.data.storage import filesystem, join, resolve_media_uri
+from rzenembed.data.version import DatasetVersion, VersionWriter, put_table
+from rzenembed.prep import dedup
 from rzenembed.prep.base import (
     ShardJob,
     committed,
@@ -35,6 +40,16 @@ from rzenembed.prep.base import (
     plan_step,
     reject,
     version_shard_loader,
+)
+from rzenembed.prep.dedup import (
+    KEY_SCHEMA,
+    ROW_BITS,
+    Groups,
+    find_groups,
+    order_of,
+    partition_keys,
+    resolve,
+    row_keys,
 )
 from rzenembed.prep.ingest import RowError, read_media
 
@@ -67,35 +82,75 @@ def run_clean(
     if (done := committed(plan, cfg)) is not None:
         return done
     root = media_root_of(version)
-    shards = version.manifest.shards
-    inspect_jobs = [
-        (version_shard_loader(version, s), root, knobs, cfg.storage.endpoint_url) for s in shards
-    ]
-    facts = map_shards(
-        _inspect_job,
-        inspect_jobs,
-        max_in_flight=cfg.prep.max_in_flight,
-        desc="clean/inspect",
-        show_progress=show_progress,
-    )
-    decisions = decide(facts, cfg.prep.phash_radius)
+    endpoint = cfg.storage.endpoint_url
+    writer = VersionWriter(plan.uri, RECORD_SCHEMA, endpoint)
+    decisions = find_rejects(version, root, knobs, writer.staging_uri, cfg.prep.max_in_flight,
+                             endpoint, show_progress)  # fmt: skip
 
     def jobs(staging: str) -> list[ShardJob]:
-        return per_shard_jobs(
-            version,
-            staging,
-            STEP,
-            apply_decisions,
-            lambda i: {"decisions": decisions[i]},
-            cfg.storage.endpoint_url,
-        )
+        return per_shard_jobs(version, staging, STEP, apply_decisions,
+                              lambda i: {"decisions": decisions[i]}, endpoint)  # fmt: skip
 
-    return execute(plan, cfg, jobs, media_root=root, show_progress=show_progress)
+    return execute(plan, cfg, jobs, media_root=root, show_progress=show_progress, writer=writer)
 
 
-def _inspect_job(job: tuple) -> list[RowFacts]:
-    loader, root, knobs, endpoint_url = job
-    return [inspect_row(i, row, root, knobs, endpoint_url) for i, row in enumerate(loader())]
+def partition_count(rows: int, shards: int) -> int:
+    """Key partitions of the dedup group-by: about 200k rows' keys each, at most one per
+    shard and at most 64 (files written = shards x partitions at most)."""
+    return max(1, min(shards, 64, -(-rows // 200_000)))
+
+
+def find_rejects(
+    version: DatasetVersion, root: str, knobs: dict, scratch: str, in_flight: int,
+    endpoint_url: str | None, show_progress: bool,
+) -> list[dict[int, tuple[str, str]]]:  # fmt: skip
+    """Per shard, {row position: (reason, detail)}: bad media from the inspection, then
+    exact and near duplicates by the distributed group-by (``rzenembed.prep.dedup``). The
+    keys go through partition files under ``scratch``; the driver gets only bad rows and
+    duplicate candidates, never a record per row."""
+    shards = version.manifest.shards
+    partitions = partition_count(version.rows, len(shards))
+    keys_uri = join(scratch, "_dedup-keys")
+    inspect = [(version_shard_loader(version, s), root, knobs, endpoint_url, index, keys_uri,
+                partitions) for index, s in enumerate(shards)]  # fmt: skip
+    bad = map_shards(_inspect_job, inspect, max_in_flight=in_flight, desc="clean/inspect",
+                     show_progress=show_progress)  # fmt: skip
+    reduce = [(keys_uri, p, knobs["phash_radius"], endpoint_url) for p in range(partitions)]
+    groups = map_shards(_groups_job, reduce, max_in_flight=in_flight, desc="clean/dedup",
+                        show_progress=show_progress)  # fmt: skip
+    decisions = [dict(b) for b in bad]
+    for order, (reason, earlier) in resolve(groups).items():
+        shard, position = order >> ROW_BITS, order & ((1 << ROW_BITS) - 1)
+        text = "same content as" if reason == "duplicate_exact" else "near"
+        decisions[shard][position] = (reason, f"{text} {dedup.where(earlier)}")
+    return decisions
+
+
+def _inspect_job(job: tuple) -> dict[int, tuple[str, str]]:
+    """Inspect one shard: its bad rows come back; its good rows' dedup keys go to one
+    partition file each (``<keys>/p<partition>/<shard>.parquet``)."""
+    loader, root, knobs, endpoint_url, index, keys_uri, partitions = job
+    bad, keys = {}, []
+    for position, row in enumerate(loader()):
+        facts = inspect_row(position, row, root, knobs, endpoint_url)
+        if facts.reason is not None:
+            bad[position] = (facts.reason, facts.detail)
+        else:
+            keys += row_keys(order_of(index, position), facts.content_hash, facts.phashes,
+                             knobs["phash_radius"])  # fmt: skip
+    for part, table in enumerate(partition_keys(keys, partitions)):
+        if table.num_rows:
+            put_table(join(keys_uri, f"p{part:05d}"), f"{index:06d}.parquet", table, endpoint_url)
+    return bad
+
+
+def _groups_job(job: tuple) -> Groups:
+    """One partition's exact groups and near edges, from every shard's file for it."""
+    keys_uri, part, radius, endpoint_url = job
+    fs, folder = filesystem(join(keys_uri, f"p{part:05d}"), endpoint_url)
+    files = sorted(fs.glob(join(folder, "*.parquet"))) if fs.exists(folder) else []
+    tables = [pq.read_table(f, filesystem=fs) for f in files]
+    return find_groups(pa.concat_tables(tables) if tables else KEY_SCHEMA.empty_table(), radius)
 
 
 def _media_items(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -143,13 +198,7 @@ def _check_image(data: bytes, uri: str, knobs: dict) -> tuple[str | None, str, i
     return None, "", media_ops.perceptual_hash(image)
 
 
-def _bands(value: int, count: int) -> list[tuple[int, int]]:
-    """(band index, band value) of a 64-bit hash cut into ``count`` nearly equal bands."""
-    edges = [round(64 * i / count) for i in range(count + 1)]
-    return [
-        (i, (value >> lo) & ((1 << (hi - lo)) - 1))
-        for i, (lo, hi) in enumerate(itertools.pairwise(edges))
-    ]
+_bands = dedup.bands  # the same cut of a pHash into bands as the group-by's
 
 
 def decide(facts: list[list[RowFacts]], radius: int) -> list[dict[int, tuple[str, str]]]:
