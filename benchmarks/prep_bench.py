@@ -13,12 +13,16 @@ cap
     ranking), ``select_ids`` (the single-process reference ranking, O(N) in memory), the
     previous ``run_cap`` (``select_ids`` on the driver, then shard tasks filtering Python
     rows against the shipped id set: the baseline) and ``run_cap`` (ranks and an Arrow
-    filter on the workers), both on a local Ray with 2 CPUs. Each child reports its RSS after imports and setup (the
-    baseline) and its peak RSS while the work ran, read from VmHWM in /proc/self/status
-    after resetting it at the baseline (``echo 5 > /proc/self/clear_refs``). ``ru_maxrss``
-    is not used: a child started by ``subprocess`` (vfork + exec) inherits the parent's
+    filter on the workers), both on a local Ray with 2 CPUs. Each child reports its RSS
+    after imports and setup (the baseline) and its peak RSS while the work ran, read from
+    VmHWM in /proc/self/status after resetting it at the baseline (``echo 5 >
+    /proc/self/clear_refs``). ``ru_maxrss`` is not used: a child started by ``subprocess`` (vfork + exec) inherits the parent's
     high-water mark in it, and the parent has held the generated tables. Only the driver
     process is measured; Ray workers hold one shard each whatever the dataset size.
+dedup
+    The clean step's duplicate decision on generated pHash facts (``--dedup-rows``, default
+    10k, 30k and 100k images): the keys, the partitions' group-by and the resolve of the
+    distributed rule, one core, beside the sequential reference ``decide``.
 clips
     Writes a 60 s, 128x96, 10 fps H.264 MP4 (libx264, qp 30, preset fast) and runs the
     clip-splitting path on it: ``split_row`` with 10 s clips and 8 frames per clip, i.e.
@@ -58,6 +62,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -611,6 +616,77 @@ def report_clean(images: int, seconds: dict[str, list[float]]) -> None:
         )
 
 
+# --------------------------------------------------------------------------- dedup
+
+
+def planted_facts(rows: int, radius: int, seed: int = 0) -> list[list]:
+    """``rows`` images' facts in 1,000-row shards: clusters of 8 pHashes 0..radius+3 bits
+    from a centre (about half near duplicates), one row in 25 repeating an earlier row's
+    content, one in 10 with a second image: the shape of ``tests/test_dedup.py``."""
+    from rzenembed.prep.clean import RowFacts
+
+    rng = random.Random(seed)
+    specs = []
+    for _ in range(rows // 8):
+        centre = rng.getrandbits(64)
+        for _ in range(8):
+            flips = rng.sample(range(64), rng.randint(0, radius + 3))
+            specs.append([centre ^ sum(1 << b for b in flips)])
+    rng.shuffle(specs)
+    contents: list[str] = []
+    facts = []
+    for n, hashes in enumerate(specs):
+        if rng.random() < 0.1:
+            hashes = [*hashes, rng.getrandbits(64)]
+        content = rng.choice(contents) if contents and rng.random() < 0.04 else f"c{n}"
+        contents.append(content)
+        facts.append((content, hashes))
+    return [[RowFacts(i, None, "", c, h) for i, (c, h) in enumerate(facts[s : s + 1000])]
+            for s in range(0, len(facts), 1000)]  # fmt: skip
+
+
+def bench_dedup(counts_arg: str, radius: int = 4) -> None:
+    """The dedup decision for 10k..100k images' facts, single-threaded, each piece timed:
+    keys (what the inspection tasks add), the partitions' group-by (what the partition
+    tasks do; summed over partitions, i.e. the CPU time to spread over the workers), the
+    driver's resolve, and the sequential reference ``decide`` for comparison. Facts are
+    generated (image decoding is the inspection's own, linear, cost)."""
+    from rzenembed.prep.clean import decide, partition_count
+    from rzenembed.prep.dedup import find_groups, order_of, partition_keys, resolve, row_keys
+
+    rows_out = []
+    for count in [int(c) for c in counts_arg.split(",")]:
+        shards = planted_facts(count, radius)
+        partitions = partition_count(count, len(shards))
+        start = time.perf_counter()
+        tables: list[list] = [[] for _ in range(partitions)]
+        for s, facts in enumerate(shards):
+            keys = []
+            for f in facts:
+                keys += row_keys(order_of(s, f.position), f.content_hash, f.phashes, radius)
+            for p, table in enumerate(partition_keys(keys, partitions)):
+                tables[p].append(table)
+        keyed = time.perf_counter()
+        groups = [find_groups(pa.concat_tables(t), radius) for t in tables]
+        grouped = time.perf_counter()
+        found = resolve(groups)
+        resolved = time.perf_counter()
+        decide(shards, radius)
+        sequential = time.perf_counter() - resolved
+        total = resolved - start
+        rows_out.append([
+            f"{count:,}", partitions, f"{keyed - start:.2f}", f"{grouped - keyed:.2f}",
+            f"{resolved - grouped:.3f}", f"{total:.2f}", f"{count / total / 1000:.0f}k",
+            f"{sequential:.2f}", f"{len(found):,}",
+        ])  # fmt: skip
+    print_table(
+        "dedup: group-by pieces (one core) against the sequential decide",
+        ["images", "partitions", "keys s", "group-by s", "resolve s", "total s", "images/s",
+         "sequential decide s", "duplicates"],
+        rows_out,
+    )  # fmt: skip
+
+
 # --------------------------------------------------------------------------- recaption
 
 
@@ -682,7 +758,7 @@ def bench_recaption(out: Path, captions: int, gpu: bool, repeats: int = 3) -> No
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--part", choices=["cap", "clips", "clean", "recaption", "all"], default="all"
+        "--part", choices=["cap", "clips", "clean", "dedup", "recaption", "all"], default="all"
     )
     parser.add_argument("--captions", type=int, default=64, help="images for recaption")
     parser.add_argument("--gpu", action="store_true", help="recaption on CUDA, 2B architecture")
@@ -690,6 +766,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows-small", type=int, default=1_000_000)
     parser.add_argument("--limit", type=int, default=100_000, help="cap N")
     parser.add_argument("--images", type=int, default=600, help="images for the clean part")
+    parser.add_argument(
+        "--dedup-rows",
+        default="10000,30000,100000",
+        help="dedup: image counts (pHash facts), comma-separated",
+    )
     parser.add_argument("--out", help="working folder (kept); default: a temporary one")
     # Internal: one cap measurement in a fresh process.
     parser.add_argument("--child", choices=list(CAP_MODES), help=argparse.SUPPRESS)
@@ -704,6 +785,7 @@ def run_parts(args: argparse.Namespace, out: Path) -> None:
         "cap": lambda: bench_cap(out, args.rows_large, args.rows_small, args.limit),
         "clips": lambda: bench_clips(out),
         "clean": lambda: bench_clean(out, args.images),
+        "dedup": lambda: bench_dedup(args.dedup_rows),
         "recaption": lambda: bench_recaption(out, args.captions, args.gpu),
     }
     for name, work in parts.items():
