@@ -16,9 +16,10 @@ cap
     filter on the workers), both on a local Ray with 2 CPUs. Each child reports its RSS
     after imports and setup (the baseline) and its peak RSS while the work ran, read from
     VmHWM in /proc/self/status after resetting it at the baseline (``echo 5 >
-    /proc/self/clear_refs``). ``ru_maxrss`` is not used: a child started by ``subprocess`` (vfork + exec) inherits the parent's
-    high-water mark in it, and the parent has held the generated tables. Only the driver
-    process is measured; Ray workers hold one shard each whatever the dataset size.
+    /proc/self/clear_refs``). ``ru_maxrss`` is not used: a child started by
+    ``subprocess`` (vfork + exec) inherits the parent's high-water mark in it, and the
+    parent has held the generated tables. Only the driver process is measured; Ray workers
+    hold one shard each whatever the dataset size.
 dedup
     The clean step's duplicate decision on generated pHash facts (``--dedup-rows``, default
     10k, 30k and 100k images): the keys, the partitions' group-by and the resolve of the
