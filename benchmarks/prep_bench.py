@@ -63,7 +63,6 @@ import json
 import math
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -620,32 +619,6 @@ def report_clean(images: int, seconds: dict[str, list[float]]) -> None:
 # --------------------------------------------------------------------------- dedup
 
 
-def planted_facts(rows: int, radius: int, seed: int = 0) -> list[list]:
-    """``rows`` images' facts in 1,000-row shards: clusters of 8 pHashes 0..radius+3 bits
-    from a centre (about half near duplicates), one row in 25 repeating an earlier row's
-    content, one in 10 with a second image: the shape of ``tests/test_dedup.py``."""
-    from rzenembed.prep.clean import RowFacts
-
-    rng = random.Random(seed)
-    specs = []
-    for _ in range(rows // 8):
-        centre = rng.getrandbits(64)
-        for _ in range(8):
-            flips = rng.sample(range(64), rng.randint(0, radius + 3))
-            specs.append([centre ^ sum(1 << b for b in flips)])
-    rng.shuffle(specs)
-    contents: list[str] = []
-    facts = []
-    for n, hashes in enumerate(specs):
-        if rng.random() < 0.1:
-            hashes = [*hashes, rng.getrandbits(64)]
-        content = rng.choice(contents) if contents and rng.random() < 0.04 else f"c{n}"
-        contents.append(content)
-        facts.append((content, hashes))
-    return [[RowFacts(i, None, "", c, h) for i, (c, h) in enumerate(facts[s : s + 1000])]
-            for s in range(0, len(facts), 1000)]  # fmt: skip
-
-
 def bench_dedup(counts_arg: str, radius: int = 4) -> None:
     """The dedup decision for 10k..100k images' facts, single-threaded, each piece timed:
     keys (what the inspection tasks add), the partitions' group-by (what the partition
@@ -653,7 +626,14 @@ def bench_dedup(counts_arg: str, radius: int = 4) -> None:
     driver's resolve, and the sequential reference ``decide`` for comparison. Facts are
     generated (image decoding is the inspection's own, linear, cost)."""
     from rzenembed.prep.clean import decide, partition_count
-    from rzenembed.prep.dedup import find_groups, order_of, partition_keys, resolve, row_keys
+    from rzenembed.prep.dedup import (
+        find_groups,
+        order_of,
+        partition_keys,
+        planted_facts,
+        resolve,
+        row_keys,
+    )
 
     rows_out = []
     for count in [int(c) for c in counts_arg.split(",")]:

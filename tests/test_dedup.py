@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pytest
 
@@ -13,6 +11,7 @@ from rzenembed.prep.dedup import (
     find_groups,
     order_of,
     partition_keys,
+    planted_facts,
     resolve,
     row_keys,
     where,
@@ -20,32 +19,6 @@ from rzenembed.prep.dedup import (
 
 RADIUS = 4
 SHARDS, PER_SHARD = 20, 1000
-
-
-def planted(seed: int = 0) -> list[list[RowFacts]]:
-    """20k rows: 2,500 clusters of an original and variants 0..radius+3 bits away (about
-    half of them near duplicates), one row in 25 a copy of an earlier row's content, one in
-    10 with a second image; shuffled, then cut into shards."""
-    rng = random.Random(seed)
-    specs = []
-    for _ in range(2500):
-        center = rng.getrandbits(64)
-        for _ in range(8):
-            flips = rng.sample(range(64), rng.randint(0, RADIUS + 3))
-            specs.append([center ^ sum(1 << b for b in flips)])
-    rng.shuffle(specs)
-    rows, contents = [], []
-    for n, hashes in enumerate(specs):
-        if rng.random() < 0.1:
-            hashes = [*hashes, rng.getrandbits(64)]
-        content = rng.choice(contents) if contents and rng.random() < 0.04 else f"c{n}"
-        contents.append(content)
-        rows.append((content, hashes))
-    shards = []
-    for s in range(SHARDS):
-        part = rows[s * PER_SHARD : (s + 1) * PER_SHARD]
-        shards.append([RowFacts(i, None, "", c, h) for i, (c, h) in enumerate(part)])
-    return shards
 
 
 def distributed(shards: list[list[RowFacts]], partitions: int) -> dict[int, tuple[str, str]]:
@@ -85,7 +58,7 @@ def brute_force(shards: list[list[RowFacts]]) -> dict[int, str]:
 
 @pytest.fixture(scope="module")
 def rows():
-    return planted()
+    return planted_facts(SHARDS * PER_SHARD, RADIUS, seed=0, shard_rows=PER_SHARD)
 
 
 def test_the_planted_set_has_what_it_claims(rows):

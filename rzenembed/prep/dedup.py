@@ -168,3 +168,32 @@ def resolve(groups: list[Groups]) -> dict[int, tuple[str, int]]:
         if matches:
             rejected[row] = ("duplicate_near", matches[0][2])
     return rejected
+
+
+def planted_facts(rows: int, radius: int, seed: int = 0, shard_rows: int = 1000) -> list[list]:
+    """Generated dedup inputs with known structure, for the equality test and the benchmark:
+    clusters of 8 pHashes 0..radius+3 bits from a random centre (about half of them near
+    duplicates), one row in 25 repeating an earlier row's content, one in 10 with a second
+    image; shuffled, then cut into shards of ``shard_rows`` ``RowFacts``."""
+    import random
+
+    from rzenembed.prep.clean import RowFacts
+
+    rng = random.Random(seed)
+    specs = []
+    for _ in range(rows // 8):
+        centre = rng.getrandbits(64)
+        for _ in range(8):
+            flips = rng.sample(range(64), rng.randint(0, radius + 3))
+            specs.append([centre ^ sum(1 << b for b in flips)])
+    rng.shuffle(specs)
+    contents: list[str] = []
+    facts = []
+    for n, hashes in enumerate(specs):
+        if rng.random() < 0.1:
+            hashes = [*hashes, rng.getrandbits(64)]
+        content = rng.choice(contents) if contents and rng.random() < 0.04 else f"c{n}"
+        contents.append(content)
+        facts.append((content, hashes))
+    return [[RowFacts(i, None, "", c, h) for i, (c, h) in enumerate(facts[s : s + shard_rows])]
+            for s in range(0, len(facts), shard_rows)]  # fmt: skip
