@@ -13,7 +13,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from rzenembed.config import PipelineConfig
-from rzenembed.data.importers import source_digest, source_uri
+from rzenembed.data.importers import source_listing_digest, source_uri
 from rzenembed.data.version import DatasetVersion
 from rzenembed.modeling.digest import weights_digest
 from rzenembed.prep.cap import run_cap
@@ -60,7 +60,9 @@ def _ingest_key_inputs(p: dict[str, Any]) -> list[str]:
     cfg: PipelineConfig = p["cfg"]
     source = cfg.source(p["source_name"])
     uri = source_uri(source, p.get("base"))
-    return [source_digest(uri, cfg.storage.endpoint_url), source.model_dump_json()]
+    # The listing (names, sizes, ETags or mtimes), not the bytes: the Prefect worker reads
+    # nothing; the ingest step hashes the data files on the workers.
+    return [source_listing_digest(uri, cfg.storage.endpoint_url), source.model_dump_json()]
 
 
 @task(name="ingest", cache_key_fn=keyed("ingest", _prep_section, _ingest_key_inputs),

@@ -170,3 +170,55 @@ def test_importer_reads_jsonl_and_parquet_in_file_order(tmp_path):
     before = source_digest(str(tmp_path))
     (tmp_path / "media" / "x.png").write_bytes(b"12")
     assert source_digest(str(tmp_path)) != before
+
+
+def test_streaming_chunks_read_exactly_what_the_sequential_importer_reads(tmp_path):
+    """Scan per file, chunks that never cross a file, reads from byte offsets / row groups:
+    the same (position, row) pairs as ``iter_raw_rows``, MMEB ids from global positions."""
+    import pyarrow.parquet as pq
+
+    from rzenembed.data.importers import (
+        combine_source_digest,
+        data_file_uris,
+        media_listing,
+        plan_chunks,
+        read_chunk,
+        scan_data_file,
+    )
+
+    lines = [json.dumps({"qry": f"q{i}", "pos_text": f"p{i}"}) for i in range(7)]
+    lines.insert(2, "")  # a blank line is not a row
+    lines.insert(4, "{not json")  # an unparsable row stays a row (a reject later)
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "b.jsonl").write_bytes(b'{"qry": "caf\xe9"}\n' + b'{"qry": "ok"}\n')  # bad UTF-8
+    table = pa.table({"qry": [f"t{i}" for i in range(5)], "pos_text": ["x"] * 5})
+    pq.write_table(table, tmp_path / "c.parquet", row_group_size=2)
+    source = SourceConfig(name="m", uri=str(tmp_path), task_group="image_qa", format="mmeb")
+    files = data_file_uris(str(tmp_path))
+    scans = [scan_data_file(f, None, 3) for f in files]
+    assert [s.rows for s in scans] == [8, 2, 5]
+    chunks = plan_chunks(scans, 3)
+    assert [(c.name, c.path.rsplit("/", 1)[-1], c.count) for c in chunks] == [
+        ("part-00000", "a.jsonl", 3), ("part-00001", "a.jsonl", 3), ("part-00002", "a.jsonl", 2),
+        ("part-00003", "b.jsonl", 2), ("part-00004", "c.parquet", 3),
+        ("part-00005", "c.parquet", 2),
+    ]  # fmt: skip
+    streamed = [pair for c in chunks for pair in read_chunk(source, c)]
+    sequential = list(iter_raw_rows(source, str(tmp_path)))
+    assert [p for p, _ in streamed] == list(range(15))
+    assert streamed[:8] == sequential[:8] and streamed[10:] == sequential[10:]
+    assert "__unparsable__" in streamed[8][1]  # invalid UTF-8: a reject, not a crash
+    assert streamed[12][1]["id"] == "m-00000012"  # MMEB ids from the global position
+    named = [(f.rsplit("/", 1)[-1], s.sha256) for f, s in zip(files, scans, strict=True)]
+    assert combine_source_digest(named, media_listing(str(tmp_path))) == source_digest(
+        str(tmp_path)
+    )
+
+
+def test_an_empty_source_gets_one_empty_shard(tmp_path):
+    from rzenembed.data.importers import plan_chunks, scan_data_file
+
+    (tmp_path / "a.jsonl").write_text("\n\n")
+    scan = scan_data_file(str(tmp_path / "a.jsonl"), None, 4)
+    assert scan.rows == 0
+    assert [(c.name, c.count) for c in plan_chunks([scan], 4)] == [("part-00000", 0)]

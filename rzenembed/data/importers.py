@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -47,26 +48,185 @@ def source_files(uri: str, endpoint_url: str | None = None) -> list[str]:
     return files
 
 
-def source_digest(uri: str, endpoint_url: str | None = None) -> str:
-    """sha256 over the source's data files' bytes and its media listing (names + sizes).
-
-    Media bytes are not hashed here (they are read at ingest anyway); a changed media file
-    of the same size is caught by the content hashes of the clean step.
-    """
+def media_listing(uri: str, endpoint_url: str | None = None) -> list[tuple[str, int]]:
+    """(relative path, size) of every file of the source folder that is not a data file."""
     fs, path = filesystem(uri, endpoint_url)
-    digest = hashlib.sha256()
-    for file in source_files(uri, endpoint_url):
-        digest.update(file.rsplit("/", 1)[-1].encode())
-        with fs.open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    media_listing = sorted(
+    return sorted(
         (p[len(path) :], info.get("size", 0))
         for p, info in fs.find(path, detail=True).items()
         if not p.endswith(RAW_SUFFIXES)
     )
-    digest.update(json.dumps(media_listing).encode())
+
+
+def combine_source_digest(files: list[tuple[str, str]], media: list[tuple[str, int]]) -> str:
+    """The source's digest from its data files' (name, sha256) in order and its media
+    listing. Per-file digests can be computed anywhere (workers, in parallel); the result
+    does not depend on where."""
+    digest = hashlib.sha256()
+    for name, file_sha in files:
+        digest.update(f"{name}\0{file_sha}\n".encode())
+    digest.update(json.dumps(media).encode())
     return digest.hexdigest()
+
+
+def file_sha256(uri: str, endpoint_url: str | None = None) -> str:
+    fs, path = filesystem(uri, endpoint_url)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_file_uris(uri: str, endpoint_url: str | None = None) -> list[str]:
+    """The source's data files as URIs (``s3://...`` on S3, plain paths locally), sorted."""
+    remote = "://" in uri and not uri.startswith("file://")
+    scheme = uri.split("://", 1)[0] + "://" if remote else ""
+    return [f"{scheme}{f}" for f in source_files(uri, endpoint_url)]
+
+
+def source_digest(uri: str, endpoint_url: str | None = None) -> str:
+    """sha256 over the source's data files' contents and its media listing (names + sizes).
+
+    Media bytes are not hashed here (they are read at ingest anyway); a changed media file
+    of the same size is caught by the content hashes of the clean step. Ingest computes the
+    same value from the per-file digests its scan tasks take (``combine_source_digest``).
+    """
+    files = [(f.rsplit("/", 1)[-1], file_sha256(f, endpoint_url))
+             for f in data_file_uris(uri, endpoint_url)]  # fmt: skip
+    return combine_source_digest(files, media_listing(uri, endpoint_url))
+
+
+def source_listing_digest(uri: str, endpoint_url: str | None = None) -> str:
+    """A cheap identity of a source from its listing alone (every file's name, size and
+    ETag or modification time), for cache keys: no byte is read."""
+    fs, path = filesystem(uri, endpoint_url)
+    if not fs.exists(path):
+        raise SourceError(f"source folder not found: {uri}")
+    rows = sorted((p[len(path):], i.get("size", 0), str(i.get("ETag") or i.get("mtime") or ""))
+                  for p, i in fs.find(path, detail=True).items())  # fmt: skip
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+@dataclass
+class FileScan:
+    """One data file, scanned on a worker: its row count, its sha256, and where each of its
+    chunks of ``chunk_rows`` rows starts (byte offsets for JSONL, row indices for Parquet)."""
+
+    path: str
+    rows: int
+    sha256: str
+    starts: list[int]
+
+
+@dataclass
+class RowChunk:
+    """Rows ``[row, row + count)`` of one data file, the first at global ``position``."""
+
+    name: str
+    path: str
+    row: int
+    count: int
+    position: int
+    offset: int | None = None  # JSONL: byte offset of the chunk's first line
+
+
+def scan_data_file(path: str, endpoint_url: str | None, chunk_rows: int) -> FileScan:
+    """Count a data file's rows (blank JSONL lines are not rows) and hash its bytes in one
+    streaming pass; note where every chunk of ``chunk_rows`` rows begins."""
+    fs, _ = filesystem(path, endpoint_url)
+    full = fs._strip_protocol(path)
+    if full.endswith(".parquet"):
+        meta = pq.ParquetFile(full, filesystem=fs).metadata
+        rows = meta.num_rows
+        return FileScan(path, rows, file_sha256(path, endpoint_url),
+                        list(range(0, rows, chunk_rows)))  # fmt: skip
+    h, rows, offset, starts = hashlib.sha256(), 0, 0, []
+    with fs.open(full, "rb") as f:
+        for line in f:
+            h.update(line)
+            if line.strip():
+                if rows % chunk_rows == 0:
+                    starts.append(offset)
+                rows += 1
+            offset += len(line)
+    return FileScan(path, rows, h.hexdigest(), starts)
+
+
+def plan_chunks(scans: list[FileScan], chunk_rows: int) -> list[RowChunk]:
+    """Shards of at most ``chunk_rows`` rows in file order, named ``part-00000`` on, never
+    crossing a file; positions count rows across files. An empty source gets one empty
+    chunk (its version then has one empty shard)."""
+    chunks, position = [], 0
+    for scan in scans:
+        for k, start in enumerate(scan.starts):
+            row = k * chunk_rows
+            count = min(chunk_rows, scan.rows - row)
+            offset = None if scan.path.endswith(".parquet") else start
+            chunks.append(RowChunk(f"part-{len(chunks):05d}", scan.path, row, count,
+                                   position + row, offset))  # fmt: skip
+        position += scan.rows
+    if not chunks:
+        chunks.append(RowChunk("part-00000", "", 0, 0, 0))
+    return chunks
+
+
+def read_chunk(
+    source: SourceConfig, chunk: RowChunk, endpoint_url: str | None = None
+) -> list[tuple[int, Any]]:
+    """(position, row) of the chunk's rows, read straight from its file (on a worker)."""
+    if chunk.count == 0:
+        return []
+    fs, _ = filesystem(chunk.path, endpoint_url)
+    full = fs._strip_protocol(chunk.path)
+    if full.endswith(".parquet"):
+        raws = _parquet_rows(fs, full, chunk.row, chunk.count)
+    else:
+        raws = _jsonl_rows(fs, full, chunk.offset or 0, chunk.count)
+    out = []
+    for i, raw in enumerate(raws):
+        position = chunk.position + i
+        out.append((position, from_mmeb(raw, source.name, position)
+                    if source.format == "mmeb" else raw))  # fmt: skip
+    return out
+
+
+def _jsonl_rows(fs, path: str, offset: int, count: int) -> list[Any]:
+    rows: list[Any] = []
+    with fs.open(path, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            if not line.strip():
+                continue
+            rows.append(_parse_line(line))
+            if len(rows) == count:
+                break
+    return rows
+
+
+def _parse_line(line: bytes) -> Any:
+    try:
+        return json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return {"__unparsable__": line[:200].decode("utf-8", "replace"), "__error__": str(exc)}
+
+
+def _parquet_rows(fs, path: str, row: int, count: int) -> list[Any]:
+    """Rows ``[row, row + count)`` of a Parquet file, reading only the row groups that hold
+    them."""
+    pf = pq.ParquetFile(path, filesystem=fs)
+    groups, first, seen = [], None, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if seen + n > row and seen < row + count:
+            groups.append(g)
+            first = seen if first is None else first
+        seen += n
+    table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
+    return table.slice(row - (first or 0), count).to_pylist()
 
 
 def iter_raw_rows(
@@ -88,14 +248,10 @@ def _rows_of_file(fs, file: str) -> Iterator[Any]:
         for batch in pq.ParquetFile(file, filesystem=fs).iter_batches(batch_size=1024):
             yield from batch.to_pylist()
         return
-    with fs.open(file, "r", encoding="utf-8") as f:
+    with fs.open(file, "rb") as f:  # bytes: a line that is not UTF-8 is a reject, not a crash
         for line in f:
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield {"__unparsable__": line[:200], "__error__": str(exc)}
+            if line.strip():
+                yield _parse_line(line)
 
 
 def mmeb_side(text: Any, image_path: Any) -> dict:

@@ -10,12 +10,23 @@ the manifest records as ``media_root``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from rzenembed.config import PipelineConfig, SourceConfig, digest_of
 from rzenembed.data import media as media_ops
-from rzenembed.data.importers import iter_raw_rows, source_digest, source_uri
+from rzenembed.data.fanout import map_shards
+from rzenembed.data.importers import (
+    FileScan,
+    RowChunk,
+    combine_source_digest,
+    data_file_uris,
+    media_listing,
+    plan_chunks,
+    read_chunk,
+    scan_data_file,
+    source_uri,
+)
 from rzenembed.data.schema import MEDIA_KINDS
 from rzenembed.data.storage import UnsafeURIError, filesystem, resolve_media_uri
 from rzenembed.data.version import DatasetVersion, InputRef
@@ -37,10 +48,24 @@ def run_ingest(
     base: str | None = None,
     show_progress: bool = True,
 ) -> DatasetVersion:
-    """Validate ``source`` into a new version (or return the committed one for the same input)."""
+    """Validate ``source`` into a new version (or return the committed one for the same input).
+
+    Streaming: the driver only lists the source's data files. One Ray task per file counts
+    its rows, hashes its bytes and notes where each shard's rows begin; the source's digest
+    is combined from those per-file digests. Each shard task then reads its own rows straight
+    from the file (a byte offset in JSONL, the covering row groups in Parquet). No row ever
+    passes through the driver. Shards hold ``prep.shard_rows`` rows and never cross a file.
+    """
     uri = source_uri(source, base)
+    endpoint = cfg.storage.endpoint_url
+    files = data_file_uris(uri, endpoint)
+    scans = map_shards(_scan_job, [(f, endpoint, cfg.prep.shard_rows) for f in files],
+                       max_in_flight=cfg.prep.max_in_flight, desc="ingest/scan",
+                       show_progress=show_progress)  # fmt: skip
+    named = [(f.rsplit("/", 1)[-1], scan.sha256) for f, scan in zip(files, scans, strict=True)]
+    digest = combine_source_digest(named, media_listing(uri, endpoint))
     section = {"source": source.model_dump(mode="json", exclude={"uri"}), "prep": _prep_knobs(cfg)}
-    inputs = [InputRef(uri=uri, content_digest=source_digest(uri, cfg.storage.endpoint_url))]
+    inputs = [InputRef(uri=uri, content_digest=digest)]
     plan = plan_step(cfg, STEP, source.name, CODE_VERSION, digest_of(section), inputs)
     if (done := committed(plan, cfg)) is not None:
         return done
@@ -49,20 +74,19 @@ def run_ingest(
         "root": uri,
         "max_text_chars": cfg.prep.max_text_chars,
         "max_image_pixels": cfg.prep.max_image_pixels,
-        "endpoint_url": cfg.storage.endpoint_url,
+        "endpoint_url": endpoint,
     }
 
     def jobs(staging: str) -> list[ShardJob]:
-        return [
-            ShardJob(
-                name, staging, STEP, validate_rows, _Inline(rows), params, cfg.storage.endpoint_url
-            )
-            for name, rows in _chunks(
-                iter_raw_rows(source, uri, cfg.storage.endpoint_url), cfg.prep.shard_rows
-            )
-        ]
+        chunks = plan_chunks(scans, cfg.prep.shard_rows)
+        return [ShardJob(c.name, staging, STEP, validate_rows, _ChunkLoader(source, c, endpoint),
+                         params, endpoint) for c in chunks]  # fmt: skip
 
     return execute(plan, cfg, jobs, media_root=uri, show_progress=show_progress)
+
+
+def _scan_job(job: tuple[str, str | None, int]) -> FileScan:
+    return scan_data_file(*job)
 
 
 def _prep_knobs(cfg: PipelineConfig) -> dict[str, Any]:
@@ -73,26 +97,16 @@ def _prep_knobs(cfg: PipelineConfig) -> dict[str, Any]:
     }
 
 
-class _Inline:
-    """A picklable loader for rows the driver already read (raw rows travel by value)."""
+@dataclass
+class _ChunkLoader:
+    """A picklable loader of one shard's raw rows, read on the worker."""
 
-    def __init__(self, rows: list[tuple[int, Any]]):
-        self.rows = rows
+    source: SourceConfig
+    chunk: RowChunk
+    endpoint_url: str | None
 
     def __call__(self) -> list[tuple[int, Any]]:
-        return self.rows
-
-
-def _chunks(rows: Iterator[tuple[int, Any]], size: int) -> Iterator[tuple[str, list]]:
-    chunk: list = []
-    index = 0
-    for item in rows:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield f"part-{index:05d}", chunk
-            chunk, index = [], index + 1
-    if chunk or index == 0:
-        yield f"part-{index:05d}", chunk
+        return read_chunk(self.source, self.chunk, self.endpoint_url)
 
 
 def validate_rows(
