@@ -20,6 +20,11 @@ cap
     ``subprocess`` (vfork + exec) inherits the parent's high-water mark in it, and the
     parent has held the generated tables. Only the driver process is measured; Ray workers
     hold one shard each whatever the dataset size.
+driver
+    Raw text sources of ``--driver-rows`` rows (default 100k and 1M, JSONL files of 250k
+    rows) through ingest -> clean -> cap (a stage-2 source, capped at 100k) on a local Ray
+    with 2 CPUs, each size in a fresh process: the driver's time and memory (baseline after
+    imports and Ray start, then the reset high-water mark, as for the cap).
 dedup
     The clean step's duplicate decision on generated pHash facts (``--dedup-rows``, default
     10k, 30k and 100k images): the keys, the partitions' group-by and the resolve of the
@@ -264,6 +269,30 @@ def previous_run_cap(cfg, version: DatasetVersion, limit: int, storage_root: str
     jobs = [(version.uri, shard, keep, staging) for shard in version.manifest.shards]
     return sum(map_shards(_previous_filter, jobs, max_in_flight=cfg.prep.max_in_flight,
                           show_progress=False))  # fmt: skip
+
+
+def prepare_child(source_dir: str, storage_root: str, shard_rows: int) -> None:
+    """The driver of ingest -> clean -> cap of one raw source, in this fresh process; prints
+    a JSON line with the time per step and the driver's memory."""
+    import gc
+
+    from rzenembed.prep.prepare import prepare_source
+
+    start_ray()
+    source = {"name": "bench-text", "uri": source_dir, "task_group": "text_retrieval",
+              "stage": "stage2"}  # fmt: skip
+    cfg = bench_config(storage_root, [source], shard_rows=shard_rows)
+    gc.collect()
+    baseline = proc_status_kib("VmRSS")
+    reset = reset_peak_rss()
+    start = time.perf_counter()
+    steps = prepare_source(cfg, cfg.sources[0], show_progress=False)
+    seconds = time.perf_counter() - start
+    peak = proc_status_kib("VmHWM")
+    result = {"rows": steps["ingest"].manifest.stats["rows_in"], "kept": steps["cap"].rows,
+              "seconds": seconds, "baseline_kib": baseline, "peak_kib": peak,
+              "peak_reset": reset}  # fmt: skip
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def child_main(mode: str, version_uri: str, limit: int, storage_root: str) -> None:
@@ -616,6 +645,55 @@ def report_clean(images: int, seconds: dict[str, list[float]]) -> None:
         )
 
 
+# --------------------------------------------------------------------------- driver
+
+
+def write_text_source(folder: Path, rows: int, per_file: int = 250_000) -> None:
+    """``rows`` text pairs in the project's JSONL format, ``per_file`` rows per file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in range(0, rows, per_file):
+        with (folder / f"records-{start // per_file:04d}.jsonl").open("w") as f:
+            for i in range(start, min(rows, start + per_file)):
+                f.write(json.dumps({"id": f"r{i}", "query": {"text": f"question number {i}"},
+                                    "positive": {"text": f"the answer to {i} is {i * 7}"}})
+                        + "\n")  # fmt: skip
+
+
+def bench_driver(out: Path, sizes: list[int], shard_rows: int = 10_000) -> None:
+    """Driver peak RSS and time of ingest -> clean -> cap (stage-2 cap 100k) on text sources
+    of each size, each in a fresh process on a local Ray with 2 CPUs."""
+    results = {}
+    for rows in sizes:
+        folder = out / f"text-{rows}"
+        write_text_source(folder, rows)
+        store = str(out / f"store-{rows}")
+        command = [sys.executable, os.path.abspath(__file__), "--prepare-child", str(folder),
+                   "--storage", store, "--shard-rows", str(shard_rows)]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+        lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            sys.stderr.write(done.stdout + done.stderr)
+            raise RuntimeError(f"prepare child failed with exit code {done.returncode}")
+        results[rows] = json.loads(lines[-1].removeprefix("RESULT "))
+        print(f"driver: {rows:,} rows prepared", flush=True)
+    table = [[f"{rows:,}", f"{r['seconds']:.1f}", f"{rows / r['seconds'] / 1000:.1f}k",
+              _mib(r["baseline_kib"]), _mib(r["peak_kib"]),
+              _mib(r["peak_kib"] - r["baseline_kib"]), f"{r['kept']:,}"]
+             for rows, r in results.items()]  # fmt: skip
+    print_table("driver: ingest -> clean -> cap, driver memory (each in a fresh process)",
+                ["rows", "time s", "rows/s", "baseline MiB", "peak MiB", "increase MiB",
+                 "kept"], table)  # fmt: skip
+    small, large = results[min(sizes)], results[max(sizes)]
+    growth = (large["peak_kib"] - large["baseline_kib"]) / max(
+        1, small["peak_kib"] - small["baseline_kib"]
+    )
+    print(
+        f"driver peak {max(sizes):,} / {min(sizes):,} rows: "
+        f"{large['peak_kib'] / small['peak_kib']:.2f}x (target: within 1.3x); "
+        f"increase {growth:.2f}x"
+    )
+
+
 # --------------------------------------------------------------------------- dedup
 
 
@@ -739,7 +817,9 @@ def bench_recaption(out: Path, captions: int, gpu: bool, repeats: int = 3) -> No
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--part", choices=["cap", "clips", "clean", "dedup", "recaption", "all"], default="all"
+        "--part",
+        choices=["cap", "clips", "clean", "dedup", "driver", "recaption", "all"],
+        default="all",
     )
     parser.add_argument("--captions", type=int, default=64, help="images for recaption")
     parser.add_argument("--gpu", action="store_true", help="recaption on CUDA, 2B architecture")
@@ -747,6 +827,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows-small", type=int, default=1_000_000)
     parser.add_argument("--limit", type=int, default=100_000, help="cap N")
     parser.add_argument("--images", type=int, default=600, help="images for the clean part")
+    parser.add_argument("--driver-rows", default="100000,1000000",
+                        help="driver: raw text rows, comma-separated")  # fmt: skip
+    parser.add_argument("--prepare-child", help=argparse.SUPPRESS)
+    parser.add_argument("--shard-rows", type=int, default=10_000, help=argparse.SUPPRESS)
     parser.add_argument(
         "--dedup-rows",
         default="10000,30000,100000",
@@ -767,6 +851,7 @@ def run_parts(args: argparse.Namespace, out: Path) -> None:
         "clips": lambda: bench_clips(out),
         "clean": lambda: bench_clean(out, args.images),
         "dedup": lambda: bench_dedup(args.dedup_rows),
+        "driver": lambda: bench_driver(out, [int(r) for r in args.driver_rows.split(",")]),
         "recaption": lambda: bench_recaption(out, args.captions, args.gpu),
     }
     for name, work in parts.items():
@@ -801,6 +886,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
         child_main(args.child, args.version, args.limit, args.storage)
+        exit_now()
+    if args.prepare_child:
+        prepare_child(args.prepare_child, args.storage, args.shard_rows)
         exit_now()
     start = time.perf_counter()
     if args.out:
