@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if not dry and not torch.cuda.is_available():
         print("FAIL setup: no CUDA device (use --dry-run to check the script on CPU)")
         return 1
-    from rzenembed.data.fanout import ensure_ray
+    from rzenembed.data.engine import ensure_ray
 
     parts = args.parts.split(",")
     results: dict[str, Any] = {}

@@ -154,10 +154,10 @@ def bench_config(storage_root: str, sources: list[dict] | None = None, **prep: A
 def start_ray() -> None:
     """Start a local Ray with 2 CPUs and make sure both workers exist and have imported
     the pipeline, so that no timed run pays for worker start-up."""
-    from rzenembed.data.fanout import ensure_ray, map_shards
+    from rzenembed.data.engine import ensure_ray, run_shards
 
     ensure_ray(num_cpus=RAY_CPUS)
-    map_shards(_warm_worker, [1.0] * RAY_CPUS, max_in_flight=RAY_CPUS, show_progress=False)
+    run_shards(_warm_worker, [1.0] * RAY_CPUS, max_in_flight=RAY_CPUS, show_progress=False)
 
 
 def _warm_worker(seconds: float) -> int:
@@ -261,13 +261,13 @@ def previous_run_cap(cfg, version: DatasetVersion, limit: int, storage_root: str
     """The cap as it was before it moved to the workers (the baseline of the speed-up): the
     driver ranks every id (``select_ids``), then every shard task receives the kept-id set
     and filters Python rows."""
-    from rzenembed.data.fanout import map_shards
+    from rzenembed.data.engine import run_shards
     from rzenembed.prep.cap import select_ids
 
     keep = select_ids(version, limit, seed=0)
     staging = os.path.join(storage_root, "previous")
     jobs = [(version.uri, shard, keep, staging) for shard in version.manifest.shards]
-    return sum(map_shards(_previous_filter, jobs, max_in_flight=cfg.prep.max_in_flight,
+    return sum(run_shards(_previous_filter, jobs, max_in_flight=cfg.prep.max_in_flight,
                           show_progress=False))  # fmt: skip
 
 
@@ -567,7 +567,7 @@ def serial_inspect_seconds(version: DatasetVersion, cfg: PipelineConfig) -> floa
 
 
 def bench_clean(out: Path, images: int, repeats: int = 5) -> None:
-    from rzenembed.data.fanout import map_shards
+    from rzenembed.data.engine import run_shards
     from rzenembed.prep.clean import run_clean
     from rzenembed.prep.ingest import run_ingest
 
@@ -578,7 +578,7 @@ def bench_clean(out: Path, images: int, repeats: int = 5) -> None:
     ingest_cfg = clean_config(out / "clean-ingest", source, 2)
     version = run_ingest(ingest_cfg, ingest_cfg.sources[0], show_progress=False)
     jobs = inspect_jobs(version, ingest_cfg)
-    fan_out = functools.partial(map_shards, show_progress=False)
+    fan_out = functools.partial(run_shards, show_progress=False)
     seconds: dict[str, list[float]] = {"serial": [serial_inspect_seconds(version, ingest_cfg)]}
     burns = [calibrate_burn(seconds["serial"][0] / len(jobs))] * len(jobs)
     for attempt in range(repeats):

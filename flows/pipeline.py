@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from rzenembed.config import PipelineConfig, config_digest, load_config, resolve_paths
-from rzenembed.data.fanout import ensure_ray
+from rzenembed.data.engine import ensure_ray
 from rzenembed.data.folders import exists, read_text
 from rzenembed.data.storage import join
 from rzenembed.evaluation.report import levels

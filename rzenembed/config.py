@@ -128,7 +128,8 @@ class PrepConfig(Strict):
     frame_jpeg_quality: int = Field(default=90, ge=10, le=100)
     classification_dataset: str = Field(default="classification-merged", min_length=1)
     mixture_temperature: float = Field(default=1.0, gt=0)
-    max_in_flight: int = Field(default=4, gt=0)
+    # Per-step cap on concurrent shard tasks; None: as many as the cluster's CPUs allow.
+    max_in_flight: int | None = Field(default=None, gt=0)
     recaption: RecaptionConfig = RecaptionConfig()
 
 

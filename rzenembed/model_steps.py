@@ -40,7 +40,7 @@ def on_ray(cfg: PipelineConfig, fn: Callable[..., Any], *args: Any, gpus: float 
     """Run ``fn(*args, **kwargs)`` as a Ray task with the step's resources; its result."""
     import ray
 
-    from rzenembed.data.fanout import ensure_ray
+    from rzenembed.data.engine import ensure_ray
 
     ensure_ray(address=cfg.compute.ray_address)
     options = {"num_gpus": step_gpus(cfg) if gpus is None else gpus,

@@ -1,7 +1,7 @@
 """What every data-preparation step shares: reason codes, rejects, sharded execution.
 
 A step reads one or more committed versions and writes a new one. Per-shard work runs as
-Ray tasks (``map_shards``) that write their output shards straight into the new version's
+Ray tasks (``run_shards``) that write their output shards straight into the new version's
 staging area; the driver only collects shard infos, reject counts and stats, then commits.
 
 The output location is derived from the step, its code version, its config section and
@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from rzenembed.config import PipelineConfig
-from rzenembed.data.fanout import map_shards
+from rzenembed.data.engine import run_shards
 from rzenembed.data.schema import RECORD_SCHEMA, REJECT_SCHEMA
 from rzenembed.data.storage import join
 from rzenembed.data.version import (
@@ -184,7 +184,7 @@ def execute(
     (into ``writer``'s staging area when a step already opened one for scratch work)."""
     writer = writer or VersionWriter(plan.uri, RECORD_SCHEMA, cfg.storage.endpoint_url)
     jobs = jobs_for(writer.staging_uri)
-    results = map_shards(
+    results = run_shards(
         run_shard_job,
         jobs,
         max_in_flight=cfg.prep.max_in_flight,

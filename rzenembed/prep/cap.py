@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from rzenembed.config import PipelineConfig, digest_of
-from rzenembed.data.fanout import map_shards
+from rzenembed.data.engine import run_shards
 from rzenembed.data.schema import RECORD_SCHEMA
 from rzenembed.data.storage import filesystem, join
 from rzenembed.data.version import DatasetVersion, ShardInfo, VersionWriter, put_table
@@ -112,7 +112,7 @@ def _ties_at(job: tuple[str, ShardInfo, str | None, int, int]) -> list[tuple[str
 
 
 def threshold(
-    version: DatasetVersion, limit: int, seed: int, in_flight: int, show_progress: bool
+    version: DatasetVersion, limit: int, seed: int, in_flight: int | None, show_progress: bool
 ) -> Threshold:
     """The rank of the ``limit``-th lowest row, computed on the workers: keep every row
     ranked below it or at it (exactly ``limit`` rows unless several rows share that rank,
@@ -122,9 +122,9 @@ def threshold(
     # The driver keeps only the best `limit` ranks seen so far, merging a group of shards'
     # winners at a time: memory O(limit + group x shard), not O(rows).
     best = np.empty(0, np.uint64)
-    group = max(2, 2 * in_flight)
+    group = 2 * (in_flight or 8)  # shards whose winners are merged at once
     for start in range(0, len(jobs), group):
-        parts = map_shards(_shard_ranks, jobs[start : start + group], max_in_flight=in_flight,
+        parts = run_shards(_shard_ranks, jobs[start : start + group], max_in_flight=in_flight,
                            desc="cap/rank", show_progress=show_progress)  # fmt: skip
         best = np.concatenate([best, *parts])
         if len(best) > limit:
@@ -133,13 +133,13 @@ def threshold(
 
 
 def settle_tie(
-    version: DatasetVersion, seed: int, value: int, room: int, in_flight: int
+    version: DatasetVersion, seed: int, value: int, room: int, in_flight: int | None
 ) -> dict[str, list[int]]:
     """Which rows ranked exactly ``value`` fit in the ``room`` left below the cap: the first
     by (id, shard, row), so the choice is deterministic even for repeated ids. Only needed
     when a tie straddles the cut, which 64-bit ranks practically never produce."""
     jobs = [(version.uri, s, version.endpoint_url, seed, value) for s in version.manifest.shards]
-    found = map_shards(_ties_at, jobs, max_in_flight=in_flight, desc="cap/ties",
+    found = run_shards(_ties_at, jobs, max_in_flight=in_flight, desc="cap/ties",
                        show_progress=False)  # fmt: skip
     chosen: dict[str, list[int]] = {}
     for _, shard, row in sorted(t for ties in found for t in ties)[:room]:
@@ -199,7 +199,7 @@ def run_cap(
     writer = VersionWriter(plan.uri, RECORD_SCHEMA, cfg.storage.endpoint_url)
     jobs = [_FilterJob(version.uri, s, version.endpoint_url, writer.staging_uri, cfg.prep.seed,
                        rule) for s in version.manifest.shards]  # fmt: skip
-    results = map_shards(_filter_shard, jobs, max_in_flight=in_flight, desc="cap",
+    results = run_shards(_filter_shard, jobs, max_in_flight=in_flight, desc="cap",
                          show_progress=show_progress)  # fmt: skip
     kept = sum(r[2] - r[3] for r in results)
     if rule is not None and kept > limit:  # rows tied at the threshold rank: settle them
@@ -209,7 +209,7 @@ def run_cap(
         redo = [j for j, r in zip(jobs, results, strict=True) if r[4]]
         for job in redo:
             job.rule = rule
-        again = {r[0]: r for r in map_shards(_filter_shard, redo, max_in_flight=in_flight,
+        again = {r[0]: r for r in run_shards(_filter_shard, redo, max_in_flight=in_flight,
                                              desc="cap/ties", show_progress=False)}  # fmt: skip
         results = [again.get(r[0], r) for r in results]
     stats: dict[str, Any] = {"cap_limit": limit, "seed": cfg.prep.seed, "rows_in": 0,

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from rzenembed.config import PipelineConfig, digest_of
 from rzenembed.data import media as media_ops
-from rzenembed.data.fanout import map_shards
+from rzenembed.data.engine import run_shards
 from rzenembed.data.schema import RECORD_SCHEMA
 from rzenembed.data.storage import filesystem, join, resolve_media_uri
 from rzenembed.data.version import DatasetVersion, VersionWriter, put_table
@@ -101,7 +101,7 @@ def partition_count(rows: int, shards: int) -> int:
 
 
 def find_rejects(
-    version: DatasetVersion, root: str, knobs: dict, scratch: str, in_flight: int,
+    version: DatasetVersion, root: str, knobs: dict, scratch: str, in_flight: int | None,
     endpoint_url: str | None, show_progress: bool,
 ) -> list[dict[int, tuple[str, str]]]:  # fmt: skip
     """Per shard, {row position: (reason, detail)}: bad media from the inspection, then
@@ -113,10 +113,10 @@ def find_rejects(
     keys_uri = join(scratch, "_dedup-keys")
     inspect = [(version_shard_loader(version, s), root, knobs, endpoint_url, index, keys_uri,
                 partitions) for index, s in enumerate(shards)]  # fmt: skip
-    bad = map_shards(_inspect_job, inspect, max_in_flight=in_flight, desc="clean/inspect",
+    bad = run_shards(_inspect_job, inspect, max_in_flight=in_flight, desc="clean/inspect",
                      show_progress=show_progress)  # fmt: skip
     reduce = [(keys_uri, p, knobs["phash_radius"], endpoint_url) for p in range(partitions)]
-    groups = map_shards(_groups_job, reduce, max_in_flight=in_flight, desc="clean/dedup",
+    groups = run_shards(_groups_job, reduce, max_in_flight=in_flight, desc="clean/dedup",
                         show_progress=show_progress)  # fmt: skip
     decisions = [dict(b) for b in bad]
     for order, (reason, earlier) in resolve(groups).items():

@@ -15,7 +15,7 @@ from typing import Any
 
 from rzenembed.config import PipelineConfig, SourceConfig, digest_of
 from rzenembed.data import media as media_ops
-from rzenembed.data.fanout import map_shards
+from rzenembed.data.engine import run_shards
 from rzenembed.data.importers import (
     FileScan,
     RowChunk,
@@ -59,7 +59,7 @@ def run_ingest(
     uri = source_uri(source, base)
     endpoint = cfg.storage.endpoint_url
     files = data_file_uris(uri, endpoint)
-    scans = map_shards(_scan_job, [(f, endpoint, cfg.prep.shard_rows) for f in files],
+    scans = run_shards(_scan_job, [(f, endpoint, cfg.prep.shard_rows) for f in files],
                        max_in_flight=cfg.prep.max_in_flight, desc="ingest/scan",
                        show_progress=show_progress)  # fmt: skip
     named = [(f.rsplit("/", 1)[-1], scan.sha256) for f, scan in zip(files, scans, strict=True)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rzenembed.config import PipelineConfig, SourceConfig
-from rzenembed.data.fanout import ensure_ray
+from rzenembed.data.engine import ensure_ray
 from rzenembed.data.version import DatasetVersion
 from rzenembed.prep.cap import run_cap
 from rzenembed.prep.clean import run_clean

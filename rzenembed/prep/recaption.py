@@ -40,7 +40,13 @@ import pyarrow as pa
 from rzenembed.config import PipelineConfig, RecaptionConfig, digest_of
 from rzenembed.data.schema import RECORD_SCHEMA, REJECT_SCHEMA
 from rzenembed.data.storage import filesystem, join
-from rzenembed.data.version import DatasetVersion, VersionWriter, put_table, write_atomically
+from rzenembed.data.version import (
+    DatasetVersion,
+    ShardInfo,
+    VersionWriter,
+    put_table,
+    write_atomically,
+)
 from rzenembed.prep.base import (
     committed,
     media_root_of,
@@ -254,12 +260,26 @@ def caption_shard(task: ShardTask, captioner: Captioner) -> dict[str, Any]:
                             pa.Table.from_pylist(rejected, schema=REJECT_SCHEMA),
                             task.endpoint_url)  # fmt: skip
     result = {"name": task.name, "rows_in": len(rows), "rows": data.rows,
-              "rejected": 0 if rejects is None else rejects.rows, "stats": stats,
+              "sha256": data.sha256, "rejected": 0 if rejects is None else rejects.rows,
+              "rejects_sha256": None if rejects is None else rejects.sha256, "stats": stats,
               "reject_counts": _counts(rejected)}  # fmt: skip
     # The marker is written last: a shard without it is redone on rerun.
     fs, path = filesystem(join(task.work_uri, f"{task.name}.done.json"), task.endpoint_url)
     write_atomically(fs, path, json.dumps(result))
     return result
+
+
+def _moved(fs, work: str, writer: VersionWriter, name: str, rel: str, rows: int,
+           sha256: str | None, endpoint_url: str | None) -> ShardInfo:  # fmt: skip
+    """Copy one work file into the writer's staging area as ``rel``; its shard info."""
+    from rzenembed.data.importers import file_sha256
+
+    source = join(filesystem(work, endpoint_url)[1], name)
+    target = join(filesystem(writer.staging_uri, endpoint_url)[1], rel)
+    fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+    fs.copy(source, target)
+    digest = sha256 or file_sha256(join(work, name), endpoint_url)  # older work areas
+    return ShardInfo(rel, rows, digest)
 
 
 def read_table(uri: str, endpoint_url: str | None) -> pa.Table:
@@ -351,42 +371,32 @@ def _finished(work: str, endpoint_url: str | None) -> dict[str, dict]:
 
 
 def _run_actors(tasks: list[ShardTask], path: str, settings: RecaptionConfig, show_progress: bool):
-    """Yield shard results as the actors finish them (at most ``actors`` at a time)."""
-    if not tasks:
-        return
-    import ray
-    from ray.util import ActorPool
-    from tqdm.auto import tqdm
+    """The shard results, captioned by a Ray Data actor pool (``settings.actors`` actors with
+    ``settings.gpus_per_actor`` GPUs each); each actor loads the captioner once."""
+    from rzenembed.data.engine import run_on_actors
 
-    from rzenembed.data.fanout import ensure_ray
-
-    ensure_ray()
-    actor = ray.remote(num_cpus=1, num_gpus=settings.gpus_per_actor)(CaptionWorker)
-    count = max(1, min(settings.actors, len(tasks)))
-    actors = [actor.remote(path, settings.model_dump(mode="json")) for _ in range(count)]
-    pool = ActorPool(actors)
-    try:
-        with tqdm(total=len(tasks), desc=STEP, unit="shard", disable=not show_progress) as bar:
-            for result in pool.map_unordered(lambda a, t: a.run.remote(t), tasks):
-                bar.update(1)
-                yield result
-    finally:
-        for a in actors:
-            ray.kill(a)
+    return run_on_actors(CaptionWorker, (path, settings.model_dump(mode="json")), tasks,
+                         actors=settings.actors, num_cpus=1, num_gpus=settings.gpus_per_actor,
+                         show_progress=show_progress)  # fmt: skip
 
 
 def _commit(plan, cfg: PipelineConfig, tasks, results, work: str, stats) -> DatasetVersion:
-    writer = VersionWriter(plan.uri, RECORD_SCHEMA, cfg.storage.endpoint_url)
+    """Move the finished shards from the work area into the version (store-side copies; no
+    shard passes through the driver), then commit."""
+    endpoint = cfg.storage.endpoint_url
+    writer = VersionWriter(plan.uri, RECORD_SCHEMA, endpoint)
+    fs, _ = filesystem(work, endpoint)
     totals: dict[str, int] = {}
     for task in tasks:
         result = results[task.name]
-        writer.write_shard(task.name, read_table(join(work, f"{task.name}.parquet"),
-                                                 cfg.storage.endpoint_url))  # fmt: skip
+        data = _moved(fs, work, writer, f"{task.name}.parquet", f"data/{task.name}.parquet",
+                      result["rows"], result.get("sha256"), endpoint)  # fmt: skip
+        rejects = None
         if result["rejected"]:
-            writer.write_rejects(
-                task.name,
-                read_table(join(work, f"{task.name}.rejects.parquet"), cfg.storage.endpoint_url),
-            )
+            rejects = _moved(fs, work, writer, f"{task.name}.rejects.parquet",
+                             f"rejects/{task.name}.parquet", result["rejected"],
+                             result.get("rejects_sha256"), endpoint)  # fmt: skip
+        writer.add_shard_info(task.name, data, rejects, result["reject_counts"])
         for key, value in {**result["stats"], "rows_in": result["rows_in"]}.items():
             totals[key] = totals.get(key, 0) + value
     return writer.commit(

@@ -117,7 +117,7 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rzenembed.data.fanout import ensure_ray
+    from rzenembed.data.engine import ensure_ray
     from rzenembed.runtime import backend_for
 
     stage: StageConfig = getattr(cfg, stage_name)

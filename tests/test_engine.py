@@ -1,4 +1,5 @@
-"""Ray fan-out: order, bounded concurrency, retries of transient errors, real failures."""
+"""The Ray Data engine of data preparation: order, bounded concurrency, retries of transient
+errors, real failures raised as themselves."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rzenembed.data.fanout import map_shards
+from rzenembed.data.engine import run_shards
 
 
 def square(x: int) -> int:
@@ -17,7 +18,7 @@ def square(x: int) -> int:
 
 
 def test_results_come_back_in_input_order(ray_local):
-    assert map_shards(square, list(range(12)), max_in_flight=3, show_progress=False) == [
+    assert run_shards(square, list(range(12)), max_in_flight=3, show_progress=False) == [
         x * x for x in range(12)
     ]
 
@@ -34,7 +35,7 @@ def fail_once(item: tuple[str, int]) -> int:
 
 def test_transient_io_errors_are_retried(ray_local, tmp_path):
     items = [(str(tmp_path), x) for x in range(3)]
-    assert map_shards(fail_once, items, retries=2, show_progress=False) == [0, 1, 2]
+    assert run_shards(fail_once, items, retries=2, show_progress=False) == [0, 1, 2]
 
 
 def bad_input(x: int) -> int:
@@ -43,7 +44,7 @@ def bad_input(x: int) -> int:
 
 def test_other_errors_are_raised_not_retried(ray_local):
     with pytest.raises(ValueError, match="bug on 1"):
-        map_shards(bad_input, [1], retries=3, show_progress=False)
+        run_shards(bad_input, [1], retries=3, show_progress=False)
 
 
 def record_window(item: tuple[str, int]) -> int:
@@ -57,7 +58,7 @@ def record_window(item: tuple[str, int]) -> int:
 
 def test_at_most_max_in_flight_tasks_run_at_once(ray_local, tmp_path):
     items = [(str(tmp_path), x) for x in range(6)]
-    map_shards(record_window, items, max_in_flight=1, show_progress=False)
+    run_shards(record_window, items, max_in_flight=1, show_progress=False)
     windows = sorted(tuple(map(float, p.read_text().split()[:2])) for p in tmp_path.glob("*.txt"))
     assert len(windows) == 6
     assert all(a_end <= b_start + 1e-3 for (_, a_end), (b_start, _) in itertools.pairwise(windows))
@@ -65,4 +66,4 @@ def test_at_most_max_in_flight_tasks_run_at_once(ray_local, tmp_path):
 
 def test_bad_concurrency_is_refused():
     with pytest.raises(ValueError, match="max_in_flight"):
-        map_shards(square, [1], max_in_flight=0)
+        run_shards(square, [1], max_in_flight=0)

@@ -1,0 +1,160 @@
+"""The execution engine of data preparation: Ray Data.
+
+Every preparation step is a picklable per-shard function (read a shard or a chunk of a raw
+file, process it, write its output shard into the version's staging area, return a small
+summary). ``run_shards`` runs such a function over its items as one Ray Data dataset: one
+block per item, mapped by Ray Data's streaming executor, which schedules the tasks on the
+cluster's CPUs, applies back-pressure and reschedules tasks lost with a node. A transient
+error inside a task (an ``OSError`` from a flaky store) is retried in place; any other
+exception is raised in the driver as itself. Concurrency follows the cluster's resources;
+``prep.max_in_flight`` only caps it when set. The summaries come back in input order; rows
+never do.
+
+Ray is joined when an address is given (``compute.ray_address`` or ``RAY_ADDRESS``) and
+started locally otherwise, with an explicit CPU count and no dashboard.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Exceptions that mean "try again" (a flaky store, a dropped connection), not "bad input".
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the configured Ray cluster, or start a local one once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(
+            # "local": always a fresh runtime for this process, never a cluster that a
+            # stale /tmp/ray/ray_current_cluster file points at.
+            address="local",
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+
+
+class _Apply:
+    """The per-row function Ray Data runs: unpickle the item, call ``fn`` (again, after a
+    short pause, on a transient error, up to ``retries`` times), pickle the result. Any
+    other exception comes back as the result, pickled, so the driver raises it as itself
+    (Ray Data would turn it into a generic ``UserCodeException``)."""
+
+    def __init__(self, fn: Callable[[Any], Any], retries: int):
+        self.fn, self.retries = fn, retries
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        import time
+
+        item = pickle.loads(row["item"])
+        for attempt in range(self.retries + 1):
+            try:
+                result = self.fn(item)
+                return {"index": row["index"], "result": pickle.dumps(result), "error": b""}
+            except TRANSIENT_ERRORS:
+                if attempt == self.retries:
+                    raise
+                time.sleep(min(2.0, 0.2 * 2**attempt))
+            except Exception as exc:
+                return {"index": row["index"], "result": b"", "error": _pickled(exc)}
+        raise AssertionError("unreachable")
+
+
+def _pickled(exc: Exception) -> bytes:
+    try:
+        return pickle.dumps(exc)
+    except Exception:  # an exception that does not pickle: keep its type name and message
+        return pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
+
+
+def run_shards(
+    fn: Callable[..., T],
+    items: Sequence[Any],
+    *,
+    max_in_flight: int | None = None,
+    retries: int = 3,
+    num_cpus: float = 1,
+    desc: str = "shards",
+    show_progress: bool = True,
+) -> list[T]:
+    """``fn(item)`` for every item as a Ray Data map, one block per item; results in the
+    order of ``items``.
+
+    A task that raises one of ``TRANSIENT_ERRORS`` is retried up to ``retries`` times; any
+    other exception (bad input is the step's business, recorded as rejects, so an exception
+    here is a bug) stops the dataset and is raised here as itself.
+    """
+    if max_in_flight is not None and max_in_flight <= 0:
+        raise ValueError(f"max_in_flight must be > 0 or None, got {max_in_flight}")
+    if not items:
+        return []
+    import ray.data
+
+    ensure_ray()
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = show_progress
+    rows = [{"index": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+    mapped = dataset.map(_Apply(fn, retries), num_cpus=num_cpus, concurrency=max_in_flight)
+    return _results(mapped.take_all())
+
+
+def _results(rows: list[dict[str, Any]]) -> list[Any]:
+    """Unpickled results in input order; the first error (in input order) is raised."""
+    out = sorted(rows, key=lambda row: row["index"])
+    for row in out:
+        if row["error"]:
+            raise pickle.loads(row["error"])
+    return [pickle.loads(row["result"]) for row in out]
+
+
+class _ActorApply:
+    """A Ray Data actor: builds ``worker_cls(*init_args)`` once (a model on the actor's GPU)
+    and calls its ``run(item)`` for every row it is given."""
+
+    def __init__(self, worker_cls: type, init_args: tuple):
+        self.worker = worker_cls(*init_args)
+        self.apply = _Apply(self.worker.run, 0)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        return self.apply(row)
+
+
+def run_on_actors(
+    worker_cls: type,
+    init_args: tuple,
+    items: Sequence[Any],
+    *,
+    actors: int,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    show_progress: bool = True,
+) -> list[Any]:
+    """``worker.run(item)`` for every item on a pool of ``actors`` Ray Data actors (each
+    with ``num_gpus``), results in input order; errors raised as themselves."""
+    if not items:
+        return []
+    import ray.data
+
+    ensure_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = show_progress
+    rows = [{"index": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+    mapped = dataset.map(_ActorApply, fn_constructor_args=(worker_cls, init_args),
+                         concurrency=max(1, min(actors, len(rows))), num_cpus=num_cpus,
+                         num_gpus=num_gpus)  # fmt: skip
+    return _results(mapped.take_all())
