@@ -300,3 +300,62 @@ def test_rows_tied_at_the_cut_are_settled_exactly(ray_local, tmp_path):
     assert len(kept) == limit
     assert sorted(r["query"]["text"] for r in kept if r["id"] == "r5") == ["q 20", "q 5"]
     assert capped.manifest.stats["dropped_by_cap"] == len(ids) - limit
+
+
+# Rows kept and rejects by reason of every step of every sample source, as the preparation
+# gave them before it moved to Ray Data, streaming ingest and the group-by dedup (with the
+# stage-1 sources already uncapped; 2026-12-01): the engine may change, the results not.
+PINNED = {
+    "sample-captions/cap": (35, {}),
+    "sample-captions/clean": (35, {"duplicate_exact": 1, "duplicate_near": 1}),
+    "sample-captions/ingest": (
+        37,
+        {"media_missing": 1, "media_undecodable": 1, "uri_escapes_root": 1},
+    ),
+    "sample-composed/cap": (20, {}),
+    "sample-composed/clean": (20, {}),
+    "sample-composed/ingest": (20, {}),
+    "sample-digits/cap": (25, {}),
+    "sample-digits/clean": (40, {}),
+    "sample-digits/ingest": (40, {}),
+    "sample-grounding/cap": (20, {}),
+    "sample-grounding/clean": (20, {}),
+    "sample-grounding/ingest": (20, {}),
+    "sample-image-qa/cap": (24, {}),
+    "sample-image-qa/clean": (24, {}),
+    "sample-image-qa/ingest": (24, {}),
+    "sample-long-videos/cap": (25, {}),
+    "sample-long-videos/clean": (10, {}),
+    "sample-long-videos/ingest": (10, {}),
+    "sample-long-videos/split-clips": (35, {}),
+    "sample-mmeb-vqa/cap": (20, {}),
+    "sample-mmeb-vqa/clean": (20, {}),
+    "sample-mmeb-vqa/ingest": (20, {}),
+    "sample-shapes-a/cap": (25, {}),
+    "sample-shapes-a/clean": (28, {"image_blurry": 1, "image_too_small": 1}),
+    "sample-shapes-a/ingest": (30, {}),
+    "sample-shapes-b/cap": (24, {}),
+    "sample-shapes-b/clean": (24, {}),
+    "sample-shapes-b/ingest": (24, {}),
+    "sample-text-pairs/cap": (29, {}),
+    "sample-text-pairs/clean": (29, {}),
+    "sample-text-pairs/ingest": (29, {"text_empty": 1}),
+    "sample-video-clips/cap": (13, {}),
+    "sample-video-clips/clean": (13, {}),
+    "sample-video-clips/ingest": (13, {"video_truncated": 1}),
+    "sample-video-clips/split-clips": (13, {}),
+    "sample-video-qa/cap": (10, {}),
+    "sample-video-qa/clean": (10, {}),
+    "sample-video-qa/ingest": (10, {}),
+    "sample-video-qa/split-clips": (10, {}),
+    "sample-visdoc/cap": (20, {}),
+    "sample-visdoc/clean": (20, {}),
+    "sample-visdoc/ingest": (20, {}),
+}
+
+
+def test_every_step_of_every_source_gives_the_pinned_rows_and_rejects(prepared):
+    _, data = prepared
+    found = {f"{name}/{step}": (v.rows, dict(v.manifest.reject_counts))
+             for name, steps in data.versions.items() for step, v in steps.items()}  # fmt: skip
+    assert found == PINNED
