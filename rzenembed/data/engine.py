@@ -48,6 +48,17 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         )
 
 
+def _configure(show_progress: bool) -> None:
+    """Ray Data settings for shard jobs. Operator resource reservation is off: it holds CPUs
+    back for the (trivial) input operator, which ran these one-block-per-shard maps at about
+    1.4 of 2 CPUs (measured: 20 x 0.5 s tasks took 6.9 s with it, 5.2 s without)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = show_progress
+    context.op_resource_reservation_enabled = False
+
+
 class _Apply:
     """The per-row function Ray Data runs: unpickle the item, call ``fn`` (again, after a
     short pause, on a transient error, up to ``retries`` times), pickle the result. Any
@@ -105,8 +116,7 @@ def run_shards(
     import ray.data
 
     ensure_ray()
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = show_progress
+    _configure(show_progress)
     rows = [{"index": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     mapped = dataset.map(_Apply(fn, retries), num_cpus=num_cpus, concurrency=max_in_flight)
@@ -151,7 +161,7 @@ def run_on_actors(
     import ray.data
 
     ensure_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = show_progress
+    _configure(show_progress)
     rows = [{"index": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     mapped = dataset.map(_ActorApply, fn_constructor_args=(worker_cls, init_args),
