@@ -48,25 +48,43 @@ def check_config(work: Path, dry: bool) -> Any:
 
     model = build_tiny_model(work / "tiny", seed=0)
     corpus = build_sample_corpus(work / "corpus", seed=0)
-    sources = [{"name": n, "uri": str(corpus.root / n), "stage": "stage1",
-                "task_group": "text_retrieval" if n == "sample-text-pairs" else "image_retrieval"}
-               for n in SOURCES]  # fmt: skip
-    return config_from_dict({
-        "name": "gpu-check",
-        "storage": {"root": str(work / "store")},
-        "sources": sources,
-        "prep": {"shard_rows": 32},
-        "model": {"name_or_path": str(model), "max_visual_tokens": 64, "video_frames": 2,
-                  "dtype": "float32" if dry else "bfloat16"},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "loss": {"false_negative_delta": None},
-        "stage1": {"global_batch_size": 8, "gradcache_chunk": 4, "max_steps": 4,
-                   "checkpoint_every": 2, "optim": {"lr": 1e-3, "warmup_ratio": 0.0}},
-        "eval": {"sets": [str(corpus.root / "eval" / "eval-image-retrieval")],
-                 "batch_size": 16},
-        "compute": {"num_workers": 1, "cpus_per_worker": 1, "use_gpu": not dry,
-                    "step_cpus": 1},
-    }), corpus  # fmt: skip
+    sources = [
+        {
+            "name": n,
+            "uri": str(corpus.root / n),
+            "stage": "stage1",
+            "task_group": "text_retrieval" if n == "sample-text-pairs" else "image_retrieval",
+        }
+        for n in SOURCES
+    ]
+    return config_from_dict(
+        {
+            "name": "gpu-check",
+            "storage": {"root": str(work / "store")},
+            "sources": sources,
+            "prep": {"shard_rows": 32},
+            "model": {
+                "name_or_path": str(model),
+                "max_visual_tokens": 64,
+                "video_frames": 2,
+                "dtype": "float32" if dry else "bfloat16",
+            },
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "loss": {"false_negative_delta": None},
+            "stage1": {
+                "global_batch_size": 8,
+                "gradcache_chunk": 4,
+                "max_steps": 4,
+                "checkpoint_every": 2,
+                "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
+            },
+            "eval": {
+                "sets": [str(corpus.root / "eval" / "eval-image-retrieval")],
+                "batch_size": 16,
+            },
+            "compute": {"num_workers": 1, "cpus_per_worker": 1, "use_gpu": not dry, "step_cpus": 1},
+        }
+    ), corpus
 
 
 def part_train(cfg: Any) -> dict[str, Any]:
@@ -84,14 +102,23 @@ def part_train(cfg: Any) -> dict[str, Any]:
     worker = json.loads(read_text(join(run_folder, "workers", "rank0.json")))
     checkpoints = sorted(p.name for p in (Path(cfg.storage.root) / "_train").rglob("checkpoint_*"))
     want = "cpu" if not cfg.compute.use_gpu else "cuda"
-    ok = (worker["device"].startswith(want) and len(rows) == cfg.stage1.max_steps
-          and len(checkpoints) >= 1)  # fmt: skip
-    return {"ok": ok, "device": worker["device"], "backend": worker["backend"],
-            "autocast": worker.get("autocast"), "steps": len(rows),
-            "loss_first_last": [round(rows[0]["loss"], 4), round(rows[-1]["loss"], 4)],
-            "samples_per_s": round(sum(r["samples_per_s"] for r in rows) / len(rows), 1),
-            "checkpoints": len(checkpoints), "seconds": round(elapsed, 1),
-            "adapter": result.adapter_uri}  # fmt: skip
+    ok = (
+        worker["device"].startswith(want)
+        and len(rows) == cfg.stage1.max_steps
+        and len(checkpoints) >= 1
+    )
+    return {
+        "ok": ok,
+        "device": worker["device"],
+        "backend": worker["backend"],
+        "autocast": worker.get("autocast"),
+        "steps": len(rows),
+        "loss_first_last": [round(rows[0]["loss"], 4), round(rows[-1]["loss"], 4)],
+        "samples_per_s": round(sum(r["samples_per_s"] for r in rows) / len(rows), 1),
+        "checkpoints": len(checkpoints),
+        "seconds": round(elapsed, 1),
+        "adapter": result.adapter_uri,
+    }
 
 
 def part_evaluate(cfg: Any, adapter_uri: str) -> dict[str, Any]:
@@ -103,11 +130,20 @@ def part_evaluate(cfg: Any, adapter_uri: str) -> dict[str, Any]:
     model = {"uri": adapter_uri, "digest": model_digest(adapter_uri)}
     base = {"uri": cfg.model.name_or_path, "digest": weights_digest(cfg.model.name_or_path)}
     root = join(cfg.storage.root, "_models", cfg.name)
-    out = evaluate_step(cfg, model, base, list(cfg.eval.sets), join(root, "eval-check"),
-                        join(root, "_embedding_cache"))  # fmt: skip
+    out = evaluate_step(
+        cfg,
+        model,
+        base,
+        list(cfg.eval.sets),
+        join(root, "eval-check"),
+        join(root, "_embedding_cache"),
+    )
     scores = {role: round(out[role]["report"]["all"]["score"], 4) for role in out}
-    return {"ok": set(scores) == {"model", "baseline"}, "all": scores,
-            "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    return {
+        "ok": set(scores) == {"model", "baseline"},
+        "all": scores,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def part_bench(dry: bool) -> dict[str, Any]:
@@ -117,10 +153,16 @@ def part_bench(dry: bool) -> dict[str, Any]:
     else:
         argv += ["--steps", "3"]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=420)
-    lines = [line for line in done.stdout.splitlines()
-             if line.startswith(("step ", "peak memory", "MFU", "executed", "device"))]  # fmt: skip
-    return {"ok": done.returncode == 0, "figures": lines,
-            "error": done.stderr[-2000:] if done.returncode else ""}  # fmt: skip
+    lines = [
+        line
+        for line in done.stdout.splitlines()
+        if line.startswith(("step ", "peak memory", "MFU", "executed", "device"))
+    ]
+    return {
+        "ok": done.returncode == 0,
+        "figures": lines,
+        "error": done.stderr[-2000:] if done.returncode else "",
+    }
 
 
 def run_part(name: str, fn: Callable[[], dict[str, Any]], results: dict[str, Any]) -> None:
@@ -161,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if "train" in parts:
             run_part("train", lambda: part_train(cfg), results)
         if "evaluate" in parts and results.get("train", {}).get("ok"):
-            run_part("evaluate", lambda: part_evaluate(cfg, results["train"]["adapter"]),
-                     results)  # fmt: skip
+            run_part("evaluate", lambda: part_evaluate(cfg, results["train"]["adapter"]), results)
         if "bench" in parts:
             run_part("bench", lambda: part_bench(dry), results)
     if args.json:

@@ -267,8 +267,11 @@ def previous_run_cap(cfg, version: DatasetVersion, limit: int, storage_root: str
     keep = select_ids(version, limit, seed=0)
     staging = os.path.join(storage_root, "previous")
     jobs = [(version.uri, shard, keep, staging) for shard in version.manifest.shards]
-    return sum(run_shards(_previous_filter, jobs, max_in_flight=cfg.prep.max_in_flight,
-                          show_progress=False))  # fmt: skip
+    return sum(
+        run_shards(
+            _previous_filter, jobs, max_in_flight=cfg.prep.max_in_flight, show_progress=False
+        )
+    )
 
 
 def prepare_child(source_dir: str, storage_root: str, shard_rows: int) -> None:
@@ -279,8 +282,12 @@ def prepare_child(source_dir: str, storage_root: str, shard_rows: int) -> None:
     from rzenembed.prep.prepare import prepare_source
 
     start_ray()
-    source = {"name": "bench-text", "uri": source_dir, "task_group": "text_retrieval",
-              "stage": "stage2"}  # fmt: skip
+    source = {
+        "name": "bench-text",
+        "uri": source_dir,
+        "task_group": "text_retrieval",
+        "stage": "stage2",
+    }
     cfg = bench_config(storage_root, [source], shard_rows=shard_rows)
     gc.collect()
     baseline = proc_status_kib("VmRSS")
@@ -289,9 +296,14 @@ def prepare_child(source_dir: str, storage_root: str, shard_rows: int) -> None:
     steps = prepare_source(cfg, cfg.sources[0], show_progress=False)
     seconds = time.perf_counter() - start
     peak = proc_status_kib("VmHWM")
-    result = {"rows": steps["ingest"].manifest.stats["rows_in"], "kept": steps["cap"].rows,
-              "seconds": seconds, "baseline_kib": baseline, "peak_kib": peak,
-              "peak_reset": reset}  # fmt: skip
+    result = {
+        "rows": steps["ingest"].manifest.stats["rows_in"],
+        "kept": steps["cap"].rows,
+        "seconds": seconds,
+        "baseline_kib": baseline,
+        "peak_kib": peak,
+        "peak_reset": reset,
+    }
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -654,9 +666,16 @@ def write_text_source(folder: Path, rows: int, per_file: int = 250_000) -> None:
     for start in range(0, rows, per_file):
         with (folder / f"records-{start // per_file:04d}.jsonl").open("w") as f:
             for i in range(start, min(rows, start + per_file)):
-                f.write(json.dumps({"id": f"r{i}", "query": {"text": f"question number {i}"},
-                                    "positive": {"text": f"the answer to {i} is {i * 7}"}})
-                        + "\n")  # fmt: skip
+                f.write(
+                    json.dumps(
+                        {
+                            "id": f"r{i}",
+                            "query": {"text": f"question number {i}"},
+                            "positive": {"text": f"the answer to {i} is {i * 7}"},
+                        }
+                    )
+                    + "\n"
+                )
 
 
 def bench_driver(out: Path, sizes: list[int], shard_rows: int = 10_000) -> None:
@@ -667,8 +686,16 @@ def bench_driver(out: Path, sizes: list[int], shard_rows: int = 10_000) -> None:
         folder = out / f"text-{rows}"
         write_text_source(folder, rows)
         store = str(out / f"store-{rows}")
-        command = [sys.executable, os.path.abspath(__file__), "--prepare-child", str(folder),
-                   "--storage", store, "--shard-rows", str(shard_rows)]  # fmt: skip
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--prepare-child",
+            str(folder),
+            "--storage",
+            store,
+            "--shard-rows",
+            str(shard_rows),
+        ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
         lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
@@ -676,13 +703,23 @@ def bench_driver(out: Path, sizes: list[int], shard_rows: int = 10_000) -> None:
             raise RuntimeError(f"prepare child failed with exit code {done.returncode}")
         results[rows] = json.loads(lines[-1].removeprefix("RESULT "))
         print(f"driver: {rows:,} rows prepared", flush=True)
-    table = [[f"{rows:,}", f"{r['seconds']:.1f}", f"{rows / r['seconds'] / 1000:.1f}k",
-              _mib(r["baseline_kib"]), _mib(r["peak_kib"]),
-              _mib(r["peak_kib"] - r["baseline_kib"]), f"{r['kept']:,}"]
-             for rows, r in results.items()]  # fmt: skip
-    print_table("driver: ingest -> clean -> cap, driver memory (each in a fresh process)",
-                ["rows", "time s", "rows/s", "baseline MiB", "peak MiB", "increase MiB",
-                 "kept"], table)  # fmt: skip
+    table = [
+        [
+            f"{rows:,}",
+            f"{r['seconds']:.1f}",
+            f"{rows / r['seconds'] / 1000:.1f}k",
+            _mib(r["baseline_kib"]),
+            _mib(r["peak_kib"]),
+            _mib(r["peak_kib"] - r["baseline_kib"]),
+            f"{r['kept']:,}",
+        ]
+        for rows, r in results.items()
+    ]
+    print_table(
+        "driver: ingest -> clean -> cap, driver memory (each in a fresh process)",
+        ["rows", "time s", "rows/s", "baseline MiB", "peak MiB", "increase MiB", "kept"],
+        table,
+    )
     small, large = results[min(sizes)], results[max(sizes)]
     growth = (large["peak_kib"] - large["baseline_kib"]) / max(
         1, small["peak_kib"] - small["baseline_kib"]
@@ -733,17 +770,34 @@ def bench_dedup(counts_arg: str, radius: int = 4) -> None:
         decide(shards, radius)
         sequential = time.perf_counter() - resolved
         total = resolved - start
-        rows_out.append([
-            f"{count:,}", partitions, f"{keyed - start:.2f}", f"{grouped - keyed:.2f}",
-            f"{resolved - grouped:.3f}", f"{total:.2f}", f"{count / total / 1000:.0f}k",
-            f"{sequential:.2f}", f"{len(found):,}",
-        ])  # fmt: skip
+        rows_out.append(
+            [
+                f"{count:,}",
+                partitions,
+                f"{keyed - start:.2f}",
+                f"{grouped - keyed:.2f}",
+                f"{resolved - grouped:.3f}",
+                f"{total:.2f}",
+                f"{count / total / 1000:.0f}k",
+                f"{sequential:.2f}",
+                f"{len(found):,}",
+            ]
+        )
     print_table(
         "dedup: group-by pieces (one core) against the sequential decide",
-        ["images", "partitions", "keys s", "group-by s", "resolve s", "total s", "images/s",
-         "sequential decide s", "duplicates"],
+        [
+            "images",
+            "partitions",
+            "keys s",
+            "group-by s",
+            "resolve s",
+            "total s",
+            "images/s",
+            "sequential decide s",
+            "duplicates",
+        ],
         rows_out,
-    )  # fmt: skip
+    )
 
 
 # --------------------------------------------------------------------------- recaption
@@ -827,8 +881,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows-small", type=int, default=1_000_000)
     parser.add_argument("--limit", type=int, default=100_000, help="cap N")
     parser.add_argument("--images", type=int, default=600, help="images for the clean part")
-    parser.add_argument("--driver-rows", default="100000,1000000",
-                        help="driver: raw text rows, comma-separated")  # fmt: skip
+    parser.add_argument(
+        "--driver-rows", default="100000,1000000", help="driver: raw text rows, comma-separated"
+    )
     parser.add_argument("--prepare-child", help=argparse.SUPPRESS)
     parser.add_argument("--shard-rows", type=int, default=10_000, help=argparse.SUPPRESS)
     parser.add_argument(

@@ -325,8 +325,11 @@ def retrain(
         endpoint = ex.cfg.storage.endpoint_url
         old_version, old_scores = _champion_scores(ex.tracker, endpoint)
         data = run_data_prep(ex)
-        merged = None if retrain_stage1 else champion_stage1_model(
-            ex.tracker, ex.cfg.tracking.registered_model, endpoint)  # fmt: skip
+        merged = (
+            None
+            if retrain_stage1
+            else champion_stage1_model(ex.tracker, ex.cfg.tracking.registered_model, endpoint)
+        )
         if merged is None:
             trained = run_training_stages(ex, data)
         else:

@@ -134,15 +134,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     result = verify(tracker, args.target, endpoint_url=endpoint, jobs=args.jobs)
     counts = result.counts
     if args.json:
-        print(json.dumps({"ok": result.ok, "counts": counts, "tree": result.root.to_json()},
-                         indent=2))  # fmt: skip
+        print(
+            json.dumps({"ok": result.ok, "counts": counts, "tree": result.root.to_json()}, indent=2)
+        )
     else:
         print(render(result.root))
         summary = ", ".join(f"{n} {status}" for status, n in counts.items())
         print(f"# {sum(counts.values())} nodes: {summary}")
     for node in result.failures():
-        print(f"{node.check.status}: {node.ref.kind} {node.ref.name} at {node.ref.uri}: "
-              f"{node.check.detail or 'digest differs'}", file=sys.stderr)  # fmt: skip
+        print(
+            f"{node.check.status}: {node.ref.kind} {node.ref.name} at {node.ref.uri}: "
+            f"{node.check.detail or 'digest differs'}",
+            file=sys.stderr,
+        )
     return 0 if result.ok else 1
 
 
@@ -157,8 +161,10 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     endpoint = args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
     marker = publish_folder(folder, args.uri, endpoint, **digests)
     short = {k: v[:12] for k, v in digests.items()}
-    print(f"published {len(marker['files'])} files to {args.uri} "
-          f"(digest {short['digest']}, weights {short['weights_digest']})")  # fmt: skip
+    print(
+        f"published {len(marker['files'])} files to {args.uri} "
+        f"(digest {short['digest']}, weights {short['weights_digest']})"
+    )
     return 0
 
 

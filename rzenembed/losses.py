@@ -303,9 +303,14 @@ class RzenEmbedLoss(nn.Module):
         # Ids and tasks often come straight from a CPU dataloader.
         task_index = task_index.to(device=query.device, dtype=torch.long)
         cands, cand_ids, targets = self._candidates(
-            positive, negatives, positive_ids, negative_ids, group_ids, negative_group_ids,
+            positive,
+            negatives,
+            positive_ids,
+            negative_ids,
+            group_ids,
+            negative_group_ids,
             negative_mask,
-        )  # fmt: skip
+        )
         dtype = torch.promote_types(query.dtype, self.theta.dtype)
         # Similarities in at least float32: at tau ~ 0.02 a bf16 rounding error of a cosine
         # becomes a sizeable logit error.

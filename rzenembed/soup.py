@@ -296,9 +296,10 @@ class GreedyTrace:
 
 
 def greedy_select(
-    adapters: Sequence[Adapter], score: Callable[[RzenEmbedder], float],
+    adapters: Sequence[Adapter],
+    score: Callable[[RzenEmbedder], float],
     device: torch.device | str | None = None,
-) -> tuple[list[int], GreedyTrace]:  # fmt: skip
+) -> tuple[list[int], GreedyTrace]:
     """Indices of the adapters the greedy soup keeps, and the scores behind the choice.
 
     One base model is loaded; the targeted weights are saved once and restored before each

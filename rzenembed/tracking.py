@@ -331,16 +331,24 @@ class Tracker:
             runs = json.loads(existing.tags.get(REGISTERED_BY_TAG, "[]"))
             if run_id not in runs:
                 runs.append(run_id)
-                self.client.set_model_version_tag(name, version, REGISTERED_BY_TAG,
-                                                  json.dumps(runs))  # fmt: skip
+                self.client.set_model_version_tag(
+                    name, version, REGISTERED_BY_TAG, json.dumps(runs)
+                )
         else:
             with contextlib.suppress(MlflowException):  # already registered
                 self.client.create_registered_model(name)
             created = self.client.create_model_version(
-                name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
-                tags={**redact(dict(tags)), DIGEST_TAG: digest, "rzenembed.model_id": model_id,
-                      REGISTERED_BY_TAG: json.dumps([run_id])},
-            )  # fmt: skip
+                name,
+                source=f"models:/{model_id}",
+                run_id=run_id,
+                model_id=model_id,
+                tags={
+                    **redact(dict(tags)),
+                    DIGEST_TAG: digest,
+                    "rzenembed.model_id": model_id,
+                    REGISTERED_BY_TAG: json.dumps([run_id]),
+                },
+            )
             version, reused = str(created.version), False
         self.client.set_tag(run_id, "rzenembed.registered_version", f"{name}/{version}")
         self.client.set_tag(run_id, "rzenembed.reused_version", str(reused).lower())
@@ -369,8 +377,9 @@ class Tracker:
         if current is not None and tag in current.tags:
             previous = float(current.tags[tag])
         already = current is not None and str(current.version) == str(version)
-        promoted = (already or current is None or previous is None
-                    or score > previous + min_improvement)  # fmt: skip
+        promoted = (
+            already or current is None or previous is None or score > previous + min_improvement
+        )
         if promoted:
             self.client.set_registered_model_alias(name, "champion", version)
         decision = {

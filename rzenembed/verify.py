@@ -68,11 +68,18 @@ class VerifiedNode:
             yield from child.walk()
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.ref.kind, "name": self.ref.name, "uri": self.ref.uri,
-                "recorded": self.ref.digest, "now": self.check.digest,
-                "status": self.check.status, "detail": self.check.detail, "step": self.step,
-                "seen_before": self.seen_before,
-                "inputs": [c.to_json() for c in self.children]}  # fmt: skip
+        return {
+            "kind": self.ref.kind,
+            "name": self.ref.name,
+            "uri": self.ref.uri,
+            "recorded": self.ref.digest,
+            "now": self.check.digest,
+            "status": self.check.status,
+            "detail": self.check.detail,
+            "step": self.step,
+            "seen_before": self.seen_before,
+            "inputs": [c.to_json() for c in self.children],
+        }
 
 
 @dataclass
@@ -186,8 +193,9 @@ def _folder_present(folder: str, endpoint_url: str | None) -> bool:
 
     if not is_remote(folder):
         return Path(folder).is_dir()
-    return any(exists(join(folder, name), endpoint_url)
-               for name in ("config.json", "adapter_config.json"))  # fmt: skip
+    return any(
+        exists(join(folder, name), endpoint_url) for name in ("config.json", "adapter_config.json")
+    )
 
 
 def check_raw(ref: LineageRef, endpoint_url: str | None) -> Check:
@@ -244,14 +252,19 @@ def root_of(tracker: Tracker, target: str) -> LineageNode:
     digest = folder_digest(folder)
     found = logged_models_with_digest(tracker, digest)
     if not found:
-        raise ValueError(f"{target}: no model with digest {digest[:12]} is recorded in "
-                         f"{tracker.cfg.tracking_uri}; nothing to verify it against")  # fmt: skip
+        raise ValueError(
+            f"{target}: no model with digest {digest[:12]} is recorded in "
+            f"{tracker.cfg.tracking_uri}; nothing to verify it against"
+        )
     model = found[0]
     ref = LineageRef(
-        kind="model", name=model.name, uri=str(folder.resolve()),
-        digest=model.tags.get(DIGEST_TAG, ""), run_id=model.source_run_id,
+        kind="model",
+        name=model.name,
+        uri=str(folder.resolve()),
+        digest=model.tags.get(DIGEST_TAG, ""),
+        run_id=model.source_run_id,
         model_id=model.model_id,
-    )  # fmt: skip
+    )
     return expand_lineage(tracker, ref)
 
 
@@ -271,8 +284,10 @@ def verify(
         refs.setdefault(_key(node.ref), node.ref)
         stack.extend(node.children)
     checks: dict[tuple, Check] = {}
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as shards, \
-            ThreadPoolExecutor(max_workers=max(1, min(jobs, 4))) as nodes:  # fmt: skip
+    with (
+        ThreadPoolExecutor(max_workers=max(1, jobs)) as shards,
+        ThreadPoolExecutor(max_workers=max(1, min(jobs, 4))) as nodes,
+    ):
         futures = {k: nodes.submit(check_ref, r, endpoint_url, shards) for k, r in refs.items()}
         for key, future in futures.items():
             checks[key] = future.result()
@@ -286,8 +301,13 @@ def _key(ref: LineageRef) -> tuple:
 
 
 def _verified(node: LineageNode, checks: dict[tuple, Check]) -> VerifiedNode:
-    return VerifiedNode(node.ref, checks[_key(node.ref)], node.step, node.seen_before,
-                        [_verified(c, checks) for c in node.children])  # fmt: skip
+    return VerifiedNode(
+        node.ref,
+        checks[_key(node.ref)],
+        node.step,
+        node.seen_before,
+        [_verified(c, checks) for c in node.children],
+    )
 
 
 def render(node: VerifiedNode, prefix: str = "", last: bool = True, top: bool = True) -> str:

@@ -117,8 +117,13 @@ def recaption(cfg: PipelineConfig, ref: dict[str, Any], ctx: RunContext) -> dict
     with step_run(cfg, ctx, "recaption", name, section) as (tracker, run_id):
         version = run_recaption(cfg, _open(cfg, ref), show_progress=False)
         captioner = version.manifest.stats["captioner"]
-        model = LineageRef("model", "captioner", captioner["path"], captioner["digest"],
-                           extra={"digest_of": "weights"})  # fmt: skip
+        model = LineageRef(
+            "model",
+            "captioner",
+            captioner["path"],
+            captioner["digest"],
+            extra={"digest_of": "weights"},
+        )
         out = version_ref(version, run_id=run_id)
         tracker.record_lineage(run_id, "recaption", [as_ref(ref), model], [as_ref(out)])
     _counts_artifact(out)

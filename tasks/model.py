@@ -79,8 +79,9 @@ def soup_adapters(
         key = digest_of([section, [a["digest"] for a in adapters]])[:12]
         out_uri = join(output_root(cfg), f"soup-{key}")
         sets = eval_set_paths(cfg, base) if cfg.soup.method == "greedy" else []
-        souped = soup_step(cfg, [a["uri"] for a in adapters], out_uri, _weights(cfg, adapters),
-                           sets)  # fmt: skip
+        souped = soup_step(
+            cfg, [a["uri"] for a in adapters], out_uri, _weights(cfg, adapters), sets
+        )
         recipe, digest = souped["recipe"], souped["digest"]
         tracker.log_json(run_id, "soup_recipe.json", recipe)
         model_id = tracker.log_model(
@@ -107,9 +108,11 @@ def _eval_section(p: dict[str, Any]) -> dict[str, Any]:
 
 def _eval_inputs(p: dict[str, Any]) -> list[str]:
     cfg = p["cfg"]
-    return [p["model"]["digest"], p["baseline"]["digest"],
-            eval_sets_digest(eval_set_paths(cfg, p.get("base")),
-                             cfg.storage.endpoint_url)]  # fmt: skip
+    return [
+        p["model"]["digest"],
+        p["baseline"]["digest"],
+        eval_sets_digest(eval_set_paths(cfg, p.get("base")), cfg.storage.endpoint_url),
+    ]
 
 
 @task(name="evaluate", persist_result=True,
@@ -129,9 +132,14 @@ def evaluate_model(
     ):
         root = output_root(cfg)
         out_uri = join(root, f"eval-{model['digest'][:12]}")
-        results = evaluate_step(cfg, {"uri": model["uri"], "digest": model["digest"]},
-                                {"uri": baseline["uri"], "digest": baseline["digest"]}, sets,
-                                out_uri, join(root, "_embedding_cache"))  # fmt: skip
+        results = evaluate_step(
+            cfg,
+            {"uri": model["uri"], "digest": model["digest"]},
+            {"uri": baseline["uri"], "digest": baseline["digest"]},
+            sets,
+            out_uri,
+            join(root, "_embedding_cache"),
+        )
         report = results["model"]["report"]
         folder = stage_folder(out_uri, endpoint)  # three small files, for MLflow and Prefect
         for name in REPORT_FILES.values():
@@ -145,11 +153,19 @@ def evaluate_model(
             description="MMEB-style scores; Δ against the untrained base",
         )
         uris = report_uris(out_uri)
-        ref = LineageRef("report", "evaluation", uris["json"], results["model"]["digest"],
-                         run_id, extra={"scores": now,
-                                        "baseline": levels(results["baseline"]["report"]),
-                                        "markdown": uris["markdown"],
-                                        "png": uris["png"]}).to_json()  # fmt: skip
+        ref = LineageRef(
+            "report",
+            "evaluation",
+            uris["json"],
+            results["model"]["digest"],
+            run_id,
+            extra={
+                "scores": now,
+                "baseline": levels(results["baseline"]["report"]),
+                "markdown": uris["markdown"],
+                "png": uris["png"],
+            },
+        ).to_json()
         tracker.record_lineage(run_id, "evaluate", [as_ref(model), as_ref(baseline)],
                                [as_ref(ref)])  # fmt: skip
     return ref
@@ -191,8 +207,10 @@ def register_model(
             model["model_id"], run_id, model["digest"], {"rzenembed.report": report["uri"]}
         )
         if reused:
-            print(f"model digest {model['digest'][:12]} is already registered as version "
-                  f"{version}; reusing it")  # fmt: skip
+            print(
+                f"model digest {model['digest'][:12]} is already registered as version "
+                f"{version}; reusing it"
+            )
         decision = tracker.promote_if_better(
             version, level, float(scores[level]), cfg.eval.min_improvement
         )

@@ -51,8 +51,7 @@ def base_model_ref(cfg: PipelineConfig) -> dict[str, Any]:
     uri = cfg.model.name_or_path
     uri = uri if is_remote(uri) else str(Path(uri).resolve())
     digest = model_digest(uri, cfg.storage.endpoint_url, weights_only=True)
-    return LineageRef("model", "base", uri, digest,
-                      extra={"digest_of": "weights"}).to_json()  # fmt: skip
+    return LineageRef("model", "base", uri, digest, extra={"digest_of": "weights"}).to_json()
 
 
 def _live_metrics(cfg: PipelineConfig) -> bool:
@@ -204,10 +203,19 @@ def train_stage1(
     return _train(cfg, "stage1", "all", manifest, base, ctx)
 
 
-@task(name="merge-stage1", persist_result=True,
-      cache_key_fn=keyed("merge-stage1", lambda p: {"model": p["cfg"].model.model_dump(
-          mode="json", exclude={"name_or_path"}), "storage": p["cfg"].storage.root},
-          lambda p: [p["adapter"]["digest"]]), **RETRIES)  # fmt: skip
+@task(
+    name="merge-stage1",
+    persist_result=True,
+    cache_key_fn=keyed(
+        "merge-stage1",
+        lambda p: {
+            "model": p["cfg"].model.model_dump(mode="json", exclude={"name_or_path"}),
+            "storage": p["cfg"].storage.root,
+        },
+        lambda p: [p["adapter"]["digest"]],
+    ),
+    **RETRIES,
+)
 def merge_stage1_model(
     cfg: PipelineConfig, adapter: dict[str, Any], ctx: RunContext
 ) -> dict[str, Any]:

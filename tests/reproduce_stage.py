@@ -24,9 +24,15 @@ def main(config_path: str, manifest_uri: str) -> None:
     ensure_ray(num_cpus=1)
     result = run_stage1(cfg, StageManifest.load(manifest_uri))
     souped = soup([result.adapter_uri], Path(output_root(cfg)) / "soup")
-    print(json.dumps({"adapter": folder_digest(result.adapter_uri),
-                      "soup": folder_digest(souped.path),
-                      "adapter_dir": result.adapter_uri}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "adapter": folder_digest(result.adapter_uri),
+                "soup": folder_digest(souped.path),
+                "adapter_dir": result.adapter_uri,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

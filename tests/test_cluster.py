@@ -32,8 +32,13 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
 BUCKET = "rzenembed-cluster"
-SOURCES = ("sample-text-pairs", "sample-captions", "sample-mmeb-vqa", "sample-visdoc",
-           "sample-video-clips")  # fmt: skip
+SOURCES = (
+    "sample-text-pairs",
+    "sample-captions",
+    "sample-mmeb-vqa",
+    "sample-visdoc",
+    "sample-video-clips",
+)
 
 
 def free_port() -> int:
@@ -85,21 +90,38 @@ def cluster(tmp_path_factory, s3_endpoint):
     ray.shutdown()  # this process's local runtime; later tests start a fresh one
     root = tmp_path_factory.mktemp("cluster")
     port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "RAY_USAGE_STATS_ENABLED": "0", "AWS_ENDPOINT_URL": s3_endpoint}  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "AWS_ENDPOINT_URL": s3_endpoint,
+    }
     env.pop("RAY_ADDRESS", None)
     nodes = {name: root / name for name in ("head", "node-b")}
     caches = {name: root / f"cache-{name}" for name in nodes}
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-              "--resources", json.dumps({"trainer": 1}), "--disable-usage-stats"]  # fmt: skip
+    common = [
+        "--node-ip-address",
+        "127.0.0.1",
+        "--num-cpus",
+        "1",
+        "--resources",
+        json.dumps({"trainer": 1}),
+        "--disable-usage-stats",
+    ]
     try:
         for name, args in (
             ("head", ["--head", "--port", str(port), "--include-dashboard=false"]),
             ("node-b", ["--address", f"127.0.0.1:{port}"]),
         ):
             node_env = {**env, "RZENEMBED_CACHE": str(caches[name])}
-            subprocess.run([str(RAY), "start", *args, *common, "--temp-dir", str(nodes[name])],
-                           env=node_env, check=True, capture_output=True, timeout=120)  # fmt: skip
+            subprocess.run(
+                [str(RAY), "start", *args, *common, "--temp-dir", str(nodes[name])],
+                env=node_env,
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
         yield f"127.0.0.1:{port}", env, [*nodes.values(), *caches.values()]
     finally:
         stop_nodes(list(nodes.values()))
@@ -117,28 +139,50 @@ def cluster_config(corpus, root: Path, address: str, endpoint: str) -> Path:
     for source in sources:
         source["uri"] = f"s3://{BUCKET}/corpus/{source['name']}"
     stage2 = [s["name"] for s in sources if s["stage"] in ("stage2", "both")]
-    common = {"global_batch_size": 4, "gradcache_chunk": 2, "max_steps": 3,
-              "checkpoint_every": 2, "hard_negatives": 2,
-              "optim": {"lr": 1e-3, "warmup_ratio": 0.0}}  # fmt: skip
+    common = {
+        "global_batch_size": 4,
+        "gradcache_chunk": 2,
+        "max_steps": 3,
+        "checkpoint_every": 2,
+        "hard_negatives": 2,
+        "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
+    }
     cfg = {
         "name": "cluster",
         "storage": {"root": f"s3://{BUCKET}/store", "endpoint_url": endpoint},
         "sources": sources,
-        "prep": {"shard_rows": 32, "cap_per_dataset": 16, "clip_seconds": 4.0,
-                 "frames_per_clip": 2, "long_video_min_s": 5.0, "long_video_max_s": 20.0},
-        "model": {"name_or_path": f"s3://{BUCKET}/models/tiny", "max_visual_tokens": 16,
-                  "video_frames": 2, "max_text_tokens": 64},
+        "prep": {
+            "shard_rows": 32,
+            "cap_per_dataset": 16,
+            "clip_seconds": 4.0,
+            "frames_per_clip": 2,
+            "long_video_min_s": 5.0,
+            "long_video_max_s": 20.0,
+        },
+        "model": {
+            "name_or_path": f"s3://{BUCKET}/models/tiny",
+            "max_visual_tokens": 16,
+            "video_frames": 2,
+            "max_text_tokens": 64,
+        },
         "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
         "loss": {"false_negative_delta": None},
         "stage1": common,
-        "stage2": {**common, "mixtures": [{"name": "even",
-                                           "datasets": {n: 1.0 for n in stage2}}]},
+        "stage2": {**common, "mixtures": [{"name": "even", "datasets": {n: 1.0 for n in stage2}}]},
         "eval": {"sets": [f"s3://{BUCKET}/corpus/eval/eval-image-retrieval"], "batch_size": 8},
-        "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": "cluster",
-                     "upload_models": False},
-        "compute": {"ray_address": address, "num_workers": 2, "cpus_per_worker": 1,
-                    "resources_per_worker": {"trainer": 1}, "step_cpus": 0.5},
-    }  # fmt: skip
+        "tracking": {
+            "tracking_uri": f"sqlite:///{root}/mlflow.db",
+            "experiment": "cluster",
+            "upload_models": False,
+        },
+        "compute": {
+            "ray_address": address,
+            "num_workers": 2,
+            "cpus_per_worker": 1,
+            "resources_per_worker": {"trainer": 1},
+            "step_cpus": 0.5,
+        },
+    }
     path = root / "cluster.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -159,12 +203,21 @@ def run(cluster, s3, s3_endpoint, sample_corpus, tiny_model_dir, tmp_path_factor
     root = tmp_path_factory.mktemp("cluster-run")
     upload_inputs(s3, sample_corpus, tiny_model_dir)
     config = cluster_config(sample_corpus, root, address, s3_endpoint)
-    driver_env = {**env, "PREFECT_HOME": str(root / "prefect"),
-                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                  "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-                  "RZENEMBED_CACHE": str(root / "cache-driver")}  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", DRIVER, str(config)], cwd=REPO,
-                          env=driver_env, capture_output=True, text=True, timeout=1200)  # fmt: skip
+    driver_env = {
+        **env,
+        "PREFECT_HOME": str(root / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "RZENEMBED_CACHE": str(root / "cache-driver"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(config)],
+        cwd=REPO,
+        env=driver_env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-4000:] + done.stderr[-4000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))
@@ -191,7 +244,8 @@ def test_the_cluster_run_registers_a_model_whose_outputs_are_all_on_s3(run):
     outputs = {k: result[k] for k in ("model", "report", "trained", "data")}
     found = [u for u in uris(outputs) if not u.startswith(("models:/", "sqlite:"))]
     assert found and all(u.startswith(f"s3://{BUCKET}/") for u in found), [
-        u for u in found if not u.startswith(f"s3://{BUCKET}/")]  # fmt: skip
+        u for u in found if not u.startswith(f"s3://{BUCKET}/")
+    ]
     assert result["model"]["uri"].startswith(f"s3://{BUCKET}/store/_models/cluster/soup-")
     from mlflow import MlflowClient
 
@@ -228,10 +282,23 @@ def test_padded_negatives_were_trained_across_the_two_workers(run, s3):
 def test_verify_passes_from_s3_alone_after_the_nodes_are_gone(run, s3_endpoint, tmp_path):
     env = {**run["env"], "RZENEMBED_CACHE": str(tmp_path / "fresh-cache")}
     done = subprocess.run(
-        [sys.executable, "-m", "rzenembed.cli", "verify", "models:/rzenembed/1",
-         "--tracking-uri", f"sqlite:///{run['root']}/mlflow.db", "--endpoint-url", s3_endpoint],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "rzenembed.cli",
+            "verify",
+            "models:/rzenembed/1",
+            "--tracking-uri",
+            f"sqlite:///{run['root']}/mlflow.db",
+            "--endpoint-url",
+            s3_endpoint,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "0 CHANGED, 0 MISSING" in done.stdout
     assert "[OK] raw sample-video-clips" in done.stdout

@@ -199,10 +199,13 @@ def test_streaming_chunks_read_exactly_what_the_sequential_importer_reads(tmp_pa
     assert [s.rows for s in scans] == [8, 2, 5]
     chunks = plan_chunks(scans, 3)
     assert [(c.name, c.path.rsplit("/", 1)[-1], c.count) for c in chunks] == [
-        ("part-00000", "a.jsonl", 3), ("part-00001", "a.jsonl", 3), ("part-00002", "a.jsonl", 2),
-        ("part-00003", "b.jsonl", 2), ("part-00004", "c.parquet", 3),
+        ("part-00000", "a.jsonl", 3),
+        ("part-00001", "a.jsonl", 3),
+        ("part-00002", "a.jsonl", 2),
+        ("part-00003", "b.jsonl", 2),
+        ("part-00004", "c.parquet", 3),
         ("part-00005", "c.parquet", 2),
-    ]  # fmt: skip
+    ]
     streamed = [pair for c in chunks for pair in read_chunk(source, c)]
     sequential = list(iter_raw_rows(source, str(tmp_path)))
     assert [p for p, _ in streamed] == list(range(15))

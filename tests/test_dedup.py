@@ -71,8 +71,10 @@ def test_the_planted_set_has_what_it_claims(rows):
 def test_the_distributed_rule_equals_the_sequential_one_and_brute_force(rows, partitions):
     found = distributed(rows, partitions)
     reference = as_orders(decide(rows, RADIUS))
-    assert {o: (r, f"near {where(e)}" if r == "duplicate_near" else f"same content as {where(e)}")
-            for o, (r, e) in found.items()} == reference  # fmt: skip
+    assert {
+        o: (r, f"near {where(e)}" if r == "duplicate_near" else f"same content as {where(e)}")
+        for o, (r, e) in found.items()
+    } == reference
     assert {o: r for o, (r, _) in found.items()} == brute_force(rows)
 
 

@@ -70,8 +70,9 @@ def test_a_model_on_s3_is_staged_once_and_loads_like_the_local_one(
     assert remote.base_uri == uri  # an adapter trained on it names the URI, not the cache
 
 
-def test_verify_downloads_a_remote_model_afresh(tiny_model_dir, s3, s3_endpoint, tmp_path,
-                                                monkeypatch):  # fmt: skip
+def test_verify_downloads_a_remote_model_afresh(
+    tiny_model_dir, s3, s3_endpoint, tmp_path, monkeypatch
+):
     monkeypatch.setenv("RZENEMBED_CACHE", str(tmp_path / "cache"))
     uri = f"s3://{BUCKET}/models/checked"
     digests = digests_of(tiny_model_dir)
@@ -87,8 +88,9 @@ def test_verify_downloads_a_remote_model_afresh(tiny_model_dir, s3, s3_endpoint,
     assert check_folder(ref, uri, s3_endpoint).status == MISSING
 
 
-def test_an_unpublished_remote_folder_is_staged_by_its_listing(tiny_model_dir, s3, s3_endpoint,
-                                                               tmp_path):  # fmt: skip
+def test_an_unpublished_remote_folder_is_staged_by_its_listing(
+    tiny_model_dir, s3, s3_endpoint, tmp_path
+):
     s3.put(str(tiny_model_dir), f"{BUCKET}/models/by-hand", recursive=True)
     uri = f"s3://{BUCKET}/models/by-hand"
     assert not is_published(uri, s3_endpoint)

@@ -22,8 +22,11 @@ def test_the_gpu_check_dry_run_passes_every_part(tmp_path):
     out = tmp_path / "results.json"
     done = subprocess.run(
         [sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     lines = done.stdout.splitlines()
     for part in ("train", "evaluate", "bench"):

@@ -68,8 +68,11 @@ def test_files_are_written_canonically(tmp_path):
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"a.weight": torch.randn(4, 3, generator=g), "b.weight": torch.randn(2, generator=g),
-            "c.bias": torch.arange(5, dtype=torch.int64)}  # fmt: skip
+    return {
+        "a.weight": torch.randn(4, 3, generator=g),
+        "b.weight": torch.randn(2, generator=g),
+        "c.bias": torch.arange(5, dtype=torch.int64),
+    }
 
 
 def test_weights_enter_by_tensor_content_not_by_file_layout(tmp_path):
@@ -80,8 +83,9 @@ def test_weights_enter_by_tensor_content_not_by_file_layout(tmp_path):
     save_file({k: tensors[k] for k in ("b.weight", "c.bias")}, tmp_path / "part2.safetensors")
     one = weights_only_digest([tmp_path / "one.safetensors"])
     assert one == weights_only_digest([tmp_path / "other-meta.safetensors"])
-    assert one == weights_only_digest([tmp_path / "part1.safetensors",
-                                       tmp_path / "part2.safetensors"])  # fmt: skip
+    assert one == weights_only_digest(
+        [tmp_path / "part1.safetensors", tmp_path / "part2.safetensors"]
+    )
     changed = dict(tensors)
     changed["b.weight"] = tensors["b.weight"].clone()
     changed["b.weight"][1] += 1e-6
@@ -110,10 +114,17 @@ def _adapter_folder(path, target_modules, base="/roots/a/merged", base_digest="b
     save_file(_tensors(), path / "adapter_model.safetensors")
     config = {**ADAPTER_CONFIG, "target_modules": target_modules, "base_model_name_or_path": base}
     (path / "adapter_config.json").write_text(json.dumps(config))
-    card = {"kind": "adapter", "template": "plain", "embedding_dim": 8, "base_model": base,
-            "base_digest": base_digest, "config_digest": "c", "settings": {},
-            "extra": {"stage_manifest": f"{base}/stage.json", "manifest_digest": "m"},
-            "format_version": 1}  # fmt: skip
+    card = {
+        "kind": "adapter",
+        "template": "plain",
+        "embedding_dim": 8,
+        "base_model": base,
+        "base_digest": base_digest,
+        "config_digest": "c",
+        "settings": {},
+        "extra": {"stage_manifest": f"{base}/stage.json", "manifest_digest": "m"},
+        "format_version": 1,
+    }
     (path / "rzenembed.json").write_text(json.dumps(card))
     (path / "README.md").write_text(f"trained on {base}")
     return path
@@ -139,8 +150,10 @@ def test_a_model_folder_without_weights_has_no_digest(tmp_path):
 
 def test_a_stage_manifest_digest_is_its_content_not_its_location():
     def manifest(root: str, probability: float = 0.5) -> StageManifest:
-        datasets = [StageDataset(n, f"{root}/{n}/v1", f"{n}-digest", 10, "text_retrieval",
-                                 probability) for n in ("x", "y")]  # fmt: skip
+        datasets = [
+            StageDataset(n, f"{root}/{n}/v1", f"{n}-digest", 10, "text_retrieval", probability)
+            for n in ("x", "y")
+        ]
         return StageManifest("stage1", "all", datasets, uri=f"{root}/_stages/m.json")
 
     here, there = manifest("/data/a"), manifest("s3://bucket/b")
@@ -149,8 +162,11 @@ def test_a_stage_manifest_digest_is_its_content_not_its_location():
 
 
 def test_a_report_digest_is_its_scores_not_its_paths_or_time(tmp_path):
-    report = {"model": {"path": "/a/soup", "digest": "d"}, "created": "2026-12-01T10:00:00",
-              "all": {"score": 0.5, "datasets": 2}}  # fmt: skip
+    report = {
+        "model": {"path": "/a/soup", "digest": "d"},
+        "created": "2026-12-01T10:00:00",
+        "all": {"score": 0.5, "datasets": 2},
+    }
     later = {**report, "model": {"path": "/b/soup", "digest": "d"}, "created": "2027-01-01"}
     (tmp_path / "a.json").write_text(json.dumps(report))
     (tmp_path / "b.json").write_text(json.dumps(later, indent=4))

@@ -29,8 +29,12 @@ K, DIM, ALPHA, TAU = 2, 6, 9.0, 0.05
 
 
 def loss_module(**kw: Any) -> RzenEmbedLoss:
-    cfg = LossConfig(hardness_alpha=ALPHA, false_negative_delta=None,
-                     temperature=TemperatureConfig(init=TAU, learnable=False), **kw)  # fmt: skip
+    cfg = LossConfig(
+        hardness_alpha=ALPHA,
+        false_negative_delta=None,
+        temperature=TemperatureConfig(init=TAU, learnable=False),
+        **kw,
+    )
     return RzenEmbedLoss(cfg).double()
 
 
@@ -92,8 +96,15 @@ def test_masked_fraction_counts_real_candidates_only():
     ids = torch.arange(len(COUNTS))
     negative_ids = torch.full((len(COUNTS), K), NO_ID)
     negative_ids[1, 0] = 3  # row 1's negative is row 3's positive item
-    out = loss_module()(q, p, torch.zeros(4, dtype=torch.long), negatives=n, positive_ids=ids,
-                        negative_ids=negative_ids, negative_mask=mask)  # fmt: skip
+    out = loss_module()(
+        q,
+        p,
+        torch.zeros(4, dtype=torch.long),
+        negatives=n,
+        positive_ids=ids,
+        negative_ids=negative_ids,
+        negative_mask=mask,
+    )
     real = len(COUNTS) + sum(COUNTS)  # 4 positives + 4 real negatives
     assert out["masked_fraction"] == pytest.approx(1 / (len(COUNTS) * (real - 1)))
 
@@ -137,12 +148,17 @@ def test_gradcache_with_padding_matches_the_plain_step(counts):
 
 def dataset(counts: list[int]) -> DatasetRows:
     rows = [
-        record(f"r{i}", "pad", "text_retrieval", side(f"query {i}"), side(f"answer {i}"),
-               [side(f"wrong {i}.{j}") for j in range(c)])
+        record(
+            f"r{i}",
+            "pad",
+            "text_retrieval",
+            side(f"query {i}"),
+            side(f"answer {i}"),
+            [side(f"wrong {i}.{j}") for j in range(c)],
+        )
         for i, c in enumerate(counts)
-    ]  # fmt: skip
-    return DatasetRows("pad", rows, "", "same-item", "text_retrieval",
-                       max_negatives=max(counts))  # fmt: skip
+    ]
+    return DatasetRows("pad", rows, "", "same-item", "text_retrieval", max_negatives=max(counts))
 
 
 def test_collate_gives_every_slice_the_same_k():
@@ -150,8 +166,12 @@ def test_collate_gives_every_slice_the_same_k():
     assert negatives_per_step(source, 2) == negatives_per_step(source, 5) == 2
     batch = collate(source.rows, source, hard_negatives=2, max_frames=4)
     assert batch.num_negatives == 2 and len(batch.negatives) == 4
-    assert batch.negative_mask.tolist() == [[False, False], [True, False], [True, True],
-                                            [True, False]]  # fmt: skip
+    assert batch.negative_mask.tolist() == [
+        [False, False],
+        [True, False],
+        [True, True],
+        [True, False],
+    ]
     assert batch.negative_ids[0].tolist() == [NO_ID, NO_ID] and batch.negative_ids[2].min() > 0
     assert batch.padded_fraction == pytest.approx(4 / 8)
     # A slice holding only the row without negatives still has K = 2 (it used to get 0 and
@@ -178,8 +198,13 @@ def _padded_loss_on_rank(rank: int) -> dict[str, Any]:
     q, p, n, mask = padded_inputs([c for counts in RANK_COUNTS for c in counts], seed=3)
     rows = slice(2 * rank, 2 * rank + 2)
     loss = loss_module(gather_across_ranks=True)
-    out = loss(q.detach()[rows], p.detach()[rows], torch.zeros(2, dtype=torch.long),
-               negatives=n.detach()[rows], negative_mask=mask[rows])  # fmt: skip
+    out = loss(
+        q.detach()[rows],
+        p.detach()[rows],
+        torch.zeros(2, dtype=torch.long),
+        negatives=n.detach()[rows],
+        negative_mask=mask[rows],
+    )
     return {"loss": float(out["loss"]), "masked_fraction": out["masked_fraction"]}
 
 
@@ -217,24 +242,43 @@ def test_masking_watch_warns_after_a_long_streak_only():
 def padding_stage(root: Path, model_dir: Path, counts: list[int], steps: int):
     """A stage-2 config with two workers and ``hard_negatives: 2``, and the stage manifest
     of one text dataset whose rows have ``counts`` negatives."""
-    cfg = config_from_dict({
-        "name": "padding",
-        "storage": {"root": str(root / "store")},
-        "sources": [{"name": "pad", "uri": str(root / "raw"), "stage": "stage2",
-                     "task_group": "text_retrieval"}],
-        "model": {"name_or_path": str(model_dir), "max_text_tokens": 32},
-        "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
-        "loss": {"false_negative_delta": None},
-        "stage2": {"global_batch_size": 4, "gradcache_chunk": 2, "max_steps": steps,
-                   "checkpoint_every": steps, "hard_negatives": 2,
-                   "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
-                   "mixtures": [{"name": "pad", "datasets": {"pad": 1.0}}]},
-        "compute": {"num_workers": 2, "cpus_per_worker": 1},
-    })  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "name": "padding",
+            "storage": {"root": str(root / "store")},
+            "sources": [
+                {
+                    "name": "pad",
+                    "uri": str(root / "raw"),
+                    "stage": "stage2",
+                    "task_group": "text_retrieval",
+                }
+            ],
+            "model": {"name_or_path": str(model_dir), "max_text_tokens": 32},
+            "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
+            "loss": {"false_negative_delta": None},
+            "stage2": {
+                "global_batch_size": 4,
+                "gradcache_chunk": 2,
+                "max_steps": steps,
+                "checkpoint_every": steps,
+                "hard_negatives": 2,
+                "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
+                "mixtures": [{"name": "pad", "datasets": {"pad": 1.0}}],
+            },
+            "compute": {"num_workers": 2, "cpus_per_worker": 1},
+        }
+    )
     writer = VersionWriter(str(root / "store" / "pad" / "v1"), RECORD_SCHEMA)
     writer.write_shard("part-00000", records_table(dataset(counts).rows))
-    version = writer.commit(dataset="pad", step="ingest", config_digest="-", code_version="1",
-                            inputs=[], stats={"media_root": str(root)})  # fmt: skip
+    version = writer.commit(
+        dataset="pad",
+        step="ingest",
+        config_digest="-",
+        code_version="1",
+        inputs=[],
+        stats={"media_root": str(root)},
+    )
     return cfg, run_mixture(cfg, "stage2", {"pad": version}, cfg.stage2.mixtures[0])
 
 

@@ -144,8 +144,11 @@ def runs(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
             out["again"] = full_pipeline(str(config), return_state=True)
             # Stage 2 fails once (the tasks run in this process, so a patch reaches them).
             with pytest.MonkeyPatch.context() as patch:
-                failing = FailOnce(tasks.training.run_training, root / "fault-marker",
-                                   lambda cfg, stage, *a, **k: stage == "stage2")  # fmt: skip
+                failing = FailOnce(
+                    tasks.training.run_training,
+                    root / "fault-marker",
+                    lambda cfg, stage, *a, **k: stage == "stage2",
+                )
                 patch.setattr(tasks.training, "run_training", failing)
                 out["failed"] = full_pipeline(str(config), changed, return_state=True)
                 out["resumed"] = full_pipeline(str(config), changed, return_state=True)
@@ -182,8 +185,9 @@ def verify_before_and_after_a_changed_byte(config: Path, first) -> dict:
     tracking = load_config(config).tracking.tracking_uri
     argv = ["verify", "models:/rzenembed@champion", "--tracking-uri", tracking]
     out = {"clean": run_cli(argv)}
-    version = DatasetVersion.open(first.result()["data"]["versions"]["sample-captions"]["clean"][
-        "uri"])  # fmt: skip
+    version = DatasetVersion.open(
+        first.result()["data"]["versions"]["sample-captions"]["clean"]["uri"]
+    )
     shard = Path(version.uri) / version.manifest.shards[0].path
     data = bytearray(shard.read_bytes())
     middle = len(data) // 2
@@ -354,8 +358,9 @@ def test_verify_passes_then_names_the_changed_shard(runs):
     assert "[CHANGED]" not in text and "[MISSING]" not in text
     summary = text.strip().splitlines()[-1]
     assert summary.startswith("# ") and " 0 CHANGED, 0 MISSING" in summary
-    kinds = {line.split("] ", 1)[1].split(" ", 1)[0] for line in text.splitlines()
-             if "[OK]" in line}  # fmt: skip
+    kinds = {
+        line.split("] ", 1)[1].split(" ", 1)[0] for line in text.splitlines() if "[OK]" in line
+    }
     assert kinds >= {"registered-model", "adapter", "model", "stage-manifest", "dataset", "raw"}
     code, text, err = checks["changed"]
     uri, shard = checks["shard"]

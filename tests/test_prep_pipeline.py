@@ -251,8 +251,12 @@ def test_the_distributed_cap_keeps_what_the_reference_ranking_keeps(prepared, tm
 
     cfg, data = prepared
     version = data.versions["sample-long-videos"]["split-clips"]  # 35 rows in 3 shards
-    capped = run_cap(cfg.model_copy(update={"storage": cfg.storage.model_copy(
-        update={"root": str(tmp_path)})}), version, limit=10, show_progress=False)  # fmt: skip
+    capped = run_cap(
+        cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": str(tmp_path)})}),
+        version,
+        limit=10,
+        show_progress=False,
+    )
     kept = set(capped.read_table(columns=["id"]).column("id").to_pylist())
     assert kept == select_ids(version, 10, seed=cfg.prep.seed)
     assert capped.manifest.stats["dropped_by_cap"] == version.rows - 10
@@ -284,17 +288,26 @@ def test_rows_tied_at_the_cut_are_settled_exactly(ray_local, tmp_path):
     from rzenembed.prep.cap import rank_ids, run_cap
 
     ids = [f"r{i}" for i in range(20)] + ["r5", "r5"]  # r5 three times, in two shards
-    rows = [record(i, "ties", "text_retrieval", side(f"q {n}"), side(f"a {n}"))
-            for n, i in enumerate(ids)]  # fmt: skip
+    rows = [
+        record(i, "ties", "text_retrieval", side(f"q {n}"), side(f"a {n}"))
+        for n, i in enumerate(ids)
+    ]
     writer = VersionWriter(str(tmp_path / "in"), RECORD_SCHEMA)
     writer.write_shard("part-00000", records_table(rows[:11]))
     writer.write_shard("part-00001", records_table(rows[11:]))
-    version = writer.commit(dataset="ties", step="ingest", config_digest="-", code_version="1",
-                            inputs=[], stats={"media_root": str(tmp_path)})  # fmt: skip
+    version = writer.commit(
+        dataset="ties",
+        step="ingest",
+        config_digest="-",
+        code_version="1",
+        inputs=[],
+        stats={"media_root": str(tmp_path)},
+    )
     ranks = rank_ids(0, version.read_table(columns=["id"]).column("id"))
     limit = int((ranks < rank_ids(0, pa.array(["r5"]))[0]).sum()) + 2  # 2 of the 3 fit
-    cfg = config_from_dict({"model": {"name_or_path": "unused"},
-                            "storage": {"root": str(tmp_path / "store")}})  # fmt: skip
+    cfg = config_from_dict(
+        {"model": {"name_or_path": "unused"}, "storage": {"root": str(tmp_path / "store")}}
+    )
     capped = run_cap(cfg, version, limit=limit, show_progress=False)
     kept = capped.read_table(columns=["id", "query"]).to_pylist()
     assert len(kept) == limit
@@ -356,6 +369,9 @@ PINNED = {
 
 def test_every_step_of_every_source_gives_the_pinned_rows_and_rejects(prepared):
     _, data = prepared
-    found = {f"{name}/{step}": (v.rows, dict(v.manifest.reject_counts))
-             for name, steps in data.versions.items() for step, v in steps.items()}  # fmt: skip
+    found = {
+        f"{name}/{step}": (v.rows, dict(v.manifest.reject_counts))
+        for name, steps in data.versions.items()
+        for step, v in steps.items()
+    }
     assert found == PINNED

@@ -21,24 +21,37 @@ STAGE1_SOURCES = ("sample-text-pairs", "sample-captions")
 
 def stage_config(corpus, model_dir, root: Path) -> dict:
     sources = [
-        {"name": name, "uri": str(corpus.root / name), "stage": "stage1",
-         "task_group": "text_retrieval" if name == "sample-text-pairs" else "image_retrieval"}
+        {
+            "name": name,
+            "uri": str(corpus.root / name),
+            "stage": "stage1",
+            "task_group": "text_retrieval" if name == "sample-text-pairs" else "image_retrieval",
+        }
         for name in STAGE1_SOURCES
-    ]  # fmt: skip
+    ]
     return {
         "name": "repro",
         "storage": {"root": str(root)},
         "sources": sources,
         "prep": {"shard_rows": 16},
-        "model": {"name_or_path": str(model_dir), "max_visual_tokens": 16, "video_frames": 4,
-                  "max_text_tokens": 64},
+        "model": {
+            "name_or_path": str(model_dir),
+            "max_visual_tokens": 16,
+            "video_frames": 4,
+            "max_text_tokens": 64,
+        },
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "loss": {"false_negative_delta": None},
-        "stage1": {"global_batch_size": 4, "gradcache_chunk": None, "max_steps": 4,
-                   "checkpoint_every": 4, "hard_negatives": 0,
-                   "optim": {"lr": 1e-3, "warmup_ratio": 0.0}},
+        "stage1": {
+            "global_batch_size": 4,
+            "gradcache_chunk": None,
+            "max_steps": 4,
+            "checkpoint_every": 4,
+            "hard_negatives": 0,
+            "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
+        },
         "compute": {"num_workers": 1, "cpus_per_worker": 1},
-    }  # fmt: skip
+    }
 
 
 def test_hash_seed_and_storage_root_do_not_change_any_digest(
@@ -49,19 +62,24 @@ def test_hash_seed_and_storage_root_do_not_change_any_digest(
     outputs = []
     for seed, root in (("1", "run-a"), ("2", "run-b")):
         config = tmp_path / f"{root}.json"
-        config.write_text(json.dumps(stage_config(sample_corpus, tiny_model_dir,
-                                                  tmp_path / root)))  # fmt: skip
+        config.write_text(json.dumps(stage_config(sample_corpus, tiny_model_dir, tmp_path / root)))
         env = {**os.environ, "PYTHONHASHSEED": seed, "RAY_ADDRESS": ""}
         done = subprocess.run(
             [sys.executable, "-m", "tests.reproduce_stage", str(config), manifest.uri],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     first, second = outputs
     assert first["adapter_dir"] != second["adapter_dir"]  # two storage roots, two processes
-    modules = [json.loads((Path(o["adapter_dir"]) / "adapter_config.json").read_text())[
-        "target_modules"] for o in outputs]  # fmt: skip
+    modules = [
+        json.loads((Path(o["adapter_dir"]) / "adapter_config.json").read_text())["target_modules"]
+        for o in outputs
+    ]
     assert modules[0] == modules[1] == sorted(modules[0])
     assert first["adapter"] == second["adapter"]
     assert first["soup"] == second["soup"]

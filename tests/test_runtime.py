@@ -98,18 +98,29 @@ def _one_step(rank: int) -> dict[str, Any]:
         dist.all_reduce, dist.all_gather, dist_nn.all_gather = originals
     placed = [str(t.device) for t in [*trainer.module.parameters(), *trainer.module.buffers()]]
     trainer.runtime.check_module(trainer.module, "module")
-    return {"device": str(trainer.runtime.device), "collectives": seen, "placed": placed,
-            "theta": str(trainer.module.loss.theta.device), "loss": metrics["loss"],
-            "k": batch.num_negatives}  # fmt: skip
+    return {
+        "device": str(trainer.runtime.device),
+        "collectives": seen,
+        "placed": placed,
+        "theta": str(trainer.module.loss.theta.device),
+        "loss": metrics["loss"],
+        "k": batch.num_negatives,
+    }
 
 
 def test_one_training_step_keeps_everything_on_the_runtime_device(
     tiny_model_dir, tmp_path, monkeypatch
 ):
     cfg, manifest = padding_stage(tmp_path, tiny_model_dir, [0, 1, 2, 1], steps=1)
-    spec = {"cfg": cfg.model_dump(mode="json"), "stage": "stage2", "mixture": "pad",
-            "stage_manifest": manifest.uri, "base_model": str(tiny_model_dir),
-            "output_dir": str(tmp_path / "out"), "total_steps": 1}  # fmt: skip
+    spec = {
+        "cfg": cfg.model_dump(mode="json"),
+        "stage": "stage2",
+        "mixture": "pad",
+        "stage_manifest": manifest.uri,
+        "base_model": str(tiny_model_dir),
+        "output_dir": str(tmp_path / "out"),
+        "total_steps": 1,
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     monkeypatch.setenv("RZENEMBED_TEST_SPEC", str(tmp_path / "spec.json"))
     (tmp_path / "ranks").mkdir()

@@ -92,8 +92,10 @@ def source_digest(uri: str, endpoint_url: str | None = None) -> str:
     of the same size is caught by the content hashes of the clean step. Ingest computes the
     same value from the per-file digests its scan tasks take (``combine_source_digest``).
     """
-    files = [(f.rsplit("/", 1)[-1], file_sha256(f, endpoint_url))
-             for f in data_file_uris(uri, endpoint_url)]  # fmt: skip
+    files = [
+        (f.rsplit("/", 1)[-1], file_sha256(f, endpoint_url))
+        for f in data_file_uris(uri, endpoint_url)
+    ]
     return combine_source_digest(files, media_listing(uri, endpoint_url))
 
 
@@ -103,8 +105,10 @@ def source_listing_digest(uri: str, endpoint_url: str | None = None) -> str:
     fs, path = filesystem(uri, endpoint_url)
     if not fs.exists(path):
         raise SourceError(f"source folder not found: {uri}")
-    rows = sorted((p[len(path):], i.get("size", 0), str(i.get("ETag") or i.get("mtime") or ""))
-                  for p, i in fs.find(path, detail=True).items())  # fmt: skip
+    rows = sorted(
+        (p[len(path) :], i.get("size", 0), str(i.get("ETag") or i.get("mtime") or ""))
+        for p, i in fs.find(path, detail=True).items()
+    )
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
@@ -142,8 +146,9 @@ def scan_data_file(path: str, endpoint_url: str | None, chunk_rows: int) -> File
     if full.endswith(".parquet"):
         meta = pq.ParquetFile(full, filesystem=fs).metadata
         rows = meta.num_rows
-        return FileScan(path, rows, file_sha256(path, endpoint_url),
-                        list(range(0, rows, chunk_rows)))  # fmt: skip
+        return FileScan(
+            path, rows, file_sha256(path, endpoint_url), list(range(0, rows, chunk_rows))
+        )
     h, rows, offset, starts = hashlib.sha256(), 0, 0, []
     with fs.open(full, "rb") as f:
         for line in f:
@@ -166,8 +171,9 @@ def plan_chunks(scans: list[FileScan], chunk_rows: int) -> list[RowChunk]:
             row = k * chunk_rows
             count = min(chunk_rows, scan.rows - row)
             offset = None if scan.path.endswith(".parquet") else start
-            chunks.append(RowChunk(f"part-{len(chunks):05d}", scan.path, row, count,
-                                   position + row, offset))  # fmt: skip
+            chunks.append(
+                RowChunk(f"part-{len(chunks):05d}", scan.path, row, count, position + row, offset)
+            )
         position += scan.rows
     if not chunks:
         chunks.append(RowChunk("part-00000", "", 0, 0, 0))
@@ -189,8 +195,9 @@ def read_chunk(
     out = []
     for i, raw in enumerate(raws):
         position = chunk.position + i
-        out.append((position, from_mmeb(raw, source.name, position)
-                    if source.format == "mmeb" else raw))  # fmt: skip
+        out.append(
+            (position, from_mmeb(raw, source.name, position) if source.format == "mmeb" else raw)
+        )
     return out
 
 

@@ -158,9 +158,17 @@ def evaluate(
             if datasets and dataset.name not in datasets:
                 continue
             reader = MediaReader(dataset.media_root)
-            candidates = _cached_candidates(encoder, dataset, reader, max_frames, batch_size,
-                                            cache, model_digest, show_progress,
-                                            endpoint_url)  # fmt: skip
+            candidates = _cached_candidates(
+                encoder,
+                dataset,
+                reader,
+                max_frames,
+                batch_size,
+                cache,
+                model_digest,
+                show_progress,
+                endpoint_url,
+            )
             queries = _encode(encoder, [q["query"] for q in dataset.queries], reader,
                               max_frames, batch_size, f"{dataset.name} queries",
                               show_progress)  # fmt: skip

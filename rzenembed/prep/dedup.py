@@ -38,14 +38,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 ROW_BITS = 32  # order = shard index << 32 | row position
-KEY_SCHEMA = pa.schema([
-    ("kind", pa.int8()),      # 0: content, 1: band
-    ("key", pa.string()),     # content hash, or "<band index>:<band value>"
-    ("order", pa.int64()),
-    ("image", pa.int16()),    # the pHash's index within its row (band keys)
-    ("band", pa.int16()),
-    ("phash", pa.uint64()),
-])  # fmt: skip
+KEY_SCHEMA = pa.schema(
+    [
+        ("kind", pa.int8()),  # 0: content, 1: band
+        ("key", pa.string()),  # content hash, or "<band index>:<band value>"
+        ("order", pa.int64()),
+        ("image", pa.int16()),  # the pHash's index within its row (band keys)
+        ("band", pa.int16()),
+        ("phash", pa.uint64()),
+    ]
+)
 
 
 def order_of(shard: int, position: int) -> int:
@@ -88,8 +90,10 @@ def partition_keys(rows: list[tuple], partitions: int) -> list[pa.Table]:
     for row in rows:
         parts[partition_of(row[1], partitions)].append(row)
     names = KEY_SCHEMA.names
-    return [pa.table({n: [r[i] for r in part] for i, n in enumerate(names)}, schema=KEY_SCHEMA)
-            for part in parts]  # fmt: skip
+    return [
+        pa.table({n: [r[i] for r in part] for i, n in enumerate(names)}, schema=KEY_SCHEMA)
+        for part in parts
+    ]
 
 
 @dataclass
@@ -142,8 +146,15 @@ def _near_edges(members, order, image, band, phash, radius) -> list[tuple[int, .
         for bi, mi in zip(*np.nonzero(distance <= radius), strict=True):
             later, earlier = block[bi], members[mi]
             if order[earlier] < order[later]:
-                edges.append((int(order[later]), int(image[later]), int(band[later]),
-                              int(order[earlier]), int(image[earlier])))  # fmt: skip
+                edges.append(
+                    (
+                        int(order[later]),
+                        int(image[later]),
+                        int(band[later]),
+                        int(order[earlier]),
+                        int(image[earlier]),
+                    )
+                )
     return edges
 
 
@@ -195,5 +206,7 @@ def planted_facts(rows: int, radius: int, seed: int = 0, shard_rows: int = 1000)
         content = rng.choice(contents) if contents and rng.random() < 0.04 else f"c{n}"
         contents.append(content)
         facts.append((content, hashes))
-    return [[RowFacts(i, None, "", c, h) for i, (c, h) in enumerate(facts[s : s + shard_rows])]
-            for s in range(0, len(facts), shard_rows)]  # fmt: skip
+    return [
+        [RowFacts(i, None, "", c, h) for i, (c, h) in enumerate(facts[s : s + shard_rows])]
+        for s in range(0, len(facts), shard_rows)
+    ]

@@ -50,8 +50,11 @@ class StageManifest:
         """What the stage trains on: each dataset's name, content digest, rows, task group
         and probability. Where the versions live (their URIs) is left out, so the same data
         prepared under another storage root gives the same stage identity."""
-        content = {"stage": self.stage, "mixture": self.mixture,
-                   "datasets": [asdict(d) for d in self.datasets]}  # fmt: skip
+        content = {
+            "stage": self.stage,
+            "mixture": self.mixture,
+            "datasets": [asdict(d) for d in self.datasets],
+        }
         return json_digest(content)
 
     @classmethod

@@ -269,8 +269,16 @@ def caption_shard(task: ShardTask, captioner: Captioner) -> dict[str, Any]:
     return result
 
 
-def _moved(fs, work: str, writer: VersionWriter, name: str, rel: str, rows: int,
-           sha256: str | None, endpoint_url: str | None) -> ShardInfo:  # fmt: skip
+def _moved(
+    fs,
+    work: str,
+    writer: VersionWriter,
+    name: str,
+    rel: str,
+    rows: int,
+    sha256: str | None,
+    endpoint_url: str | None,
+) -> ShardInfo:
     """Copy one work file into the writer's staging area as ``rel``; its shard info."""
     from rzenembed.data.importers import file_sha256
 
@@ -375,9 +383,15 @@ def _run_actors(tasks: list[ShardTask], path: str, settings: RecaptionConfig, sh
     ``settings.gpus_per_actor`` GPUs each); each actor loads the captioner once."""
     from rzenembed.data.engine import run_on_actors
 
-    return run_on_actors(CaptionWorker, (path, settings.model_dump(mode="json")), tasks,
-                         actors=settings.actors, num_cpus=1, num_gpus=settings.gpus_per_actor,
-                         show_progress=show_progress)  # fmt: skip
+    return run_on_actors(
+        CaptionWorker,
+        (path, settings.model_dump(mode="json")),
+        tasks,
+        actors=settings.actors,
+        num_cpus=1,
+        num_gpus=settings.gpus_per_actor,
+        show_progress=show_progress,
+    )
 
 
 def _commit(plan, cfg: PipelineConfig, tasks, results, work: str, stats) -> DatasetVersion:
@@ -389,13 +403,28 @@ def _commit(plan, cfg: PipelineConfig, tasks, results, work: str, stats) -> Data
     totals: dict[str, int] = {}
     for task in tasks:
         result = results[task.name]
-        data = _moved(fs, work, writer, f"{task.name}.parquet", f"data/{task.name}.parquet",
-                      result["rows"], result.get("sha256"), endpoint)  # fmt: skip
+        data = _moved(
+            fs,
+            work,
+            writer,
+            f"{task.name}.parquet",
+            f"data/{task.name}.parquet",
+            result["rows"],
+            result.get("sha256"),
+            endpoint,
+        )
         rejects = None
         if result["rejected"]:
-            rejects = _moved(fs, work, writer, f"{task.name}.rejects.parquet",
-                             f"rejects/{task.name}.parquet", result["rejected"],
-                             result.get("rejects_sha256"), endpoint)  # fmt: skip
+            rejects = _moved(
+                fs,
+                work,
+                writer,
+                f"{task.name}.rejects.parquet",
+                f"rejects/{task.name}.parquet",
+                result["rejected"],
+                result.get("rejects_sha256"),
+                endpoint,
+            )
         writer.add_shard_info(task.name, data, rejects, result["reject_counts"])
         for key, value in {**result["stats"], "rows_in": result["rows_in"]}.items():
             totals[key] = totals.get(key, 0) + value

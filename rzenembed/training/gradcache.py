@@ -142,12 +142,13 @@ def prepare_batch(
     negatives = list(negatives or [])
     if negative_mask is not None:
         if tuple(negative_mask.shape) != (len(queries), num_negatives):
-            raise ValueError(f"negative_mask has shape {tuple(negative_mask.shape)}, expected "
-                             f"{(len(queries), num_negatives)}")  # fmt: skip
+            raise ValueError(
+                f"negative_mask has shape {tuple(negative_mask.shape)}, expected "
+                f"{(len(queries), num_negatives)}"
+            )
         expected = int(negative_mask.sum())
         if len(negatives) != expected:
-            raise ValueError(f"negative_mask marks {expected} real negatives, got "
-                             f"{len(negatives)}")  # fmt: skip
+            raise ValueError(f"negative_mask marks {expected} real negatives, got {len(negatives)}")
     elif len(negatives) != len(queries) * num_negatives:
         raise ValueError(
             f"expected {len(queries)} x {num_negatives} = {len(queries) * num_negatives} "

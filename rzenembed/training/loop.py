@@ -157,8 +157,9 @@ def build_model(spec: RunSpec, runtime: Runtime) -> TrainModule:
     seeded from the stage seed, so every rank starts from identical weights (gradients are
     averaged, never the weights) and a rerun starts from the same point."""
     cfg = spec.config
-    embedder = RzenEmbedder.from_pretrained(spec.base_model, config=cfg.model,
-                                            endpoint_url=cfg.storage.endpoint_url)  # fmt: skip
+    embedder = RzenEmbedder.from_pretrained(
+        spec.base_model, config=cfg.model, endpoint_url=cfg.storage.endpoint_url
+    )
     torch.manual_seed(spec.stage_config.seed)
     embedder.apply_lora(cfg.lora)
     module = TrainModule(embedder, RzenEmbedLoss(cfg.loss))
@@ -371,14 +372,20 @@ def record_worker(trainer: Trainer) -> None:
     import ray
 
     runtime = trainer.runtime
-    info = {"rank": trainer.rank, "world_size": trainer.world_size,
-            "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-            "device": str(runtime.device), "backend": runtime.backend,
-            "autocast": None if runtime.autocast_dtype is None else str(runtime.autocast_dtype),
-            "start_step": trainer.start_step}  # fmt: skip
+    info = {
+        "rank": trainer.rank,
+        "world_size": trainer.world_size,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "host": socket.gethostname(),
+        "device": str(runtime.device),
+        "backend": runtime.backend,
+        "autocast": None if runtime.autocast_dtype is None else str(runtime.autocast_dtype),
+        "start_step": trainer.start_step,
+    }
     uri = join(trainer.spec.output_dir, "workers", f"rank{trainer.rank}.json")
-    write_text(uri, json.dumps(info, indent=2, sort_keys=True) + "\n",
-               trainer.cfg.storage.endpoint_url)  # fmt: skip
+    write_text(
+        uri, json.dumps(info, indent=2, sort_keys=True) + "\n", trainer.cfg.storage.endpoint_url
+    )
 
 
 def run_steps(trainer: Trainer) -> None:

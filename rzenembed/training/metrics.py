@@ -25,8 +25,9 @@ class JsonlLogger:
     from the published lines.
     """
 
-    def __init__(self, path: str | Path, publish_uri: str | None = None,
-                 endpoint_url: str | None = None):  # fmt: skip
+    def __init__(
+        self, path: str | Path, publish_uri: str | None = None, endpoint_url: str | None = None
+    ):
         from rzenembed.data.folders import exists, read_text
 
         self.path = Path(path)
