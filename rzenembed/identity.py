@@ -32,14 +32,26 @@ DIGEST_SCHEME = "rzenembed-digest-2"
 
 # Lists whose order means nothing (peft writes some of them from a set).
 SET_VALUED_KEYS = frozenset(
-    {"target_modules", "exclude_modules", "modules_to_save", "layers_to_transform",
-     "target_parameters"}
-)  # fmt: skip
+    {
+        "target_modules",
+        "exclude_modules",
+        "modules_to_save",
+        "layers_to_transform",
+        "target_parameters",
+    }
+)
 # Where something lives: the digest recorded beside it stands for it.
 LOCATION_KEYS = frozenset(
-    {"_name_or_path", "base_model_name_or_path", "base_model", "revision", "path", "uri",
-     "stage_manifest", "markdown", "png"}
-)  # fmt: skip
+    {
+        "_name_or_path",
+        "base_model_name_or_path",
+        "base_model",
+        "revision",
+        "path",
+        "uri",
+        "stage_manifest",
+    }
+)
 # Who wrote a file and when: not what it holds.
 WRITER_KEYS = frozenset({"transformers_version", "peft_version", "created"})
 IGNORED_KEYS = LOCATION_KEYS | WRITER_KEYS

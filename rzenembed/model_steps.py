@@ -35,17 +35,25 @@ def step_gpus(cfg: PipelineConfig) -> float:
     return 1.0 if compute.use_gpu else 0.0
 
 
-def on_ray(cfg: PipelineConfig, fn: Callable[..., Any], *args: Any, gpus: float | None = None,
-           cpus: float | None = None, **kwargs: Any) -> Any:  # fmt: skip
+def on_ray(
+    cfg: PipelineConfig,
+    fn: Callable[..., Any],
+    *args: Any,
+    gpus: float | None = None,
+    cpus: float | None = None,
+    **kwargs: Any,
+) -> Any:
     """Run ``fn(*args, **kwargs)`` as a Ray task with the step's resources; its result."""
     import ray
 
     from rzenembed.data.engine import ensure_ray
 
     ensure_ray(address=cfg.compute.ray_address)
-    options = {"num_gpus": step_gpus(cfg) if gpus is None else gpus,
-               "num_cpus": cfg.compute.step_cpus if cpus is None else cpus,
-               "max_retries": 0}  # fmt: skip
+    options = {
+        "num_gpus": step_gpus(cfg) if gpus is None else gpus,
+        "num_cpus": cfg.compute.step_cpus if cpus is None else cpus,
+        "max_retries": 0,
+    }
     return ray.get(ray.remote(fn).options(**options).remote(*args, **kwargs))
 
 
@@ -54,10 +62,9 @@ def on_ray(cfg: PipelineConfig, fn: Callable[..., Any], *args: Any, gpus: float 
 
 def merge_step(cfg: PipelineConfig, adapter_uri: str) -> str:
     """The stage-1 merge (``training.stages.merge_stage1``) on Ray; the merged model's URI."""
-    from rzenembed.training.stages import TrainResult, merge_stage1
+    from rzenembed.training.stages import merge_stage1
 
-    result = TrainResult("stage1", "all", adapter_uri, "", 0, "")
-    return on_ray(cfg, merge_stage1, cfg, result)
+    return on_ray(cfg, merge_stage1, cfg, adapter_uri)
 
 
 # --------------------------------------------------------------------------- soup
@@ -77,14 +84,27 @@ def _soup_task(cfg: PipelineConfig, adapters: list[str], out_uri: str, weights, 
         def score(embedder) -> float:
             from rzenembed.evaluation import evaluate
 
-            results = evaluate(embedder, sets, batch_size=cfg.eval.batch_size,
-                               datasets=cfg.eval.datasets, ndcg_k=cfg.eval.ndcg_k)  # fmt: skip
+            results = evaluate(
+                embedder,
+                sets,
+                batch_size=cfg.eval.batch_size,
+                datasets=cfg.eval.datasets,
+                ndcg_k=cfg.eval.ndcg_k,
+            )
             return sum(r.score for r in results) / len(results)
 
     work = Path(tempfile.mkdtemp(prefix="rzenembed-soup-"))
     try:
-        result = soup(adapters, work / "soup", cfg.soup.method, weights, cfg.soup.normalize,
-                      score, device=runtime.device, endpoint_url=endpoint)  # fmt: skip
+        result = soup(
+            adapters,
+            work / "soup",
+            cfg.soup.method,
+            weights,
+            cfg.soup.normalize,
+            score,
+            device=runtime.device,
+            endpoint_url=endpoint,
+        )
         digests = digests_of(result.path)
         publish_folder(result.path, out_uri, endpoint, **digests)
         return {"recipe": result.recipe, **digests}
@@ -93,9 +113,12 @@ def _soup_task(cfg: PipelineConfig, adapters: list[str], out_uri: str, weights, 
 
 
 def soup_step(
-    cfg: PipelineConfig, adapters: list[str], out_uri: str, weights: list[float] | None,
+    cfg: PipelineConfig,
+    adapters: list[str],
+    out_uri: str,
+    weights: list[float] | None,
     eval_sets: Sequence[str] = (),
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """The adapters souped and published at ``out_uri`` (or the published soup read back):
     ``{"recipe", "digest", "weights_digest"}``."""
     from rzenembed.data.folders import published_info
@@ -104,8 +127,11 @@ def soup_step(
     if is_published(out_uri, endpoint):
         info = published_info(out_uri, endpoint) or {}
         card = json.loads((stage_folder(out_uri, endpoint) / "rzenembed.json").read_text())
-        return {"recipe": card["extra"]["soup"], "digest": info["digest"],
-                "weights_digest": info["weights_digest"]}  # fmt: skip
+        return {
+            "recipe": card["extra"]["soup"],
+            "digest": info["digest"],
+            "weights_digest": info["weights_digest"],
+        }
     return on_ray(cfg, _soup_task, cfg, list(adapters), out_uri, weights, list(eval_sets))
 
 
@@ -128,7 +154,6 @@ class EmbedActor:
         folder = stage_folder(model_uri, cfg.storage.endpoint_url)
         config = None if ModelCard.exists(folder) else cfg.model
         self.embedder = RzenEmbedder.from_pretrained(folder, config=config, device=runtime.device)
-        self.cfg = self.embedder.cfg
         self.runtime = runtime
 
     def encode(self, items: list[EmbedInput], batch_size: int = 16) -> torch.Tensor:
@@ -148,14 +173,20 @@ class ActorPoolEncoder:
         items = list(items)
         per = -(-len(items) // len(self.actors)) if items else 0
         parts = [items[i * per : (i + 1) * per] for i in range(len(self.actors))]
-        futures = [a.encode.remote(p, batch_size) for a, p in zip(self.actors, parts, strict=True)
-                   if p]  # fmt: skip
+        futures = [
+            a.encode.remote(p, batch_size) for a, p in zip(self.actors, parts, strict=True) if p
+        ]
         out = ray.get(futures)
         return torch.cat(out) if out else torch.empty(0, 0)
 
 
-def _evaluate_task(cfg: PipelineConfig, models: dict[str, dict[str, str]], sets: list[str],
-                   out_uri: str, cache_uri: str) -> dict[str, Any]:  # fmt: skip
+def _evaluate_task(
+    cfg: PipelineConfig,
+    models: dict[str, dict[str, str]],
+    sets: list[str],
+    out_uri: str,
+    cache_uri: str,
+) -> dict[str, Any]:
     """Coordinator: embedding actors per model, ranking here, reports published."""
     import ray
 
@@ -164,8 +195,9 @@ def _evaluate_task(cfg: PipelineConfig, models: dict[str, dict[str, str]], sets:
 
     endpoint = cfg.storage.endpoint_url
     local_sets = [str(stage_eval_set(s, endpoint)) for s in sets]
-    actor_cls = ray.remote(EmbedActor).options(num_gpus=step_gpus(cfg),
-                                               num_cpus=cfg.compute.step_cpus)  # fmt: skip
+    actor_cls = ray.remote(EmbedActor).options(
+        num_gpus=step_gpus(cfg), num_cpus=cfg.compute.step_cpus
+    )
     work = Path(tempfile.mkdtemp(prefix="rzenembed-eval-"))
     out: dict[str, Any] = {}
     try:
@@ -174,20 +206,29 @@ def _evaluate_task(cfg: PipelineConfig, models: dict[str, dict[str, str]], sets:
             model = models[role]
             actors = [actor_cls.remote(cfg, model["uri"]) for _ in range(cfg.compute.eval_actors)]
             try:
-                scores = evaluate(ActorPoolEncoder(actors), local_sets,
-                                  model_digest=model["digest"], cache_dir=cache_uri,
-                                  batch_size=cfg.eval.batch_size,
-                                  max_frames=cfg.model.video_frames, ndcg_k=cfg.eval.ndcg_k,
-                                  datasets=cfg.eval.datasets, endpoint_url=endpoint)  # fmt: skip
+                scores = evaluate(
+                    ActorPoolEncoder(actors),
+                    local_sets,
+                    model_digest=model["digest"],
+                    cache_dir=cache_uri,
+                    batch_size=cfg.eval.batch_size,
+                    max_frames=cfg.model.video_frames,
+                    ndcg_k=cfg.eval.ndcg_k,
+                    datasets=cfg.eval.datasets,
+                    endpoint_url=endpoint,
+                )
             finally:
                 for actor in actors:
                     ray.kill(actor)
             folder = work / "report" / ("baseline" if role == "baseline" else "")
-            paths = write_report(scores, folder, {"path": model["uri"], "digest": model["digest"]},
-                                 previous=previous)  # fmt: skip
+            paths = write_report(
+                scores, folder, {"path": model["uri"], "digest": model["digest"]}, previous=previous
+            )
             previous = paths["json"]
-            out[role] = {"report": json.loads(paths["json"].read_text()),
-                         "digest": json_file_digest(paths["json"])}  # fmt: skip
+            out[role] = {
+                "report": json.loads(paths["json"].read_text()),
+                "digest": json_file_digest(paths["json"]),
+            }
         publish_folder(work / "report", out_uri, endpoint)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -195,9 +236,13 @@ def _evaluate_task(cfg: PipelineConfig, models: dict[str, dict[str, str]], sets:
 
 
 def evaluate_step(
-    cfg: PipelineConfig, model: dict[str, str], baseline: dict[str, str], sets: list[str],
-    out_uri: str, cache_uri: str,
-) -> dict[str, Any]:  # fmt: skip
+    cfg: PipelineConfig,
+    model: dict[str, str],
+    baseline: dict[str, str],
+    sets: list[str],
+    out_uri: str,
+    cache_uri: str,
+) -> dict[str, Any]:
     """Score ``model`` and the untrained ``baseline`` (``{"uri", "digest"}`` each) on the
     evaluation sets and publish both reports at ``out_uri`` (``report.*`` and
     ``baseline/report.*``); returns each report and its digest. Runs as a coordinator Ray
@@ -207,11 +252,24 @@ def evaluate_step(
         folder = stage_folder(out_uri, endpoint)
         from rzenembed.identity import json_file_digest
 
-        return {role: {"report": json.loads((folder / sub / "report.json").read_text()),
-                       "digest": json_file_digest(folder / sub / "report.json")}
-                for role, sub in (("baseline", "baseline"), ("model", ""))}  # fmt: skip
-    return on_ray(cfg, _evaluate_task, cfg, {"model": model, "baseline": baseline}, list(sets),
-                  out_uri, cache_uri, gpus=0.0, cpus=0.0)  # fmt: skip
+        return {
+            role: {
+                "report": json.loads((folder / sub / "report.json").read_text()),
+                "digest": json_file_digest(folder / sub / "report.json"),
+            }
+            for role, sub in (("baseline", "baseline"), ("model", ""))
+        }
+    return on_ray(
+        cfg,
+        _evaluate_task,
+        cfg,
+        {"model": model, "baseline": baseline},
+        list(sets),
+        out_uri,
+        cache_uri,
+        gpus=0.0,
+        cpus=0.0,
+    )
 
 
 def report_uris(out_uri: str) -> dict[str, str]:

@@ -55,9 +55,10 @@ def trained(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
     cfg = training_config(sample_corpus, str(root / "versions"), tiny_model_dir)
     data = prepare_all(cfg, base=str(sample_corpus.root), show_progress=False)
     stage1 = run_stage1(cfg, data.stages["stage1"])
-    merged = merge_stage1(cfg, stage1)
-    stage2 = [run_stage2(cfg, data.stages[f"stage2/{m.name}"], merged, m)
-              for m in cfg.stage2.mixtures]  # fmt: skip
+    merged = merge_stage1(cfg, stage1.adapter_uri)
+    stage2 = [
+        run_stage2(cfg, data.stages[f"stage2/{m.name}"], merged, m) for m in cfg.stage2.mixtures
+    ]
     return cfg, data, stage1, merged, stage2
 
 

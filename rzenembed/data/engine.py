@@ -99,7 +99,6 @@ def run_shards(
     max_in_flight: int | None = None,
     retries: int = 3,
     num_cpus: float = 1,
-    desc: str = "shards",
     show_progress: bool = True,
 ) -> list[T]:
     """``fn(item)`` for every item as a Ray Data map, one block per item; results in the
@@ -107,29 +106,14 @@ def run_shards(
 
     A task that raises one of ``TRANSIENT_ERRORS`` is retried up to ``retries`` times; any
     other exception (bad input is the step's business, recorded as rejects, so an exception
-    here is a bug) stops the dataset and is raised here as itself.
+    here is a bug) comes back with the task's result and is raised here as itself, the first
+    in input order, once the map has finished.
     """
     if max_in_flight is not None and max_in_flight <= 0:
         raise ValueError(f"max_in_flight must be > 0 or None, got {max_in_flight}")
-    if not items:
-        return []
-    import ray.data
-
-    ensure_ray()
-    _configure(show_progress)
-    rows = [{"index": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
-    dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
-    mapped = dataset.map(_Apply(fn, retries), num_cpus=num_cpus, concurrency=max_in_flight)
-    return _results(mapped.take_all())
-
-
-def _results(rows: list[dict[str, Any]]) -> list[Any]:
-    """Unpickled results in input order; the first error (in input order) is raised."""
-    out = sorted(rows, key=lambda row: row["index"])
-    for row in out:
-        if row["error"]:
-            raise pickle.loads(row["error"])
-    return [pickle.loads(row["result"]) for row in out]
+    return _map(
+        items, show_progress, _Apply(fn, retries), num_cpus=num_cpus, concurrency=max_in_flight
+    )
 
 
 class _ActorApply:
@@ -156,6 +140,20 @@ def run_on_actors(
 ) -> list[Any]:
     """``worker.run(item)`` for every item on a pool of ``actors`` Ray Data actors (each
     with ``num_gpus``), results in input order; errors raised as themselves."""
+    return _map(
+        items,
+        show_progress,
+        _ActorApply,
+        fn_constructor_args=(worker_cls, init_args),
+        concurrency=max(1, min(actors, len(items))),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+    )
+
+
+def _map(items: Sequence[Any], show_progress: bool, udf: Any, **map_args: Any) -> list[Any]:
+    """Items pickled into a one-block-per-item dataset, ``udf`` mapped over it, the results
+    unpickled in input order (the first error, in input order, raised)."""
     if not items:
         return []
     import ray.data
@@ -164,7 +162,8 @@ def run_on_actors(
     _configure(show_progress)
     rows = [{"index": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
-    mapped = dataset.map(_ActorApply, fn_constructor_args=(worker_cls, init_args),
-                         concurrency=max(1, min(actors, len(rows))), num_cpus=num_cpus,
-                         num_gpus=num_gpus)  # fmt: skip
-    return _results(mapped.take_all())
+    out = sorted(dataset.map(udf, **map_args).take_all(), key=lambda row: row["index"])
+    for row in out:
+        if row["error"]:
+            raise pickle.loads(row["error"])
+    return [pickle.loads(row["result"]) for row in out]

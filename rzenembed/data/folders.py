@@ -5,7 +5,7 @@ Adapters, merged and souped models, and evaluation reports are folders under
 first, then ``publish_folder`` copies it to its URI and commits it:
 
 - **Commit marker.** ``_COMMITTED.json`` is written last and lists every file with its
-  size and sha256, plus the folder's content digests (``digest``, ``weights_digest``).
+  size, plus the folder's content digests (``digest``, ``weights_digest``).
   A folder without the marker is not there: a crash mid-upload leaves nothing a reader
   would take, and a rerun publishes again. On a local disk the folder is assembled under
   a temporary sibling name and renamed into place.
@@ -44,18 +44,12 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rzenembed" / "staged")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _listing(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file of the folder with its size. Sizes, not hashes: the marker's digests
+    (``digest``, ``weights_digest``) already identify the content, and hashing every file
+    again would read a multi-GB model twice at each publish."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMMIT_FILE)
-    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-            for p in files}  # fmt: skip
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size} for p in files}
 
 
 def publish_folder(
@@ -114,8 +108,10 @@ def listing_digest(uri: str, endpoint_url: str | None = None) -> str:
     found = fs.find(path, detail=True)
     if not found:
         raise FolderNotPublishedError(f"no folder at {uri}")
-    rows = sorted((p[len(path):], i.get("size"), str(i.get("ETag") or i.get("mtime") or ""))
-                  for p, i in found.items())  # fmt: skip
+    rows = sorted(
+        (p[len(path) :], i.get("size"), str(i.get("ETag") or i.get("mtime") or ""))
+        for p, i in found.items()
+    )
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
@@ -151,9 +147,11 @@ def download_folder(
     """Copy every file of the remote folder at ``uri`` (the marker's list when committed)
     into the local folder ``target``."""
     fs, path = filesystem(uri, endpoint_url)
-    names = list(info["files"]) if info else [
-        p[len(path):].lstrip("/") for p in fs.find(path) if not p.endswith(COMMIT_FILE)
-    ]  # fmt: skip
+    names = (
+        list(info["files"])
+        if info
+        else [p[len(path) :].lstrip("/") for p in fs.find(path) if not p.endswith(COMMIT_FILE)]
+    )
     for name in names:
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(join(path, name), str(target / name))

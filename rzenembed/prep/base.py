@@ -188,7 +188,6 @@ def execute(
         run_shard_job,
         jobs,
         max_in_flight=cfg.prep.max_in_flight,
-        desc=plan.step,
         show_progress=show_progress,
     )
     totals: Counter[str] = Counter()

@@ -57,18 +57,24 @@ def rank_ids(seed: int, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """``rank`` of every id, as a uint64 array."""
     key = str(seed).encode()
     return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8, key=key).digest(), "big")
-         for i in ids.to_pylist()),
-        dtype=np.uint64, count=len(ids),
-    )  # fmt: skip
+        (
+            int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8, key=key).digest(), "big")
+            for i in ids.to_pylist()
+        ),
+        dtype=np.uint64,
+        count=len(ids),
+    )
 
 
 def select_ids(version: DatasetVersion, limit: int, seed: int) -> set[str]:
     """The ids of the ``limit`` lowest (rank, id) pairs, streamed through a bounded heap in
     one process: the reference the distributed selection is checked against (tests,
     benchmark)."""
-    pairs = ((rank(seed, i), i) for table in version.iter_tables(columns=["id"])
-             for i in table.column("id").to_pylist())  # fmt: skip
+    pairs = (
+        (rank(seed, i), i)
+        for table in version.iter_tables(columns=["id"])
+        for i in table.column("id").to_pylist()
+    )
     return {row_id for _, row_id in heapq.nsmallest(limit, pairs)}
 
 
@@ -124,8 +130,12 @@ def threshold(
     best = np.empty(0, np.uint64)
     group = 2 * (in_flight or 8)  # shards whose winners are merged at once
     for start in range(0, len(jobs), group):
-        parts = run_shards(_shard_ranks, jobs[start : start + group], max_in_flight=in_flight,
-                           desc="cap/rank", show_progress=show_progress)  # fmt: skip
+        parts = run_shards(
+            _shard_ranks,
+            jobs[start : start + group],
+            max_in_flight=in_flight,
+            show_progress=show_progress,
+        )
         best = np.concatenate([best, *parts])
         if len(best) > limit:
             best = np.partition(best, limit - 1)[:limit]
@@ -139,8 +149,7 @@ def settle_tie(
     by (id, shard, row), so the choice is deterministic even for repeated ids. Only needed
     when a tie straddles the cut, which 64-bit ranks practically never produce."""
     jobs = [(version.uri, s, version.endpoint_url, seed, value) for s in version.manifest.shards]
-    found = run_shards(_ties_at, jobs, max_in_flight=in_flight, desc="cap/ties",
-                       show_progress=False)  # fmt: skip
+    found = run_shards(_ties_at, jobs, max_in_flight=in_flight, show_progress=False)
     chosen: dict[str, list[int]] = {}
     for _, shard, row in sorted(t for ties in found for t in ties)[:room]:
         chosen.setdefault(shard, []).append(row)
@@ -197,10 +206,11 @@ def run_cap(
     if limit is not None and version.rows > limit:
         rule = threshold(version, limit, cfg.prep.seed, in_flight, show_progress)
     writer = VersionWriter(plan.uri, RECORD_SCHEMA, cfg.storage.endpoint_url)
-    jobs = [_FilterJob(version.uri, s, version.endpoint_url, writer.staging_uri, cfg.prep.seed,
-                       rule) for s in version.manifest.shards]  # fmt: skip
-    results = run_shards(_filter_shard, jobs, max_in_flight=in_flight, desc="cap",
-                         show_progress=show_progress)  # fmt: skip
+    jobs = [
+        _FilterJob(version.uri, s, version.endpoint_url, writer.staging_uri, cfg.prep.seed, rule)
+        for s in version.manifest.shards
+    ]
+    results = run_shards(_filter_shard, jobs, max_in_flight=in_flight, show_progress=show_progress)
     kept = sum(r[2] - r[3] for r in results)
     if rule is not None and kept > limit:  # rows tied at the threshold rank: settle them
         below = kept - sum(r[4] for r in results)
@@ -209,17 +219,29 @@ def run_cap(
         redo = [j for j, r in zip(jobs, results, strict=True) if r[4]]
         for job in redo:
             job.rule = rule
-        again = {r[0]: r for r in run_shards(_filter_shard, redo, max_in_flight=in_flight,
-                                             desc="cap/ties", show_progress=False)}  # fmt: skip
+        again = {
+            r[0]: r
+            for r in run_shards(_filter_shard, redo, max_in_flight=in_flight, show_progress=False)
+        }
         results = [again.get(r[0], r) for r in results]
-    stats: dict[str, Any] = {"cap_limit": limit, "seed": cfg.prep.seed, "rows_in": 0,
-                             "dropped_by_cap": 0, "media_root": media_root_of(version)}  # fmt: skip
+    stats: dict[str, Any] = {
+        "cap_limit": limit,
+        "seed": cfg.prep.seed,
+        "rows_in": 0,
+        "dropped_by_cap": 0,
+        "media_root": media_root_of(version),
+    }
     for name, info, rows_in, dropped, _ in results:
         writer.add_shard_info(name, info)
         stats["rows_in"] += rows_in
         stats["dropped_by_cap"] += dropped
     if "group_semantics" in version.manifest.stats:  # clips stay each other's negatives
         stats["group_semantics"] = version.manifest.stats["group_semantics"]
-    return writer.commit(dataset=plan.dataset, step=plan.step, config_digest=plan.config_digest,
-                         code_version=plan.code_version, inputs=plan.inputs,
-                         stats=stats)  # fmt: skip
+    return writer.commit(
+        dataset=plan.dataset,
+        step=plan.step,
+        config_digest=plan.config_digest,
+        code_version=plan.code_version,
+        inputs=plan.inputs,
+        stats=stats,
+    )

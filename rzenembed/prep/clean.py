@@ -84,12 +84,14 @@ def run_clean(
     root = media_root_of(version)
     endpoint = cfg.storage.endpoint_url
     writer = VersionWriter(plan.uri, RECORD_SCHEMA, endpoint)
-    decisions = find_rejects(version, root, knobs, writer.staging_uri, cfg.prep.max_in_flight,
-                             endpoint, show_progress)  # fmt: skip
+    decisions = find_rejects(
+        version, root, knobs, writer.staging_uri, cfg.prep.max_in_flight, endpoint, show_progress
+    )
 
     def jobs(staging: str) -> list[ShardJob]:
-        return per_shard_jobs(version, staging, STEP, apply_decisions,
-                              lambda i: {"decisions": decisions[i]}, endpoint)  # fmt: skip
+        return per_shard_jobs(
+            version, staging, STEP, apply_decisions, lambda i: {"decisions": decisions[i]}, endpoint
+        )
 
     return execute(plan, cfg, jobs, media_root=root, show_progress=show_progress, writer=writer)
 
@@ -101,9 +103,14 @@ def partition_count(rows: int, shards: int) -> int:
 
 
 def find_rejects(
-    version: DatasetVersion, root: str, knobs: dict, scratch: str, in_flight: int | None,
-    endpoint_url: str | None, show_progress: bool,
-) -> list[dict[int, tuple[str, str]]]:  # fmt: skip
+    version: DatasetVersion,
+    root: str,
+    knobs: dict,
+    scratch: str,
+    in_flight: int | None,
+    endpoint_url: str | None,
+    show_progress: bool,
+) -> list[dict[int, tuple[str, str]]]:
     """Per shard, {row position: (reason, detail)}: bad media from the inspection, then
     exact and near duplicates by the distributed group-by (``rzenembed.prep.dedup``). The
     keys go through partition files under ``scratch``; the driver gets only bad rows and
@@ -111,13 +118,23 @@ def find_rejects(
     shards = version.manifest.shards
     partitions = partition_count(version.rows, len(shards))
     keys_uri = join(scratch, "_dedup-keys")
-    inspect = [(version_shard_loader(version, s), root, knobs, endpoint_url, index, keys_uri,
-                partitions) for index, s in enumerate(shards)]  # fmt: skip
-    bad = run_shards(_inspect_job, inspect, max_in_flight=in_flight, desc="clean/inspect",
-                     show_progress=show_progress)  # fmt: skip
+    inspect = [
+        (version_shard_loader(version, s), root, knobs, endpoint_url, index, keys_uri, partitions)
+        for index, s in enumerate(shards)
+    ]
+    bad = run_shards(
+        _inspect_job,
+        inspect,
+        max_in_flight=in_flight,
+        show_progress=show_progress,
+    )
     reduce = [(keys_uri, p, knobs["phash_radius"], endpoint_url) for p in range(partitions)]
-    groups = run_shards(_groups_job, reduce, max_in_flight=in_flight, desc="clean/dedup",
-                        show_progress=show_progress)  # fmt: skip
+    groups = run_shards(
+        _groups_job,
+        reduce,
+        max_in_flight=in_flight,
+        show_progress=show_progress,
+    )
     decisions = [dict(b) for b in bad]
     for order, (reason, earlier) in resolve(groups).items():
         shard, position = order >> ROW_BITS, order & ((1 << ROW_BITS) - 1)
@@ -136,8 +153,9 @@ def _inspect_job(job: tuple) -> dict[int, tuple[str, str]]:
         if facts.reason is not None:
             bad[position] = (facts.reason, facts.detail)
         else:
-            keys += row_keys(order_of(index, position), facts.content_hash, facts.phashes,
-                             knobs["phash_radius"])  # fmt: skip
+            keys += row_keys(
+                order_of(index, position), facts.content_hash, facts.phashes, knobs["phash_radius"]
+            )
     for part, table in enumerate(partition_keys(keys, partitions)):
         if table.num_rows:
             put_table(join(keys_uri, f"p{part:05d}"), f"{index:06d}.parquet", table, endpoint_url)

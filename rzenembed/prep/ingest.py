@@ -59,9 +59,12 @@ def run_ingest(
     uri = source_uri(source, base)
     endpoint = cfg.storage.endpoint_url
     files = data_file_uris(uri, endpoint)
-    scans = run_shards(_scan_job, [(f, endpoint, cfg.prep.shard_rows) for f in files],
-                       max_in_flight=cfg.prep.max_in_flight, desc="ingest/scan",
-                       show_progress=show_progress)  # fmt: skip
+    scans = run_shards(
+        _scan_job,
+        [(f, endpoint, cfg.prep.shard_rows) for f in files],
+        max_in_flight=cfg.prep.max_in_flight,
+        show_progress=show_progress,
+    )
     named = [(f.rsplit("/", 1)[-1], scan.sha256) for f, scan in zip(files, scans, strict=True)]
     digest = combine_source_digest(named, media_listing(uri, endpoint))
     section = {"source": source.model_dump(mode="json", exclude={"uri"}), "prep": _prep_knobs(cfg)}
@@ -79,8 +82,18 @@ def run_ingest(
 
     def jobs(staging: str) -> list[ShardJob]:
         chunks = plan_chunks(scans, cfg.prep.shard_rows)
-        return [ShardJob(c.name, staging, STEP, validate_rows, _ChunkLoader(source, c, endpoint),
-                         params, endpoint) for c in chunks]  # fmt: skip
+        return [
+            ShardJob(
+                c.name,
+                staging,
+                STEP,
+                validate_rows,
+                _ChunkLoader(source, c, endpoint),
+                params,
+                endpoint,
+            )
+            for c in chunks
+        ]
 
     return execute(plan, cfg, jobs, media_root=uri, show_progress=show_progress)
 

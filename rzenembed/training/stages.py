@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rzenembed.config import MixtureConfig, PipelineConfig, StageConfig, digest_of
-from rzenembed.data.folders import is_published, publish_folder
+from rzenembed.data.folders import is_published, publish_folder, stage_folder
 from rzenembed.data.storage import filesystem, is_remote, join
 from rzenembed.modeling import ModelCard, RzenEmbedder
 from rzenembed.modeling.digest import digests_of, model_digest
@@ -65,9 +65,14 @@ def run_settings(cfg: PipelineConfig, stage_name: str) -> dict:
     stage.pop("mixtures", None)
     model = cfg.model.model_dump(mode="json")
     model.pop("name_or_path")
-    return {"stage": stage_name, "settings": stage, "model": model,
-            "lora": cfg.lora.model_dump(mode="json"), "loss": cfg.loss.model_dump(mode="json"),
-            "workers": cfg.compute.num_workers}  # fmt: skip
+    return {
+        "stage": stage_name,
+        "settings": stage,
+        "model": model,
+        "lora": cfg.lora.model_dump(mode="json"),
+        "loss": cfg.loss.model_dump(mode="json"),
+        "workers": cfg.compute.num_workers,
+    }
 
 
 def run_key(
@@ -76,16 +81,21 @@ def run_key(
     """What decides a run's result: ``run_settings``, the data (manifest digest) and the
     base weights (their digest, not their folder). A run with another key trains afresh in
     its own folder instead of reusing a finished adapter."""
-    section = {**run_settings(cfg, stage_name), "manifest": manifest.digest,
-               "base": model_digest(str(base_model), cfg.storage.endpoint_url,
-                                    weights_only=True)}  # fmt: skip
+    section = {
+        **run_settings(cfg, stage_name),
+        "manifest": manifest.digest,
+        "base": model_digest(str(base_model), cfg.storage.endpoint_url, weights_only=True),
+    }
     return digest_of(section)[:12]
 
 
 def run_dir(
-    cfg: PipelineConfig, stage_name: str, manifest: StageManifest, base_model: str | Path,
+    cfg: PipelineConfig,
+    stage_name: str,
+    manifest: StageManifest,
+    base_model: str | Path,
     mixture: str,
-) -> str:  # fmt: skip
+) -> str:
     """The URI of a run's folder: ``<output root>/<stage>/<mixture>-<run key>``."""
     key = run_key(cfg, stage_name, manifest, base_model)
     return join(output_root(cfg), stage_name, f"{mixture}-{key}")
@@ -126,8 +136,9 @@ def run_training(
     out = run_dir(cfg, stage_name, manifest, base, mixture)
     run_name = f"{cfg.name}-{stage_name}-{out.rstrip('/').rsplit('/', 1)[-1]}"
     steps = total_steps(stage, manifest)
-    result = TrainResult(stage_name, mixture, join(out, "adapter"), join(out, "metrics.jsonl"),
-                         steps, run_name)  # fmt: skip
+    result = TrainResult(
+        stage_name, mixture, join(out, "adapter"), join(out, "metrics.jsonl"), steps, run_name
+    )
     if is_published(result.adapter_uri, cfg.storage.endpoint_url):
         return result
     ensure_ray(address=cfg.compute.ray_address)
@@ -189,23 +200,19 @@ def run_stage1(cfg: PipelineConfig, manifest: StageManifest) -> TrainResult:
     return run_training(cfg, "stage1", manifest, cfg.model.name_or_path, "all")
 
 
-def merged_uri(stage1: TrainResult) -> str:
-    return join(stage1.adapter_uri.rstrip("/").rsplit("/", 1)[0], "merged")
-
-
-def merge_stage1(cfg: PipelineConfig, stage1: TrainResult) -> str:
+def merge_stage1(cfg: PipelineConfig, adapter_uri: str) -> str:
     """The stage-1 adapter merged into its base, published as a standalone model folder
     beside the adapter (``<run>/merged``); returns its URI. Runs wherever it is called (a
     Ray task in the pipeline), on the device the runtime picks there."""
-    target = merged_uri(stage1)
+    target = join(adapter_uri.rstrip("/").rsplit("/", 1)[0], "merged")
     endpoint = cfg.storage.endpoint_url
     if is_published(target, endpoint):
         return target
     runtime = task_runtime(cfg.model, cfg.compute)
     embedder = RzenEmbedder.from_pretrained(
-        stage1.adapter_uri, config=cfg.model, device=runtime.device, endpoint_url=endpoint
+        adapter_uri, config=cfg.model, device=runtime.device, endpoint_url=endpoint
     )
-    card = ModelCard.load(embedder_folder(stage1.adapter_uri, endpoint))
+    card = ModelCard.load(stage_folder(adapter_uri, endpoint))  # staged by the load above
     work = Path(tempfile.mkdtemp(prefix="rzenembed-merge-"))
     try:
         folder = embedder.merge_lora().save_pretrained(
@@ -215,13 +222,6 @@ def merge_stage1(cfg: PipelineConfig, stage1: TrainResult) -> str:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
-
-
-def embedder_folder(uri: str, endpoint_url: str | None) -> Path:
-    """The local copy of a model folder (staged when remote)."""
-    from rzenembed.data.folders import stage_folder
-
-    return stage_folder(uri, endpoint_url)
 
 
 def run_stage2(
