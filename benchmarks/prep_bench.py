@@ -450,9 +450,10 @@ def clip_knobs() -> dict[str, Any]:
         "clip_seconds": 10.0,
         "clip_min_s": 1.0,
         "clip_hard_negatives": 2,
-        "frames_per_clip": 8,
         "jpeg_quality": 90,
         "max_visual_tokens": 1280,
+        "video_frames": 8,
+        "min_visual_tokens": 4,
     }
 
 

@@ -6,6 +6,11 @@ Run from the repository root:
         [--threads 1] [--modes gradcache,plain,lazy]
     python benchmarks/train_bench.py --gpu [--chunk 8] [--gpu-batch 48] [--peak-tflops 989]
     python benchmarks/train_bench.py --gpu --dry-run
+    python benchmarks/train_bench.py --loader [--rows 10000,1000000] [--steps 20]
+
+``--loader`` runs the loader part (``benchmarks/loader_bench.py``, documented there): a
+training rank's peak RSS against dataset size and the share of step time spent waiting for
+data with prefetch on and off.
 
 CPU mode (default) trains the tiny offline Qwen2-VL (built into a temporary folder with
 ``build_tiny_model``) with LoRA r=8 in float32, one process, no Ray. A step is assembled as
@@ -750,6 +755,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--loader" in argv:  # the loader part: memory and data wait (loader_bench.py)
+        import loader_bench
+
+        argv.remove("--loader")
+        loader_bench.main(argv)
+        return
     args = parse_args(argv)
     if args.child:
         print(json.dumps(cpu_child(args)))

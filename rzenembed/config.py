@@ -124,13 +124,23 @@ class PrepConfig(Strict):
     long_video_max_s: float = Field(default=180.0, gt=0)
     clip_min_s: float = Field(default=1.0, gt=0)
     clip_hard_negatives: int = Field(default=2, ge=0)
-    frames_per_clip: int = Field(default=8, ge=2)
     frame_jpeg_quality: int = Field(default=90, ge=10, le=100)
     classification_dataset: str = Field(default="classification-merged", min_length=1)
     mixture_temperature: float = Field(default=1.0, gt=0)
     # Per-step cap on concurrent shard tasks; None: as many as the cluster's CPUs allow.
     max_in_flight: int | None = Field(default=None, gt=0)
     recaption: RecaptionConfig = RecaptionConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _frames_from_the_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "frames_per_clip" in data:
+            raise ValueError(
+                "prep.frames_per_clip is gone: model.video_frames sets the frames of a video "
+                "for preparation, training and evaluation alike (docs/data.md, 'One video "
+                "budget'); move the value there"
+            )
+        return data
 
 
 # --------------------------------------------------------------------------- model
@@ -231,6 +241,17 @@ class OptimConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.999)
 
 
+class AdaptiveConfig(Strict):
+    """How ``sampling: adaptive`` moves probability toward slowly converging datasets
+    (the rule is in ``rzenembed.training.sampler``; docs/training.md)."""
+
+    every: int = Field(default=20, gt=0)  # update probabilities every N global steps
+    ema: float = Field(default=0.9, ge=0, lt=1)  # decay of the per-dataset loss EMA
+    strength: float = Field(default=1.0, ge=0)  # 0 = never move
+    min_factor: float = Field(default=0.5, ge=0, le=1)  # p_i >= min_factor * base_i
+    max_factor: float = Field(default=2.0, ge=1)  # p_i <= max_factor * base_i
+
+
 class StageConfig(Strict):
     """One training stage (shared shape of stage 1 and every stage-2 mixture)."""
 
@@ -240,8 +261,13 @@ class StageConfig(Strict):
     gradcache_chunk: int | None = Field(default=32, gt=0)
     hard_negatives: int = Field(default=1, ge=0)
     sampling: Literal["static", "adaptive"] = "static"
+    adaptive: AdaptiveConfig = AdaptiveConfig()
     checkpoint_every: int = Field(default=500, gt=0)
     seed: int = 0
+    # Steps the loader prepares ahead of the one training (0: each step's data is read and
+    # processed when the step starts). Under adaptive sampling a probability update seen
+    # at step s applies from step s + 1 + prefetch, so the value is part of a run's identity.
+    prefetch: int = Field(default=2, ge=0)
     optim: OptimConfig = OptimConfig()
 
 
@@ -319,6 +345,10 @@ class ComputeConfig(Strict):
     step_cpus: float = Field(default=1.0, ge=0)
     # Evaluation embeds with this many actors (one per GPU), each a slice of the items.
     eval_actors: int = Field(default=1, gt=0)
+    # Threads each training rank's loader reads media with (object-store requests overlap).
+    loader_threads: int = Field(default=8, gt=0)
+    # Bytes of Parquet row groups each training rank keeps in its row cache.
+    loader_cache_mb: int = Field(default=64, ge=0)
 
 
 class PipelineConfig(Strict):

@@ -155,7 +155,6 @@ def cluster_config(corpus, root: Path, address: str, endpoint: str) -> Path:
             "shard_rows": 32,
             "cap_per_dataset": 16,
             "clip_seconds": 4.0,
-            "frames_per_clip": 2,
             "long_video_min_s": 5.0,
             "long_video_max_s": 20.0,
         },

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from rzenembed.data.media import (
     MediaError,
+    VideoBudget,
     VideoInfo,
     content_hash,
     decode_frames,
@@ -23,11 +24,11 @@ from rzenembed.data.media import (
     encode_frames,
     encode_jpeg,
     frame_timestamps,
-    frames_for_budget,
     hamming,
     laplacian_variance,
     perceptual_hash,
     probe_video,
+    smart_resize,
 )
 
 WIDTH, HEIGHT, FPS, NUM_FRAMES = 128, 96, 10, 50  # a 5.0 s clip
@@ -261,22 +262,43 @@ def test_frame_timestamps_are_segment_centres():
         frame_timestamps(1.0, 1.0, 2)
 
 
-def test_frames_for_budget_hand_cases():
-    # 448x448 -> 16x16 = 256 tokens per 2-frame group. 1024 tokens -> 4 groups -> 8 frames.
-    assert frames_for_budget(448, 448, max_visual_tokens=1024, max_frames=32) == 8
-    # 1000 tokens still only fit 3 whole groups -> 6 frames.
-    assert frames_for_budget(448, 448, max_visual_tokens=1000, max_frames=32) == 6
-    # max_frames caps it, rounded down to even: 7 -> 6.
-    assert frames_for_budget(448, 448, max_visual_tokens=10**6, max_frames=7) == 6
-    # 320x240: 320/28 = 11.43 -> 11, 240/28 = 8.57 -> 9: 99 tokens per group.
-    # 1000 // 99 = 10 groups -> 20 frames.
-    assert frames_for_budget(320, 240, max_visual_tokens=1000, max_frames=64) == 20
-    # 10x10 is lifted to 28x28: 1 token per group; 5 tokens -> 10 frames.
-    assert frames_for_budget(10, 10, max_visual_tokens=5, max_frames=64) == 10
-    # Nothing fits: min_frames anyway, the caller downscales.
-    assert frames_for_budget(1920, 1080, max_visual_tokens=100, max_frames=64) == 2
+def test_frame_size_and_count_hand_cases():
+    # 16 frames share 1280 tokens: each frame gets 1280 * 784 * 2 / 16 = 125440 pixels.
+    budget = VideoBudget(frames=16, max_visual_tokens=1280)
+    assert budget.frame_pixels() == (4 * 784, 125440)
+    # 1280x720: 720/28 -> 26, 1280/28 -> 46: 1196 * 784 px is over the cap, so it scales by
+    # beta = sqrt(921600 / 125440) = 2.711: floor(9.49) = 9 rows, floor(16.87) = 16 columns.
+    assert budget.frame_size(1280, 720) == (448, 252)
+    # 640x360 rounds to 644x364 (also over the cap): the same 16x9 grid.
+    assert budget.frame_size(640, 360) == (448, 252)
+    # 144 tokens per 2-frame group, 8 groups = 1152 <= 1280: all 16 frames, both sources.
+    assert budget.frame_count(1280, 720) == budget.frame_count(640, 360) == 16
+    # An odd frame count is rounded up to whole token groups.
+    assert VideoBudget(frames=5, max_visual_tokens=1280).frame_count(640, 360) == 6
+    # 64 frames in 16 tokens: one token per frame is the floor, 16 groups of 1 fit -> 32.
+    tight = VideoBudget(frames=64, max_visual_tokens=16)
+    assert tight.frame_size(640, 360) == (28, 28) and tight.frame_count(640, 360) == 32
     with pytest.raises(ValueError):
-        frames_for_budget(448, 448, max_visual_tokens=1024, max_frames=1)
+        VideoBudget(frames=0, max_visual_tokens=16)
+
+
+@pytest.mark.parametrize(
+    "height,width,low,high",
+    [
+        (720, 1280, 3136, 125440),
+        (360, 640, 3136, 125440),
+        (31, 1000, 3136, 12544),
+        (2000, 50, 784, 50000),
+        (10, 10, 3136, 125440),
+        (479, 853, 200704, 1003520),
+    ],
+)
+def test_smart_resize_matches_the_processors(height, width, low, high):
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import (
+        smart_resize as reference,
+    )
+
+    assert smart_resize(height, width, 28, low, high) == reference(height, width, 28, low, high)
 
 
 # --------------------------------------------------------------------------------------------

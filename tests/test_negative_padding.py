@@ -16,7 +16,7 @@ from rzenembed.data.schema import RECORD_SCHEMA, record, records_table, side
 from rzenembed.data.version import VersionWriter
 from rzenembed.losses import RzenEmbedLoss
 from rzenembed.prep.mixture import run_mixture
-from rzenembed.training.collate import NO_ID, DatasetRows, collate, negatives_per_step
+from rzenembed.training.collate import NO_ID, SourceInfo, collate, negatives_per_step
 from rzenembed.training.gradcache import gradcache_step, plain_step, prepare_batch
 from rzenembed.training.loop import average_gradients
 from rzenembed.training.metrics import MaskingWatch, read_jsonl
@@ -146,7 +146,7 @@ def test_gradcache_with_padding_matches_the_plain_step(counts):
     assert (batch.negatives is None) == (sum(counts) == 0)  # nothing embedded for padding
 
 
-def dataset(counts: list[int]) -> DatasetRows:
+def dataset(counts: list[int]) -> tuple[list[dict], SourceInfo]:
     rows = [
         record(
             f"r{i}",
@@ -158,13 +158,13 @@ def dataset(counts: list[int]) -> DatasetRows:
         )
         for i, c in enumerate(counts)
     ]
-    return DatasetRows("pad", rows, "", "same-item", "text_retrieval", max_negatives=max(counts))
+    return rows, SourceInfo("pad", "text_retrieval", "", "same-item", max_negatives=max(counts))
 
 
 def test_collate_gives_every_slice_the_same_k():
-    source = dataset([0, 1, 2, 1])
+    rows, source = dataset([0, 1, 2, 1])
     assert negatives_per_step(source, 2) == negatives_per_step(source, 5) == 2
-    batch = collate(source.rows, source, hard_negatives=2, max_frames=4)
+    batch = collate(rows, source, hard_negatives=2, max_frames=4)
     assert batch.num_negatives == 2 and len(batch.negatives) == 4
     assert batch.negative_mask.tolist() == [
         [False, False],
@@ -176,12 +176,12 @@ def test_collate_gives_every_slice_the_same_k():
     assert batch.padded_fraction == pytest.approx(4 / 8)
     # A slice holding only the row without negatives still has K = 2 (it used to get 0 and
     # crash the other ranks' gather), fully padded.
-    alone = collate(source.rows[:1], source, hard_negatives=2, max_frames=4)
+    alone = collate(rows[:1], source, hard_negatives=2, max_frames=4)
     assert alone.num_negatives == 2 and alone.negatives == [] and alone.padded_fraction == 1.0
-    one = collate(source.rows, source, 1, 4).negative_mask
+    one = collate(rows, source, 1, 4).negative_mask
     assert one.tolist() == [[False], [True], [True], [True]]
-    none = dataset([0, 0])
-    plain = collate(none.rows, none, hard_negatives=2, max_frames=4)
+    none_rows, none = dataset([0, 0])
+    plain = collate(none_rows, none, hard_negatives=2, max_frames=4)
     assert plain.num_negatives == 0 and plain.negative_mask is None
 
 
@@ -270,7 +270,7 @@ def padding_stage(root: Path, model_dir: Path, counts: list[int], steps: int):
         }
     )
     writer = VersionWriter(str(root / "store" / "pad" / "v1"), RECORD_SCHEMA)
-    writer.write_shard("part-00000", records_table(dataset(counts).rows))
+    writer.write_shard("part-00000", records_table(dataset(counts)[0]))
     version = writer.commit(
         dataset="pad",
         step="ingest",

@@ -53,7 +53,7 @@ def pipeline_config(corpus, model_dir, root: Path, data: str = "data") -> Path:
         "storage": {"root": str(root / data)},
         "sources": sources,
         "prep": {"shard_rows": 64, "cap_per_dataset": 25, "clip_seconds": 4.0,
-                 "frames_per_clip": 4, "long_video_min_s": 5.0, "long_video_max_s": 20.0},
+                 "long_video_min_s": 5.0, "long_video_max_s": 20.0},
         "model": {"name_or_path": str(model_dir), "max_visual_tokens": 16, "video_frames": 4,
                   "max_text_tokens": 64},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},

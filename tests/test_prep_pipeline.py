@@ -17,14 +17,13 @@ pytestmark = pytest.mark.slow
 def sample_config(corpus, storage_root: str, **prep) -> PipelineConfig:
     sources = yaml.safe_load(corpus.sources_yaml.read_text())
     data = {
-        "model": {"name_or_path": "unused", "max_visual_tokens": 64},
+        "model": {"name_or_path": "unused", "max_visual_tokens": 64, "video_frames": 4},
         "storage": {"root": storage_root},
         "sources": sources,
         "prep": {
             "shard_rows": 16,
             "cap_per_dataset": 25,
             "clip_seconds": 4.0,
-            "frames_per_clip": 4,
             "long_video_min_s": 5.0,
             "long_video_max_s": 20.0,
             **prep,
@@ -139,9 +138,11 @@ def test_clips_lie_inside_their_segments_and_siblings_share_a_group(prepared, sa
         assert all(segment["start_s"] <= t < segment["end_s"] for t in item["timestamps"])
         assert clip["query"]["text"] == segment["text"]
         assert clip["group_id"] == f"video:{source}"
-        assert clip["negatives"] and all(
-            n["media"][0]["start_s"] != item["start_s"] for n in clip["negatives"]
-        )
+        # Siblings are negatives by reference to their own rows (frames stored once).
+        refs = [n["ref"] for n in clip["negatives"]]
+        assert refs and all(n["media"] == [] for n in clip["negatives"])
+        assert clip["id"] not in refs and all(r.startswith(f"{source}#clip") for r in refs)
+        assert all(r in {c["id"] for c in clips} for r in refs)
     assert (
         data.versions["sample-long-videos"]["split-clips"].manifest.stats["group_semantics"]
         == "siblings"

@@ -91,9 +91,10 @@ def _one_step(rank: int) -> dict[str, Any]:
     dist.all_reduce = recording("all_reduce", dist.all_reduce)
     dist_nn.all_gather = recording("all_gather_with_grad", dist_nn.all_gather)
     try:
-        batch, _ = trainer.planned_batch(0)
+        loaded = trainer.load_step(trainer.sampler.plan(0))
+        batch = loaded.batch
         with activated(trainer.runtime):
-            metrics = trainer.train_step(0, batch)
+            metrics = trainer.train_step(0, loaded)
     finally:
         dist.all_reduce, dist.all_gather, dist_nn.all_gather = originals
     placed = [str(t.device) for t in [*trainer.module.parameters(), *trainer.module.buffers()]]

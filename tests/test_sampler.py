@@ -169,17 +169,31 @@ def test_resume_from_json_state_continues_identically():
     assert run_plans(resumed, range(50, 100)) == uninterrupted
 
 
-def test_state_saved_after_prefetching_next_plan_still_resumes_exactly():
-    sampler = make_sampler()
-    run_plans(sampler, range(20))
-    saved = json_round_trip(sampler.state_dict())  # checkpoint of step 18, plan 19 prefetched
-    uninterrupted = run_plans(sampler, range(20, 40))
+@pytest.mark.parametrize("lookahead", [0, 1, 3])
+def test_plans_made_ahead_travel_in_the_state_and_replay_exactly(lookahead):
+    # A loader `lookahead` steps ahead: a checkpoint of step 18 is taken after plans up to
+    # 19 + lookahead were committed; the resumed run asks for 19.. again.
+    sampler = make_sampler(lookahead=lookahead)
+    run_plans(sampler, range(20 + lookahead))
+    saved = json_round_trip(sampler.state_dict())
+    uninterrupted = run_plans(sampler, range(19, 60))
 
-    resumed = make_sampler()
+    resumed = make_sampler(lookahead=lookahead)
     resumed.load_state_dict(saved)
-    replayed = resumed.plan(19)
-    assert replayed.step == 19
-    assert run_plans(resumed, range(20, 40)) == uninterrupted
+    assert resumed.next_step == 20 + lookahead
+    assert run_plans(resumed, range(19, 60)) == uninterrupted
+    again = make_sampler(lookahead=lookahead)
+    again.load_state_dict(saved)
+    with pytest.raises(ValueError, match="consecutively"):
+        again.plan(18)  # trained before the checkpoint: no longer replayable
+
+
+def test_lookahead_is_part_of_the_configuration():
+    saved = json_round_trip(make_sampler(lookahead=2).state_dict())
+    with pytest.raises(ValueError, match="lookahead"):
+        make_sampler(lookahead=1).load_state_dict(saved)
+    with pytest.raises(ValueError, match="lookahead"):
+        make_sampler(lookahead=-1)
 
 
 def test_state_from_another_configuration_is_refused():

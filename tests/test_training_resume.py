@@ -18,6 +18,11 @@ pytestmark = pytest.mark.slow
 STEPS, EVERY = 8, 3  # checkpoints after steps 2, 5 and 7
 
 
+# Adaptive sampling that moves probabilities every 2 steps: updates observed at steps 1, 3
+# and 5 apply from steps 4, 6 and 8 with the loader 2 steps ahead (prefetch 2).
+ADAPTIVE = {"sampling": "adaptive", "adaptive": {"every": 2, "strength": 3.0}, "prefetch": 2}
+
+
 @pytest.fixture(scope="module")
 def setup(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
@@ -29,6 +34,7 @@ def setup(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
         max_steps=STEPS,
         checkpoint_every=EVERY,
     )
+    assert cfg.stage1.prefetch == 2  # the loader works ahead in every test here
     data = prepare_all(cfg, base=str(sample_corpus.root), show_progress=False)
     reference = run_stage1(cfg.model_copy(update={"name": "reference"}), data.stages["stage1"])
     return cfg, data, root, read_jsonl(reference.metrics_uri)
@@ -45,6 +51,36 @@ def assert_same_as_reference(rows: list[dict], reference: list[dict], from_step:
         assert ours[step]["batch"] == ref[step]["batch"], step
         assert ours[step]["dataset"] == ref[step]["dataset"], step
         assert ours[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4, abs=1e-5), step
+        assert ours[step]["probabilities"] == pytest.approx(ref[step]["probabilities"]), step
+
+
+def test_adaptive_sampling_resumes_with_the_same_batches_and_probabilities(setup):
+    from rzenembed.training.stages import run_training
+
+    cfg, data, root, _ = setup
+    stage1 = cfg.stage1.model_copy(update=ADAPTIVE)
+    adaptive = cfg.model_copy(update={"stage1": stage1})
+    reference = read_jsonl(
+        run_stage1(
+            adaptive.model_copy(update={"name": "adaptive-ref"}), data.stages["stage1"]
+        ).metrics_uri
+    )
+    moved = [row["step"] for row in reference if row.get("sampling_changes")]
+    assert moved, "the probabilities never moved: the test would not exercise adaptive resume"
+    stopped = adaptive.model_copy(update={"name": "adaptive-stopped"})
+    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death
+        run_training(
+            stopped,
+            "stage1",
+            data.stages["stage1"],
+            stopped.model.name_or_path,
+            "all",
+            step_callbacks=[KillOnce(4, root / "adaptive-marker")],
+        )
+    rows = read_jsonl(run_stage1(stopped, data.stages["stage1"]).metrics_uri)
+    steps = [row["step"] for row in rows]
+    assert steps.count(3) == 2  # resumed after the checkpoint of step 2
+    assert_same_as_reference(rows, reference, from_step=3)
 
 
 def test_a_stopped_run_resumes_from_its_last_checkpoint(setup):

@@ -15,8 +15,8 @@ Images
 
 Videos
     Read with decord from memory. :func:`probe_video` also rejects truncated files; the rule
-    is documented on :func:`probe_video`. :func:`frames_for_budget` says how many frames of a
-    given size fit a Qwen2-VL visual-token budget.
+    is documented on :func:`probe_video`. :class:`VideoBudget` says at which size and how
+    many frames of a video fit the model's visual-token budget.
 """
 
 from __future__ import annotations
@@ -333,41 +333,92 @@ def frame_timestamps(start_s: float, end_s: float, num_frames: int) -> list[floa
     return [start_s + (i + 0.5) * step for i in range(num_frames)]
 
 
-def frames_for_budget(
-    width: int,
-    height: int,
-    max_visual_tokens: int,
-    max_frames: int,
-    patch: int = 14,
-    merge: int = 2,
-    temporal_patch: int = 2,
-    min_frames: int = 2,
-) -> int:
-    """How many frames of ``width`` x ``height`` fit in ``max_visual_tokens`` for Qwen2-VL.
-
-    Each frame is resized to multiples of ``patch * merge`` (28 px; Python ``round`` as in
-    Qwen2-VL's ``smart_resize``, at least 28), and one visual token covers 28x28 px after the
-    merge. ``temporal_patch`` consecutive frames fold into one token group, so
-    tokens = ceil(frames / temporal_patch) * (h / 28) * (w / 28). The answer is the largest
-    multiple of ``temporal_patch`` (even, for Qwen2-VL) up to ``max_frames`` within the budget,
-    since a partial group would be padded with repeated frames and waste tokens.
-    If even ``min_frames`` do not fit, ``min_frames`` is returned anyway: the caller must then
-    downscale the frames, as a video with fewer frames would not be a video.
-    """
-    if max_frames < min_frames:
-        raise ValueError(f"max_frames ({max_frames}) < min_frames ({min_frames})")
-    tokens_per_group = _tokens_per_frame(width, height, patch * merge)
-    groups = min(max_frames // temporal_patch, max_visual_tokens // tokens_per_group)
-    return max(groups * temporal_patch, min_frames)
-
-
-def _tokens_per_frame(width: int, height: int, factor: int) -> int:
-    """Visual tokens of one frame (one temporal group) after resizing to multiples of factor."""
-    if width <= 0 or height <= 0:
+def smart_resize(
+    height: int, width: int, factor: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """The (height, width) Qwen2-VL's processors resize an image or frame to: both sides
+    multiples of ``factor`` (patch x merge, 28 px), the area within ``[min_pixels,
+    max_pixels]``, the aspect ratio kept as closely as that allows. The same arithmetic
+    as the processors' own ``smart_resize`` (checked against it in the tests), so a frame
+    stored at this size passes through the processor unchanged."""
+    if height <= 0 or width <= 0:
         raise ValueError(f"frame size must be positive, got {width}x{height}")
-    resized_h = max(factor, round(height / factor) * factor)
-    resized_w = max(factor, round(width / factor) * factor)
-    return (resized_h // factor) * (resized_w // factor)
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio of {width}x{height} is over 200")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+@dataclass(frozen=True)
+class VideoBudget:
+    """One video's share of the visual-token budget, the same in preparation, training and
+    evaluation.
+
+    ``frames`` (``model.video_frames``) frames share ``max_visual_tokens``: every frame is
+    resized to ``max_visual_tokens * unit * temporal_patch / frames`` pixels at most
+    (``unit`` = one visual token's 28x28 px; ``temporal_patch`` frames fold into one token
+    group), at least ``min_visual_tokens * unit`` or that cap, whichever is smaller. The
+    frame count is chosen *after* that resize, so a 1280x720 and a 640x360 source both get
+    ``frames`` frames; fewer only when even the smallest frames would not fit.
+    """
+
+    frames: int
+    max_visual_tokens: int
+    min_visual_tokens: int = 4
+    patch: int = 14
+    merge: int = 2
+    temporal_patch: int = 2
+
+    def __post_init__(self) -> None:
+        if self.frames < 1 or self.max_visual_tokens < 1 or self.min_visual_tokens < 1:
+            raise ValueError(f"frames and visual-token budgets must be >= 1, got {self}")
+
+    @property
+    def factor(self) -> int:
+        return self.patch * self.merge
+
+    @property
+    def unit(self) -> int:
+        return self.factor**2
+
+    def frame_pixels(self) -> tuple[int, int]:
+        """(min, max) pixels of one frame: the video processor's size settings."""
+        per_frame = self.max_visual_tokens * self.unit * self.temporal_patch // self.frames
+        per_frame = max(per_frame, self.unit)
+        return min(self.min_visual_tokens * self.unit, per_frame), per_frame
+
+    def frame_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) a ``width`` x ``height`` source frame is resized to."""
+        low, high = self.frame_pixels()
+        resized_h, resized_w = smart_resize(height, width, self.factor, low, high)
+        return resized_w, resized_h
+
+    def frame_count(self, width: int, height: int) -> int:
+        """Frames of a ``width`` x ``height`` source that fit the budget at their resized
+        size: ``frames`` rounded up to a whole token group, fewer (at least one group)
+        only when the budget cannot hold that many groups of the smallest frames."""
+        resized_w, resized_h = self.frame_size(width, height)
+        per_group = (resized_w // self.factor) * (resized_h // self.factor)
+        wanted = -(-self.frames // self.temporal_patch)
+        groups = max(1, min(wanted, self.max_visual_tokens // per_group))
+        return groups * self.temporal_patch
+
+
+def resize_frames(images: Sequence[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
+    """Each frame at ``size`` (width, height), bicubic as the video processor resizes."""
+    return [
+        image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
+        for image in images
+    ]
 
 
 def decode_frames(data: bytes, timestamps: Sequence[float]) -> list[Image.Image]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sides gained ``ref`` (sibling negatives by row id)
 
 MEDIA_KINDS = ("image", "video", "frames")
 
@@ -48,6 +48,9 @@ SIDE_TYPE = pa.struct(
         pa.field("instruction", pa.string()),
         pa.field("text", pa.string()),
         pa.field("media", pa.list_(MEDIA_TYPE)),
+        # A negative that is another row's positive: that row's id, in the same shard
+        # (sibling clips; the frames are stored once, in their own row).
+        pa.field("ref", pa.string()),
     ]
 )
 
@@ -63,7 +66,7 @@ RECORD_SCHEMA = pa.schema(
         pa.field("label", pa.string()),
         pa.field("segments", pa.list_(SEGMENT_TYPE)),
     ],
-    metadata={b"rzenembed.schema": b"record", b"rzenembed.schema_version": b"1"},
+    metadata={b"rzenembed.schema": b"record", b"rzenembed.schema_version": b"2"},
 )
 
 # An evaluation set has two tables. Queries list their candidates ("local" ranking, as for
@@ -128,9 +131,24 @@ def media(
     }
 
 
-def side(text: str = "", instruction: str = "", media_items: list[dict] | None = None) -> dict:
-    """One side of a record (query, positive or a negative) as a plain dict."""
-    return {"instruction": instruction, "text": text, "media": list(media_items or [])}
+def side(
+    text: str = "",
+    instruction: str = "",
+    media_items: list[dict] | None = None,
+    ref: str | None = None,
+) -> dict:
+    """One side of a record (query, positive or a negative) as a plain dict; ``ref`` makes
+    a negative stand for the positive of the row with that id (the key is left out when
+    there is none: rows read back from Parquet then have it as None)."""
+    out = {"instruction": instruction, "text": text, "media": list(media_items or [])}
+    if ref is not None:
+        out["ref"] = ref
+    return out
+
+
+def reference(row_id: str) -> dict:
+    """A negative that stands for the positive of row ``row_id`` of the same shard."""
+    return side(text="", instruction="", ref=row_id)
 
 
 def record(

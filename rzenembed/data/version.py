@@ -97,10 +97,32 @@ def version_id(step: str, code_version: str, config_digest: str, inputs: list[In
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+# Target in-memory size of one Parquet row group. Training reads single rows by row group
+# (``rzenembed.training.rows``), so this bounds what reading one row costs: about 500 text
+# rows or two clips of inline frames per group.
+ROW_GROUP_BYTES = 256 * 2**10
+
+
+def row_group_rows(table: pa.Table, target_bytes: int = ROW_GROUP_BYTES) -> int:
+    """Rows per row group so that a group holds about ``target_bytes`` of ``table``'s data
+    (at least one row); depends only on the table, so equal tables split equally."""
+    if table.num_rows == 0:
+        return 1
+    per_row = max(1, table.nbytes // table.num_rows)
+    return max(1, min(table.num_rows, target_bytes // per_row))
+
+
 def table_bytes(table: pa.Table) -> bytes:
     """Parquet bytes of ``table`` with fixed writer settings, so equal tables give equal bytes."""
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd", write_statistics=True, store_schema=True)
+    pq.write_table(
+        table,
+        sink,
+        compression="zstd",
+        write_statistics=True,
+        store_schema=True,
+        row_group_size=row_group_rows(table),
+    )
     return sink.getvalue()
 
 

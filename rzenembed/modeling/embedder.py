@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from rzenembed.config import LoraConfig, ModelConfig, config_digest
 from rzenembed.data.folders import FolderNotPublishedError, stage_folder
+from rzenembed.data.media import VideoBudget
 from rzenembed.data.storage import is_remote, join
 from rzenembed.identity import rewrite_canonical_json
 from rzenembed.modeling.card import ModelCard, ModelFolderError
@@ -178,17 +179,25 @@ class RzenEmbedder(nn.Module):
             "longest_edge": self.cfg.max_visual_tokens * unit,
         }
         video_proc = self.processor.video_processor
-        # A video's frames share one budget: temporal_patch frames fold into one token group.
-        per_frame = (
-            self.cfg.max_visual_tokens
-            * unit
-            * video_proc.temporal_patch_size
-            // self.cfg.video_frames
-        )
-        per_frame = max(per_frame, unit)
-        video_proc.size = {"shortest_edge": min(min_pixels, per_frame), "longest_edge": per_frame}
+        # A video's frames share one budget (the same one preparation sized stored frames
+        # with): temporal_patch frames fold into one token group.
+        low, high = self.video_budget.frame_pixels()
+        video_proc.size = {"shortest_edge": low, "longest_edge": high}
         video_proc.cap_pixels_per_frame = False  # our per-frame cap already bounds the total
         self.processor.tokenizer.padding_side = self.cfg.padding_side
+
+    @property
+    def video_budget(self) -> VideoBudget:
+        """Frames per video and their size, from ``model.video_frames`` and the budget."""
+        image_proc = self.processor.image_processor
+        return VideoBudget(
+            frames=self.cfg.video_frames,
+            max_visual_tokens=self.cfg.max_visual_tokens,
+            min_visual_tokens=self.cfg.min_visual_tokens,
+            patch=image_proc.patch_size,
+            merge=image_proc.merge_size,
+            temporal_patch=self.processor.video_processor.temporal_patch_size,
+        )
 
     def _truncate(self, text: str) -> str:
         if not text:

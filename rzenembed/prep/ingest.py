@@ -148,10 +148,12 @@ def validate_rows(
 # --------------------------------------------------------------------------- shape checks
 
 
-def _side(value: Any, where: str) -> dict[str, Any]:
+def _side(value: Any, where: str, negative: bool = False) -> dict[str, Any]:
+    """A side in schema shape. Only a negative may carry ``ref`` (it then stands for the
+    positive of the row with that id, in the same shard)."""
     if not isinstance(value, dict):
         raise RowError("schema_invalid", f"{where} must be an object, got {type(value).__name__}")
-    unknown = set(value) - {"instruction", "text", "media"}
+    unknown = set(value) - {"instruction", "text", "media", "ref"}
     if unknown:
         raise RowError("schema_invalid", f"{where} has unknown fields {sorted(unknown)}")
     out = {"instruction": value.get("instruction") or "", "text": value.get("text") or ""}
@@ -161,6 +163,12 @@ def _side(value: Any, where: str) -> dict[str, Any]:
     out["media"] = [
         _media(m, f"{where}.media[{i}]") for i, m in enumerate(value.get("media") or [])
     ]
+    ref = value.get("ref")
+    if ref is not None and not (negative and isinstance(ref, str) and ref):
+        raise RowError(
+            "schema_invalid", f"{where}.ref: only a negative may reference a row, by its id"
+        )
+    out["ref"] = ref
     return out
 
 
@@ -190,7 +198,7 @@ def normalise(raw: Any, source: SourceConfig) -> dict[str, Any]:
         "task_group": source.task_group,
         "query": _side(raw.get("query"), "query"),
         "positive": _side(raw.get("positive"), "positive"),
-        "negatives": [_side(n, f"negatives[{i}]") for i, n in enumerate(negatives)],
+        "negatives": [_side(n, f"negatives[{i}]", negative=True) for i, n in enumerate(negatives)],
         "group_id": None if raw.get("group_id") is None else str(raw["group_id"]),
         "label": None if raw.get("label") is None else str(raw["label"]),
         "segments": raw.get("segments"),

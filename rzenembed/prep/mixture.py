@@ -15,14 +15,19 @@ The manifest is written once, at a location derived from its content, and is imm
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from rzenembed.config import MixtureConfig, PipelineConfig
 from rzenembed.data.storage import filesystem, join
-from rzenembed.data.version import DatasetVersion, write_atomically
+from rzenembed.data.version import DatasetVersion, ShardInfo, write_atomically
 from rzenembed.identity import dumps_canonical, json_digest
 
 STAGE_MANIFEST = "stage-manifest.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +38,10 @@ class StageDataset:
     rows: int
     task_group: str
     probability: float
+    # The most hard negatives a row has (fixes K for every rank without reading the rows),
+    # and sibling references that point at no row of their shard (counted, left empty).
+    max_negatives: int | None = None
+    unresolved_negatives: int = 0
 
 
 @dataclass
@@ -92,6 +101,34 @@ def mixture_weights(
     return weights
 
 
+def _shard_negatives(job: tuple[str, ShardInfo, str | None]) -> tuple[int, int]:
+    """(most negatives of a row, references to no row of the shard) for one shard."""
+    uri, shard, endpoint = job
+    fs, path = filesystem(join(uri, shard.path), endpoint)
+    table = pq.read_table(path, columns=["id", "negatives"], filesystem=fs)
+    lengths = pc.list_value_length(table.column("negatives")).fill_null(0)
+    most = int(pc.max(lengths).as_py() or 0) if table.num_rows else 0
+    ids = set(table.column("id").to_pylist())
+    unresolved = 0
+    for negatives in table.column("negatives").to_pylist():
+        for negative in negatives or []:
+            ref = negative.get("ref")
+            unresolved += bool(ref) and ref not in ids
+    return most, unresolved
+
+
+def profile_negatives(version: DatasetVersion, show_progress: bool = False) -> tuple[int, int]:
+    """(most hard negatives of any row, unresolved sibling references) of ``version``: one
+    pass over its ``id`` and ``negatives`` columns, a Ray task per shard."""
+    from rzenembed.data.engine import run_shards
+
+    jobs = [(version.uri, shard, version.endpoint_url) for shard in version.manifest.shards]
+    if not jobs:
+        return 0, 0
+    results = run_shards(_shard_negatives, jobs, show_progress=show_progress)
+    return max(m for m, _ in results), sum(u for _, u in results)
+
+
 def run_mixture(
     cfg: PipelineConfig,
     stage: str,
@@ -104,17 +141,28 @@ def run_mixture(
     if not weights:
         raise ValueError(f"stage {stage}: no non-empty dataset to train on")
     total = sum(weights.values())
-    datasets = [
-        StageDataset(
-            name,
-            versions[name].uri,
-            versions[name].content_digest,
-            versions[name].rows,
-            _task_group(cfg, name),
-            weights[name] / total,
+    datasets = []
+    for name in sorted(weights):
+        most, unresolved = profile_negatives(versions[name])
+        if unresolved:
+            log.warning(
+                "%s: %d sibling negatives point at rows no longer in their shard (dropped "
+                "by deduplication or the cap); their slots stay empty",
+                name,
+                unresolved,
+            )
+        datasets.append(
+            StageDataset(
+                name,
+                versions[name].uri,
+                versions[name].content_digest,
+                versions[name].rows,
+                _task_group(cfg, name),
+                weights[name] / total,
+                max_negatives=most,
+                unresolved_negatives=unresolved,
+            )
         )
-        for name in sorted(weights)
-    ]
     manifest = StageManifest(stage, mixture.name if mixture else "all", datasets)
     manifest.digest = manifest.content_digest()
     folder = join(cfg.storage.root, "_stages", f"{stage}-{manifest.mixture}", manifest.digest[:16])

@@ -6,16 +6,19 @@ cut along its timestamped, captioned ``segments`` when the record has them (each
 paired with its own caption), else into fixed ``prep.clip_seconds`` windows (a tail
 shorter than ``prep.clip_min_s`` is dropped) paired with the record's text. Siblings share
 ``group_id = "video:<source id>"`` and each clip lists up to ``prep.clip_hard_negatives``
-neighbouring siblings as explicit negatives. The manifest marks such groups as
+neighbouring siblings as explicit negatives, by reference to their rows (``ref``: the
+frames are stored once, in the sibling's own row). The manifest marks such groups as
 ``group_semantics: siblings`` (hard negatives), unlike merged classification where a
 shared group means "the same item" (never a negative).
 
 *Package long videos.* Videos between ``prep.long_video_min_s`` and ``prep.long_video_max_s``
 with a full description become one record each, frames sampled over the whole video.
 
-In both, frames are sampled uniformly (segment centres) inside the clip, as many as fit the
-model's visual-token budget (``model.max_visual_tokens``, at most ``prep.frames_per_clip``),
-decoded with decord once, and stored inline as JPEG bytes in the record (docs/data.md
+In both, frames are sampled uniformly (segment centres) inside the clip, decoded with decord
+once, resized to the size the model's video processor would give them and stored inline as
+JPEG bytes in the record. Size and count come from ``media.VideoBudget`` over
+``model.video_frames`` and the visual-token budget, the same numbers training and
+evaluation use, so a clip is stored as the model will see it (docs/data.md
 gives the measurement behind storing frames rather than re-decoding video at train time).
 """
 
@@ -25,7 +28,7 @@ from typing import Any
 
 from rzenembed.config import PipelineConfig, digest_of
 from rzenembed.data import media as media_ops
-from rzenembed.data.schema import media
+from rzenembed.data.schema import media, reference
 from rzenembed.data.storage import resolve_media_uri
 from rzenembed.data.version import DatasetVersion
 from rzenembed.prep.base import (
@@ -41,7 +44,7 @@ from rzenembed.prep.ingest import RowError, read_media
 
 SPLIT_STEP = "split-clips"
 PACKAGE_STEP = "package-long-videos"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: frames resized to the video budget; sibling negatives by reference
 
 
 def _knobs(cfg: PipelineConfig) -> dict[str, Any]:
@@ -50,7 +53,8 @@ def _knobs(cfg: PipelineConfig) -> dict[str, Any]:
         "clip_seconds": prep.clip_seconds,
         "clip_min_s": prep.clip_min_s,
         "clip_hard_negatives": prep.clip_hard_negatives,
-        "frames_per_clip": prep.frames_per_clip,
+        "video_frames": cfg.model.video_frames,
+        "min_visual_tokens": cfg.model.min_visual_tokens,
         "jpeg_quality": prep.frame_jpeg_quality,
         "long_video_min_s": prep.long_video_min_s,
         "long_video_max_s": prep.long_video_max_s,
@@ -136,11 +140,16 @@ def sample_clip(
     knobs: dict[str, Any],
 ) -> dict[str, Any]:
     """A ``frames`` media item: uniformly sampled frames of [start, end) as JPEG bytes."""
-    count = media_ops.frames_for_budget(
-        info.width, info.height, knobs["max_visual_tokens"], knobs["frames_per_clip"]
+    budget = media_ops.VideoBudget(
+        frames=knobs["video_frames"],
+        max_visual_tokens=knobs["max_visual_tokens"],
+        min_visual_tokens=knobs["min_visual_tokens"],
     )
-    times = media_ops.frame_timestamps(start, end, count)
-    frames = media_ops.encode_frames(media_ops.decode_frames(data, times), knobs["jpeg_quality"])
+    times = media_ops.frame_timestamps(start, end, budget.frame_count(info.width, info.height))
+    images = media_ops.resize_frames(
+        media_ops.decode_frames(data, times), budget.frame_size(info.width, info.height)
+    )
+    frames = media_ops.encode_frames(images, knobs["jpeg_quality"])
     return media("frames", uri, start_s=start, end_s=end, timestamps=times, frames=frames)
 
 
@@ -195,10 +204,12 @@ def split_row(row: dict, root: str, knobs: dict, endpoint_url: str | None) -> li
         clips.append(clip)
     for k, clip in enumerate(clips):
         siblings = _neighbours(k, len(clips), knobs["clip_hard_negatives"])
-        # Negatives are candidates for the query, so they take the positive's shape; a
-        # sibling whose positive equals this clip's own (uncaptioned text) is no negative.
+        # Negatives are candidates for the query, so they take the positive's shape: a
+        # reference to the sibling's row, whose positive it is (its frames stay stored
+        # once). A sibling whose positive equals this clip's own (uncaptioned text) is no
+        # negative.
         clip["negatives"] = [
-            clips[j]["positive"] for j in siblings if clips[j]["positive"] != clip["positive"]
+            reference(clips[j]["id"]) for j in siblings if clips[j]["positive"] != clip["positive"]
         ]
     return clips
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,6 @@ from PIL import Image
 
 from rzenembed.data import media as media_ops
 from rzenembed.data.storage import filesystem, resolve_media_uri
-from rzenembed.data.version import DatasetVersion
 from rzenembed.modeling.inputs import EmbedInput
 
 NO_ID = -1
@@ -45,34 +45,16 @@ def item_key(side: dict[str, Any]) -> str:
     return "\x1f".join([side.get("instruction") or "", side.get("text") or "", *media])
 
 
-@dataclass
-class DatasetRows:
-    """One dataset version held in memory for sampling by row index."""
+@dataclass(frozen=True)
+class SourceInfo:
+    """What collation needs to know about a row's dataset (not its rows)."""
 
     name: str
-    rows: list[dict[str, Any]]
+    task_group: str
     media_root: str
     group_semantics: str
-    task_group: str
+    max_negatives: int  # the most hard negatives any row of the dataset has
     endpoint_url: str | None = None
-    max_negatives: int = 0  # the most hard negatives any row of the dataset has
-
-    @classmethod
-    def load(cls, version: DatasetVersion, task_group: str) -> DatasetRows:
-        stats = version.manifest.stats
-        rows = version.read_table().to_pylist()
-        return cls(
-            name=version.manifest.dataset,
-            rows=rows,
-            media_root=str(stats.get("media_root", "")),
-            group_semantics=str(stats.get("group_semantics", "same-item")),
-            task_group=task_group,
-            endpoint_url=version.endpoint_url,
-            max_negatives=max((len(r.get("negatives") or []) for r in rows), default=0),
-        )
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
 
 @dataclass
@@ -142,7 +124,7 @@ def to_input(side: dict[str, Any], reader: MediaReader, max_frames: int) -> Embe
     )
 
 
-def negatives_per_step(source: DatasetRows, hard_negatives: int) -> int:
+def negatives_per_step(source: SourceInfo, hard_negatives: int) -> int:
     """K for every step on ``source``: the configured ``hard_negatives``, capped by the most
     negatives any row of the dataset has. It depends only on the config and the dataset, so
     every rank computes the same K whatever rows its slice holds (the loss gathers
@@ -151,12 +133,20 @@ def negatives_per_step(source: DatasetRows, hard_negatives: int) -> int:
 
 
 def collate(
-    rows: list[dict[str, Any]], source: DatasetRows, hard_negatives: int, max_frames: int
+    rows: list[dict[str, Any]],
+    source: SourceInfo,
+    hard_negatives: int,
+    max_frames: int,
+    reads: ThreadPoolExecutor | None = None,
 ) -> TrainBatch:
     """Inputs and ids for ``rows`` of ``source``, with K = ``negatives_per_step`` negative
     slots per row. A row with fewer negatives keeps all it has; its remaining slots are
     padded (``negative_mask`` False, id ``NO_ID``): nothing is embedded for them and the loss
-    leaves them out, so no row's negatives are dropped because another row has fewer."""
+    leaves them out, so no row's negatives are dropped because another row has fewer.
+
+    With ``reads``, the sides' media are read and decoded on that pool concurrently (one
+    object store request per media item would otherwise run one after another); the
+    result is the same either way."""
     reader = MediaReader(source.media_root, source.endpoint_url)
     k = negatives_per_step(source, hard_negatives)
     kept = [(r.get("negatives") or [])[:k] for r in rows]
@@ -167,12 +157,19 @@ def collate(
         dtype=torch.long,
     )
     mask_groups = source.group_semantics != "siblings"
+    sides = [r["query"] for r in rows] + [r["positive"] for r in rows] + negatives
+
+    def convert(side: dict[str, Any]) -> EmbedInput:
+        return to_input(side, reader, max_frames)
+
+    inputs = list(reads.map(convert, sides) if reads is not None else map(convert, sides))
+    b = len(rows)
     return TrainBatch(
         dataset=source.name,
         task_group=source.task_group,
-        queries=[to_input(r["query"], reader, max_frames) for r in rows],
-        positives=[to_input(r["positive"], reader, max_frames) for r in rows],
-        negatives=[to_input(n, reader, max_frames) for n in negatives],
+        queries=inputs[:b],
+        positives=inputs[b : 2 * b],
+        negatives=inputs[2 * b :],
         num_negatives=k,
         positive_ids=torch.tensor([stable_id(item_key(r["positive"])) for r in rows]),
         negative_ids=negative_ids.view(len(rows), k) if k else None,

@@ -21,6 +21,7 @@ over the same chunks (:func:`plain_step`, the reference the tests compare agains
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -91,9 +92,13 @@ class PendingChunk:
 
     items: list[Any]
     preparer: Preparer
+    prepare_s: float = 0.0  # seconds spent in the processor for this chunk, all passes
 
     def prepare(self) -> Chunk:
-        return self.preparer.prepare(self.items)
+        started = time.perf_counter()
+        chunk = self.preparer.prepare(self.items)
+        self.prepare_s += time.perf_counter() - started
+        return chunk
 
     def __len__(self) -> int:
         return len(self.items)

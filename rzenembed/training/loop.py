@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,16 @@ from rzenembed.data.version import DatasetVersion
 from rzenembed.losses import RzenEmbedLoss
 from rzenembed.modeling import RzenEmbedder
 from rzenembed.modeling.digest import digests_of
-from rzenembed.prep.mixture import StageManifest
+from rzenembed.prep.mixture import StageManifest, profile_negatives
 from rzenembed.runtime import Runtime, activated, check_collective, train_worker_runtime
-from rzenembed.training.collate import DatasetRows, TrainBatch, collate
-from rzenembed.training.gradcache import gradcache_step, plain_step, prepare_batch
+from rzenembed.training.collate import TrainBatch, collate
+from rzenembed.training.gradcache import (
+    ContrastiveBatch,
+    gradcache_step,
+    plain_step,
+    prepare_batch,
+)
+from rzenembed.training.loader import StepLoader
 from rzenembed.training.metrics import (
     JsonlLogger,
     MaskingWatch,
@@ -51,7 +57,8 @@ from rzenembed.training.metrics import (
     MultiLogger,
 )
 from rzenembed.training.optim import build_optimizer, build_scheduler
-from rzenembed.training.sampler import AdaptiveSettings, StageSampler
+from rzenembed.training.rows import DEFAULT_CACHE_BYTES, DatasetRows
+from rzenembed.training.sampler import AdaptiveSettings, StageSampler, StepPlan
 
 log = logging.getLogger(__name__)
 CHECKPOINT_STATE = "trainer_state.json"
@@ -167,16 +174,26 @@ def build_model(spec: RunSpec, runtime: Runtime) -> TrainModule:
     return module
 
 
-def load_sources(manifest: StageManifest, endpoint_url: str | None) -> dict[str, DatasetRows]:
-    return {
-        d.dataset: DatasetRows.load(DatasetVersion.open(d.uri, endpoint_url), d.task_group)
-        for d in manifest.datasets
-    }
+def load_sources(
+    manifest: StageManifest, endpoint_url: str | None, cache_bytes: int = DEFAULT_CACHE_BYTES
+) -> dict[str, DatasetRows]:
+    """The stage's datasets, opened for reading by row (nothing of their rows is loaded).
+    A manifest written before it recorded ``max_negatives`` gets it from one scan here."""
+    sources = {}
+    for d in manifest.datasets:
+        version = DatasetVersion.open(d.uri, endpoint_url)
+        most = d.max_negatives
+        if most is None:
+            most, _ = profile_negatives(version)
+        sources[d.dataset] = DatasetRows(version, d.task_group, most, cache_bytes=cache_bytes)
+    return sources
 
 
 def build_sampler(spec: RunSpec, manifest: StageManifest) -> StageSampler:
     stage = spec.stage_config
-    adaptive = AdaptiveSettings() if stage.sampling == "adaptive" else None
+    adaptive = None
+    if stage.sampling == "adaptive":
+        adaptive = AdaptiveSettings(**stage.adaptive.model_dump())
     return StageSampler(
         datasets=[d.dataset for d in manifest.datasets],
         probabilities=[d.probability for d in manifest.datasets],
@@ -184,6 +201,7 @@ def build_sampler(spec: RunSpec, manifest: StageManifest) -> StageSampler:
         global_batch=stage.global_batch_size,
         seed=stage.seed,
         adaptive=adaptive,
+        lookahead=stage.prefetch,
     )
 
 
@@ -241,6 +259,35 @@ def restore_checkpoint(folder: Path, module: TrainModule, optimizer, scheduler, 
 # --------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class LoadedStep:
+    """One step's data as the loader hands it over: ids and inputs, processor outputs."""
+
+    step: int
+    batch: TrainBatch
+    prepared: ContrastiveBatch
+    load_s: float  # what building it took in the loader (read, decode, process)
+
+
+def held_in_model_dtype(batch: ContrastiveBatch, dtype: torch.dtype) -> ContrastiveBatch:
+    """Processor outputs held between loading and the step in the model's half dtype when
+    it has one: pixel values are float32 and the vision tower's first operation casts them
+    to its weights' dtype anyway, so this halves what prefetched steps hold, losslessly."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return batch
+
+    def cast(chunk):
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in chunk.items()}
+
+    return ContrastiveBatch(
+        queries=[cast(c) for c in batch.queries],
+        positives=[cast(c) for c in batch.positives],
+        negatives=[cast(c) for c in batch.negatives] if batch.negatives else None,
+        num_negatives=batch.num_negatives,
+        negative_mask=batch.negative_mask,
+    )
+
+
 class Trainer:
     """State and steps of one worker's run."""
 
@@ -251,42 +298,62 @@ class Trainer:
         self.rank, self.world_size = world()
         self.runtime = train_worker_runtime(self.cfg.model, self.cfg.compute)
         self.manifest = StageManifest.load(spec.stage_manifest, self.cfg.storage.endpoint_url)
-        self.sources = load_sources(self.manifest, self.cfg.storage.endpoint_url)
+        compute = self.cfg.compute
+        self.sources = load_sources(
+            self.manifest, self.cfg.storage.endpoint_url, compute.loader_cache_mb * 2**20
+        )
+        self.reads = ThreadPoolExecutor(compute.loader_threads, thread_name_prefix="media")
         self.module = build_model(spec, self.runtime)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.module, self.stage.optim)
         self.scheduler = build_scheduler(self.optimizer, self.stage.optim, spec.total_steps)
         self.sampler = build_sampler(spec, self.manifest)
         self.start_step = 0
-        self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
 
-    def planned_batch(self, step: int) -> tuple[TrainBatch, dict]:
-        """Plan ``step`` (one dataset, its global batch), snapshot the sampler, collate."""
-        plan = self.sampler.plan(step)
-        state = self.sampler.state_dict()
+    def load_step(self, plan: StepPlan) -> LoadedStep:
+        """This rank's rows of ``plan`` read, their media read and decoded, and (when the
+        loader works ahead) run through the processor; called on the loader's thread.
+
+        With ``prefetch`` 0 the chunks stay raw and are processed when embedded, so host
+        memory stays flat in the global batch; ahead of time they are processed once here
+        and held until the step runs (``prefetch`` steps' worth of processor outputs)."""
+        started = time.perf_counter()
         source = self.sources[plan.dataset]
         indices = self.sampler.rank_slice(plan, self.rank, self.world_size)
-        rows = [source.rows[int(i)] for i in indices]
-        batch = collate(rows, source, self.stage.hard_negatives, self.cfg.model.video_frames)
+        batch = collate(
+            source.fetch(indices),
+            source.info,
+            self.stage.hard_negatives,
+            self.cfg.model.video_frames,
+            reads=self.reads,
+        )
         key = plan.dataset.encode() + plan.indices.astype("int64").tobytes()
         batch.plan_digest = hashlib.blake2b(key, digest_size=8).hexdigest()
-        return batch, state
-
-    def train_step(self, step: int, batch: TrainBatch) -> dict[str, Any]:
-        torch.manual_seed(step_seed(self.stage.seed, step, self.rank))
-        self.module.train()
-        embedder, loss_module = self.module.embedder, self.module.loss
-        task = loss_module.task_index([batch.task_group] * len(batch.queries))
         prepared = prepare_batch(
-            embedder,
+            self.module.embedder,
             batch.queries,
             batch.positives,
             batch.negatives,
             batch.num_negatives,
             self.stage.gradcache_chunk,
-            lazy=bool(self.stage.gradcache_chunk),  # host memory flat in the global batch
+            lazy=self.stage.prefetch == 0 and bool(self.stage.gradcache_chunk),
             negative_mask=batch.negative_mask,
         )
+        if self.stage.prefetch:
+            prepared = held_in_model_dtype(prepared, self.module.embedder.hf_model.dtype)
+        return LoadedStep(plan.step, batch, prepared, time.perf_counter() - started)
+
+    def loader(self) -> StepLoader[LoadedStep]:
+        return StepLoader(
+            self.sampler.plan, self.load_step, self.spec.total_steps, self.stage.prefetch
+        )
+
+    def train_step(self, step: int, loaded: LoadedStep) -> dict[str, Any]:
+        torch.manual_seed(step_seed(self.stage.seed, step, self.rank))
+        self.module.train()
+        batch, prepared = loaded.batch, loaded.prepared
+        embedder, loss_module = self.module.embedder, self.module.loss
+        task = loss_module.task_index([batch.task_group] * len(batch.queries))
 
         def loss_fn(q, p, n):
             return loss_module(
@@ -323,6 +390,12 @@ class Trainer:
         elapsed = time.perf_counter() - started
         metrics = self._metrics(batch, out, grad_norm, elapsed, tokens)
         metrics["params_without_grad"] = skipped
+        # Processor time inside the step (prefetch 0 processes chunks when they are embedded)
+        # is data time spent on the training thread, not compute.
+        processing = sum(getattr(c, "prepare_s", 0.0) for c in prepared.chunks())
+        metrics["step_s"] = elapsed - processing
+        metrics["process_in_step_s"] = processing
+        metrics["load_s"] = loaded.load_s
         return metrics
 
     def _metrics(self, batch, out, grad_norm, elapsed, tokens) -> dict[str, Any]:
@@ -389,13 +462,11 @@ def record_worker(trainer: Trainer) -> None:
 
 
 def run_steps(trainer: Trainer) -> None:
-    """Steps from ``start_step`` to the end, loading the next batch while this one computes.
-
-    With static sampling the next step's plan does not depend on this step's loss, so its
-    batch is collated in a background thread during the current step; adaptive sampling
-    plans after each step's loss is known. The sampler state saved with a checkpoint is
-    the snapshot taken right after planning that step, whatever was prefetched since.
-    """
+    """Steps from ``start_step`` to the end; the loader (``rzenembed.training.loader``)
+    prepares ``stage.prefetch`` steps ahead while each step computes, under static and
+    adaptive sampling alike. The sampler state saved with a checkpoint is taken after the
+    step's loss was observed and the loader planned ahead, so a resumed run replays the
+    plans already made. ``data_wait_s`` is how long the step waited for its data."""
     from tqdm.auto import tqdm
 
     spec, every = trainer.spec, trainer.stage.checkpoint_every
@@ -407,38 +478,46 @@ def run_steps(trainer: Trainer) -> None:
         desc=f"{spec.stage}/{spec.mixture}",
         disable=trainer.rank != 0,
     )
-    pending: Future | None = None
     watch = MaskingWatch()
-    for step in range(trainer.start_step, spec.total_steps):
-        batch, sampler_state = pending.result() if pending else trainer.planned_batch(step)
-        pending = None
-        if not adaptive and step + 1 < spec.total_steps:
-            pending = trainer._prefetch.submit(trainer.planned_batch, step + 1)
-        for callback in spec.step_callbacks:
-            callback(trainer, step)
-        metrics = trainer.train_step(step, batch)
-        if adaptive and math.isfinite(metrics["loss"]):  # a NaN would poison the averages
-            changes = trainer.sampler.observe(step, batch.dataset, metrics["loss"])
-            sampler_state = trainer.sampler.state_dict()
-            if changes:
-                metrics["sampling_changes"] = [vars(c) for c in changes]
-        if (warning := watch.observe(step, metrics["masked_fraction"])) is not None:
-            metrics["warning"] = warning
-            if trainer.rank == 0:
-                log.warning("%s", warning)
-        if logger is not None:
-            logger.log(step, {**metrics, "probabilities": dict(trainer.sampler.probabilities)})
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", dataset=batch.dataset)
-        if (step + 1) % every == 0 or step + 1 == spec.total_steps:
-            report(trainer, step, metrics, sampler_state)
+    with trainer.loader() as loader:
+        loader.start(trainer.start_step)
+        for step in range(trainer.start_step, spec.total_steps):
+            loaded, waited = loader.next(step)
+            for callback in spec.step_callbacks:
+                callback(trainer, step)
+            metrics = trainer.train_step(step, loaded)
+            record_data_wait(metrics, waited)
+            if adaptive and math.isfinite(metrics["loss"]):  # a NaN would poison the averages
+                changes = trainer.sampler.observe(step, loaded.batch.dataset, metrics["loss"])
+                if changes:
+                    metrics["sampling_changes"] = [vars(c) for c in changes]
+            loader.advance(step)
+            if (warning := watch.observe(step, metrics["masked_fraction"])) is not None:
+                metrics["warning"] = warning
+                if trainer.rank == 0:
+                    log.warning("%s", warning)
             if logger is not None:
-                logger.sync()
+                logger.log(step, {**metrics, "probabilities": dict(trainer.sampler.probabilities)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", dataset=loaded.batch.dataset)
+            if (step + 1) % every == 0 or step + 1 == spec.total_steps:
+                report(trainer, step, metrics, trainer.sampler.state_dict())
+                if logger is not None:
+                    logger.sync()
     bar.close()
     if logger is not None:
         logger.close()
     if trainer.rank == 0:
         save_adapter(trainer)
+
+
+def record_data_wait(metrics: dict[str, Any], waited: float) -> None:
+    """``data_wait_s``: the training thread's time on data instead of compute (waiting for
+    the loader, plus running the processor when chunks are processed in the step), and
+    its share of the step (``data_wait_fraction``)."""
+    data = waited + metrics.get("process_in_step_s", 0.0)
+    metrics["data_wait_s"] = data
+    metrics["data_wait_fraction"] = data / max(data + metrics["step_s"], 1e-12)
 
 
 def report(trainer: Trainer, step: int, metrics: dict[str, Any], sampler_state: dict) -> None:

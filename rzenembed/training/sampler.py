@@ -31,12 +31,14 @@ Steps are consecutive
     it must be called with ``0, 1, 2, ...``; anything else raises. One call that does both
     is harder to misuse than a pure ``plan`` plus a separate ``advance``: forgetting the
     ``advance`` would silently repeat rows. Replaying older steps is impossible by design
-    (their cursors are gone); the single exception is the most recently planned step,
-    which ``plan`` returns again unchanged. That makes a checkpoint exact even when it is
-    taken after the loop has already prefetched the next step's plan: the resumed run asks
-    for that step again and gets the same batch. To restart from a checkpoint, build a
-    fresh sampler and ``load_state_dict``; ``state_dict`` holds everything (JSON-able), so
-    a resumed run continues with exactly the data order of an uninterrupted one.
+    (their cursors are gone); the exception is the ``lookahead + 1`` most recently planned
+    steps, which ``plan`` returns again unchanged. The training loader plans up to
+    ``lookahead`` steps ahead of the step being trained, so a checkpoint taken at step
+    ``s`` has already committed the plans of ``s + 1 .. s + lookahead``; they travel in
+    ``state_dict`` and the resumed run asks for them again and gets the same batches. To
+    restart from a checkpoint, build a fresh sampler and ``load_state_dict``;
+    ``state_dict`` holds everything (JSON-able), so a resumed run continues with exactly
+    the data order of an uninterrupted one.
 
 Adaptive sampling (``AdaptiveSettings``; the paper leaves the rule open, this is ours)
     Video losses converge fast and image/document ones slowly, so probability moves toward
@@ -74,7 +76,7 @@ from typing import Any
 
 import numpy as np
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 DRAW_STREAM = 0
 PERMUTATION_STREAM = 1
 _PROGRESS_EPSILON = 1e-8
@@ -286,7 +288,8 @@ class _Progress:
 
     next_step: int
     rows_consumed: tuple[int, ...]
-    last_plan: tuple[int, int, int] | None = None  # (step, dataset index, rows consumed before)
+    # The most recent plans, oldest first: (step, dataset index, rows consumed before).
+    recent: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass
@@ -309,7 +312,11 @@ class StageSampler:
         global_batch: int,
         seed: int,
         adaptive: AdaptiveSettings | None = None,
+        lookahead: int = 0,
     ) -> None:
+        if not (_is_int(lookahead) and lookahead >= 0):
+            raise ValueError(f"lookahead must be an integer >= 0, got {lookahead!r}")
+        self._lookahead = int(lookahead)
         self._base = normalised_probabilities(list(datasets), list(probabilities), list(sizes))
         if not _is_positive_int(global_batch):
             raise ValueError(f"global_batch must be an integer > 0, got {global_batch!r}")
@@ -352,13 +359,14 @@ class StageSampler:
     def plan(self, step: int) -> StepPlan:
         """The dataset and global batch of ``step``, committing the dataset's cursor.
 
-        Steps must come in order ``0, 1, 2, ...``; asking again for the most recently
-        planned step returns the same plan without advancing anything.
+        Steps must come in order ``0, 1, 2, ...``; asking again for one of the
+        ``lookahead + 1`` most recently planned steps returns the same plan without
+        advancing anything.
         """
         progress = self._progress
-        if progress.last_plan is not None and step == progress.last_plan[0]:
-            _, dataset_index, start = progress.last_plan
-            return self._build_plan(step, dataset_index, start)
+        for planned_step, dataset_index, start in progress.recent:
+            if step == planned_step:
+                return self._build_plan(step, dataset_index, start)
         if step != progress.next_step:
             raise ValueError(
                 f"plan(step={step}) but the next step is {progress.next_step}: steps must be "
@@ -370,7 +378,8 @@ class StageSampler:
         plan = self._build_plan(step, dataset_index, start)
         consumed = list(progress.rows_consumed)
         consumed[dataset_index] = start + self._global_batch
-        self._progress = _Progress(step + 1, tuple(consumed), (step, dataset_index, start))
+        recent = (*progress.recent, (step, dataset_index, start))[-(self._lookahead + 1) :]
+        self._progress = _Progress(step + 1, tuple(consumed), recent)
         return plan
 
     def rank_slice(self, plan: StepPlan, rank: int, world_size: int) -> np.ndarray:
@@ -471,6 +480,7 @@ class StageSampler:
             "global_batch": self._global_batch,
             "seed": self._seed,
             "adaptive": asdict(self._settings) if self._settings is not None else None,
+            "lookahead": self._lookahead,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -481,7 +491,7 @@ class StageSampler:
             "config": self._config(),
             "next_step": progress.next_step,
             "rows_consumed": list(progress.rows_consumed),
-            "last_plan": list(progress.last_plan) if progress.last_plan else None,
+            "recent_plans": [list(p) for p in progress.recent],
             "last_observed_step": self._last_observed_step,
             "probabilities": self._probabilities.tolist(),
             "adaptive": {
@@ -496,11 +506,10 @@ class StageSampler:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported sampler state version {state.get('version')!r}")
         _check_same_config(self._config(), state["config"])
-        last_plan = state["last_plan"]
         self._progress = _Progress(
             next_step=int(state["next_step"]),
             rows_consumed=tuple(int(n) for n in state["rows_consumed"]),
-            last_plan=tuple(int(v) for v in last_plan) if last_plan else None,
+            recent=tuple((int(s), int(d), int(c)) for s, d, c in state["recent_plans"]),
         )
         self._last_observed_step = int(state["last_observed_step"])
         self._probabilities = np.asarray(state["probabilities"], dtype=np.float64)
