@@ -68,7 +68,7 @@ def test_rows_at_any_index_equal_the_table(version):
     everything = [training_view(r) for r in version.read_table().to_pylist()]
     rows = DatasetRows(version, "text_retrieval", max_negatives=2, cache_bytes=2**20)
     assert len(rows) == SHARDS * ROWS_PER_SHARD
-    indices = random.Random(0).sample(range(len(rows)), 60) + [0, len(rows) - 1, 5, 5]
+    indices = [*random.Random(0).sample(range(len(rows)), 60), 0, len(rows) - 1, 5, 5]
     assert rows.fetch(indices) == [everything[i] for i in indices]
     assert rows[ROWS_PER_SHARD] == everything[ROWS_PER_SHARD]  # first row of shard 1
     with pytest.raises(IndexError):
