@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from rzenembed.config import StageConfig
 from rzenembed.prep.prepare import prepare_all
 from rzenembed.training.metrics import read_jsonl
 from rzenembed.training.stages import run_stage1
@@ -58,7 +59,7 @@ def test_adaptive_sampling_resumes_with_the_same_batches_and_probabilities(setup
     from rzenembed.training.stages import run_training
 
     cfg, data, root, _ = setup
-    stage1 = cfg.stage1.model_copy(update=ADAPTIVE)
+    stage1 = StageConfig.model_validate({**cfg.stage1.model_dump(), **ADAPTIVE})
     adaptive = cfg.model_copy(update={"stage1": stage1})
     reference = read_jsonl(
         run_stage1(

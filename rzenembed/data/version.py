@@ -89,11 +89,11 @@ class Manifest:
 
 
 def version_id(step: str, code_version: str, config_digest: str, inputs: list[InputRef]) -> str:
-    """A short, deterministic id for what a step produces from these inputs."""
-    key = json.dumps(
-        [step, code_version, config_digest, sorted(i.content_digest for i in inputs)],
-        separators=(",", ":"),
-    )
+    """A short, deterministic id for what a step produces from these inputs (and under
+    which record schema and shard layout: ``SCHEMA_VERSION``)."""
+    digests = sorted(i.content_digest for i in inputs)
+    schema = f"schema-{SCHEMA_VERSION}"
+    key = json.dumps([step, code_version, config_digest, digests, schema], separators=(",", ":"))
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
