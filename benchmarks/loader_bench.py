@@ -47,7 +47,7 @@ from typing import Any
 from rss import proc_status_kib
 
 MIB = 2**20
-SHARD_ROWS = 16_384
+SHARD_ROWS = 2048  # prep.shard_rows' default
 WORDS = [
     "red",
     "blue",
@@ -235,6 +235,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         output_dir=tempfile.mkdtemp(prefix="loader-bench-"),
         total_steps=warmup + steps,
     )
+    import pyarrow
+
     trainer = Trainer(spec)
     records = []
     with trainer.loader() as loader:
@@ -259,6 +261,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "compute_s_median": statistics.median(compute),
         "load_s_median": statistics.median(load for _, _, load in timed),
         "row_cache_mib": source.cache.total / MIB,
+        "arrow_mib": pyarrow.total_allocated_bytes() / MIB,
     }
 
 
@@ -290,11 +293,14 @@ def run_child(model_dir: str, manifest: str, **options: Any) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", default="10000,1000000", help="text dataset sizes")
+    parser.add_argument("--rows", default="10000,100000,1000000", help="text dataset sizes")
     parser.add_argument("--image-rows", type=int, default=10_000, help="image dataset size")
     parser.add_argument("--steps", type=int, default=20, help="timed steps after 3 warm-up")
     parser.add_argument("--batch", type=int, default=32, help="rows per step (one rank)")
     parser.add_argument("--prefetch", type=int, default=2, help="loader depth when on")
+    parser.add_argument(
+        "--eager-max", type=int, default=1_000_000, help="largest size read eagerly"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -322,14 +328,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             lazy = run_child(
                 model_dir, manifest, steps=args.steps, batch=args.batch, prefetch=args.prefetch
             )
-            eager = run_child(model_dir, manifest, eager=True)
+            eager = None if rows > args.eager_max else run_child(model_dir, manifest, eager=True)
             peaks[rows] = lazy["peak_rss_mib"]
             print(
                 f"  text-{rows}: rank peak RSS {lazy['peak_rss_mib']:.0f} MiB "
-                f"(row cache {lazy['row_cache_mib']:.1f} MiB, wait share "
+                f"(row cache {lazy['row_cache_mib']:.1f} MiB, Arrow allocations "
+                f"{lazy['arrow_mib']:.1f} MiB, wait share "
                 f"{lazy['wait_share_total']:.1%}); reading every row as dicts: "
-                f"{eager['peak_rss_mib']:.0f} MiB in {eager['read_s']:.1f} s "
-                f"[dataset written in {written:.0f} s]"
+                + (
+                    f"{eager['peak_rss_mib']:.0f} MiB in {eager['read_s']:.1f} s"
+                    if eager
+                    else "not run"
+                )
+                + f" [dataset written in {written:.0f} s]"
             )
         smallest, largest = min(sizes), max(sizes)
         print(f"  ratio {largest} / {smallest} rows: {peaks[largest] / peaks[smallest]:.3f}x")

@@ -8,10 +8,11 @@ Reads
     the shard's Parquet footer, to a row group. The row group is read through Arrow with
     only the training columns and kept in a small LRU cache bounded in bytes
     (``cache_bytes``), so rows that share a row group (sibling clips, small datasets, the
-    same row drawn again) cost one read. Footers are kept for the most recently used
-    ``footer_cache`` shards. Version shards are written with row groups of about
-    ``ROW_GROUP_BYTES`` (``rzenembed.data.version.table_bytes``), which bounds what one row
-    costs to read whatever the shard size.
+    same row drawn again) cost one read. Footers of recently used shards are kept, up to
+    ``footer_bytes`` of serialized footer (a footer grows with row groups x columns).
+    Version shards are written with row groups of about ``ROW_GROUP_BYTES``
+    (``rzenembed.data.version.table_bytes``), which bounds what one row costs to read
+    whatever the shard size.
 
 Sibling references
     A negative whose ``ref`` names another row's id stands for that row's positive (clips
@@ -23,9 +24,10 @@ Sibling references
     (``unresolved_negatives``).
 
 Memory
-    Per dataset: the shard offsets, up to ``footer_cache`` footers, the id index of up to
-    ``id_index_cache`` shards (only datasets with references build them) and this process's
-    share of the row-group cache; none of it grows with the rows of the dataset.
+    Per dataset: the shard offsets (8 bytes a shard), footers up to ``footer_bytes``, the
+    id index of up to ``id_index_cache`` shards (only datasets with references build them)
+    and the row-group cache; only the offsets grow with the dataset. The sampler adds its
+    epoch permutation, 8 bytes a row.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from rzenembed.training.collate import SourceInfo
 # What training reads of a record; lineage columns (segments, label) stay on storage.
 TRAINING_COLUMNS = ["id", "query", "positive", "negatives", "group_id"]
 DEFAULT_CACHE_BYTES = 64 * 2**20
-DEFAULT_FOOTER_CACHE = 256
+DEFAULT_FOOTER_BYTES = 8 * 2**20  # serialized footer bytes kept (parsed, a few times more)
 DEFAULT_ID_INDEX_CACHE = 64
 
 
@@ -105,7 +107,7 @@ class DatasetRows:
         task_group: str,
         max_negatives: int,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
-        footer_cache: int = DEFAULT_FOOTER_CACHE,
+        footer_bytes: int = DEFAULT_FOOTER_BYTES,
         id_index_cache: int = DEFAULT_ID_INDEX_CACHE,
     ):
         stats = version.manifest.stats
@@ -119,7 +121,7 @@ class DatasetRows:
         self._shards: list[ShardInfo] = list(version.manifest.shards)
         counts = np.array([s.rows for s in self._shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._footers = LruCache(footer_cache)
+        self._footers = LruCache(footer_bytes, size=lambda metadata: metadata.serialized_size)
         self._groups = LruCache(cache_bytes, size=lambda table: table.nbytes)
         self._id_index = LruCache(id_index_cache)
         self._fs = None
