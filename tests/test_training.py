@@ -72,6 +72,14 @@ def test_each_run_writes_an_adapter_and_its_metrics(trained):
         steps = read_jsonl(result.metrics_uri)
         assert [s["step"] for s in steps] == list(range(6))
         assert all(s["dataset"] for s in steps)
+        # The loader's figures: time on data and its share of the step, the loader's time.
+        assert all(0.0 <= s["data_wait_fraction"] < 1.0 for s in steps)
+        assert all(s["load_s"] > 0 and s["step_s"] > 0 for s in steps)
+        assert all(
+            s["data_wait_fraction"]
+            == pytest.approx(s["data_wait_s"] / (s["data_wait_s"] + s["step_s"]))
+            for s in steps
+        )
     assert ModelCard.load(merged).kind == "model"
     assert {r.mixture for r in stage2} == {"even", "doc-heavy"}
 
