@@ -321,7 +321,7 @@ class Trainer:
         source = self.sources[plan.dataset]
         indices = self.sampler.rank_slice(plan, self.rank, self.world_size)
         batch = collate(
-            source.fetch(indices),
+            source.fetch(indices, pool=self.reads),
             source.info,
             self.stage.hard_negatives,
             self.cfg.model.video_frames,

@@ -35,6 +35,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
@@ -158,10 +159,22 @@ class DatasetRows:
 
     # ------------------------------------------------------------------ reading
 
-    def fetch(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        """The rows at ``indices`` (in that order, repeats allowed), references resolved."""
+    def fetch(self, indices: Sequence[int], pool: Executor | None = None) -> list[dict[str, Any]]:
+        """The rows at ``indices`` (in that order, repeats allowed), references resolved.
+
+        The row groups they live in are read once each, concurrently on ``pool`` when one
+        is given (an object store answers many requests in parallel, one at a time slowly).
+        """
         located = [self._locate(int(i)) for i in indices]
-        return [self._resolved(shard, self._row(shard, row), row) for shard, row in located]
+        places = [(shard, *self._group_of(shard, row)) for shard, row in located]
+        needed = sorted({(shard, group) for shard, group, _ in places})
+        run = pool.map if pool is not None else map
+        tables = dict(zip(needed, run(self._group, needed), strict=True))
+        rows = [tables[(s, g)].slice(offset, 1).to_pylist()[0] for s, g, offset in places]
+        return [
+            self._resolved(shard, row, position)
+            for (shard, position), row in zip(located, rows, strict=True)
+        ]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.fetch([index])[0]
@@ -172,12 +185,19 @@ class DatasetRows:
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
         return shard, index - int(self._starts[shard])
 
-    def _row(self, shard: int, row: int) -> dict[str, Any]:
-        sizes = self._group_sizes(shard)
-        bounds = np.cumsum([0, *sizes])
+    def _group_of(self, shard: int, row: int) -> tuple[int, int]:
+        """(row group, row within it) of row ``row`` of ``shard``."""
+        bounds = np.cumsum([0, *self._group_sizes(shard)])
         group = int(np.searchsorted(bounds, row, side="right")) - 1
-        table = self._groups.get((shard, group), lambda: self._read_group(shard, group))
-        return table.slice(row - int(bounds[group]), 1).to_pylist()[0]
+        return group, row - int(bounds[group])
+
+    def _group(self, key: tuple[int, int]) -> pa.Table:
+        shard, group = key
+        return self._groups.get(key, lambda: self._read_group(shard, group))
+
+    def _row(self, shard: int, row: int) -> dict[str, Any]:
+        group, offset = self._group_of(shard, row)
+        return self._group((shard, group)).slice(offset, 1).to_pylist()[0]
 
     def _filesystem(self):
         if self._fs is None:
