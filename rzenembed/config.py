@@ -58,7 +58,8 @@ class SourceConfig(Strict):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     uri: str = Field(min_length=1)
-    format: Literal["rzenembed", "jsonl", "mmeb"] = "rzenembed"
+    # How the folder's rows read (rzenembed/data/formats; docs/data.md, "Source formats").
+    format: Literal["rzenembed", "jsonl", "mmeb", "text-retrieval", "megapairs"] = "rzenembed"
     task_group: str
     stage: Literal["stage1", "stage2", "both"] = "stage2"
     classification: bool = False
@@ -67,6 +68,16 @@ class SourceConfig(Strict):
     recaption: bool = False
     # Video sources: cut long videos into clips, or package 1-3 minute videos whole.
     video: Literal["none", "split-clips", "package-long"] = "none"
+    # Format importers: instructions for rows that bring none (MMEB rows bring their own),
+    # hard negatives kept per row, what to do with a query's further positives (extra
+    # records could be each other's false negatives in one batch, so they are dropped by
+    # default), MegaPairs' query image as its first hard negative, the seed of any choice.
+    query_instruction: str = ""
+    positive_instruction: str = ""
+    max_negatives: int = Field(default=8, ge=0)
+    extra_positives: Literal["drop", "rows"] = "drop"
+    query_image_negative: bool = True
+    seed: int = 0
 
     @field_validator("task_group")
     @classmethod

@@ -192,12 +192,12 @@ def read_chunk(
         raws = _parquet_rows(fs, full, chunk.row, chunk.count)
     else:
         raws = _jsonl_rows(fs, full, chunk.offset or 0, chunk.count)
+    from rzenembed.data.formats import convert
+
     out = []
     for i, raw in enumerate(raws):
         position = chunk.position + i
-        out.append(
-            (position, from_mmeb(raw, source.name, position) if source.format == "mmeb" else raw)
-        )
+        out.extend((position, row) for row in convert(source, raw, position))
     return out
 
 
@@ -240,12 +240,14 @@ def iter_raw_rows(
     source: SourceConfig, uri: str, endpoint_url: str | None = None
 ) -> Iterator[tuple[int, Any]]:
     """(position, row) for every row of the source, in file then line order."""
+    from rzenembed.data.formats import convert
+
     fs, _ = filesystem(uri, endpoint_url)
     position = 0
     for file in source_files(uri, endpoint_url):
         for raw in _rows_of_file(fs, file):
-            row = from_mmeb(raw, source.name, position) if source.format == "mmeb" else raw
-            yield position, row
+            for row in convert(source, raw, position):
+                yield position, row
             position += 1
 
 

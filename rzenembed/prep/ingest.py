@@ -16,6 +16,7 @@ from typing import Any
 from rzenembed.config import PipelineConfig, SourceConfig, digest_of
 from rzenembed.data import media as media_ops
 from rzenembed.data.engine import run_shards
+from rzenembed.data.formats import REJECT_KEY
 from rzenembed.data.importers import (
     FileScan,
     RowChunk,
@@ -133,6 +134,8 @@ def validate_rows(
     endpoint_url: str | None,
 ) -> tuple[list[dict], list[dict], dict[str, int]]:
     kept, rejected = [], []
+    # A raw row a format expanded into several records shares its position with them.
+    extra = len(rows) - len({position for position, _ in rows})
     for position, raw in rows:
         try:
             row = normalise(raw, source)
@@ -141,8 +144,9 @@ def validate_rows(
             kept.append(row)
         except RowError as err:
             shown = raw if isinstance(raw, dict) else {"value": raw}
+            shown = shown.get("__raw__", shown)  # a format's reject: the row as it came
             rejected.append(reject(STEP, shown, err.reason, str(err), shard, position))
-    return kept, rejected, {}
+    return kept, rejected, {"extra_records": extra} if extra else {}
 
 
 # --------------------------------------------------------------------------- shape checks
@@ -183,6 +187,8 @@ def _media(value: Any, where: str) -> dict[str, Any]:
 
 def normalise(raw: Any, source: SourceConfig) -> dict[str, Any]:
     """The row in ``RECORD_SCHEMA`` shape, dataset and task group from the source config."""
+    if isinstance(raw, dict) and REJECT_KEY in raw:  # a format could not use the row
+        raise RowError(raw[REJECT_KEY], raw["__detail__"])
     if not isinstance(raw, dict) or "__unparsable__" in raw:
         detail = raw.get("__error__", "") if isinstance(raw, dict) else type(raw).__name__
         raise RowError("schema_invalid", f"not a JSON object: {detail}")

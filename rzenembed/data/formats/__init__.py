@@ -1,0 +1,93 @@
+"""Source formats: how a downloaded dataset's rows become training records.
+
+Each format is one ``SourceFormat`` registered under the name a source's ``format:`` takes
+(``SourceConfig.format``). A format reads the source folder's data files (``suffixes``)
+through the streaming ingest (``rzenembed.data.importers``: files scanned on workers,
+chunks read straight from them) and maps every raw row to zero or more rows in the record
+shape (``convert``). A raw row it cannot use becomes a ``rejected(...)`` marker that
+ingest records as a reject with the reason, never an exception; rows in = records out +
+rejects, where a raw row that expands into several records (further positives kept as
+rows) counts once per record and is noted in the version's ``rows_added`` stat.
+
+Formats (docs/data.md has the table with fields and an example row of each):
+
+- ``rzenembed`` / ``jsonl``: the project's own record layout, unchanged;
+- ``mmeb``: MMEB-train and mmE5-synthetic (``qry``, ``qry_image_path``, ``pos_*``,
+  ``neg_*``; mmE5's stringified lists in ``neg_*`` parsed as JSON or Python literals);
+- ``text-retrieval``: text retrieval JSONL/Parquet in its three common shapes;
+- ``megapairs``: MegaPairs triplets with hard-negative images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rzenembed.config import SourceConfig
+
+REJECT_KEY = "__reject__"
+
+
+def rejected(reason: str, detail: str, raw: Any) -> dict[str, Any]:
+    """A raw row a format cannot use: ingest turns it into a reject with ``reason``."""
+    shown = raw if isinstance(raw, dict) else {"value": raw}
+    return {REJECT_KEY: reason, "__detail__": detail, "__raw__": shown}
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    """One source format: its data files, what a row holds, how it becomes records."""
+
+    name: str
+    suffixes: tuple[str, ...]
+    fields: str  # what a row must hold, for error messages and ``inspect-source``
+    convert: Callable[[Any, SourceConfig, int], list[Any]]
+    looks_right: Callable[[Any], bool] = lambda raw: isinstance(raw, dict)
+
+
+def _native(raw: Any, source: SourceConfig, position: int) -> list[Any]:
+    return [raw]
+
+
+def _registry() -> dict[str, SourceFormat]:
+    from rzenembed.data.formats import megapairs, mmeb, text_retrieval
+
+    native_fields = "id, query {instruction, text, media}, positive, negatives (the record layout)"
+    native = [
+        SourceFormat(name, (".jsonl", ".parquet"), native_fields, _native, _is_native)
+        for name in ("rzenembed", "jsonl")
+    ]
+    return {f.name: f for f in [*native, mmeb.FORMAT, text_retrieval.FORMAT, megapairs.FORMAT]}
+
+
+def _is_native(raw: Any) -> bool:
+    return isinstance(raw, dict) and "query" in raw and "positive" in raw
+
+
+_FORMATS: dict[str, SourceFormat] | None = None
+
+
+def get_format(name: str) -> SourceFormat:
+    """The registered format called ``name``; a clear error lists the known ones."""
+    global _FORMATS
+    if _FORMATS is None:
+        _FORMATS = _registry()
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown source format {name!r}; known: {sorted(_FORMATS)}") from None
+
+
+def format_names() -> list[str]:
+    get_format("rzenembed")
+    assert _FORMATS is not None
+    return sorted(_FORMATS)
+
+
+def convert(source: SourceConfig, raw: Any, position: int) -> list[Any]:
+    """Records (or reject markers) for one raw row of ``source``; an unparsable line is
+    passed through for ingest to reject."""
+    if isinstance(raw, dict) and "__unparsable__" in raw:
+        return [raw]
+    return get_format(source.format).convert(raw, source, position)

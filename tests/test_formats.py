@@ -1,0 +1,190 @@
+"""Source formats: each published layout ingested as it is, converted records checked field
+by field, every planted bad row a reject with its reason (rows in = out + rejects)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rzenembed.config import config_from_dict
+from rzenembed.data.formats import format_names, get_format
+from rzenembed.data.formats.mmeb import ListUnparsable, cell_list
+from rzenembed.data.storage import filesystem
+from rzenembed.prep.ingest import run_ingest
+
+from . import format_fixtures
+
+pytestmark = pytest.mark.slow
+
+
+def ingest(root: Path, folder: Path, fmt: str, endpoint: str | None = None, **options):
+    source = {"name": "src", "uri": str(folder), "format": fmt, "task_group": "text_retrieval"}
+    cfg = config_from_dict(
+        {
+            "model": {"name_or_path": "unused"},
+            "storage": {"root": str(root), "endpoint_url": endpoint},
+            "sources": [{**source, **options}],
+            "prep": {"shard_rows": 4},
+        }
+    )
+    version = run_ingest(cfg, cfg.sources[0], show_progress=False)
+    records = {r["id"]: r for r in version.read_table().to_pylist()}
+    rejects = version.read_rejects().to_pylist()
+    return version, records, rejects
+
+
+def text(value: str, instruction: str = "", media: list | None = None) -> dict:
+    """A side as it reads back from a version."""
+    return {"instruction": instruction, "text": value, "media": media or [], "ref": None}
+
+
+def image(uri: str) -> dict:
+    return {
+        "kind": "image",
+        "uri": uri,
+        "start_s": None,
+        "end_s": None,
+        "timestamps": None,
+        "frames": None,
+    }
+
+
+def reasons(rejects: list[dict]) -> dict[int, str]:
+    return {r["source_row"]: r["reason"] for r in rejects}
+
+
+def test_every_format_is_registered_with_its_fields():
+    assert {"rzenembed", "jsonl", "mmeb", "text-retrieval", "megapairs"} <= set(format_names())
+    assert "positive_passages" in get_format("text-retrieval").fields
+    with pytest.raises(ValueError, match="known:"):
+        get_format("webdataset-v9")
+
+
+def test_text_retrieval_in_its_three_shapes(ray_local, tmp_path):
+    folder = tmp_path / "text"
+    format_fixtures.text_retrieval(folder)
+    version, records, rejects = ingest(
+        tmp_path / "store", folder, "text-retrieval", query_instruction="Find the passage."
+    )
+    # Files in name order: bge.jsonl (rows 0-3), pairs.jsonl (4), tevatron.jsonl (5-6),
+    # triplets.parquet (7-8).
+    q = "Find the passage."
+    assert records["src-00000000"]["query"] == text("what is the capital of france", q)
+    assert records["src-00000000"]["positive"] == text("Paris is the capital of France.")
+    assert records["src-00000000"]["negatives"] == [
+        text("Berlin is in Germany."),
+        text("Rome\nCapital of Italy."),
+    ]
+    assert records["src-00000004"]["positive"] == text("four")
+    assert records["src-00000004"]["negatives"] == []
+    assert records["q17"]["query"] == text("how do bees fly", q)
+    assert records["q17"]["positive"] == text("Bees\nBees beat their wings fast.")
+    assert records["q17"]["negatives"] == [
+        text("Birds fly with feathers."),
+        text("Planes\nPlanes use jet engines."),
+    ]
+    assert records["src-00000007"]["query"] == text("red fruit", q)
+    assert records["src-00000007"]["negatives"] == [text("a banana"), text("a cherry")]
+    assert records["src-00000008"]["positive"] == text("a lime")
+    assert sorted(records) == ["q17", *(f"src-0000000{k}" for k in (0, 4, 7, 8))]
+    assert reasons(rejects) == {
+        1: "text_empty",
+        2: "no_positive",
+        3: "schema_invalid",
+        6: "schema_invalid",
+    }
+    assert "expected {query, pos" in next(r["detail"] for r in rejects if r["source_row"] == 6)
+    assert version.manifest.stats["rows_in"] == len(records) + len(rejects) == 9
+
+
+def test_text_retrieval_further_positives_as_rows_and_fewer_negatives(ray_local, tmp_path):
+    folder = tmp_path / "text"
+    format_fixtures.text_retrieval(folder)
+    version, records, rejects = ingest(
+        tmp_path / "store", folder, "text-retrieval", extra_positives="rows", max_negatives=1
+    )
+    assert records["src-00000000#pos1"]["positive"] == text("France's capital is Paris.")
+    assert records["src-00000000#pos1"]["query"] == records["src-00000000"]["query"]
+    assert records["src-00000000"]["negatives"] == [text("Berlin is in Germany.")]
+    stats = version.manifest.stats
+    assert stats["extra_records"] == 1
+    assert stats["rows_in"] == len(records) + len(rejects) == 10  # 9 raw rows + 1 extra
+
+
+def test_megapairs_with_a_seeded_instruction_and_hard_negative_images(ray_local, tmp_path):
+    folder = tmp_path / "megapairs"
+    format_fixtures.megapairs(folder)
+    _, records, rejects = ingest(tmp_path / "store", folder, "megapairs")
+    first = records["src-00000000"]
+    # blake2b("0:0") picks the second of the three texts (seed 0, row 0).
+    assert first["query"] == text("the same scene at night", media=[image("images/img0.png")])
+    assert first["positive"] == text("", media=[image("images/img1.png")])
+    assert first["negatives"] == [
+        text("", media=[image(f"images/img{k}.png")]) for k in (0, 2, 3)
+    ]  # the query image itself first: the paper's mandatory hard negative
+    assert records["src-00000001"]["query"]["text"] == "a single text"
+    assert records["src-00000001"]["negatives"] == []
+    assert reasons(rejects) == {
+        2: "media_missing",
+        3: "media_undecodable",
+        4: "uri_escapes_root",
+        5: "text_empty",
+    }
+    _, again, _ = ingest(
+        tmp_path / "store2", folder, "megapairs", seed=1, query_image_negative=False
+    )
+    assert again["src-00000000"]["query"]["text"] == "make it red"
+    assert [n["media"][0]["uri"] for n in again["src-00000000"]["negatives"]] == [
+        "images/img2.png",
+        "images/img3.png",
+    ]
+
+
+def test_mmeb_splits_and_mme5_stringified_lists(ray_local, tmp_path):
+    folder = tmp_path / "mmeb"
+    format_fixtures.mmeb(folder)
+    _, records, rejects = ingest(tmp_path / "store", folder, "mmeb")
+    # diverse_instruction.jsonl (row 0), mme5_synthetic.jsonl (1-3), original.jsonl (4).
+    assert records["src-00000000"]["query"] == text(
+        "Which object does the picture show?", media=[image("images/m0.png")]
+    )
+    assert records["src-00000004"]["query"] == text(
+        "Represent the given image for classification", media=[image("images/m0.png")]
+    )
+    synthetic = records["src-00000001"]
+    assert synthetic["query"] == text("Find an image that matches: a warm sunset")
+    assert synthetic["positive"] == text(
+        "Represent the given image.", media=[image("images/m1.png")]
+    )
+    assert synthetic["negatives"] == [
+        text("Represent the given image.", media=[image("images/m2.png")]),
+        text("a cold morning"),
+    ]
+    assert reasons(rejects) == {2: "list_unparsable", 3: "list_unparsable"}
+
+
+def test_stringified_lists_are_parsed_as_literals_never_run():
+    assert cell_list("['a', \"b\"]") == ["a", "b"]
+    assert cell_list('["a", "b"]') == ["a", "b"]
+    assert cell_list("plain text") == ["plain text"] and cell_list("") == []
+    assert cell_list(["x", None]) == ["x", ""]
+    for bad in ("[__import__('os').system('echo owned')]", "['unclosed", "[1, 2]", 7):
+        with pytest.raises(ListUnparsable):
+            cell_list(bad)
+
+
+def test_text_retrieval_from_s3(ray_local, s3_endpoint, tmp_path):
+    folder = tmp_path / "text"
+    format_fixtures.text_retrieval(folder)
+    fs, _ = filesystem("s3://rzenembed-test", s3_endpoint)
+    fs.put(str(folder), "rzenembed-test/formats/text", recursive=True)
+    local_version, local, _ = ingest(tmp_path / "store", folder, "text-retrieval")
+    remote_version, remote, rejects = ingest(
+        "s3://rzenembed-test/format-store",
+        "s3://rzenembed-test/formats/text",
+        "text-retrieval",
+        endpoint=s3_endpoint,
+    )
+    assert remote == local and len(rejects) == 4
+    assert remote_version.content_digest == local_version.content_digest
