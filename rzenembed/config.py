@@ -136,6 +136,10 @@ class PrepConfig(Strict):
     clip_min_s: float = Field(default=1.0, gt=0)
     clip_hard_negatives: int = Field(default=2, ge=0)
     frame_jpeg_quality: int = Field(default=90, ge=10, le=100)
+    # Video steps write one output shard per this many source videos: clips carry their
+    # frames, so a shard of 2048 long videos would hold GBs (and footers of thousands of
+    # row groups); 64 videos of ~10 clips give shards of about 200 MB.
+    videos_per_shard: int = Field(default=64, gt=0)
     classification_dataset: str = Field(default="classification-merged", min_length=1)
     mixture_temperature: float = Field(default=1.0, gt=0)
     # Per-step cap on concurrent shard tasks; None: as many as the cluster's CPUs allow.

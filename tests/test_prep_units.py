@@ -94,3 +94,11 @@ def test_sibling_negatives_are_nearest_in_time():
     assert _neighbours(0, 4, 2) == [1, 2]
     assert _neighbours(2, 4, 2) == [1, 3]
     assert _neighbours(1, 2, 5) == [0]
+
+
+def test_merged_classification_renames_references_with_the_ids():
+    from rzenembed.prep.merge import _rebase
+
+    negative = {"instruction": "", "text": "", "media": [], "ref": "v#clip1"}
+    assert _rebase(negative, "", "shapes")["ref"] == "shapes/v#clip1"
+    assert _rebase({**negative, "ref": None}, "", "shapes")["ref"] is None

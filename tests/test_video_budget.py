@@ -86,3 +86,19 @@ def test_one_config_value_sets_the_frames_everywhere(tiny_model_dir):
     assert _knobs(cfg)["video_frames"] == 6
     with pytest.raises(ConfigError, match=r"model\.video_frames"):
         config_from_dict({"model": {"name_or_path": "m"}, "prep": {"frames_per_clip": 8}})
+
+
+def test_an_odd_frame_count_keeps_the_padded_frame_within_budget(tiny_model_dir):
+    # 7 frames are padded to 8 (the last repeated): the size is shared among 8, so the
+    # stored clip (8 frames) and a 7-frame video land on the same grid, within budget.
+    odd, even = media_ops.VideoBudget(7, BUDGET), media_ops.VideoBudget(8, BUDGET)
+    assert odd.frame_pixels() == even.frame_pixels()
+    assert odd.frame_count(1280, 720) == 8
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), video_frames=7, max_visual_tokens=BUDGET)
+    embedder = RzenEmbedder.from_pretrained(tiny_model_dir, config=cfg)
+    raw = [Image.new("RGB", (1280, 720), (9, 9, 9))] * 7
+    stored = [Image.new("RGB", odd.frame_size(1280, 720), (9, 9, 9))] * 8
+    grids = [embedder.prepare([EmbedInput(video=v)])["video_grid_thw"] for v in (raw, stored)]
+    assert grids[0].tolist() == grids[1].tolist()
+    t, h, w = grids[0][0].tolist()
+    assert t == 4 and t * (h // 2) * (w // 2) <= BUDGET

@@ -392,7 +392,10 @@ class VideoBudget:
 
     def frame_pixels(self) -> tuple[int, int]:
         """(min, max) pixels of one frame: the video processor's size settings."""
-        per_frame = self.max_visual_tokens * self.unit * self.temporal_patch // self.frames
+        # Counted over whole token groups: an odd frame count is padded to the next group
+        # (the last frame repeated), and the padded frame takes its share of the budget.
+        slots = -(-self.frames // self.temporal_patch) * self.temporal_patch
+        per_frame = self.max_visual_tokens * self.unit * self.temporal_patch // slots
         per_frame = max(per_frame, self.unit)
         return min(self.min_visual_tokens * self.unit, per_frame), per_frame
 

@@ -222,25 +222,39 @@ def per_shard_jobs(
     fn: Callable[..., tuple[list[dict], list[dict], dict[str, int]]],
     params: dict[str, Any] | Callable[[int], dict[str, Any]],
     endpoint_url: str | None,
+    rows_per_job: int | None = None,
 ) -> list[ShardJob]:
-    """One job per shard of ``version``; ``params`` may depend on the shard's position."""
-    return [
-        ShardJob(
-            shard_name(shard),
-            staging,
-            step,
-            fn,
-            version_shard_loader(version, shard),
-            params(i) if callable(params) else params,
-            endpoint_url,
-        )
-        for i, shard in enumerate(version.manifest.shards)
-    ]
+    """One job per shard of ``version`` (``params`` may depend on the shard's position),
+    or, with ``rows_per_job``, one per slice of that many rows of each shard, writing
+    ``<shard>-000``, ``<shard>-001``...: for steps whose output rows are much larger than
+    their input (video clips with their frames), so output shards and the memory of one
+    task stay bounded."""
+    jobs = []
+    for i, shard in enumerate(version.manifest.shards):
+        step_rows = rows_per_job or max(shard.rows, 1)
+        slices = range(0, max(shard.rows, 1), step_rows)
+        for k, start in enumerate(slices):
+            name = shard_name(shard) if rows_per_job is None else f"{shard_name(shard)}-{k:03d}"
+            jobs.append(
+                ShardJob(
+                    name,
+                    staging,
+                    step,
+                    fn,
+                    version_shard_loader(version, shard, start, step_rows),
+                    params(i) if callable(params) else params,
+                    endpoint_url,
+                )
+            )
+    return jobs
 
 
-def version_shard_loader(version: DatasetVersion, shard: ShardInfo) -> Callable[[], list[dict]]:
-    """A picklable loader of one shard of ``version`` as Python rows."""
-    return _ShardLoader(version.uri, shard, version.endpoint_url)
+def version_shard_loader(
+    version: DatasetVersion, shard: ShardInfo, start: int = 0, count: int | None = None
+) -> Callable[[], list[dict]]:
+    """A picklable loader of one shard of ``version`` (or rows ``[start, start + count)``
+    of it) as Python rows."""
+    return _ShardLoader(version.uri, shard, version.endpoint_url, start, count)
 
 
 @dataclass
@@ -248,10 +262,15 @@ class _ShardLoader:
     uri: str
     shard: ShardInfo
     endpoint_url: str | None
+    start: int = 0
+    count: int | None = None
 
     def __call__(self) -> list[dict]:
         version = DatasetVersion.open(self.uri, self.endpoint_url)
-        return version.read_shard(self.shard).to_pylist()
+        table = version.read_shard(self.shard)
+        if self.start or self.count is not None:
+            table = table.slice(self.start, self.count)
+        return table.to_pylist()
 
 
 def media_root_of(version: DatasetVersion) -> str:

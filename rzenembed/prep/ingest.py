@@ -152,9 +152,8 @@ def validate_rows(
 # --------------------------------------------------------------------------- shape checks
 
 
-def _side(value: Any, where: str, negative: bool = False) -> dict[str, Any]:
-    """A side in schema shape. Only a negative may carry ``ref`` (it then stands for the
-    positive of the row with that id, in the same shard)."""
+def _side(value: Any, where: str) -> dict[str, Any]:
+    """A side in schema shape (``ref`` only as null: references are made by later steps)."""
     if not isinstance(value, dict):
         raise RowError("schema_invalid", f"{where} must be an object, got {type(value).__name__}")
     unknown = set(value) - {"instruction", "text", "media", "ref"}
@@ -167,12 +166,12 @@ def _side(value: Any, where: str, negative: bool = False) -> dict[str, Any]:
     out["media"] = [
         _media(m, f"{where}.media[{i}]") for i, m in enumerate(value.get("media") or [])
     ]
-    ref = value.get("ref")
-    if ref is not None and not (negative and isinstance(ref, str) and ref):
-        raise RowError(
-            "schema_invalid", f"{where}.ref: only a negative may reference a row, by its id"
-        )
-    out["ref"] = ref
+    if value.get("ref") is not None:
+        # References are made by the video steps, which keep a video's clips in one shard;
+        # ingest cuts shards by row count, so a source's own reference could not be
+        # guaranteed to resolve: negatives are given in full in source rows.
+        raise RowError("schema_invalid", f"{where}.ref: references are not accepted in sources")
+    out["ref"] = None
     return out
 
 
@@ -204,7 +203,7 @@ def normalise(raw: Any, source: SourceConfig) -> dict[str, Any]:
         "task_group": source.task_group,
         "query": _side(raw.get("query"), "query"),
         "positive": _side(raw.get("positive"), "positive"),
-        "negatives": [_side(n, f"negatives[{i}]", negative=True) for i, n in enumerate(negatives)],
+        "negatives": [_side(n, f"negatives[{i}]") for i, n in enumerate(negatives)],
         "group_id": None if raw.get("group_id") is None else str(raw["group_id"]),
         "label": None if raw.get("label") is None else str(raw["label"]),
         "segments": raw.get("segments"),

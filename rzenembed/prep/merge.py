@@ -107,12 +107,15 @@ def run_merge_classification(
     return execute(plan, cfg, jobs, media_root=root, show_progress=show_progress)
 
 
-def _rebase(side: dict[str, Any], prefix: str) -> dict[str, Any]:
+def _rebase(side: dict[str, Any], prefix: str, source: str = "") -> dict[str, Any]:
     media = [
         {**m, "uri": posixpath.normpath(posixpath.join(prefix, m["uri"]))}
         for m in side.get("media") or []
     ]
-    return {**side, "media": media}
+    out = {**side, "media": media}
+    if side.get("ref"):  # a reference names a row of the same source: its id is renamed too
+        out["ref"] = f"{source}/{side['ref']}"
+    return out
 
 
 def merge_rows(
@@ -135,7 +138,7 @@ def merge_rows(
                 "task_group": TASK_GROUP,
                 "query": _rebase(row["query"], media_prefix),
                 "positive": {**_rebase(row["positive"], media_prefix), "text": labels[key]},
-                "negatives": [_rebase(n, media_prefix) for n in row.get("negatives") or []],
+                "negatives": [_rebase(n, media_prefix, source) for n in row.get("negatives") or []],
                 "label": labels[key],
                 "group_id": f"label:{key}",
             }

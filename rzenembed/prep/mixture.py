@@ -120,17 +120,23 @@ def _shard_negatives(job: tuple[str, ShardInfo, str | None]) -> tuple[int, int]:
 _PROFILES: dict[str, tuple[int, int]] = {}  # content digest -> profile, per process
 
 
-def profile_negatives(version: DatasetVersion, show_progress: bool = False) -> tuple[int, int]:
+def profile_negatives(
+    version: DatasetVersion, show_progress: bool = False, in_process: bool = False
+) -> tuple[int, int]:
     """(most hard negatives of any row, unresolved sibling references) of ``version``: one
-    pass over its ``id`` and ``negatives`` columns, a Ray task per shard; remembered per
-    content digest, so the stage-2 mixtures of one run scan each version once."""
+    pass over its ``id`` and ``negatives`` columns, a Ray task per shard (``in_process``:
+    shard by shard here); remembered per content digest, so the stage-2 mixtures of one
+    run scan each version once."""
     from rzenembed.data.engine import run_shards
 
     known = _PROFILES.get(version.content_digest)
     if known is not None:
         return known
     jobs = [(version.uri, shard, version.endpoint_url) for shard in version.manifest.shards]
-    results = run_shards(_shard_negatives, jobs, show_progress=show_progress) if jobs else []
+    if in_process:
+        results = [_shard_negatives(job) for job in jobs]
+    else:
+        results = run_shards(_shard_negatives, jobs, show_progress=show_progress) if jobs else []
     profile = (max((m for m, _ in results), default=0), sum(u for _, u in results))
     _PROFILES[version.content_digest] = profile
     return profile

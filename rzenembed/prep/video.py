@@ -58,6 +58,7 @@ def _knobs(cfg: PipelineConfig) -> dict[str, Any]:
         "jpeg_quality": prep.frame_jpeg_quality,
         "long_video_min_s": prep.long_video_min_s,
         "long_video_max_s": prep.long_video_max_s,
+        "videos_per_shard": prep.videos_per_shard,
         "max_visual_tokens": cfg.model.max_visual_tokens,
     }
 
@@ -75,7 +76,15 @@ def _run(
     params = {"root": root, "knobs": knobs, "endpoint_url": cfg.storage.endpoint_url}
 
     def jobs(staging: str) -> list[ShardJob]:
-        return per_shard_jobs(version, staging, step, fn, params, cfg.storage.endpoint_url)
+        return per_shard_jobs(
+            version,
+            staging,
+            step,
+            fn,
+            params,
+            cfg.storage.endpoint_url,
+            rows_per_job=cfg.prep.videos_per_shard,
+        )
 
     return execute(
         plan,

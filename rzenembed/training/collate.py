@@ -70,9 +70,14 @@ class TrainBatch:
     positive_ids: torch.Tensor  # (b,)
     negative_ids: torch.Tensor | None  # (b, K), NO_ID in padded slots
     group_ids: torch.Tensor  # (b,)
-    row_ids: list[str]
+    row_ids: list[str]  # one per row: the batch's size even once its inputs are dropped
     plan_digest: str = ""  # of the step's global plan (dataset + row indices), for checks
     negative_mask: torch.Tensor | None = None  # (b, K) bool: True = a real negative
+
+    def drop_inputs(self) -> None:
+        """Forget the decoded images and frames once the processor has run over them: a
+        prefetched step then holds only its processor outputs."""
+        self.queries, self.positives, self.negatives = [], [], []
 
     @property
     def padded_fraction(self) -> float:

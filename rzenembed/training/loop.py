@@ -183,8 +183,8 @@ def load_sources(
     for d in manifest.datasets:
         version = DatasetVersion.open(d.uri, endpoint_url)
         most = d.max_negatives
-        if most is None:
-            most, _ = profile_negatives(version)
+        if most is None:  # no Ray jobs from inside a training worker: read it here
+            most, _ = profile_negatives(version, in_process=True)
         sources[d.dataset] = DatasetRows(version, d.task_group, most, cache_bytes=cache_bytes)
     return sources
 
@@ -341,6 +341,7 @@ class Trainer:
         )
         if self.stage.prefetch:
             prepared = held_in_model_dtype(prepared, self.module.embedder.hf_model.dtype)
+            batch.drop_inputs()
         return LoadedStep(plan.step, batch, prepared, time.perf_counter() - started)
 
     def loader(self) -> StepLoader[LoadedStep]:
@@ -353,7 +354,7 @@ class Trainer:
         self.module.train()
         batch, prepared = loaded.batch, loaded.prepared
         embedder, loss_module = self.module.embedder, self.module.loss
-        task = loss_module.task_index([batch.task_group] * len(batch.queries))
+        task = loss_module.task_index([batch.task_group] * len(batch.row_ids))
 
         def loss_fn(q, p, n):
             return loss_module(
@@ -401,7 +402,7 @@ class Trainer:
     def _metrics(self, batch, out, grad_norm, elapsed, tokens) -> dict[str, Any]:
         device = self.params[0].device if self.params else "cpu"
         loss = global_mean(float(out["loss"]), device)
-        samples = len(batch.queries) * self.world_size
+        samples = len(batch.row_ids) * self.world_size
         masked = global_mean(float(out.get("masked_fraction", 0.0)), device)
         return {
             "loss": loss,

@@ -27,7 +27,7 @@ Memory
     Per dataset: the shard offsets (8 bytes a shard), footers up to ``footer_bytes``, the
     id index of up to ``id_index_cache`` shards (only datasets with references build them)
     and the row-group cache; only the offsets grow with the dataset. The sampler adds its
-    epoch permutation, 8 bytes a row.
+    epoch permutation, 4 bytes a row.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -95,6 +96,14 @@ class LruCache:
         return len(self._entries)
 
 
+@dataclass(frozen=True)
+class _Footer:
+    """A shard's Parquet footer and where each of its row groups starts."""
+
+    metadata: pq.FileMetaData
+    bounds: np.ndarray  # int64, row groups + 1 entries: first row of each group, then rows
+
+
 class DatasetRows:
     """One dataset version, sampled by row index without loading it.
 
@@ -122,7 +131,7 @@ class DatasetRows:
         self._shards: list[ShardInfo] = list(version.manifest.shards)
         counts = np.array([s.rows for s in self._shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._footers = LruCache(footer_bytes, size=lambda metadata: metadata.serialized_size)
+        self._footers = LruCache(footer_bytes, size=lambda footer: footer.metadata.serialized_size)
         self._groups = LruCache(cache_bytes, size=lambda table: table.nbytes)
         self._id_index = LruCache(id_index_cache)
         self._fs = None
@@ -187,7 +196,7 @@ class DatasetRows:
 
     def _group_of(self, shard: int, row: int) -> tuple[int, int]:
         """(row group, row within it) of row ``row`` of ``shard``."""
-        bounds = np.cumsum([0, *self._group_sizes(shard)])
+        bounds = self._footer(shard).bounds
         group = int(np.searchsorted(bounds, row, side="right")) - 1
         return group, row - int(bounds[group])
 
@@ -210,16 +219,17 @@ class DatasetRows:
     def _open(self, shard: int, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
         return pq.ParquetFile(self._path(shard), metadata=metadata, filesystem=self._filesystem())
 
-    def _metadata(self, shard: int) -> pq.FileMetaData:
-        def load() -> pq.FileMetaData:
+    def _footer(self, shard: int) -> _Footer:
+        def load() -> _Footer:
             with self._open(shard) as handle:
-                return handle.metadata
+                metadata = handle.metadata
+            sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+            return _Footer(metadata, np.cumsum([0, *sizes]).astype(np.int64))
 
         return self._footers.get(shard, load)
 
-    def _group_sizes(self, shard: int) -> list[int]:
-        metadata = self._metadata(shard)
-        return [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+    def _metadata(self, shard: int) -> pq.FileMetaData:
+        return self._footer(shard).metadata
 
     def _read_group(self, shard: int, group: int) -> pa.Table:
         with self._open(shard, self._metadata(shard)) as handle:

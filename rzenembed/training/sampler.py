@@ -23,7 +23,7 @@ The rows
     smaller than ``global_batch`` spans as many epochs as needed within one batch, so that
     batch holds some rows more than once (the loss's content-id masking keeps such copies
     from acting as each other's negatives). ``StepPlan.epoch`` is the epoch of the batch's
-    first row. Each dataset's current permutation is cached: 8 bytes per row of every
+    first row. Each dataset's current permutation is cached: 4 bytes per row of every
     dataset drawn so far.
 
 Steps are consecutive
@@ -33,8 +33,8 @@ Steps are consecutive
     ``advance`` would silently repeat rows. Replaying older steps is impossible by design
     (their cursors are gone); the exception is the ``lookahead + 1`` most recently planned
     steps, which ``plan`` returns again unchanged. The training loader plans up to
-    ``lookahead`` steps ahead of the step being trained, so a checkpoint taken at step
-    ``s`` has already committed the plans of ``s + 1 .. s + lookahead``; they travel in
+    ``lookahead + 1`` steps ahead of the step being trained, so a checkpoint taken at step
+    ``s`` has already committed the plans of ``s + 1 .. s + lookahead + 1``; they travel in
     ``state_dict`` and the resumed run asks for them again and gets the same batches. To
     restart from a checkpoint, build a fresh sampler and ``load_state_dict``;
     ``state_dict`` holds everything (JSON-able), so a resumed run continues with exactly
@@ -417,7 +417,10 @@ class StageSampler:
         cached = self._permutations.get(dataset_index)
         if cached is None or cached[0] != epoch:
             size = self._sizes[dataset_index]
-            cached = (epoch, epoch_permutation(self._seed, dataset_index, epoch, size))
+            order = epoch_permutation(self._seed, dataset_index, epoch, size)
+            if size < 2**31:  # kept as int32: 4 bytes a row (plans are int64)
+                order = order.astype(np.int32)
+            cached = (epoch, order)
             self._permutations[dataset_index] = cached
         return cached[1]
 
