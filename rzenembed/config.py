@@ -59,7 +59,16 @@ class SourceConfig(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     uri: str = Field(min_length=1)
     # How the folder's rows read (rzenembed/data/formats; docs/data.md, "Source formats").
-    format: Literal["rzenembed", "jsonl", "mmeb", "text-retrieval", "megapairs"] = "rzenembed"
+    format: Literal[
+        "rzenembed",
+        "jsonl",
+        "mmeb",
+        "text-retrieval",
+        "megapairs",
+        "webdataset",
+        "visdoc-parquet",
+        "llava-video",
+    ] = "rzenembed"
     task_group: str
     stage: Literal["stage1", "stage2", "both"] = "stage2"
     classification: bool = False
@@ -77,6 +86,7 @@ class SourceConfig(Strict):
     max_negatives: int = Field(default=8, ge=0)
     extra_positives: Literal["drop", "rows"] = "drop"
     query_image_negative: bool = True
+    page_answers: bool = False  # visdoc-parquet: also page + query -> answer records
     seed: int = 0
 
     @field_validator("task_group")

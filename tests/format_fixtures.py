@@ -3,7 +3,9 @@ each with planted bad rows (the tests list what every bad row must be rejected f
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -159,6 +161,174 @@ def mmeb(folder: Path) -> None:
                 "pos_image_path": "",
                 "neg_text": "[__import__('os').system('echo owned')]",
                 "neg_image_path": "",
+            },
+        ],
+    )
+
+
+def _png(colour: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.new("RGB", size, colour)
+    for x in range(0, size[0], 8):
+        for y in range(size[1]):
+            image.putpixel((x, y), (255 - colour[0], 255 - colour[1], 255 - colour[2]))
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpeg(colour: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(_png(colour))).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _meta(key: str, status: str = "success", **extra) -> bytes:
+    body = {"url": f"https://example.com/{key}.jpg", "key": key, "status": status, **extra}
+    return json.dumps(body).encode()
+
+
+def webdataset(folder: Path) -> None:
+    """Two img2dataset shards; bad: a failed download, undecodable bytes, no image, no
+    caption. Shard 0 holds five samples, so with 4-row chunks its second chunk starts
+    mid-tar."""
+    _tar(
+        folder / "00000.tar",
+        [
+            ("000000000.jpg", _jpeg((200, 30, 30))),
+            ("000000000.txt", b"a red square on white"),
+            ("000000000.json", _meta("000000000", width=64, height=48)),
+            ("000000001.json", _meta("000000001", "failed_to_download", error_message="timeout")),
+            ("000000002.jpg", b"\xff\xd8\xff not a jpeg at all"),
+            ("000000002.txt", b"broken bytes"),
+            ("000000002.json", _meta("000000002")),
+            ("000000003.png", _png((30, 200, 30))),
+            ("000000003.json", _meta("000000003", caption="a green square, from the json")),
+            ("000000004.txt", b"an image that never came"),
+            ("000000004.json", _meta("000000004")),
+        ],
+    )
+    _tar(
+        folder / "00001.tar",
+        [
+            ("000010000.jpg", _jpeg((30, 30, 200))),
+            ("000010000.txt", b"a blue square"),
+            ("000010000.json", _meta("000010000")),
+            ("000010001.jpg", _jpeg((90, 90, 90))),
+            ("000010001.txt", b"   "),
+            ("000010001.json", _meta("000010001")),
+        ],
+    )
+
+
+def visdoc_parquet(folder: Path) -> None:
+    """colpali's and VisRAG's layouts; two queries share a page; bad: no image bytes, an
+    empty query, undecodable bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    page, other = _png((240, 240, 240), (96, 128)), _png((250, 230, 200), (96, 128))
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    colpali = pa.table(
+        {
+            "query": [
+                "What is the revenue in 2020?",
+                "Who signed the report?",
+                "Missing",
+                " ",
+                "Broken",
+            ],
+            "image": pa.array(
+                [
+                    {"bytes": page, "path": "p1.png"},
+                    {"bytes": page, "path": "p1.png"},
+                    {"bytes": None, "path": "p2.png"},
+                    {"bytes": other, "path": "p3.png"},
+                    {"bytes": b"\x89PNG\r\n\x1a\n truncated", "path": "p4.png"},
+                ],
+                type=image,
+            ),
+            "image_filename": ["p1.png", "p1.png", "p2.png", "p3.png", "p4.png"],
+            "answer": ["12 million", "The board", "x", "y", "z"],
+        }
+    )
+    pq.write_table(colpali, folder / "colpali.parquet")
+    visrag = pa.table(
+        {
+            "query": ["Which chart shows rainfall?"],
+            "image": pa.array([{"bytes": other, "path": None}], type=image),
+            "source": ["arxiv"],
+        }
+    )
+    pq.write_table(visrag, folder / "visrag.parquet")
+
+
+def _mp4(path: Path, frames: int = 12, fps: int = 4) -> None:
+    import av
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for index in range(frames):
+            pixels = np.full((48, 64, 3), 15 * index, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def llava_video(folder: Path) -> None:
+    """An mp4 and a folder of ten frames (named frame_1..frame_10, each coloured by its
+    number); bad: a missing video, no gpt turn, a folder without images."""
+    _mp4(folder / "videos" / "clip.mp4")
+    for k in range(1, 11):
+        picture(folder / "frames" / "v2" / f"frame_{k}.jpg", (20 * k, 0, 0))
+    (folder / "frames" / "empty").mkdir(parents=True)
+    write_jsonl(
+        folder / "train.jsonl",
+        [
+            {
+                "id": "r0",
+                "video": "videos/clip.mp4",
+                "conversations": [
+                    {"from": "human", "value": "<video>\nDescribe the video."},
+                    {"from": "gpt", "value": "A square fades from black to grey."},
+                ],
+            },
+            {
+                "id": "r1",
+                "video": "frames/v2",
+                "conversations": [
+                    {"from": "human", "value": "<video>\nWhat colour is it at the end?"},
+                    {"from": "gpt", "value": "Red."},
+                ],
+            },
+            {
+                "id": "r2",
+                "video": "videos/missing.mp4",
+                "conversations": [
+                    {"from": "human", "value": "<video>\nAnything?"},
+                    {"from": "gpt", "value": "No."},
+                ],
+            },
+            {
+                "id": "r3",
+                "video": "videos/clip.mp4",
+                "conversations": [{"from": "human", "value": "<video>\nNo answer follows."}],
+            },
+            {
+                "id": "r4",
+                "video": "frames/empty",
+                "conversations": [
+                    {"from": "human", "value": "<video>\nEmpty?"},
+                    {"from": "gpt", "value": "Yes."},
+                ],
             },
         ],
     )

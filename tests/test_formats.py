@@ -3,6 +3,7 @@ by field, every planted bad row a reject with its reason (rows in = out + reject
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ pytestmark = pytest.mark.slow
 
 def ingest(root: Path, folder: Path, fmt: str, endpoint: str | None = None, **options):
     source = {"name": "src", "uri": str(folder), "format": fmt, "task_group": "text_retrieval"}
+    if "task_group" in options:
+        source["task_group"] = options.pop("task_group")
     cfg = config_from_dict(
         {
             "model": {"name_or_path": "unused"},
@@ -55,7 +58,16 @@ def reasons(rejects: list[dict]) -> dict[int, str]:
 
 
 def test_every_format_is_registered_with_its_fields():
-    assert {"rzenembed", "jsonl", "mmeb", "text-retrieval", "megapairs"} <= set(format_names())
+    assert set(format_names()) == {
+        "rzenembed",
+        "jsonl",
+        "mmeb",
+        "text-retrieval",
+        "megapairs",
+        "webdataset",
+        "visdoc-parquet",
+        "llava-video",
+    }
     assert "positive_passages" in get_format("text-retrieval").fields
     with pytest.raises(ValueError, match="known:"):
         get_format("webdataset-v9")
@@ -188,3 +200,102 @@ def test_text_retrieval_from_s3(ray_local, s3_endpoint, tmp_path):
     )
     assert remote == local and len(rejects) == 4
     assert remote_version.content_digest == local_version.content_digest
+
+
+def sha_uri(data: bytes, suffix: str) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    return f"{digest[:2]}/{digest}{suffix}"
+
+
+def test_webdataset_shards_as_img2dataset_writes_them(ray_local, tmp_path):
+    folder = tmp_path / "laion"
+    format_fixtures.webdataset(folder)
+    version, records, rejects = ingest(
+        tmp_path / "store", folder, "webdataset", query_instruction="Find the image."
+    )
+    red = sha_uri(format_fixtures._jpeg((200, 30, 30)), ".jpg")
+    assert records["000000000"]["query"] == text("a red square on white", "Find the image.")
+    assert records["000000000"]["positive"] == text("", media=[image(red)])
+    green = sha_uri(format_fixtures._png((30, 200, 30)), ".png")
+    assert records["000000003"]["query"]["text"] == "a green square, from the json"
+    assert records["000000003"]["positive"]["media"] == [image(green)]
+    assert records["000010000"]["query"]["text"] == "a blue square"
+    assert sorted(records) == ["000000000", "000000003", "000010000"]
+    assert reasons(rejects) == {
+        1: "download_failed",
+        2: "media_undecodable",
+        4: "media_missing",
+        6: "text_empty",
+    }
+    failed = next(r for r in rejects if r["reason"] == "download_failed")
+    assert "timeout" in failed["detail"] and failed["id"] == "000000001"
+    media_root = Path(version.manifest.stats["media_root"])
+    assert media_root == tmp_path / "store" / "_media" / "src"
+    assert (media_root / red).read_bytes() == format_fixtures._jpeg((200, 30, 30))
+    assert version.manifest.stats["rows_in"] == len(records) + len(rejects) == 7
+
+
+def test_visual_document_parquet_with_embedded_pages(ray_local, tmp_path):
+    folder = tmp_path / "visdoc"
+    format_fixtures.visdoc_parquet(folder)
+    _, records, rejects = ingest(tmp_path / "store", folder, "visdoc-parquet", page_answers=True)
+    page = sha_uri(format_fixtures._png((240, 240, 240), (96, 128)), ".png")
+    first, second = records["src-00000000"], records["src-00000001"]
+    assert first["query"] == text("What is the revenue in 2020?")
+    assert first["positive"] == text("", media=[image(page)])
+    assert second["positive"] == first["positive"]  # one page, stored once, two queries
+    assert first["group_id"] == f"page:{page}"
+    answer = records["src-00000000#answer"]
+    assert answer["query"] == text("What is the revenue in 2020?", media=[image(page)])
+    assert answer["positive"] == text("12 million")
+    assert records["src-00000005"]["query"]["text"] == "Which chart shows rainfall?"
+    assert "src-00000005#answer" not in records  # VisRAG rows have no answer
+    assert reasons(rejects) == {2: "media_missing", 3: "text_empty", 4: "media_undecodable"}
+
+
+@pytest.mark.parametrize("group", ["video_qa", "video_retrieval"])
+def test_llava_video_conversations_with_mp4s_and_frame_folders(ray_local, tmp_path, group):
+    folder = tmp_path / "llava"
+    format_fixtures.llava_video(folder)
+    _, records, rejects = ingest(tmp_path / "store", folder, "llava-video", task_group=group)
+    clip = {**image("videos/clip.mp4"), "kind": "video"}
+    frames = {**image("frames/v2"), "kind": "frames"}
+    if group == "video_qa":  # (video + question) -> answer
+        assert records["r0"]["query"] == text("Describe the video.", media=[clip])
+        assert records["r0"]["positive"] == text("A square fades from black to grey.")
+        assert records["r1"]["query"] == text("What colour is it at the end?", media=[frames])
+    else:  # caption -> video
+        assert records["r0"]["query"] == text("A square fades from black to grey.")
+        assert records["r0"]["positive"] == text("", media=[clip])
+    assert reasons(rejects) == {2: "media_missing", 3: "schema_invalid", 4: "media_missing"}
+
+
+def test_a_frame_folder_is_read_in_natural_order(tmp_path):
+    from rzenembed.training.collate import MediaReader
+
+    folder = tmp_path / "llava"
+    format_fixtures.llava_video(folder)
+    frames = MediaReader(str(folder)).frames({"kind": "frames", "uri": "frames/v2"}, 3)
+    # frame_1, frame_5 (linspace 0..9 in 3: 0, 4.5 -> 4, 9), frame_10: red 20, 100, 200
+    assert [f.getpixel((3, 3))[0] for f in frames] == pytest.approx([20, 100, 200], abs=6)
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "visdoc-parquet"])
+def test_embedded_media_formats_from_s3(ray_local, s3_endpoint, tmp_path, fmt):
+    folder = tmp_path / fmt
+    (format_fixtures.webdataset if fmt == "webdataset" else format_fixtures.visdoc_parquet)(folder)
+    fs, _ = filesystem("s3://rzenembed-test", s3_endpoint)
+    fs.put(str(folder), f"rzenembed-test/formats/{fmt}", recursive=True)
+    local_version, local, local_rejects = ingest(tmp_path / "store", folder, fmt)
+    remote_version, remote, rejects = ingest(
+        f"s3://rzenembed-test/{fmt}-store",
+        f"s3://rzenembed-test/formats/{fmt}",
+        fmt,
+        endpoint=s3_endpoint,
+    )
+    assert remote == local and reasons(rejects) == reasons(local_rejects)
+    assert remote_version.content_digest == local_version.content_digest
+    media_root = remote_version.manifest.stats["media_root"]
+    assert media_root == f"s3://rzenembed-test/{fmt}-store/_media/src"
+    uri = next(iter(remote.values()))["positive"]["media"][0]["uri"]
+    assert fs.exists(f"{media_root}/{uri}")

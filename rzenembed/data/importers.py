@@ -30,7 +30,7 @@ from rzenembed.data.schema import media, side
 from rzenembed.data.storage import filesystem, join
 
 MMEB_IMAGE_PLACEHOLDER = "<|image_1|>"
-RAW_SUFFIXES = (".jsonl", ".parquet")
+RAW_SUFFIXES = (".jsonl", ".parquet", ".tar")
 
 
 class SourceError(ValueError):
@@ -44,7 +44,7 @@ def source_files(uri: str, endpoint_url: str | None = None) -> list[str]:
         raise SourceError(f"source folder not found: {uri}")
     files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(RAW_SUFFIXES))
     if not files:
-        raise SourceError(f"{uri}: no *.jsonl or *.parquet files")
+        raise SourceError(f"{uri}: no *.jsonl, *.parquet or *.tar files")
     return files
 
 
@@ -143,6 +143,12 @@ def scan_data_file(path: str, endpoint_url: str | None, chunk_rows: int) -> File
     streaming pass; note where every chunk of ``chunk_rows`` rows begins."""
     fs, _ = filesystem(path, endpoint_url)
     full = fs._strip_protocol(path)
+    if full.endswith(".tar"):  # WebDataset: samples, and the byte offset of each chunk
+        from rzenembed.data.formats.webdataset import scan_tar
+
+        with fs.open(full, "rb") as f:
+            rows, sha256, starts = scan_tar(f, chunk_rows)
+        return FileScan(path, rows, sha256, starts)
     if full.endswith(".parquet"):
         meta = pq.ParquetFile(full, filesystem=fs).metadata
         rows = meta.num_rows
@@ -170,7 +176,7 @@ def plan_chunks(scans: list[FileScan], chunk_rows: int) -> list[RowChunk]:
         for k, start in enumerate(scan.starts):
             row = k * chunk_rows
             count = min(chunk_rows, scan.rows - row)
-            offset = None if scan.path.endswith(".parquet") else start
+            offset = None if scan.path.endswith(".parquet") else start  # JSONL, tar: bytes
             chunks.append(
                 RowChunk(f"part-{len(chunks):05d}", scan.path, row, count, position + row, offset)
             )
@@ -181,24 +187,39 @@ def plan_chunks(scans: list[FileScan], chunk_rows: int) -> list[RowChunk]:
 
 
 def read_chunk(
-    source: SourceConfig, chunk: RowChunk, endpoint_url: str | None = None
+    source: SourceConfig,
+    chunk: RowChunk,
+    endpoint_url: str | None = None,
+    media_root: str | None = None,
 ) -> list[tuple[int, Any]]:
-    """(position, row) of the chunk's rows, read straight from its file (on a worker)."""
+    """(position, record) of the chunk's rows, read straight from its file (on a worker)
+    and converted by the source's format; ``media_root``: where a format that embeds media
+    writes them."""
+    from rzenembed.data.formats import convert
+    from rzenembed.data.formats.media_sink import MediaSink
+
     if chunk.count == 0:
         return []
-    fs, _ = filesystem(chunk.path, endpoint_url)
-    full = fs._strip_protocol(chunk.path)
-    if full.endswith(".parquet"):
-        raws = _parquet_rows(fs, full, chunk.row, chunk.count)
-    else:
-        raws = _jsonl_rows(fs, full, chunk.offset or 0, chunk.count)
-    from rzenembed.data.formats import convert
-
+    raws = _read_file_rows(chunk, endpoint_url)
+    sink = MediaSink(media_root, endpoint_url) if media_root else None
     out = []
     for i, raw in enumerate(raws):
         position = chunk.position + i
-        out.extend((position, row) for row in convert(source, raw, position))
+        out.extend((position, row) for row in convert(source, raw, position, sink))
     return out
+
+
+def _read_file_rows(chunk: RowChunk, endpoint_url: str | None) -> list[Any]:
+    fs, _ = filesystem(chunk.path, endpoint_url)
+    full = fs._strip_protocol(chunk.path)
+    if full.endswith(".parquet"):
+        return _parquet_rows(fs, full, chunk.row, chunk.count)
+    if full.endswith(".tar"):
+        from rzenembed.data.formats.webdataset import read_samples
+
+        with fs.open(full, "rb") as f:
+            return read_samples(f, chunk.offset or 0, chunk.count)
+    return _jsonl_rows(fs, full, chunk.offset or 0, chunk.count)
 
 
 def _jsonl_rows(fs, path: str, offset: int, count: int) -> list[Any]:
@@ -237,21 +258,27 @@ def _parquet_rows(fs, path: str, row: int, count: int) -> list[Any]:
 
 
 def iter_raw_rows(
-    source: SourceConfig, uri: str, endpoint_url: str | None = None
+    source: SourceConfig, uri: str, endpoint_url: str | None = None, sink: Any = None
 ) -> Iterator[tuple[int, Any]]:
-    """(position, row) for every row of the source, in file then line order."""
+    """(position, record) for every row of the source, in file then line order."""
     from rzenembed.data.formats import convert
 
     fs, _ = filesystem(uri, endpoint_url)
     position = 0
     for file in source_files(uri, endpoint_url):
         for raw in _rows_of_file(fs, file):
-            for row in convert(source, raw, position):
+            for row in convert(source, raw, position, sink):
                 yield position, row
             position += 1
 
 
 def _rows_of_file(fs, file: str) -> Iterator[Any]:
+    if file.endswith(".tar"):
+        from rzenembed.data.formats.webdataset import iter_samples
+
+        with fs.open(file, "rb") as f:
+            yield from iter_samples(f)
+        return
     if file.endswith(".parquet"):
         # By path through the filesystem (see DatasetVersion.read_shard for why).
         for batch in pq.ParquetFile(file, filesystem=fs).iter_batches(batch_size=1024):

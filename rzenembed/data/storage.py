@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from typing import Any
 
 import fsspec
@@ -68,3 +69,27 @@ def resolve_media_uri(root: str, uri: str) -> str:
         # The root is left out of the message: rejects must read the same on every store.
         raise UnsafeURIError(f"media URI {uri!r} escapes the dataset root")
     return f"{scheme}://{normal}" if sep else normal
+
+
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key that orders embedded numbers by value: ``frame_2`` before ``frame_10``."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def frame_files(uri: str, endpoint_url: str | None = None) -> list[str]:
+    """The image files of a folder of video frames, in natural order, as full URIs (a
+    folder that does not exist or holds no image gives an empty list)."""
+    fs, path = filesystem(uri, endpoint_url)
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    frames = sorted(
+        (n for n in names if n.lower().endswith(FRAME_SUFFIXES)),
+        key=lambda n: natural_key(n.rsplit("/", 1)[-1]),
+    )
+    scheme = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
+    return [f"{scheme}{n}" if scheme and not n.startswith(scheme) else n for n in frames]

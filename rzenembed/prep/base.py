@@ -48,6 +48,7 @@ REASON_CODES: dict[str, str] = {
     "video_too_short": "a video is shorter than the step's minimum length",
     "video_too_long": "a video is longer than the step's maximum length",
     "no_video": "the row has no video to split or package",
+    "download_failed": "the crawler's status for the sample is not success (WebDataset)",
     "no_positive": "the source row has no usable positive (format importers)",
     "list_unparsable": "a stringified list (mmE5's neg_* columns) does not parse",
     "caption_empty": "the recaption model produced no text (the original row is kept)",

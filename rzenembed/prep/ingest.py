@@ -16,7 +16,7 @@ from typing import Any
 from rzenembed.config import PipelineConfig, SourceConfig, digest_of
 from rzenembed.data import media as media_ops
 from rzenembed.data.engine import run_shards
-from rzenembed.data.formats import REJECT_KEY
+from rzenembed.data.formats import REJECT_KEY, get_format
 from rzenembed.data.importers import (
     FileScan,
     RowChunk,
@@ -29,7 +29,13 @@ from rzenembed.data.importers import (
     source_uri,
 )
 from rzenembed.data.schema import MEDIA_KINDS
-from rzenembed.data.storage import UnsafeURIError, filesystem, resolve_media_uri
+from rzenembed.data.storage import (
+    UnsafeURIError,
+    filesystem,
+    frame_files,
+    join,
+    resolve_media_uri,
+)
 from rzenembed.data.version import DatasetVersion, InputRef
 from rzenembed.prep.base import ShardJob, committed, execute, plan_step, reject
 
@@ -59,10 +65,15 @@ def run_ingest(
     """
     uri = source_uri(source, base)
     endpoint = cfg.storage.endpoint_url
+    fmt = get_format(source.format)
     files = data_file_uris(uri, endpoint)
+    chunk_rows = min(cfg.prep.shard_rows, fmt.max_chunk_rows or cfg.prep.shard_rows)
+    # Media inside the data files are written out under the storage root, content-addressed;
+    # everything else is read where it is, in the source folder.
+    media_root = join(cfg.storage.root, "_media", source.name) if fmt.embeds_media else uri
     scans = run_shards(
         _scan_job,
-        [(f, endpoint, cfg.prep.shard_rows) for f in files],
+        [(f, endpoint, chunk_rows) for f in files],
         max_in_flight=cfg.prep.max_in_flight,
         show_progress=show_progress,
     )
@@ -75,28 +86,29 @@ def run_ingest(
         return done
     params = {
         "source": source,
-        "root": uri,
+        "root": media_root,
         "max_text_chars": cfg.prep.max_text_chars,
         "max_image_pixels": cfg.prep.max_image_pixels,
         "endpoint_url": endpoint,
     }
 
     def jobs(staging: str) -> list[ShardJob]:
-        chunks = plan_chunks(scans, cfg.prep.shard_rows)
+        chunks = plan_chunks(scans, chunk_rows)
+        sink = media_root if fmt.embeds_media else None
         return [
             ShardJob(
                 c.name,
                 staging,
                 STEP,
                 validate_rows,
-                _ChunkLoader(source, c, endpoint),
+                _ChunkLoader(source, c, endpoint, sink),
                 params,
                 endpoint,
             )
             for c in chunks
         ]
 
-    return execute(plan, cfg, jobs, media_root=uri, show_progress=show_progress)
+    return execute(plan, cfg, jobs, media_root=media_root, show_progress=show_progress)
 
 
 def _scan_job(job: tuple[str, str | None, int]) -> FileScan:
@@ -118,9 +130,10 @@ class _ChunkLoader:
     source: SourceConfig
     chunk: RowChunk
     endpoint_url: str | None
+    media_root: str | None = None  # where a format writes the media its files embed
 
     def __call__(self) -> list[tuple[int, Any]]:
-        return read_chunk(self.source, self.chunk, self.endpoint_url)
+        return read_chunk(self.source, self.chunk, self.endpoint_url, self.media_root)
 
 
 def validate_rows(
@@ -237,6 +250,9 @@ def check_media(row: dict[str, Any], root: str, max_pixels: int, endpoint_url: s
                 full = resolve_media_uri(root, item["uri"])
             except UnsafeURIError as exc:
                 raise RowError("uri_escapes_root", f"{label}: {exc}") from None
+            if item["kind"] == "frames" and not item.get("frames"):
+                _check_frame_folder(full, label, max_pixels, endpoint_url)
+                continue
             data = read_media(full, label, endpoint_url)
             try:
                 if item["kind"] == "image":
@@ -245,6 +261,18 @@ def check_media(row: dict[str, Any], root: str, max_pixels: int, endpoint_url: s
                     media_ops.probe_video(data)
             except media_ops.MediaError as exc:
                 raise RowError(exc.reason, f"{label}: {exc}") from None
+
+
+def _check_frame_folder(uri: str, label: str, max_pixels: int, endpoint_url: str | None) -> None:
+    """A folder of frames must hold images; its first and last decode."""
+    files = frame_files(uri, endpoint_url)
+    if not files:
+        raise RowError("media_missing", f"{label}: no frame images in the folder")
+    for file in {files[0], files[-1]}:
+        try:
+            media_ops.decode_image(read_media(file, label, endpoint_url), max_pixels=max_pixels)
+        except media_ops.MediaError as exc:
+            raise RowError(exc.reason, f"{label}: {file.rsplit('/', 1)[-1]}: {exc}") from None
 
 
 def read_media(uri: str, label: str, endpoint_url: str | None) -> bytes:

@@ -21,11 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from rzenembed.data import media as media_ops
-from rzenembed.data.storage import filesystem, resolve_media_uri
+from rzenembed.data.storage import filesystem, frame_files, resolve_media_uri
 from rzenembed.modeling.inputs import EmbedInput
 
 NO_ID = -1
@@ -103,9 +104,21 @@ class MediaReader:
         with Image.open(io.BytesIO(self.read(uri))) as image:
             return image.convert("RGB")
 
+    def _image_at(self, full_uri: str) -> Image.Image:
+        fs, path = filesystem(full_uri, self.endpoint_url)
+        with fs.open(path, "rb") as f, Image.open(io.BytesIO(f.read())) as image:
+            return image.convert("RGB")
+
     def frames(self, item: dict[str, Any], max_frames: int) -> list[Image.Image]:
         if item.get("frames"):
             return [Image.open(io.BytesIO(b)).convert("RGB") for b in item["frames"]]
+        if item["kind"] == "frames":  # a folder of frame images: evenly spaced ones
+            files = frame_files(resolve_media_uri(self.root, item["uri"]), self.endpoint_url)
+            if not files:
+                raise FileNotFoundError(f"no frame images in {item['uri']!r}")
+            count = min(max_frames, len(files))
+            picks = np.linspace(0, len(files) - 1, num=count).round().astype(int)
+            return [self._image_at(files[i]) for i in picks]
         data = self.read(item["uri"])
         info = media_ops.probe_video(data)
         start = item.get("start_s") or 0.0

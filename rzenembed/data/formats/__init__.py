@@ -15,7 +15,12 @@ Formats (docs/data.md has the table with fields and an example row of each):
 - ``mmeb``: MMEB-train and mmE5-synthetic (``qry``, ``qry_image_path``, ``pos_*``,
   ``neg_*``; mmE5's stringified lists in ``neg_*`` parsed as JSON or Python literals);
 - ``text-retrieval``: text retrieval JSONL/Parquet in its three common shapes;
-- ``megapairs``: MegaPairs triplets with hard-negative images.
+- ``megapairs``: MegaPairs triplets with hard-negative images;
+- ``webdataset``: img2dataset tar shards (LAION and other crawls), images embedded;
+- ``visdoc-parquet``: visual-document training sets as Parquet with page images embedded
+  (``vidore/colpali_train_set``, ``VisRAG-Ret-Train-In-domain-data``);
+- ``llava-video``: video caption and QA sets in the LLaVA conversation layout (LLaVA-Hound,
+  VideoChat-Flash), videos as mp4 files or folders of frames.
 """
 
 from __future__ import annotations
@@ -42,23 +47,44 @@ class SourceFormat:
     name: str
     suffixes: tuple[str, ...]
     fields: str  # what a row must hold, for error messages and ``inspect-source``
-    convert: Callable[[Any, SourceConfig, int], list[Any]]
+    # (raw row, source, position, media sink) -> records or reject markers
+    convert: Callable[..., list[Any]]
     looks_right: Callable[[Any], bool] = lambda raw: isinstance(raw, dict)
+    # Media arrive inside the data files (tar members, image structs): they are written
+    # into ``<storage.root>/_media/<source name>/`` (content-addressed), the version's
+    # media root, instead of being read from the source folder.
+    embeds_media: bool = False
+    max_chunk_rows: int | None = None  # rows of a shard task when rows carry media bytes
 
 
-def _native(raw: Any, source: SourceConfig, position: int) -> list[Any]:
+def _native(raw: Any, source: SourceConfig, position: int, sink: Any = None) -> list[Any]:
     return [raw]
 
 
 def _registry() -> dict[str, SourceFormat]:
-    from rzenembed.data.formats import megapairs, mmeb, text_retrieval
+    from rzenembed.data.formats import (
+        llava_video,
+        megapairs,
+        mmeb,
+        text_retrieval,
+        visdoc_parquet,
+        webdataset,
+    )
 
     native_fields = "id, query {instruction, text, media}, positive, negatives (the record layout)"
     native = [
         SourceFormat(name, (".jsonl", ".parquet"), native_fields, _native, _is_native)
         for name in ("rzenembed", "jsonl")
     ]
-    return {f.name: f for f in [*native, mmeb.FORMAT, text_retrieval.FORMAT, megapairs.FORMAT]}
+    others = [
+        mmeb.FORMAT,
+        text_retrieval.FORMAT,
+        megapairs.FORMAT,
+        webdataset.FORMAT,
+        visdoc_parquet.FORMAT,
+        llava_video.FORMAT,
+    ]
+    return {f.name: f for f in [*native, *others]}
 
 
 def _is_native(raw: Any) -> bool:
@@ -85,9 +111,9 @@ def format_names() -> list[str]:
     return sorted(_FORMATS)
 
 
-def convert(source: SourceConfig, raw: Any, position: int) -> list[Any]:
+def convert(source: SourceConfig, raw: Any, position: int, sink: Any = None) -> list[Any]:
     """Records (or reject markers) for one raw row of ``source``; an unparsable line is
-    passed through for ingest to reject."""
+    passed through for ingest to reject. ``sink``: where embedded media are written."""
     if isinstance(raw, dict) and "__unparsable__" in raw:
         return [raw]
-    return get_format(source.format).convert(raw, source, position)
+    return get_format(source.format).convert(raw, source, position, sink)

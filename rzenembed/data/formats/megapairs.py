@@ -32,7 +32,7 @@ def _image(path: Any) -> dict[str, Any] | None:
     return media("image", path) if isinstance(path, str) and path.strip() else None
 
 
-def convert(raw: Any, source: SourceConfig, position: int) -> list[Any]:
+def convert(raw: Any, source: SourceConfig, position: int, sink: Any = None) -> list[Any]:
     if not isinstance(raw, dict) or "q_img" not in raw or "t_img" not in raw:
         return [rejected("schema_invalid", f"not a MegaPairs row; expected {FIELDS}", raw)]
     texts = raw.get("q_text")

@@ -53,7 +53,7 @@ def cell_list(value: Any) -> list[str]:
     raise ListUnparsable(f"not a list of strings: {text[:80]!r}")
 
 
-def convert(raw: Any, source: SourceConfig, position: int) -> list[Any]:
+def convert(raw: Any, source: SourceConfig, position: int, sink: Any = None) -> list[Any]:
     if not isinstance(raw, dict) or "qry" not in raw or "pos_text" not in raw:
         return [rejected("schema_invalid", f"not an MMEB row; expected {FIELDS}", raw)]
     try:

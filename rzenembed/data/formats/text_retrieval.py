@@ -74,7 +74,7 @@ def _negative_order(key: str) -> tuple[int, str]:
     return (int(suffix), key) if suffix.isdigit() else (0 if not suffix else 1 << 30, key)
 
 
-def convert(raw: Any, source: SourceConfig, position: int) -> list[Any]:
+def convert(raw: Any, source: SourceConfig, position: int, sink: Any = None) -> list[Any]:
     shape = _shape(raw) if isinstance(raw, dict) else None
     if shape is None:
         return [rejected("schema_invalid", f"not a text retrieval row; expected {FIELDS}", raw)]

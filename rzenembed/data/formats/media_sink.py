@@ -1,0 +1,56 @@
+"""Where media that arrive inside data files (images in tar shards, image structs in
+Parquet) are written: once, content-addressed, under the dataset's media root.
+
+The file name is the sha256 of the bytes (``ab/abcdef....jpg``), so a worker that meets the
+same image again, a rerun or another shard writing concurrently all name the same file,
+and an existing file is never written twice. The records then point at these files like at
+any other media, relative to the root the ingest version records as ``media_root``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+from rzenembed.data.storage import filesystem, join
+
+IMAGE_SUFFIXES = {b"\xff\xd8\xff": ".jpg", b"\x89PNG": ".png", b"RIFF": ".webp", b"GIF8": ".gif"}
+
+
+def suffix_of(data: bytes, fallback: str = ".bin") -> str:
+    """A file suffix from the bytes' signature (the declared name may lie)."""
+    for magic, suffix in IMAGE_SUFFIXES.items():
+        if data.startswith(magic):
+            return suffix
+    return fallback
+
+
+class MediaSink:
+    """Writes media bytes under ``root`` by content; returns their URI relative to it."""
+
+    def __init__(self, root: str, endpoint_url: str | None = None):
+        self.root = root
+        self.endpoint_url = endpoint_url
+
+    def put(self, data: bytes, suffix: str | None = None) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        relative = f"{digest[:2]}/{digest}{suffix or suffix_of(data)}"
+        fs, path = filesystem(join(self.root, relative), self.endpoint_url)
+        if not fs.exists(path):
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            _write_whole(fs, path, data)
+        return relative
+
+
+def _write_whole(fs, path: str, data: bytes) -> None:
+    """The file appears whole or not at all (another worker may be reading it already):
+    an object-store PUT is; on a filesystem the bytes go to a temporary name first."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" not in protocols:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
+    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(temporary, "wb") as f:
+        f.write(data)
+    fs.mv(temporary, path)
