@@ -10,6 +10,7 @@ rzenembed soup ADAPTER... --out DIR [--method M] [--weights W,...] [--eval EVALS
 rzenembed lineage models:/rzenembed@champion [--tracking-uri URI] [--json]
 rzenembed verify models:/rzenembed@champion|FOLDER [--tracking-uri URI] [--json]
 rzenembed publish FOLDER URI [--endpoint-url URL]   a model folder onto the storage root
+rzenembed inspect-source --format F PATH [--rows N]  a download's first rows, converted
 """
 
 from __future__ import annotations
@@ -168,6 +169,24 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect_source(args: argparse.Namespace) -> int:
+    from rzenembed.data.inspect import inspect_source
+
+    endpoint = args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    report = inspect_source(args.path, args.format, args.rows, endpoint)
+    print(f"# {args.path}: {report.rows_read} rows read as {args.format!r}")
+    for record in report.records:
+        print(json.dumps(record, ensure_ascii=False, default=str))
+    print(f"# {len(report.records)} records, {sum(report.rejects.values())} rejects")
+    for reason, count in sorted(report.rejects.items()):
+        print(f"#   reject {reason} x{count}: {report.examples[reason]}")
+    missing = [path for path, found in report.media if not found]
+    print(f"# media read from the folder: {len(report.media)}, missing: {len(missing)}")
+    for path in missing:
+        print(f"#   missing {path}")
+    return 0
+
+
 def _tree_json(node) -> dict:
     return {**node.ref.to_json(), "step": node.step, "seen_before": node.seen_before,
             "inputs": [_tree_json(c) for c in node.children]}  # fmt: skip
@@ -268,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("uri", help="target URI, e.g. s3://bucket/models/Qwen2-VL-2B-Instruct")
     pub.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
     pub.set_defaults(func=_cmd_publish)
+
+    ins = sub.add_parser(
+        "inspect-source", help="convert a download's first rows with a format; writes nothing"
+    )
+    ins.add_argument("path", help="the source folder (local or s3://)")
+    ins.add_argument("--format", required=True, help="a sources[].format name")
+    ins.add_argument("--rows", type=int, default=5, help="raw rows to read (default 5)")
+    ins.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
+    ins.set_defaults(func=_cmd_inspect_source)
     return parser
 
 

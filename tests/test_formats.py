@@ -4,6 +4,7 @@ by field, every planted bad row a reject with its reason (rows in = out + reject
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -299,3 +300,60 @@ def test_embedded_media_formats_from_s3(ray_local, s3_endpoint, tmp_path, fmt):
     assert media_root == f"s3://rzenembed-test/{fmt}-store/_media/src"
     uri = next(iter(remote.values()))["positive"]["media"][0]["uri"]
     assert fs.exists(f"{media_root}/{uri}")
+
+
+FIXTURES = {
+    "text-retrieval": format_fixtures.text_retrieval,
+    "megapairs": format_fixtures.megapairs,
+    "mmeb": format_fixtures.mmeb,
+    "webdataset": format_fixtures.webdataset,
+    "visdoc-parquet": format_fixtures.visdoc_parquet,
+    "llava-video": format_fixtures.llava_video,
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FIXTURES))
+def test_inspect_source_converts_the_first_rows_and_writes_nothing(tmp_path, capsys, fmt):
+    from rzenembed.cli import main
+
+    folder = tmp_path / fmt
+    FIXTURES[fmt](folder)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert main(["inspect-source", "--format", fmt, "--rows", "50", str(folder)]) == 0
+    out = capsys.readouterr().out
+    records = [json.loads(line) for line in out.splitlines() if not line.startswith("#")]
+    assert records and all({"id", "query", "positive", "negatives"} <= set(r) for r in records)
+    assert "rejects" in out and sorted(p for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
+    "fmt,other",
+    [
+        ("megapairs", "text-retrieval"),
+        ("mmeb", "megapairs"),
+        ("llava-video", "mmeb"),
+        ("text-retrieval", "llava-video"),
+        ("visdoc-parquet", "text-retrieval"),
+    ],
+)
+def test_inspect_source_names_the_expected_fields_for_another_layout(tmp_path, capsys, fmt, other):
+    from rzenembed.cli import main
+
+    folder = tmp_path / other
+    FIXTURES[other](folder)
+    if fmt == "visdoc-parquet":  # its files are Parquet: the triplets file is another layout
+        for path in folder.glob("*.jsonl"):
+            path.unlink()
+    assert main(["inspect-source", "--format", fmt, str(folder)]) != 0
+    error = capsys.readouterr().err
+    assert f"does not look like format {fmt!r}" in error
+    assert get_format(fmt).fields in error
+
+
+def test_inspect_source_on_a_folder_without_the_formats_files(tmp_path, capsys):
+    from rzenembed.cli import main
+
+    folder = tmp_path / "text"
+    format_fixtures.text_retrieval(folder)
+    assert main(["inspect-source", "--format", "webdataset", str(folder)]) == 2
+    assert "no .tar files" in capsys.readouterr().err

@@ -32,9 +32,14 @@ class MediaSink:
         self.root = root
         self.endpoint_url = endpoint_url
 
-    def put(self, data: bytes, suffix: str | None = None) -> str:
+    @staticmethod
+    def address(data: bytes, suffix: str | None = None) -> str:
+        """The relative URI ``data`` is stored under: its sha256, the suffix its bytes say."""
         digest = hashlib.sha256(data).hexdigest()
-        relative = f"{digest[:2]}/{digest}{suffix or suffix_of(data)}"
+        return f"{digest[:2]}/{digest}{suffix or suffix_of(data)}"
+
+    def put(self, data: bytes, suffix: str | None = None) -> str:
+        relative = self.address(data, suffix)
         fs, path = filesystem(join(self.root, relative), self.endpoint_url)
         if not fs.exists(path):
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
