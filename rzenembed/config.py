@@ -87,6 +87,10 @@ class SourceConfig(Strict):
     extra_positives: Literal["drop", "rows"] = "drop"
     query_image_negative: bool = True
     page_answers: bool = False  # visdoc-parquet: also page + query -> answer records
+    # Where the rows' media paths start from, when not the source folder itself (MMEB-train
+    # rows name "images/<subset>/..." from the download's top folder); relative paths
+    # resolve like ``uri``.
+    media_root: str | None = None
     seed: int = 0
 
     @field_validator("task_group")
@@ -381,6 +385,9 @@ class PipelineConfig(Strict):
 
     name: str = Field(default="rzenembed", min_length=1)
     seed: int = 0
+    # The folder relative source URIs (and media roots) start from: downloads live under
+    # one root a user sets in one place. None: the config's base (the working directory).
+    data_root: str | None = None
     storage: StorageConfig = StorageConfig()
     sources: list[SourceConfig] = Field(default_factory=list)
     prep: PrepConfig = PrepConfig()
@@ -423,6 +430,17 @@ def _is_local_relative(uri: str) -> bool:
     return "://" not in uri and not uri.startswith("/")
 
 
+def data_location(data_root: str | None, uri: str, base: str | Path | None = None) -> str:
+    """Where a source's relative ``uri`` points: under ``data_root`` when one is set (itself
+    relative to ``base`` when relative), else under ``base``; absolute URIs as they are."""
+    if not _is_local_relative(uri):
+        return uri
+    root = str(Path(base or Path.cwd()).resolve())
+    if data_root:
+        root = data_root if not _is_local_relative(data_root) else str(Path(root) / data_root)
+    return f"{root.rstrip('/')}/{uri}" if "://" in root else str(Path(root) / uri)
+
+
 def resolve_paths(cfg: PipelineConfig, base: str | Path | None = None) -> PipelineConfig:
     """A copy with every relative local path (storage root, source URIs, the model folder
     when it exists there, evaluation sets, a SQLite tracking file) made absolute against
@@ -435,8 +453,12 @@ def resolve_paths(cfg: PipelineConfig, base: str | Path | None = None) -> Pipeli
 
     data = cfg.model_dump(mode="json")
     data["storage"]["root"] = fix(data["storage"]["root"])
+    if data["data_root"]:
+        data["data_root"] = fix(data["data_root"])
     for source in data["sources"]:
-        source["uri"] = fix(source["uri"])
+        source["uri"] = data_location(data["data_root"], source["uri"], root)
+        if source["media_root"]:
+            source["media_root"] = data_location(data["data_root"], source["media_root"], root)
     model = data["model"]["name_or_path"]
     if _is_local_relative(model) and (root / model).exists():
         data["model"]["name_or_path"] = str(root / model)

@@ -59,7 +59,7 @@ def _counts_artifact(ref: dict[str, Any]) -> None:
 def _ingest_key_inputs(p: dict[str, Any]) -> list[str]:
     cfg: PipelineConfig = p["cfg"]
     source = cfg.source(p["source_name"])
-    uri = source_uri(source, p.get("base"))
+    uri = source_uri(source, p.get("base"), cfg.data_root)
     # The listing (names, sizes, ETags or mtimes), not the bytes: the Prefect worker reads
     # nothing; the ingest step hashes the data files on the workers.
     return [source_listing_digest(uri, cfg.storage.endpoint_url), source.model_dump_json()]

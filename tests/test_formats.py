@@ -12,6 +12,7 @@ import pytest
 from rzenembed.config import config_from_dict
 from rzenembed.data.formats import format_names, get_format
 from rzenembed.data.formats.mmeb import ListUnparsable, cell_list
+from rzenembed.data.importers import SourceError
 from rzenembed.data.storage import filesystem
 from rzenembed.prep.ingest import run_ingest
 
@@ -357,3 +358,16 @@ def test_inspect_source_on_a_folder_without_the_formats_files(tmp_path, capsys):
     format_fixtures.text_retrieval(folder)
     assert main(["inspect-source", "--format", "webdataset", str(folder)]) == 2
     assert "no .tar files" in capsys.readouterr().err
+
+
+def test_media_paths_are_checked_against_the_media_root_once_before_the_run(ray_local, tmp_path):
+    # MMEB-train's layout: rows in <root>/<subset>/, paths "images/..." from <root>.
+    root = tmp_path / "MMEB-train"
+    format_fixtures.mmeb(root / "ImageNet_1K")
+    (root / "ImageNet_1K" / "images").rename(root / "images")
+    with pytest.raises(SourceError, match=r"expected a folder 'images/' there.*media_root"):
+        ingest(tmp_path / "store", root / "ImageNet_1K", "mmeb")
+    _, records, rejects = ingest(
+        tmp_path / "store", root / "ImageNet_1K", "mmeb", media_root=str(root)
+    )
+    assert len(records) == 3 and reasons(rejects) == {2: "list_unparsable", 3: "list_unparsable"}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ import pyarrow.parquet as pq
 
 from rzenembed.config import SourceConfig
 from rzenembed.data.schema import media, side
-from rzenembed.data.storage import filesystem, join
+from rzenembed.data.storage import filesystem
 
 MMEB_IMAGE_PLACEHOLDER = "<|image_1|>"
 RAW_SUFFIXES = (".jsonl", ".parquet", ".tar")
@@ -313,13 +312,22 @@ def from_mmeb(raw: Any, dataset: str, position: int) -> Any:
     }
 
 
-def source_uri(source: SourceConfig, base: str | None = None) -> str:
-    """A source's URI, resolved against ``base`` when it is a relative local path; a local
-    path is made absolute (versions record it as their media root, and Ray workers do not
-    share the driver's working directory)."""
-    if "://" in source.uri:
-        return source.uri
-    if base is None or source.uri.startswith("/"):
-        return os.path.abspath(source.uri)
-    uri = join(base, source.uri)
-    return uri if "://" in uri else os.path.abspath(uri)
+def source_uri(source: SourceConfig, base: str | None = None, data_root: str | None = None) -> str:
+    """A source's URI: relative local paths resolve under ``data_root`` (``PipelineConfig.
+    data_root``; itself relative to ``base``) or ``base``, and are made absolute (versions
+    record it as their media root, and Ray workers do not share the driver's working
+    directory)."""
+    from rzenembed.config import data_location
+
+    return data_location(data_root, source.uri, base)
+
+
+def source_media_root(
+    source: SourceConfig, base: str | None = None, data_root: str | None = None
+) -> str:
+    """Where ``source``'s media paths start: ``sources[].media_root`` or the folder itself."""
+    from rzenembed.config import data_location
+
+    if source.media_root:
+        return data_location(data_root, source.media_root, base)
+    return source_uri(source, base, data_root)

@@ -97,3 +97,24 @@ def _media_of(record: dict[str, Any], root: str, endpoint_url: str | None):
         else:
             fs, path = filesystem(full, endpoint_url)
             yield item["uri"], fs.exists(path)
+
+
+def first_media_paths(
+    source: SourceConfig, uri: str, rows: int, endpoint_url: str | None = None
+) -> list[str]:
+    """The media paths the first ``rows`` rows of ``source`` name (converted by its format;
+    rows a format rejects name none)."""
+    form = get_format(source.format)
+    files = [f for f in source_files(uri, endpoint_url) if f.endswith(form.suffixes)]
+    fs, _ = filesystem(uri, endpoint_url)
+    paths: list[str] = []
+    raws = itertools.islice((r for f in files for r in _rows_of_file(fs, f)), rows)
+    for position, raw in enumerate(raws):
+        for record in convert(source, raw, position, _DrySink("")):
+            if not isinstance(record, dict) or REJECT_KEY in record:
+                continue
+            for key in ("query", "positive"):
+                side = record.get(key)
+                if isinstance(side, dict):
+                    paths += [m["uri"] for m in side.get("media") or [] if m.get("uri")]
+    return paths

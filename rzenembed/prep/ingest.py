@@ -20,12 +20,14 @@ from rzenembed.data.formats import REJECT_KEY, get_format
 from rzenembed.data.importers import (
     FileScan,
     RowChunk,
+    SourceError,
     combine_source_digest,
     data_file_uris,
     media_listing,
     plan_chunks,
     read_chunk,
     scan_data_file,
+    source_media_root,
     source_uri,
 )
 from rzenembed.data.schema import MEDIA_KINDS
@@ -63,14 +65,18 @@ def run_ingest(
     from the file (a byte offset in JSONL, the covering row groups in Parquet). No row ever
     passes through the driver. Shards hold ``prep.shard_rows`` rows and never cross a file.
     """
-    uri = source_uri(source, base)
+    uri = source_uri(source, base, cfg.data_root)
     endpoint = cfg.storage.endpoint_url
     fmt = get_format(source.format)
     files = data_file_uris(uri, endpoint)
     chunk_rows = min(cfg.prep.shard_rows, fmt.max_chunk_rows or cfg.prep.shard_rows)
     # Media inside the data files are written out under the storage root, content-addressed;
-    # everything else is read where it is, in the source folder.
-    media_root = join(cfg.storage.root, "_media", source.name) if fmt.embeds_media else uri
+    # everything else is read where it is, from the source's media root.
+    if fmt.embeds_media:
+        media_root = join(cfg.storage.root, "_media", source.name)
+    else:
+        media_root = source_media_root(source, base, cfg.data_root)
+        check_media_prefix(source, uri, media_root, endpoint)
     scans = run_shards(
         _scan_job,
         [(f, endpoint, chunk_rows) for f in files],
@@ -109,6 +115,36 @@ def run_ingest(
         ]
 
     return execute(plan, cfg, jobs, media_root=media_root, show_progress=show_progress)
+
+
+def check_media_prefix(
+    source: SourceConfig, uri: str, media_root: str, endpoint_url: str | None, rows: int = 20
+) -> None:
+    """Before any shard task: do the first rows' media paths resolve under the media root?
+    If none of them does, the root is wrong for the whole source (MMEB-train rows name
+    ``images/<subset>/...`` from the download's top folder, not from the subset's), and a
+    run would reject every row one by one; this fails at once and says what was expected."""
+    from rzenembed.data.inspect import first_media_paths
+
+    paths = first_media_paths(source, uri, rows, endpoint_url)
+    if not paths:
+        return
+    found = []
+    for path in paths:
+        try:
+            full = resolve_media_uri(media_root, path)
+        except UnsafeURIError:
+            continue
+        fs, local = filesystem(full, endpoint_url)
+        found.append(fs.exists(local))
+    if not any(found):
+        prefix = paths[0].split("/", 1)[0]
+        raise SourceError(
+            f"source {source.name!r}: none of the first {len(paths)} media paths exists under "
+            f"the media root {media_root} (e.g. {paths[0]!r}); expected a folder "
+            f"{prefix + '/'!r} there: set sources[].media_root to the folder the paths "
+            "start from"
+        )
 
 
 def _scan_job(job: tuple[str, str | None, int]) -> FileScan:
