@@ -28,7 +28,7 @@ from rzenembed.config import PipelineConfig, digest_of
 from rzenembed.data import media as media_ops
 from rzenembed.data.engine import run_shards
 from rzenembed.data.schema import RECORD_SCHEMA
-from rzenembed.data.storage import filesystem, join, resolve_media_uri
+from rzenembed.data.storage import filesystem, frame_files, join, resolve_media_uri
 from rzenembed.data.version import DatasetVersion, VersionWriter, put_table
 from rzenembed.prep import dedup
 from rzenembed.prep.base import (
@@ -189,8 +189,12 @@ def inspect_row(
     items = _media_items(row)
     images = {m["uri"] for m in items if m["kind"] == "image"}
     blobs, phashes, reason, detail = [], [], None, ""
-    for uri in (m["uri"] for m in items):
+    for item in items:
+        uri = item["uri"]
         try:
+            if item["kind"] == "frames" and not item.get("frames"):  # a folder of frames
+                blobs.extend(_frame_folder_bytes(resolve_media_uri(root, uri), uri, endpoint_url))
+                continue
             data = read_media(resolve_media_uri(root, uri), uri, endpoint_url)
         except RowError as err:
             return RowFacts(position, err.reason, str(err), "", [])
@@ -201,6 +205,14 @@ def inspect_row(
         if phash is not None:
             phashes.append(phash)
     return RowFacts(position, reason, detail, media_ops.content_hash(texts, blobs), phashes)
+
+
+def _frame_folder_bytes(full: str, uri: str, endpoint_url: str | None) -> list[bytes]:
+    """Every frame file of a folder of frames, in natural order (the row's content)."""
+    files = frame_files(full, endpoint_url)
+    if not files:
+        raise RowError("media_missing", f"{uri}: no frame images in the folder")
+    return [read_media(file, uri, endpoint_url) for file in files]
 
 
 def _check_image(data: bytes, uri: str, knobs: dict) -> tuple[str | None, str, int | None]:
