@@ -91,6 +91,10 @@ class SourceConfig(Strict):
     # rows name "images/<subset>/..." from the download's top folder); relative paths
     # resolve like ``uri``.
     media_root: str | None = None
+    # With ``recaption: true``: captions produced elsewhere, a folder of JSONL/Parquet files
+    # with ``key`` (the row's id) and ``caption``, used instead of ``prep.recaption.model``
+    # under the same policy (add / replace / both-in-one). Relative paths resolve like ``uri``.
+    captions: str | None = None
     seed: int = 0
 
     @field_validator("task_group")
@@ -457,8 +461,9 @@ def resolve_paths(cfg: PipelineConfig, base: str | Path | None = None) -> Pipeli
         data["data_root"] = fix(data["data_root"])
     for source in data["sources"]:
         source["uri"] = data_location(data["data_root"], source["uri"], root)
-        if source["media_root"]:
-            source["media_root"] = data_location(data["data_root"], source["media_root"], root)
+        for key in ("media_root", "captions"):
+            if source[key]:
+                source[key] = data_location(data["data_root"], source[key], root)
     model = data["model"]["name_or_path"]
     if _is_local_relative(model) and (root / model).exists():
         data["model"]["name_or_path"] = str(root / model)

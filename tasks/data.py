@@ -15,13 +15,12 @@ from prefect.artifacts import create_table_artifact
 from rzenembed.config import PipelineConfig
 from rzenembed.data.importers import source_listing_digest, source_uri
 from rzenembed.data.version import DatasetVersion
-from rzenembed.modeling.digest import weights_digest
 from rzenembed.prep.cap import run_cap
 from rzenembed.prep.clean import run_clean
 from rzenembed.prep.ingest import run_ingest
 from rzenembed.prep.merge import run_merge_classification
 from rzenembed.prep.mixture import run_mixture
-from rzenembed.prep.recaption import captioner_path, run_recaption
+from rzenembed.prep.recaption import captions_source, run_recaption
 from rzenembed.prep.video import run_package_long_videos, run_split_clips
 from rzenembed.tracking import LineageRef
 from tasks.common import RETRIES, RunContext, as_ref, keyed, step_run, version_ref
@@ -102,9 +101,15 @@ def _single_step(step: str, fn):
 clean = _single_step("clean", lambda cfg, v: run_clean(cfg, v, show_progress=False))
 
 
+def _captions_of(cfg: PipelineConfig, ref: dict[str, Any]) -> str | None:
+    """The source's side-file captions folder (absolute after ``resolve_paths``), if any."""
+    return cfg.source(ref["extra"]["dataset"]).captions
+
+
 def _recaption_section(p: dict[str, Any]) -> dict[str, Any]:
     cfg: PipelineConfig = p["cfg"]
-    return {**_prep_section(p), "captioner": weights_digest(captioner_path(cfg))}
+    _, location, digest = captions_source(cfg, _captions_of(cfg, p["ref"]))
+    return {**_prep_section(p), "captioner": digest, "captions_from": location}
 
 
 @task(name="recaption", persist_result=True,
@@ -115,15 +120,19 @@ def recaption(cfg: PipelineConfig, ref: dict[str, Any], ctx: RunContext) -> dict
     section = {**_prep_section({"cfg": cfg}), "recaption": cfg.prep.recaption.model_dump(
         mode="json")}  # fmt: skip
     with step_run(cfg, ctx, "recaption", name, section) as (tracker, run_id):
-        version = run_recaption(cfg, _open(cfg, ref), show_progress=False)
+        captions = _captions_of(cfg, ref)
+        version = run_recaption(cfg, _open(cfg, ref), show_progress=False, captions=captions)
         captioner = version.manifest.stats["captioner"]
-        model = LineageRef(
-            "model",
-            "captioner",
-            captioner["path"],
-            captioner["digest"],
-            extra={"digest_of": "weights"},
-        )
+        if captions:  # captions produced elsewhere: a raw source of its own in the lineage
+            model = LineageRef("raw", "captions", captioner["path"], captioner["digest"])
+        else:
+            model = LineageRef(
+                "model",
+                "captioner",
+                captioner["path"],
+                captioner["digest"],
+                extra={"digest_of": "weights"},
+            )
         out = version_ref(version, run_id=run_id)
         tracker.record_lineage(run_id, "recaption", [as_ref(ref), model], [as_ref(out)])
     _counts_artifact(out)

@@ -371,3 +371,48 @@ def test_media_paths_are_checked_against_the_media_root_once_before_the_run(ray_
         tmp_path / "store", root / "ImageNet_1K", "mmeb", media_root=str(root)
     )
     assert len(records) == 3 and reasons(rejects) == {2: "list_unparsable", 3: "list_unparsable"}
+
+
+@pytest.mark.parametrize("policy", ["add", "replace"])
+def test_webdataset_recaptions_from_a_side_folder_follow_the_policy(ray_local, tmp_path, policy):
+    from rzenembed.prep.prepare import prepare_source
+
+    format_fixtures.webdataset(tmp_path / "raw" / "laion")
+    format_fixtures.write_jsonl(
+        tmp_path / "raw" / "laion-captions" / "captions.jsonl",
+        [
+            {"key": "000000000", "caption": "A bright red square centred on a white page."},
+            {"key": "999", "caption": "a key no sample has"},
+        ],
+    )
+    cfg = config_from_dict(
+        {
+            "model": {"name_or_path": "unused"},
+            "data_root": str(tmp_path / "raw"),
+            "storage": {"root": str(tmp_path / "store")},
+            "sources": [
+                {
+                    "name": "laion",
+                    "uri": "laion",
+                    "format": "webdataset",
+                    "stage": "stage1",
+                    "task_group": "image_retrieval",
+                    "recaption": True,
+                    "captions": "laion-captions",
+                }
+            ],
+            "prep": {"shard_rows": 4, "recaption": {"policy": policy}},
+        }
+    )
+    steps = prepare_source(cfg, cfg.sources[0], show_progress=False)
+    rows = {r["id"]: r for r in steps["recaption"].read_table().to_pylist()}
+    new = "A bright red square centred on a white page."
+    if policy == "add":
+        assert rows["000000000"]["query"]["text"] == "a red square on white"
+        assert rows["000000000#recaption"]["query"]["text"] == new
+        assert rows["000000000#recaption"]["positive"] == rows["000000000"]["positive"]
+    else:
+        assert rows["000000000"]["query"]["text"] == new and "000000000#recaption" not in rows
+    assert rows["000010000"]["query"]["text"] == "a blue square"  # no caption: unchanged
+    captioner = steps["recaption"].manifest.stats["captioner"]
+    assert captioner["kind"] == "source" and captioner["path"].endswith("laion-captions")

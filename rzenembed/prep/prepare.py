@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rzenembed.config import PipelineConfig, SourceConfig
+from rzenembed.config import PipelineConfig, SourceConfig, data_location
 from rzenembed.data.engine import ensure_ray
 from rzenembed.data.version import DatasetVersion
 from rzenembed.prep.cap import run_cap
@@ -42,7 +42,8 @@ def prepare_source(
     steps["clean"] = run_clean(cfg, steps["ingest"], show_progress)
     current = steps["clean"]
     if source.recaption:
-        current = steps["recaption"] = run_recaption(cfg, current, show_progress)
+        captions = data_location(cfg.data_root, source.captions, base) if source.captions else None
+        current = steps["recaption"] = run_recaption(cfg, current, show_progress, captions=captions)
     if source.video == "split-clips":
         current = steps["split-clips"] = run_split_clips(cfg, current, show_progress)
     elif source.video == "package-long":

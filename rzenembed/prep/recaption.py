@@ -13,6 +13,10 @@ image without text. For each, the captioner (a Qwen2-VL-family folder, ``generat
 ``replace``       the row with its caption replaced
 ``both-in-one``   the row with ``join`` applied (default: "{original} {generated}")
 
+New captions come from the captioner, or from captions produced elsewhere
+(``sources[].captions``: a folder of ``key``/``caption`` rows, ``key`` the row's id, e.g.
+img2dataset's sample key), under the same policy and guards.
+
 A generated caption that is empty, longer than ``max_chars`` or repetitive (the share of
 repeated word 3-grams above ``max_repeat_ratio``) is rejected with a reason code
 (``caption_empty``, ``caption_too_long``, ``caption_repetitive``) and the original row is
@@ -234,17 +238,54 @@ class CaptionWorker:
         return caption_shard(task, self.captioner)
 
 
-def caption_shard(task: ShardTask, captioner: Captioner) -> dict[str, Any]:
-    """Caption one shard and write its rows, rejects and counts to the work area."""
+class CaptionLookup:
+    """Captions produced elsewhere (``sources[].captions``): a folder of JSONL/Parquet files
+    with ``key`` and ``caption``, loaded once per actor; a row's caption is the one under
+    its id. Rows without one pass through unchanged."""
+
+    def __init__(self, uri: str, settings: RecaptionConfig, endpoint_url: str | None = None):
+        from rzenembed.data.importers import _rows_of_file, source_files
+
+        self.settings = settings
+        fs, _ = filesystem(uri, endpoint_url)
+        self.by_key: dict[str, str] = {}
+        for file in source_files(uri, endpoint_url):
+            for row in _rows_of_file(fs, file):
+                if isinstance(row, dict) and row.get("key") is not None and row.get("caption"):
+                    self.by_key[str(row["key"])] = str(row["caption"])
+
+
+class LookupWorker:
+    """The Ray actor body for side-file captions: the lookup, many shards (no model)."""
+
+    def __init__(self, uri: str, settings: dict[str, Any], endpoint_url: str | None):
+        self.lookup = CaptionLookup(uri, RecaptionConfig.model_validate(settings), endpoint_url)
+
+    def run(self, task: ShardTask) -> dict[str, Any]:
+        return caption_shard(task, self.lookup)
+
+
+def _captions(
+    rows: list[dict], todo: list[tuple[int, Slot]], captioner: Captioner | CaptionLookup, task
+) -> dict[int, str]:
+    """Row index -> new caption, from the model (images read and captioned) or the lookup."""
+    if isinstance(captioner, CaptionLookup):
+        found = ((i, captioner.by_key.get(str(rows[i]["id"]))) for i, _ in todo)
+        return {i: text for i, text in found if text is not None}
     from rzenembed.training.collate import MediaReader
 
-    rows = task.load()
     reader = MediaReader(task.media_root, task.endpoint_url)
-    todo = [(i, caption_slot(r)) for i, r in enumerate(rows)]
-    todo = [(i, slot) for i, slot in todo if slot is not None]
     images = [reader.image(rows[i][slot.image_side]["media"][0]["uri"]) for i, slot in todo]
     texts = captioner.caption(images) if images else []
-    captions = {i: text for (i, _), text in zip(todo, texts, strict=True)}
+    return {i: text for (i, _), text in zip(todo, texts, strict=True)}
+
+
+def caption_shard(task: ShardTask, captioner: Captioner | CaptionLookup) -> dict[str, Any]:
+    """Caption one shard and write its rows, rejects and counts to the work area."""
+    rows = task.load()
+    todo = [(i, caption_slot(r)) for i, r in enumerate(rows)]
+    todo = [(i, slot) for i, slot in todo if slot is not None]
+    captions = _captions(rows, todo, captioner, task)
     kept, rejected, stats = apply_policy(rows, captions, captioner.settings, task.name)
     if len(kept) + len(rejected) != len(rows) + stats["rows_added"]:
         raise AssertionError(f"recaption shard {task.name}: rows were lost")
@@ -314,22 +355,34 @@ def captioner_path(cfg: PipelineConfig) -> str:
     return path
 
 
+def captions_source(cfg: PipelineConfig, captions: str | None) -> tuple[str, str, str]:
+    """(kind, location, digest) of where new captions come from: the side-file folder
+    (``source``, its content digest) or the captioning model (``model``, its weights)."""
+    if captions:
+        from rzenembed.data.importers import source_digest
+
+        return "source", captions, source_digest(captions, cfg.storage.endpoint_url)
+    from rzenembed.modeling.digest import weights_digest
+
+    path = captioner_path(cfg)
+    return "model", path, weights_digest(path)
+
+
 def run_recaption(
     cfg: PipelineConfig,
     version: DatasetVersion,
     show_progress: bool = True,
     stop_after: int | None = None,
+    captions: str | None = None,
 ) -> DatasetVersion:
     """Recaption ``version`` (or return the committed result).
 
-    ``stop_after`` (tests) stops after that many newly captioned shards without committing,
-    as an interrupted run would.
+    ``captions``: a folder of captions produced elsewhere (``sources[].captions``, resolved)
+    used instead of the model. ``stop_after`` (tests) stops after that many newly captioned
+    shards without committing, as an interrupted run would.
     """
-    from rzenembed.modeling.digest import weights_digest
-
     settings = cfg.prep.recaption
-    path = captioner_path(cfg)
-    model_digest = weights_digest(path)
+    kind, path, model_digest = captions_source(cfg, captions)
     section = {"settings": settings.model_dump(mode="json", exclude={"model", "actors",
                "gpus_per_actor"}), "captioner": model_digest}  # fmt: skip
     plan = plan_step(cfg, STEP, version.manifest.dataset, CODE_VERSION, digest_of(section),
@@ -349,12 +402,13 @@ def run_recaption(
     resumed = len(tasks) - len(missing)
     if stop_after is not None:
         missing = missing[:stop_after]
-    for result in _run_actors(missing, path, settings, show_progress):
+    endpoint = cfg.storage.endpoint_url
+    for result in _run_actors(missing, path, settings, show_progress, kind, endpoint):
         results[result["name"]] = result
     if stop_after is not None:
         return None  # type: ignore[return-value]  # interrupted on purpose
     stats = {
-        "captioner": {"path": path, "digest": model_digest},
+        "captioner": {"path": path, "digest": model_digest, "kind": kind},
         "policy": settings.policy,
         "media_root": root,
         "shards_resumed": resumed,
@@ -378,18 +432,31 @@ def _finished(work: str, endpoint_url: str | None) -> dict[str, dict]:
     return done
 
 
-def _run_actors(tasks: list[ShardTask], path: str, settings: RecaptionConfig, show_progress: bool):
+def _run_actors(
+    tasks: list[ShardTask],
+    path: str,
+    settings: RecaptionConfig,
+    show_progress: bool,
+    kind: str = "model",
+    endpoint_url: str | None = None,
+):
     """The shard results, captioned by a Ray Data actor pool (``settings.actors`` actors with
-    ``settings.gpus_per_actor`` GPUs each); each actor loads the captioner once."""
+    ``settings.gpus_per_actor`` GPUs each); each actor loads the captioner once (the
+    side-file lookup, on CPU, when the captions come from a folder)."""
     from rzenembed.data.engine import run_on_actors
 
+    dumped = settings.model_dump(mode="json")
+    if kind == "source":
+        worker, args, gpus = LookupWorker, (path, dumped, endpoint_url), 0.0
+    else:
+        worker, args, gpus = CaptionWorker, (path, dumped), settings.gpus_per_actor
     return run_on_actors(
-        CaptionWorker,
-        (path, settings.model_dump(mode="json")),
+        worker,
+        args,
         tasks,
         actors=settings.actors,
         num_cpus=1,
-        num_gpus=settings.gpus_per_actor,
+        num_gpus=gpus,
         show_progress=show_progress,
     )
 
