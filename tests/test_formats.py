@@ -191,12 +191,12 @@ def test_stringified_lists_are_parsed_as_literals_never_run():
 def test_text_retrieval_from_s3(ray_local, s3_endpoint, tmp_path):
     folder = tmp_path / "text"
     format_fixtures.text_retrieval(folder)
-    fs, _ = filesystem("s3://rzenembed-test", s3_endpoint)
-    fs.put(str(folder), "rzenembed-test/formats/text", recursive=True)
+    fs, _ = filesystem("s3://rzenembed-formats", s3_endpoint)
+    fs.put(str(folder), "rzenembed-formats/text", recursive=True)
     local_version, local, _ = ingest(tmp_path / "store", folder, "text-retrieval")
     remote_version, remote, rejects = ingest(
-        "s3://rzenembed-test/format-store",
-        "s3://rzenembed-test/formats/text",
+        "s3://rzenembed-formats/text-store",
+        "s3://rzenembed-formats/text",
         "text-retrieval",
         endpoint=s3_endpoint,
     )
@@ -286,19 +286,19 @@ def test_a_frame_folder_is_read_in_natural_order(tmp_path):
 def test_embedded_media_formats_from_s3(ray_local, s3_endpoint, tmp_path, fmt):
     folder = tmp_path / fmt
     (format_fixtures.webdataset if fmt == "webdataset" else format_fixtures.visdoc_parquet)(folder)
-    fs, _ = filesystem("s3://rzenembed-test", s3_endpoint)
-    fs.put(str(folder), f"rzenembed-test/formats/{fmt}", recursive=True)
+    fs, _ = filesystem("s3://rzenembed-formats", s3_endpoint)
+    fs.put(str(folder), f"rzenembed-formats/{fmt}", recursive=True)
     local_version, local, local_rejects = ingest(tmp_path / "store", folder, fmt)
     remote_version, remote, rejects = ingest(
-        f"s3://rzenembed-test/{fmt}-store",
-        f"s3://rzenembed-test/formats/{fmt}",
+        f"s3://rzenembed-formats/{fmt}-store",
+        f"s3://rzenembed-formats/{fmt}",
         fmt,
         endpoint=s3_endpoint,
     )
     assert remote == local and reasons(rejects) == reasons(local_rejects)
     assert remote_version.content_digest == local_version.content_digest
     media_root = remote_version.manifest.stats["media_root"]
-    assert media_root == f"s3://rzenembed-test/{fmt}-store/_media/src"
+    assert media_root == f"s3://rzenembed-formats/{fmt}-store/_media/src"
     uri = next(iter(remote.values()))["positive"]["media"][0]["uri"]
     assert fs.exists(f"{media_root}/{uri}")
 

@@ -144,7 +144,7 @@ def test_stage_manifest_records_most_negatives_and_unresolved_references(tmp_pat
 
 
 def test_rows_read_from_s3(s3_endpoint, version):
-    uri = "s3://rzenembed-test/lazy-rows/v"
+    uri = "s3://rzenembed-rows/lazy-rows/v"
     shards = [text_rows(k) for k in range(SHARDS)]
     remote = write_version(uri, shards, s3_endpoint)
     rows = DatasetRows.open(remote.uri, "text_retrieval", 2, endpoint_url=s3_endpoint)

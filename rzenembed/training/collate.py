@@ -112,7 +112,7 @@ class MediaReader:
     def frames(self, item: dict[str, Any], max_frames: int) -> list[Image.Image]:
         if item.get("frames"):
             return [Image.open(io.BytesIO(b)).convert("RGB") for b in item["frames"]]
-        if item["kind"] == "frames":  # a folder of frame images: evenly spaced ones
+        if item.get("kind") == "frames":  # a folder of frame images: evenly spaced ones
             files = frame_files(resolve_media_uri(self.root, item["uri"]), self.endpoint_url)
             if not files:
                 raise FileNotFoundError(f"no frame images in {item['uri']!r}")
