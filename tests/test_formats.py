@@ -129,7 +129,8 @@ def test_text_retrieval_further_positives_as_rows_and_fewer_negatives(ray_local,
 def test_megapairs_with_a_seeded_instruction_and_hard_negative_images(ray_local, tmp_path):
     folder = tmp_path / "megapairs"
     format_fixtures.megapairs(folder)
-    _, records, rejects = ingest(tmp_path / "store", folder, "megapairs")
+    version, records, rejects = ingest(tmp_path / "store", folder, "megapairs")
+    assert version.manifest.stats["rows_in"] == len(records) + len(rejects) == 6
     first = records["src-00000000"]
     # blake2b("0:0") picks the second of the three texts (seed 0, row 0).
     assert first["query"] == text("the same scene at night", media=[image("images/img0.png")])
@@ -158,7 +159,8 @@ def test_megapairs_with_a_seeded_instruction_and_hard_negative_images(ray_local,
 def test_mmeb_splits_and_mme5_stringified_lists(ray_local, tmp_path):
     folder = tmp_path / "mmeb"
     format_fixtures.mmeb(folder)
-    _, records, rejects = ingest(tmp_path / "store", folder, "mmeb")
+    version, records, rejects = ingest(tmp_path / "store", folder, "mmeb")
+    assert version.manifest.stats["rows_in"] == len(records) + len(rejects) == 5
     # diverse_instruction.jsonl (row 0), mme5_synthetic.jsonl (1-3), original.jsonl (4).
     assert records["src-00000000"]["query"] == text(
         "Which object does the picture show?", media=[image("images/m0.png")]
@@ -240,7 +242,13 @@ def test_webdataset_shards_as_img2dataset_writes_them(ray_local, tmp_path):
 def test_visual_document_parquet_with_embedded_pages(ray_local, tmp_path):
     folder = tmp_path / "visdoc"
     format_fixtures.visdoc_parquet(folder)
-    _, records, rejects = ingest(tmp_path / "store", folder, "visdoc-parquet", page_answers=True)
+    version, records, rejects = ingest(
+        tmp_path / "store", folder, "visdoc-parquet", page_answers=True
+    )
+    # 6 raw rows; the three colpali rows with a page and a query also give page + query ->
+    # answer (the broken page's two records are both rejected): 9 records in
+    assert version.manifest.stats["rows_in"] == len(records) + len(rejects) == 9
+    assert version.manifest.stats["extra_records"] == 3
     page = sha_uri(format_fixtures._png((240, 240, 240), (96, 128)), ".png")
     first, second = records["src-00000000"], records["src-00000001"]
     assert first["query"] == text("What is the revenue in 2020?")
@@ -259,7 +267,8 @@ def test_visual_document_parquet_with_embedded_pages(ray_local, tmp_path):
 def test_llava_video_conversations_with_mp4s_and_frame_folders(ray_local, tmp_path, group):
     folder = tmp_path / "llava"
     format_fixtures.llava_video(folder)
-    _, records, rejects = ingest(tmp_path / "store", folder, "llava-video", task_group=group)
+    version, records, rejects = ingest(tmp_path / "store", folder, "llava-video", task_group=group)
+    assert version.manifest.stats["rows_in"] == len(records) + len(rejects) == 5
     clip = {**image("videos/clip.mp4"), "kind": "video"}
     frames = {**image("frames/v2"), "kind": "frames"}
     if group == "video_qa":  # (video + question) -> answer
