@@ -75,6 +75,22 @@ def stop_nodes(temp_dirs: list[Path]) -> None:
         time.sleep(1)
 
 
+def start_node(command: list[str], env: dict[str, str], temp_dir: Path, tries: int = 3) -> None:
+    """``ray start``, tried again when it exits non-zero: on two loaded cores a joining
+    node can time out waiting for a head that is still starting. The last failure raises
+    with Ray's own output, so a CI log says why."""
+    for attempt in range(1, tries + 1):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+        if done.returncode == 0:
+            return
+        print(f"ray start (try {attempt}) exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        stop_nodes([temp_dir])
+        time.sleep(5 * attempt)
+    raise RuntimeError(
+        f"ray start failed {tries} times: {' '.join(command)}\n{done.stdout}\n{done.stderr}"
+    )
+
+
 @pytest.fixture(scope="module")
 def s3(s3_endpoint):
     fs, _ = filesystem(f"s3://{BUCKET}", s3_endpoint)
@@ -115,13 +131,8 @@ def cluster(tmp_path_factory, s3_endpoint):
             ("node-b", ["--address", f"127.0.0.1:{port}"]),
         ):
             node_env = {**env, "RZENEMBED_CACHE": str(caches[name])}
-            subprocess.run(
-                [str(RAY), "start", *args, *common, "--temp-dir", str(nodes[name])],
-                env=node_env,
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
+            command = [str(RAY), "start", *args, *common, "--temp-dir", str(nodes[name])]
+            start_node(command, node_env, nodes[name])
         yield f"127.0.0.1:{port}", env, [*nodes.values(), *caches.values()]
     finally:
         stop_nodes(list(nodes.values()))
