@@ -6,6 +6,8 @@ rzenembed config CONFIG.yaml [--set K=V ...]       validate a config, print it r
 rzenembed embed --model PATH INPUT.jsonl OUT.parquet   embed a file of inputs (resumable)
 rzenembed evaluate --model PATH --eval EVALSET OUT/    MMEB-style scores and a report
 rzenembed import-mmeb-eval FILE OUT --name N --category C --media-root DIR
+rzenembed import-mmeb-v2 ROOT OUT [--release TAG] [--frames 8] [--dataset NAME ...]
+rzenembed mmeb-v2-fixture OUT [--broken]           a scaled-down MMEB-V2 release
 rzenembed soup ADAPTER... --out DIR [--method M] [--weights W,...] [--eval EVALSET]
 rzenembed lineage models:/rzenembed@champion [--tracking-uri URI] [--json]
 rzenembed verify models:/rzenembed@champion|FOLDER [--tracking-uri URI] [--json]
@@ -61,6 +63,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 def _evaluate_to(model: str, evals: list[str], out: str, args: argparse.Namespace) -> dict:
     from rzenembed.evaluation import evaluate, write_report
+    from rzenembed.evaluation.release import suite_skipped
     from rzenembed.modeling import RzenEmbedder
     from rzenembed.modeling.digest import folder_digest
     from rzenembed.runtime import task_device
@@ -71,8 +74,10 @@ def _evaluate_to(model: str, evals: list[str], out: str, args: argparse.Namespac
         embedder, evals, model_digest=digest, cache_dir=args.cache, batch_size=args.batch_size,
         datasets=args.dataset, show_progress=True,
     )  # fmt: skip
-    info = {"path": str(Path(model).resolve()), "digest": digest}
-    return write_report(scores, out, info, previous=args.previous)
+    info = {"path": str(Path(model).resolve()), "digest": digest,
+            "max_visual_tokens": embedder.cfg.max_visual_tokens}  # fmt: skip
+    skipped = suite_skipped(evals)
+    return write_report(scores, out, info, previous=args.previous, skipped=skipped)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -90,6 +95,27 @@ def _cmd_import_mmeb(args: argparse.Namespace) -> int:
     rows = read_mmeb_rows(args.file)
     out = import_mmeb_eval(rows, args.name, args.category, args.out, args.media_root)
     print(f"evaluation set {args.name} ({len(rows)} queries) written to {out}")
+    return 0
+
+
+def _cmd_import_mmeb_v2(args: argparse.Namespace) -> int:
+    from rzenembed.evaluation.release import import_mmeb_v2
+
+    result = import_mmeb_v2(args.root, args.out, args.release, args.frames, args.dataset)
+    for name, meta in result.written.items():
+        print(f"  {name}: {meta['queries']} queries, {meta['candidate_count']} candidates")
+    for name, entry in result.skipped.items():
+        print(f"  SKIPPED {name}: {entry['reason']}")
+    print(f"{len(result.written)} sets written to {result.out}, {len(result.skipped)} skipped "
+          f"(see {result.out / 'suite.json'})")  # fmt: skip
+    return 0
+
+
+def _cmd_mmeb_v2_fixture(args: argparse.Namespace) -> int:
+    from rzenembed.evaluation.release_fixture import build_release_fixture
+
+    root = build_release_fixture(args.out, broken=args.broken)
+    print(f"scaled-down MMEB-V2 release written to {root}")
     return 0
 
 
@@ -253,6 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     mmeb.add_argument("--category", required=True, help="e.g. image_classification")
     mmeb.add_argument("--media-root", required=True, help="folder the image paths start from")
     mmeb.set_defaults(func=_cmd_import_mmeb)
+
+    v2 = sub.add_parser("import-mmeb-v2", help="the MMEB-V2 release -> 78 evaluation sets")
+    v2.add_argument("root", help="the release folder (media and annotations/)")
+    v2.add_argument("out", help="folder to write one set per dataset and suite.json into")
+    v2.add_argument("--release", default="unnamed", help="the release tag, e.g. v2.1")
+    v2.add_argument("--frames", type=int, default=8, help="frames per video (benchmark: 8)")
+    v2.add_argument("--dataset", action="append", default=[], help="only these (repeatable)")
+    v2.set_defaults(func=_cmd_import_mmeb_v2)
+
+    fx = sub.add_parser("mmeb-v2-fixture", help="write a scaled-down MMEB-V2 release")
+    fx.add_argument("out")
+    fx.add_argument("--broken", action="store_true", help="add two datasets with missing parts")
+    fx.set_defaults(func=_cmd_mmeb_v2_fixture)
 
     sp = sub.add_parser("soup", help="combine stage-2 LoRA adapters into one merged model")
     sp.add_argument("adapters", nargs="+", help="adapter folders (same base model)")

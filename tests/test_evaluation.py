@@ -70,18 +70,25 @@ def test_empty_candidate_lists_rank_against_the_whole_dataset(tmp_path):
     assert score.metrics["mrr"] == pytest.approx(0.75)
 
 
-def test_candidates_are_embedded_once_per_model_digest(tmp_path):
+def test_candidates_are_embedded_once_per_model_digest_and_shared_between_datasets(tmp_path):
     folder = write_set(tmp_path / "s", [("q1", [], ["a"])], ["a", "b", "c"])
     encoder = TextKeyEncoder(TABLE)
     cache = tmp_path / "cache"
     first = evaluate(encoder, folder, model_digest="m1", cache_dir=cache)
     assert encoder.encoded == ["a", "b", "c", "q1"]
-    again = evaluate(encoder, folder, model_digest="m1", cache_dir=cache)
-    assert encoder.encoded[4:] == ["q1"]  # candidates came from the cache
+    resumed = []
+    again = evaluate(encoder, folder, model_digest="m1", cache_dir=cache,
+                     on_dataset=lambda score, was_stored: resumed.append(was_stored))
+    assert encoder.encoded[4:] == [] and resumed == [True]  # the finished score is reused
     assert again[0].metrics == first[0].metrics
+    # Another dataset (other name, other queries) over the same corpus: only its queries.
+    other = write_set(tmp_path / "o", [("q2", [], ["b"])], ["a", "b", "c"], dataset="other")
+    evaluate(encoder, other, model_digest="m1", cache_dir=cache)
+    assert encoder.encoded[4:] == ["q2"]
     evaluate(encoder, folder, model_digest="m2", cache_dir=cache)
     assert encoder.encoded[5:] == ["a", "b", "c", "q1"]  # another model: embedded again
     assert len(list(cache.glob("*.pt"))) == 2
+    assert len(list((cache / "scores").glob("*.json"))) == 3
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,22 @@ class EvalDataset:
     media_root: str
     queries: list[dict[str, Any]]
     candidates: list[dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ranking(self) -> str:
         return "local" if any(q["candidate_ids"] for q in self.queries) else "global"
+
+    @property
+    def frames(self) -> int | None:
+        """Frames per video the set was defined with (the benchmark's 8), if it says."""
+        return self.meta.get("frames")
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Where the set comes from, for reports: release tag and annotations digest."""
+        keys = ("source", "release", "annotations_digest", "benchmark_queries")
+        return {k: self.meta[k] for k in keys if k in self.meta}
 
 
 def _read_table(folder: Path, stem: str) -> list[dict[str, Any]]:
@@ -99,7 +111,7 @@ def load_eval_folder(folder: str | Path) -> list[EvalDataset]:
     for name, rows in grouped.items():
         pool = by_dataset.get(name, [])
         _check(folder, name, rows, pool)
-        out.append(EvalDataset(name, rows[0]["category"], media_root, rows, pool))
+        out.append(EvalDataset(name, rows[0]["category"], media_root, rows, pool, meta))
     return out
 
 
@@ -119,6 +131,11 @@ def _check(folder: Path, name: str, queries: list[dict], candidates: list[dict])
         unknown = [c for c in [*listed, *relevant] if c not in known]
         if unknown:
             raise EvalSetError(f"{folder}: query {q['qid']} names unknown candidates {unknown}")
+        grades = q.get("relevance")
+        if grades is not None and (len(grades) != len(relevant) or min(grades) <= 0):
+            raise EvalSetError(
+                f"{folder}: query {q['qid']} needs one positive relevance per relevant id"
+            )
         if listed and not set(relevant) <= set(listed):
             raise EvalSetError(
                 f"{folder}: query {q['qid']} has relevant candidates outside its own list"
@@ -145,9 +162,12 @@ def read_mmeb_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def import_mmeb_eval(
-    rows: Iterable[dict[str, Any]], name: str, category: str, out: str | Path,
+    rows: Iterable[dict[str, Any]],
+    name: str,
+    category: str,
+    out: str | Path,
     media_root: str | Path,
-) -> Path:  # fmt: skip
+) -> Path:
     """Write an MMEB (VLM2Vec) evaluation dataset as an evaluation set folder.
 
     Each MMEB row has the query (``qry_text`` / ``qry`` and ``qry_img_path`` /
@@ -178,19 +198,29 @@ def import_mmeb_eval(
                 index[key] = f"{name}-c{len(index):06d}"
                 candidates.append({"cid": index[key], "dataset": name, "candidate": candidate})
             listed.append(index[key])
-        query = mmeb_side(row.get("qry_text", row.get("qry")),
-                           row.get("qry_img_path", row.get("qry_image_path")))  # fmt: skip
+        query = mmeb_side(
+            row.get("qry_text", row.get("qry")), row.get("qry_img_path", row.get("qry_image_path"))
+        )
         if not query["text"] and not query["media"]:
             raise EvalSetError(f"MMEB row {number} of {name}: empty query")
-        queries.append({
-            "qid": f"{name}-q{number:06d}", "dataset": name, "category": category,
-            "query": query, "candidate_ids": list(dict.fromkeys(listed)),
-            "relevant_ids": [listed[0]],
-        })  # fmt: skip
+        queries.append(
+            {
+                "qid": f"{name}-q{number:06d}",
+                "dataset": name,
+                "category": category,
+                "query": query,
+                "candidate_ids": list(dict.fromkeys(listed)),
+                "relevant_ids": [listed[0]],
+            }
+        )
     for stem, table in ((QUERIES, queries), (CANDIDATES, candidates)):
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in table)
         (out / f"{stem}.jsonl").write_text(lines, encoding="utf-8")
-    meta = {"name": name, "category": category, "source": "mmeb",
-            "media_root": str(Path(media_root).resolve())}  # fmt: skip
+    meta = {
+        "name": name,
+        "category": category,
+        "source": "mmeb",
+        "media_root": str(Path(media_root).resolve()),
+    }
     (out / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out

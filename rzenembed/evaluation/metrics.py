@@ -98,6 +98,23 @@ def rank_metrics(
     return out
 
 
+def positional_metrics(
+    scores: Sequence[float] | np.ndarray, relevance: Sequence[float] | np.ndarray, ndcg_k: int = 5
+) -> dict[str, float]:
+    """``hit@1`` and ``ndcg@<ndcg_k>`` when ties are broken by list position (the first
+    listed wins), the convention of the reference MMEB harness, whose local lists put the
+    relevant candidate first. Reported beside the tie-exact values so a user can see why
+    two numbers for the same vectors disagree."""
+    scores = np.asarray(scores, dtype=np.float64)
+    gains = np.asarray(relevance, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    discounts = _discounts(ndcg_k)
+    top = gains[order[:ndcg_k]]
+    ideal = np.sort(gains)[::-1][:ndcg_k]
+    dcg, best = np.sum(top * discounts[: top.size]), np.sum(ideal * discounts[: ideal.size])
+    return {"hit@1": float(gains[order[0]] > 0), f"ndcg@{ndcg_k}": float(dcg / best)}
+
+
 def mean_metrics(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     """Per-metric mean over queries."""
     if not rows:

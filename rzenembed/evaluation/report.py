@@ -7,6 +7,7 @@ percentages, as the MMEB tables do. Given the previous report, each level gets a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rzenembed.evaluation.categories import COLUMNS, META_ORDER
+from rzenembed.evaluation.leaderboard import LEADERBOARD_JSON, write_leaderboard
 from rzenembed.evaluation.runner import DatasetScore
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
@@ -23,12 +25,21 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def evaluation_digest(scores: Sequence[DatasetScore]) -> str:
+    """One digest of every dataset a report scored (its content digest): two reports are
+    comparable only when theirs are equal."""
+    payload = json.dumps(sorted((s.name, s.digest) for s in scores))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 def build_report(
     scores: Sequence[DatasetScore],
     model: dict[str, Any],
     previous: dict[str, Any] | None = None,
+    skipped: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The report as a JSON-able dict; ``previous`` (an earlier report) adds deltas."""
+    """The report as a JSON-able dict; ``previous`` (an earlier report) adds deltas;
+    ``skipped`` (datasets an import left out, with why) is carried into it."""
     if not scores:
         raise ValueError("no dataset was scored; nothing to report")
     categories: dict[str, dict[str, Any]] = {}
@@ -39,10 +50,13 @@ def build_report(
     for key, entry in categories.items():
         entry["score"] = _mean([s.score for s in scores if f"{s.meta}/{s.column}" == key])
     meta = {
-        m: {"score": _mean([s.score for s in scores if s.meta == m]),
-            "datasets": sum(s.meta == m for s in scores)}
-        for m in META_ORDER if any(s.meta == m for s in scores)
-    }  # fmt: skip
+        m: {
+            "score": _mean([s.score for s in scores if s.meta == m]),
+            "datasets": sum(s.meta == m for s in scores),
+        }
+        for m in META_ORDER
+        if any(s.meta == m for s in scores)
+    }
     report: dict[str, Any] = {
         "model": model,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -50,6 +64,8 @@ def build_report(
         "categories": dict(sorted(categories.items(), key=lambda kv: _order(kv[0]))),
         "meta": meta,
         "all": {"score": _mean([s.score for s in scores]), "datasets": len(scores)},
+        "evaluation_digest": evaluation_digest(scores),
+        "skipped": dict(skipped or {}),
     }
     if previous is not None:
         report["previous"] = {"model": previous.get("model"), "created": previous.get("created")}
@@ -92,9 +108,13 @@ def to_markdown(report: dict[str, Any]) -> str:
     if report.get("previous"):
         before = (report["previous"].get("model") or {}).get("path", "an earlier report")
         lines += [f"Δ rows and columns compare with {before}.", ""]
-    lines += [f"Model digest `{digest}`. " if digest else "", f"Created {report['created']}. "
-              f"{report['all']['datasets']} datasets; scores in % (Hit@1 for image and video, "
-              f"NDCG@k for visual documents).", ""]  # fmt: skip
+    lines += [
+        f"Model digest `{digest}`. " if digest else "",
+        f"Created {report['created']}. "
+        f"{report['all']['datasets']} datasets; scores in % (Hit@1 for image and video, "
+        f"NDCG@k for visual documents).",
+        "",
+    ]
     # The MMEB layout: one column per category, then the meta score, then All.
     header, row, change = ["model"], ["this model"], ["Δ vs previous"]
     present = {k for k in report["categories"]}
@@ -112,33 +132,69 @@ def to_markdown(report: dict[str, Any]) -> str:
     change.append(_signed(delta.get("All")))
     table = [header, ["---"] * len(header), row] + ([change] if delta else [])
     lines += ["## Summary (MMEB-V2 layout)", ""] + ["| " + " | ".join(r) + " |" for r in table]
-    lines += ["", "## Categories", "", "| meta | category | datasets | score | Δ |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## Categories",
+        "",
+        "| meta | category | datasets | score | Δ |",
+        "|---|---|---|---|---|",
+    ]
     for key, entry in report["categories"].items():
-        lines.append(f"| {entry['meta']} | {entry['column']} | {len(entry['datasets'])} | "
-                     f"{_pct(entry['score'])} | {_signed(delta.get(key))} |")  # fmt: skip
+        lines.append(
+            f"| {entry['meta']} | {entry['column']} | {len(entry['datasets'])} | "
+            f"{_pct(entry['score'])} | {_signed(delta.get(key))} |"
+        )
     for meta, entry in report["meta"].items():
-        lines.append(f"| **{meta}** | all | {entry['datasets']} | **{_pct(entry['score'])}** | "
-                     f"{_signed(delta.get(meta))} |")  # fmt: skip
-    lines.append(f"| **All** | | {report['all']['datasets']} | **{_pct(report['all']['score'])}**"
-                 f" | {_signed(delta.get('All'))} |")  # fmt: skip
+        lines.append(
+            f"| **{meta}** | all | {entry['datasets']} | **{_pct(entry['score'])}** | "
+            f"{_signed(delta.get(meta))} |"
+        )
+    lines.append(
+        f"| **All** | | {report['all']['datasets']} | **{_pct(report['all']['score'])}**"
+        f" | {_signed(delta.get('All'))} |"
+    )
     lines += [
         "",
         "## Datasets",
         "",
-        "| dataset | category | ranking | queries | candidates | metric | score | hit@1 | "
-        "ndcg | recall@5 | MRR | Δ |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Scores are exact under ties (the expectation over tie orders). *first listed* is "
+        "the score when ties go to the candidate listed first, the reference harness's "
+        "convention; it is shown only where the two differ.",
+        "",
+        "| dataset | category | ranking | queries | candidates | frames | metric | score | "
+        "first listed | hit@1 | ndcg | recall@5 | MRR | Δ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, d in report["datasets"].items():
         m = d["metrics"]
         ndcg = next((v for k, v in m.items() if k.startswith("ndcg@")), None)
+        listed = m.get(f"first_listed:{d['metric']}")
+        differs = listed is not None and abs(listed - d["score"]) > 5e-4
         lines.append(
             f"| {name} | {d['meta']} {d['column']} | {d['ranking']} | {d['queries']} | "
-            f"{d['candidates']} | {d['metric']} | **{_pct(d['score'])}** | {_pct(m['hit@1'])} | "
+            f"{d['candidates']} | {d.get('frames') or '–'} | {d['metric']} | "
+            f"**{_pct(d['score'])}** | {_pct(listed) if differs else ''} | {_pct(m['hit@1'])} | "
             f"{_pct(ndcg)} | {_pct(m.get('recall@5'))} | {_pct(m['mrr'])} | "
             f"{_signed(delta.get(f'dataset:{name}'))} |"
         )
+    releases = sorted(
+        {
+            f"{p['source']} {p['release']} (annotations {p['annotations_digest'][:12]})"
+            for p in (d.get("provenance") or {} for d in report["datasets"].values())
+            if p.get("release") and p.get("annotations_digest")
+        }
+    )
+    if releases:
+        lines += ["", "Sets: " + "; ".join(releases) + "."]
+    skipped = report.get("skipped", {})
+    incomplete = {k: v for k, v in skipped.items() if v.get("kind") != "absent"}
+    absent = sorted(k for k, v in skipped.items() if v.get("kind") == "absent")
+    if incomplete:
+        lines += ["", "## Skipped (not scored: a part is missing)", ""]
+        lines += ["| dataset | why |", "|---|---|"]
+        lines += [f"| {k} | {v['reason']} |" for k, v in sorted(incomplete.items())]
+    if absent:
+        lines += ["", f"Not in the imported release ({len(absent)}): {', '.join(absent)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -157,12 +213,16 @@ def plot(report: dict[str, Any], path: Path, previous: dict[str, Any] | None = N
     positions = list(range(len(keys)))[::-1]
     height = 0.38 if before else 0.7
     values = [100 * now[k] for k in keys]
-    ax.barh([p + (height / 2 if before else 0) for p in positions], values, height,
-            label="this model", color="#2f6db3")  # fmt: skip
+    ax.barh(
+        [p + (height / 2 if before else 0) for p in positions],
+        values,
+        height,
+        label="this model",
+        color="#2f6db3",
+    )
     if before:
         old = [100 * before[k] if before.get(k) is not None else 0 for k in keys]
-        ax.barh([p - height / 2 for p in positions], old, height, label="previous",
-                color="#b0b7c3")  # fmt: skip
+        ax.barh([p - height / 2 for p in positions], old, height, label="previous", color="#b0b7c3")
     for p, v in zip(positions, values, strict=True):
         ax.text(v + 1, p + (height / 2 if before else 0), f"{v:.1f}", va="center", fontsize=8)
     ax.set_yticks(positions, labels)
@@ -181,15 +241,24 @@ def write_report(
     out_dir: str | Path,
     model: dict[str, Any],
     previous: str | Path | dict[str, Any] | None = None,
+    skipped: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Path]:
-    """Write report.json, report.md and report.png under ``out_dir``; return their paths."""
+    """Write report.json, report.md, report.png and leaderboard.json (the benchmark's
+    datasets in the MMEB-V2 score-file shape) under ``out_dir``; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(previous, str | Path):
         previous = json.loads(Path(previous).read_text())
-    report = build_report(scores, model, previous)
-    paths = {"json": out / REPORT_JSON, "markdown": out / REPORT_MD, "png": out / REPORT_PNG}
+    report = build_report(scores, model, previous, skipped)
+    paths = {
+        "json": out / REPORT_JSON,
+        "markdown": out / REPORT_MD,
+        "png": out / REPORT_PNG,
+        "leaderboard": out / LEADERBOARD_JSON,
+    }
     paths["json"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     paths["markdown"].write_text(to_markdown(report), encoding="utf-8")
     plot(report, paths["png"], previous)
+    name = model.get("name") or Path(str(model.get("path", "model"))).name
+    write_leaderboard(report, paths["leaderboard"], name)
     return paths

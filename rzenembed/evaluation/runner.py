@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,12 +25,18 @@ from rzenembed.data.folders import write_bytes
 from rzenembed.data.storage import filesystem, join
 from rzenembed.evaluation.categories import category_of, main_metric
 from rzenembed.evaluation.evalset import EvalDataset, discover, load_eval_folder
-from rzenembed.evaluation.metrics import DEFAULT_KS, mean_metrics, rank_metrics
+from rzenembed.evaluation.metrics import (
+    DEFAULT_KS,
+    mean_metrics,
+    positional_metrics,
+    rank_metrics,
+)
 from rzenembed.modeling.inputs import EmbedInput
 from rzenembed.training.collate import MediaReader, to_input
 
 ENCODE_SLICE = 256  # items read from storage and embedded per slice
 SCORE_BLOCK = 1024  # queries scored against a global corpus per matrix product
+FIRST_LISTED = "first_listed:"  # metrics under the positional tie convention
 
 
 class Encoder(Protocol):
@@ -51,15 +57,28 @@ class DatasetScore:
     metric: str
     score: float
     metrics: dict[str, float] = field(default_factory=dict)
+    frames: int | None = None
+    digest: str = ""  # dataset_digest: what the score was computed on
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def first_listed(self) -> float | None:
+        """The main score under the reference harness's positional tie convention."""
+        return self.metrics.get(f"{FIRST_LISTED}{self.metric}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def _encode(
-    encoder: Encoder, sides: Sequence[dict], reader: MediaReader, max_frames: int,
-    batch_size: int, desc: str, show_progress: bool,
-) -> torch.Tensor:  # fmt: skip
+    encoder: Encoder,
+    sides: Sequence[dict],
+    reader: MediaReader,
+    max_frames: int,
+    batch_size: int,
+    desc: str,
+    show_progress: bool,
+) -> torch.Tensor:
     parts = []
     starts = range(0, len(sides), ENCODE_SLICE)
     for start in tqdm(starts, desc=desc, disable=not show_progress, unit="slice"):
@@ -69,62 +88,166 @@ def _encode(
 
 
 def candidate_cache_key(model_digest: str, dataset: EvalDataset, max_frames: int) -> str:
-    payload = json.dumps(
-        [model_digest, dataset.name, dataset.media_root, max_frames, dataset.candidates],
-        sort_keys=True,
-    )
+    """What candidate vectors depend on: the model, the media root, the frame count and
+    each candidate's content (not its id or dataset), so two datasets over one corpus
+    share their vectors."""
+    sides = [c["candidate"] for c in dataset.candidates]
+    with_media = any(side.get("media") for side in sides)
+    root = dataset.media_root if with_media else None  # text alone does not depend on it
+    payload = json.dumps([model_digest, root, max_frames, sides], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _cached_candidates(
-    encoder: Encoder, dataset: EvalDataset, reader: MediaReader, max_frames: int,
-    batch_size: int, cache_dir: str | None, model_digest: str | None, show_progress: bool,
+    encoder: Encoder,
+    dataset: EvalDataset,
+    reader: MediaReader,
+    max_frames: int,
+    batch_size: int,
+    cache_dir: str | None,
+    model_digest: str | None,
+    show_progress: bool,
     endpoint_url: str | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Candidate vectors from the cache (a local folder or a URI on the storage root, so
     every node shares it), or embedded and added to it."""
     sides = [c["candidate"] for c in dataset.candidates]
     if cache_dir is None or model_digest is None:
-        return _encode(encoder, sides, reader, max_frames, batch_size,
-                       f"{dataset.name} candidates", show_progress)  # fmt: skip
+        return _encode(
+            encoder,
+            sides,
+            reader,
+            max_frames,
+            batch_size,
+            f"{dataset.name} candidates",
+            show_progress,
+        )
     uri = join(str(cache_dir), f"{candidate_cache_key(model_digest, dataset, max_frames)}.pt")
     fs, path = filesystem(uri, endpoint_url)
     if fs.exists(path):
         with fs.open(path, "rb") as f:
             return torch.load(io.BytesIO(f.read()), weights_only=True)
-    vectors = _encode(encoder, sides, reader, max_frames, batch_size,
-                      f"{dataset.name} candidates", show_progress)  # fmt: skip
+    vectors = _encode(
+        encoder, sides, reader, max_frames, batch_size, f"{dataset.name} candidates", show_progress
+    )
     buffer = io.BytesIO()
     torch.save(vectors, buffer)
     write_bytes(uri, buffer.getvalue(), endpoint_url)  # whole or not at all
     return vectors
 
 
+def _gains(query: dict[str, Any], ids: Sequence[str]) -> np.ndarray:
+    """Each of ``ids``' gain for ``query``: its graded relevance (visual documents) or 1."""
+    grades = query.get("relevance") or [1.0] * len(query["relevant_ids"])
+    by_id = dict(zip(query["relevant_ids"], grades, strict=True))
+    return np.array([float(by_id.get(c, 0.0)) for c in ids])
+
+
 def score_dataset(
-    query_vectors: torch.Tensor, candidate_vectors: torch.Tensor, dataset: EvalDataset,
-    ks: Sequence[int] = DEFAULT_KS, ndcg_k: int = 5,
-) -> list[dict[str, float]]:  # fmt: skip
-    """Per-query metrics; local queries rank their own list, global ones the whole corpus."""
+    query_vectors: torch.Tensor,
+    candidate_vectors: torch.Tensor,
+    dataset: EvalDataset,
+    ks: Sequence[int] = DEFAULT_KS,
+    ndcg_k: int = 5,
+) -> list[dict[str, float]]:
+    """Per-query metrics; local queries rank their own list, global ones the whole corpus.
+    Each row also has the positional-tie values (``first_listed:hit@1``, ...)."""
     index = {c["cid"]: i for i, c in enumerate(dataset.candidates)}
+    all_ids = [c["cid"] for c in dataset.candidates]
     rows: list[dict[str, float] | None] = [None] * len(dataset.queries)
+
+    def metrics(scores: np.ndarray, gains: np.ndarray) -> dict[str, float]:
+        out = rank_metrics(scores, gains, ks, ndcg_k)
+        positional = positional_metrics(scores, gains, ndcg_k)
+        out.update({f"{FIRST_LISTED}{k}": v for k, v in positional.items()})
+        return out
+
     global_rows = []
     for qi, query in enumerate(dataset.queries):
         if query["candidate_ids"]:
             pool = [index[c] for c in query["candidate_ids"]]
             scores = (candidate_vectors[pool] @ query_vectors[qi]).numpy()
-            relevant = set(query["relevant_ids"])
-            gains = [1.0 if c in relevant else 0.0 for c in query["candidate_ids"]]
-            rows[qi] = rank_metrics(scores, gains, ks, ndcg_k)
+            rows[qi] = metrics(scores, _gains(query, query["candidate_ids"]))
         else:
             global_rows.append(qi)
     for start in range(0, len(global_rows), SCORE_BLOCK):
         block = global_rows[start : start + SCORE_BLOCK]
         matrix = (query_vectors[block] @ candidate_vectors.T).numpy()
         for row, qi in zip(matrix, block, strict=True):
-            gains = np.zeros(len(dataset.candidates))
-            gains[[index[c] for c in dataset.queries[qi]["relevant_ids"]]] = 1.0
-            rows[qi] = rank_metrics(row, gains, ks, ndcg_k)
+            rows[qi] = metrics(row, _gains(dataset.queries[qi], all_ids))
     return [r for r in rows if r is not None]
+
+
+def dataset_digest(dataset: EvalDataset, max_frames: int) -> str:
+    """The content a dataset's score depends on (queries, candidates, media, frames)."""
+    payload = json.dumps(
+        [dataset.name, dataset.media_root, max_frames, dataset.queries, dataset.candidates],
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _stored_score(uri: str | None, endpoint_url: str | None) -> DatasetScore | None:
+    if uri is None:
+        return None
+    fs, path = filesystem(uri, endpoint_url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return DatasetScore(**json.loads(f.read()))
+
+
+def score_one(
+    encoder: Encoder,
+    dataset: EvalDataset,
+    max_frames: int,
+    batch_size: int,
+    ndcg_k: int,
+    cache: str | None,
+    model_digest: str | None,
+    show_progress: bool,
+    endpoint_url: str | None,
+) -> DatasetScore:
+    """Embed one dataset (candidates through the cache) and score it."""
+    reader = MediaReader(dataset.media_root)
+    candidates = _cached_candidates(
+        encoder,
+        dataset,
+        reader,
+        max_frames,
+        batch_size,
+        cache,
+        model_digest,
+        show_progress,
+        endpoint_url,
+    )
+    queries = _encode(
+        encoder,
+        [q["query"] for q in dataset.queries],
+        reader,
+        max_frames,
+        batch_size,
+        f"{dataset.name} queries",
+        show_progress,
+    )
+    metrics = mean_metrics(score_dataset(queries, candidates, dataset, ndcg_k=ndcg_k))
+    category = category_of(dataset.category)
+    metric = main_metric(dataset.category, ndcg_k)
+    return DatasetScore(
+        name=dataset.name,
+        category=dataset.category,
+        meta=category.meta,
+        column=category.column,
+        ranking=dataset.ranking,
+        queries=len(dataset.queries),
+        candidates=len(dataset.candidates),
+        metric=metric,
+        score=metrics[metric],
+        metrics=metrics,
+        frames=max_frames,
+        digest=dataset_digest(dataset, max_frames),
+        provenance=dataset.provenance,
+    )
 
 
 def evaluate(
@@ -139,11 +262,18 @@ def evaluate(
     datasets: Sequence[str] = (),
     show_progress: bool = False,
     endpoint_url: str | None = None,
+    on_dataset: Callable[[DatasetScore, bool], None] | None = None,
 ) -> list[DatasetScore]:
     """Score ``encoder`` on every dataset found under ``eval_paths`` (see ``discover``).
 
-    ``datasets`` keeps only the named datasets (all when empty). ``max_frames`` defaults to
-    the embedder's configured video frame count (4 for a plain encoder).
+    ``datasets`` keeps only the named datasets (all when empty). A set that records its
+    frames per video (an imported benchmark: 8) is embedded with that many; others with
+    ``max_frames``, by default the embedder's configured count (4 for a plain encoder).
+
+    With ``cache_dir`` and ``model_digest``, every finished dataset's score is stored under
+    ``cache_dir/scores/`` keyed by the model and the dataset's content, so a rerun after a
+    crash resumes at the first unfinished dataset. ``on_dataset(score, resumed)`` is called
+    as each dataset finishes (progress reporting).
     """
     if isinstance(eval_paths, str | Path):
         eval_paths = [eval_paths]
@@ -152,37 +282,37 @@ def evaluate(
         max_frames = int(getattr(cfg, "video_frames", 4))
     cache = str(cache_dir) if cache_dir is not None else None
     folders = [folder for path in eval_paths for folder in discover(path)]
+    found = [d for folder in folders for d in load_eval_folder(folder)]
+    chosen = [d for d in found if not datasets or d.name in datasets]
+    missing = sorted(set(datasets) - {d.name for d in found})
+    if missing:
+        raise ValueError(f"evaluation datasets not found: {missing}")
     results = []
-    for folder in folders:
-        for dataset in load_eval_folder(folder):
-            if datasets and dataset.name not in datasets:
-                continue
-            reader = MediaReader(dataset.media_root)
-            candidates = _cached_candidates(
+    for dataset in tqdm(chosen, desc="datasets", unit="dataset", disable=not show_progress):
+        frames = dataset.frames or max_frames
+        stored = None
+        if cache is not None and model_digest is not None:
+            key = hashlib.sha256(
+                f"{model_digest}:{ndcg_k}:{dataset_digest(dataset, frames)}".encode()
+            ).hexdigest()
+            stored = join(cache, "scores", f"{key}.json")
+        score = _stored_score(stored, endpoint_url)
+        resumed = score is not None
+        if score is None:
+            score = score_one(
                 encoder,
                 dataset,
-                reader,
-                max_frames,
+                frames,
                 batch_size,
+                ndcg_k,
                 cache,
                 model_digest,
                 show_progress,
                 endpoint_url,
             )
-            queries = _encode(encoder, [q["query"] for q in dataset.queries], reader,
-                              max_frames, batch_size, f"{dataset.name} queries",
-                              show_progress)  # fmt: skip
-            rows = score_dataset(queries, candidates, dataset, ndcg_k=ndcg_k)
-            metrics = mean_metrics(rows)
-            category = category_of(dataset.category)
-            metric = main_metric(dataset.category, ndcg_k)
-            results.append(DatasetScore(
-                name=dataset.name, category=dataset.category, meta=category.meta,
-                column=category.column, ranking=dataset.ranking, queries=len(dataset.queries),
-                candidates=len(dataset.candidates), metric=metric, score=metrics[metric],
-                metrics=metrics,
-            ))  # fmt: skip
-    missing = sorted(set(datasets) - {r.name for r in results})
-    if missing:
-        raise ValueError(f"evaluation datasets not found: {missing}")
+            if stored is not None:
+                write_bytes(stored, json.dumps(score.to_json()).encode(), endpoint_url)
+        results.append(score)
+        if on_dataset is not None:
+            on_dataset(score, resumed)
     return results
