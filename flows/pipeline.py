@@ -254,7 +254,7 @@ def full_pipeline(
         trained = run_training_stages(ex, data)
         model = run_soup(ex, trained)
         report = run_evaluate(ex, model, trained["base"])
-        registered = ex.opts(register_model)(ex.cfg, model, report, ex.ctx)
+        registered = ex.opts(register_model)(ex.cfg, model, report, ex.ctx, ex.base)
         _announce(ex, registered, report)
         return {"model_uri": registered["uri"], "registered": registered, "report": report,
                 "model": model, "trained": trained, "data": data}  # fmt: skip
@@ -337,7 +337,7 @@ def retrain(
             trained = run_stage2_from(ex, data, merged)
         model = run_soup(ex, trained)
         report = run_evaluate(ex, model, trained["base"])
-        registered = ex.opts(register_model)(ex.cfg, model, report, ex.ctx)
+        registered = ex.opts(register_model)(ex.cfg, model, report, ex.ctx, ex.base)
         create_markdown_artifact(
             _comparison(old_version, old_scores, registered, report),
             key="retraining",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -338,6 +339,9 @@ class SoupConfig(Strict):
     method: Literal["delta", "factors", "greedy"] = "delta"
     weights: dict[str, float] | None = None
     normalize: bool = True
+    # Greedy souping selects adapters on these evaluation sets (validation splits): never
+    # on a set that is also reported (``eval.sets``), or the reported score is optimistic.
+    validation_sets: list[str] = Field(default_factory=list)
 
 
 class EvalConfig(Strict):
@@ -349,6 +353,10 @@ class EvalConfig(Strict):
     # A candidate becomes champion only when it beats the champion by more than this.
     min_improvement: float = Field(default=0.0, ge=0)
     ndcg_k: int = Field(default=5, gt=0)
+    # When the champion was scored on other evaluation sets than the candidate (another
+    # release, an added dataset), score the champion again on the candidate's sets before
+    # comparing; off: refuse to move ``champion`` and say why.
+    rescore_champion: bool = True
 
 
 class TrackingConfig(Strict):
@@ -404,6 +412,23 @@ class PipelineConfig(Strict):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     compute: ComputeConfig = ComputeConfig()
+
+    @model_validator(mode="after")
+    def _selection_apart_from_reporting(self) -> PipelineConfig:
+        """Greedy souping needs validation sets, and none of them may be reported."""
+        if self.soup.method == "greedy" and not self.soup.validation_sets:
+            raise ValueError(
+                "soup.method greedy selects adapters on held-out data: name the validation "
+                "sets in soup.validation_sets (not the sets in eval.sets)"
+            )
+        reported = {_normalised(s) for s in self.eval.sets}
+        shared = sorted(s for s in self.soup.validation_sets if _normalised(s) in reported)
+        if shared:
+            raise ValueError(
+                f"soup.validation_sets {shared} are also in eval.sets: a set that selects the "
+                f"soup cannot also report its score; use a validation split"
+            )
+        return self
 
     @model_validator(mode="after")
     def _mixtures_name_sources(self) -> PipelineConfig:
@@ -572,3 +597,10 @@ def digest_of(value: Any) -> str:
 
     canonical = json.dumps(plain(value), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _normalised(uri: str) -> str:
+    """A set's location compared as written, without ``./`` or trailing slashes."""
+    if "://" in uri:
+        return uri.rstrip("/")
+    return os.path.normpath(uri)

@@ -180,6 +180,54 @@ class ActorPoolEncoder:
         return torch.cat(out) if out else torch.empty(0, 0)
 
 
+def _score_with_actors(
+    cfg: PipelineConfig, model: dict[str, str], local_sets: list[str], cache_uri: str
+) -> list:
+    """``model`` (``{"uri", "digest"}``) embedded by ``compute.eval_actors`` actors and
+    scored here on ``local_sets``."""
+    import ray
+
+    from rzenembed.evaluation import evaluate
+
+    actor_cls = ray.remote(EmbedActor).options(
+        num_gpus=step_gpus(cfg), num_cpus=cfg.compute.step_cpus
+    )
+    actors = [actor_cls.remote(cfg, model["uri"]) for _ in range(cfg.compute.eval_actors)]
+    try:
+        return evaluate(
+            ActorPoolEncoder(actors),
+            local_sets,
+            model_digest=model["digest"],
+            cache_dir=cache_uri,
+            batch_size=cfg.eval.batch_size,
+            max_frames=cfg.model.video_frames,
+            ndcg_k=cfg.eval.ndcg_k,
+            datasets=cfg.eval.datasets,
+            endpoint_url=cfg.storage.endpoint_url,
+        )
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _rescore_task(
+    cfg: PipelineConfig, model: dict[str, str], sets: list[str], cache_uri: str
+) -> dict[str, Any]:
+    from rzenembed.evaluation.report import build_report, levels
+
+    local_sets = [str(stage_eval_set(s, cfg.storage.endpoint_url)) for s in sets]
+    report = build_report(_score_with_actors(cfg, model, local_sets, cache_uri), model)
+    return {"levels": levels(report), "evaluation_digest": report["evaluation_digest"]}
+
+
+def rescore_step(
+    cfg: PipelineConfig, model: dict[str, str], sets: list[str], cache_uri: str
+) -> dict[str, Any]:
+    """Score an already registered model (the champion) on ``sets``: its report levels
+    and the evaluation digest, nothing published (champion gating compares them)."""
+    return on_ray(cfg, _rescore_task, cfg, model, list(sets), cache_uri, gpus=0.0, cpus=0.0)
+
+
 def _evaluate_task(
     cfg: PipelineConfig,
     models: dict[str, dict[str, str]],
@@ -188,42 +236,28 @@ def _evaluate_task(
     cache_uri: str,
 ) -> dict[str, Any]:
     """Coordinator: embedding actors per model, ranking here, reports published."""
-    import ray
-
-    from rzenembed.evaluation import evaluate, write_report
+    from rzenembed.evaluation import write_report
+    from rzenembed.evaluation.release import suite_skipped
     from rzenembed.identity import json_file_digest
 
     endpoint = cfg.storage.endpoint_url
     local_sets = [str(stage_eval_set(s, endpoint)) for s in sets]
-    actor_cls = ray.remote(EmbedActor).options(
-        num_gpus=step_gpus(cfg), num_cpus=cfg.compute.step_cpus
-    )
+    skipped = suite_skipped(local_sets)
     work = Path(tempfile.mkdtemp(prefix="rzenembed-eval-"))
     out: dict[str, Any] = {}
     try:
         previous = None
         for role in ("baseline", "model"):  # the baseline first: the model's report has deltas
             model = models[role]
-            actors = [actor_cls.remote(cfg, model["uri"]) for _ in range(cfg.compute.eval_actors)]
-            try:
-                scores = evaluate(
-                    ActorPoolEncoder(actors),
-                    local_sets,
-                    model_digest=model["digest"],
-                    cache_dir=cache_uri,
-                    batch_size=cfg.eval.batch_size,
-                    max_frames=cfg.model.video_frames,
-                    ndcg_k=cfg.eval.ndcg_k,
-                    datasets=cfg.eval.datasets,
-                    endpoint_url=endpoint,
-                )
-            finally:
-                for actor in actors:
-                    ray.kill(actor)
+            scores = _score_with_actors(cfg, model, local_sets, cache_uri)
             folder = work / "report" / ("baseline" if role == "baseline" else "")
-            paths = write_report(
-                scores, folder, {"path": model["uri"], "digest": model["digest"]}, previous=previous
-            )
+            info = {
+                "path": model["uri"],
+                "digest": model["digest"],
+                "video_frames": cfg.model.video_frames,
+                "max_visual_tokens": cfg.model.max_visual_tokens,
+            }
+            paths = write_report(scores, folder, info, previous=previous, skipped=skipped)
             previous = paths["json"]
             out[role] = {
                 "report": json.loads(paths["json"].read_text()),
@@ -242,11 +276,13 @@ def evaluate_step(
     sets: list[str],
     out_uri: str,
     cache_uri: str,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` and the untrained ``baseline`` (``{"uri", "digest"}`` each) on the
     evaluation sets and publish both reports at ``out_uri`` (``report.*`` and
     ``baseline/report.*``); returns each report and its digest. Runs as a coordinator Ray
-    task (no GPU: it ranks) with ``compute.eval_actors`` embedding actors."""
+    task (no GPU: it ranks) with ``compute.eval_actors`` embedding actors. ``progress``
+    is called with each dataset score as it is stored (the driver polls the store)."""
     endpoint = cfg.storage.endpoint_url
     if is_published(out_uri, endpoint):
         folder = stage_folder(out_uri, endpoint)
@@ -259,17 +295,47 @@ def evaluate_step(
             }
             for role, sub in (("baseline", "baseline"), ("model", ""))
         }
-    return on_ray(
-        cfg,
-        _evaluate_task,
-        cfg,
-        {"model": model, "baseline": baseline},
-        list(sets),
-        out_uri,
-        cache_uri,
-        gpus=0.0,
-        cpus=0.0,
-    )
+    args = (cfg, {"model": model, "baseline": baseline}, list(sets), out_uri, cache_uri)
+    if progress is None:
+        return on_ray(cfg, _evaluate_task, *args, gpus=0.0, cpus=0.0)
+    return _watched(cfg, _evaluate_task, args, join(cache_uri, "scores"), progress)
+
+
+def _watched(
+    cfg: PipelineConfig,
+    fn: Callable[..., Any],
+    args: tuple,
+    scores_uri: str,
+    progress: Callable[[dict[str, Any]], None],
+    interval_s: float = 5.0,
+) -> Any:
+    """``fn`` as a Ray task (no resources: it coordinates) while the driver reports each
+    dataset score the task stores under ``scores_uri`` (``{model digest}-{key}.json``)."""
+    import ray
+
+    from rzenembed.data.engine import ensure_ray
+    from rzenembed.data.storage import filesystem
+
+    ensure_ray(address=cfg.compute.ray_address)
+    fs, path = filesystem(scores_uri, cfg.storage.endpoint_url)
+
+    def listing() -> set[str]:
+        try:
+            return set(fs.ls(path, detail=False, refresh=True))
+        except FileNotFoundError:
+            return set()
+
+    seen = listing()
+    ref = ray.remote(fn).options(num_gpus=0, num_cpus=0, max_retries=0).remote(*args)
+    while True:
+        done, _ = ray.wait([ref], timeout=interval_s)
+        for name in sorted(listing() - seen):
+            seen.add(name)
+            with fs.open(name, "rb") as f:
+                score = json.loads(f.read())
+            progress({**score, "model_digest": name.rsplit("/", 1)[-1].split("-", 1)[0]})
+        if done:
+            return ray.get(ref)
 
 
 def report_uris(out_uri: str) -> dict[str, str]:

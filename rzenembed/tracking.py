@@ -22,7 +22,7 @@ import re
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ STEP_TAG = "rzenembed.step"
 PIPELINE_TAG = "rzenembed.pipeline"
 DIGEST_TAG = "rzenembed.digest"
 REGISTERED_BY_TAG = "rzenembed.registered_by"
+EVAL_DIGEST_TAG = "rzenembed.evaluation_digest"  # what the score tags were computed on
 MAX_PARAM_CHARS = 6000
 
 
@@ -364,20 +365,51 @@ class Tracker:
             return None
 
     def promote_if_better(
-        self, version: str, metric: str, score: float, min_improvement: float = 0.0
+        self,
+        version: str,
+        metric: str,
+        score: float,
+        min_improvement: float = 0.0,
+        evaluation_digest: str | None = None,
+        rescore: Callable[[Any], float] | None = None,
     ) -> dict[str, Any]:
         """Move ``champion`` to ``version`` when its score beats the champion's by more than
         ``min_improvement`` (or there is no champion); the decision and both scores are
-        tagged on the new version and returned."""
+        tagged on the new version and returned.
+
+        Scores are compared only when both models were scored on the same evaluation sets
+        (``evaluation_digest``, tagged on each version). When the champion's digest differs
+        (or it has none), ``rescore(champion_version)`` scores it again on the candidate's
+        sets and that score is compared (and tagged on the champion); without ``rescore``
+        the champion stays and the decision says why (``refused``)."""
         name = self.cfg.registered_model
         tag = f"rzenembed.score.{metric}"
         self.client.set_model_version_tag(name, version, tag, repr(score))
+        if evaluation_digest is not None:
+            self.client.set_model_version_tag(name, version, EVAL_DIGEST_TAG, evaluation_digest)
         current = self.champion()
         previous = None
         if current is not None and tag in current.tags:
             previous = float(current.tags[tag])
         already = current is not None and str(current.version) == str(version)
-        promoted = (
+        refused, rescored = None, False
+        champion_digest = None if current is None else current.tags.get(EVAL_DIGEST_TAG)
+        comparable = current is None or already or evaluation_digest is None
+        if not comparable and champion_digest != evaluation_digest:
+            if rescore is None:
+                refused = (
+                    f"champion v{current.version} was scored on other evaluation sets "
+                    f"(digest {str(champion_digest)[:12]}) than v{version} "
+                    f"({evaluation_digest[:12]}); scores on different sets are not "
+                    f"compared (eval.rescore_champion scores the champion again)"
+                )
+            else:
+                previous, rescored = float(rescore(current)), True
+                self.client.set_model_version_tag(name, current.version, tag, repr(previous))
+                self.client.set_model_version_tag(
+                    name, current.version, EVAL_DIGEST_TAG, evaluation_digest
+                )
+        promoted = refused is None and (
             already or current is None or previous is None or score > previous + min_improvement
         )
         if promoted:
@@ -391,9 +423,12 @@ class Tracker:
             "min_improvement": min_improvement,
             "promoted": promoted,
             "already_champion": already,
+            "champion_rescored": rescored,
+            "refused": refused,
         }
-        self.client.set_model_version_tag(name, version, "rzenembed.promotion",
-                                          json.dumps(decision))  # fmt: skip
+        self.client.set_model_version_tag(
+            name, version, "rzenembed.promotion", json.dumps(decision)
+        )
         return decision
 
 

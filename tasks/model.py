@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Callable
 from typing import Any
 
 from prefect import task
@@ -13,7 +15,13 @@ from rzenembed.data.folders import listing_digest, stage_folder
 from rzenembed.data.storage import is_remote, join
 from rzenembed.evaluation import discover
 from rzenembed.evaluation.report import levels
-from rzenembed.model_steps import REPORT_FILES, evaluate_step, report_uris, soup_step
+from rzenembed.model_steps import (
+    REPORT_FILES,
+    evaluate_step,
+    report_uris,
+    rescore_step,
+    soup_step,
+)
 from rzenembed.modeling.digest import file_digest
 from rzenembed.tracking import LineageRef
 from rzenembed.training.stages import output_root
@@ -26,8 +34,28 @@ def eval_set_paths(cfg: PipelineConfig, base: str | None) -> list[str]:
     """The configured evaluation sets, relative ones resolved like sources."""
     if not cfg.eval.sets:
         raise ValueError("eval.sets is empty: name at least one evaluation set folder")
+    return resolve_set_paths(cfg.eval.sets, base)
+
+
+def validation_set_paths(cfg: PipelineConfig, base: str | None) -> list[str]:
+    """``soup.validation_sets`` resolved; refused when one holds the same tables as a
+    reported set (a copy under another name selects on the test data all the same)."""
+    paths = resolve_set_paths(cfg.soup.validation_sets, base)
+    endpoint = cfg.storage.endpoint_url
+    reported = {eval_sets_digest([p], endpoint): p for p in eval_set_paths(cfg, base)}
+    for path in paths:
+        same = reported.get(eval_sets_digest([path], endpoint))
+        if same is not None:
+            raise ValueError(
+                f"soup validation set {path} has the same content as the reported set {same}: "
+                f"greedy souping must select on a validation split"
+            )
+    return paths
+
+
+def resolve_set_paths(uris: list[str], base: str | None) -> list[str]:
     out = []
-    for uri in cfg.eval.sets:
+    for uri in uris:
         local = base is not None and "://" not in uri and not uri.startswith("/")
         out.append(join(base, uri) if local else uri)
     return out
@@ -78,7 +106,7 @@ def soup_adapters(
     with step_run(cfg, ctx, "soup", f"soup ({cfg.soup.method})", section) as (tracker, run_id):
         key = digest_of([section, [a["digest"] for a in adapters]])[:12]
         out_uri = join(output_root(cfg), f"soup-{key}")
-        sets = eval_set_paths(cfg, base) if cfg.soup.method == "greedy" else []
+        sets = validation_set_paths(cfg, base) if cfg.soup.method == "greedy" else []
         souped = soup_step(
             cfg, [a["uri"] for a in adapters], out_uri, _weights(cfg, adapters), sets
         )
@@ -115,6 +143,26 @@ def _eval_inputs(p: dict[str, Any]) -> list[str]:
     ]
 
 
+def _dataset_artifact(model_digest: str) -> Callable[[dict[str, Any]], None]:
+    """A Prefect artifact (and a log line) for each dataset as its score is stored."""
+
+    def report(score: dict[str, Any]) -> None:
+        role = "model" if model_digest.startswith(score["model_digest"]) else "baseline"
+        line = (
+            f"{role} {score['name']}: {score['metric']} {100 * score['score']:.1f} "
+            f"({score['queries']} queries, {score['candidates']} candidates)"
+        )
+        print(line)
+        slug = re.sub(r"[^a-z0-9-]+", "-", f"eval-{role}-{score['name']}".lower()).strip("-")
+        create_markdown_artifact(
+            f"# {score['name']}\n\n{line}\n",
+            key=slug[:100],
+            description=f"{role}: one finished evaluation dataset",
+        )
+
+    return report
+
+
 @task(name="evaluate", persist_result=True,
       cache_key_fn=keyed("evaluate", _eval_section, _eval_inputs), **RETRIES)  # fmt: skip
 def evaluate_model(
@@ -139,6 +187,7 @@ def evaluate_model(
             sets,
             out_uri,
             join(root, "_embedding_cache"),
+            progress=_dataset_artifact(model["digest"]),
         )
         report = results["model"]["report"]
         folder = stage_folder(out_uri, endpoint)  # three small files, for MLflow and Prefect
@@ -164,6 +213,7 @@ def evaluate_model(
                 "baseline": levels(results["baseline"]["report"]),
                 "markdown": uris["markdown"],
                 "png": uris["png"],
+                "evaluation_digest": report["evaluation_digest"],
             },
         ).to_json()
         tracker.record_lineage(run_id, "evaluate", [as_ref(model), as_ref(baseline)],
@@ -187,13 +237,43 @@ def champion_level(metric: str) -> str:
     return CHAMPION_LEVELS.get(metric.lower(), metric)
 
 
+MODEL_URI_TAG = "rzenembed.model_uri"  # where a version's model folder is (re-scoring)
+
+
+def _rescorer(cfg: PipelineConfig, base: str | None, level: str) -> Callable[[Any], float]:
+    """Scores a registered version (the champion) again on this run's evaluation sets."""
+
+    def rescore(version: Any) -> float:
+        uri, digest = version.tags.get(MODEL_URI_TAG), version.tags.get("rzenembed.digest")
+        if not uri or not digest:
+            raise ValueError(
+                f"champion v{version.version} records no model folder ({MODEL_URI_TAG}); it "
+                f"cannot be scored again: set eval.rescore_champion false to keep it"
+            )
+        print(f"champion v{version.version} was scored on other sets: scoring it again")
+        result = rescore_step(
+            cfg,
+            {"uri": uri, "digest": digest},
+            eval_set_paths(cfg, base),
+            join(output_root(cfg), "_embedding_cache"),
+        )
+        return float(result["levels"][level])
+
+    return rescore
+
+
 @task(name="register", persist_result=True,
       cache_key_fn=keyed("register", lambda p: {"tracking": p["cfg"].tracking.model_dump(
           mode="json"), "metric": p["cfg"].eval.champion_metric,
-          "margin": p["cfg"].eval.min_improvement},
+          "margin": p["cfg"].eval.min_improvement,
+          "rescore": p["cfg"].eval.rescore_champion},
           lambda p: [p["model"]["digest"], p["report"]["digest"]]), **RETRIES)  # fmt: skip
 def register_model(
-    cfg: PipelineConfig, model: dict[str, Any], report: dict[str, Any], ctx: RunContext
+    cfg: PipelineConfig,
+    model: dict[str, Any],
+    report: dict[str, Any],
+    ctx: RunContext,
+    base: str | None = None,
 ) -> dict[str, Any]:
     """Register the souped model (alias ``candidate``); move ``champion`` only if it is better."""
     level = champion_level(cfg.eval.champion_metric)
@@ -211,9 +291,19 @@ def register_model(
                 f"model digest {model['digest'][:12]} is already registered as version "
                 f"{version}; reusing it"
             )
-        decision = tracker.promote_if_better(
-            version, level, float(scores[level]), cfg.eval.min_improvement
+        tracker.client.set_model_version_tag(
+            cfg.tracking.registered_model, version, MODEL_URI_TAG, model["uri"]
         )
+        decision = tracker.promote_if_better(
+            version,
+            level,
+            float(scores[level]),
+            cfg.eval.min_improvement,
+            evaluation_digest=report["extra"].get("evaluation_digest"),
+            rescore=_rescorer(cfg, base, level) if cfg.eval.rescore_champion else None,
+        )
+        if decision.get("refused"):
+            print(f"champion not moved: {decision['refused']}")
         tracker.log_json(run_id, "promotion.json", decision)
         uri = f"models:/{cfg.tracking.registered_model}/{version}"
         out = LineageRef(

@@ -295,7 +295,7 @@ def evaluate(
             key = hashlib.sha256(
                 f"{model_digest}:{ndcg_k}:{dataset_digest(dataset, frames)}".encode()
             ).hexdigest()
-            stored = join(cache, "scores", f"{key}.json")
+            stored = join(cache, "scores", f"{model_digest[:16]}-{key}.json")
         score = _stored_score(stored, endpoint_url)
         resumed = score is not None
         if score is None:
