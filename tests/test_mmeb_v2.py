@@ -1,0 +1,409 @@
+"""MMEB-V2 from its release layout: the table, the importer, the scores, honest selection."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from rzenembed.config import TrackingConfig, load_config
+from rzenembed.evaluation import evaluate, write_report
+from rzenembed.evaluation.benchmark import mmeb_v2
+from rzenembed.evaluation.evalset import load_eval_folder
+from rzenembed.evaluation.leaderboard import aggregate, leaderboard_scores, main_scores
+from rzenembed.evaluation.release import import_mmeb_v2, suite_skipped
+from rzenembed.evaluation.release_fixture import (
+    BREAKFAST_LABELS,
+    COLORS,
+    NAMES,
+    build_release_fixture,
+)
+from rzenembed.evaluation.report import build_report, levels
+from rzenembed.evaluation.runner import DatasetScore, score_dataset
+from rzenembed.tracking import EVAL_DIGEST_TAG, Tracker
+
+WRITTEN = {
+    "ImageNet-1K",
+    "OK-VQA",
+    "MSCOCO_t2i",
+    "MSCOCO",
+    "Breakfast",
+    "NExTQA",
+    "MSR-VTT",
+    "QVHighlight",
+    "ViDoRe_arxivqa",
+    "ViDoRe_esg_reports_human_labeled_v2",
+}
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    root = build_release_fixture(tmp_path_factory.mktemp("mmeb") / "release", broken=True)
+    out = tmp_path_factory.mktemp("sets")
+    return root, import_mmeb_v2(root, out, release="fixture-1")
+
+
+def one(imported, name):
+    (dataset,) = load_eval_folder(imported[1].out / name)
+    return dataset
+
+
+def texts(dataset, ids):
+    by_id = {c["cid"]: c["candidate"] for c in dataset.candidates}
+    return [by_id[i]["text"] or by_id[i]["media"][0]["uri"] for i in ids]
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def test_the_table_has_the_78_datasets_in_their_categories():
+    table = mmeb_v2()
+    assert Counter(d.modality for d in table) == {"image": 36, "video": 18, "visdoc": 24}
+    sizes = Counter(d.category for d in table)
+    assert [
+        sizes[c]
+        for c in ("image_classification", "image_qa", "image_retrieval", "visual_grounding")
+    ] == [10, 10, 12, 4]
+    assert [
+        sizes[c]
+        for c in ("video_classification", "video_qa", "video_retrieval", "video_moment_retrieval")
+    ] == [5, 5, 5, 3]
+    assert [
+        sizes[c] for c in ("visdoc_vidore_v1", "visdoc_vidore_v2", "visdoc_visrag", "visdoc_ood")
+    ] == [10, 4, 6, 4]
+    assert {d.metric for d in table if d.modality == "visdoc"} == {"ndcg_linear@5"}
+    assert {d.metric for d in table if d.modality != "visdoc"} == {"hit@1"}
+    # Image rows carry their own instructions; every other dataset has the benchmark's.
+    assert all(not d.query_instruction for d in table if d.modality == "image")
+    assert all(d.query_instruction for d in table if d.modality != "image")
+    breakfast = next(d for d in table if d.dataset == "Breakfast")
+    assert breakfast.query_instruction.endswith("in the video. ")  # the trailing space kept
+    assert breakfast.labels == 10 and breakfast.candidates == "global"
+
+
+# --------------------------------------------------------------------------- the importer
+
+
+def test_every_complete_dataset_is_written_and_the_broken_ones_are_skipped(imported):
+    _, result = imported
+    assert set(result.written) == WRITTEN
+    incomplete = {k: v for k, v in result.skipped.items() if v["kind"] == "incomplete"}
+    assert incomplete["DiDeMo"]["counts"] == {"missing_frames": 1}
+    assert "didemo_1" in incomplete["DiDeMo"]["reason"]
+    assert incomplete["ViDoRe_docvqa"]["counts"] == {"qrel_to_absent_corpus_id": 1}
+    assert "q1->999" in incomplete["ViDoRe_docvqa"]["reason"]
+    assert set(incomplete) == {"DiDeMo", "ViDoRe_docvqa"}
+    assert len(result.skipped) == 78 - len(WRITTEN)
+    assert not (result.out / "DiDeMo").exists() and not (result.out / "ViDoRe_docvqa").exists()
+    suite = json.loads((result.out / "suite.json").read_text())
+    assert suite["release"] == "fixture-1" and suite["frames"] == 8
+    assert suite_skipped([result.out / "MSR-VTT"]) == suite["skipped"]
+
+
+def test_image_classification_ranks_the_rows_labels_first_listed_relevant(imported):
+    d = one(imported, "ImageNet-1K")
+    q0 = d.queries[0]
+    assert q0["query"]["instruction"] == "Represent the given image for classification"
+    assert q0["query"]["media"][0]["uri"] == "ImageNet-1K/0.png"
+    assert texts(d, q0["candidate_ids"]) == ["red", "green", "blue", "yellow"]
+    assert texts(d, q0["relevant_ids"]) == ["red"]
+    assert texts(d, d.queries[1]["relevant_ids"]) == ["green"]
+    assert len(d.candidates) == 4  # one label list, embedded once
+    assert d.meta["release"] == "fixture-1" and len(d.meta["annotations_digest"]) == 64
+
+
+def test_text_to_image_candidates_are_named_by_image_path(imported):
+    d = one(imported, "MSCOCO_t2i")
+    q0 = d.queries[0]
+    assert q0["query"]["media"] == [] and q0["query"]["text"] == "a white square on cyan"
+    assert texts(d, q0["relevant_ids"]) == ["MSCOCO_t2i/0.png"]
+    target = d.candidates[0]["candidate"]
+    assert target["instruction"] == "Represent the given image."
+
+
+def test_video_classification_ranks_the_whole_label_list(imported):
+    d = one(imported, "Breakfast")
+    assert [c["candidate"]["text"] for c in d.candidates] == BREAKFAST_LABELS
+    assert all(q["candidate_ids"] == [] for q in d.queries) and d.ranking == "global"
+    q1 = d.queries[1]
+    assert texts(d, q1["relevant_ids"]) == ["coffee"]
+    assert q1["query"]["media"][0] == {
+        **q1["query"]["media"][0],
+        "kind": "frames",
+        "uri": "P01_cam01_coffee",
+    }
+    assert q1["query"]["instruction"].startswith("Recognize the breakfast type")
+
+
+def test_a_short_label_list_is_reported_not_scored(tmp_path):
+    root = build_release_fixture(tmp_path / "release")
+    (root / "annotations/VLM2Vec/Breakfast/labels.txt").unlink()  # 3 labels from the rows
+    result = import_mmeb_v2(root, tmp_path / "sets", datasets=["Breakfast"])
+    assert result.skipped["Breakfast"]["counts"] == {"label_list": 1}
+    assert "3 labels, the benchmark ranks 10" in result.skipped["Breakfast"]["reason"]
+
+
+def test_video_qa_lists_the_options_and_the_answer(imported):
+    d = one(imported, "NExTQA")
+    q0 = d.queries[0]
+    assert q0["query"]["text"] == (
+        "what colour is the scene\nOptions:\n(A) cyan\n(B) pink\n(C) brown\n(D) gray\n(E) red"
+    )
+    assert q0["query"]["instruction"].startswith("Given a video and a question, select")
+    assert texts(d, q0["candidate_ids"]) == ["cyan", "pink", "brown", "gray", "red"]
+    assert texts(d, q0["relevant_ids"]) == ["cyan"]
+
+
+def test_video_retrieval_is_text_to_every_video(imported):
+    d = one(imported, "MSR-VTT")
+    assert d.ranking == "global" and len(d.candidates) == 3
+    q2 = d.queries[2]
+    assert q2["query"]["media"] == []
+    assert q2["query"]["text"] == "a white square on blue"
+    assert texts(d, q2["relevant_ids"]) == ["video7002"]
+    assert d.candidates[0]["candidate"]["instruction"] == (
+        "Understand the content of the provided video."
+    )
+
+
+def test_moment_retrieval_ranks_the_videos_clips(imported):
+    d = one(imported, "QVHighlight")
+    q0 = d.queries[0]
+    assert q0["query"]["media"][0]["uri"] == "clip_0/query"
+    assert texts(d, q0["candidate_ids"]) == [
+        "clip_0/negative_0",
+        "clip_0/negative_1",
+        "clip_0/negative_2",
+        "clip_0/positive_0",
+    ]
+    assert texts(d, q0["relevant_ids"]) == ["clip_0/positive_0"]
+
+
+def test_visual_documents_have_graded_qrels_over_the_whole_corpus(imported):
+    d = one(imported, "ViDoRe_esg_reports_human_labeled_v2")
+    q0 = d.queries[0]
+    assert q0["candidate_ids"] == [] and len(d.candidates) == 4
+    assert texts(d, q0["relevant_ids"]) == ["0.png", "1.png"]  # the score-0 qrel is dropped
+    assert q0["relevance"] == [2.0, 1.0]
+    assert d.media_root.endswith("visdoc-tasks/esg_reports_human_labeled_v2")
+    # Pages only inside the corpus Parquet are written beside the set.
+    arxiv = one(imported, "ViDoRe_arxivqa")
+    assert arxiv.media_root == str(imported[1].out / "ViDoRe_arxivqa" / "pages")
+    assert sorted(p.name for p in (imported[1].out / "ViDoRe_arxivqa/pages").iterdir()) == [
+        "0.png",
+        "1.png",
+        "2.png",
+        "3.png",
+    ]
+
+
+def test_graded_ndcg_at_5_matches_a_hand_computation(imported):
+    d = one(imported, "ViDoRe_esg_reports_human_labeled_v2")
+    # q0 ranks pages 1, 0, 2, 3 (relevance 1, 2, 0, 0); q1 and q2 rank their grade-2 page first.
+    candidates = torch.eye(4)
+    queries = torch.stack(
+        [
+            torch.tensor([0.9, 1.0, 0.1, 0.0]),
+            torch.tensor([0.0, 1.0, 0.9, 0.0]),
+            torch.tensor([0.0, 0.0, 1.0, 0.9]),
+        ]
+    )
+    rows = score_dataset(queries, candidates, d)
+    dcg = 1 / math.log2(2) + 2 / math.log2(3)
+    ideal = 2 / math.log2(2) + 1 / math.log2(3)
+    assert rows[0]["ndcg@5"] == pytest.approx(dcg / ideal)
+    assert rows[1]["ndcg@5"] == pytest.approx(1.0) and rows[0]["hit@1"] == 1.0
+
+
+class ColourEncoder:
+    """One-hot of the named colour an input shows (its first picture's corner pixel) or
+    names (its text); inputs with neither get a flat vector, so they tie."""
+
+    def encode(self, items, batch_size=16):
+        rows = []
+        for item in items:
+            pictures = item.video or item.images
+            vector = np.full(len(NAMES), 0.01)
+            if pictures:
+                pixel = np.array(pictures[0].convert("RGB").getpixel((0, 0)), dtype=float)
+                nearest = min(NAMES, key=lambda n: np.sum((np.array(COLORS[n]) - pixel) ** 2))
+                vector[NAMES.index(nearest)] = 1
+            else:
+                words = [w.strip('?.,"') for w in item.text.split()]
+                named = [w for w in words if w in COLORS]
+                if named:
+                    vector[NAMES.index(named[-1])] = 1
+            rows.append(torch.tensor(vector, dtype=torch.float32))
+        return torch.nn.functional.normalize(torch.stack(rows), dim=1)
+
+
+def test_an_encoder_that_sees_the_colours_scores_every_set_as_expected(imported, tmp_path):
+    _, result = imported
+    scores = {s.name: s for s in evaluate(ColourEncoder(), result.out)}
+    assert set(scores) == WRITTEN
+    for name in WRITTEN - {"Breakfast"}:
+        assert scores[name].metrics["hit@1"] == 1.0, name
+    # Labels name no colour: all ten tie, so the exact Hit@1 is chance; the reference's
+    # first-listed convention gives the first label (cereals) to every query: 1 of 3 right.
+    assert scores["Breakfast"].score == pytest.approx(0.1)
+    assert scores["Breakfast"].first_listed == pytest.approx(1 / 3)
+    assert {s.frames for s in scores.values()} == {8}
+    assert scores["ViDoRe_arxivqa"].provenance["release"] == "fixture-1"
+    paths = write_report(
+        list(scores.values()), tmp_path, {"path": "colours"}, skipped=suite_skipped([result.out])
+    )
+    markdown = paths["markdown"].read_text()
+    assert "| DiDeMo | missing_frames: 1 (e.g. didemo_1) |" in markdown
+    assert "Not in the imported release (66)" in markdown
+    assert "| Breakfast | Video CLS | global | 3 | 10 | 8 | hit@1 | **10.0** | 33.3 |" in markdown
+    board = json.loads(paths["leaderboard"].read_text())
+    # Each query's grade-2 page comes first; its grade-1 page ties with the two others.
+    tied = (1 / math.log2(3) + 1 / math.log2(4) + 1 / math.log2(5)) / 3
+    expected = (2 + tied) / (2 + 1 / math.log2(3))
+    assert board["metrics"]["visdoc"]["ViDoRe_arxivqa"]["ndcg_linear@5"] == pytest.approx(expected)
+    assert board["metrics"]["video"]["Breakfast"]["num_data"] == 3
+    assert "DiDeMo" in board["metadata"]["skipped"]
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def test_aggregation_matches_a_hand_computation_on_a_score_file(tmp_path):
+    scores = {
+        "metadata": {"model_name": "hand"},
+        "metrics": {
+            "image": {
+                "ImageNet-1K": {"hit@1": 0.8},
+                "N24News": {"hit@1": 0.6},
+                "OK-VQA": {"hit@1": 0.5},
+            },
+            "video": {"MSR-VTT": {"hit@1": 0.3}},
+            "visdoc": {
+                "ViDoRe_arxivqa": {"ndcg_linear@5": 0.9, "hit@1": 0.1},
+                "VisRAG_ChartQA": {"ndcg_linear@5": 0.7},
+            },
+        },
+    }
+    path = tmp_path / "hand.json"
+    path.write_text(json.dumps(scores))
+    got = aggregate(main_scores(path))
+    assert got["Image/CLS"] == pytest.approx(0.7) and got["Image/QA"] == pytest.approx(0.5)
+    assert got["Image"] == pytest.approx(1.9 / 3) and got["Video"] == pytest.approx(0.3)
+    assert got["VisDoc/ViDoRe-V1"] == pytest.approx(0.9) and got["VisDoc"] == pytest.approx(0.8)
+    # Overall is the mean over the six datasets, not over the three modalities (0.578).
+    assert got["All"] == pytest.approx(3.8 / 6)
+
+
+def _score(name, category, meta, column, metric, value):
+    return DatasetScore(
+        name=name,
+        category=category,
+        meta=meta,
+        column=column,
+        ranking="local",
+        queries=10,
+        candidates=5,
+        metric=metric,
+        score=value,
+        metrics={metric: value, "hit@1": value, "mrr": value},
+        digest=name,
+    )
+
+
+def test_leaderboard_json_round_trips_to_the_reports_levels():
+    scores = [
+        _score("ImageNet-1K", "image_classification", "Image", "CLS", "hit@1", 0.7),
+        _score("MSCOCO", "visual_grounding", "Image", "GD", "hit@1", 0.4),
+        _score("MSR-VTT", "video_retrieval", "Video", "RET", "hit@1", 0.25),
+        _score("ViDoRe_arxivqa", "visdoc_vidore_v1", "VisDoc", "ViDoRe-V1", "ndcg@5", 0.6),
+        _score("my-own-set", "image_retrieval", "Image", "RET", "hit@1", 0.9),  # not MMEB-V2
+    ]
+    report = build_report(scores, {"path": "m"})
+    board = leaderboard_scores(report, "m")
+    assert "my-own-set" not in json.dumps(board)
+    assert board["metrics"]["visdoc"]["ViDoRe_arxivqa"]["ndcg_linear@5"] == 0.6
+    back = aggregate(main_scores(json.loads(json.dumps(board))))
+    mine = build_report(scores[:4], {"path": "m"})
+    assert back == pytest.approx(
+        {k: v for k, v in levels(mine).items() if not k.startswith("dataset:")}
+    )
+
+
+# --------------------------------------------------------------------------- honest selection
+
+
+def test_greedy_souping_refuses_to_select_on_a_reported_set(tmp_path):
+    with pytest.raises(ValueError, match="name the validation sets"):
+        load_config("configs/tiny.yaml", ["soup.method=greedy"])
+    with pytest.raises(ValueError, match=r"also in eval\.sets"):
+        load_config(
+            "configs/tiny.yaml",
+            ["soup.method=greedy", "soup.validation_sets=['./runs/sample-corpus/eval/']"],
+        )
+
+
+def test_greedy_souping_refuses_a_copy_of_a_reported_set(imported, tmp_path):
+    from tasks.model import validation_set_paths
+
+    sets = imported[1].out
+    copy = tmp_path / "validation"
+    shutil.copytree(sets / "MSR-VTT", copy / "MSR-VTT")
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            f"eval.sets=['{sets / 'MSR-VTT'}']",
+            "soup.method=greedy",
+            f"soup.validation_sets=['{copy}']",
+        ],
+    )
+    with pytest.raises(ValueError, match="same content as the reported set"):
+        validation_set_paths(cfg, None)
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            f"eval.sets=['{sets / 'MSR-VTT'}']",
+            "soup.method=greedy",
+            f"soup.validation_sets=['{sets / 'NExTQA'}']",
+        ],
+    )
+    assert validation_set_paths(cfg, None) == [str(sets / "NExTQA")]
+
+
+def test_champion_gating_rescores_or_refuses_when_the_evaluation_sets_changed(tmp_path):
+    tracker = Tracker(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="t"))
+    name = tracker.cfg.registered_model
+    tracker.client.create_registered_model(name)
+    versions = [
+        str(tracker.client.create_model_version(name, source=str(tmp_path)).version)
+        for _ in range(3)
+    ]
+    first = tracker.promote_if_better(versions[0], "All", 0.5, evaluation_digest="sets-1")
+    assert first["promoted"]
+    # v2 scored on other sets: without re-scoring the champion stays, and says why.
+    refused = tracker.promote_if_better(versions[1], "All", 0.6, evaluation_digest="sets-2")
+    assert not refused["promoted"] and "other evaluation sets" in refused["refused"]
+    assert str(tracker.champion().version) == versions[0]
+    # With re-scoring, the champion's score on the new sets is what v2 must beat.
+    calls = []
+
+    def rescore(version):
+        calls.append(str(version.version))
+        return 0.4
+
+    moved = tracker.promote_if_better(
+        versions[1], "All", 0.6, evaluation_digest="sets-2", rescore=rescore
+    )
+    assert calls == [versions[0]] and moved["champion_rescored"] and moved["promoted"]
+    assert moved["champion_score"] == 0.4
+    champion = tracker.client.get_model_version(name, versions[0])
+    assert champion.tags[EVAL_DIGEST_TAG] == "sets-2"
+    # Same sets as the champion: compared directly, no re-scoring.
+    kept = tracker.promote_if_better(
+        versions[2], "All", 0.55, evaluation_digest="sets-2", rescore=rescore
+    )
+    assert calls == [versions[0]] and not kept["promoted"] and kept["champion_score"] == 0.6
