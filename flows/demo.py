@@ -3,8 +3,9 @@
     python -m flows.demo [--config configs/tiny.yaml] [--scale 10] [--set KEY=VALUE ...]
     (what `make demo` runs)
 
-Builds what is missing (the tiny offline Qwen2-VL in ``model.name_or_path`` and the sample
-corpus at ``--scale`` in the folder the sources point to), then runs ``full-pipeline``
+Builds what is missing (the tiny offline Qwen2-VL in ``model.name_or_path``, the sample
+corpus at ``--scale`` in the folder the sources point to, and the scaled-down MMEB-V2
+release imported into an evaluation folder named ``mmeb-v2``), then runs ``full-pipeline``
 in-process: an ephemeral Prefect API, local Ray, MLflow in a SQLite file. At the end it
 prints the registered model, its score against the untrained base, the report and how to
 browse the lineage. A second run reuses every finished step (Prefect cache hits).
@@ -19,7 +20,11 @@ from pathlib import Path
 
 from rzenembed.config import load_config
 from rzenembed.data.sample import build_sample_corpus
+from rzenembed.evaluation.release import import_mmeb_v2
+from rzenembed.evaluation.release_fixture import build_release_fixture
 from rzenembed.modeling.tiny import build_tiny_model
+
+MMEB_V2_SETS = "mmeb-v2"  # an eval set folder of this name is the imported fixture
 
 
 def ensure_inputs(config: str, overrides: list[str], scale: int) -> None:
@@ -34,6 +39,19 @@ def ensure_inputs(config: str, overrides: list[str], scale: int) -> None:
         if not described.is_file() or f'"scale": {scale},' not in described.read_text():
             print(f"generating the sample corpus (scale {scale}) in {folder}")
             build_sample_corpus(folder, seed=cfg.seed, scale=scale)
+    for uri in cfg.eval.sets:
+        sets = Path(uri)
+        if sets.name == MMEB_V2_SETS and not (sets / "suite.json").is_file():
+            ensure_mmeb_v2_fixture(sets)
+
+
+def ensure_mmeb_v2_fixture(sets: Path) -> None:
+    """The scaled-down MMEB-V2 release (beside ``sets``), imported into ``sets`` as the
+    real release would be."""
+    release = sets.with_name(f"{MMEB_V2_SETS}-release")
+    print(f"building the scaled-down MMEB-V2 release in {release} and importing it")
+    build_release_fixture(release)
+    import_mmeb_v2(release, sets, release="fixture")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,12 @@ from rzenembed.data.folders import is_published, publish_folder, stage_folder
 from rzenembed.data.storage import is_remote, join
 from rzenembed.modeling.inputs import EmbedInput
 
-REPORT_FILES = {"json": "report.json", "markdown": "report.md", "png": "report.png"}
+REPORT_FILES = {
+    "json": "report.json",
+    "markdown": "report.md",
+    "png": "report.png",
+    "leaderboard": "leaderboard.json",
+}
 
 
 def step_gpus(cfg: PipelineConfig) -> float:

@@ -213,6 +213,7 @@ def evaluate_model(
                 "baseline": levels(results["baseline"]["report"]),
                 "markdown": uris["markdown"],
                 "png": uris["png"],
+                "leaderboard": uris["leaderboard"],
                 "evaluation_digest": report["evaluation_digest"],
             },
         ).to_json()

@@ -77,8 +77,13 @@ def test_candidates_are_embedded_once_per_model_digest_and_shared_between_datase
     first = evaluate(encoder, folder, model_digest="m1", cache_dir=cache)
     assert encoder.encoded == ["a", "b", "c", "q1"]
     resumed = []
-    again = evaluate(encoder, folder, model_digest="m1", cache_dir=cache,
-                     on_dataset=lambda score, was_stored: resumed.append(was_stored))
+    again = evaluate(
+        encoder,
+        folder,
+        model_digest="m1",
+        cache_dir=cache,
+        on_dataset=lambda score, was_stored: resumed.append(was_stored),
+    )
     assert encoder.encoded[4:] == [] and resumed == [True]  # the finished score is reused
     assert again[0].metrics == first[0].metrics
     # Another dataset (other name, other queries) over the same corpus: only its queries.

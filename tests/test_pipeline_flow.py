@@ -282,7 +282,12 @@ def test_the_evaluation_report_is_an_artifact(runs):
     assert "data-counts" in runs["first_artifacts"]
     client = MlflowClient(tracking_uri=tracker_for(runs).cfg.tracking_uri)
     files = {f.path for f in client.list_artifacts(report["run_id"], "report")}
-    assert files == {"report/report.json", "report/report.md", "report/report.png"}
+    assert files == {"report/report.json", "report/report.md", "report/report.png",
+                     "report/leaderboard.json"}  # fmt: skip
+    # One artifact per finished dataset, for the model and the untrained baseline.
+    finished = {k for k in runs["first_artifacts"] if k.startswith("eval-")}
+    assert {"eval-model-eval-shapes-classification",
+            "eval-baseline-eval-visdoc"} <= finished  # fmt: skip
 
 
 def test_an_unchanged_second_run_redoes_no_step(runs):
