@@ -371,7 +371,7 @@ class Tracker:
         score: float,
         min_improvement: float = 0.0,
         evaluation_digest: str | None = None,
-        rescore: Callable[[Any], float] | None = None,
+        rescore: Callable[[Any], float | None] | None = None,
     ) -> dict[str, Any]:
         """Move ``champion`` to ``version`` when its score beats the champion's by more than
         ``min_improvement`` (or there is no champion); the decision and both scores are
@@ -380,8 +380,9 @@ class Tracker:
         Scores are compared only when both models were scored on the same evaluation sets
         (``evaluation_digest``, tagged on each version). When the champion's digest differs
         (or it has none), ``rescore(champion_version)`` scores it again on the candidate's
-        sets and that score is compared (and tagged on the champion); without ``rescore``
-        the champion stays and the decision says why (``refused``)."""
+        sets and that score is compared (and tagged on the champion); without ``rescore``,
+        or when it returns None, the champion stays and the decision says why
+        (``refused``)."""
         name = self.cfg.registered_model
         tag = f"rzenembed.score.{metric}"
         self.client.set_model_version_tag(name, version, tag, repr(score))
@@ -404,11 +405,19 @@ class Tracker:
                     f"compared (eval.rescore_champion scores the champion again)"
                 )
             else:
-                previous, rescored = float(rescore(current)), True
-                self.client.set_model_version_tag(name, current.version, tag, repr(previous))
-                self.client.set_model_version_tag(
-                    name, current.version, EVAL_DIGEST_TAG, evaluation_digest
-                )
+                again = rescore(current)
+                if again is None:
+                    refused = (
+                        f"champion v{current.version} was scored on other evaluation sets "
+                        f"and could not be scored again (its model folder is gone); move "
+                        f"the alias by hand if v{version} should replace it"
+                    )
+                else:
+                    previous, rescored = float(again), True
+                    self.client.set_model_version_tag(name, current.version, tag, repr(previous))
+                    self.client.set_model_version_tag(
+                        name, current.version, EVAL_DIGEST_TAG, evaluation_digest
+                    )
         promoted = refused is None and (
             already or current is None or previous is None or score > previous + min_improvement
         )

@@ -11,7 +11,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from rzenembed.config import PipelineConfig, digest_of
-from rzenembed.data.folders import listing_digest, stage_folder
+from rzenembed.data.folders import exists, listing_digest, stage_folder
 from rzenembed.data.storage import is_remote, join
 from rzenembed.evaluation import discover
 from rzenembed.evaluation.report import levels
@@ -23,7 +23,7 @@ from rzenembed.model_steps import (
     soup_step,
 )
 from rzenembed.modeling.digest import file_digest
-from rzenembed.tracking import LineageRef
+from rzenembed.tracking import LineageRef, Tracker, lineage
 from rzenembed.training.stages import output_root
 from tasks.common import RETRIES, RunContext, as_ref, keyed, step_run
 
@@ -80,8 +80,12 @@ def eval_sets_digest(paths: list[str], endpoint_url: str | None = None) -> str:
 
 def _soup_section(p: dict[str, Any]) -> dict[str, Any]:
     cfg: PipelineConfig = p["cfg"]
-    return {"soup": cfg.soup.model_dump(mode="json"), "eval": cfg.eval.model_dump(mode="json"),
-            "storage": cfg.storage.root, "name": cfg.name}  # fmt: skip
+    return {
+        "soup": cfg.soup.model_dump(mode="json"),
+        "eval": cfg.eval.model_dump(mode="json"),
+        "storage": cfg.storage.root,
+        "name": cfg.name,
+    }
 
 
 def _weights(cfg: PipelineConfig, adapters: list[dict[str, Any]]) -> list[float] | None:
@@ -94,9 +98,12 @@ def _weights(cfg: PipelineConfig, adapters: list[dict[str, Any]]) -> list[float]
     return [cfg.soup.weights[m] for m in mixtures]
 
 
-@task(name="soup", persist_result=True,
-      cache_key_fn=keyed("soup", _soup_section,
-                         lambda p: [a["digest"] for a in p["adapters"]]), **RETRIES)  # fmt: skip
+@task(
+    name="soup",
+    persist_result=True,
+    cache_key_fn=keyed("soup", _soup_section, lambda p: [a["digest"] for a in p["adapters"]]),
+    **RETRIES,
+)
 def soup_adapters(
     cfg: PipelineConfig, adapters: list[dict[str, Any]], base: str | None, ctx: RunContext
 ) -> dict[str, Any]:
@@ -113,14 +120,25 @@ def soup_adapters(
         recipe, digest = souped["recipe"], souped["digest"]
         tracker.log_json(run_id, "soup_recipe.json", recipe)
         model_id = tracker.log_model(
-            run_id, "souped", out_uri, "souped-model",
+            run_id,
+            "souped",
+            out_uri,
+            "souped-model",
             params={"method": cfg.soup.method, "adapters": len(adapters)},
-            tags={"rzenembed.digest": digest}, upload=cfg.tracking.upload_models,
+            tags={"rzenembed.digest": digest},
+            upload=cfg.tracking.upload_models,
             endpoint_url=cfg.storage.endpoint_url,
-        )  # fmt: skip
+        )
         kept = [a["name"] for a in recipe["adapters"] if a["kept"]]
-        out = LineageRef("model", "souped", out_uri, digest, run_id, model_id,
-                         extra={"method": cfg.soup.method, "kept": kept}).to_json()  # fmt: skip
+        out = LineageRef(
+            "model",
+            "souped",
+            out_uri,
+            digest,
+            run_id,
+            model_id,
+            extra={"method": cfg.soup.method, "kept": kept},
+        ).to_json()
         tracker.record_lineage(run_id, "soup", [as_ref(a) for a in adapters], [as_ref(out)])
     return out
 
@@ -130,8 +148,7 @@ def soup_adapters(
 
 def _eval_section(p: dict[str, Any]) -> dict[str, Any]:
     cfg: PipelineConfig = p["cfg"]
-    return {"eval": cfg.eval.model_dump(mode="json"), "storage": cfg.storage.root,
-            "name": cfg.name}  # fmt: skip
+    return {"eval": cfg.eval.model_dump(mode="json"), "storage": cfg.storage.root, "name": cfg.name}
 
 
 def _eval_inputs(p: dict[str, Any]) -> list[str]:
@@ -163,12 +180,19 @@ def _dataset_artifact(model_digest: str) -> Callable[[dict[str, Any]], None]:
     return report
 
 
-@task(name="evaluate", persist_result=True,
-      cache_key_fn=keyed("evaluate", _eval_section, _eval_inputs), **RETRIES)  # fmt: skip
+@task(
+    name="evaluate",
+    persist_result=True,
+    cache_key_fn=keyed("evaluate", _eval_section, _eval_inputs),
+    **RETRIES,
+)
 def evaluate_model(
-    cfg: PipelineConfig, model: dict[str, Any], baseline: dict[str, Any], base: str | None,
+    cfg: PipelineConfig,
+    model: dict[str, Any],
+    baseline: dict[str, Any],
+    base: str | None,
     ctx: RunContext,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """MMEB-style scores of ``model`` (Ray: a coordinator task and embedding actors), with
     the untrained ``baseline`` as the delta column; reports published under
     ``<output root>/eval-<digest>``."""
@@ -194,8 +218,7 @@ def evaluate_model(
         for name in REPORT_FILES.values():
             tracker.log_file(run_id, folder / name, "report")
         now = levels(report)
-        tracker.log_metrics(run_id, [(f"eval/{k.replace(':', '/')}", v, 0) for k, v in
-                                     now.items()])  # fmt: skip
+        tracker.log_metrics(run_id, [(f"eval/{k.replace(':', '/')}", v, 0) for k, v in now.items()])
         create_markdown_artifact(
             (folder / REPORT_FILES["markdown"]).read_text(),
             key="evaluation-report",
@@ -217,8 +240,7 @@ def evaluate_model(
                 "evaluation_digest": report["evaluation_digest"],
             },
         ).to_json()
-        tracker.record_lineage(run_id, "evaluate", [as_ref(model), as_ref(baseline)],
-                               [as_ref(ref)])  # fmt: skip
+        tracker.record_lineage(run_id, "evaluate", [as_ref(model), as_ref(baseline)], [as_ref(ref)])
     return ref
 
 
@@ -241,16 +263,22 @@ def champion_level(metric: str) -> str:
 MODEL_URI_TAG = "rzenembed.model_uri"  # where a version's model folder is (re-scoring)
 
 
-def _rescorer(cfg: PipelineConfig, base: str | None, level: str) -> Callable[[Any], float]:
-    """Scores a registered version (the champion) again on this run's evaluation sets."""
+def _rescorer(
+    cfg: PipelineConfig, base: str | None, level: str, tracker: Tracker
+) -> Callable[[Any], float | None]:
+    """Scores a registered version (the champion) again on this run's evaluation sets;
+    None when its model folder cannot be found (then the champion is not moved)."""
+    endpoint = cfg.storage.endpoint_url
 
-    def rescore(version: Any) -> float:
-        uri, digest = version.tags.get(MODEL_URI_TAG), version.tags.get("rzenembed.digest")
-        if not uri or not digest:
-            raise ValueError(
-                f"champion v{version.version} records no model folder ({MODEL_URI_TAG}); it "
-                f"cannot be scored again: set eval.rescore_champion false to keep it"
+    def rescore(version: Any) -> float | None:
+        digest = version.tags.get("rzenembed.digest")
+        uri = version.tags.get(MODEL_URI_TAG) or _model_folder_in_lineage(tracker, version)
+        if not uri or not digest or not exists(join(uri, "config.json"), endpoint):
+            print(
+                f"champion v{version.version}: its model folder is not found, so it "
+                f"cannot be scored on the new evaluation sets"
             )
+            return None
         print(f"champion v{version.version} was scored on other sets: scoring it again")
         result = rescore_step(
             cfg,
@@ -263,12 +291,37 @@ def _rescorer(cfg: PipelineConfig, base: str | None, level: str) -> Callable[[An
     return rescore
 
 
-@task(name="register", persist_result=True,
-      cache_key_fn=keyed("register", lambda p: {"tracking": p["cfg"].tracking.model_dump(
-          mode="json"), "metric": p["cfg"].eval.champion_metric,
-          "margin": p["cfg"].eval.min_improvement,
-          "rescore": p["cfg"].eval.rescore_champion},
-          lambda p: [p["model"]["digest"], p["report"]["digest"]]), **RETRIES)  # fmt: skip
+def _model_folder_in_lineage(tracker: Tracker, version: Any) -> str | None:
+    """The folder of the model a version was registered from (versions registered before
+    ``rzenembed.model_uri`` was tagged): the lineage's model node with its digest."""
+    digest = version.tags.get("rzenembed.digest")
+    try:
+        stack = [lineage(tracker, f"models:/{version.name}/{version.version}")]
+    except Exception:  # no lineage recorded: nothing to find
+        return None
+    while stack:
+        node = stack.pop()
+        if node.ref.kind == "model" and node.ref.digest == digest:
+            return node.ref.uri
+        stack.extend(node.children)
+    return None
+
+
+@task(
+    name="register",
+    persist_result=True,
+    cache_key_fn=keyed(
+        "register",
+        lambda p: {
+            "tracking": p["cfg"].tracking.model_dump(mode="json"),
+            "metric": p["cfg"].eval.champion_metric,
+            "margin": p["cfg"].eval.min_improvement,
+            "rescore": p["cfg"].eval.rescore_champion,
+        },
+        lambda p: [p["model"]["digest"], p["report"]["digest"]],
+    ),
+    **RETRIES,
+)
 def register_model(
     cfg: PipelineConfig,
     model: dict[str, Any],
@@ -280,8 +333,10 @@ def register_model(
     level = champion_level(cfg.eval.champion_metric)
     scores = report["extra"]["scores"]
     if level not in scores:
-        raise ValueError(f"eval.champion_metric {cfg.eval.champion_metric!r}: the report has "
-                         f"no level {level!r}; it has {sorted(scores)}")  # fmt: skip
+        raise ValueError(
+            f"eval.champion_metric {cfg.eval.champion_metric!r}: the report has "
+            f"no level {level!r}; it has {sorted(scores)}"
+        )
     section = {"tracking": cfg.tracking.model_dump(mode="json"), "metric": level}
     with step_run(cfg, ctx, "register", "register", section) as (tracker, run_id):
         version, reused = tracker.register(
@@ -301,7 +356,7 @@ def register_model(
             float(scores[level]),
             cfg.eval.min_improvement,
             evaluation_digest=report["extra"].get("evaluation_digest"),
-            rescore=_rescorer(cfg, base, level) if cfg.eval.rescore_champion else None,
+            rescore=_rescorer(cfg, base, level, tracker) if cfg.eval.rescore_champion else None,
         )
         if decision.get("refused"):
             print(f"champion not moved: {decision['refused']}")
@@ -324,6 +379,7 @@ def register_model(
         f"| champion {decision['champion_version'] or '(none)'} | "
         f"{'–' if champion is None else f'{100 * champion:.1f}'} |\n\n"
         f"{_verdict(decision, version)}.\n",
-        key="registration", description="candidate against champion",
-    )  # fmt: skip
+        key="registration",
+        description="candidate against champion",
+    )
     return out
