@@ -295,6 +295,19 @@ class Tracker:
         self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
         return model.model_id
 
+    def model_folder(self, version: Any) -> str | None:
+        """The storage-root folder a registered version's model was logged from (its
+        LoggedModel's ``rzenembed.folder`` tag), or None when that is not recorded."""
+        from mlflow.exceptions import MlflowException
+
+        model_id = version.tags.get("rzenembed.model_id")
+        if not model_id:
+            return None
+        try:
+            return self.client.get_logged_model(model_id).tags.get("rzenembed.folder")
+        except MlflowException:
+            return None
+
     def version_with_digest(self, digest: str) -> Any | None:
         """The registered version whose model has this content digest (the oldest if there
         were ever several), or None."""

@@ -23,7 +23,7 @@ from rzenembed.model_steps import (
     soup_step,
 )
 from rzenembed.modeling.digest import file_digest
-from rzenembed.tracking import LineageRef, Tracker, lineage
+from rzenembed.tracking import LineageRef, Tracker
 from rzenembed.training.stages import output_root
 from tasks.common import RETRIES, RunContext, as_ref, keyed, step_run
 
@@ -260,9 +260,6 @@ def champion_level(metric: str) -> str:
     return CHAMPION_LEVELS.get(metric.lower(), metric)
 
 
-MODEL_URI_TAG = "rzenembed.model_uri"  # where a version's model folder is (re-scoring)
-
-
 def _rescorer(
     cfg: PipelineConfig, base: str | None, level: str, tracker: Tracker
 ) -> Callable[[Any], float | None]:
@@ -272,7 +269,7 @@ def _rescorer(
 
     def rescore(version: Any) -> float | None:
         digest = version.tags.get("rzenembed.digest")
-        uri = version.tags.get(MODEL_URI_TAG) or _model_folder_in_lineage(tracker, version)
+        uri = tracker.model_folder(version)
         if not uri or not digest or not exists(join(uri, "config.json"), endpoint):
             print(
                 f"champion v{version.version}: its model folder is not found, so it "
@@ -289,22 +286,6 @@ def _rescorer(
         return float(result["levels"][level])
 
     return rescore
-
-
-def _model_folder_in_lineage(tracker: Tracker, version: Any) -> str | None:
-    """The folder of the model a version was registered from (versions registered before
-    ``rzenembed.model_uri`` was tagged): the lineage's model node with its digest."""
-    digest = version.tags.get("rzenembed.digest")
-    try:
-        stack = [lineage(tracker, f"models:/{version.name}/{version.version}")]
-    except Exception:  # no lineage recorded: nothing to find
-        return None
-    while stack:
-        node = stack.pop()
-        if node.ref.kind == "model" and node.ref.digest == digest:
-            return node.ref.uri
-        stack.extend(node.children)
-    return None
 
 
 @task(
@@ -347,9 +328,6 @@ def register_model(
                 f"model digest {model['digest'][:12]} is already registered as version "
                 f"{version}; reusing it"
             )
-        tracker.client.set_model_version_tag(
-            cfg.tracking.registered_model, version, MODEL_URI_TAG, model["uri"]
-        )
         decision = tracker.promote_if_better(
             version,
             level,
