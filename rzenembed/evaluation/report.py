@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -177,15 +178,14 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"{_pct(ndcg)} | {_pct(m.get('recall@5'))} | {_pct(m['mrr'])} | "
             f"{_signed(delta.get(f'dataset:{name}'))} |"
         )
-    releases = sorted(
-        {
-            f"{p['source']} {p['release']} (annotations {p['annotations_digest'][:12]})"
-            for p in (d.get("provenance") or {} for d in report["datasets"].values())
-            if p.get("release") and p.get("annotations_digest")
-        }
+    releases = Counter(
+        f"{p['source']} release `{p['release']}`"
+        for p in (d.get("provenance") or {} for d in report["datasets"].values())
+        if p.get("release")
     )
     if releases:
-        lines += ["", "Sets: " + "; ".join(releases) + "."]
+        named = "; ".join(f"{k} ({n} datasets)" for k, n in sorted(releases.items()))
+        lines += ["", f"Imported sets: {named}; annotation digests in report.json."]
     skipped = report.get("skipped", {})
     incomplete = {k: v for k, v in skipped.items() if v.get("kind") != "absent"}
     absent = sorted(k for k, v in skipped.items() if v.get("kind") == "absent")
