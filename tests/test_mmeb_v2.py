@@ -407,3 +407,28 @@ def test_champion_gating_rescores_or_refuses_when_the_evaluation_sets_changed(tm
         versions[2], "All", 0.55, evaluation_digest="sets-2", rescore=rescore
     )
     assert calls == [versions[0]] and not kept["promoted"] and kept["champion_score"] == 0.6
+
+
+def test_the_import_command_names_written_and_skipped_datasets(tmp_path, capsys):
+    from rzenembed.cli import main
+
+    assert main(["mmeb-v2-fixture", str(tmp_path / "release"), "--broken"]) == 0
+    code = main(
+        [
+            "import-mmeb-v2",
+            str(tmp_path / "release"),
+            str(tmp_path / "sets"),
+            "--release",
+            "v-test",
+            "--dataset",
+            "MSR-VTT",
+            "--dataset",
+            "DiDeMo",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "MSR-VTT: 3 queries, 3 candidates" in out
+    assert "SKIPPED DiDeMo: missing_frames: 1 (e.g. didemo_1)" in out
+    assert "1 sets written" in out and "1 skipped" in out
+    assert json.loads((tmp_path / "sets/MSR-VTT/evalset.json").read_text())["release"] == "v-test"
