@@ -432,3 +432,146 @@ def test_the_import_command_names_written_and_skipped_datasets(tmp_path, capsys)
     assert "SKIPPED DiDeMo: missing_frames: 1 (e.g. didemo_1)" in out
     assert "1 sets written" in out and "1 skipped" in out
     assert json.loads((tmp_path / "sets/MSR-VTT/evalset.json").read_text())["release"] == "v-test"
+
+
+# --------------------------------------------------------------------------- the other parsers
+
+
+def _release_with(tmp_path, dataset, rows, folders, relative="data", image=None):
+    """A release holding one dataset: its rows and the frame folders they name."""
+    from rzenembed.evaluation.benchmark import benchmark_dataset
+    from rzenembed.evaluation.release_fixture import _frames, _save, _table, picture
+
+    root = tmp_path / "release"
+    item = benchmark_dataset(dataset)
+    _table(root, item.annotations, f"{relative}/{item.split}-00000-of-00001.parquet", rows)
+    for folder in folders:
+        _frames(root / item.media / folder, "red")
+    if image:
+        _save(picture("blue"), root / item.media / image)
+    result = import_mmeb_v2(root, tmp_path / "sets", datasets=[dataset])
+    assert result.skipped == {}, result.skipped
+    (loaded,) = load_eval_folder(tmp_path / "sets" / dataset)
+    return loaded
+
+
+def test_mvbench_reads_every_task_folder_and_letters_its_options(tmp_path):
+    rows = [
+        {
+            "question": "what moves",
+            "video": "clip.mp4",
+            "candidates": ["a cat", "a dog"],
+            "answer": "a dog",
+        }
+    ]
+    d = _release_with(tmp_path, "MVBench", rows, ["action_sequence/clip"], "action_sequence")
+    q = d.queries[0]
+    assert q["query"]["text"] == "what moves\nOptions:\n(A) a cat\n(B) a dog"
+    assert texts(d, q["candidate_ids"]) == ["(A) a cat", "(B) a dog"]
+    assert texts(d, q["relevant_ids"]) == ["(B) a dog"]
+    assert q["query"]["media"][0]["uri"] == "action_sequence/clip"
+
+
+def test_video_mme_and_egoschema_cut_option_letters(tmp_path):
+    rows = [
+        {
+            "question": "who?",
+            "videoID": "v1",
+            "options": ["A. a man.", "B. a woman"],
+            "answer": "B",
+            "question_id": "1",
+        }
+    ]
+    d = _release_with(tmp_path / "mme", "Video-MME", rows, ["v1"])
+    q = d.queries[0]
+    assert q["query"]["text"] == "who?\nA. a man.\nB. a woman"
+    assert texts(d, q["candidate_ids"]) == ["a man", "a woman"]
+    assert texts(d, q["relevant_ids"]) == ["a woman"]
+    rows = [
+        {
+            "question": "what is c doing?",
+            "video_idx": "e1",
+            "answer": 0,
+            "option": ["A. cooking.", "B. reading"],
+            "question_idx": "1",
+        }
+    ]
+    d = _release_with(tmp_path / "ego", "EgoSchema", rows, ["e1"], "Subset")
+    q = d.queries[0]
+    assert q["query"]["text"] == "what is c doing?A. cooking. B. reading"
+    assert texts(d, q["relevant_ids"]) == ["cooking"]
+
+
+def test_activitynet_qa_is_yes_or_no_and_smthsmth_keeps_its_first_rows(tmp_path):
+    rows = [{"video_name": "abc", "question": "is it raining", "answer": "no", "question_id": "1"}]
+    d = _release_with(tmp_path / "anet", "ActivityNetQA", rows, ["v_abc"])
+    q = d.queries[0]
+    assert q["query"]["text"] == "is it raining? (A) yes; (B) no."
+    assert texts(d, q["candidate_ids"]) == ["yes", "no"] and texts(d, q["relevant_ids"]) == ["no"]
+    rows = [
+        {"video_id": str(i), "pos_text": f"move {i}", "neg_text": ["pick", f"move {i}"]}
+        for i in range(1003)
+    ]
+    d = _release_with(tmp_path / "ssv2", "SmthSmthV2", rows, [str(i) for i in range(1000)])
+    assert len(d.queries) == 1000  # the first 1,000 rows, as the benchmark
+    assert texts(d, d.queries[5]["candidate_ids"]) == ["move 5", "pick"]
+
+
+def test_momentseeker_queries_follow_their_input_kind(tmp_path):
+    clip = {"output_path": "vid/0_5.mp4"}
+    rows = [
+        {
+            "query": "jump",
+            "positive_frames": [clip],
+            "negative_frames": [{"output_path": "vid/5_9.mp4"}],
+            "input_frames": "",
+        },
+        {
+            "query": "land",
+            "positive_frames": [clip],
+            "negative_frames": [],
+            "input_frames": "q/1.jpg",
+        },
+        {
+            "query": "run",
+            "positive_frames": [clip],
+            "negative_frames": [],
+            "input_frames": "vid/0_5.mp4",
+        },
+    ]
+    d = _release_with(tmp_path, "MomentSeeker", rows, ["vid_0_5", "vid_5_9"], image="query_q_1.jpg")
+    text_only, with_image, with_clip = d.queries
+    assert text_only["query"]["media"] == []
+    assert text_only["query"]["instruction"] == "Find the clip that corresponds to the given text:"
+    assert texts(d, text_only["candidate_ids"]) == ["vid_0_5", "vid_5_9"]
+    assert texts(d, text_only["relevant_ids"]) == ["vid_0_5"]
+    assert with_image["query"]["media"][0] == {
+        **with_image["query"]["media"][0],
+        "kind": "image",
+        "uri": "query_q_1.jpg",
+    }
+    assert with_clip["query"]["media"][0]["uri"] == "vid_0_5"
+
+
+def test_visrag_pages_are_named_by_the_benchmarks_hash(tmp_path):
+    import hashlib
+
+    from rzenembed.evaluation.release_fixture import _save, _table, picture
+
+    root = tmp_path / "release"
+    name = "a-very-long-page-name-that-goes-on-and-on-past-fifty-chars.png"
+    page = f"{name[:50]}_{hashlib.md5(name.encode()).hexdigest()[:8]}.png"
+    _save(picture("red"), root / "visdoc-tasks/VisRAG_ChartQA" / page)
+    repo = "openbmb/VisRAG-Ret-Test-ChartQA"
+    _table(root, repo, "corpus/train-00000-of-00001.parquet", [{"corpus-id": name, "image": None}])
+    _table(root, repo, "queries/train-00000-of-00001.parquet", [{"query-id": "1", "query": "q"}])
+    _table(
+        root,
+        repo,
+        "qrels/train-00000-of-00001.parquet",
+        [{"query-id": "1", "corpus-id": name, "score": 1}],
+    )
+    result = import_mmeb_v2(root, tmp_path / "sets", datasets=["VisRAG_ChartQA"])
+    assert result.skipped == {}
+    (d,) = load_eval_folder(tmp_path / "sets/VisRAG_ChartQA")
+    assert texts(d, d.queries[0]["relevant_ids"]) == [page]

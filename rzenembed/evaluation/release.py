@@ -601,6 +601,9 @@ def import_mmeb_v2(
             "release": release,
             "annotations_digest": notes.digest(release),
             "frames": frames,
+            # Images are embedded within the model's visual-token budget (its
+            # model.max_visual_tokens, which every report records); the benchmark sets none.
+            "max_visual_tokens": None,
             "candidates": item.candidates,
             "metric": item.metric,
             "queries": len(builder.queries),
