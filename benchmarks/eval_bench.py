@@ -169,11 +169,25 @@ def gpu_embedder(dry: bool):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_bench import architecture, build_gpu_embedder
 
-    if dry:
-        return build_gpu_embedder(architecture(2), torch.device("cpu"), torch.float32)
-    if not torch.cuda.is_available():
+    from rzenembed.modeling.tiny import TinySpec, build_tokenizer
+
+    if not dry and not torch.cuda.is_available():
         raise SystemExit("--gpu needs CUDA; use --gpu --dry-run to check the code on CPU")
-    return build_gpu_embedder(architecture(None), torch.device("cuda"), torch.bfloat16)
+    config = architecture(2 if dry else None)
+    # Inputs go through the tiny processor (no download): the backbone must know its
+    # placeholder ids (all inside the 2B vocabulary).
+    ids = build_tokenizer(TinySpec()).get_vocab()
+    for field, token in (
+        ("image_token_id", "<|image_pad|>"),
+        ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"),
+        ("vision_end_token_id", "<|vision_end|>"),
+    ):
+        setattr(config, field, ids[token])
+        setattr(config.text_config, field, ids[token])
+    if dry:
+        return build_gpu_embedder(config, torch.device("cpu"), torch.float32)
+    return build_gpu_embedder(config, torch.device("cuda"), torch.bfloat16)
 
 
 def throughput(embedder, items, batch_size, sort, repeats) -> float:

@@ -80,3 +80,15 @@ def test_mean_over_queries():
     rows = [rank_metrics([1, 0], [1, 0]), rank_metrics([1, 0], [0, 1])]
     assert mean_metrics(rows)["hit@1"] == 0.5
     assert mean_metrics(rows)["mrr"] == pytest.approx(0.75)
+
+
+def test_the_first_listed_convention_gives_a_tie_to_the_earlier_candidate():
+    from rzenembed.evaluation.metrics import positional_metrics
+
+    scores, gains = [0.5, 0.9, 0.9, 0.1], [0, 0, 1, 0]
+    assert rank_metrics(scores, gains)["hit@1"] == 0.5  # the tie, averaged over both orders
+    first = positional_metrics(scores, gains, ndcg_k=2)
+    assert first["hit@1"] == 0.0  # candidate 1 is listed before the relevant candidate 2
+    assert first["ndcg@2"] == pytest.approx((1 / np.log2(3)) / 1.0)
+    assert positional_metrics([0.9, 0.9, 0.1], [0, 1, 0])["hit@1"] == 0.0
+    assert positional_metrics([0.9, 0.9, 0.1], [1, 0, 0])["hit@1"] == 1.0

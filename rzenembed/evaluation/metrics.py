@@ -107,7 +107,13 @@ def positional_metrics(
     two numbers for the same vectors disagree."""
     scores = np.asarray(scores, dtype=np.float64)
     gains = np.asarray(relevance, dtype=np.float64)
-    order = np.argsort(-scores, kind="stable")
+    n = scores.size
+    depth = min(n, max(ndcg_k, 1))
+    # Only candidates that can reach the top ``depth`` (with their whole tie group) are
+    # ordered: by score, then by list position.
+    threshold = np.partition(scores, n - depth)[n - depth]
+    near = np.flatnonzero(scores >= threshold)
+    order = near[np.lexsort((near, -scores[near]))]
     discounts = _discounts(ndcg_k)
     top = gains[order[:ndcg_k]]
     ideal = np.sort(gains)[::-1][:ndcg_k]

@@ -136,11 +136,13 @@ def _cached_candidates(
     return vectors
 
 
-def _gains(query: dict[str, Any], ids: Sequence[str]) -> np.ndarray:
-    """Each of ``ids``' gain for ``query``: its graded relevance (visual documents) or 1."""
+def _gains(query: dict[str, Any], index: dict[str, int], size: int) -> np.ndarray:
+    """Gains over ``size`` candidates at ``index``'s positions: the query's graded
+    relevance (visual documents) or 1 for each relevant id, 0 elsewhere."""
     grades = query.get("relevance") or [1.0] * len(query["relevant_ids"])
-    by_id = dict(zip(query["relevant_ids"], grades, strict=True))
-    return np.array([float(by_id.get(c, 0.0)) for c in ids])
+    gains = np.zeros(size)
+    gains[[index[c] for c in query["relevant_ids"]]] = grades
+    return gains
 
 
 def score_dataset(
@@ -153,7 +155,6 @@ def score_dataset(
     """Per-query metrics; local queries rank their own list, global ones the whole corpus.
     Each row also has the positional-tie values (``first_listed:hit@1``, ...)."""
     index = {c["cid"]: i for i, c in enumerate(dataset.candidates)}
-    all_ids = [c["cid"] for c in dataset.candidates]
     rows: list[dict[str, float] | None] = [None] * len(dataset.queries)
 
     def metrics(scores: np.ndarray, gains: np.ndarray) -> dict[str, float]:
@@ -165,16 +166,17 @@ def score_dataset(
     global_rows = []
     for qi, query in enumerate(dataset.queries):
         if query["candidate_ids"]:
-            pool = [index[c] for c in query["candidate_ids"]]
-            scores = (candidate_vectors[pool] @ query_vectors[qi]).numpy()
-            rows[qi] = metrics(scores, _gains(query, query["candidate_ids"]))
+            listed = query["candidate_ids"]
+            scores = (candidate_vectors[[index[c] for c in listed]] @ query_vectors[qi]).numpy()
+            local = {c: i for i, c in enumerate(listed)}
+            rows[qi] = metrics(scores, _gains(query, local, len(listed)))
         else:
             global_rows.append(qi)
     for start in range(0, len(global_rows), SCORE_BLOCK):
         block = global_rows[start : start + SCORE_BLOCK]
         matrix = (query_vectors[block] @ candidate_vectors.T).numpy()
         for row, qi in zip(matrix, block, strict=True):
-            rows[qi] = metrics(row, _gains(dataset.queries[qi], all_ids))
+            rows[qi] = metrics(row, _gains(dataset.queries[qi], index, len(index)))
     return [r for r in rows if r is not None]
 
 
