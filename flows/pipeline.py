@@ -358,10 +358,17 @@ def _announce(ex: Execution, registered: dict[str, Any], report: dict[str, Any])
     moved = "champion moved here" if decision["promoted"] else "champion kept"
     if decision.get("already_champion"):
         moved = "same digest as before: already the champion"
+    metas = ", ".join(
+        f"{m} {100 * scores[m]:.1f} vs {100 * baseline[m]:.1f}"
+        for m in ("Image", "Video", "VisDoc")
+        if m in scores and m in baseline
+    )
     print(
         f"model: {registered['uri']} ({moved})\n"
-        f"score All {100 * scores['All']:.1f} (untrained base {100 * baseline['All']:.1f})\n"
+        f"score All {100 * scores['All']:.1f} (untrained base {100 * baseline['All']:.1f}); "
+        f"{metas}\n"
         f"report: {report['extra']['markdown']}\n"
+        f"leaderboard: {report['extra'].get('leaderboard', '-')}\n"
         f"lineage: rzenembed lineage {registered['uri']} --tracking-uri {tracking}\n"
         f"verify: rzenembed verify {registered['uri']} --tracking-uri {tracking}\n"
         f"browse: mlflow ui --backend-store-uri {tracking}"
