@@ -24,16 +24,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from rzenembed.data.sample_render import COLOURS
 from rzenembed.evaluation.benchmark import benchmark_dataset
 from rzenembed.evaluation.release import ANNOTATIONS
 
+# The sample corpus's six colours and four more: ten distinct backgrounds.
 COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 210, 40),
-    "purple": (140, 60, 180),
-    "orange": (240, 140, 30),
+    **COLOURS,
     "cyan": (40, 200, 210),
     "pink": (240, 120, 180),
     "brown": (120, 80, 40),
