@@ -265,13 +265,15 @@ def iter_raw_rows(
     fs, _ = filesystem(uri, endpoint_url)
     position = 0
     for file in source_files(uri, endpoint_url):
-        for raw in _rows_of_file(fs, file):
+        for raw in rows_of_file(fs, file):
             for row in convert(source, raw, position, sink):
                 yield position, row
             position += 1
 
 
-def _rows_of_file(fs, file: str) -> Iterator[Any]:
+def rows_of_file(fs, file: str) -> Iterator[Any]:
+    """Every raw row of one data file of a source (JSONL, JSON, Parquet or a WebDataset
+    tar), streamed; ingest, ``inspect-source`` and side-file recaptions all read this way."""
     if file.endswith(".tar"):
         from rzenembed.data.formats.webdataset import iter_samples
 

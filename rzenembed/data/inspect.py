@@ -20,7 +20,7 @@ from typing import Any
 from rzenembed.config import SourceConfig
 from rzenembed.data.formats import REJECT_KEY, convert, get_format
 from rzenembed.data.formats.media_sink import MediaSink
-from rzenembed.data.importers import SourceError, _rows_of_file, source_files
+from rzenembed.data.importers import SourceError, rows_of_file, source_files
 from rzenembed.data.storage import UnsafeURIError, filesystem, frame_files, resolve_media_uri
 
 
@@ -54,7 +54,7 @@ def inspect_source(
     if not files:
         raise SourceError(f"{uri}: no {' or '.join(form.suffixes)} files for format {fmt!r}")
     fs, _ = filesystem(uri, endpoint_url)
-    raws = itertools.islice((r for f in files for r in _rows_of_file(fs, f)), rows)
+    raws = itertools.islice((r for f in files for r in rows_of_file(fs, f)), rows)
     report = Inspection(fmt)
     recognised, first_keys = 0, None
     sink = _DrySink("") if form.embeds_media else None
@@ -108,7 +108,7 @@ def first_media_paths(
     files = [f for f in source_files(uri, endpoint_url) if f.endswith(form.suffixes)]
     fs, _ = filesystem(uri, endpoint_url)
     paths: list[str] = []
-    raws = itertools.islice((r for f in files for r in _rows_of_file(fs, f)), rows)
+    raws = itertools.islice((r for f in files for r in rows_of_file(fs, f)), rows)
     for position, raw in enumerate(raws):
         for record in convert(source, raw, position, _DrySink("")):
             if not isinstance(record, dict) or REJECT_KEY in record:

@@ -76,7 +76,6 @@ def run_ingest(
         media_root = join(cfg.storage.root, "_media", source.name)
     else:
         media_root = source_media_root(source, base, cfg.data_root)
-        check_media_prefix(source, uri, media_root, endpoint)
     scans = run_shards(
         _scan_job,
         [(f, endpoint, chunk_rows) for f in files],
@@ -89,7 +88,9 @@ def run_ingest(
     inputs = [InputRef(uri=uri, content_digest=digest)]
     plan = plan_step(cfg, STEP, source.name, CODE_VERSION, digest_of(section), inputs)
     if (done := committed(plan, cfg)) is not None:
-        return done
+        return done  # a committed version: its media were checked when it was written
+    if not fmt.embeds_media:
+        check_media_prefix(source, uri, media_root, endpoint)
     params = {
         "source": source,
         "root": media_root,

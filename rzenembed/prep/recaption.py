@@ -244,13 +244,13 @@ class CaptionLookup:
     its id. Rows without one pass through unchanged."""
 
     def __init__(self, uri: str, settings: RecaptionConfig, endpoint_url: str | None = None):
-        from rzenembed.data.importers import _rows_of_file, source_files
+        from rzenembed.data.importers import rows_of_file, source_files
 
         self.settings = settings
         fs, _ = filesystem(uri, endpoint_url)
         self.by_key: dict[str, str] = {}
         for file in source_files(uri, endpoint_url):
-            for row in _rows_of_file(fs, file):
+            for row in rows_of_file(fs, file):
                 if isinstance(row, dict) and row.get("key") is not None and row.get("caption"):
                     self.by_key[str(row["key"])] = str(row["caption"])
 
