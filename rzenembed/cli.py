@@ -1,6 +1,6 @@
 """The ``rzenembed`` command line.
 
-rzenembed tiny-model OUT [--seed N]               write the tiny offline Qwen2-VL folder
+rzenembed tiny-model OUT [--seed N] [--family F]  write a tiny offline model folder
 rzenembed sample-data OUT [--seed N] [--scale K]  write the generated sample corpus
 rzenembed config CONFIG.yaml [--set K=V ...]       validate a config, print it resolved
 rzenembed embed --model PATH INPUT.jsonl OUT.parquet   embed a file of inputs (resumable)
@@ -24,13 +24,14 @@ import sys
 from pathlib import Path
 
 from rzenembed.config import ConfigError, config_digest, load_config
+from rzenembed.modeling.backbones import FAMILIES
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from rzenembed.modeling.tiny import build_tiny_model
 
-    out = build_tiny_model(args.out, seed=args.seed)
-    print(f"tiny Qwen2-VL model written to {out}")
+    out = build_tiny_model(args.out, seed=args.seed, family=args.family)
+    print(f"tiny {args.family} model written to {out}")
     return 0
 
 
@@ -233,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-model", help="write the tiny offline Qwen2-VL model folder")
     tiny.add_argument("out", help="output folder")
     tiny.add_argument("--seed", type=int, default=0, help="weight/tokenizer seed (default 0)")
+    tiny.add_argument("--family", choices=FAMILIES, default="qwen2-vl", help="backbone family")
     tiny.set_defaults(func=_cmd_tiny_model)
 
     sample = sub.add_parser("sample-data", help="write the generated sample corpus")

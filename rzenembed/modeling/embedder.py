@@ -1,4 +1,5 @@
-"""The RzenEmbed embedder: Qwen2-VL backbone, named prompt template, EOS pooling, LoRA.
+"""The RzenEmbed embedder: a Qwen-VL backbone (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; see
+``backbones.py``), named prompt template, EOS pooling, LoRA.
 
 The backbone runs without its language-model head: the embedding is the last-layer hidden
 state of the final (EOS) token, L2-normalised, so no vocabulary-sized logits are ever
@@ -23,6 +24,7 @@ from rzenembed.data.folders import FolderNotPublishedError, stage_folder
 from rzenembed.data.media import VideoBudget
 from rzenembed.data.storage import is_remote, join
 from rzenembed.identity import rewrite_canonical_json
+from rzenembed.modeling.backbones import backbone_of_folder, backbone_of_model
 from rzenembed.modeling.card import ModelCard, ModelFolderError
 from rzenembed.modeling.digest import weights_digest
 from rzenembed.modeling.inputs import EmbedInput, as_input, load_image, sample_frames
@@ -32,7 +34,7 @@ from rzenembed.prompts import PromptInput, get_template
 
 log = logging.getLogger(__name__)
 
-# Keys of the processor's output that the Qwen2-VL backbone consumes.
+# Keys of the processor's output every backbone consumes (an entry may add its own).
 BACKBONE_INPUTS = (
     "input_ids",
     "attention_mask",
@@ -74,6 +76,7 @@ class RzenEmbedder(nn.Module):
         self.base_path = base_path
         self.base_uri = str(Path(base_path).resolve())
         self.template = get_template(cfg.template)
+        self.family = backbone_of_model(self.hf_model)
         self._configure_processor()
         if cfg.gradient_checkpointing:
             self.hf_model.gradient_checkpointing_enable(
@@ -136,7 +139,7 @@ class RzenEmbedder(nn.Module):
 
     @property
     def hf_model(self) -> nn.Module:
-        """The transformers Qwen2VLForConditionalGeneration (LoRA layers injected, if any)."""
+        """The transformers model (LoRA layers injected, if any)."""
         return self.backbone.get_base_model() if self.is_lora else self.backbone
 
     @property
@@ -181,8 +184,7 @@ class RzenEmbedder(nn.Module):
         video_proc = self.processor.video_processor
         # A video's frames share one budget (the same one preparation sized stored frames
         # with): temporal_patch frames fold into one token group.
-        low, high = self.video_budget.frame_pixels()
-        video_proc.size = {"shortest_edge": low, "longest_edge": high}
+        video_proc.size = self.family.video_size(self.video_budget)
         video_proc.cap_pixels_per_frame = False  # our per-frame cap already bounds the total
         self.processor.tokenizer.padding_side = self.cfg.padding_side
 
@@ -234,14 +236,20 @@ class RzenEmbedder(nn.Module):
             videos=videos or None,
             padding=True,
             return_tensors="pt",
+            **self.family.video_call_kwargs(videos),
         )
-        return {k: batch[k] for k in BACKBONE_INPUTS if k in batch}
+        return {k: batch[k] for k in self.input_keys if k in batch}
+
+    @property
+    def input_keys(self) -> tuple[str, ...]:
+        """The processor outputs this backbone consumes."""
+        return BACKBONE_INPUTS + self.family.extra_inputs
 
     # ------------------------------------------------------------------ embedding
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         """(batch, dim) float32 unit vectors for prepared inputs; differentiable."""
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k in BACKBONE_INPUTS}
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k in self.input_keys}
         outputs = self.core(**inputs, use_cache=False, return_dict=True)
         return eos_pool(outputs.last_hidden_state, inputs["attention_mask"])
 
@@ -365,9 +373,8 @@ def _staged(uri: str, endpoint_url: str | None) -> str:
 
 
 def _load_backbone(path: str, cfg: ModelConfig) -> nn.Module:
-    from transformers import Qwen2VLForConditionalGeneration
-
-    return Qwen2VLForConditionalGeneration.from_pretrained(
+    """The folder's model, with the class its ``model_type`` names (backbones.py)."""
+    return backbone_of_folder(path).model_cls.from_pretrained(
         path,
         dtype=torch_dtype(cfg.dtype),
         attn_implementation=cfg.attn_implementation,

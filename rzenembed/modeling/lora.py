@@ -10,9 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from rzenembed.config import LoraConfig
-
-VISION_PREFIX = "model.visual."
-LLM_PREFIX = "model.language_model."
+from rzenembed.modeling.backbones import LLM_PREFIX, VISION_PREFIX
 
 
 def lora_target_modules(model: nn.Module, cfg: LoraConfig) -> list[str]:
@@ -25,14 +23,15 @@ def lora_target_modules(model: nn.Module, cfg: LoraConfig) -> list[str]:
     ]
     if not names:
         raise ValueError(
-            f"no linear layers under {prefixes}; is this a Qwen2-VL model "
+            f"no linear layers under {prefixes}; is this a supported Qwen-VL model "
             f"(transformers >= 5 layout: model.visual / model.language_model)?"
         )
     return names
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default") -> nn.Module:
-    """Wrap ``model`` (a Qwen2VLForConditionalGeneration) with fresh LoRA adapters.
+    """Wrap ``model`` (a Qwen-VL generation model of any supported family) with fresh LoRA
+    adapters.
 
     Returns the peft model; only the LoRA factors are trainable afterwards.
     """

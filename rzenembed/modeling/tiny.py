@@ -21,6 +21,7 @@ import torch
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from rzenembed import prompts
+from rzenembed.modeling.backbones import Backbone, backbone
 
 # The special tokens of Qwen2-VL, in the order the real vocabulary lists them.
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -202,37 +203,48 @@ def _merges_of(bpe_model) -> list[tuple[str, str]]:
     ]
 
 
-def build_processor(spec: TinySpec, tokenizer):
-    """Qwen2-VL processor (image + video processors, chat template) around ``tokenizer``."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+def build_processor(spec: TinySpec, tokenizer, family: str = "qwen2-vl"):
+    """The family's processor (image + video processors, chat template) around
+    ``tokenizer``, with the family's patch size."""
+    from transformers import Qwen2VLImageProcessor
 
-    unit = (spec.patch_size * spec.spatial_merge_size) ** 2
+    entry = backbone(family)
+    patch = _patch(spec, entry)
+    unit = (patch * spec.spatial_merge_size) ** 2
     size = {
         "shortest_edge": spec.min_visual_tokens * unit,
         "longest_edge": spec.max_visual_tokens * unit,
     }
     common = dict(
         size=size,
-        patch_size=spec.patch_size,
+        patch_size=patch,
         merge_size=spec.spatial_merge_size,
         temporal_patch_size=spec.temporal_patch_size,
     )
-    return Qwen2VLProcessor(
+    processor_cls = entry.load_class(entry.processor_class)
+    video_cls = entry.load_class(entry.video_processor_class)
+    return processor_cls(
         image_processor=Qwen2VLImageProcessor(**common),
-        video_processor=Qwen2VLVideoProcessor(**common),
+        video_processor=video_cls(**common),
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
 
 
-def build_config(spec: TinySpec, tokenizer):
-    """A Qwen2VLConfig of the tiny dimensions whose token ids match ``tokenizer``."""
-    from transformers import Qwen2VLConfig
+def _patch(spec: TinySpec, entry: Backbone) -> int:
+    """The tiny model's patch: the spec's for Qwen2-VL (14), else the family's own."""
+    return spec.patch_size if entry.patch_size == 14 else entry.patch_size
 
-    ids = dict(
+
+def _token_ids(tokenizer) -> dict[str, int]:
+    return dict(
         zip(SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)), strict=True)
     )
-    text_config = {
+
+
+def _text_config(spec: TinySpec, tokenizer, rope_theta: float) -> dict:
+    ids = _token_ids(tokenizer)
+    return {
         "vocab_size": len(tokenizer),
         "hidden_size": spec.hidden_size,
         "intermediate_size": spec.intermediate_size,
@@ -242,45 +254,99 @@ def build_config(spec: TinySpec, tokenizer):
         "max_position_embeddings": spec.max_position_embeddings,
         "rope_parameters": {
             "rope_type": "default",
-            "rope_theta": 1_000_000.0,
+            "rope_theta": rope_theta,
             "mrope_section": list(spec.mrope_section),
         },
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    vision_config = {
+
+
+def _vision_common(spec: TinySpec, entry: Backbone) -> dict:
+    return {
         "depth": spec.vision_depth,
-        "embed_dim": spec.vision_embed_dim,
-        "hidden_size": spec.hidden_size,
         "num_heads": spec.vision_heads,
-        "mlp_ratio": spec.vision_mlp_ratio,
-        "patch_size": spec.patch_size,
+        "patch_size": _patch(spec, entry),
         "spatial_merge_size": spec.spatial_merge_size,
         "temporal_patch_size": spec.temporal_patch_size,
     }
-    return Qwen2VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+
+
+def _placeholders(tokenizer) -> dict[str, int]:
+    ids = _token_ids(tokenizer)
+    return {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+
+
+def _qwen2_vl(spec: TinySpec, tokenizer, entry: Backbone) -> dict:
+    vision = {
+        **_vision_common(spec, entry),
+        "embed_dim": spec.vision_embed_dim,
+        "hidden_size": spec.hidden_size,
+        "mlp_ratio": spec.vision_mlp_ratio,
+    }
+    return {"text_config": _text_config(spec, tokenizer, 1_000_000.0), "vision_config": vision}
+
+
+def _qwen2_5_vl(spec: TinySpec, tokenizer, entry: Backbone) -> dict:
+    vision = {
+        **_vision_common(spec, entry),
+        "hidden_size": spec.vision_embed_dim,
+        "intermediate_size": spec.vision_embed_dim * spec.vision_mlp_ratio,
+        "out_hidden_size": spec.hidden_size,
+        "fullatt_block_indexes": [spec.vision_depth - 1],  # the published: last of each stage
+    }
+    return {"text_config": _text_config(spec, tokenizer, 1_000_000.0), "vision_config": vision}
+
+
+def _qwen3_vl(spec: TinySpec, tokenizer, entry: Backbone) -> dict:
+    text = _text_config(spec, tokenizer, 5_000_000.0)
+    text["head_dim"] = spec.hidden_size // spec.num_heads  # Qwen3 defaults to 128 otherwise
+    text["rope_parameters"]["mrope_interleaved"] = True
+    vision = {
+        **_vision_common(spec, entry),
+        "hidden_size": spec.vision_embed_dim,
+        "intermediate_size": spec.vision_embed_dim * spec.vision_mlp_ratio,
+        "out_hidden_size": spec.hidden_size,
+        "num_position_embeddings": 16,  # a 4 x 4 learned position grid
+        # Within the tower (the published indexes 8, 16, 24 would leave unused mergers).
+        "deepstack_visual_indexes": list(range(spec.vision_depth)),
+    }
+    return {"text_config": text, "vision_config": vision}
+
+
+TINY_CONFIGS = {"qwen2-vl": _qwen2_vl, "qwen2.5-vl": _qwen2_5_vl, "qwen3-vl": _qwen3_vl}
+
+
+def build_config(spec: TinySpec, tokenizer, family: str = "qwen2-vl"):
+    """The family's config class at the tiny dimensions, token ids matching ``tokenizer``
+    (weights tied at the top level, where every family's config reads it)."""
+    entry = backbone(family)
+    config_cls = entry.load_class(entry.config_class)
+    return config_cls(
+        **TINY_CONFIGS[family](spec, tokenizer, entry),
+        **_placeholders(tokenizer),
         tie_word_embeddings=True,
     )
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None) -> Path:
-    """Write a loadable tiny Qwen2-VL folder to ``out_dir`` and return its path."""
-    from transformers import Qwen2VLForConditionalGeneration
-
+def build_tiny_model(
+    out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None, family: str = "qwen2-vl"
+) -> Path:
+    """Write a loadable tiny model folder of ``family`` to ``out_dir``; return its path."""
     spec = spec or TinySpec()
+    entry = backbone(family)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec)  # the vocabulary never depends on the weight seed
-    config = build_config(spec, tokenizer)
+    config = build_config(spec, tokenizer, family)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = entry.model_cls(config).eval()
     model.save_pretrained(out, safe_serialization=True)
-    build_processor(spec, tokenizer).save_pretrained(out)
+    build_processor(spec, tokenizer, family).save_pretrained(out)
     return out

@@ -166,17 +166,21 @@ def _with_caption(
 
 
 class Captioner:
-    """A Qwen2-VL-family generation model and its processor, loaded once per actor."""
+    """A Qwen-VL generation model (any family in ``backbones.py``) and its processor, loaded
+    once per actor."""
 
     def __init__(self, path: str, settings: RecaptionConfig, device: str = "cpu"):
         import torch
-        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+        from transformers import AutoProcessor
+
+        from rzenembed.modeling.backbones import backbone_of_folder
 
         self.settings = settings
         self.device = device
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                  "float16": torch.float16}[settings.dtype]  # fmt: skip
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+        model_cls = backbone_of_folder(path).model_cls  # any supported family captions
+        self.model = model_cls.from_pretrained(path, dtype=dtype).to(device)
         self.model.eval()
         self.processor = AutoProcessor.from_pretrained(path)
         self.processor.tokenizer.padding_side = "left"  # generation continues on the right
