@@ -22,10 +22,30 @@ from rzenembed.config import ModelConfig
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
+def tiny_family_dir(tmp_path_factory):
+    """``tiny_family_dir(family)``: the tiny model of a backbone family, built once."""
     from rzenembed.modeling.tiny import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+    built = {}
+
+    def get(family: str):
+        if family not in built:
+            folder = tmp_path_factory.mktemp("tiny" if family == "qwen2-vl" else family)
+            built[family] = build_tiny_model(folder / "model", seed=0, family=family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_family_dir):
+    return tiny_family_dir("qwen2-vl")
+
+
+def tiny_config_for(model_dir) -> ModelConfig:
+    return ModelConfig(
+        name_or_path=str(model_dir), max_visual_tokens=64, video_frames=4, max_text_tokens=128
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The embedder on the tiny Qwen2-VL: pooling, batch invariance, LoRA coverage, save/load."""
+"""The embedder on the tiny model of every backbone family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL):
+pooling, batch invariance, text/image/video/page inputs, LoRA coverage, save/load."""
 
 from __future__ import annotations
 
@@ -13,9 +14,21 @@ from torch import nn
 
 from rzenembed.config import LoraConfig
 from rzenembed.modeling import EmbedInput, ModelCard, ModelFolderError, RzenEmbedder
+from rzenembed.modeling.backbones import FAMILIES
 from rzenembed.modeling.tiny import TinySpec
 
-from .conftest import random_image
+from .conftest import random_image, tiny_config_for
+
+
+# Every test here runs on each family's tiny model (these override the session fixtures).
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny_model_dir(request, tiny_family_dir):
+    return tiny_family_dir(request.param)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_config(tiny_model_dir):
+    return tiny_config_for(tiny_model_dir)
 
 
 def mixed_inputs() -> list[EmbedInput]:
@@ -104,17 +117,25 @@ def test_long_text_is_truncated_to_max_text_tokens(tiny_model_dir, tiny_model_co
     assert rendered.count("grass") <= 1
 
 
-def expected_lora_parameters(spec: TinySpec, r: int) -> int:
-    """Hand count: r * (in + out) for every linear layer of the vision tower and the LLM."""
+def expected_lora_parameters(spec: TinySpec, r: int, family: str = "qwen2-vl") -> int:
+    """Hand count: r * (in + out) for every linear layer of the vision tower and the LLM,
+    as each family lays its vision tower out."""
     e, h = spec.vision_embed_dim, spec.hidden_size
     mlp = e * spec.vision_mlp_ratio
-    vision_block = (e + 3 * e) + (e + e) + (e + mlp) + (mlp + e)  # qkv, proj, fc1, fc2
+    attention = (e + 3 * e) + (e + e)  # qkv, proj
+    # Qwen2.5-VL's vision MLP is gated (gate_proj, up_proj, down_proj); the others have two
+    # layers (fc1, fc2; Qwen3-VL: linear_fc1, linear_fc2).
+    gates = 2 if family == "qwen2.5-vl" else 1
+    vision_mlp = gates * (e + mlp) + (mlp + e)
     merged = e * spec.spatial_merge_size**2
-    merger = (merged + merged) + (merged + h)  # mlp.0, mlp.2
+    merger = (merged + merged) + (merged + h)  # two layers
+    # Qwen3-VL: one more merger per deepstack layer (the tiny model taps every block).
+    mergers = 1 + (spec.vision_depth if family == "qwen3-vl" else 0)
     kv = h // spec.num_heads * spec.num_kv_heads
     inter = spec.intermediate_size
     llm_layer = (h + h) + 2 * (h + kv) + (h + h) + 2 * (h + inter) + (inter + h)
-    return r * (spec.vision_depth * vision_block + merger + spec.num_layers * llm_layer)
+    vision = spec.vision_depth * (attention + vision_mlp) + mergers * merger
+    return r * (vision + spec.num_layers * llm_layer)
 
 
 def test_lora_wraps_every_vision_and_llm_linear_and_not_the_lm_head(tiny_embedder):
@@ -133,7 +154,9 @@ def test_lora_wraps_every_vision_and_llm_linear_and_not_the_lm_head(tiny_embedde
     assert any(n.startswith("model.visual.merger.") for n in wrapped)
     assert any(n.startswith("model.language_model.layers.") for n in wrapped)
     trainable = sum(p.numel() for p in tiny_embedder.parameters() if p.requires_grad)
-    assert trainable == expected_lora_parameters(TinySpec(), r=4) == 13_056
+    family = tiny_embedder.family.family
+    expected = {"qwen2-vl": 13_056, "qwen2.5-vl": 13_824, "qwen3-vl": 16_640}[family]
+    assert trainable == expected_lora_parameters(TinySpec(), 4, family) == expected
     assert all("lora_" in n for n, p in tiny_embedder.named_parameters() if p.requires_grad)
 
 
