@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/python -m flows.demo --config configs/tiny.yaml
+	$(BIN)/python -m flows.demo --config configs/tiny.yaml $(if $(FAMILY),--family $(FAMILY))
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

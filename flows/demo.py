@@ -1,7 +1,8 @@
 """The local demo: the whole pipeline on the embedded default, in one process.
 
-    python -m flows.demo [--config configs/tiny.yaml] [--scale 10] [--set KEY=VALUE ...]
-    (what `make demo` runs)
+    python -m flows.demo [--config configs/tiny.yaml] [--scale 10] [--family F]
+                         [--set KEY=VALUE ...]
+    (what `make demo` runs; `make demo FAMILY=qwen3-vl` passes --family)
 
 Builds what is missing (the tiny offline Qwen2-VL in ``model.name_or_path``, the sample
 corpus at ``--scale`` in the folder the sources point to, and the scaled-down MMEB-V2
@@ -22,6 +23,7 @@ from rzenembed.config import load_config
 from rzenembed.data.sample import build_sample_corpus
 from rzenembed.evaluation.release import import_mmeb_v2
 from rzenembed.evaluation.release_fixture import build_release_fixture
+from rzenembed.modeling.backbones import FAMILIES
 from rzenembed.modeling.tiny import build_tiny_model
 
 MMEB_V2_SETS = "mmeb-v2"  # an eval set folder of this name is the imported fixture
@@ -31,9 +33,10 @@ def ensure_inputs(config: str, overrides: list[str], scale: int) -> None:
     """The tiny model and the sample corpus, built in code when missing."""
     cfg = load_config(config, overrides)
     model_dir = Path(cfg.model.name_or_path)
+    family = "qwen2-vl" if cfg.model.family == "auto" else cfg.model.family
     if not (model_dir / "config.json").is_file():
-        print(f"building the tiny offline model in {model_dir}")
-        build_tiny_model(model_dir, seed=cfg.seed)
+        print(f"building the tiny offline {family} model in {model_dir}")
+        build_tiny_model(model_dir, seed=cfg.seed, family=family)
     for folder in sorted({Path(s.uri).parent for s in cfg.sources}):
         described = folder / "corpus.json"
         if not described.is_file() or f'"scale": {scale},' not in described.read_text():
@@ -59,7 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--scale", type=int, default=10, help="sample corpus scale")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--family",
+        choices=FAMILIES,
+        help="train the tiny model of this backbone family (its own folder runs/tiny-FAMILY)",
+    )
     args = parser.parse_args(argv)
+    if args.family:
+        args.set = [
+            f"model.family={args.family}",
+            f"model.name_or_path=runs/tiny-{args.family}",
+            *args.set,
+        ]
     # Without `make`: the same Prefect settings the Makefile exports (see docs/operations.md).
     os.environ.setdefault("PREFECT_HOME", str(Path("runs/prefect").resolve()))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -184,6 +184,10 @@ class ModelConfig(Strict):
     """The backbone and how inputs reach it."""
 
     name_or_path: str = Field(min_length=1)
+    # The backbone family (modeling/backbones.py). "auto": whatever the folder's config.json
+    # says; a named family is checked against the folder when it loads, and picks the
+    # tiny model the demo builds.
+    family: Literal["auto", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"] = "auto"
     template: str = "rzenembed-paper"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"

@@ -373,8 +373,16 @@ def _staged(uri: str, endpoint_url: str | None) -> str:
 
 
 def _load_backbone(path: str, cfg: ModelConfig) -> nn.Module:
-    """The folder's model, with the class its ``model_type`` names (backbones.py)."""
-    return backbone_of_folder(path).model_cls.from_pretrained(
+    """The folder's model, with the class its ``model_type`` names (backbones.py); a
+    configured ``model.family`` must be the folder's."""
+    entry = backbone_of_folder(path)
+    if cfg.family not in ("auto", entry.family):
+        raise ModelFolderError(
+            f"{path} holds a {entry.family} model ({entry.model_type}) but model.family is "
+            f"{cfg.family!r}: point model.name_or_path at a {cfg.family} folder, or set "
+            f"model.family: auto"
+        )
+    return entry.model_cls.from_pretrained(
         path,
         dtype=torch_dtype(cfg.dtype),
         attn_implementation=cfg.attn_implementation,
