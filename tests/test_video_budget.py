@@ -102,3 +102,27 @@ def test_an_odd_frame_count_keeps_the_padded_frame_within_budget(tiny_model_dir)
     assert grids[0].tolist() == grids[1].tolist()
     t, h, w = grids[0][0].tolist()
     assert t == 4 and t * (h // 2) * (w // 2) <= BUDGET
+
+
+def test_a_qwen3_vl_model_gets_frames_stored_on_its_own_16_pixel_patches(tiny_family_dir):
+    from rzenembed.prep.video import _knobs
+
+    model_dir = tiny_family_dir("qwen3-vl")
+    cfg = config_from_dict({"model": {"name_or_path": str(model_dir), "video_frames": FRAMES}})
+    assert _knobs(cfg)["patch"] == 16  # read from the folder (model.family: auto)
+    data = mp4(640, 360)
+    clip = sample_clip(
+        data, media_ops.probe_video(data), "v.mp4", 0.0, 3.0, {**knobs(), "patch": 16}
+    )
+    frames = [Image.open(io.BytesIO(b)) for b in clip["frames"]]
+    width, height = frames[0].size
+    assert width % 32 == 0 and height % 32 == 0
+    model_cfg = ModelConfig(
+        name_or_path=str(model_dir), video_frames=FRAMES, max_visual_tokens=BUDGET
+    )
+    embedder = RzenEmbedder.from_pretrained(model_dir, config=model_cfg)
+    grid = embedder.prepare([EmbedInput(video=frames)])["video_grid_thw"]
+    assert grid.tolist() == [[FRAMES // 2, height // 16, width // 16]]  # no resize
+    assert FRAMES // 2 * (height // 32) * (width // 32) <= BUDGET
+    raw = [Image.new("RGB", (640, 360), (9, 9, 9))] * FRAMES
+    assert embedder.prepare([EmbedInput(video=raw)])["video_grid_thw"].tolist() == grid.tolist()

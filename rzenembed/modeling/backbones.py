@@ -165,3 +165,14 @@ def backbone_of_model(model: Any) -> Backbone:
     """The entry for a loaded transformers model (or its peft wrapper)."""
     config = getattr(model, "config", None)
     return backbone_of_type(getattr(config, "model_type", ""), type(model).__name__)
+
+
+def configured_backbone(family: str, name_or_path: str) -> Backbone:
+    """The entry a ``ModelConfig`` means: its ``family``, or with ``auto`` the folder's
+    (Qwen2-VL when the folder is not readable here, e.g. on the object store)."""
+    if family != "auto":
+        return backbone(family)
+    try:
+        return backbone_of_folder(name_or_path)
+    except UnsupportedBackboneError:
+        return backbone("qwen2-vl")

@@ -31,6 +31,7 @@ from rzenembed.data import media as media_ops
 from rzenembed.data.schema import media, reference
 from rzenembed.data.storage import resolve_media_uri
 from rzenembed.data.version import DatasetVersion
+from rzenembed.modeling.backbones import configured_backbone
 from rzenembed.prep.base import (
     ShardJob,
     committed,
@@ -60,6 +61,9 @@ def _knobs(cfg: PipelineConfig) -> dict[str, Any]:
         "long_video_max_s": prep.long_video_max_s,
         "videos_per_shard": prep.videos_per_shard,
         "max_visual_tokens": cfg.model.max_visual_tokens,
+        # Frames are stored at the size the model's processor will keep: its patch decides
+        # the token grid (14 px for Qwen2-VL and Qwen2.5-VL, 16 px for Qwen3-VL).
+        "patch": configured_backbone(cfg.model.family, cfg.model.name_or_path).patch_size,
     }
 
 
@@ -153,6 +157,7 @@ def sample_clip(
         frames=knobs["video_frames"],
         max_visual_tokens=knobs["max_visual_tokens"],
         min_visual_tokens=knobs["min_visual_tokens"],
+        patch=knobs.get("patch", 14),
     )
     times = media_ops.frame_timestamps(start, end, budget.frame_count(info.width, info.height))
     images = media_ops.resize_frames(
