@@ -163,8 +163,8 @@ def project(items: dict[str, float], rates: dict[str, float], gpus: int) -> floa
     return sum(items[k] / rates[k] for k in items) / gpus / 3600
 
 
-def gpu_embedder(dry: bool):
-    """The Qwen2-VL-2B architecture with random weights (bf16 on CUDA; 2 layers on CPU
+def gpu_embedder(dry: bool, family: str = "qwen2-vl"):
+    """The family's ~2B architecture with random weights (bf16 on CUDA; 2 layers on CPU
     for a dry run), as ``train_bench.py --gpu`` builds it."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_bench import architecture, build_gpu_embedder
@@ -173,7 +173,7 @@ def gpu_embedder(dry: bool):
 
     if not dry and not torch.cuda.is_available():
         raise SystemExit("--gpu needs CUDA; use --gpu --dry-run to check the code on CPU")
-    config = architecture(2 if dry else None)
+    config = architecture(2 if dry else None, family)
     # Inputs go through the tiny processor (no download): the backbone must know its
     # placeholder ids (all inside the 2B vocabulary).
     ids = build_tokenizer(TinySpec()).get_vocab()
@@ -186,8 +186,8 @@ def gpu_embedder(dry: bool):
         setattr(config, field, ids[token])
         setattr(config.text_config, field, ids[token])
     if dry:
-        return build_gpu_embedder(config, torch.device("cpu"), torch.float32)
-    return build_gpu_embedder(config, torch.device("cuda"), torch.bfloat16)
+        return build_gpu_embedder(config, torch.device("cpu"), torch.float32, family)
+    return build_gpu_embedder(config, torch.device("cuda"), torch.bfloat16, family)
 
 
 def throughput(embedder, items, batch_size, sort, repeats) -> float:
@@ -260,13 +260,14 @@ def main() -> None:
     parser.add_argument("--sets", help="an imported MMEB-V2 folder: exact item counts")
     parser.add_argument("--gpu", action="store_true", help="rates of the 2B architecture")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: 2 layers on CPU")
+    parser.add_argument("--family", default="qwen2-vl", help="with --gpu: the backbone family")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         if args.gpu:
-            embedder = gpu_embedder(args.dry_run)
-            what = "Qwen2-VL-2B architecture" + (
+            embedder = gpu_embedder(args.dry_run, args.family)
+            what = f"{args.family} ~2B architecture" + (
                 " (DRY RUN: 2 layers, CPU)" if args.dry_run else " bf16 on CUDA"
             )
         else:

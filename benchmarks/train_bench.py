@@ -4,7 +4,8 @@ Run from the repository root:
 
     python benchmarks/train_bench.py [--batches 16,64,256] [--chunk 8] [--steps N]
         [--threads 1] [--modes gradcache,plain,lazy]
-    python benchmarks/train_bench.py --gpu [--chunk 8] [--gpu-batch 48] [--peak-tflops 989]
+    python benchmarks/train_bench.py --gpu [--family qwen3-vl] [--chunk 8] [--gpu-batch 48]
+        [--peak-tflops 989]
     python benchmarks/train_bench.py --gpu --dry-run
     python benchmarks/train_bench.py --loader [--rows 10000,1000000] [--steps 20]
 
@@ -442,42 +443,54 @@ GPU_IMAGE_GRID = (1, 70, 72)  # 5040 patches -> 1260 tokens after the 2x2 merge
 DRY_RUN_IMAGE_GRID = (1, 8, 8)  # 16 tokens
 
 
-def architecture(layers: int | None):
-    """The Qwen2-VL-2B config; ``layers`` cuts both towers to that depth (dry run)."""
-    from rzenembed.modeling.architectures import qwen2vl_config
+# The size each family's GPU run uses: its published ~2B (Qwen2.5-VL: 3B, its smallest).
+GPU_ARCHITECTURE = {"qwen2-vl": "qwen2vl-2b", "qwen2.5-vl": "qwen25vl-3b", "qwen3-vl": "qwen3vl-2b"}
 
-    config = qwen2vl_config("qwen2vl-2b")
+
+def architecture(layers: int | None, family: str = "qwen2-vl"):
+    """The family's ~2B config; ``layers`` cuts both towers to that depth (dry run)."""
+    from rzenembed.modeling.architectures import architecture_config
+
+    config = architecture_config(GPU_ARCHITECTURE[family])
     if layers is not None:
-        text = config.text_config
+        text, vision = config.text_config, config.vision_config
         text.num_hidden_layers = layers
         if getattr(text, "layer_types", None):
             text.layer_types = text.layer_types[:layers]
-        config.vision_config.depth = layers
+        vision.depth = layers
+        # Blocks the cut tower no longer has: Qwen3-VL's deepstack taps, Qwen2.5-VL's
+        # full-attention blocks.
+        for name in ("deepstack_visual_indexes", "fullatt_block_indexes"):
+            if getattr(vision, name, None):
+                setattr(vision, name, [i for i in getattr(vision, name) if i < layers] or [0])
     return config
 
 
-def build_gpu_embedder(config, device: torch.device, dtype: torch.dtype) -> RzenEmbedder:
+def build_gpu_embedder(
+    config, device: torch.device, dtype: torch.dtype, family: str = "qwen2-vl"
+) -> RzenEmbedder:
     """Random-weight backbone made on ``device``, wrapped like a loaded checkpoint.
 
-    The processor (the tiny model's) is only there because ``RzenEmbedder`` configures one;
-    inputs are made as token ids directly, so its small vocabulary never meets the model.
+    The processor (the tiny model's, of the same family) is only there because
+    ``RzenEmbedder`` configures one; inputs are made as token ids directly, so its small
+    vocabulary never meets the model.
     """
-    from transformers import Qwen2VLForConditionalGeneration
-
+    from rzenembed.modeling.backbones import backbone
     from rzenembed.modeling.tiny import TinySpec, build_processor, build_tokenizer
 
     with torch.device(device):
-        backbone = Qwen2VLForConditionalGeneration._from_config(
+        backbone_model = backbone(family).model_cls._from_config(
             config, dtype=dtype, attn_implementation="sdpa"
         )
     spec = TinySpec()
-    processor = build_processor(spec, build_tokenizer(spec))
+    processor = build_processor(spec, build_tokenizer(spec), family)
+    name = f"random-init:{GPU_ARCHITECTURE[family]}"
     cfg = ModelConfig(
-        name_or_path="random-init:qwen2vl-2b",
+        name_or_path=name,
         dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
         gradient_checkpointing=True,
     )
-    return RzenEmbedder(backbone, processor, cfg, base_path="random-init:qwen2vl-2b")
+    return RzenEmbedder(backbone_model, processor, cfg, base_path=name)
 
 
 # --------------------------------------------------------------------------- GPU: inputs
@@ -596,7 +609,8 @@ def forward_flops(model: nn.Module, config, work: Work) -> dict[str, float]:
     )
     head_dim = text.hidden_size // text.num_attention_heads
     attention = 4 * text.num_hidden_layers * text.num_attention_heads * head_dim * work.llm_square
-    attention += 4 * vision.depth * vision.embed_dim * work.patch_square
+    width = getattr(vision, "embed_dim", None) or vision.hidden_size  # Qwen2-VL: embed_dim
+    attention += 4 * vision.depth * width * work.patch_square
     return {"dense": float(dense), "attention": float(attention)}
 
 
@@ -608,7 +622,7 @@ def run_gpu(args: argparse.Namespace) -> None:
     if not dry and not torch.cuda.is_available():
         raise SystemExit("--gpu needs CUDA; use --gpu --dry-run to check the code on CPU")
     device = torch.device("cpu" if dry else "cuda")
-    config = architecture(2 if dry else None)
+    config = architecture(2 if dry else None, args.family)
     grid = DRY_RUN_IMAGE_GRID if dry else GPU_IMAGE_GRID
     batch_size, chunk = (4, 2) if dry else (args.gpu_batch, args.chunk)
     steps = 1 if dry else args.steps
@@ -616,24 +630,26 @@ def run_gpu(args: argparse.Namespace) -> None:
     if not dry:
         print(f"device: {torch.cuda.get_device_name()}")
     torch.manual_seed(0)
-    embedder = build_gpu_embedder(config, device, torch.bfloat16)
+    embedder = build_gpu_embedder(config, device, torch.bfloat16, args.family)
     setup = make_setup(embedder, LoraConfig(r=64, alpha=128.0))
     setup.module.to(device).train()
     batch = token_batch(config, batch_size, chunk, grid)
     work = batch_work(batch)
     flops = forward_flops(setup.module.embedder.core, config, work)
-    print_gpu_setup(setup, config, batch_size, chunk, grid, work, dry)
+    print_gpu_setup(setup, config, batch_size, chunk, grid, work, dry, args.family)
     probe = MemoryProbe(device)
     times = gpu_steps(setup, batch, steps, warmup=0 if dry else 1, probe=probe)
     report_gpu(times, probe, batch_size, flops, args)
 
 
-def print_gpu_setup(setup, config, batch, chunk, grid, work: Work, dry: bool) -> None:
+def print_gpu_setup(
+    setup, config, batch, chunk, grid, work: Work, dry: bool, family: str = "qwen2-vl"
+) -> None:
     total = sum(p.numel() for p in setup.module.parameters())
     trainable = sum(p.numel() for p in setup.params)
     layers = f"{config.text_config.num_hidden_layers} LLM / {config.vision_config.depth} ViT"
     print(
-        f"{'DRY RUN (CPU, 2-layer 2B config) ' if dry else ''}Qwen2-VL-2B architecture "
+        f"{'DRY RUN (CPU, 2-layer config) ' if dry else ''}{GPU_ARCHITECTURE[family]} architecture "
         f"({layers} layers), random weights, bf16, sdpa, gradient checkpointing; "
         f"{total / 1e9:.2f} B params, {trainable / 1e6:.1f} M trainable (LoRA r=64)"
     )
@@ -732,6 +748,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="the 2B architecture on CUDA")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: 2 layers on CPU")
+    parser.add_argument(
+        "--family", default="qwen2-vl", choices=sorted(GPU_ARCHITECTURE), help="GPU: backbone"
+    )
     parser.add_argument("--batches", default="16,64,256", help="CPU: global batch sizes")
     parser.add_argument(
         "--modes", default=",".join(MODES), help="CPU: among gradcache, plain, lazy"
