@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,7 +105,10 @@ def cluster(tmp_path_factory, s3_endpoint):
     import ray
 
     ray.shutdown()  # this process's local runtime; later tests start a fresh one
-    root = tmp_path_factory.mktemp("cluster")
+    # Ray puts unix sockets under each node's temp dir and a socket path may not exceed 107
+    # bytes: pytest's own temp dirs (pytest-of-USER/pytest-NNN/...) are too long once NNN or
+    # the session's pid has one more digit, so the nodes live in a short dir of their own.
+    root = Path(tempfile.mkdtemp(prefix="rz-", dir="/tmp"))
     port = free_port()
     env = {
         **os.environ,
@@ -136,6 +140,7 @@ def cluster(tmp_path_factory, s3_endpoint):
         yield f"127.0.0.1:{port}", env, [*nodes.values(), *caches.values()]
     finally:
         stop_nodes(list(nodes.values()))
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def upload_inputs(s3, corpus, model_dir) -> None:
