@@ -104,3 +104,16 @@ def s3_endpoint():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def prepared_for_training(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
+    """The sample corpus prepared once (``test_training.training_config``) for the training
+    tests and the family tests, which train the other backbones on the same manifests."""
+    from rzenembed.prep.prepare import prepare_all
+
+    from .test_training import training_config
+
+    root = tmp_path_factory.mktemp("train")
+    cfg = training_config(sample_corpus, str(root / "versions"), tiny_model_dir)
+    return cfg, prepare_all(cfg, base=str(sample_corpus.root), show_progress=False)

@@ -7,7 +7,6 @@ import torch
 
 from rzenembed.config import config_from_dict
 from rzenembed.modeling import ModelCard, RzenEmbedder
-from rzenembed.prep.prepare import prepare_all
 from rzenembed.training.metrics import read_jsonl
 from rzenembed.training.stages import merge_stage1, run_stage1, run_stage2
 
@@ -50,10 +49,8 @@ def training_config(corpus, root, model_dir, **stage):
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    cfg = training_config(sample_corpus, str(root / "versions"), tiny_model_dir)
-    data = prepare_all(cfg, base=str(sample_corpus.root), show_progress=False)
+def trained(prepared_for_training):
+    cfg, data = prepared_for_training
     stage1 = run_stage1(cfg, data.stages["stage1"])
     merged = merge_stage1(cfg, stage1.adapter_uri)
     stage2 = [
