@@ -280,3 +280,19 @@ def test_tiny_bundle_round_trips_through_a_fresh_process(tiny_embedder, tmp_path
     assert report["shape"] == [4, TinySpec().hidden_size]
     assert report["norms"] == pytest.approx([1.0] * 4, abs=1e-5)
     assert report["template"] == "rzenembed-paper"
+
+
+def test_the_template_reaches_every_backbone_intact(tiny_embedder):
+    """The rendered prompt is what the family's processor tokenises: each placeholder
+    expanded to the image's visual tokens, nothing else changed, the EOS last."""
+    tokenizer = tiny_embedder.processor.tokenizer
+    item = EmbedInput(text="a red car", instruction="Find an image.", images=[random_image(1)])
+    rendered = tiny_embedder.render(item)
+    assert rendered.count("<|image_pad|>") == 1 and "a red car" in rendered
+    batch = tiny_embedder.prepare([item])
+    ids = batch["input_ids"][0][batch["attention_mask"][0].bool()]
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    merge = tiny_embedder.processor.image_processor.merge_size
+    assert int((ids == pad).sum()) == int(batch["image_grid_thw"][0].prod()) // merge**2
+    assert tokenizer.decode(ids[ids != pad]) == rendered.replace("<|image_pad|>", "")
+    assert int(ids[-1]) == tokenizer.convert_tokens_to_ids("<|endoftext|>")
