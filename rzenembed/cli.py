@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rzenembed", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tiny = sub.add_parser("tiny-model", help="write the tiny offline Qwen2-VL model folder")
+    tiny = sub.add_parser("tiny-model", help="write a tiny offline model folder (any family)")
     tiny.add_argument("out", help="output folder")
     tiny.add_argument("--seed", type=int, default=0, help="weight/tokenizer seed (default 0)")
     tiny.add_argument("--family", choices=FAMILIES, default="qwen2-vl", help="backbone family")

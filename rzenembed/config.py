@@ -109,7 +109,7 @@ class SourceConfig(Strict):
 class RecaptionConfig(Strict):
     """The recaption step (sources with ``recaption: true``); see docs/data.md."""
 
-    model: str | None = None  # the captioning model folder (a Qwen2-VL-family checkpoint)
+    model: str | None = None  # the captioning model folder (any supported Qwen-VL family)
     policy: Literal["add", "replace", "both-in-one"] = "add"
     prompt: str = (
         "Describe this image in one or two precise sentences: the objects, their colours "

@@ -23,7 +23,7 @@ Everything is checked before anything is written: one base model (by weights dig
 same targeted modules, a shared prompt template, compatible shapes, finite weights with a
 positive sum. The output is a merged model folder (safetensors, processor,
 ``rzenembed.json`` with the template and the soup recipe, including every input adapter's
-digest) that loads through ``RzenEmbedder`` and through transformers' Qwen2-VL classes.
+digest) that loads through ``RzenEmbedder`` and through the family's transformers class.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ captioner into longer, more precise descriptions (RECIPE.md). This step runs aft
 ``clean`` and before ``cap`` for sources with ``recaption: true``.
 
 A row is captionable when one side is a caption (text, no media) and the other side is one
-image without text. For each, the captioner (a Qwen2-VL-family folder, ``generate`` with
+image without text. For each, the captioner (any supported Qwen-VL folder, ``generate`` with
 ``prep.recaption`` settings) writes a new description, and the policy decides the output:
 
 ``add``           the original row, plus a new row ``<id>#recaption`` with the new caption;
