@@ -86,6 +86,11 @@ class DatasetBuilder:
         self._checked: dict[str, bool] = {}
 
     # media ------------------------------------------------------------------------------
+    def move_media_root(self, root: Path) -> None:
+        """Read media from ``root`` from now on (pages written out of a corpus Parquet)."""
+        self.media_root = root
+        self._checked.clear()
+
     def image(self, uri: str) -> dict[str, Any]:
         if self._missing(uri, lambda p: p.is_file()):
             self.problems.add("missing_image", uri)
@@ -490,8 +495,7 @@ def parse_visdoc(b: DatasetBuilder, notes: Annotations, pages_out: Path) -> None
             data = _image_bytes(row.get("image"))
             if data is not None:
                 (pages_out / names[str(row["corpus-id"])]).write_bytes(data)
-        b.media_root = pages_out
-        b._checked.clear()
+        b.move_media_root(pages_out)
     for corpus_id, name in names.items():
         b.candidate(
             corpus_id, side(instruction=item.target_instruction, media_items=[b.image(name)])
