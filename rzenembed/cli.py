@@ -72,11 +72,19 @@ def _evaluate_to(model: str, evals: list[str], out: str, args: argparse.Namespac
     embedder = RzenEmbedder.from_pretrained(model, device=task_device(want_gpu=True))
     digest = folder_digest(model)
     scores = evaluate(
-        embedder, evals, model_digest=digest, cache_dir=args.cache, batch_size=args.batch_size,
-        datasets=args.dataset, show_progress=True,
-    )  # fmt: skip
-    info = {"path": str(Path(model).resolve()), "digest": digest,
-            "max_visual_tokens": embedder.cfg.max_visual_tokens}  # fmt: skip
+        embedder,
+        evals,
+        model_digest=digest,
+        cache_dir=args.cache,
+        batch_size=args.batch_size,
+        datasets=args.dataset,
+        show_progress=True,
+    )
+    info = {
+        "path": str(Path(model).resolve()),
+        "digest": digest,
+        "max_visual_tokens": embedder.cfg.max_visual_tokens,
+    }
     skipped = suite_skipped(evals)
     return write_report(scores, out, info, previous=args.previous, skipped=skipped)
 
@@ -107,8 +115,10 @@ def _cmd_import_mmeb_v2(args: argparse.Namespace) -> int:
         print(f"  {name}: {meta['queries']} queries, {meta['candidate_count']} candidates")
     for name, entry in result.skipped.items():
         print(f"  SKIPPED {name}: {entry['reason']}")
-    print(f"{len(result.written)} sets written to {result.out}, {len(result.skipped)} skipped "
-          f"(see {result.out / 'suite.json'})")  # fmt: skip
+    print(
+        f"{len(result.written)} sets written to {result.out}, {len(result.skipped)} skipped "
+        f"(see {result.out / 'suite.json'})"
+    )
     return 0
 
 
@@ -215,8 +225,12 @@ def _cmd_inspect_source(args: argparse.Namespace) -> int:
 
 
 def _tree_json(node) -> dict:
-    return {**node.ref.to_json(), "step": node.step, "seen_before": node.seen_before,
-            "inputs": [_tree_json(c) for c in node.children]}  # fmt: skip
+    return {
+        **node.ref.to_json(),
+        "step": node.step,
+        "seen_before": node.seen_before,
+        "inputs": [_tree_json(c) for c in node.children],
+    }
 
 
 def _tracking_option(parser: argparse.ArgumentParser) -> None:

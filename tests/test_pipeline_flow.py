@@ -45,29 +45,48 @@ def pipeline_config(corpus, model_dir, root: Path, data: str = "data") -> Path:
     for source in sources:
         source["uri"] = str(corpus.root / source["uri"])
     stage2 = [s["name"] for s in sources if s["stage"] in ("stage2", "both")]
-    common = {"global_batch_size": 4, "gradcache_chunk": None, "max_steps": 3,
-              "checkpoint_every": 3, "hard_negatives": 0,
-              "optim": {"lr": 1e-3, "warmup_ratio": 0.0}}  # fmt: skip
+    common = {
+        "global_batch_size": 4,
+        "gradcache_chunk": None,
+        "max_steps": 3,
+        "checkpoint_every": 3,
+        "hard_negatives": 0,
+        "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
+    }
     cfg = {
         "name": "flowtest",
         "storage": {"root": str(root / data)},
         "sources": sources,
-        "prep": {"shard_rows": 64, "cap_per_dataset": 25, "clip_seconds": 4.0,
-                 "long_video_min_s": 5.0, "long_video_max_s": 20.0},
-        "model": {"name_or_path": str(model_dir), "max_visual_tokens": 16, "video_frames": 4,
-                  "max_text_tokens": 64},
+        "prep": {
+            "shard_rows": 64,
+            "cap_per_dataset": 25,
+            "clip_seconds": 4.0,
+            "long_video_min_s": 5.0,
+            "long_video_max_s": 20.0,
+        },
+        "model": {
+            "name_or_path": str(model_dir),
+            "max_visual_tokens": 16,
+            "video_frames": 4,
+            "max_text_tokens": 64,
+        },
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "loss": {"false_negative_delta": None},
         "stage1": common,
-        "stage2": {**common, "mixtures": [
-            {"name": "even", "datasets": {n: 1.0 for n in stage2}},
-            {"name": "doc-heavy",
-             "datasets": {n: (4.0 if n == "sample-visdoc" else 1.0) for n in stage2}},
-        ]},
+        "stage2": {
+            **common,
+            "mixtures": [
+                {"name": "even", "datasets": {n: 1.0 for n in stage2}},
+                {
+                    "name": "doc-heavy",
+                    "datasets": {n: (4.0 if n == "sample-visdoc" else 1.0) for n in stage2},
+                },
+            ],
+        },
         "eval": {"sets": [str(corpus.root / "eval")], "batch_size": 8},
         "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": "flowtest"},
         "compute": {"num_workers": 1, "cpus_per_worker": 1},
-    }  # fmt: skip
+    }
     path = root / f"pipeline-{data}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -263,11 +282,18 @@ def test_every_step_has_a_child_run_under_one_parent(runs):
     parent = runs["first"].result()["mlflow_parent_run_id"]
     client = MlflowClient(tracking_uri=tracker_for(runs).cfg.tracking_uri)
     experiment = client.get_experiment_by_name("flowtest").experiment_id
-    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'",
-                                  max_results=500)  # fmt: skip
+    children = client.search_runs(
+        [experiment], f"tags.mlflow.parentRunId = '{parent}'", max_results=500
+    )
     steps = {run.data.tags["rzenembed.step"] for run in children}
-    assert steps == DATA_STEPS | {"stage1", "merge-stage1", "stage2", "soup", "evaluate",
-                                  "register"}  # fmt: skip
+    assert steps == DATA_STEPS | {
+        "stage1",
+        "merge-stage1",
+        "stage2",
+        "soup",
+        "evaluate",
+        "register",
+    }
     assert all(run.info.status == "FINISHED" for run in children)
     stage2 = [r for r in children if r.data.tags["rzenembed.step"] == "stage2"]
     assert len(stage2) == 2
@@ -282,12 +308,15 @@ def test_the_evaluation_report_is_an_artifact(runs):
     assert "data-counts" in runs["first_artifacts"]
     client = MlflowClient(tracking_uri=tracker_for(runs).cfg.tracking_uri)
     files = {f.path for f in client.list_artifacts(report["run_id"], "report")}
-    assert files == {"report/report.json", "report/report.md", "report/report.png",
-                     "report/leaderboard.json"}  # fmt: skip
+    assert files == {
+        "report/report.json",
+        "report/report.md",
+        "report/report.png",
+        "report/leaderboard.json",
+    }
     # One artifact per finished dataset, for the model and the untrained baseline.
     finished = {k for k in runs["first_artifacts"] if k.startswith("eval-")}
-    assert {"eval-model-eval-shapes-classification",
-            "eval-baseline-eval-visdoc"} <= finished  # fmt: skip
+    assert {"eval-model-eval-shapes-classification", "eval-baseline-eval-visdoc"} <= finished
 
 
 def test_an_unchanged_second_run_redoes_no_step(runs):
