@@ -40,7 +40,7 @@ def step_gpus(cfg: PipelineConfig) -> float:
     return 1.0 if compute.use_gpu else 0.0
 
 
-def on_ray(
+def submit_on_ray(
     cfg: PipelineConfig,
     fn: Callable[..., Any],
     *args: Any,
@@ -48,7 +48,7 @@ def on_ray(
     cpus: float | None = None,
     **kwargs: Any,
 ) -> Any:
-    """Run ``fn(*args, **kwargs)`` as a Ray task with the step's resources; its result."""
+    """Start ``fn(*args, **kwargs)`` as a Ray task with the step's resources; its ref."""
     import ray
 
     from rzenembed.data.engine import ensure_ray
@@ -59,7 +59,14 @@ def on_ray(
         "num_cpus": cfg.compute.step_cpus if cpus is None else cpus,
         "max_retries": 0,
     }
-    return ray.get(ray.remote(fn).options(**options).remote(*args, **kwargs))
+    return ray.remote(fn).options(**options).remote(*args, **kwargs)
+
+
+def on_ray(cfg: PipelineConfig, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``submit_on_ray``, waited for: the task's result."""
+    import ray
+
+    return ray.get(submit_on_ray(cfg, fn, *args, **kwargs))
 
 
 # --------------------------------------------------------------------------- merge
@@ -167,14 +174,21 @@ class EmbedActor:
 
 
 class ActorPoolEncoder:
-    """``encode`` over several ``EmbedActor``s: contiguous slices, one per actor, in order."""
+    """``encode`` over ``count`` ``EmbedActor``s: contiguous slices, one per actor, in order.
 
-    def __init__(self, actors: list[Any]):
-        self.actors = actors
+    The actors (one model load each) start at the first ``encode``: an evaluation whose
+    datasets are all resumed from stored scores loads no model at all."""
+
+    def __init__(self, make_actor: Callable[[], Any], count: int):
+        self.make_actor = make_actor
+        self.count = count
+        self.actors: list[Any] = []
 
     def encode(self, items: Sequence[EmbedInput], batch_size: int = 16) -> torch.Tensor:
         import ray
 
+        if not self.actors:
+            self.actors = [self.make_actor() for _ in range(self.count)]
         items = list(items)
         per = -(-len(items) // len(self.actors)) if items else 0
         parts = [items[i * per : (i + 1) * per] for i in range(len(self.actors))]
@@ -183,6 +197,13 @@ class ActorPoolEncoder:
         ]
         out = ray.get(futures)
         return torch.cat(out) if out else torch.empty(0, 0)
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
 
 
 def _score_with_actors(
@@ -197,10 +218,10 @@ def _score_with_actors(
     actor_cls = ray.remote(EmbedActor).options(
         num_gpus=step_gpus(cfg), num_cpus=cfg.compute.step_cpus
     )
-    actors = [actor_cls.remote(cfg, model["uri"]) for _ in range(cfg.compute.eval_actors)]
+    encoder = ActorPoolEncoder(lambda: actor_cls.remote(cfg, model["uri"]), cfg.compute.eval_actors)
     try:
         return evaluate(
-            ActorPoolEncoder(actors),
+            encoder,
             local_sets,
             model_digest=model["digest"],
             cache_dir=cache_uri,
@@ -211,8 +232,7 @@ def _score_with_actors(
             endpoint_url=cfg.storage.endpoint_url,
         )
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        encoder.close()
 
 
 def _rescore_task(
@@ -318,10 +338,8 @@ def _watched(
     dataset score the task stores under ``scores_uri`` (``{model digest}-{key}.json``)."""
     import ray
 
-    from rzenembed.data.engine import ensure_ray
     from rzenembed.data.storage import filesystem
 
-    ensure_ray(address=cfg.compute.ray_address)
     fs, path = filesystem(scores_uri, cfg.storage.endpoint_url)
 
     def listing() -> set[str]:
@@ -331,7 +349,7 @@ def _watched(
             return set()
 
     seen = listing()
-    ref = ray.remote(fn).options(num_gpus=0, num_cpus=0, max_retries=0).remote(*args)
+    ref = submit_on_ray(cfg, fn, *args, gpus=0.0, cpus=0.0)
     while True:
         done, _ = ray.wait([ref], timeout=interval_s)
         for name in sorted(listing() - seen):

@@ -23,7 +23,7 @@ from rzenembed.model_steps import (
     soup_step,
 )
 from rzenembed.modeling.digest import file_digest
-from rzenembed.tracking import LineageRef, Tracker
+from rzenembed.tracking import DIGEST_TAG, LineageRef, Tracker
 from rzenembed.training.stages import output_root
 from tasks.common import RETRIES, RunContext, as_ref, keyed, step_run
 
@@ -268,7 +268,7 @@ def _rescorer(
     endpoint = cfg.storage.endpoint_url
 
     def rescore(version: Any) -> float | None:
-        digest = version.tags.get("rzenembed.digest")
+        digest = version.tags.get(DIGEST_TAG)
         uri = tracker.model_folder(version)
         if not uri or not digest or not exists(join(uri, "config.json"), endpoint):
             print(

@@ -209,8 +209,10 @@ def score_one(
     model_digest: str | None,
     show_progress: bool,
     endpoint_url: str | None,
+    digest: str,
 ) -> DatasetScore:
-    """Embed one dataset (candidates through the cache) and score it."""
+    """Embed one dataset (candidates through the cache) and score it; ``digest`` is its
+    ``dataset_digest`` (recorded in the score)."""
     reader = MediaReader(dataset.media_root)
     candidates = _cached_candidates(
         encoder,
@@ -247,7 +249,7 @@ def score_one(
         score=metrics[metric],
         metrics=metrics,
         frames=max_frames,
-        digest=dataset_digest(dataset, max_frames),
+        digest=digest,
         provenance=dataset.provenance,
     )
 
@@ -292,11 +294,10 @@ def evaluate(
     results = []
     for dataset in tqdm(chosen, desc="datasets", unit="dataset", disable=not show_progress):
         frames = dataset.frames or max_frames
+        digest = dataset_digest(dataset, frames)
         stored = None
         if cache is not None and model_digest is not None:
-            key = hashlib.sha256(
-                f"{model_digest}:{ndcg_k}:{dataset_digest(dataset, frames)}".encode()
-            ).hexdigest()
+            key = hashlib.sha256(f"{model_digest}:{ndcg_k}:{digest}".encode()).hexdigest()
             stored = join(cache, "scores", f"{model_digest[:16]}-{key}.json")
         score = _stored_score(stored, endpoint_url)
         resumed = score is not None
@@ -311,6 +312,7 @@ def evaluate(
                 model_digest,
                 show_progress,
                 endpoint_url,
+                digest,
             )
             if stored is not None:
                 write_bytes(stored, json.dumps(score.to_json()).encode(), endpoint_url)
