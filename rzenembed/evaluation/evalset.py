@@ -142,6 +142,17 @@ def _check(folder: Path, name: str, queries: list[dict], candidates: list[dict])
             )
 
 
+def write_eval_folder(
+    folder: Path, queries: list[dict], candidates: list[dict], meta: dict[str, Any]
+) -> None:
+    """An evaluation set folder: the two JSONL tables and ``evalset.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, table in ((QUERIES, queries), (CANDIDATES, candidates)):
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in table)
+        (folder / f"{stem}.jsonl").write_text(lines, encoding="utf-8")
+    (folder / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
 # --------------------------------------------------------------------------- MMEB
 
 
@@ -213,14 +224,11 @@ def import_mmeb_eval(
                 "relevant_ids": [listed[0]],
             }
         )
-    for stem, table in ((QUERIES, queries), (CANDIDATES, candidates)):
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in table)
-        (out / f"{stem}.jsonl").write_text(lines, encoding="utf-8")
     meta = {
         "name": name,
         "category": category,
         "source": "mmeb",
         "media_root": str(Path(media_root).resolve()),
     }
-    (out / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_eval_folder(out, queries, candidates, meta)
     return out

@@ -29,17 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import pyarrow.parquet as pq
-
+from rzenembed.data.importers import MMEB_IMAGE_PLACEHOLDER
 from rzenembed.data.schema import media, side
 from rzenembed.data.storage import FRAME_SUFFIXES
 from rzenembed.evaluation.benchmark import BenchmarkDataset, mmeb_v2
-from rzenembed.evaluation.evalset import CANDIDATES, META, QUERIES
+from rzenembed.evaluation.evalset import read_mmeb_rows, write_eval_folder
 from rzenembed.modeling.digest import file_digest
 
 SUITE = "suite.json"
 ANNOTATIONS = "annotations"
-IMAGE_TAG = "<|image_1|>"
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 DEFAULT_FRAMES = 8  # the benchmark's frames per video and per clip
 EXAMPLES = 3  # example paths or ids kept per problem
@@ -179,14 +177,7 @@ def annotation_files(folder: Path, config: str, split: str) -> list[Path]:
 
 
 def read_annotation_rows(files: Iterable[Path]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for path in files:
-        if path.suffix == ".parquet":
-            rows.extend(pq.read_table(path).to_pylist())
-        else:
-            with path.open(encoding="utf-8") as f:
-                rows.extend(json.loads(line) for line in f if line.strip())
-    return rows
+    return [row for path in files for row in read_mmeb_rows(path)]
 
 
 class Annotations:
@@ -253,7 +244,7 @@ def _first(value: Any) -> str:
 
 
 def _no_tag(text: Any) -> str:
-    return " ".join(str(text or "").replace(IMAGE_TAG, " ").split())
+    return " ".join(str(text or "").replace(MMEB_IMAGE_PLACEHOLDER, " ").split())
 
 
 def _video_name(value: Any) -> str:
@@ -543,14 +534,6 @@ class ImportResult:
     skipped: dict[str, dict[str, Any]]
 
 
-def _write_set(b: DatasetBuilder, folder: Path, meta: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for stem, table in ((QUERIES, b.queries), (CANDIDATES, b.candidates)):
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in table)
-        (folder / f"{stem}.jsonl").write_text(lines, encoding="utf-8")
-    (folder / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-
-
 def import_mmeb_v2(
     root: str | Path,
     out: str | Path,
@@ -615,7 +598,7 @@ def import_mmeb_v2(
             "benchmark_queries": item.queries,
             "notes": dict(builder.notes),
         }
-        _write_set(builder, folder, meta)
+        write_eval_folder(folder, builder.queries, builder.candidates, meta)
         written[item.dataset] = meta
     suite = {
         "benchmark": "MMEB-V2",
