@@ -13,6 +13,7 @@ rzenembed lineage models:/rzenembed@champion [--tracking-uri URI] [--json]
 rzenembed verify models:/rzenembed@champion|FOLDER [--tracking-uri URI] [--json]
 rzenembed publish FOLDER URI [--endpoint-url URL]   a model folder onto the storage root
 rzenembed inspect-source --format F PATH [--rows N]  a download's first rows, converted
+rzenembed serve --config CONFIG.yaml [--model URI] [--no-follow]  the embeddings endpoint
 """
 
 from __future__ import annotations
@@ -224,6 +225,35 @@ def _cmd_inspect_source(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import threading
+
+    from rzenembed.data.engine import ensure_ray
+    from rzenembed.serving.follow import RegistryFollower
+    from rzenembed.serving.source import default_model_uri
+
+    cfg = load_config(args.config, args.set)
+    uri = args.model or default_model_uri(cfg)
+    ensure_ray(cfg.compute.ray_address)
+    follower = RegistryFollower(cfg, uri)
+    rollout = follower.start()
+    base = f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
+    print(
+        f"serving {follower.served.label} (digest {rollout.digest[:12]}) at "
+        f"{base}/v1/embeddings; models: {base}/v1/models",
+        flush=True,
+    )
+    if args.no_follow:
+        return 0
+    print(f"following {uri} every {cfg.serve.poll_interval_s:g} s (Ctrl-C stops)", flush=True)
+    stop = threading.Event()
+    try:
+        follower.follow(stop)
+    except KeyboardInterrupt:
+        stop.set()
+    return 0
+
+
 def _tree_json(node) -> dict:
     return {
         **node.ref.to_json(),
@@ -351,7 +381,28 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--rows", type=int, default=5, help="raw rows to read (default 5)")
     ins.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
     ins.set_defaults(func=_cmd_inspect_source)
+    _serve_parser(sub)
     return parser
+
+
+def _serve_parser(sub) -> None:
+    srv = sub.add_parser(
+        "serve", help="serve a registered model on Ray Serve (POST /v1/embeddings)"
+    )
+    srv.add_argument("--config", required=True, help="pipeline config (tracking, storage, serve)")
+    srv.add_argument(
+        "--model",
+        default=None,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION or a model folder "
+        "(default: serve.model_uri, else models:/<registered_model>@champion)",
+    )
+    srv.add_argument("--set", action="append", default=[], help="config override K=V")
+    srv.add_argument(
+        "--no-follow",
+        action="store_true",
+        help="deploy and return (a cluster keeps serving) instead of following the alias",
+    )
+    srv.set_defaults(func=_cmd_serve)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -396,6 +396,61 @@ class ComputeConfig(Strict):
     loader_cache_mb: int = Field(default=64, ge=0)
 
 
+class ServeLimits(Strict):
+    """What one embeddings request may carry; anything larger is answered 413."""
+
+    max_items: int = Field(default=256, gt=0)
+    max_text_chars: int = Field(default=32_768, gt=0)
+    max_image_bytes: int = Field(default=20 * 2**20, gt=0)  # one encoded image
+    max_image_pixels: int = Field(default=40_000_000, gt=0)  # width x height, before decoding
+    max_video_frames: int = Field(default=64, gt=0)
+    max_request_bytes: int = Field(default=100 * 2**20, gt=0)  # the whole JSON body
+
+
+class ServeAutoscaling(Strict):
+    """Ray Serve autoscaling of the model replicas (one GPU each on a cluster)."""
+
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(default=4, ge=1)
+    # Requests (each up to ``max_batch_size`` items) a replica should hold at once.
+    target_ongoing_requests: float = Field(default=4.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ServeAutoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) < min_replicas ({self.min_replicas})"
+            )
+        return self
+
+
+class ServeConfig(Strict):
+    """The embeddings endpoint (``rzenembed serve``): what it serves, where, and how."""
+
+    # None: models:/<tracking.registered_model>@champion. Any models:/ URI or model folder.
+    model_uri: str | None = None
+    app_name: str = Field(default="rzenembed", pattern=r"^[A-Za-z0-9_.-]+$")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, gt=0, lt=65536)
+    route_prefix: str = Field(default="/", pattern=r"^/")
+    # Dynamic batching: items (not requests) per forward pass, and how long a batch waits.
+    max_batch_size: int = Field(default=16, gt=0)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    replicas: int = Field(default=1, gt=0)
+    autoscaling: ServeAutoscaling | None = None  # set: it decides the replica count
+    num_gpus: float = Field(default=0.0, ge=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+    api_replicas: int = Field(default=1, gt=0)  # the HTTP front (validation, decoding)
+    api_num_cpus: float = Field(default=0.5, ge=0)
+    # None: the dtype the model was saved with (bfloat16 is the usual choice on GPUs).
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # How often the alias is looked up; a moved alias rolls the replicas to its version.
+    poll_interval_s: float = Field(default=30.0, gt=0)
+    # Folders or URIs an image given by location may come from (storage.root always may).
+    media_roots: list[str] = Field(default_factory=list)
+    limits: ServeLimits = ServeLimits()
+
+
 class PipelineConfig(Strict):
     """The root: everything one pipeline execution needs."""
 
@@ -416,6 +471,7 @@ class PipelineConfig(Strict):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     compute: ComputeConfig = ComputeConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _selection_apart_from_reporting(self) -> PipelineConfig:

@@ -1,0 +1,95 @@
+"""Keep the endpoint on whatever a registry alias names.
+
+``RegistryFollower`` resolves the served URI every ``serve.poll_interval_s``; when a
+``models:/NAME@ALIAS`` points at another version (a promotion, or a rollback: moving the
+alias back), it deploys that version (``app.deploy``: new replicas first, traffic switches
+once they are healthy, old replicas drain). A registry that cannot be reached leaves the
+endpoint serving what it serves, and is retried at the next poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rzenembed.config import PipelineConfig
+from rzenembed.serving.source import ServedModel, resolve_served_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """One deployment the follower made: which version, when it was seen, how long the
+    new replicas took to serve."""
+
+    version: str | None
+    digest: str
+    seen_at: float  # time.time() when the alias was found on this version
+    deploy_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "digest": self.digest,
+            "seen_at": self.seen_at,
+            "deploy_s": self.deploy_s,
+        }
+
+
+@dataclass
+class RegistryFollower:
+    cfg: PipelineConfig
+    uri: str
+    served: ServedModel | None = None
+    rollouts: list[Rollout] = field(default_factory=list)
+
+    def resolve(self) -> ServedModel:
+        return resolve_served_model(self.uri, self.cfg)
+
+    def deploy(self, served: ServedModel) -> Rollout:
+        from rzenembed.serving.app import deploy
+
+        seen = time.time()
+        log.info("deploying %s (digest %s) from %s", served.label, served.digest[:12], self.uri)
+        seconds = deploy(self.cfg, served)
+        self.served = served
+        rollout = Rollout(served.version, served.digest, seen, round(seconds, 3))
+        self.rollouts.append(rollout)
+        log.info(
+            "now serving %s (digest %s); rollout took %.1f s",
+            served.label,
+            served.digest[:12],
+            seconds,
+        )
+        return rollout
+
+    def start(self) -> Rollout:
+        """Deploy what the URI names now."""
+        return self.deploy(self.resolve())
+
+    def poll(self) -> Rollout | None:
+        """Look the URI up once; roll to it when it names another model. Errors reaching the
+        registry are logged, never raised: the endpoint keeps serving."""
+        try:
+            current = self.resolve()
+        except Exception as exc:
+            log.warning("could not resolve %s (still serving %s): %s", self.uri, self._label(), exc)
+            return None
+        if self.served is not None and current.digest == self.served.digest:
+            return None
+        return self.deploy(current)
+
+    def follow(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set (a plain folder never moves: deploy once and wait)."""
+        if self.served is None:
+            self.start()
+        while not stop.wait(self.cfg.serve.poll_interval_s):
+            if self.uri.startswith("models:/"):
+                self.poll()
+
+    def _label(self) -> str:
+        return "nothing" if self.served is None else self.served.label

@@ -1,0 +1,355 @@
+"""The HTTP contract of the embeddings endpoint, free of any server framework.
+
+Requests follow the OpenAI embeddings API (``input`` a string or a list, ``model``,
+``encoding_format`` float|base64, ``dimensions``, ``user``), extended with multimodal
+items ``{"text", "image", "images", "video", "instruction"}`` and a request-wide
+``instruction``. Everything is validated and every image decoded here, before any item
+reaches a model replica: a bad request is answered 4xx with a message naming the field,
+and nothing malformed ever joins a batch with other clients' items.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from rzenembed.config import ServeLimits
+from rzenembed.data.storage import UnsafeURIError, filesystem, resolve_media_uri
+from rzenembed.modeling.inputs import EmbedInput
+
+REQUEST_FIELDS = {"input", "model", "encoding_format", "dimensions", "user", "instruction"}
+ITEM_FIELDS = {"text", "instruction", "image", "images", "video"}
+ENCODINGS = ("float", "base64")
+
+
+class RequestError(ValueError):
+    """A request the endpoint refuses: HTTP ``status`` and the offending ``param``."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        if self.status == 404:
+            kind = "model_not_found"
+        return {"error": {"message": self.message, "type": kind, "param": self.param}}
+
+
+@dataclass
+class EmbeddingsRequest:
+    items: list[EmbedInput]
+    model: str | None
+    encoding_format: str
+    dimensions: int | None
+
+
+class MediaReader:
+    """Reads an image given by location, only from the allowed roots (the storage root
+    and ``serve.media_roots``): a client can never make the server read anything else."""
+
+    def __init__(self, roots: Sequence[str], endpoint_url: str | None = None):
+        self.roots = [r if "://" in r else str(Path(r).resolve()) for r in roots if r]
+        self.endpoint_url = endpoint_url
+
+    def read(self, location: str, param: str, limit: int) -> bytes:
+        """The bytes at ``location`` (``s3://...``, ``file:///...``) when it lies under a
+        root; 400 when it does not or nothing is there, 413 when it is over ``limit``."""
+        if location.startswith("file://"):
+            location = location.removeprefix("file://")
+        for root in self.roots:
+            try:
+                uri = resolve_media_uri(root, location)
+            except UnsafeURIError:
+                continue
+            fs, path = filesystem(uri, self.endpoint_url)
+            try:
+                size = fs.size(path)
+            except (FileNotFoundError, OSError):
+                raise RequestError(f"{param}: no file at {location}", param) from None
+            if size > limit:
+                raise RequestError(
+                    f"{param}: {location} is {size} bytes, more than the {limit} allowed",
+                    param,
+                    413,
+                )
+            with fs.open(path, "rb") as handle:
+                return handle.read()
+        raise RequestError(
+            f"{param}: {location!r} is neither base64 image data nor a location under the "
+            f"serving storage roots {self.roots}",
+            param,
+        )
+
+
+def parse_body(body: bytes, limits: ServeLimits) -> dict[str, Any]:
+    if len(body) > limits.max_request_bytes:
+        raise RequestError(
+            f"request body is {len(body)} bytes, more than the {limits.max_request_bytes} allowed",
+            None,
+            413,
+        )
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise RequestError("request body must be a JSON object")
+    return data
+
+
+def parse_request(
+    data: dict[str, Any], limits: ServeLimits, reader: MediaReader
+) -> EmbeddingsRequest:
+    """Validate an embeddings request and decode its media into ``EmbedInput`` items."""
+    unknown = sorted(set(data) - REQUEST_FIELDS)
+    if unknown:
+        raise RequestError(
+            f"unknown field(s) {unknown}; accepted: {sorted(REQUEST_FIELDS)}", unknown[0]
+        )
+    if "input" not in data:
+        raise RequestError("'input' is required", "input")
+    encoding = data.get("encoding_format") or "float"
+    if encoding not in ENCODINGS:
+        raise RequestError(
+            f"encoding_format must be one of {list(ENCODINGS)}, got {encoding!r}",
+            "encoding_format",
+        )
+    dimensions = data.get("dimensions")
+    if dimensions is not None and (
+        isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
+    ):
+        raise RequestError(
+            f"dimensions must be a positive integer, got {dimensions!r}", "dimensions"
+        )
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("model must be a string", "model")
+    instruction = data.get("instruction", "")
+    if not isinstance(instruction, str):
+        raise RequestError("instruction must be a string", "instruction")
+    raw = data["input"]
+    raw = [raw] if isinstance(raw, str | dict) else raw
+    if not isinstance(raw, list) or not raw:
+        raise RequestError("input must be a non-empty string, object or list", "input")
+    if len(raw) > limits.max_items:
+        raise RequestError(
+            f"input has {len(raw)} items, more than the {limits.max_items} allowed",
+            "input",
+            413,
+        )
+    items = [
+        _item(value, f"input[{i}]", instruction, limits, reader) for i, value in enumerate(raw)
+    ]
+    return EmbeddingsRequest(items, model, encoding, dimensions)
+
+
+def _text(value: Any, param: str, limits: ServeLimits) -> str:
+    if not isinstance(value, str):
+        raise RequestError(f"{param} must be a string", param)
+    if len(value) > limits.max_text_chars:
+        raise RequestError(
+            f"{param} has {len(value)} characters, more than the {limits.max_text_chars} allowed",
+            param,
+            413,
+        )
+    return value
+
+
+def _item(
+    value: Any, param: str, instruction: str, limits: ServeLimits, reader: MediaReader
+) -> EmbedInput:
+    if isinstance(value, str):
+        if not value.strip():
+            raise RequestError(f"{param} is an empty string", param)
+        return EmbedInput(text=_text(value, param, limits), instruction=instruction)
+    if isinstance(value, int | float | list):
+        raise RequestError(
+            f"{param}: token-id inputs are not supported; send text or an item object", param
+        )
+    if not isinstance(value, dict):
+        raise RequestError(f"{param} must be a string or an object", param)
+    unknown = sorted(set(value) - ITEM_FIELDS)
+    if unknown:
+        raise RequestError(
+            f"{param} has unknown field(s) {unknown}; accepted: {sorted(ITEM_FIELDS)}",
+            f"{param}.{unknown[0]}",
+        )
+    if "image" in value and "images" in value:
+        raise RequestError(f"{param}: give 'image' or 'images', not both", f"{param}.images")
+    text = _text(value.get("text", ""), f"{param}.text", limits)
+    own = _text(value.get("instruction", instruction), f"{param}.instruction", limits)
+    images = value.get("images", [value["image"]] if "image" in value else [])
+    if not isinstance(images, list):
+        raise RequestError(f"{param}.images must be a list", f"{param}.images")
+    decoded = [
+        decode_image(
+            v, f"{param}.images[{j}]" if "images" in value else f"{param}.image", limits, reader
+        )
+        for j, v in enumerate(images)
+    ]
+    video = None
+    if "video" in value:
+        frames = value["video"]
+        if not isinstance(frames, list) or not frames:
+            raise RequestError(
+                f"{param}.video must be a non-empty list of frames", f"{param}.video"
+            )
+        if len(frames) > limits.max_video_frames:
+            raise RequestError(
+                f"{param}.video has {len(frames)} frames, more than the "
+                f"{limits.max_video_frames} allowed",
+                f"{param}.video",
+                413,
+            )
+        video = [
+            decode_image(f, f"{param}.video[{k}]", limits, reader) for k, f in enumerate(frames)
+        ]
+    if not (text.strip() or decoded or video):
+        raise RequestError(f"{param} has no text, image or video", param)
+    return EmbedInput(text=text, instruction=own, images=decoded, video=video)
+
+
+def decode_image(value: Any, param: str, limits: ServeLimits, reader: MediaReader) -> np.ndarray:
+    """An RGB (height, width, 3) uint8 array from base64 data (bare or a ``data:`` URL) or
+    a location under the allowed roots; checked against the byte and pixel limits before
+    the pixels are decoded."""
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"{param} must be a non-empty string (base64 data or a location)", param)
+    data = _image_bytes(value, param, limits, reader)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > limits.max_image_pixels:
+                raise RequestError(
+                    f"{param} is {width}x{height} pixels, more than the "
+                    f"{limits.max_image_pixels} allowed",
+                    param,
+                    413,
+                )
+            return np.asarray(image.convert("RGB"))
+    except RequestError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise RequestError(f"{param} could not be decoded as an image: {exc}", param) from None
+
+
+def _image_bytes(value: str, param: str, limits: ServeLimits, reader: MediaReader) -> bytes:
+    payload = value
+    if value.startswith("data:"):
+        header, sep, payload = value.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise RequestError(f"{param}: a data URL must be data:<type>;base64,<data>", param)
+    elif "://" in value:  # base64 never holds ':' (a JPEG's even starts with '/')
+        return reader.read(value, param, limits.max_image_bytes)
+    if len(payload) * 3 // 4 > limits.max_image_bytes:
+        raise RequestError(
+            f"{param} holds about {len(payload) * 3 // 4} bytes, more than the "
+            f"{limits.max_image_bytes} allowed",
+            param,
+            413,
+        )
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(
+            f"{param} is not valid base64 (nor a data URL or location)", param
+        ) from None
+
+
+def truncate(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """The first ``dimensions`` components, renormalised to unit length (all of them,
+    unchanged, when None)."""
+    if dimensions is None or dimensions == vectors.shape[1]:
+        return vectors
+    head = vectors[:, :dimensions].astype(np.float32)
+    norms = np.linalg.norm(head, axis=1, keepdims=True)
+    return head / np.maximum(norms, 1e-12)
+
+
+def encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
+    """A vector as JSON floats, or (``base64``) its little-endian float32 bytes."""
+    if encoding == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.astype(np.float32).tolist()
+
+
+def decode_vector(value: list[float] | str) -> np.ndarray:
+    """The inverse of ``encode_vector`` (for clients and tests)."""
+    if isinstance(value, str):
+        return np.frombuffer(base64.b64decode(value), dtype="<f4").copy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def embeddings_response(
+    vectors: np.ndarray,
+    tokens: Sequence[int],
+    request: EmbeddingsRequest,
+    model: dict[str, Any],
+) -> dict[str, Any]:
+    """The OpenAI-shaped response, plus an ``rzenembed`` object naming the exact version
+    and digest that produced the vectors."""
+    if request.dimensions is not None and request.dimensions > vectors.shape[1]:
+        raise RequestError(
+            f"dimensions {request.dimensions} is more than the model's {vectors.shape[1]}",
+            "dimensions",
+        )
+    out = truncate(vectors, request.dimensions)
+    total = int(sum(tokens))
+    return {
+        "object": "list",
+        "data": [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": encode_vector(v, request.encoding_format),
+            }
+            for i, v in enumerate(out)
+        ],
+        "model": model["name"],
+        "usage": {"prompt_tokens": total, "total_tokens": total},
+        "rzenembed": {k: model.get(k) for k in ("version", "digest", "uri", "dimensions")},
+    }
+
+
+def check_model_name(asked: str | None, model: dict[str, Any]) -> None:
+    """A request may name the served model (name, ``name/version``, ``name@alias`` or the
+    URI it was asked as) or nothing; any other name is a 404, not a silent substitute."""
+    if asked is None:
+        return
+    accepted = {model["name"], model["uri"], f"models:/{model['name']}"}
+    if model.get("version"):
+        accepted.add(f"{model['name']}/{model['version']}")
+        accepted.add(f"models:/{model['name']}/{model['version']}")
+    if "@" in model["uri"]:
+        accepted.add(model["uri"].removeprefix("models:/"))
+    if asked not in accepted:
+        raise RequestError(
+            f"model {asked!r} is not served here; this endpoint serves {sorted(accepted)}",
+            "model",
+            404,
+        )
+
+
+def models_listing(model: dict[str, Any]) -> dict[str, Any]:
+    """``GET /v1/models``: the one served model, with its version, digest and template."""
+    return {
+        "object": "list",
+        "data": [{"id": model["name"], "object": "model", "owned_by": "rzenembed", **model}],
+    }
+
+
+def chunks(items: list[EmbedInput], size: int) -> list[list[EmbedInput]]:
+    """Consecutive runs of at most ``size`` items (one batched call each)."""
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -1,0 +1,288 @@
+"""The embeddings endpoint on a real Ray Serve, with the tiny model registered in a real
+SQLite MLflow registry, driven over HTTP by a real client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from rzenembed.config import config_from_dict
+from rzenembed.modeling import RzenEmbedder
+from rzenembed.modeling.digest import model_digest
+from rzenembed.modeling.inputs import EmbedInput
+from rzenembed.serving.protocol import decode_vector
+from rzenembed.tracking import Tracker
+from tests.conftest import random_image
+
+NAME = "rz-serve"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _register(tracker: Tracker, folder, digest: str) -> str:
+    run = tracker.start_step(None, "soup", "soup", {})
+    model_id = tracker.log_model(run, "souped", folder, "souped-model", {}, {}, upload=False)
+    version, _ = tracker.register(model_id, run, digest, {})
+    return version
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_model_dir, tiny_model_config):
+    """Two registered versions of the tiny model (v2 with perturbed weights), champion v1."""
+    root = tmp_path_factory.mktemp("serving")
+    folders = []
+    for i in range(2):
+        embedder = RzenEmbedder.from_pretrained(tiny_model_dir, config=tiny_model_config)
+        if i:
+            with torch.no_grad():
+                for p in embedder.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        folders.append(embedder.save_pretrained(root / "data" / "models" / f"m{i + 1}"))
+    (root / "data" / "media").mkdir()
+    random_image(7).save(root / "data" / "media" / "stored.png")
+    cfg = config_from_dict(
+        {
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "storage": {"root": str(root / "data")},
+            "tracking": {
+                "tracking_uri": f"sqlite:///{root}/mlflow.db",
+                "registered_model": NAME,
+                "upload_models": False,
+            },
+            "serve": {
+                "port": _free_port(),
+                "num_cpus": 0,
+                "api_num_cpus": 0,
+                "max_batch_size": 4,
+                "batch_wait_timeout_s": 0.02,
+                "poll_interval_s": 1.0,
+                "limits": {"max_image_pixels": 300 * 300, "max_items": 8},
+            },
+        }
+    )
+    tracker = Tracker(cfg.tracking)
+    digests = [model_digest(str(f)) for f in folders]
+    versions = [_register(tracker, f, d) for f, d in zip(folders, digests, strict=True)]
+    tracker.client.set_registered_model_alias(NAME, "champion", versions[0])
+    return {
+        "cfg": cfg,
+        "tracker": tracker,
+        "folders": folders,
+        "digests": digests,
+        "versions": versions,
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, registry):
+    from ray import serve
+
+    from rzenembed.serving.follow import RegistryFollower
+
+    follower = RegistryFollower(registry["cfg"], f"models:/{NAME}@champion")
+    follower.start()
+    url = f"http://127.0.0.1:{registry['cfg'].serve.port}"
+    yield {"url": url, "follower": follower}
+    serve.shutdown()
+
+
+def _post(server, body, timeout=60):
+    return requests.post(server["url"] + "/v1/embeddings", json=body, timeout=timeout)
+
+
+def _vectors(response) -> np.ndarray:
+    return np.stack([decode_vector(d["embedding"]) for d in response.json()["data"]])
+
+
+@pytest.fixture(scope="module")
+def reference(registry):
+    """Version 1 loaded in this process: what the endpoint must reproduce."""
+    return RzenEmbedder.from_pretrained(registry["folders"][0])
+
+
+def test_endpoint_matches_encode_for_text_images_and_mixed_items(server, registry, reference):
+    image_a, image_b = random_image(1), random_image(2, (64, 96))
+    frames = [random_image(10 + k, (56, 56)) for k in range(4)]
+    stored = registry["root"] / "data" / "media" / "stored.png"
+    requests_and_inputs = [
+        # OpenAI text: a string, and a list of strings with a request-wide instruction.
+        ({"input": "a red bicycle"}, [EmbedInput(text="a red bicycle")]),
+        (
+            {"input": ["first", "second text"], "instruction": "Find the caption."},
+            [EmbedInput(text=t, instruction="Find the caption.") for t in ("first", "second text")],
+        ),
+        # Multimodal items: an image, an image with text, a data URL, a stored image, a video.
+        (
+            {
+                "input": [
+                    {"image": _png(image_a)},
+                    {"text": "what is shown", "image": _png(image_b), "instruction": "Answer."},
+                    {"images": ["data:image/png;base64," + _png(image_a)], "text": "page"},
+                    {"image": f"file://{stored}"},
+                    {"video": [_png(f) for f in frames], "text": "a clip"},
+                    "plain text among images",
+                ]
+            },
+            [
+                EmbedInput(images=[np.asarray(image_a)]),
+                EmbedInput(
+                    text="what is shown", instruction="Answer.", images=[np.asarray(image_b)]
+                ),
+                EmbedInput(text="page", images=[np.asarray(image_a)]),
+                EmbedInput(images=[str(stored)]),
+                EmbedInput(text="a clip", video=[np.asarray(f) for f in frames]),
+                EmbedInput(text="plain text among images"),
+            ],
+        ),
+    ]
+    for body, inputs in requests_and_inputs:
+        response = _post(server, body)
+        assert response.status_code == 200, response.text
+        got = _vectors(response)
+        want = reference.encode(inputs, batch_size=2).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        payload = response.json()
+        assert [d["index"] for d in payload["data"]] == list(range(len(inputs)))
+        assert payload["model"] == NAME
+        assert payload["rzenembed"]["digest"] == registry["digests"][0]
+        assert payload["rzenembed"]["version"] == registry["versions"][0]
+        assert payload["usage"]["prompt_tokens"] > 0
+        assert response.headers["x-rzenembed-digest"] == registry["digests"][0]
+
+    # base64 (little-endian float32) and a truncated, renormalised prefix.
+    full = reference.encode([EmbedInput(text="dims")]).numpy()[0]
+    response = _post(server, {"input": "dims", "encoding_format": "base64", "dimensions": 8})
+    assert response.status_code == 200, response.text
+    encoded = response.json()["data"][0]["embedding"]
+    assert isinstance(encoded, str)
+    got = np.frombuffer(base64.b64decode(encoded), dtype="<f4")
+    np.testing.assert_allclose(got, full[:8] / np.linalg.norm(full[:8]), atol=1e-5)
+    assert abs(np.linalg.norm(got) - 1.0) < 1e-5
+
+
+def test_malformed_requests_get_4xx_with_a_message_and_the_server_keeps_serving(server, registry):
+    big = random_image(3, (320, 320))  # 102,400 pixels > the 90,000 allowed
+    outside = registry["root"] / "elsewhere.png"
+    random_image(4).save(outside)
+    cases = [
+        ({"input": [{"image": "not base64!!"}]}, 400, "input[0].image", "base64"),
+        ({"input": [{"image": _png(big)}]}, 413, "input[0].image", "pixels"),
+        (
+            {"input": [{"image": base64.b64encode(b"no image here").decode()}]},
+            400,
+            "input[0].image",
+            "decoded",
+        ),
+        ({"input": []}, 400, "input", "non-empty"),
+        ({"input": ""}, 400, "input[0]", "empty"),
+        ({"input": "x", "colour": "red"}, 400, "colour", "unknown"),
+        ({"input": [{"text": "x", "audio": "..."}]}, 400, "input[0].audio", "unknown"),
+        ({"input": ["a"] * 9}, 413, "input", "9 items"),
+        ({"input": [[1, 2, 3]]}, 400, "input[0]", "token-id"),
+        ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format", "float"),
+        ({"input": "x", "dimensions": 0}, 400, "dimensions", "positive"),
+        ({"input": "x", "dimensions": 100000}, 400, "dimensions", "more than"),
+        ({"input": "x", "model": "someone-else"}, 404, "model", "not served"),
+        ({"input": [{"image": f"file://{outside}"}]}, 400, "input[0].image", "storage roots"),
+        ({"input": [{"video": []}]}, 400, "input[0].video", "non-empty"),
+    ]
+    for body, status, param, words in cases:
+        response = _post(server, body)
+        assert response.status_code == status, (body, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param, (body, error)
+        assert words in error["message"], (body, error)
+    response = requests.post(server["url"] + "/v1/embeddings", data=b"{not json", timeout=30)
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    # Still serving, and a named model is accepted in each of its spellings.
+    for model in (NAME, f"{NAME}/{registry['versions'][0]}", f"models:/{NAME}@champion", None):
+        response = _post(server, {"input": "still here", "model": model})
+        assert response.status_code == 200, response.text
+
+
+def test_models_and_health_name_the_served_version(server, registry):
+    listing = requests.get(server["url"] + "/v1/models", timeout=30).json()
+    (entry,) = listing["data"]
+    assert entry["id"] == NAME and entry["object"] == "model"
+    assert entry["version"] == registry["versions"][0]
+    assert entry["digest"] == registry["digests"][0]
+    assert entry["template"] == "rzenembed-paper" and entry["dimensions"] == 64
+    health = requests.get(server["url"] + "/healthz", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_moving_champion_rolls_the_endpoint_without_failed_requests(server, registry):
+    tracker, versions, digests = registry["tracker"], registry["versions"], registry["digests"]
+    poll = registry["cfg"].serve.poll_interval_s
+    follower = server["follower"]
+    stop_client, stop_follow = threading.Event(), threading.Event()
+    answers: list[tuple[float, int, str | None]] = []
+
+    def client() -> None:
+        while not stop_client.is_set():
+            try:
+                r = _post(server, {"input": ["loop", {"image": _png(random_image(5))}]}, 30)
+                digest = r.json().get("rzenembed", {}).get("digest") if r.ok else None
+                answers.append((time.time(), r.status_code, digest))
+            except requests.RequestException as exc:
+                answers.append((time.time(), -1, repr(exc)))
+
+    def wait_for(digest: str, moved: float, timeout: float = 120.0) -> float:
+        while time.time() - moved < timeout:
+            recent = [a for a in answers if a[0] > moved]
+            if recent and recent[-1][2] == digest:
+                return next(t for t, _, d in recent if d == digest) - moved
+            time.sleep(0.2)
+        raise AssertionError(f"endpoint never switched to {digest[:12]}")
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    watcher = threading.Thread(target=follower.follow, args=(stop_follow,))
+    for t in [*threads, watcher]:
+        t.start()
+    try:
+        time.sleep(2 * poll)
+        switches = []
+        for version, digest in ((versions[1], digests[1]), (versions[0], digests[0])):
+            moved = time.time()  # promote, then roll back by moving the alias back
+            tracker.client.set_registered_model_alias(NAME, "champion", version)
+            switched = wait_for(digest, moved)
+            rollout = follower.rollouts[-1]
+            assert rollout.digest == digest
+            # The alias is seen within one poll interval; the switch follows as soon as
+            # the new replicas are healthy.
+            assert rollout.seen_at - moved <= poll + 0.5
+            assert switched <= poll + rollout.deploy_s + 1.0, (switched, rollout)
+            switches.append(switched)
+            time.sleep(1.0)
+    finally:
+        stop_client.set()
+        stop_follow.set()
+        for t in [*threads, watcher]:
+            t.join(timeout=60)
+    failed = [a for a in answers if a[1] != 200]
+    assert not failed, failed[:5]
+    assert len(answers) > 10
+    # Every answer names one of the two versions, and after the rollback only the first.
+    assert {d for _, _, d in answers} <= set(digests)
+    assert answers[-1][2] == digests[0]
+    listing = requests.get(server["url"] + "/v1/models", timeout=30).json()
+    assert listing["data"][0]["version"] == versions[0]
