@@ -267,6 +267,8 @@ def test_moving_champion_rolls_the_endpoint_without_failed_requests(server, regi
             switched = wait_for(digest, moved)
             rollout = follower.rollouts[-1]
             assert rollout.digest == digest
+            while rollout.deploy_s is None:  # old replicas still draining
+                time.sleep(0.2)
             # The alias is seen within one poll interval; the switch follows as soon as
             # the new replicas are healthy.
             assert rollout.seen_at - moved <= poll + 0.5

@@ -13,7 +13,6 @@ then drains the old ones, so no request is dropped (``deploy``; ``follow.py`` ca
 when the alias moves).
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging

@@ -29,7 +29,7 @@ class Rollout:
     version: str | None
     digest: str
     seen_at: float  # time.time() when the alias was found on this version
-    deploy_s: float
+    deploy_s: float | None = None  # None while the rollout runs
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -53,12 +53,12 @@ class RegistryFollower:
     def deploy(self, served: ServedModel) -> Rollout:
         from rzenembed.serving.app import deploy
 
-        seen = time.time()
+        rollout = Rollout(served.version, served.digest, time.time())
+        self.rollouts.append(rollout)
         log.info("deploying %s (digest %s) from %s", served.label, served.digest[:12], self.uri)
         seconds = deploy(self.cfg, served)
         self.served = served
-        rollout = Rollout(served.version, served.digest, seen, round(seconds, 3))
-        self.rollouts.append(rollout)
+        rollout.deploy_s = round(seconds, 3)
         log.info(
             "now serving %s (digest %s); rollout took %.1f s",
             served.label,
