@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+from PIL import Image
 
 from rzenembed.config import config_from_dict
 from rzenembed.modeling import RzenEmbedder
@@ -288,3 +289,69 @@ def test_moving_champion_rolls_the_endpoint_without_failed_requests(server, regi
     assert answers[-1][2] == digests[0]
     listing = requests.get(server["url"] + "/v1/models", timeout=30).json()
     assert listing["data"][0]["version"] == versions[0]
+
+
+def test_an_item_the_model_refuses_fails_only_its_own_request(server, reference):
+    from rzenembed.serving.app import EmbeddingModel
+
+    # 1 x 4000 pixels passes the endpoint's limits but not the processor (aspect ratio).
+    strip = _png(Image.new("RGB", (4000, 1), "white"))
+    response = _post(server, {"input": ["fine", {"image": strip}]})
+    assert response.status_code == 400
+    assert "aspect ratio" in response.json()["error"]["message"]
+    # Batched with another client's items, only the refused call gets the error.
+    replica = EmbeddingModel.__new__(EmbeddingModel)
+    replica.embedder, replica.info_doc = reference, {"digest": "d"}
+    good = [EmbedInput(text="fine"), EmbedInput(text="also fine")]
+    bad = [EmbedInput(images=[np.asarray(Image.new("RGB", (4000, 1)))])]
+    answers = replica._embed_calls([good, bad, good[:1]])
+    np.testing.assert_allclose(answers[0]["vectors"], reference.encode(good).numpy(), atol=1e-5)
+    assert "aspect ratio" in answers[1]["error"]
+    np.testing.assert_allclose(answers[2]["vectors"], answers[0]["vectors"][:1], atol=1e-5)
+    assert _post(server, {"input": "after"}).status_code == 200
+
+
+def test_resolution_names_one_version_and_falls_back_to_the_uploaded_files(registry, tmp_path):
+    import shutil
+
+    from rzenembed.data.folders import cache_root
+    from rzenembed.modeling.card import ModelCard
+    from rzenembed.serving.source import (
+        ModelSourceError,
+        default_model_uri,
+        local_model_folder,
+        resolve_served_model,
+    )
+
+    cfg = registry["cfg"]
+    assert default_model_uri(cfg) == f"models:/{NAME}@champion"
+    served = resolve_served_model(f"models:/{NAME}/{registry['versions'][1]}", cfg)
+    assert (served.version, served.digest) == (registry["versions"][1], registry["digests"][1])
+    assert served.folder == str(registry["folders"][1])
+    with pytest.raises(ModelSourceError, match="nightly"):
+        resolve_served_model(f"models:/{NAME}@nightly", cfg)
+    with pytest.raises(ModelSourceError, match="not found"):
+        resolve_served_model(str(tmp_path / "absent"), cfg)
+    by_folder = resolve_served_model(str(registry["folders"][0]), cfg)
+    assert by_folder.version is None and by_folder.digest == registry["digests"][0]
+
+    # A version whose folder was cleaned up is served from its uploaded LoggedModel files.
+    uploaded = cfg.model_copy(
+        update={"tracking": cfg.tracking.model_copy(update={"upload_models": True})}
+    )
+    folder = shutil.copytree(registry["folders"][1], tmp_path / "gone")
+    tracker = Tracker(uploaded.tracking)
+    run = tracker.start_step(None, "soup", "soup", {})
+    model_id = tracker.log_model(run, "souped", folder, "souped-model", {}, {}, upload=True)
+    tracker.register(model_id, run, registry["digests"][1], {})  # reuses v2: same digest
+    shutil.rmtree(folder)
+    version = tracker.client.get_model_version(NAME, registry["versions"][1])
+    tracker.client.set_model_version_tag(NAME, version.version, "rzenembed.model_id", model_id)
+    served = resolve_served_model(f"models:/{NAME}/{version.version}", uploaded)
+    assert served.folder is None and served.model_id == model_id
+    local = local_model_folder(served)
+    assert local.startswith(str(cache_root())) and ModelCard.exists(local)
+    assert model_digest(local) == registry["digests"][1]
+    tracker.client.set_model_version_tag(
+        NAME, version.version, "rzenembed.model_id", version.tags["rzenembed.model_id"]
+    )
