@@ -1,0 +1,204 @@
+"""Serving throughput and latency of the embeddings endpoint, against in-process encode.
+
+Run from the repository root:
+
+    python benchmarks/serve_bench.py [--clients 8] [--seconds 20] [--items 1]
+                                     [--images 0.25] [--settings 1:0,8:0.005,16:0.01,32:0.02]
+
+The tiny model (saved with its card, served as a folder) is deployed on a local Ray
+(``--cpus``) with the real Serve application (``rzenembed.serving.app``); for each batch
+setting ``max_batch_size:batch_wait_timeout_s`` the endpoint is rolled to it, warmed up,
+and driven over loopback HTTP by ``--clients`` concurrent clients (one asyncio loop,
+aiohttp, each with one request in flight) for ``--seconds``. Requests carry ``--items``
+items each: text queries of 4 to 60 words, and with probability ``--images`` a 64-224 px
+image instead (base64 PNG, as a client would send it).
+
+Printed per setting: requests/s, items/s, and p50/p95/p99 request latency. Then the
+embedder's own throughput on the same items in this process (``RzenEmbedder.encode`` with
+the best setting's batch size, images already decoded), and the serving overhead: in-process
+items/s divided by the best served items/s. On a 2-core machine the clients, the HTTP
+proxy, the API replica and the model replica share the cores, so the overhead measured
+here is an upper bound on what a GPU replica with idle host cores would see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from eval_bench import WORDS
+from PIL import Image
+
+
+def workload(count: int, image_share: float, seed: int = 0) -> list[dict]:
+    """``count`` request items as JSON (text, or a base64 PNG image with an instruction)."""
+    rng = np.random.default_rng(seed)
+    items: list[dict] = []
+    for _ in range(count):
+        if rng.random() < image_share:
+            side = int(rng.integers(64, 225))
+            pixels = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
+            image = base64.b64encode(buffer.getvalue()).decode()
+            items.append({"image": image, "instruction": "Represent the image."})
+        else:
+            n = int(rng.integers(4, 61))
+            items.append({"text": " ".join(rng.choice(WORDS, n)), "instruction": "Find it."})
+    return items
+
+
+async def drive(url: str, items: list[dict], per_request: int, clients: int, seconds: float):
+    """Latencies (s) of every request completed in ``seconds``; errors counted."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(index: int, session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        k = index * 7919
+        while time.perf_counter() < deadline:
+            batch = [items[(k + j) % len(items)] for j in range(per_request)]
+            k += per_request * clients
+            started = time.perf_counter()
+            async with session.post(url, json={"input": batch}) as response:
+                await response.read()
+                if response.status != 200:
+                    errors += 1
+                    continue
+            latencies.append(time.perf_counter() - started)
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(client(i, session) for i in range(clients)))
+    return latencies, errors
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def in_process_rate(folder: str, items: list[dict], batch: int, repeats: int = 3) -> float:
+    """Items/s of ``RzenEmbedder.encode`` on the same items (images decoded beforehand)."""
+    from rzenembed.modeling import EmbedInput, RzenEmbedder
+
+    embedder = RzenEmbedder.from_pretrained(folder)
+    inputs = []
+    for item in items:
+        if "image" in item:
+            image = Image.open(io.BytesIO(base64.b64decode(item["image"]))).convert("RGB")
+            inputs.append(EmbedInput(images=[np.asarray(image)], instruction=item["instruction"]))
+        else:
+            inputs.append(EmbedInput(text=item["text"], instruction=item["instruction"]))
+    embedder.encode(inputs[:batch], batch_size=batch)  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        embedder.encode(inputs, batch_size=batch)
+        times.append(time.perf_counter() - started)
+    return len(inputs) / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--items", type=int, default=1, help="items per request")
+    parser.add_argument("--images", type=float, default=0.25, help="share of image items")
+    parser.add_argument("--settings", default="1:0,8:0.005,16:0.01,32:0.02")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--pool", type=int, default=512, help="distinct items to cycle through")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from rzenembed.config import ModelConfig, config_from_dict
+    from rzenembed.modeling import RzenEmbedder
+    from rzenembed.modeling.tiny import build_tiny_model
+    from rzenembed.serving.app import deploy
+    from rzenembed.serving.source import resolve_served_model
+
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    tiny = build_tiny_model(work / "tiny", seed=0)
+    config = ModelConfig(name_or_path=str(tiny), max_visual_tokens=64, max_text_tokens=128)
+    folder = RzenEmbedder.from_pretrained(tiny, config=config).save_pretrained(work / "model")
+    items = workload(args.pool, args.images)
+    port = 8731
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+
+    results = []
+    for setting in args.settings.split(","):
+        batch, wait = setting.split(":")
+        cfg = config_from_dict(
+            {
+                "model": {"name_or_path": str(folder)},
+                "storage": {"root": str(work)},
+                "serve": {
+                    "port": port,
+                    "num_cpus": 1,
+                    "api_num_cpus": 0,
+                    "max_batch_size": int(batch),
+                    "batch_wait_timeout_s": float(wait),
+                },
+            }
+        )
+        deploy(cfg, resolve_served_model(str(folder), cfg))
+        url = f"http://127.0.0.1:{port}/v1/embeddings"
+        asyncio.run(drive(url, items, args.items, args.clients, 3.0))  # warm-up
+        latencies, errors = asyncio.run(drive(url, items, args.items, args.clients, args.seconds))
+        row = {
+            "max_batch_size": int(batch),
+            "batch_wait_timeout_s": float(wait),
+            "requests_per_s": len(latencies) / args.seconds,
+            "items_per_s": len(latencies) * args.items / args.seconds,
+            "p50_ms": 1000 * percentile(latencies, 50),
+            "p95_ms": 1000 * percentile(latencies, 95),
+            "p99_ms": 1000 * percentile(latencies, 99),
+            "errors": errors,
+        }
+        results.append(row)
+        print(
+            f"batch {row['max_batch_size']:>3} wait {row['batch_wait_timeout_s']:.3f}s: "
+            f"{row['requests_per_s']:7.1f} req/s {row['items_per_s']:7.1f} items/s  "
+            f"p50 {row['p50_ms']:6.1f} ms  p95 {row['p95_ms']:6.1f} ms  "
+            f"p99 {row['p99_ms']:6.1f} ms  errors {errors}",
+            flush=True,
+        )
+    serve.shutdown()
+    ray.shutdown()
+
+    best = max(results, key=lambda r: r["items_per_s"])
+    rate = in_process_rate(str(folder), items, best["max_batch_size"])
+    overhead = rate / best["items_per_s"]
+    print(
+        f"in-process encode (batch {best['max_batch_size']}): {rate:.1f} items/s; "
+        f"serving overhead at the best setting: {overhead:.2f}x "
+        f"(in-process items/s / served items/s)"
+    )
+    summary = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
+        "clients": args.clients,
+        "items_per_request": args.items,
+        "image_share": args.images,
+        "settings": results,
+        "in_process_items_per_s": rate,
+        "overhead": overhead,
+    }
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
