@@ -58,6 +58,7 @@ class Execution:
             cfg = cfg.model_copy(update={"tracking": tracking})
         self.cfg = cfg
         self.base = None
+        self.config_path, self.overrides = config_path, list(overrides or [])
         self.refresh = refresh
         ensure_ray(address=self.cfg.compute.ray_address)
         self.tracker = Tracker(self.cfg.tracking)
@@ -356,6 +357,8 @@ def _announce(ex: Execution, registered: dict[str, Any], report: dict[str, Any])
     decision = registered["extra"]["decision"]
     tracking = ex.cfg.tracking.tracking_uri
     moved = "champion moved here" if decision["promoted"] else "champion kept"
+    champion = f"models:/{ex.cfg.tracking.registered_model}@champion"
+    sets = "".join(f" --set {o}" for o in ex.overrides)
     if decision.get("already_champion"):
         moved = "same digest as before: already the champion"
     metas = ", ".join(
@@ -371,5 +374,10 @@ def _announce(ex: Execution, registered: dict[str, Any], report: dict[str, Any])
         f"leaderboard: {report['extra'].get('leaderboard', '-')}\n"
         f"lineage: rzenembed lineage {registered['uri']} --tracking-uri {tracking}\n"
         f"verify: rzenembed verify {registered['uri']} --tracking-uri {tracking}\n"
-        f"browse: mlflow ui --backend-store-uri {tracking}"
+        f"browse: mlflow ui --backend-store-uri {tracking}\n"
+        f"serve: rzenembed serve --config {ex.config_path}{sets} "
+        f"(follows {champion} on http://{ex.cfg.serve.host}:{ex.cfg.serve.port}; "
+        f"--model {registered['uri']} pins this version)\n"
+        f"query: curl -s {ex.cfg.serve.host}:{ex.cfg.serve.port}/v1/embeddings "
+        f"""-d '{{"input": ["a red circle", {{"text": "a blue square"}}]}}'"""
     )

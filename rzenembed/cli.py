@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from rzenembed.config import ConfigError, config_digest, load_config
+from rzenembed.config import ConfigError, config_digest, load_config, resolve_paths
 from rzenembed.modeling.backbones import FAMILIES
 
 
@@ -232,7 +232,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from rzenembed.serving.follow import RegistryFollower
     from rzenembed.serving.source import default_model_uri
 
-    cfg = load_config(args.config, args.set)
+    cfg = resolve_paths(load_config(args.config, args.set))
+    if os.environ.get("MLFLOW_TRACKING_URI"):  # as for flows: the stack names its server
+        tracking = cfg.tracking.model_copy(
+            update={"tracking_uri": os.environ["MLFLOW_TRACKING_URI"]}
+        )
+        cfg = cfg.model_copy(update={"tracking": tracking})
     uri = args.model or default_model_uri(cfg)
     ensure_ray(cfg.compute.ray_address)
     follower = RegistryFollower(cfg, uri)

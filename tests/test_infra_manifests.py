@@ -77,3 +77,24 @@ def test_the_cluster_launcher_config():
     assert spec["head_node_type"] == "head" and types["gpu_h100"]["resources"]["GPU"] == 8
     compute = load_config(ROOT / "configs/qwen2vl-7b.yaml").compute
     assert types["gpu_h100"]["max_workers"] * 8 >= compute.num_workers
+
+
+def test_the_endpoint_follower_and_its_service():
+    kinds = {d["kind"]: d for d in docs("infra/k8s/serve.yaml")}
+    follower = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in follower["env"]}
+    assert env["RAY_ADDRESS"] == "rzenembed-head-svc:6379"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert follower["command"][:2] == ["rzenembed", "serve"]
+    config = follower["command"][follower["command"].index("--config") + 1]
+    serve = load_config(ROOT / config).serve
+    assert serve.host == "0.0.0.0" and serve.num_gpus == 1 and serve.autoscaling is not None
+    (cluster,) = docs("infra/k8s/raycluster.yaml")
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head_ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    service = kinds["Service"]["spec"]
+    assert service["ports"][0]["targetPort"] == serve.port == head_ports["serve"]
+    assert service["selector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    gpu = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}["gpu-h100"]
+    total = int(gpu["rayStartParams"]["num-gpus"]) * gpu["replicas"]
+    assert serve.autoscaling.max_replicas * serve.num_gpus <= total
