@@ -6,12 +6,13 @@ Run from the repository root:
                                      [--images 0.25] [--settings 1:0,8:0.005,16:0.01,32:0.02]
 
 The tiny model (saved with its card, served as a folder) is deployed on a local Ray
-(``--cpus``) with the real Serve application (``rzenembed.serving.app``); for each batch
-setting ``max_batch_size:batch_wait_timeout_s`` the endpoint is rolled to it, warmed up,
-and driven over loopback HTTP by ``--clients`` concurrent clients (one asyncio loop,
-aiohttp, each with one request in flight) for ``--seconds``. Requests carry ``--items``
-items each: text queries of 4 to 60 words, and with probability ``--images`` a 64-224 px
-image instead (base64 PNG, as a client would send it).
+(``--cpus``, all given to the model replica: its torch threads follow its CPUs, as
+``encode`` gets them in-process) with the real Serve application
+(``rzenembed.serving.app``). For each batch setting ``max_batch_size:batch_wait_timeout_s``
+the endpoint is rolled to it, warmed up, and driven over loopback HTTP by ``--clients``
+concurrent clients (one asyncio loop, aiohttp, one request in flight each) for
+``--seconds``. Requests carry ``--items`` items each: text queries of 4 to 60 words, and
+with probability ``--images`` a 64-224 px image instead (base64 PNG, as a client sends it).
 
 Printed per setting: requests/s, items/s, and p50/p95/p99 request latency. Then the
 embedder's own throughput on the same items in this process (``RzenEmbedder.encode`` with
@@ -148,7 +149,8 @@ def main() -> None:
                 "storage": {"root": str(work)},
                 "serve": {
                     "port": port,
-                    "num_cpus": 1,
+                    # The replica gets the machine's cores, as encode does in-process.
+                    "num_cpus": args.cpus,
                     "api_num_cpus": 0,
                     "max_batch_size": int(batch),
                     "batch_wait_timeout_s": float(wait),

@@ -26,6 +26,8 @@ ADAPTIVE = {"sampling": "adaptive", "adaptive": {"every": 2, "strength": 3.0}, "
 
 @pytest.fixture(scope="module")
 def setup(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
+    """An adaptive stage-1 run (the harder case: the sampler's state and its look-ahead
+    must resume too) and its uninterrupted reference."""
     root = tmp_path_factory.mktemp("resume")
     by_value()  # the workers receive KillOnce by value
     cfg = training_config(
@@ -35,10 +37,15 @@ def setup(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
         max_steps=STEPS,
         checkpoint_every=EVERY,
     )
+    stage1 = StageConfig.model_validate({**cfg.stage1.model_dump(), **ADAPTIVE})
+    cfg = cfg.model_copy(update={"stage1": stage1})
     assert cfg.stage1.prefetch == 2  # the loader works ahead in every test here
     data = prepare_all(cfg, base=str(sample_corpus.root), show_progress=False)
     reference = run_stage1(cfg.model_copy(update={"name": "reference"}), data.stages["stage1"])
-    return cfg, data, root, read_jsonl(reference.metrics_uri)
+    rows = read_jsonl(reference.metrics_uri)
+    moved = [row["step"] for row in rows if row.get("sampling_changes")]
+    assert moved, "the probabilities never moved: the tests would not exercise adaptive resume"
+    return cfg, data, root, rows
 
 
 def last_per_step(rows: list[dict]) -> dict[int, dict]:
@@ -55,20 +62,11 @@ def assert_same_as_reference(rows: list[dict], reference: list[dict], from_step:
         assert ours[step]["probabilities"] == pytest.approx(ref[step]["probabilities"]), step
 
 
-def test_adaptive_sampling_resumes_with_the_same_batches_and_probabilities(setup):
+def test_a_stopped_run_resumes_with_the_same_batches_and_probabilities(setup):
     from rzenembed.training.stages import run_training
 
-    cfg, data, root, _ = setup
-    stage1 = StageConfig.model_validate({**cfg.stage1.model_dump(), **ADAPTIVE})
-    adaptive = cfg.model_copy(update={"stage1": stage1})
-    reference = read_jsonl(
-        run_stage1(
-            adaptive.model_copy(update={"name": "adaptive-ref"}), data.stages["stage1"]
-        ).metrics_uri
-    )
-    moved = [row["step"] for row in reference if row.get("sampling_changes")]
-    assert moved, "the probabilities never moved: the test would not exercise adaptive resume"
-    stopped = adaptive.model_copy(update={"name": "adaptive-stopped"})
+    cfg, data, root, reference = setup
+    stopped = cfg.model_copy(update={"name": "stopped"})
     with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death
         run_training(
             stopped,
@@ -76,34 +74,13 @@ def test_adaptive_sampling_resumes_with_the_same_batches_and_probabilities(setup
             data.stages["stage1"],
             stopped.model.name_or_path,
             "all",
-            step_callbacks=[KillOnce(4, root / "adaptive-marker")],
+            step_callbacks=[KillOnce(4, root / "stopped-marker")],
         )
     rows = read_jsonl(run_stage1(stopped, data.stages["stage1"]).metrics_uri)
     steps = [row["step"] for row in rows]
-    assert steps.count(3) == 2  # resumed after the checkpoint of step 2
-    assert_same_as_reference(rows, reference, from_step=3)
-
-
-def test_a_stopped_run_resumes_from_its_last_checkpoint(setup):
-    from rzenembed.training.stages import run_training
-
-    cfg, data, root, reference = setup
-    cfg = cfg.model_copy(update={"name": "stopped"})
-    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death
-        run_training(
-            cfg,
-            "stage1",
-            data.stages["stage1"],
-            cfg.model.name_or_path,
-            "all",
-            step_callbacks=[KillOnce(4, root / "stopped-marker")],
-        )
-    result = run_stage1(cfg, data.stages["stage1"])
-    rows = read_jsonl(result.metrics_uri)
-    steps = [row["step"] for row in rows]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[restart] == 3  # after the checkpoint of step 2, not from 0
-    assert steps[-1] == STEPS - 1
+    assert steps.count(3) == 2 and steps[-1] == STEPS - 1
     assert_same_as_reference(rows, reference, from_step=3)
 
 

@@ -181,7 +181,11 @@ def model_deployment(cfg: ServeConfig) -> Any:
     and scaling; new versions roll out new replicas first."""
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-        "max_ongoing_requests": max(2 * cfg.max_batch_size, 8),
+        # Enough calls in flight to fill a batch several times over: a replica must never
+        # make the router queue calls that would have joined the next batch.
+        "max_ongoing_requests": max(4 * cfg.max_batch_size, 32),
+        # Calls from the HTTP front are internal: no per-call access log line.
+        "logging_config": {"enable_access_log": False},
         "max_surge_percent": 100,
         "health_check_period_s": 5.0,
         "graceful_shutdown_timeout_s": 60.0,
