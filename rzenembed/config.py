@@ -446,6 +446,12 @@ class ServeConfig(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     # How often the alias is looked up; a moved alias rolls the replicas to its version.
     poll_interval_s: float = Field(default=30.0, gt=0)
+    # A rollout starts this share of new replicas before stopping old ones: 100 needs room
+    # for a second set during the switch and drops nothing; 0 replaces replicas in place
+    # (requests wait while a lone replica reloads).
+    max_surge_percent: int = Field(default=100, ge=0, le=100)
+    # A rollout that does not serve within this long is reported (the old version serves on).
+    rollout_timeout_s: float = Field(default=1800.0, gt=0)
     # Folders or URIs an image given by location may come from (storage.root always may).
     media_roots: list[str] = Field(default_factory=list)
     limits: ServeLimits = ServeLimits()

@@ -291,6 +291,42 @@ def test_moving_champion_rolls_the_endpoint_without_failed_requests(server, regi
     assert listing["data"][0]["version"] == versions[0]
 
 
+def test_a_restarted_follower_adopts_the_running_endpoint(server, registry):
+    from rzenembed.serving.follow import RegistryFollower
+
+    again = RegistryFollower(registry["cfg"], f"models:/{NAME}@champion")
+    rollout = again.start()
+    assert rollout.deploy_s == 0.0 and rollout.digest == registry["digests"][0]
+    assert again.poll() is None  # the alias has not moved
+
+
+def test_a_version_that_cannot_load_fails_its_rollout_and_the_old_one_serves_on(
+    server, registry, tmp_path
+):
+    import shutil
+
+    tracker, follower = registry["tracker"], server["follower"]
+    broken = shutil.copytree(registry["folders"][0], tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"\0" * 64)  # not a weights file
+    version = _register(tracker, broken, "c" * 64)
+    tracker.client.set_registered_model_alias(NAME, "champion", version)
+    try:
+        rollout = follower.poll()
+        assert rollout is not None and rollout.version == version
+        assert rollout.error and "failed" in rollout.error and rollout.deploy_s is None
+        response = _post(server, {"input": "still the old model"})
+        assert response.status_code == 200
+        assert response.json()["rzenembed"]["digest"] == registry["digests"][0]
+        assert follower.poll() is None  # the broken version is not retried while named
+    finally:  # rolling back is moving the alias back: the endpoint is whole again
+        tracker.client.set_registered_model_alias(NAME, "champion", registry["versions"][0])
+    rollout = follower.poll()
+    assert rollout is not None and rollout.error is None
+    assert rollout.digest == registry["digests"][0]
+    response = _post(server, {"input": "recovered"})
+    assert response.json()["rzenembed"]["digest"] == registry["digests"][0]
+
+
 def test_an_item_the_model_refuses_fails_only_its_own_request(server, reference):
     from rzenembed.serving.app import EmbeddingModel
 

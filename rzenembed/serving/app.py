@@ -13,10 +13,12 @@ then drains the old ones, so no request is dropped (``deploy``; ``follow.py`` ca
 when the alias moves).
 """
 
-
 import asyncio
+import functools
+import hashlib
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from rzenembed.config import PipelineConfig, ServeConfig
+from rzenembed.config import PipelineConfig, ServeConfig, digest_of
 from rzenembed.modeling.inputs import EmbedInput
 from rzenembed.serving import protocol
 from rzenembed.serving.source import ServedModel, local_model_folder, model_config_for
@@ -38,7 +40,9 @@ http = FastAPI(title="rzenembed embeddings", docs_url=None, redoc_url=None)
 class EmbeddingModel:
     """One model replica: loads ``served`` and embeds batches of items."""
 
-    def __init__(self, served: dict[str, Any], dtype: str | None, batch: int, wait_s: float):
+    def __init__(
+        self, served: dict[str, Any], dtype: str | None, batch: int, wait_s: float, key: str = ""
+    ):
         from rzenembed.modeling import RzenEmbedder
         from rzenembed.runtime import task_device
 
@@ -63,6 +67,7 @@ class EmbeddingModel:
             "dtype": self.embedder.cfg.dtype,
             "device": str(device),
             "load_s": round(time.monotonic() - started, 3),
+            "deployment": key,
         }
         log.info("serving %s (digest %s) on %s", self.served.label, self.served.digest[:12], device)
 
@@ -176,6 +181,17 @@ class EmbeddingsAPI:
         return _json(200, {"status": "ok", "model": model}, model)
 
 
+@functools.cache
+def code_version() -> str:
+    """Digest of the library's source: replicas restart when the code they run changed."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def model_deployment(cfg: ServeConfig) -> Any:
     """``EmbeddingModel`` as a Serve deployment with the configured resources, batching
     and scaling; new versions roll out new replicas first."""
@@ -186,9 +202,12 @@ def model_deployment(cfg: ServeConfig) -> Any:
         "max_ongoing_requests": max(4 * cfg.max_batch_size, 32),
         # Calls from the HTTP front are internal: no per-call access log line.
         "logging_config": {"enable_access_log": False},
-        "max_surge_percent": 100,
+        "max_surge_percent": cfg.max_surge_percent,
         "health_check_period_s": 5.0,
         "graceful_shutdown_timeout_s": 60.0,
+        # A replica that cannot load its model fails the rollout after 3 tries (reported,
+        # and the old replicas serve on) instead of retrying for minutes.
+        "max_constructor_retry_count": 3,
     }
     if cfg.autoscaling is not None:
         options["autoscaling_config"] = cfg.autoscaling.model_dump()
@@ -197,11 +216,43 @@ def model_deployment(cfg: ServeConfig) -> Any:
     return serve.deployment(EmbeddingModel, name="EmbeddingModel", **options)
 
 
+def deployment_key(cfg: PipelineConfig, served: ServedModel) -> str:
+    """What a deployed application is: the model, every serving setting, the storage root
+    and the code. Deploying the same key again (a restarted follower) changes nothing."""
+    parts = [served.to_json(), cfg.serve.model_dump(mode="json"), cfg.storage.model_dump()]
+    return digest_of([*parts, code_version()])[:16]
+
+
+def running_key(app: str) -> str | None:
+    """The deployment key the application's model replicas report, or None (no such
+    application, or it does not answer within a few seconds)."""
+    try:
+        handle = serve.get_deployment_handle("EmbeddingModel", app_name=app)
+        return handle.info.remote().result(timeout_s=10).get("deployment")
+    except Exception:
+        return None
+
+
+def _is_running(app: str) -> bool:
+    """RUNNING: no rollout in progress or failed (a failed one keeps the old replicas
+    serving, but its broken version would be what Serve starts next)."""
+    from ray.serve.schema import ApplicationStatus
+
+    status = serve.status().applications.get(app)
+    return status is not None and status.status == ApplicationStatus.RUNNING
+
+
 def build_app(cfg: PipelineConfig, served: ServedModel) -> Any:
     """The application for ``served``: the model replicas behind the HTTP front."""
     settings = cfg.serve
+    roots = [cfg.storage.root, *settings.media_roots]
+    api_args = (settings.model_dump(mode="json"), roots, cfg.storage.endpoint_url)
     model = model_deployment(settings).bind(
-        served.to_json(), settings.dtype, settings.max_batch_size, settings.batch_wait_timeout_s
+        served.to_json(),
+        settings.dtype,
+        settings.max_batch_size,
+        settings.batch_wait_timeout_s,
+        deployment_key(cfg, served),
     )
     api = serve.deployment(
         EmbeddingsAPI,
@@ -210,8 +261,7 @@ def build_app(cfg: PipelineConfig, served: ServedModel) -> Any:
         ray_actor_options={"num_cpus": settings.api_num_cpus},
         max_ongoing_requests=256,
     )
-    roots = [cfg.storage.root, *settings.media_roots]
-    return api.bind(model, settings.model_dump(mode="json"), roots, cfg.storage.endpoint_url)
+    return api.bind(model, *api_args)
 
 
 def start_serve(cfg: ServeConfig) -> None:
@@ -219,14 +269,65 @@ def start_serve(cfg: ServeConfig) -> None:
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
 
 
+STATUS_SETTLE_S = 3.0  # how long the controller may take to show a new target's status
+
+
+class RolloutError(RuntimeError):
+    """A deployment that failed, or did not serve within ``serve.rollout_timeout_s`` (the
+    previous version, if any, keeps serving)."""
+
+
 def deploy(cfg: PipelineConfig, served: ServedModel) -> float:
-    """Deploy (or roll to) ``served``; returns when its replicas serve traffic. Seconds."""
+    """Deploy (or roll to) ``served``; returns the seconds until the application served
+    with it. Raises ``RolloutError`` when it failed or timed out."""
     started = time.monotonic()
     start_serve(cfg.serve)
-    serve.run(
-        build_app(cfg, served),
-        name=cfg.serve.app_name,
-        route_prefix=cfg.serve.route_prefix,
-        blocking=False,
+    key = deployment_key(cfg, served)
+    if _is_running(cfg.serve.app_name) and running_key(cfg.serve.app_name) == key:
+        log.info("%s already serves %s with these settings", cfg.serve.app_name, served.label)
+        return 0.0
+    target = serve.RunTarget(
+        build_app(cfg, served), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix
     )
+    serve.run_many([target], wait_for_applications_running=False)
+    wait_until_running(cfg.serve.app_name, cfg.serve.rollout_timeout_s, key)
     return time.monotonic() - started
+
+
+def wait_until_running(
+    app: str, timeout_s: float, key: str | None = None, report_every_s: float = 30.0
+) -> None:
+    """Block until ``app`` is RUNNING (and its model replicas report ``key``: the status
+    read right after a deploy may still be the old version's); say what it waits for every
+    ``report_every_s`` (new replicas that cannot be placed show up here: the cluster has no
+    room for them)."""
+    from ray.serve.schema import ApplicationStatus
+
+    started = last_report = time.monotonic()
+    while True:
+        status = serve.status().applications.get(app)
+        state = None if status is None else status.status
+        waited = time.monotonic() - started
+        if state == ApplicationStatus.RUNNING and (key is None or running_key(app) == key):
+            return
+        # The first reads may still show a previous rollout's failure.
+        if state == ApplicationStatus.DEPLOY_FAILED and waited > STATUS_SETTLE_S:
+            raise RolloutError(f"deploying {app} failed: {status.message}")
+        messages = (
+            []
+            if status is None
+            else [
+                f"{name}: {d.status} {d.message}".strip()
+                for name, d in status.deployments.items()
+                if d.status != "HEALTHY"
+            ]
+        )
+        if waited > timeout_s:
+            raise RolloutError(
+                f"{app} did not serve the new version within {timeout_s:g} s "
+                f"(serve.rollout_timeout_s): {'; '.join(messages) or 'no status'}"
+            )
+        if time.monotonic() - last_report > report_every_s:
+            log.info("rollout of %s: waiting %.0f s; %s", app, waited, "; ".join(messages))
+            last_report = time.monotonic()
+        time.sleep(0.2)

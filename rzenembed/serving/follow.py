@@ -30,6 +30,7 @@ class Rollout:
     digest: str
     seen_at: float  # time.time() when the alias was found on this version
     deploy_s: float | None = None  # None while the rollout runs
+    error: str | None = None  # why it did not serve (the previous version serves on)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -37,6 +38,7 @@ class Rollout:
             "digest": self.digest,
             "seen_at": self.seen_at,
             "deploy_s": self.deploy_s,
+            "error": self.error,
         }
 
 
@@ -51,13 +53,23 @@ class RegistryFollower:
         return resolve_served_model(self.uri, self.cfg)
 
     def deploy(self, served: ServedModel) -> Rollout:
-        from rzenembed.serving.app import deploy
+        """Roll to ``served``. A failed or timed-out rollout is recorded and logged, not
+        raised: Serve keeps the old replicas until new ones are healthy, and the version is
+        not tried again until the alias names another one. Raised for the first deployment."""
+        from rzenembed.serving.app import RolloutError, deploy
 
         rollout = Rollout(served.version, served.digest, time.time())
         self.rollouts.append(rollout)
         log.info("deploying %s (digest %s) from %s", served.label, served.digest[:12], self.uri)
-        seconds = deploy(self.cfg, served)
-        self.served = served
+        previous, self.served = self.served, served
+        try:
+            seconds = deploy(self.cfg, served)
+        except RolloutError as exc:
+            rollout.error = str(exc)
+            log.error("rollout of %s failed; %s serves on: %s", served.label, _label(previous), exc)
+            if previous is None:
+                raise
+            return rollout
         rollout.deploy_s = round(seconds, 3)
         log.info(
             "now serving %s (digest %s); rollout took %.1f s",
@@ -77,7 +89,9 @@ class RegistryFollower:
         try:
             current = self.resolve()
         except Exception as exc:
-            log.warning("could not resolve %s (still serving %s): %s", self.uri, self._label(), exc)
+            log.warning(
+                "could not resolve %s (still serving %s): %s", self.uri, _label(self.served), exc
+            )
             return None
         if self.served is not None and current.digest == self.served.digest:
             return None
@@ -91,5 +105,6 @@ class RegistryFollower:
             if self.uri.startswith("models:/"):
                 self.poll()
 
-    def _label(self) -> str:
-        return "nothing" if self.served is None else self.served.label
+
+def _label(served: ServedModel | None) -> str:
+    return "nothing" if served is None else served.label
