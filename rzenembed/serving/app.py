@@ -8,9 +8,9 @@ version and digest it loaded, so a response always names the model that produced
 while a rollout runs.
 
 A new model version is a new ``EmbeddingModel`` deployment version: Serve starts the new
-replicas first (``max_surge_percent=100``), sends traffic to them once they are healthy and
-then drains the old ones, so no request is dropped (``deploy``; ``follow.py`` calls it
-when the alias moves).
+replicas first (``serve.max_surge_percent``, 100 by default), sends traffic to them once
+they are healthy and then drains the old ones, so no request is dropped (``deploy``;
+``follow.py`` calls it when the alias moves).
 """
 
 import asyncio
