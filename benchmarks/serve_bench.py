@@ -151,6 +151,8 @@ def main() -> None:
                     "port": port,
                     # The replica gets the machine's cores, as encode does in-process.
                     "num_cpus": args.cpus,
+                    # No room for a second replica: replace it between settings.
+                    "max_surge_percent": 0,
                     "api_num_cpus": 0,
                     "max_batch_size": int(batch),
                     "batch_wait_timeout_s": float(wait),
