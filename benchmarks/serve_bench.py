@@ -6,20 +6,20 @@ Run from the repository root:
                                      [--images 0.25] [--settings 1:0,8:0.005,16:0.01,32:0.02]
 
 The tiny model (saved with its card, served as a folder) is deployed on a local Ray
-(``--cpus``, all given to the model replica: its torch threads follow its CPUs, as
-``encode`` gets them in-process) with the real Serve application
-(``rzenembed.serving.app``). For each batch setting ``max_batch_size:batch_wait_timeout_s``
-the endpoint is rolled to it, warmed up, and driven over loopback HTTP by ``--clients``
+(``--cpus``) with the real Serve application (``rzenembed.serving.app``); the model replica
+gets ``--replica-cpus`` (its torch threads), the HTTP proxy, the API replica and the
+clients share the rest. For each batch setting ``max_batch_size:batch_wait_timeout_s`` the
+endpoint is rolled to it, warmed up, and driven over loopback HTTP by ``--clients``
 concurrent clients (one asyncio loop, aiohttp, one request in flight each) for
 ``--seconds``. Requests carry ``--items`` items each: text queries of 4 to 60 words, and
 with probability ``--images`` a 64-224 px image instead (base64 PNG, as a client sends it).
 
 Printed per setting: requests/s, items/s, and p50/p95/p99 request latency. Then the
 embedder's own throughput on the same items in this process (``RzenEmbedder.encode`` with
-the best setting's batch size, images already decoded), and the serving overhead: in-process
-items/s divided by the best served items/s. On a 2-core machine the clients, the HTTP
-proxy, the API replica and the model replica share the cores, so the overhead measured
-here is an upper bound on what a GPU replica with idle host cores would see.
+the best setting's batch size and the replica's thread count, images already decoded),
+and the serving overhead: in-process items/s divided by the best served items/s. On a
+2-core machine the clients, the HTTP proxy and the API replica share one core, so the
+overhead measured here is an upper bound on what a GPU replica with idle host cores sees.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from eval_bench import WORDS
 from PIL import Image
 
@@ -120,6 +121,12 @@ def main() -> None:
     parser.add_argument("--images", type=float, default=0.25, help="share of image items")
     parser.add_argument("--settings", default="1:0,8:0.005,16:0.01,32:0.02")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument(
+        "--replica-cpus",
+        type=int,
+        default=1,
+        help="CPUs (= torch threads) of the model replica, and of in-process encode",
+    )
     parser.add_argument("--pool", type=int, default=512, help="distinct items to cycle through")
     args = parser.parse_args()
 
@@ -149,8 +156,7 @@ def main() -> None:
                 "storage": {"root": str(work)},
                 "serve": {
                     "port": port,
-                    # The replica gets the machine's cores, as encode does in-process.
-                    "num_cpus": args.cpus,
+                    "num_cpus": args.replica_cpus,
                     # No room for a second replica: replace it between settings.
                     "max_surge_percent": 0,
                     "api_num_cpus": 0,
@@ -185,6 +191,7 @@ def main() -> None:
     ray.shutdown()
 
     best = max(results, key=lambda r: r["items_per_s"])
+    torch.set_num_threads(args.replica_cpus)  # the replica's threads: the same compute
     rate = in_process_rate(str(folder), items, best["max_batch_size"])
     overhead = rate / best["items_per_s"]
     print(

@@ -132,6 +132,7 @@ class EmbeddingsAPI:
         self.model = model
         self.settings = ServeConfig(**settings)
         self.reader = protocol.MediaReader(roots, endpoint_url)
+        self._known: dict[str, Any] | None = None  # the model info last answered with
 
     async def _model_info(self) -> dict[str, Any]:
         return await self.model.info.remote()
@@ -145,30 +146,37 @@ class EmbeddingsAPI:
             )
         except protocol.RequestError as exc:
             return _json(exc.status, exc.body())
-        size = self.settings.max_batch_size
-        calls = [self.model.embed.remote(c) for c in protocol.chunks(parsed.items, size)]
-        try:
-            answers = await asyncio.gather(*calls)
-        except Exception as exc:
-            error = protocol.RequestError(f"embedding failed: {type(exc).__name__}", None, 500)
-            log.exception("embedding failed")
-            return _json(500, error.body())
-        failures = [a["error"] for a in answers if "error" in a]
-        if failures:  # the whole request fails, with the reason; other requests do not
-            return _json(400, protocol.RequestError(failures[0], "input").body())
-        # A rollout may answer one request's chunks from two versions: never mix them.
-        digests = {a["model"]["digest"] for a in answers}
-        if len(digests) > 1:
-            return await self.embeddings(request)
-        model = answers[0]["model"]
-        try:
-            protocol.check_model_name(parsed.model, model)
+        try:  # a name the endpoint does not serve costs no embedding
+            protocol.check_model_name(parsed.model, self._known or await self._model_info())
+            answers = await self._embed(parsed.items)
+            model = answers[0]["model"]
+            self._known = model
             vectors = np.concatenate([a["vectors"] for a in answers])
             tokens = [t for a in answers for t in a["tokens"]]
             body = protocol.embeddings_response(vectors, tokens, parsed, model)
         except protocol.RequestError as exc:
-            return _json(exc.status, exc.body(), model)
+            return _json(exc.status, exc.body(), self._known)
         return _json(200, body, model)
+
+    async def _embed(self, items: list[EmbedInput]) -> list[dict[str, Any]]:
+        """The replicas' answers for ``items`` in chunks of ``max_batch_size``, all from one
+        model version."""
+        chunks = protocol.chunks(items, self.settings.max_batch_size)
+        for _ in range(3):
+            try:
+                answers = await asyncio.gather(*(self.model.embed.remote(c) for c in chunks))
+            except Exception as exc:
+                log.exception("embedding failed")
+                raise protocol.RequestError(
+                    f"embedding failed: {type(exc).__name__}", None, 500
+                ) from None
+            failures = [a["error"] for a in answers if "error" in a]
+            if failures:  # the whole request fails, with the reason; other requests do not
+                raise protocol.RequestError(failures[0], "input")
+            # During a rollout one request's chunks may meet two versions: never mix them.
+            if len({a["model"]["digest"] for a in answers}) == 1:
+                return answers
+        raise protocol.RequestError("a rollout is in progress; retry the request", None, 503)
 
     @http.get("/v1/models")
     async def models(self) -> JSONResponse:

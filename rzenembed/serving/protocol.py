@@ -42,6 +42,8 @@ class RequestError(ValueError):
 
     def body(self) -> dict[str, Any]:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
+        if self.status == 503:
+            kind = "unavailable"
         if self.status == 404:
             kind = "model_not_found"
         return {"error": {"message": self.message, "type": kind, "param": self.param}}
