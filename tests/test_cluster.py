@@ -208,6 +208,20 @@ import json, sys
 from flows.pipeline import full_pipeline
 state = full_pipeline(sys.argv[1], return_state=True)
 out = state.result() if state.is_completed() else {"failed": state.message}
+if state.is_completed():  # serve the champion from S3 on the cluster, and query it
+    import requests
+    from ray import serve
+    from rzenembed.config import load_config, resolve_paths
+    from rzenembed.serving.follow import RegistryFollower
+    cfg = resolve_paths(load_config(sys.argv[1], sys.argv[2:-1]))
+    RegistryFollower(cfg, "models:/rzenembed@champion").start()
+    url = f"http://127.0.0.1:{cfg.serve.port}"
+    image = cfg.serve.media_roots[0] + "/sample-captions/" + sys.argv[-1].split("=", 1)[1]
+    body = {"input": ["a red circle", {"image": image, "text": "what is it"}]}
+    answer = requests.post(url + "/v1/embeddings", json=body, timeout=120)
+    out["serve"] = {"status": answer.status_code, "body": answer.json(),
+                    "models": requests.get(url + "/v1/models", timeout=60).json()}
+    serve.shutdown()
 print("RESULT " + json.dumps(out, default=str))
 """
 
@@ -225,8 +239,16 @@ def run(cluster, s3, s3_endpoint, sample_corpus, tiny_model_dir, tmp_path_factor
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "RZENEMBED_CACHE": str(root / "cache-driver"),
     }
+    image = next(p for p in s3.find(f"{BUCKET}/corpus/sample-captions") if p.endswith(".png"))
+    serving = [
+        f"serve.port={free_port()}",
+        "serve.num_cpus=0",
+        "serve.api_num_cpus=0",
+        f"serve.media_roots=['s3://{BUCKET}/corpus']",
+        f"image={image.split('/sample-captions/', 1)[1]}",  # read by the driver, not a key
+    ]
     done = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(config)],
+        [sys.executable, "-c", DRIVER, str(config), *serving[:-1], serving[-1]],
         cwd=REPO,
         env=driver_env,
         capture_output=True,
@@ -292,6 +314,20 @@ def test_padded_negatives_were_trained_across_the_two_workers(run, s3):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert {r["negatives_per_query"] for r in rows} <= {0, 1, 2}
     assert all("padded_negatives" in r and "masked_fraction" in r for r in rows)
+
+
+def test_the_champion_is_served_on_the_cluster_from_s3(run):
+    served = run["result"]["serve"]
+    assert served["status"] == 200, served
+    body, (listed,) = served["body"], served["models"]["data"]
+    assert len(body["data"]) == 2 and len(body["data"][0]["embedding"]) == listed["dimensions"]
+    assert body["rzenembed"]["version"] == listed["version"] == "1"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run['root']}/mlflow.db")
+    version = client.get_model_version("rzenembed", "1")
+    assert body["rzenembed"]["digest"] == version.tags["rzenembed.digest"]
+    assert listed["node"] == "127.0.0.1" and listed["device"] == "cpu"
 
 
 def test_verify_passes_from_s3_alone_after_the_nodes_are_gone(run, s3_endpoint, tmp_path):

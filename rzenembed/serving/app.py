@@ -66,6 +66,7 @@ class EmbeddingModel:
             "family": self.embedder.family.family,
             "dtype": self.embedder.cfg.dtype,
             "device": str(device),
+            "node": _node_ip(),
             "load_s": round(time.monotonic() - started, 3),
             "deployment": key,
         }
@@ -112,6 +113,12 @@ class EmbeddingModel:
 
     def _answer(self, vectors: np.ndarray, tokens: list[int]) -> dict[str, Any]:
         return {"vectors": vectors, "tokens": tokens, "model": self.info_doc}
+
+
+def _node_ip() -> str | None:
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else None
 
 
 def _json(status: int, body: dict[str, Any], model: dict[str, Any] | None = None) -> JSONResponse:
