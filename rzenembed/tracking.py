@@ -144,6 +144,28 @@ def artifact_location(cfg: TrackingConfig) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def process_tracking_uri(uri: str):
+    """MLflow's process-wide tracking URI set to ``uri`` for the block, then put back.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``, which the flows and
+    ``rzenembed serve`` read as the service stack's server: left behind, one pipeline's
+    store would become the next flow's in the same process, and every child process's."""
+    import mlflow
+
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    saved = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
 class _SerialClient:
     """An MlflowClient whose calls run one at a time in this process: steps run in threads,
     and a SQLite store answers concurrent writers with "database is locked"."""
@@ -333,37 +355,36 @@ class Tracker:
         duplicate; the registering run is added to its ``rzenembed.registered_by`` tag and
         the run is tagged with the version it resolved to.
         """
-        import mlflow
         from mlflow.exceptions import MlflowException
 
         # The registry resolves a models:/ source through the process's tracking URI.
-        mlflow.set_tracking_uri(self.cfg.tracking_uri)
-        name = self.cfg.registered_model
-        existing = self.version_with_digest(digest)
-        if existing is not None:
-            version, reused = str(existing.version), True
-            runs = json.loads(existing.tags.get(REGISTERED_BY_TAG, "[]"))
-            if run_id not in runs:
-                runs.append(run_id)
-                self.client.set_model_version_tag(
-                    name, version, REGISTERED_BY_TAG, json.dumps(runs)
+        with process_tracking_uri(self.cfg.tracking_uri):
+            name = self.cfg.registered_model
+            existing = self.version_with_digest(digest)
+            if existing is not None:
+                version, reused = str(existing.version), True
+                runs = json.loads(existing.tags.get(REGISTERED_BY_TAG, "[]"))
+                if run_id not in runs:
+                    runs.append(run_id)
+                    self.client.set_model_version_tag(
+                        name, version, REGISTERED_BY_TAG, json.dumps(runs)
+                    )
+            else:
+                with contextlib.suppress(MlflowException):  # already registered
+                    self.client.create_registered_model(name)
+                created = self.client.create_model_version(
+                    name,
+                    source=f"models:/{model_id}",
+                    run_id=run_id,
+                    model_id=model_id,
+                    tags={
+                        **redact(dict(tags)),
+                        DIGEST_TAG: digest,
+                        "rzenembed.model_id": model_id,
+                        REGISTERED_BY_TAG: json.dumps([run_id]),
+                    },
                 )
-        else:
-            with contextlib.suppress(MlflowException):  # already registered
-                self.client.create_registered_model(name)
-            created = self.client.create_model_version(
-                name,
-                source=f"models:/{model_id}",
-                run_id=run_id,
-                model_id=model_id,
-                tags={
-                    **redact(dict(tags)),
-                    DIGEST_TAG: digest,
-                    "rzenembed.model_id": model_id,
-                    REGISTERED_BY_TAG: json.dumps([run_id]),
-                },
-            )
-            version, reused = str(created.version), False
+                version, reused = str(created.version), False
         self.client.set_tag(run_id, "rzenembed.registered_version", f"{name}/{version}")
         self.client.set_tag(run_id, "rzenembed.reused_version", str(reused).lower())
         self.client.set_registered_model_alias(name, "candidate", version)

@@ -118,6 +118,7 @@ def cluster(tmp_path_factory, s3_endpoint):
         "AWS_ENDPOINT_URL": s3_endpoint,
     }
     env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # the run tracks to its own SQLite file
     nodes = {name: root / name for name in ("head", "node-b")}
     caches = {name: root / f"cache-{name}" for name in nodes}
     common = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -103,7 +104,11 @@ def test_registering_the_same_digest_again_reuses_its_version(tmp_path):
     folder.mkdir()
     (folder / "weights.bin").write_bytes(b"\0" * 8)
     models = [tracker.log_model(r, "souped", folder, "souped-model", {}, {}) for r in runs]
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     assert tracker.register(models[0], runs[0], "1" * 64, {}) == ("1", False)
+    # Registering must not leave its store as the process's (and children's) tracking URI:
+    # the flows read MLFLOW_TRACKING_URI as the service stack's server.
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
     assert tracker.promote_if_better("1", "All", 0.5)["promoted"]
     assert tracker.register(models[1], runs[1], "2" * 64, {}) == ("2", False)
     # A rerun elsewhere produced the first model again: same digest, same version.

@@ -18,7 +18,7 @@ from rzenembed.data.folders import cache_root, exists, stage_folder
 from rzenembed.data.storage import is_remote
 from rzenembed.modeling.card import ModelCard
 from rzenembed.modeling.digest import model_digest
-from rzenembed.tracking import DIGEST_TAG, Tracker, resolve_model_version
+from rzenembed.tracking import DIGEST_TAG, Tracker, process_tracking_uri, resolve_model_version
 
 
 class ModelSourceError(LookupError):
@@ -101,11 +101,11 @@ def local_model_folder(served: ServedModel) -> str:
 
     target = cache_root() / f"mlflow-{served.model_id}"
     if not ModelCard.exists(target):
-        mlflow.set_tracking_uri(served.tracking_uri)
         target.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{served.model_id}", dst_path=str(target)
-        )
+        with process_tracking_uri(served.tracking_uri):
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{served.model_id}", dst_path=str(target)
+            )
     return str(target)
 
 
