@@ -11,7 +11,6 @@ rebuild its inputs by calling the upstream tasks: a finished step is a cache hit
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -24,7 +23,7 @@ from rzenembed.data.engine import ensure_ray
 from rzenembed.data.folders import exists, read_text
 from rzenembed.data.storage import join
 from rzenembed.evaluation.report import levels
-from rzenembed.tracking import Tracker, lineage
+from rzenembed.tracking import Tracker, lineage, with_environment_tracking
 from tasks.common import RunContext
 from tasks.data import (
     cap,
@@ -51,12 +50,7 @@ class Execution:
     def __init__(self, flow_name: str, config_path: str, overrides, base, refresh: bool):
         # Relative paths resolve against `base` (default: the working directory), once.
         cfg = resolve_paths(resolve(config_path, overrides), base)
-        if os.environ.get("MLFLOW_TRACKING_URI"):  # a service stack names its MLflow server
-            tracking = cfg.tracking.model_copy(
-                update={"tracking_uri": os.environ["MLFLOW_TRACKING_URI"]}
-            )
-            cfg = cfg.model_copy(update={"tracking": tracking})
-        self.cfg = cfg
+        self.cfg = with_environment_tracking(cfg)
         self.base = None
         self.config_path, self.overrides = config_path, list(overrides or [])
         self.refresh = refresh

@@ -231,13 +231,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from rzenembed.data.engine import ensure_ray
     from rzenembed.serving.follow import RegistryFollower
     from rzenembed.serving.source import default_model_uri
+    from rzenembed.tracking import with_environment_tracking
 
-    cfg = resolve_paths(load_config(args.config, args.set))
-    if os.environ.get("MLFLOW_TRACKING_URI"):  # as for flows: the stack names its server
-        tracking = cfg.tracking.model_copy(
-            update={"tracking_uri": os.environ["MLFLOW_TRACKING_URI"]}
-        )
-        cfg = cfg.model_copy(update={"tracking": tracking})
+    cfg = with_environment_tracking(resolve_paths(load_config(args.config, args.set)))
     uri = args.model or default_model_uri(cfg)
     ensure_ray(cfg.compute.ray_address)
     follower = RegistryFollower(cfg, uri)

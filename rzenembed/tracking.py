@@ -144,6 +144,17 @@ def artifact_location(cfg: TrackingConfig) -> str | None:
     return None
 
 
+def with_environment_tracking(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with ``MLFLOW_TRACKING_URI`` as its tracking URI when that is set: a service
+    stack (or a cluster's worker pod) names its MLflow server once, for every config."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return cfg
+    return cfg.model_copy(
+        update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": uri})}
+    )
+
+
 @contextlib.contextmanager
 def process_tracking_uri(uri: str):
     """MLflow's process-wide tracking URI set to ``uri`` for the block, then put back.
