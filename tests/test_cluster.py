@@ -328,7 +328,7 @@ def test_the_champion_is_served_on_the_cluster_from_s3(run):
     client = MlflowClient(tracking_uri=f"sqlite:///{run['root']}/mlflow.db")
     version = client.get_model_version("rzenembed", "1")
     assert body["rzenembed"]["digest"] == version.tags["rzenembed.digest"]
-    assert listed["node"] == "127.0.0.1" and listed["device"] == "cpu"
+    assert len(listed["node"]) == 56 and listed["device"] == "cpu"  # a Ray node id
 
 
 def test_verify_passes_from_s3_alone_after_the_nodes_are_gone(run, s3_endpoint, tmp_path):

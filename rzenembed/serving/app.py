@@ -66,7 +66,7 @@ class EmbeddingModel:
             "family": self.embedder.family.family,
             "dtype": self.embedder.cfg.dtype,
             "device": str(device),
-            "node": _node_ip(),
+            "node": _node_id(),
             "load_s": round(time.monotonic() - started, 3),
             "deployment": key,
         }
@@ -115,10 +115,11 @@ class EmbeddingModel:
         return {"vectors": vectors, "tokens": tokens, "model": self.info_doc}
 
 
-def _node_ip() -> str | None:
+def _node_id() -> str | None:
+    """The Ray node this replica runs on (``ray list nodes`` names it)."""
     import ray
 
-    return ray.util.get_node_ip_address() if ray.is_initialized() else None
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _json(status: int, body: dict[str, Any], model: dict[str, Any] | None = None) -> JSONResponse:
