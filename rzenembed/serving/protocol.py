@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from rzenembed.config import ServeLimits
 from rzenembed.data.storage import UnsafeURIError, filesystem, resolve_media_uri
@@ -243,6 +243,12 @@ def decode_image(value: Any, param: str, limits: ServeLimits, reader: MediaReade
             return np.asarray(image.convert("RGB"))
     except RequestError:
         raise
+    except UnidentifiedImageError:
+        raise RequestError(
+            f"{param} could not be decoded as an image (not a format the server reads: "
+            f"PNG, JPEG, WebP, GIF, BMP, TIFF)",
+            param,
+        ) from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise RequestError(f"{param} could not be decoded as an image: {exc}", param) from None
 
