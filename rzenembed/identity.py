@@ -115,3 +115,15 @@ def write_canonical_json(path: str | Path, value: Any) -> Path:
 def rewrite_canonical_json(path: str | Path) -> Path:
     """Rewrite a JSON file another library wrote (peft, transformers) in canonical form."""
     return write_canonical_json(path, json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def source_digest(root: str | Path, folders: tuple[str, ...]) -> str:
+    """Digest of the ``.py`` files under ``root/<folder>`` (paths relative to ``root`` and
+    contents): what names a version of the code (task cache keys, serving deployments)."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]

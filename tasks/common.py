@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rzenembed.config import PipelineConfig, digest_of
+from rzenembed.identity import source_digest
 from rzenembed.tracking import LineageRef, Tracker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,12 +32,7 @@ CODE_FOLDERS = ("rzenembed", "tasks", "flows")
 def code_version() -> str:
     """Digest of the library's, tasks' and flows' source: a change in any of them
     invalidates every cached step."""
-    h = hashlib.sha256()
-    for folder in CODE_FOLDERS:
-        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
-            h.update(path.relative_to(REPO_ROOT).as_posix().encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    return source_digest(REPO_ROOT, CODE_FOLDERS)
 
 
 @dataclass

@@ -15,7 +15,6 @@ they are healthy and then drains the old ones, so no request is dropped (``deplo
 
 import asyncio
 import functools
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from rzenembed.config import PipelineConfig, ServeConfig, digest_of
+from rzenembed.identity import source_digest
 from rzenembed.modeling.inputs import EmbedInput
 from rzenembed.serving import protocol
 from rzenembed.serving.source import ServedModel, local_model_folder, model_config_for
@@ -139,7 +139,7 @@ class EmbeddingsAPI:
     ):
         self.model = model
         self.settings = ServeConfig(**settings)
-        self.reader = protocol.MediaReader(roots, endpoint_url)
+        self.reader = protocol.LocationReader(roots, endpoint_url)
         self._known: dict[str, Any] | None = None  # the model info last answered with
 
     async def _model_info(self) -> dict[str, Any]:
@@ -200,12 +200,7 @@ class EmbeddingsAPI:
 @functools.cache
 def code_version() -> str:
     """Digest of the library's source: replicas restart when the code they run changed."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    return source_digest(Path(__file__).resolve().parents[2], ("rzenembed",))
 
 
 def model_deployment(cfg: ServeConfig) -> Any:
@@ -258,8 +253,9 @@ def _is_running(app: str) -> bool:
     return status is not None and status.status == ApplicationStatus.RUNNING
 
 
-def build_app(cfg: PipelineConfig, served: ServedModel) -> Any:
-    """The application for ``served``: the model replicas behind the HTTP front."""
+def build_app(cfg: PipelineConfig, served: ServedModel, key: str) -> Any:
+    """The application for ``served`` (its ``deployment_key``): the model replicas behind
+    the HTTP front."""
     settings = cfg.serve
     roots = [cfg.storage.root, *settings.media_roots]
     api_args = (settings.model_dump(mode="json"), roots, cfg.storage.endpoint_url)
@@ -268,7 +264,7 @@ def build_app(cfg: PipelineConfig, served: ServedModel) -> Any:
         settings.dtype,
         settings.max_batch_size,
         settings.batch_wait_timeout_s,
-        deployment_key(cfg, served),
+        key,
     )
     api = serve.deployment(
         EmbeddingsAPI,
@@ -303,7 +299,7 @@ def deploy(cfg: PipelineConfig, served: ServedModel) -> float:
         log.info("%s already serves %s with these settings", cfg.serve.app_name, served.label)
         return 0.0
     target = serve.RunTarget(
-        build_app(cfg, served), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix
+        build_app(cfg, served, key), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix
     )
     serve.run_many([target], wait_for_applications_running=False)
     wait_until_running(cfg.serve.app_name, cfg.serve.rollout_timeout_s, key)

@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from rzenembed.config import PipelineConfig
 from rzenembed.serving.source import ServedModel, resolve_served_model
@@ -31,15 +30,6 @@ class Rollout:
     seen_at: float  # time.time() when the alias was found on this version
     deploy_s: float | None = None  # None while the rollout runs
     error: str | None = None  # why it did not serve (the previous version serves on)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "digest": self.digest,
-            "seen_at": self.seen_at,
-            "deploy_s": self.deploy_s,
-            "error": self.error,
-        }
 
 
 @dataclass

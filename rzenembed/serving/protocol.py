@@ -57,7 +57,7 @@ class EmbeddingsRequest:
     dimensions: int | None
 
 
-class MediaReader:
+class LocationReader:
     """Reads an image given by location, only from the allowed roots (the storage root
     and ``serve.media_roots``): a client can never make the server read anything else."""
 
@@ -112,7 +112,7 @@ def parse_body(body: bytes, limits: ServeLimits) -> dict[str, Any]:
 
 
 def parse_request(
-    data: dict[str, Any], limits: ServeLimits, reader: MediaReader
+    data: dict[str, Any], limits: ServeLimits, reader: LocationReader
 ) -> EmbeddingsRequest:
     """Validate an embeddings request and decode its media into ``EmbedInput`` items."""
     unknown = sorted(set(data) - REQUEST_FIELDS)
@@ -170,7 +170,7 @@ def _text(value: Any, param: str, limits: ServeLimits) -> str:
 
 
 def _item(
-    value: Any, param: str, instruction: str, limits: ServeLimits, reader: MediaReader
+    value: Any, param: str, instruction: str, limits: ServeLimits, reader: LocationReader
 ) -> EmbedInput:
     if isinstance(value, str):
         if not value.strip():
@@ -223,7 +223,7 @@ def _item(
     return EmbedInput(text=text, instruction=own, images=decoded, video=video)
 
 
-def decode_image(value: Any, param: str, limits: ServeLimits, reader: MediaReader) -> np.ndarray:
+def decode_image(value: Any, param: str, limits: ServeLimits, reader: LocationReader) -> np.ndarray:
     """An RGB (height, width, 3) uint8 array from base64 data (bare or a ``data:`` URL) or
     a location under the allowed roots; checked against the byte and pixel limits before
     the pixels are decoded."""
@@ -253,7 +253,7 @@ def decode_image(value: Any, param: str, limits: ServeLimits, reader: MediaReade
         raise RequestError(f"{param} could not be decoded as an image: {exc}", param) from None
 
 
-def _image_bytes(value: str, param: str, limits: ServeLimits, reader: MediaReader) -> bytes:
+def _image_bytes(value: str, param: str, limits: ServeLimits, reader: LocationReader) -> bytes:
     payload = value
     if value.startswith("data:"):
         header, sep, payload = value.partition(",")
