@@ -551,10 +551,11 @@ def clean_config(root: Path, source: dict, in_flight: int) -> PipelineConfig:
     return bench_config(str(root), [source], shard_rows=25, max_in_flight=in_flight)
 
 
-def clean_knobs(cfg: PipelineConfig) -> dict[str, Any]:
-    """The thresholds ``run_clean`` hands to ``inspect_row``."""
-    names = ("min_image_side", "blur_threshold", "phash_radius", "max_image_pixels")
-    return {k: getattr(cfg.prep, k) for k in names}
+def clean_knobs(cfg: PipelineConfig) -> Any:
+    """The thresholds ``run_clean`` hands to ``inspect_row`` (no decontamination)."""
+    from rzenembed.prep.clean import clean_knobs as knobs_of
+
+    return knobs_of(cfg, cfg.sources[0].name)
 
 
 def inspect_shard(job: tuple) -> int:
@@ -735,14 +736,22 @@ def bench_driver(out: Path, sizes: list[int], shard_rows: int = 10_000) -> None:
 # --------------------------------------------------------------------------- dedup
 
 
+def _complete_edges(tables: list, radius: int, rows: set[int]) -> list:
+    """The partitions' complete edge lists of ``rows`` (the resolve's second round)."""
+    from rzenembed.prep.dedup import find_groups
+
+    return [find_groups(t, radius, only=rows) for t in tables]
+
+
 def bench_dedup(counts_arg: str, radius: int = 4) -> None:
     """The dedup decision for 10k..100k images' facts, single-threaded, each piece timed:
     keys (what the inspection tasks add), the partitions' group-by (what the partition
     tasks do; summed over partitions, i.e. the CPU time to spread over the workers), the
     driver's resolve, and the sequential reference ``decide`` for comparison. Facts are
     generated (image decoding is the inspection's own, linear, cost)."""
-    from rzenembed.prep.clean import decide, partition_count
+    from rzenembed.prep.clean import partition_count
     from rzenembed.prep.dedup import (
+        decide,
         find_groups,
         order_of,
         partition_keys,
@@ -760,13 +769,15 @@ def bench_dedup(counts_arg: str, radius: int = 4) -> None:
         for s, facts in enumerate(shards):
             keys = []
             for f in facts:
-                keys += row_keys(order_of(s, f.position), f.content_hash, f.phashes, radius)
+                keys += row_keys(order_of(s, f.position), f, "example", radius)
             for p, table in enumerate(partition_keys(keys, partitions)):
                 tables[p].append(table)
         keyed = time.perf_counter()
-        groups = [find_groups(pa.concat_tables(t), radius) for t in tables]
+        merged = [pa.concat_tables(t) for t in tables]
+        groups = [find_groups(t, radius) for t in merged]
         grouped = time.perf_counter()
-        found = resolve(groups)
+        complete = functools.partial(_complete_edges, merged, radius)
+        found = resolve(groups, complete)
         resolved = time.perf_counter()
         decide(shards, radius)
         sequential = time.perf_counter() - resolved

@@ -116,8 +116,11 @@ def _counts_table(versions: dict[str, dict[str, Any]], finals: dict[str, Any]) -
     for ref in refs:
         extra = ref["extra"]
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(extra["reject_counts"].items()))
-        rows.append({"dataset": extra["dataset"], "step": extra["step"], "rows": extra["rows"],
-                     "rejected": extra["rejected"], "reasons": reasons or "-"})  # fmt: skip
+        overlap = ", ".join(f"{k} {v}" for k, v in sorted(extra.get("eval_overlap", {}).items()))
+        row = {"dataset": extra["dataset"], "step": extra["step"], "rows": extra["rows"],
+               "rejected": extra["rejected"], "reasons": reasons or "-"}  # fmt: skip
+        row["copies of evaluation items"] = overlap or "-"
+        rows.append(row)
     create_table_artifact(rows, key="data-counts",
                           description="rows kept and rejected by every data step")  # fmt: skip
 

@@ -96,6 +96,14 @@ class SourceConfig(Strict):
     # with ``key`` (the row's id) and ``caption``, used instead of ``prep.recaption.model``
     # under the same policy (add / replace / both-in-one). Relative paths resolve like ``uri``.
     captions: str | None = None
+    # What clean counts as one example too many (docs/data.md, "Deduplication"): ``example``
+    # (the default) removes repeated examples (same normalised texts, query and positive
+    # media identical or near-identical) and keeps rows that only share an image (VQA
+    # questions on one picture, COCO's five captions, several queries on one page);
+    # ``image`` (web caption crawls such as LAION) also removes a row whose query or
+    # positive image is near-identical to an earlier kept row's, whatever the texts;
+    # ``off`` keeps duplicates (bad media are still rejected).
+    dedup: Literal["example", "image", "off"] = "example"
     seed: int = 0
 
     @field_validator("task_group")
@@ -164,6 +172,14 @@ class PrepConfig(Strict):
     # Per-step cap on concurrent shard tasks; None: as many as the cluster's CPUs allow.
     max_in_flight: int | None = Field(default=None, gt=0)
     recaption: RecaptionConfig = RecaptionConfig()
+    # Evaluation set folders (or folders of sets) whose items no training row may copy
+    # (docs/data.md, "Decontamination"); None: the configured ``eval.sets``; []: off.
+    # Relative paths resolve like ``eval.sets``.
+    decontaminate: list[str] | None = None
+    # A training query matches an evaluation item by text only when the text has at least
+    # this many characters after normalisation (short label names and answers such as
+    # "dog" or "yes" are shared by unrelated rows, not copied from the benchmark).
+    decontaminate_min_chars: int = Field(default=16, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -306,6 +322,13 @@ class StageConfig(Strict):
     # processed when the step starts). Under adaptive sampling a probability update seen
     # at step s applies from step s + 1 + prefetch, so the value is part of a run's identity.
     prefetch: int = Field(default=2, ge=0)
+    # How an epoch's rows are ordered (docs/configuration.md, "Shuffling"): ``rows`` is a
+    # uniform permutation of the dataset's rows (exact; each row read from storage on its
+    # own); ``blocks`` permutes row-group-sized blocks and shuffles rows within a window of
+    # ``shuffle_window`` blocks, so reads from an object store fetch whole row groups that
+    # the next steps use.
+    shuffle: Literal["rows", "blocks"] = "rows"
+    shuffle_window: int = Field(default=16, gt=0)
     optim: OptimConfig = OptimConfig()
 
 
@@ -559,6 +582,8 @@ def resolve_paths(cfg: PipelineConfig, base: str | Path | None = None) -> Pipeli
     if _is_local_relative(model) and (root / model).exists():
         data["model"]["name_or_path"] = str(root / model)
     data["eval"]["sets"] = [fix(s) for s in data["eval"]["sets"]]
+    if data["prep"]["decontaminate"] is not None:
+        data["prep"]["decontaminate"] = [fix(s) for s in data["prep"]["decontaminate"]]
     uri = data["tracking"]["tracking_uri"]
     if uri.startswith("sqlite:///") and _is_local_relative(uri.removeprefix("sqlite:///")):
         data["tracking"]["tracking_uri"] = f"sqlite:///{root / uri.removeprefix('sqlite:///')}"

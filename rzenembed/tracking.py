@@ -115,7 +115,7 @@ class LineageRef:
     its MLflow LoggedModel, for models.
     """
 
-    kind: str  # raw | dataset | stage-manifest | model | adapter | report
+    kind: str  # raw | dataset | stage-manifest | model | adapter | report | eval-sets
     name: str
     uri: str
     digest: str
@@ -572,6 +572,9 @@ def render(node: LineageNode, prefix: str = "", last: bool = True, top: bool = T
     producer = f" <- {node.step} run {ref.run_id}" if ref.run_id else ""
     note = " (as above)" if node.seen_before else ""
     line = f"{ref.kind} {ref.name} [{ref.digest[:12]}] {ref.uri}{producer}{note}"
+    if "eval_overlap" in ref.extra:  # a clean step's output: what decontamination removed
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(ref.extra["eval_overlap"].items()))
+        line += f" | eval_overlap: {counts or 'none'}"
     out = [line if top else f"{prefix}{'└─ ' if last else '├─ '}{line}"]
     inner = prefix if top else prefix + ("   " if last else "│  ")
     for i, child in enumerate(node.children):

@@ -15,6 +15,7 @@ dataset            every data and reject shard's bytes, then the version's conte
 stage-manifest     the manifest's content (datasets, digests, rows, probabilities)
 raw                the source folder's data files and media listing (``source_digest``)
 report             the report's canonical JSON (scores and model digest)
+eval-sets          the tables of the evaluation sets a clean step decontaminated against
 =================  ==================================================================
 
 Each node is OK (same digest), CHANGED (another digest; the detail names the shard or file
@@ -219,6 +220,18 @@ def check_report(ref: LineageRef, endpoint_url: str | None) -> Check:
     return Check(OK if digest == ref.digest else CHANGED, digest)
 
 
+def check_eval_sets(ref: LineageRef) -> Check:
+    """The evaluation sets a clean step decontaminated against, from their tables."""
+    from rzenembed.prep.decontaminate import eval_keys_digest
+
+    folders = [Path(p) for p in ref.extra.get("sets", [])]
+    gone = [str(f) for f in folders if not f.is_dir()]
+    if gone:
+        return Check(MISSING, detail=f"evaluation set folders gone: {', '.join(gone)}")
+    digest = eval_keys_digest(folders)
+    return Check(OK if digest == ref.digest else CHANGED, digest)
+
+
 def check_ref(ref: LineageRef, endpoint_url: str | None, pool: ThreadPoolExecutor) -> Check:
     """Recompute one node's digest from its files."""
     if ref.kind == "dataset":
@@ -233,6 +246,8 @@ def check_ref(ref: LineageRef, endpoint_url: str | None, pool: ThreadPoolExecuto
         return check_raw(ref, endpoint_url)
     if ref.kind == "report":
         return check_report(ref, endpoint_url)
+    if ref.kind == "eval-sets":
+        return check_eval_sets(ref)
     return Check(CHANGED, detail=f"unknown lineage kind {ref.kind!r}")
 
 

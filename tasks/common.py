@@ -108,7 +108,21 @@ def version_ref(version, name: str | None = None, run_id: str | None = None) -> 
                "reject_counts": dict(manifest.reject_counts), "dataset": manifest.dataset,
                "step": manifest.step},
     )  # fmt: skip
+    if "eval_overlap" in manifest.stats:
+        ref.extra["eval_overlap"] = dict(manifest.stats["eval_overlap"])
     return ref.to_json()
+
+
+def eval_sets_ref(against: Mapping[str, Any]) -> LineageRef:
+    """The evaluation sets a clean step decontaminated against (the version's
+    ``decontaminated_against`` stat), as a lineage input."""
+    return LineageRef(
+        kind="eval-sets",
+        name="decontamination",
+        uri=",".join(against["sets"]),
+        digest=against["digest"],
+        extra={"sets": list(against["sets"])},
+    )
 
 
 def as_ref(data: Mapping[str, Any]) -> LineageRef:

@@ -16,14 +16,23 @@ from rzenembed.config import PipelineConfig
 from rzenembed.data.importers import source_listing_digest, source_uri
 from rzenembed.data.version import DatasetVersion
 from rzenembed.prep.cap import run_cap
-from rzenembed.prep.clean import run_clean
+from rzenembed.prep.clean import dedup_policy, run_clean
+from rzenembed.prep.decontaminate import decontamination_sets, eval_keys_digest, set_folders
 from rzenembed.prep.ingest import run_ingest
 from rzenembed.prep.merge import run_merge_classification
 from rzenembed.prep.mixture import run_mixture
 from rzenembed.prep.recaption import captions_source, run_recaption
 from rzenembed.prep.video import run_package_long_videos, run_split_clips
 from rzenembed.tracking import LineageRef
-from tasks.common import RETRIES, RunContext, as_ref, keyed, step_run, version_ref
+from tasks.common import (
+    RETRIES,
+    RunContext,
+    as_ref,
+    eval_sets_ref,
+    keyed,
+    step_run,
+    version_ref,
+)
 
 
 def _prep_section(p: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +107,40 @@ def _single_step(step: str, fn):
     return run
 
 
-clean = _single_step("clean", lambda cfg, v: run_clean(cfg, v, show_progress=False))
+def _clean_section(p: dict[str, Any]) -> dict[str, Any]:
+    """What clean decides with beyond the prep section: the source's dedup policy and the
+    content of the evaluation sets it decontaminates against."""
+    cfg: PipelineConfig = p["cfg"]
+    sets = set_folders(decontamination_sets(cfg))
+    return {
+        **_prep_section(p),
+        "dedup": dedup_policy(cfg, p["ref"]["extra"]["dataset"]),
+        "eval_keys": eval_keys_digest(sets) if sets else None,
+    }
+
+
+@task(
+    name="clean",
+    cache_key_fn=keyed("clean", _clean_section, _input_digests),
+    persist_result=True,
+    **RETRIES,
+)
+def clean(cfg: PipelineConfig, ref: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Bad media, copies of evaluation items and duplicate examples out of one version."""
+    section = _clean_section({"cfg": cfg, "ref": ref})
+    with step_run(cfg, ctx, "clean", f"clean {ref['extra']['dataset']}", section) as (
+        tracker,
+        run_id,
+    ):
+        version = run_clean(cfg, _open(cfg, ref), show_progress=False)
+        out = version_ref(version, run_id=run_id)
+        inputs = [as_ref(ref)]
+        against = version.manifest.stats.get("decontaminated_against")
+        if against:
+            inputs.append(eval_sets_ref(against))
+        tracker.record_lineage(run_id, "clean", inputs, [as_ref(out)])
+    _counts_artifact(out)
+    return out
 
 
 def _captions_of(cfg: PipelineConfig, ref: dict[str, Any]) -> str | None:

@@ -26,6 +26,8 @@ def sample_config(corpus, storage_root: str, **prep) -> PipelineConfig:
             "clip_seconds": 4.0,
             "long_video_min_s": 5.0,
             "long_video_max_s": 20.0,
+            # The sample's own evaluation sets: its two planted copies must be found.
+            "decontaminate": [str(corpus.root / "eval")],
             **prep,
         },
         "stage2": {

@@ -8,7 +8,8 @@ import pytest
 
 from rzenembed.data.media import hamming
 from rzenembed.prep.cap import rank
-from rzenembed.prep.clean import RowFacts, _bands, decide
+from rzenembed.prep.dedup import RowFacts, decide
+from rzenembed.prep.dedup import bands as _bands
 from rzenembed.prep.merge import common_root, normalise_label
 from rzenembed.prep.video import _neighbours, clip_windows
 

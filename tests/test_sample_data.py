@@ -29,6 +29,7 @@ from rzenembed.data.schema import (
     RECORD_SCHEMA,
     records_table,
 )
+from rzenembed.prep.dedup import normalise_text
 
 NEAR_DUPLICATE_RADIUS = 4  # PrepConfig.phash_radius default
 BLUR_THRESHOLD = 10.0  # PrepConfig.blur_threshold default
@@ -308,9 +309,31 @@ def test_planted_duplicates_copy_their_originals(corpus):
     folder, near = _planted_row(corpus, "duplicate_near")
     _, original = _row_by_id(corpus, corpus.dataset("sample-captions").duplicate_of[near["id"]])
     assert near["query"]["text"] != original["query"]["text"]
+    assert normalise_text(near["query"]["text"]) == normalise_text(original["query"]["text"])
     near_path, original_path = _media_paths(folder, near)[0], _media_paths(folder, original)[0]
     assert _sha(near_path) != _sha(original_path)
     assert _distance(_phash(_open(near_path)), _phash(_open(original_path))) <= 1
+
+
+def test_planted_copies_copy_evaluation_items(corpus):
+    """One row's positive is an evaluation picture re-encoded, one row's query an evaluation
+    caption re-typed: what decontamination must find."""
+    info = corpus.dataset("sample-captions")
+    assert set(info.copies_eval) == {r for r, why in info.planted.items() if why == "eval_overlap"}
+    retrieval = next(e for e in corpus.eval_sets if e.name == "eval-image-retrieval")
+    queries, candidates = _eval_tables(retrieval.folder)
+    items = {q["qid"]: q["query"] for q in queries} | {c["cid"]: c["candidate"] for c in candidates}
+    for row_id, item_id in info.copies_eval.items():
+        _, row = _row_by_id(corpus, row_id)
+        copied = items[item_id]
+        if copied["media"]:
+            mine = _media_paths(info.folder, row)[0]
+            theirs = retrieval.folder / copied["media"][0]["uri"]
+            assert _sha(mine) != _sha(theirs)
+            assert _distance(_phash(_open(mine)), _phash(_open(theirs))) <= 1
+        else:
+            assert row["query"]["text"] != copied["text"]
+            assert normalise_text(row["query"]["text"]) == normalise_text(copied["text"])
 
 
 def test_no_accidental_duplicates(corpus):
@@ -421,8 +444,9 @@ def test_scale_multiplies_the_image_rows_and_image_eval_queries(corpus, tmp_path
     scaled = build_sample_corpus(tmp_path / "scaled", seed=0, scale=3)
     rows = {d.name: d.rows for d in scaled.datasets}
     base = {d.name: d.rows for d in corpus.datasets}
+    copies = {d.name: len(d.copies_eval) for d in corpus.datasets}
     for name in ("sample-captions", "sample-composed", "sample-shapes-a", "sample-shapes-b"):
-        assert rows[name] == 3 * base[name]
+        assert rows[name] - copies[name] == 3 * (base[name] - copies[name])
     for name in ("sample-visdoc", "sample-long-videos", "sample-digits"):
         assert rows[name] == base[name]
     # Planted rows keep their ids and reasons: the preparation tests' expectations hold.

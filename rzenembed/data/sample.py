@@ -16,9 +16,11 @@ Layout under ``OUT``::
     eval/<name>/queries.jsonl, candidates.jsonl, media/...   evaluation sets
 
 Some training rows are planted bad rows (corrupt, missing, tiny, blurry, duplicated,
-truncated, empty); ``SampleCorpus`` lists each with the reason code the preparation steps
-are expected to give it, so their tests can check the rejects exactly. The evaluation
-sets share neither ids, media bytes nor near-duplicate images with the training datasets.
+truncated, empty, copied from an evaluation set); ``SampleCorpus`` lists each with the
+reason code the preparation steps are expected to give it, so their tests can check the
+rejects exactly. Apart from the two planted copies (an evaluation picture re-encoded, an
+evaluation caption re-typed), the evaluation sets share neither ids, texts, media bytes nor
+near-duplicate images with the training datasets.
 """
 
 from __future__ import annotations
@@ -48,10 +50,19 @@ DUPLICATE_EXACT = "duplicate_exact"
 DUPLICATE_NEAR = "duplicate_near"
 VIDEO_TRUNCATED = "video_truncated"
 TEXT_EMPTY = "text_empty"
+EVAL_OVERLAP = "eval_overlap"
 REASON_CODES: tuple[str, ...] = (
-    MEDIA_UNDECODABLE, MEDIA_MISSING, URI_ESCAPES_ROOT, IMAGE_TOO_SMALL, IMAGE_BLURRY,
-    DUPLICATE_EXACT, DUPLICATE_NEAR, VIDEO_TRUNCATED, TEXT_EMPTY,
-)  # fmt: skip
+    MEDIA_UNDECODABLE,
+    MEDIA_MISSING,
+    URI_ESCAPES_ROOT,
+    IMAGE_TOO_SMALL,
+    IMAGE_BLURRY,
+    DUPLICATE_EXACT,
+    DUPLICATE_NEAR,
+    VIDEO_TRUNCATED,
+    TEXT_EMPTY,
+    EVAL_OVERLAP,
+)
 
 SCENE_SIZE = (96, 96)
 VIDEO_SIZE = (96, 72)
@@ -85,6 +96,8 @@ class DatasetInfo:
     planted: dict[str, str] = field(default_factory=dict)
     # Planted duplicate row id -> the id of the earlier row it duplicates.
     duplicate_of: dict[str, str] = field(default_factory=dict)
+    # Planted copy row id -> the evaluation query or candidate id it copies.
+    copies_eval: dict[str, str] = field(default_factory=dict)
 
     def source_entry(self, root: Path) -> dict[str, Any]:
         """The ``SourceConfig`` fields; ``uri`` is relative to the corpus root."""
@@ -155,6 +168,7 @@ class SampleCorpus:
                     "rows": info.rows,
                     "planted": info.planted,
                     "duplicate_of": info.duplicate_of,
+                    "copies_eval": info.copies_eval,
                 }
                 for info in self.datasets
             ],
@@ -227,13 +241,15 @@ class _RawDataset(_MediaFolder):
         self.rows: list[dict[str, Any]] = []
         self.planted: dict[str, str] = {}
         self.duplicate_of: dict[str, str] = {}
+        self.copied: dict[str, str] = {}  # planted row id -> the evaluation item it copies
 
     def row_id(self, index: int) -> str:
         return f"{self.name}-{index:04d}"
 
     def add(self, query: dict, positive: dict, reason: str | None = None, **extra: Any) -> str:
-        """Append a record; ``reason`` marks it as planted, ``duplicate_of`` names its original."""
-        row_id = self.row_id(len(self.rows))
+        """Append a record; ``reason`` marks it as planted, ``duplicate_of`` names its original,
+        ``row_id`` replaces the positional id (rows that must keep theirs at every scale)."""
+        row_id = extra.pop("row_id", None) or self.row_id(len(self.rows))
         original = extra.pop("duplicate_of", None)
         self.rows.append(record(row_id, self.name, self.task_group, query, positive, **extra))
         if reason:
@@ -249,7 +265,7 @@ class _RawDataset(_MediaFolder):
         return DatasetInfo(
             name=self.name, folder=self.folder, format=self.format, task_group=self.task_group,
             stage=self.stage, classification=self.classification, rows=len(self.rows),
-            planted=self.planted, duplicate_of=self.duplicate_of,
+            planted=self.planted, duplicate_of=self.duplicate_of, copies_eval=self.copied,
         )  # fmt: skip
 
 
@@ -393,12 +409,37 @@ def _build_captions(ds: _RawDataset, rng: np.random.Generator, seen: _Seen) -> N
             caption, image = _captioned_scene(rng, seen)
         else:
             caption, image = made[original]
-            if reason == DUPLICATE_NEAR:
-                caption = f"a picture showing {caption}"
+            if reason == DUPLICATE_NEAR:  # the same example re-typed and re-encoded
+                caption = _retyped(caption)
         made.append((caption, image))
         item = _image_item(ds, rng, image, reason, f"img_{i:04d}")
         positive = side(media_items=[item])
         ds.add(side(caption, CAPTION_INSTRUCTION), positive, reason, duplicate_of=original)
+
+
+def _retyped(text: str) -> str:
+    """The same text as a careless copy types it: other case, doubled spaces (equal after
+    the preparation's text normalisation)."""
+    return "  ".join(text.upper().split()) + " "
+
+
+def _plant_eval_copies(ds: _RawDataset, ev: _EvalSet, rng: np.random.Generator, seen: _Seen):
+    """Two training rows that copy items of the image retrieval evaluation set, for the
+    decontamination to find: one whose positive is an evaluation picture re-encoded
+    (brighter by 3: other bytes, the same perceptual hash), one whose query is an evaluation
+    caption re-typed. Each points at the evaluation item it copies (``duplicate_of``)."""
+    copied = ev.candidates[0]
+    picture = Image.open(ev.folder / copied["candidate"]["media"][0]["uri"]).convert("RGB")
+    item = ds.image(draw.brighter(picture, 3), "copy_0000")
+    query = side("an evaluation picture, copied", CAPTION_INSTRUCTION)
+    row_id = ds.add(query, side(media_items=[item]), EVAL_OVERLAP, row_id=f"{ds.name}-copy0")
+    ds.copied[row_id] = copied["cid"]
+    question = ev.queries[0]
+    _, scene = _captioned_scene(rng, seen)
+    item = ds.image(scene, "copy_0001")
+    query = side(_retyped(question["query"]["text"]), CAPTION_INSTRUCTION)
+    row_id = ds.add(query, side(media_items=[item]), EVAL_OVERLAP, row_id=f"{ds.name}-copy1")
+    ds.copied[row_id] = question["qid"]
 
 
 def _composed_change(rng: np.random.Generator, kind: str, colour: str) -> tuple[str, str, str]:
@@ -796,6 +837,9 @@ def build_sample_corpus(out: str | Path, seed: int = 0, scale: int = 1) -> Sampl
     for name, category, builder in _EVAL_SETS:
         evals.append(_EvalSet(root, name, category, scale))
         builder(evals[-1], _rng(seed, name), seen)
+    captions = next(ds for ds in raw if ds.name == "sample-captions")
+    retrieval = next(ev for ev in evals if ev.name == "eval-image-retrieval")
+    _plant_eval_copies(captions, retrieval, _rng(seed, "eval-copies"), seen)
     corpus = SampleCorpus(
         root=root, seed=seed, scale=scale, datasets=tuple(ds.finish() for ds in raw),
         eval_sets=tuple(ev.finish() for ev in evals), video_seconds=_videos(root, [*raw, *evals]),

@@ -43,8 +43,13 @@ REASON_CODES: dict[str, str] = {
     "image_too_small": "an image's shorter side is under prep.min_image_side pixels",
     "image_blurry": "the variance of the Laplacian is under prep.blur_threshold",
     "video_truncated": "a video's last frames cannot be decoded",
-    "duplicate_exact": "same text and media bytes as an earlier row of the dataset",
-    "duplicate_near": "an image within prep.phash_radius bits (pHash) of an earlier row's",
+    "duplicate_exact": "the same example as an earlier kept row: query and positive texts "
+    "(normalised) and media bytes",
+    "duplicate_near": "under dedup example: the same texts and every query/positive image "
+    "within prep.phash_radius bits (pHash) of an earlier kept row's; under dedup image: a "
+    "query/positive image within the radius of an earlier kept row's",
+    "eval_overlap": "the row copies an item of an evaluation set (an image within "
+    "prep.phash_radius bits, or the same query text)",
     "video_too_short": "a video is shorter than the step's minimum length",
     "video_too_long": "a video is longer than the step's maximum length",
     "no_video": "the row has no video to split or package",

@@ -1,0 +1,229 @@
+"""Decontamination: no training row may copy an item of the evaluation sets.
+
+A training row is rejected ``eval_overlap`` when its query or positive image is within
+``prep.phash_radius`` bits (64-bit pHash) of an image of an evaluation item, or when its
+query text equals, after ``normalise_text``, the text of an evaluation item that carries no
+image (a retrieval caption, a text query, a text candidate) and is at least
+``prep.decontaminate_min_chars`` characters long. The detail names the evaluation set,
+dataset and item; the clean step counts the rejects per (source, evaluation dataset).
+
+Why only image-less items match by text: an evaluation item with an image is identified by
+its image, and its text is a question or an instruction about that image ("What is the man
+holding?"), which many unrelated training rows share over other pictures. Why a minimum
+length: short texts (label names, "yes") are shared by unrelated rows, not copied.
+
+The evaluation sets' keys (every image's pHash, every image-less item's normalised text,
+with the item they come from) are built once per content of the sets (``eval_keys_digest``)
+by one Ray task per evaluation dataset, and stored as one Parquet file under
+``<storage.root>/_eval-keys/``; every later clean step, on any node, reads that file.
+Videos and frame folders of evaluation items are not hashed (their frames are not
+compared with training clips).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rzenembed.config import PipelineConfig
+from rzenembed.data import media as media_ops
+from rzenembed.data.engine import run_shards
+from rzenembed.data.storage import filesystem, join
+from rzenembed.data.version import put_table
+from rzenembed.prep.dedup import bands, normalise_text
+
+CODE_VERSION = "1"
+KEYS_FOLDER = "_eval-keys"
+KEY_SCHEMA = pa.schema(
+    [
+        ("set", pa.string()),
+        ("dataset", pa.string()),
+        ("item", pa.string()),
+        ("text", pa.string()),  # normalised text of an image-less item, else null
+        ("phash", pa.uint64()),  # the pHash of one image of the item, else null
+    ]
+)
+
+
+def decontamination_sets(cfg: PipelineConfig) -> list[str]:
+    """The evaluation set folders training rows are checked against (``prep.decontaminate``,
+    by default ``eval.sets``)."""
+    sets = cfg.prep.decontaminate if cfg.prep.decontaminate is not None else cfg.eval.sets
+    return sorted(dict.fromkeys(sets))
+
+
+def set_folders(sets: list[str]) -> list[Path]:
+    """Every evaluation set folder under the configured locations, in a stable order."""
+    from rzenembed.evaluation.evalset import discover
+
+    return sorted({folder.resolve() for location in sets for folder in discover(location)})
+
+
+def eval_keys_digest(folders: list[Path]) -> str:
+    """What the keys depend on: each set folder's name and the bytes of its tables and
+    ``evalset.json`` (media are named by the tables; a media file replaced under the same
+    name is not seen)."""
+    digest = hashlib.sha256(f"eval-keys {CODE_VERSION}\n".encode())
+    for folder in folders:
+        digest.update(f"{folder.name}\n".encode())
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.name.split(".")[0] in ("queries", "candidates", "evalset"):
+                digest.update(f"{path.name} {_file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class EvalKeysRef:
+    """Where the keys of a group of evaluation sets are stored, and what they came from."""
+
+    uri: str
+    digest: str
+    sets: list[str] = field(default_factory=list)  # the set folders, resolved
+
+
+def ensure_eval_keys(cfg: PipelineConfig, show_progress: bool = True) -> EvalKeysRef | None:
+    """The stored keys of the configured decontamination sets, built when missing (None
+    when decontamination is off or no set is configured)."""
+    sets = decontamination_sets(cfg)
+    if not sets:
+        return None
+    folders = set_folders(sets)
+    digest = eval_keys_digest(folders)
+    endpoint = cfg.storage.endpoint_url
+    uri = join(cfg.storage.root, KEYS_FOLDER, f"{digest}.parquet")
+    fs, path = filesystem(uri, endpoint)
+    if not fs.exists(path):
+        jobs = [(str(f), name, cfg.prep.max_image_pixels) for f in folders for name in _names(f)]
+        tables = run_shards(
+            _keys_job, jobs, max_in_flight=cfg.prep.max_in_flight, show_progress=show_progress
+        )
+        table = pa.concat_tables(tables) if tables else KEY_SCHEMA.empty_table()
+        folder_uri, name = uri.rsplit("/", 1)
+        put_table(folder_uri, name, table, endpoint)
+    return EvalKeysRef(uri, digest, [str(f) for f in folders])
+
+
+def _names(folder: Path) -> list[str]:
+    from rzenembed.evaluation.evalset import load_eval_folder
+
+    return [d.name for d in load_eval_folder(folder)]
+
+
+def _keys_job(job: tuple[str, str, int]) -> pa.Table:
+    """The keys of one evaluation dataset: its queries' and candidates' images and texts."""
+    from rzenembed.evaluation.evalset import load_eval_folder
+
+    folder, name, max_pixels = job
+    dataset = next(d for d in load_eval_folder(folder) if d.name == name)
+    items = [(q["qid"], q["query"]) for q in dataset.queries]
+    items += [(c["cid"], c["candidate"]) for c in dataset.candidates]
+    rows = []
+    for item, side in items:
+        for text, phash in item_keys(side, dataset.media_root, max_pixels):
+            rows.append((Path(folder).name, name, item, text, phash))
+    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in KEY_SCHEMA.names]
+    return pa.table(dict(zip(KEY_SCHEMA.names, columns, strict=True)), schema=KEY_SCHEMA)
+
+
+def item_keys(side: dict[str, Any], media_root: str, max_pixels: int) -> list[tuple]:
+    """(text, pHash) keys of one evaluation item: one per image, or its normalised text
+    when it has no image. An image that cannot be read gives no key (the evaluation itself
+    reports it)."""
+    images = [m for m in side.get("media") or [] if m.get("kind") == "image"]
+    if not images:
+        text = normalise_text(side.get("text") or "")
+        return [(text, None)] if text else []
+    keys = []
+    for item in images:
+        path = Path(media_root, item["uri"])
+        try:
+            image = media_ops.decode_image(path.read_bytes(), max_pixels=max_pixels)
+        except (OSError, media_ops.MediaError):
+            continue
+        keys.append((None, media_ops.perceptual_hash(image)))
+    return keys
+
+
+# --------------------------------------------------------------------------- matching
+
+
+class EvalKeys:
+    """The keys in memory, indexed for lookups: texts in a dict, pHashes by band."""
+
+    def __init__(self, table: pa.Table, radius: int, min_chars: int):
+        self.radius, self.min_chars = radius, min_chars
+        sets, names = table.column("set").to_pylist(), table.column("dataset").to_pylist()
+        items = table.column("item").to_pylist()
+        self.datasets = [f"{s}/{d}" for s, d in zip(sets, names, strict=True)]
+        self.labels = [f"{s} / {d} item {i}" for s, d, i in zip(sets, names, items, strict=True)]
+        self.texts: dict[str, int] = {}
+        for index, text in enumerate(table.column("text").to_pylist()):
+            if text and len(text) >= min_chars:
+                self.texts.setdefault(text, index)
+        phash = table.column("phash")
+        self.image_rows = np.flatnonzero(phash.is_valid().to_numpy(zero_copy_only=False))
+        self.hashes = phash.fill_null(0).to_numpy()[self.image_rows].astype(np.uint64)
+        self.index: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for position, value in enumerate(self.hashes.tolist()):
+            for band in bands(value, radius + 1):
+                self.index[band].append(position)
+
+    def text_match(self, text: str) -> int | None:
+        """The key row of an evaluation item whose text equals ``text`` (normalised)."""
+        normal = normalise_text(text)
+        return self.texts.get(normal) if len(normal) >= self.min_chars else None
+
+    def image_match(self, phash: int) -> tuple[int, int] | None:
+        """(key row, distance) of the nearest evaluation image within the radius."""
+        found = {p for band in bands(phash, self.radius + 1) for p in self.index.get(band, ())}
+        if not found:
+            return None
+        positions = np.fromiter(found, dtype=np.int64)
+        distance = np.bitwise_count(self.hashes[positions] ^ np.uint64(phash))
+        best = int(np.argmin(distance))
+        if distance[best] > self.radius:
+            return None
+        return int(self.image_rows[positions[best]]), int(distance[best])
+
+
+@lru_cache(maxsize=2)
+def load_eval_keys(
+    uri: str, radius: int, min_chars: int, endpoint_url: str | None = None
+) -> EvalKeys:
+    """The stored keys, read once per process (every shard task of a node reuses them)."""
+    fs, path = filesystem(uri, endpoint_url)
+    return EvalKeys(pq.read_table(path, filesystem=fs), radius, min_chars)
+
+
+def overlap(
+    row: dict[str, Any], phashes: dict[str, list[int]], keys: EvalKeys
+) -> tuple[str, str] | None:
+    """(evaluation dataset, detail) when the row copies an evaluation item, else None.
+    ``phashes``: the pHashes of the row's ``query`` and ``positive`` images."""
+    match = keys.text_match(row["query"]["text"])
+    if match is not None:
+        return keys.datasets[match], f"query text equals eval set {keys.labels[match]}"
+    for side in ("query", "positive"):
+        for phash in phashes.get(side, ()):
+            found = keys.image_match(phash)
+            if found is not None:
+                key, distance = found
+                detail = f"{side} image within {distance} bits of eval set {keys.labels[key]}"
+                return keys.datasets[key], detail
+    return None
