@@ -294,3 +294,14 @@ def test_the_evaluation_keys_are_built_once_per_content(example_cfg, corpus):
         update={"prep": example_cfg.prep.model_copy(update={"decontaminate": []})}
     )
     assert ensure_eval_keys(off, show_progress=False) is None
+
+
+def test_a_missing_evaluation_set_stops_clean_with_a_hint(example_cfg, tmp_path):
+    from rzenembed.evaluation.evalset import EvalSetError
+    from rzenembed.prep.decontaminate import ensure_eval_keys
+
+    missing = example_cfg.model_copy(
+        update={"eval": example_cfg.eval.model_copy(update={"sets": [str(tmp_path / "nope")]})}
+    )
+    with pytest.raises(EvalSetError, match=r"nope.*set prep.decontaminate"):
+        ensure_eval_keys(missing, show_progress=False)

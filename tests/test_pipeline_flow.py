@@ -246,6 +246,23 @@ def test_the_first_run_registers_a_champion(runs):
     assert champion.version == max(scores, key=lambda v: (scores[v], -int(v)))
 
 
+def test_lineage_shows_the_rows_decontamination_removed(runs):
+    """The sample corpus plants two copies of evaluation items in its captions: the clean
+    step's lineage names the evaluation sets it checked and ``rzenembed lineage`` prints
+    how many rows each evaluation dataset lost."""
+    from rzenembed.config import load_config
+
+    tracking = load_config(runs["config"]).tracking.tracking_uri
+    code, out, _ = run_cli(["lineage", "models:/rzenembed@champion", "--tracking-uri", tracking])
+    assert code == 0
+    captions = [line for line in out.splitlines() if "sample-captions/clean" in line]
+    assert captions and all(
+        line.endswith("| eval_overlap: eval-image-retrieval/eval-image-retrieval 2")
+        for line in captions
+    )
+    assert "eval-sets decontamination" in out
+
+
 def test_lineage_reaches_every_raw_dataset_with_manifest_digests(runs):
     from rzenembed.config import load_config
 

@@ -62,9 +62,16 @@ def decontamination_sets(cfg: PipelineConfig) -> list[str]:
 
 def set_folders(sets: list[str]) -> list[Path]:
     """Every evaluation set folder under the configured locations, in a stable order."""
-    from rzenembed.evaluation.evalset import discover
+    from rzenembed.evaluation.evalset import EvalSetError, discover
 
-    return sorted({folder.resolve() for location in sets for folder in discover(location)})
+    try:
+        return sorted({folder.resolve() for location in sets for folder in discover(location)})
+    except EvalSetError as error:
+        raise EvalSetError(
+            f"decontamination: {error}; training rows are checked against the evaluation "
+            "sets before training (prep.decontaminate, by default eval.sets): import them "
+            "first, or set prep.decontaminate to the sets that exist ([] turns it off)"
+        ) from None
 
 
 def eval_keys_digest(folders: list[Path]) -> str:
