@@ -11,6 +11,7 @@ rebuild its inputs by calling the upstream tasks: a finished step is a cache hit
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -106,7 +107,22 @@ def run_data_prep(ex: Execution) -> dict[str, Any]:
     for m in cfg.stage2.mixtures:
         manifests[f"stage2/{m.name}"] = ex.opts(mixture)(cfg, "stage2", m.name, stage2, ctx)
     _counts_table(versions, finals)
+    print(_data_summary(versions, finals))
     return {"versions": versions, "finals": finals, "stages": manifests}
+
+
+def _data_summary(versions: dict[str, dict[str, Any]], finals: dict[str, Any]) -> str:
+    """One line: rows ready for training, rejects by reason, copies of evaluation items."""
+    rejected: Counter[str] = Counter()
+    copies: Counter[str] = Counter()
+    for steps in versions.values():
+        for ref in steps.values():
+            rejected.update(ref["extra"]["reject_counts"])
+            copies.update(ref["extra"].get("eval_overlap", {}))
+    rows = sum(ref["extra"]["rows"] for ref in finals.values())
+    reasons = ", ".join(f"{k} {v}" for k, v in rejected.most_common()) or "none"
+    found = ", ".join(f"{k} {v}" for k, v in sorted(copies.items())) or "none found"
+    return f"data: {rows} rows ready; rejected: {reasons}; copies of evaluation items: {found}"
 
 
 def _counts_table(versions: dict[str, dict[str, Any]], finals: dict[str, Any]) -> None:

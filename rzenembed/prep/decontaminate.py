@@ -23,7 +23,6 @@ compared with training clips).
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -186,10 +185,7 @@ class EvalKeys:
         phash = table.column("phash")
         self.image_rows = np.flatnonzero(phash.is_valid().to_numpy(zero_copy_only=False))
         self.hashes = phash.fill_null(0).to_numpy()[self.image_rows].astype(np.uint64)
-        self.index: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for position, value in enumerate(self.hashes.tolist()):
-            for band in bands(value, radius + 1):
-                self.index[band].append(position)
+        self._bands = [_band_index(self.hashes, band, radius + 1) for band in range(radius + 1)]
 
     def text_match(self, text: str) -> int | None:
         """The key row of an evaluation item whose text equals ``text`` (normalised)."""
@@ -198,15 +194,36 @@ class EvalKeys:
 
     def image_match(self, phash: int) -> tuple[int, int] | None:
         """(key row, distance) of the nearest evaluation image within the radius."""
-        found = {p for band in bands(phash, self.radius + 1) for p in self.index.get(band, ())}
-        if not found:
+        found = [
+            order[np.searchsorted(values, value) : np.searchsorted(values, value, "right")]
+            for (values, order), (_, value) in zip(
+                self._bands, bands(phash, self.radius + 1), strict=True
+            )
+        ]
+        positions = np.unique(np.concatenate(found))
+        if not len(positions):
             return None
-        positions = np.fromiter(found, dtype=np.int64)
         distance = np.bitwise_count(self.hashes[positions] ^ np.uint64(phash))
         best = int(np.argmin(distance))
         if distance[best] > self.radius:
             return None
         return int(self.image_rows[positions[best]]), int(distance[best])
+
+
+def _band_index(hashes: np.ndarray, band: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """One band of every hash, sorted, and where each came from: a lookup is two binary
+    searches, and the index costs 16 bytes per hash and band (a dict of lists would cost
+    ten times that in every worker process)."""
+    low, high = _band_edges(band, count)
+    width = high - low
+    values = (hashes >> np.uint64(low)) & np.uint64((1 << width) - 1)
+    order = np.argsort(values, kind="stable")
+    return values[order], order
+
+
+def _band_edges(band: int, count: int) -> tuple[int, int]:
+    """The bit range of band ``band`` of ``count``, as ``dedup.bands`` cuts it."""
+    return round(64 * band / count), round(64 * (band + 1) / count)
 
 
 @lru_cache(maxsize=2)
