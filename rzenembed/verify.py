@@ -175,7 +175,8 @@ def check_folder(ref: LineageRef, folder: str | None, endpoint_url: str | None) 
     try:
         if is_remote(folder):
             with tempfile.TemporaryDirectory(prefix="rzenembed-verify-") as tmp:
-                digest = rule(download_folder(folder, Path(tmp), endpoint_url))
+                download_folder(folder, Path(tmp), endpoint_url)
+                digest = rule(Path(tmp))
         else:
             digest = rule(folder)
     except (FileNotFoundError, ValueError) as exc:

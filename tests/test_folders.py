@@ -97,3 +97,73 @@ def test_an_unpublished_remote_folder_is_staged_by_its_listing(
     staged = stage_folder(uri, s3_endpoint, cache=tmp_path / "cache")
     assert model_digest(str(staged)) == digests_of(tiny_model_dir)["digest"]
     shutil.rmtree(staged)
+
+
+def _stage_in_a_process(uri: str, endpoint: str, cache: str, out: str) -> None:
+    """One node-local process staging the folder (spawned: nothing shared but the disk)."""
+    from pathlib import Path
+
+    from rzenembed.data.folders import stage_folder
+
+    Path(out).write_text(str(stage_folder(uri, endpoint, cache=Path(cache))))
+
+
+def test_four_processes_staging_at_once_download_once_and_share_the_verified_copy(
+    tiny_model_dir, s3, s3_endpoint, tmp_path
+):
+    import multiprocessing
+
+    uri = f"s3://{BUCKET}/models/shared"
+    marker = publish_folder(tiny_model_dir, uri, s3_endpoint, **digests_of(tiny_model_dir))
+    assert all(len(entry["sha256"]) == 64 for entry in marker["files"].values())
+    cache = tmp_path / "cache"
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"staged{i}.txt" for i in range(4)]
+    procs = [
+        ctx.Process(target=_stage_in_a_process, args=(uri, s3_endpoint, str(cache), str(o)))
+        for o in outs
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+    assert [proc.exitcode for proc in procs] == [0, 0, 0, 0]
+    staged = {o.read_text() for o in outs}
+    assert staged == {str(cache / marker["digest"])}
+    fetches = [json.loads(line) for line in (cache / "fetch.log").read_text().splitlines()]
+    assert len(fetches) == 1 and fetches[0]["uri"] == uri
+    assert fetches[0]["files"] == len(marker["files"])
+    assert model_digest(staged.pop()) == marker["digest"]
+
+
+def test_a_corrupted_cached_file_is_found_and_staged_again(
+    tiny_model_dir, s3, s3_endpoint, tmp_path, caplog
+):
+    uri = f"s3://{BUCKET}/models/corrupted"
+    publish_folder(tiny_model_dir, uri, s3_endpoint, **digests_of(tiny_model_dir))
+    cache = tmp_path / "cache"
+    staged = stage_folder(uri, s3_endpoint, cache=cache)
+    weights = staged / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-8] + b"\x00" * 8)  # bytes flipped in place
+    with caplog.at_level("WARNING", logger="rzenembed.data.folders"):
+        again = stage_folder(uri, s3_endpoint, cache=cache)
+    assert again == staged and weights.read_bytes() == good
+    assert "model.safetensors" in caplog.text and "staging it again" in caplog.text
+    assert len((cache / "fetch.log").read_text().splitlines()) == 2
+
+
+def test_a_download_that_differs_from_the_marker_is_refused_naming_the_file(
+    tiny_model_dir, s3, s3_endpoint, tmp_path
+):
+    from rzenembed.data.folders import StagingError
+
+    uri = f"s3://{BUCKET}/models/tampered"
+    publish_folder(tiny_model_dir, uri, s3_endpoint, **digests_of(tiny_model_dir))
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config["tampered"] = True  # another file's bytes after the commit
+    s3.pipe(f"{BUCKET}/models/tampered/config.json", json.dumps(config).encode())
+    cache = tmp_path / "cache"
+    with pytest.raises(StagingError, match=r"config\.json has (other content|\d+ bytes)"):
+        stage_folder(uri, s3_endpoint, cache=cache)
+    assert not [p for p in cache.iterdir() if p.is_dir()]  # nothing half-staged is left

@@ -46,6 +46,14 @@ def test_the_ray_cluster_fits_the_paper_configs():
     head_ports = {p["name"] for p in cluster["spec"]["headGroupSpec"]["template"]["spec"][
         "containers"][0]["ports"]}  # fmt: skip
     assert {"gcs", "client"} <= head_ports
+    # One staged copy of each model per GPU node, on a volume of a stated size.
+    spec = gpu["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert env["RZENEMBED_CACHE"].startswith(mounts["staged"] + "/")
+    claim = volumes["staged"]["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert claim["resources"]["requests"]["storage"] == "300Gi"
 
 
 def test_the_worker_reaches_ray_mlflow_and_prefect():

@@ -10,21 +10,32 @@ first, then ``publish_folder`` copies it to its URI and commits it:
   would take, and a rerun publishes again. On a local disk the folder is assembled under
   a temporary sibling name and renamed into place.
 - **Staging.** ``stage_folder`` gives a local copy of a folder: a local URI is used where
-  it is; a remote one is downloaded once into a cache keyed by its content digest (from
-  the marker; a folder written by someone else, a base model put on S3 by hand, is keyed
-  by its listing: names, sizes, ETags) and reused by every later call on that machine.
-  A GPU worker loading the merged stage-1 model therefore reads it from S3 once, never
-  from another node's disk.
+  it is; a remote one is downloaded once per node into a cache keyed by its content digest
+  (from the marker; a folder written by someone else, a base model put on S3 by hand, is
+  keyed by its listing: names, sizes, ETags) and reused by every later call on that node.
+  Eight ranks and eight evaluation actors of one node asking at once take a per-node file
+  lock: one downloads, the others wait (a line every 30 s) and then use its copy. The
+  download goes to a temporary folder, every file is checked against the marker (size, and
+  sha256 for folders published with hashes) and only then renamed into place; a mismatch
+  is an error naming the files. Each download appends a line to ``fetch.log`` in the cache.
+  A cache hit compares every file's size and modification time with what was verified; a
+  file changed since (a corrupted cache) is reported by name and the folder staged again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +43,8 @@ from rzenembed.data.storage import filesystem, is_remote, join
 
 COMMIT_FILE = "_COMMITTED.json"
 CACHE_ENV = "RZENEMBED_CACHE"
+FETCH_LOG = "fetch.log"  # one JSON line per download into a node's cache
+logger = logging.getLogger(__name__)
 
 
 class FolderNotPublishedError(FileNotFoundError):
@@ -45,11 +58,22 @@ def cache_root() -> Path:
 
 
 def _listing(folder: Path) -> dict[str, dict[str, Any]]:
-    """Every file of the folder with its size. Sizes, not hashes: the marker's digests
-    (``digest``, ``weights_digest``) already identify the content, and hashing every file
-    again would read a multi-GB model twice at each publish."""
+    """Every file of the folder with its size and sha256: what a node that stages the
+    folder checks its download against (reading a freshly written local folder once more
+    costs seconds per GB; a corrupted download found only at load time costs a run)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMMIT_FILE)
-    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size} for p in files}
+    return {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in files
+    }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def publish_folder(
@@ -115,8 +139,13 @@ def listing_digest(uri: str, endpoint_url: str | None = None) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
+class StagingError(OSError):
+    """A downloaded folder that does not match what was published."""
+
+
 def stage_folder(uri: str, endpoint_url: str | None = None, cache: Path | None = None) -> Path:
-    """A local folder holding the folder at ``uri`` (downloaded once per content)."""
+    """A local folder holding the folder at ``uri`` (downloaded once per content and node,
+    verified)."""
     if not is_remote(uri):
         folder = Path(uri)
         if not folder.is_dir():
@@ -124,38 +153,143 @@ def stage_folder(uri: str, endpoint_url: str | None = None, cache: Path | None =
         return folder
     info = published_info(uri, endpoint_url)
     key = (info or {}).get("digest") or listing_digest(uri, endpoint_url)
-    target = (cache or cache_root()) / key
-    if target.is_dir():
+    root = cache or cache_root()
+    target = root / key
+    if target.is_dir() and not _changed_since_verified(root, key):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.parent / f".{key}.{uuid.uuid4().hex[:8]}"
+    root.mkdir(parents=True, exist_ok=True)
+    with _node_lock(root / f".{key}.lock", uri):
+        if target.is_dir():
+            changed = _changed_since_verified(root, key)
+            if not changed:
+                return target  # staged by another process while this one waited
+            logger.warning(
+                "staged copy of %s in %s changed since it was verified (%s): staging it again",
+                uri,
+                target,
+                ", ".join(changed),
+            )
+            shutil.rmtree(target)
+        _download_verified(uri, root, key, endpoint_url, info)
+    return target
+
+
+def _download_verified(
+    uri: str, root: Path, key: str, endpoint_url: str | None, info: dict[str, Any] | None
+) -> None:
+    """Download into a temporary folder, check every file, record what was verified, log
+    the fetch, rename into place."""
+    partial = root / f".{key}.{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
     try:
-        download_folder(uri, partial, endpoint_url, info)
-        try:
-            partial.rename(target)
-        except OSError:  # another process staged it first
-            shutil.rmtree(partial, ignore_errors=True)
+        expected = download_folder(uri, partial, endpoint_url, info)
+        problems = _mismatches(partial, expected)
+        if problems:
+            raise StagingError(
+                f"{uri}: the download does not match what was published: {'; '.join(problems)}"
+            )
+        _write_stamp(root, key, partial)
+        partial.rename(root / key)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return target
+    entry = {
+        "time": time.time(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "uri": uri,
+        "key": key,
+        "files": len(expected),
+        "bytes": sum(e.get("size") or 0 for e in expected.values()),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    with (root / FETCH_LOG).open("a") as log:
+        log.write(json.dumps(entry) + "\n")
+
+
+def _mismatches(folder: Path, expected: dict[str, dict[str, Any]]) -> list[str]:
+    """Every file of ``expected`` that is missing, of another size or (when the marker has
+    hashes) other bytes."""
+    problems = []
+    for name, want in sorted(expected.items()):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} missing")
+        elif want.get("size") is not None and path.stat().st_size != want["size"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, expected {want['size']}")
+        elif want.get("sha256") and _sha256(path) != want["sha256"]:
+            problems.append(f"{name} has other content (sha256)")
+    return problems
+
+
+def _stamp_path(root: Path, key: str) -> Path:
+    return root / f".{key}.verified.json"
+
+
+def _file_stats(folder: Path) -> dict[str, list[int]]:
+    return {
+        p.relative_to(folder).as_posix(): [p.stat().st_size, p.stat().st_mtime_ns]
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _write_stamp(root: Path, key: str, folder: Path) -> None:
+    _stamp_path(root, key).write_text(json.dumps(_file_stats(folder), sort_keys=True))
+
+
+def _changed_since_verified(root: Path, key: str) -> list[str]:
+    """The files of a staged folder whose size or modification time differ from when it
+    was verified (every file, when there is no record)."""
+    stamp = _stamp_path(root, key)
+    now = _file_stats(root / key)
+    if not stamp.is_file():
+        return sorted(now) or ["(empty folder)"]
+    then = json.loads(stamp.read_text())
+    return sorted(n for n in set(now) | set(then) if now.get(n) != then.get(n))
+
+
+@contextlib.contextmanager
+def _node_lock(path: Path, uri: str, report_every_s: float = 30.0) -> Iterator[None]:
+    """An exclusive lock on ``path`` shared by every process of this node (``flock``):
+    the holder stages, the others wait and say so."""
+    with path.open("a") as handle:
+        waited, started = 0.0, time.monotonic()
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.2)
+                if time.monotonic() - started - waited >= report_every_s:
+                    waited = time.monotonic() - started
+                    logger.info("waiting %.0f s for another process staging %s", waited, uri)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def download_folder(
     uri: str, target: Path, endpoint_url: str | None = None, info: dict[str, Any] | None = None
-) -> Path:
+) -> dict[str, dict[str, Any]]:
     """Copy every file of the remote folder at ``uri`` (the marker's list when committed)
-    into the local folder ``target``."""
+    into the local folder ``target``; returns what each file should be (the marker's
+    entries, or the sizes the store lists)."""
     fs, path = filesystem(uri, endpoint_url)
-    names = (
-        list(info["files"])
-        if info
-        else [p[len(path) :].lstrip("/") for p in fs.find(path) if not p.endswith(COMMIT_FILE)]
-    )
-    for name in names:
+    if info:
+        expected = dict(info["files"])
+    else:
+        found = fs.find(path, detail=True)
+        expected = {
+            p[len(path) :].lstrip("/"): {"size": entry.get("size")}
+            for p, entry in found.items()
+            if not p.endswith(COMMIT_FILE)
+        }
+    for name in expected:
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(join(path, name), str(target / name))
-    return target
+    return expected
 
 
 def read_text(uri: str, endpoint_url: str | None = None) -> str:
