@@ -32,7 +32,7 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -238,38 +238,66 @@ def resolve_weights(
 # --------------------------------------------------------------------------- arithmetic
 
 
-def soup_updates(
+def iter_soup_updates(
     adapters: Sequence[Adapter], weights: Sequence[float], method: Literal["delta", "factors"]
-) -> dict[str, torch.Tensor]:
-    """Module name -> the souped weight update (float64), for every targeted module."""
-    updates = {}
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(module name, souped weight update in float64), one module at a time: a consumer
+    that applies each and lets it go holds one module's dense update, never the model's
+    (all of them at once would be ~16 GB for a 2B model, ~57 GB for 7B)."""
     for module in adapters[0].factors:
         if method == "delta":
-            updates[module] = sum(
-                w * a.update(module) for w, a in zip(weights, adapters, strict=True)
-            )
+            update = _weighted_sum(module, adapters, weights)
         elif method == "factors":
             pairs = list(zip(weights, adapters, strict=True))
             a_mix = sum(w * a.factors[module][0].double() for w, a in pairs)
             b_mix = sum(w * a.factors[module][1].double() for w, a in pairs)
-            updates[module] = adapters[0].scale(module) * (b_mix @ a_mix)
+            update = adapters[0].scale(module) * (b_mix @ a_mix)
         else:
             raise SoupError(f"unknown soup arithmetic {method!r}")
-    return updates
+        yield module, update
 
 
-def apply_updates(model: torch.nn.Module, updates: dict[str, torch.Tensor]) -> None:
-    """Add each update to its module's weight in place (in the weight's own dtype)."""
+def _weighted_sum(module: str, adapters: Sequence[Adapter], weights: Sequence[float]):
+    """``sum_i w_i * s_i * B_i @ A_i`` accumulated in place: two dense float64 matrices
+    alive at a time (the sum and the next product), the same operations in the same order
+    as the plain expression, so the same bits."""
+    total = None
+    for w, adapter in zip(weights, adapters, strict=True):
+        a, b = adapter.factors[module]
+        part = (b.double() @ a.double()).mul_(adapter.scale(module)).mul_(w)
+        total = part if total is None else total.add_(part)
+        del part
+    return total
+
+
+def soup_updates(
+    adapters: Sequence[Adapter], weights: Sequence[float], method: Literal["delta", "factors"]
+) -> dict[str, torch.Tensor]:
+    """Module name -> the souped weight update (float64), every module at once (for
+    inspection and tests; ``soup`` streams ``iter_soup_updates`` instead)."""
+    return dict(iter_soup_updates(adapters, weights, method))
+
+
+def apply_updates(
+    model: torch.nn.Module,
+    updates: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+) -> None:
+    """Add each update to its module's weight in place (in the weight's own dtype), one
+    module at a time when ``updates`` streams them."""
+    owned = not isinstance(updates, Mapping)  # streamed updates are ours to add into
+    pairs = updates.items() if isinstance(updates, Mapping) else updates
     with torch.no_grad():
-        for module, update in updates.items():
+        for module, update in pairs:
             weight = model.get_submodule(module).weight
             if weight.shape != update.shape:
                 raise SoupError(
                     f"module {module}: update {tuple(update.shape)} does not fit weight "
                     f"{tuple(weight.shape)} of the base model"
                 )
-            merged = weight.double() + update.to(weight.device)
+            update = update.to(weight.device)
+            merged = update.add_(weight) if owned else weight.double() + update
             weight.copy_(merged.to(weight.dtype))
+            del merged, update
 
 
 def base_embedder(adapter: Adapter, device: torch.device | str | None = None) -> RzenEmbedder:
@@ -314,7 +342,7 @@ def greedy_select(
             for module, weight in originals.items():
                 model.get_submodule(module).weight.copy_(weight)
         chosen = [adapters[i] for i in indices]
-        apply_updates(model, soup_updates(chosen, resolve_weights(None, len(chosen)), "delta"))
+        apply_updates(model, iter_soup_updates(chosen, resolve_weights(None, len(chosen)), "delta"))
         return float(score(embedder))
 
     trace = GreedyTrace()
@@ -377,7 +405,7 @@ def soup(
     resolved = resolve_weights(final_weights, len(chosen), normalize)
     recipe = _recipe(method, adapters, chosen, resolved, normalize, trace)
     embedder = base_embedder(chosen[0], device)
-    apply_updates(embedder.hf_model, soup_updates(chosen, resolved, arithmetic))
+    apply_updates(embedder.hf_model, iter_soup_updates(chosen, resolved, arithmetic))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +205,55 @@ def test_an_existing_output_is_never_overwritten(adapters, tmp_path):
 def test_greedy_needs_a_score(adapters, tmp_path):
     with pytest.raises(SoupError, match="score function"):
         soup([adapters["even"][0]], tmp_path / "soup", method="greedy")
+
+
+def _synthetic_adapters(modules: int, count: int = 3):
+    from rzenembed.soup import Adapter
+
+    torch.manual_seed(0)
+    return [
+        Adapter(
+            path=Path(f"adapter-{k}"),
+            card=None,
+            base_path=Path("base"),
+            base_digest="",
+            digest="",
+            alpha=16.0,
+            rslora=False,
+            factors={str(m): (torch.randn(8, 64), torch.randn(32, 8)) for m in range(modules)},
+        )
+        for k in range(count)
+    ]
+
+
+def test_the_soup_streams_one_module_update_at_a_time_with_the_same_bits():
+    """Applying the streamed updates gives bit for bit the weights of the whole-dict path
+    (and the plain ``sum w_i s_i B_i A_i``), and never holds more than two dense updates."""
+    import weakref
+
+    from rzenembed.soup import apply_updates, iter_soup_updates, soup_updates
+
+    adapters, weights = _synthetic_adapters(6), [0.2, 0.3, 0.5]
+    whole = soup_updates(adapters, weights, "delta")
+    for module, update in whole.items():
+        plain = sum(w * a.update(module) for w, a in zip(weights, adapters, strict=True))
+        assert torch.equal(update, plain)
+    alive, peak = [0], [0]
+
+    def counted():
+        for module, update in iter_soup_updates(adapters, weights, "delta"):
+            alive[0] += 1
+            peak[0] = max(peak[0], alive[0])
+            weakref.finalize(update, lambda: alive.__setitem__(0, alive[0] - 1))
+            yield module, update
+
+    def model():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(*[torch.nn.Linear(64, 32, bias=False) for _ in range(6)])
+
+    streamed, reference = model(), model()
+    apply_updates(streamed, counted())
+    apply_updates(reference, whole)
+    assert peak[0] <= 2
+    for a, b in zip(streamed.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
