@@ -396,6 +396,14 @@ class TrackingConfig(Strict):
     upload_models: bool = True
 
 
+class AutoscaleNodes(Strict):
+    """One node shape the cluster's autoscaler can add, and how many at most (a KubeRay
+    worker group's Ray resources and its ``maxReplicas`` minus what runs now)."""
+
+    resources: dict[str, float] = Field(min_length=1)
+    max_nodes: int = Field(gt=0)
+
+
 class ComputeConfig(Strict):
     ray_address: str | None = None
     num_workers: int = Field(default=1, gt=0)
@@ -417,6 +425,11 @@ class ComputeConfig(Strict):
     loader_threads: int = Field(default=8, gt=0)
     # Bytes of Parquet row groups each training rank keeps in its row cache.
     loader_cache_mb: int = Field(default=64, ge=0)
+    # Before a training run, an actor pool or a GPU task, what it asks is packed onto the
+    # cluster's nodes (rzenembed/cluster.py): a request no node set can ever hold fails at
+    # once; one that needs the nodes listed here waits for the autoscaler this long.
+    autoscale: list[AutoscaleNodes] = Field(default_factory=list)
+    wait_timeout_s: float = Field(default=600.0, gt=0)
 
 
 class ServeLimits(Strict):

@@ -12,6 +12,7 @@ contiguous slice of the items, while a coordinator task ranks and writes the rep
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -20,11 +21,13 @@ from typing import Any
 
 import torch
 
+from rzenembed.cluster import ensure_compute_for
 from rzenembed.config import PipelineConfig
 from rzenembed.data.folders import is_published, publish_folder, stage_folder
 from rzenembed.data.storage import is_remote, join
 from rzenembed.modeling.inputs import EmbedInput
 
+logger = logging.getLogger(__name__)
 REPORT_FILES = {
     "json": "report.json",
     "markdown": "report.md",
@@ -59,6 +62,8 @@ def submit_on_ray(
         "num_cpus": cfg.compute.step_cpus if cpus is None else cpus,
         "max_retries": 0,
     }
+    bundle = {"GPU": options["num_gpus"], "CPU": options["num_cpus"]}
+    ensure_compute_for(cfg.compute, f"the {getattr(fn, '__name__', 'step')} task", 1, bundle)
     return ray.remote(fn).options(**options).remote(*args, **kwargs)
 
 
@@ -206,6 +211,31 @@ class ActorPoolEncoder:
         self.actors = []
 
 
+def eval_actor_count(cfg: PipelineConfig) -> int:
+    """``compute.eval_actors``, capped at how many the cluster's nodes hold at once (16
+    actors of one GPU on an 8-GPU node: 8, said in the log); at least one, waited for
+    (or refused) like any request."""
+    from rzenembed.cluster import how_many_fit, live_nodes
+
+    bundle = {"GPU": step_gpus(cfg), "CPU": cfg.compute.step_cpus}
+    wanted = cfg.compute.eval_actors
+    fitted = how_many_fit({k: v for k, v in bundle.items() if v}, wanted, live_nodes())
+    if fitted == 0:
+        ensure_compute_for(cfg.compute, "an evaluation actor", 1, bundle)
+        return 1
+    if fitted < wanted:
+        logger.warning(
+            "compute.eval_actors is %d but the cluster holds %d actors of {GPU: %g, CPU: %g} "
+            "at once: evaluating with %d",
+            wanted,
+            fitted,
+            bundle["GPU"],
+            bundle["CPU"],
+            fitted,
+        )
+    return fitted
+
+
 def _score_with_actors(
     cfg: PipelineConfig, model: dict[str, str], local_sets: list[str], cache_uri: str
 ) -> list:
@@ -218,7 +248,8 @@ def _score_with_actors(
     actor_cls = ray.remote(EmbedActor).options(
         num_gpus=step_gpus(cfg), num_cpus=cfg.compute.step_cpus
     )
-    encoder = ActorPoolEncoder(lambda: actor_cls.remote(cfg, model["uri"]), cfg.compute.eval_actors)
+    actors = eval_actor_count(cfg)
+    encoder = ActorPoolEncoder(lambda: actor_cls.remote(cfg, model["uri"]), actors)
     try:
         return evaluate(
             encoder,

@@ -127,6 +127,7 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from rzenembed.cluster import ensure_compute_for
     from rzenembed.data.engine import ensure_ray
     from rzenembed.runtime import backend_for
 
@@ -156,6 +157,7 @@ def run_training(
     resources = {"CPU": cfg.compute.cpus_per_worker, **cfg.compute.resources_per_worker}
     if cfg.compute.use_gpu:
         resources["GPU"] = cfg.compute.gpus_per_worker or 1
+    ensure_compute_for(cfg.compute, f"{stage_name} training", cfg.compute.num_workers, resources)
     path, storage_fs = train_storage(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,

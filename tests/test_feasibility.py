@@ -1,0 +1,110 @@
+"""Requests are checked against the cluster before anything waits: one that can never be
+placed fails at once naming what was asked and what there is; one that needs the
+autoscaler waits for it, then times out; evaluation actors are capped at what the cluster
+holds and still give the same scores."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from rzenembed.cluster import (
+    InfeasibleRequest,
+    ResourceRequest,
+    ensure_placeable,
+    how_many_fit,
+    pack,
+)
+
+GPU_NODE = {"CPU": 88.0, "GPU": 8.0, "memory": 9e11}
+
+
+def test_packing_never_splits_a_bundle_across_nodes():
+    two_nodes = [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}]
+    assert pack([{"CPU": 4.0, "GPU": 1.0}] * 2, two_nodes) is not None
+    assert pack([{"CPU": 8.0}], two_nodes) is None  # 8 CPUs in all, never on one node
+    assert pack([{"trainer": 1.0}], two_nodes) is None  # a resource no node declares
+    assert how_many_fit({"CPU": 8.0, "GPU": 1.0}, 16, [GPU_NODE]) == 8
+
+
+def test_sixteen_workers_on_one_eight_gpu_node_fail_at_once_naming_asked_and_available():
+    request = ResourceRequest.of("stage1 training", 16, {"GPU": 1, "CPU": 8})
+    started = time.monotonic()
+    with pytest.raises(InfeasibleRequest) as error:
+        ensure_placeable(request, nodes=lambda: [GPU_NODE], wait_timeout_s=600)
+    assert time.monotonic() - started < 1
+    assert str(error.value).startswith(
+        "stage1 training asks for 16 x {CPU: 8, GPU: 1} (in all {CPU: 128, GPU: 16}); the "
+        "cluster has 1 node(s) with {CPU: 88, GPU: 8} in all: it can never be placed"
+    )
+
+
+def test_a_request_that_needs_the_autoscaler_waits_for_its_nodes_then_times_out(caplog):
+    request = ResourceRequest.of("stage1 training", 16, {"GPU": 1, "CPU": 8})
+    calls = []
+
+    def growing():
+        calls.append(1)
+        return [GPU_NODE] if len(calls) < 3 else [GPU_NODE, GPU_NODE]
+
+    with caplog.at_level("INFO", logger="rzenembed.cluster"):
+        ensure_placeable(request, [(GPU_NODE, 1)], 60, nodes=growing, poll_s=0.01)
+    assert len(calls) == 3 and "waiting for the autoscaler" in caplog.text
+    with pytest.raises(InfeasibleRequest, match=r"did not add the nodes within .* 0.05 s"):
+        ensure_placeable(request, [(GPU_NODE, 1)], 0.05, nodes=lambda: [GPU_NODE], poll_s=0.01)
+    with pytest.raises(InfeasibleRequest, match="can never be placed"):
+        ensure_placeable(request, [(GPU_NODE, 0 + 1)], 60, nodes=lambda: [{"CPU": 1.0}])
+
+
+@pytest.mark.slow
+def test_too_many_workers_on_the_local_cluster_fail_before_training(
+    prepared_for_training, tmp_path
+):
+    """The real runtime: 16 one-CPU workers on a 2-CPU Ray fail within seconds."""
+    from rzenembed.training.stages import run_stage1
+
+    cfg, data = prepared_for_training
+    big = cfg.model_copy(
+        update={
+            "storage": cfg.storage.model_copy(update={"root": str(tmp_path / "runs")}),
+            "compute": cfg.compute.model_copy(update={"num_workers": 16}),
+            "stage1": cfg.stage1.model_copy(update={"global_batch_size": 16}),
+        }
+    )
+    started = time.monotonic()
+    with pytest.raises(InfeasibleRequest, match=r"stage1 training asks for 16 x \{CPU: 1\}"):
+        run_stage1(big, data.stages["stage1"])
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_an_evaluation_with_more_actors_than_the_cluster_holds_runs_with_those_it_holds(
+    ray_local, tiny_model_dir, sample_corpus, tmp_path, caplog
+):
+    """Five one-CPU actors asked, two CPUs: two actors embed, and the scores equal those
+    of the same model embedding in this process."""
+    from rzenembed.config import config_from_dict
+    from rzenembed.evaluation import evaluate
+    from rzenembed.model_steps import EmbedActor, _score_with_actors, eval_actor_count
+
+    cfg = config_from_dict(
+        {
+            "model": {"name_or_path": str(tiny_model_dir), "max_visual_tokens": 16},
+            "storage": {"root": str(tmp_path / "runs")},
+            "compute": {"eval_actors": 5, "step_cpus": 1},
+            "eval": {"batch_size": 8},
+        }
+    )
+    sets = [str(sample_corpus.root / "eval" / "eval-shapes-classification")]
+    model = {"uri": str(tiny_model_dir), "digest": "tiny"}
+    with caplog.at_level("WARNING", logger="rzenembed.model_steps"):
+        assert eval_actor_count(cfg) == 2
+        capped = _score_with_actors(cfg, model, sets, str(tmp_path / "cache"))
+    assert "compute.eval_actors is 5 but the cluster holds 2" in caplog.text
+    here = evaluate(
+        EmbedActor(cfg, model["uri"]), sets, batch_size=8, max_frames=cfg.model.video_frames
+    )
+    assert [(r.name, round(r.score, 6)) for r in capped] == [
+        (r.name, round(r.score, 6)) for r in here
+    ]
