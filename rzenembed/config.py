@@ -406,6 +406,11 @@ class AutoscaleNodes(Strict):
 
 class ComputeConfig(Strict):
     ray_address: str | None = None
+    # The cluster's shape in one number: GPUs to train on. Sets num_workers and eval_actors
+    # to it, one GPU per worker and per model step (use_gpu, gpus_per_worker, step_gpus);
+    # the stage's global batch stays, each rank's share grows as GPUs shrink (docs/
+    # operations.md, "Cluster shapes"). A key set beside it must agree with it.
+    gpus: int | None = Field(default=None, gt=0)
     num_workers: int = Field(default=1, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
@@ -430,6 +435,27 @@ class ComputeConfig(Strict):
     # once; one that needs the nodes listed here waits for the autoscaler this long.
     autoscale: list[AutoscaleNodes] = Field(default_factory=list)
     wait_timeout_s: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shape_from_gpus(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("gpus") is None:
+            return data
+        gpus = data["gpus"]
+        derived = {
+            "num_workers": gpus,
+            "eval_actors": gpus,
+            "use_gpu": True,
+            "gpus_per_worker": 1,
+            "step_gpus": 1,
+        }
+        clashes = [f"{k} {data[k]!r}" for k, v in derived.items() if data.get(k) not in (None, v)]
+        if clashes:
+            raise ValueError(
+                f"gpus {gpus} sets num_workers and eval_actors to {gpus} and one GPU per "
+                f"worker and step; {', '.join(clashes)} contradicts it (set one or the other)"
+            )
+        return {**data, **derived}
 
 
 class ServeLimits(Strict):

@@ -152,3 +152,19 @@ def test_resolve_paths_makes_local_paths_absolute(tmp_path):
     hub = resolve_paths(cfg.model_copy(update={"model": cfg.model.model_copy(
         update={"name_or_path": "Qwen/Qwen2-VL-2B-Instruct"})}), tmp_path)  # fmt: skip
     assert hub.model.name_or_path == "Qwen/Qwen2-VL-2B-Instruct"  # not a local folder here
+
+
+@pytest.mark.parametrize(("gpus", "per_rank"), [(16, 48), (8, 96)])
+def test_the_cluster_shape_is_one_number_and_keeps_the_global_batch(gpus, per_rank):
+    cfg = load_config(ROOT / "configs/qwen2vl-2b.yaml", [f"compute.gpus={gpus}"])
+    compute = cfg.compute
+    assert (compute.num_workers, compute.eval_actors) == (gpus, gpus)
+    assert compute.use_gpu and compute.gpus_per_worker == 1 and compute.step_gpus == 1
+    assert cfg.stage1.global_batch_size == 768 == per_rank * compute.num_workers
+    again = config_from_dict(cfg.model_dump(mode="json"))  # what tasks receive
+    assert again.compute == compute
+
+
+def test_a_key_that_contradicts_compute_gpus_is_refused_naming_both():
+    with pytest.raises(ConfigError, match=r"gpus 16 sets num_workers .* num_workers 4 contradicts"):
+        load_config(ROOT / "configs/qwen2vl-2b.yaml", ["compute.num_workers=4"])
