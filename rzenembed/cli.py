@@ -213,6 +213,12 @@ def _cmd_inspect_source(args: argparse.Namespace) -> int:
     endpoint = args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
     report = inspect_source(args.path, args.format, args.rows, endpoint)
     print(f"# {args.path}: {report.rows_read} rows read as {args.format!r}")
+    if report.not_data:
+        more = ", ..." if report.not_data > len(report.not_data_names) else ""
+        print(
+            f"# not data for {args.format!r}, ignored: {report.not_data} files "
+            f"({', '.join(report.not_data_names)}{more})"
+        )
     for record in report.records:
         print(json.dumps(record, ensure_ascii=False, default=str))
     print(f"# {len(report.records)} records, {sum(report.rejects.values())} rejects")

@@ -3,6 +3,7 @@ each with planted bad rows (the tests list what every bad row must be rejected f
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import tarfile
@@ -342,3 +343,56 @@ def llava_video(folder: Path) -> None:
             },
         ],
     )
+
+
+def img2dataset_siblings(folder: Path) -> list[str]:
+    """What img2dataset writes next to each ``NNNNN.tar`` of a ``webdataset`` folder: the
+    shard's metadata table ``NNNNN.parquet`` (one row per sample it tried, failures
+    included) and ``NNNNN_stats.json``. Neither is data: a reader that took the Parquet
+    rows for samples would reject every one as ``schema_invalid``. The names written."""
+    names = []
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            metas = [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
+        table = pa.table(
+            {
+                "key": [m["key"] for m in metas],
+                "url": [m["url"] for m in metas],
+                "caption": [m.get("caption") for m in metas],
+                "status": [m["status"] for m in metas],
+                "error_message": [m.get("error_message") for m in metas],
+                "width": [m.get("width") for m in metas],
+                "height": [m.get("height") for m in metas],
+            }
+        )
+        pq.write_table(table, folder / f"{shard.stem}.parquet")
+        stats = {"count": len(metas), "successes": sum(m["status"] == "success" for m in metas)}
+        (folder / f"{shard.stem}_stats.json").write_text(json.dumps(stats, indent=4))
+        names += [f"{shard.stem}.parquet", f"{shard.stem}_stats.json"]
+    return names
+
+
+LLAVA_MALFORMED = '{"id": "r5", "video": "videos/clip.mp4", "conversations": }'
+
+
+def llava_video_json_array(folder: Path) -> None:
+    """``llava_video``'s folder with its rows as one pretty-printed JSON array in
+    ``train.json`` (as LLaVA releases ship them) and a malformed element
+    (``LLAVA_MALFORMED``) third, at position 2: the rows after it shift by one."""
+    llava_video(folder)
+    lines = (folder / "train.jsonl").read_text().splitlines()
+    (folder / "train.jsonl").unlink()
+    elements = [json.dumps(json.loads(line), indent=2) for line in lines]
+    elements.insert(2, LLAVA_MALFORMED)
+    (folder / "train.json").write_text("[\n" + ",\n".join(elements) + "\n]\n")
+
+
+def llava_video_jsonl_gz(folder: Path) -> None:
+    """``llava_video``'s folder with its rows gzipped (``train.jsonl.gz``) and a line that
+    is not JSON third, at position 2."""
+    llava_video(folder)
+    lines = (folder / "train.jsonl").read_text().splitlines()
+    (folder / "train.jsonl").unlink()
+    lines.insert(2, LLAVA_MALFORMED)
+    with gzip.open(folder / "train.jsonl.gz", "wt") as f:
+        f.write("\n".join(lines) + "\n")

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 from rzenembed.config import SourceConfig
-from rzenembed.data.importers import from_mmeb, iter_raw_rows, source_digest
+from rzenembed.data.formats.mmeb import from_mmeb
+from rzenembed.data.importers import iter_raw_rows, source_digest
 from rzenembed.data.schema import RECORD_SCHEMA, media, record, records_table, side
 from rzenembed.data.storage import UnsafeURIError, resolve_media_uri
 from rzenembed.data.version import (
@@ -194,7 +195,7 @@ def test_streaming_chunks_read_exactly_what_the_sequential_importer_reads(tmp_pa
     table = pa.table({"qry": [f"t{i}" for i in range(5)], "pos_text": ["x"] * 5})
     pq.write_table(table, tmp_path / "c.parquet", row_group_size=2)
     source = SourceConfig(name="m", uri=str(tmp_path), task_group="image_qa", format="mmeb")
-    files = data_file_uris(str(tmp_path))
+    files = data_file_uris(str(tmp_path), "mmeb")
     scans = [scan_data_file(f, None, 3) for f in files]
     assert [s.rows for s in scans] == [8, 2, 5]
     chunks = plan_chunks(scans, 3)

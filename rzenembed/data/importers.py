@@ -1,14 +1,24 @@
-"""Importers: raw source datasets -> rows in the record shape (not yet validated).
+"""Importers: a raw source folder -> raw rows, converted by its format into the record
+shape (not yet validated), and the folder's identity (its digest).
 
-Formats (``sources[].format``):
+What a folder holds, as its format sees it (``list_source_files``, the one place that
+lists a source's data files; ingest, ``inspect-source``, the media-root check and
+side-file captions all go through it):
 
-- ``rzenembed`` / ``jsonl``: the project's own format, ``*.jsonl`` files (one record per
-  line) or ``*.parquet`` files with the record columns, media URIs relative to the folder.
-- ``mmeb``: the MMEB training format used by VLM2Vec: ``qry``, ``qry_image_path``,
-  ``pos_text``, ``pos_image_path`` and optional ``neg_text``, ``neg_image_path``; the
-  ``<|image_1|>`` placeholder marks where the image went in the text and is removed (the
-  prompt template places the image). MMEB rows have no id; one is made from the dataset
-  name and the row number, so it is stable for a given file.
+- *data files*: the top-level files with one of the format's ``suffixes`` (``.tar`` for
+  ``webdataset``; JSON Lines, gzipped or not, JSON arrays and Parquet for the others), read
+  as rows in name order;
+- *not data*: the other top-level files with a suffix some format reads
+  (``raw_files.READABLE_SUFFIXES``), such as img2dataset's ``NNNNN.parquet`` and
+  ``NNNNN_stats.json`` next to its tars: never read as rows, reported by
+  ``inspect-source``;
+- everything else (media, READMEs, files in subfolders): the media listing.
+
+The source digest is a function of the folder's content alone, whatever the format: the
+sha256 of every top-level file with a readable suffix (data or not), in name order, and
+the media listing's names and sizes. Files in subfolders named like data files
+(``.jsonl``, ``.parquet``, ``.tar``) are in neither part, as they always were, so the
+digests of existing sources hold.
 
 Rows are yielded as plain dicts with their position, so a malformed line becomes a
 ``schema_invalid`` reject downstream instead of stopping the import.
@@ -17,50 +27,98 @@ Rows are yielded as plain dicts with their position, so a malformed line becomes
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
 
-from rzenembed.config import SourceConfig
-from rzenembed.data.schema import media, side
+from rzenembed.config import SourceConfig, data_location
+from rzenembed.data.formats import REJECT_KEY, convert, get_format
+from rzenembed.data.formats.media_sink import AddressOnlySink, MediaSink
+from rzenembed.data.raw_files import (
+    READABLE_SUFFIXES,
+    SourceError,
+    iter_file_rows,
+    read_rows,
+    scan_file,
+    starts_are_offsets,
+)
 from rzenembed.data.storage import filesystem
 
-MMEB_IMAGE_PLACEHOLDER = "<|image_1|>"
-RAW_SUFFIXES = (".jsonl", ".parquet", ".tar")
+# Files in subfolders with these suffixes were never in the media listing (see above).
+UNLISTED_NESTED_SUFFIXES = (".jsonl", ".parquet", ".tar")
 
 
-class SourceError(ValueError):
-    """A source that cannot be read at all (missing folder, no data files)."""
+@dataclass(frozen=True)
+class SourceFiles:
+    """A source folder's top-level files that some format reads, as one format sees them
+    (full paths on the folder's filesystem, sorted)."""
+
+    data: list[str]  # read as rows
+    not_data: list[str]  # a readable suffix, but not one of the format's
 
 
-def source_files(uri: str, endpoint_url: str | None = None) -> list[str]:
-    """The data files of a raw source folder, sorted, as full paths on its filesystem."""
+def list_source_files(uri: str, fmt: str, endpoint_url: str | None = None) -> SourceFiles:
+    """The source's data files for format ``fmt`` and the files it leaves as not data;
+    ``SourceError`` when the folder is missing or holds no data file of the format."""
+    suffixes = get_format(fmt).suffixes
     fs, path = filesystem(uri, endpoint_url)
+    content = _readable_files(fs, path, uri)
+    data = [p for p in content if p.endswith(suffixes)]
+    if not data:
+        raise SourceError(f"{uri}: no {_either(suffixes)} files for format {fmt!r}")
+    return SourceFiles(data, [p for p in content if not p.endswith(suffixes)])
+
+
+def _readable_files(fs: AbstractFileSystem, path: str, uri: str) -> list[str]:
+    """The top-level files with a suffix some format reads, sorted."""
     if not fs.exists(path):
         raise SourceError(f"source folder not found: {uri}")
-    files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(RAW_SUFFIXES))
-    if not files:
-        raise SourceError(f"{uri}: no *.jsonl, *.parquet or *.tar files")
-    return files
+    entries = fs.ls(path, detail=True)
+    return sorted(
+        e["name"]
+        for e in entries
+        if e.get("type") == "file" and e["name"].endswith(READABLE_SUFFIXES)
+    )
+
+
+def _either(suffixes: tuple[str, ...]) -> str:
+    """``.a``, ``.a or .b``, ``.a, .b or .c``: the suffixes for an error message."""
+    *rest, last = suffixes
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
+def file_uris(uri: str, paths: list[str]) -> list[str]:
+    """Paths of a source's filesystem as URIs (``s3://...`` on S3, plain paths locally)."""
+    remote = "://" in uri and not uri.startswith("file://")
+    scheme = uri.split("://", 1)[0] + "://" if remote else ""
+    return [f"{scheme}{p}" for p in paths]
+
+
+def data_file_uris(uri: str, fmt: str, endpoint_url: str | None = None) -> list[str]:
+    """The source's data files for format ``fmt`` as URIs, sorted."""
+    return file_uris(uri, list_source_files(uri, fmt, endpoint_url).data)
 
 
 def media_listing(uri: str, endpoint_url: str | None = None) -> list[tuple[str, int]]:
-    """(relative path, size) of every file of the source folder that is not a data file."""
+    """(relative path, size) of every file of the source folder whose bytes the digest
+    does not hash (see the module's docstring)."""
     fs, path = filesystem(uri, endpoint_url)
+    hashed = set(_readable_files(fs, path, uri))
     return sorted(
         (p[len(path) :], info.get("size", 0))
         for p, info in fs.find(path, detail=True).items()
-        if not p.endswith(RAW_SUFFIXES)
+        if p not in hashed and not p.endswith(UNLISTED_NESTED_SUFFIXES)
     )
 
 
 def combine_source_digest(files: list[tuple[str, str]], media: list[tuple[str, int]]) -> str:
-    """The source's digest from its data files' (name, sha256) in order and its media
-    listing. Per-file digests can be computed anywhere (workers, in parallel); the result
-    does not depend on where."""
+    """The source's digest from its hashed files' (name, sha256) in name order and its
+    media listing. Per-file digests can be computed anywhere (workers, in parallel); the
+    result does not depend on where."""
     digest = hashlib.sha256()
     for name, file_sha in files:
         digest.update(f"{name}\0{file_sha}\n".encode())
@@ -77,24 +135,19 @@ def file_sha256(uri: str, endpoint_url: str | None = None) -> str:
     return h.hexdigest()
 
 
-def data_file_uris(uri: str, endpoint_url: str | None = None) -> list[str]:
-    """The source's data files as URIs (``s3://...`` on S3, plain paths locally), sorted."""
-    remote = "://" in uri and not uri.startswith("file://")
-    scheme = uri.split("://", 1)[0] + "://" if remote else ""
-    return [f"{scheme}{f}" for f in source_files(uri, endpoint_url)]
-
-
 def source_digest(uri: str, endpoint_url: str | None = None) -> str:
-    """sha256 over the source's data files' contents and its media listing (names + sizes).
+    """sha256 over the contents of the source's top-level files with a readable suffix
+    (whatever its format reads of them) and its media listing (names + sizes).
 
     Media bytes are not hashed here (they are read at ingest anyway); a changed media file
     of the same size is caught by the content hashes of the clean step. Ingest computes the
     same value from the per-file digests its scan tasks take (``combine_source_digest``).
     """
-    files = [
-        (f.rsplit("/", 1)[-1], file_sha256(f, endpoint_url))
-        for f in data_file_uris(uri, endpoint_url)
-    ]
+    fs, path = filesystem(uri, endpoint_url)
+    hashed = file_uris(uri, _readable_files(fs, path, uri))
+    if not hashed:
+        raise SourceError(f"{uri}: no {_either(READABLE_SUFFIXES)} files")
+    files = [(f.rsplit("/", 1)[-1], file_sha256(f, endpoint_url)) for f in hashed]
     return combine_source_digest(files, media_listing(uri, endpoint_url))
 
 
@@ -117,7 +170,8 @@ def source_listing_digest(uri: str, endpoint_url: str | None = None) -> str:
 @dataclass
 class FileScan:
     """One data file, scanned on a worker: its row count, its sha256, and where each of its
-    chunks of ``chunk_rows`` rows starts (byte offsets for JSONL, row indices for Parquet)."""
+    chunks of ``chunk_rows`` rows starts (byte offsets for JSONL, JSON arrays and tars, row
+    indices for Parquet and gzipped JSONL: ``raw_files.starts_are_offsets``)."""
 
     path: str
     rows: int
@@ -134,36 +188,15 @@ class RowChunk:
     row: int
     count: int
     position: int
-    offset: int | None = None  # JSONL: byte offset of the chunk's first line
+    offset: int | None = None  # byte offset of the chunk's first row, where there is one
 
 
 def scan_data_file(path: str, endpoint_url: str | None, chunk_rows: int) -> FileScan:
     """Count a data file's rows (blank JSONL lines are not rows) and hash its bytes in one
     streaming pass; note where every chunk of ``chunk_rows`` rows begins."""
     fs, _ = filesystem(path, endpoint_url)
-    full = fs._strip_protocol(path)
-    if full.endswith(".tar"):  # WebDataset: samples, and the byte offset of each chunk
-        from rzenembed.data.formats.webdataset import scan_tar
-
-        with fs.open(full, "rb") as f:
-            rows, sha256, starts = scan_tar(f, chunk_rows)
-        return FileScan(path, rows, sha256, starts)
-    if full.endswith(".parquet"):
-        meta = pq.ParquetFile(full, filesystem=fs).metadata
-        rows = meta.num_rows
-        return FileScan(
-            path, rows, file_sha256(path, endpoint_url), list(range(0, rows, chunk_rows))
-        )
-    h, rows, offset, starts = hashlib.sha256(), 0, 0, []
-    with fs.open(full, "rb") as f:
-        for line in f:
-            h.update(line)
-            if line.strip():
-                if rows % chunk_rows == 0:
-                    starts.append(offset)
-                rows += 1
-            offset += len(line)
-    return FileScan(path, rows, h.hexdigest(), starts)
+    rows, sha256, starts = scan_file(fs, fs._strip_protocol(path), chunk_rows)
+    return FileScan(path, rows, sha256, starts)
 
 
 def plan_chunks(scans: list[FileScan], chunk_rows: int) -> list[RowChunk]:
@@ -175,7 +208,7 @@ def plan_chunks(scans: list[FileScan], chunk_rows: int) -> list[RowChunk]:
         for k, start in enumerate(scan.starts):
             row = k * chunk_rows
             count = min(chunk_rows, scan.rows - row)
-            offset = None if scan.path.endswith(".parquet") else start  # JSONL, tar: bytes
+            offset = start if starts_are_offsets(scan.path) else None
             chunks.append(
                 RowChunk(f"part-{len(chunks):05d}", scan.path, row, count, position + row, offset)
             )
@@ -194,12 +227,11 @@ def read_chunk(
     """(position, record) of the chunk's rows, read straight from its file (on a worker)
     and converted by the source's format; ``media_root``: where a format that embeds media
     writes them."""
-    from rzenembed.data.formats import convert
-    from rzenembed.data.formats.media_sink import MediaSink
-
     if chunk.count == 0:
         return []
-    raws = _read_file_rows(chunk, endpoint_url)
+    fs, _ = filesystem(chunk.path, endpoint_url)
+    full = fs._strip_protocol(chunk.path)
+    raws = read_rows(fs, full, chunk.offset, chunk.row, chunk.count)
     sink = MediaSink(media_root, endpoint_url) if media_root else None
     out = []
     for i, raw in enumerate(raws):
@@ -208,110 +240,41 @@ def read_chunk(
     return out
 
 
-def _read_file_rows(chunk: RowChunk, endpoint_url: str | None) -> list[Any]:
-    fs, _ = filesystem(chunk.path, endpoint_url)
-    full = fs._strip_protocol(chunk.path)
-    if full.endswith(".parquet"):
-        return _parquet_rows(fs, full, chunk.row, chunk.count)
-    if full.endswith(".tar"):
-        from rzenembed.data.formats.webdataset import read_samples
-
-        with fs.open(full, "rb") as f:
-            return read_samples(f, chunk.offset or 0, chunk.count)
-    return _jsonl_rows(fs, full, chunk.offset or 0, chunk.count)
-
-
-def _jsonl_rows(fs, path: str, offset: int, count: int) -> list[Any]:
-    rows: list[Any] = []
-    with fs.open(path, "rb") as f:
-        f.seek(offset)
-        for line in f:
-            if not line.strip():
-                continue
-            rows.append(_parse_line(line))
-            if len(rows) == count:
-                break
-    return rows
-
-
-def _parse_line(line: bytes) -> Any:
-    try:
-        return json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return {"__unparsable__": line[:200].decode("utf-8", "replace"), "__error__": str(exc)}
-
-
-def _parquet_rows(fs, path: str, row: int, count: int) -> list[Any]:
-    """Rows ``[row, row + count)`` of a Parquet file, reading only the row groups that hold
-    them."""
-    pf = pq.ParquetFile(path, filesystem=fs)
-    groups, first, seen = [], None, 0
-    for g in range(pf.metadata.num_row_groups):
-        n = pf.metadata.row_group(g).num_rows
-        if seen + n > row and seen < row + count:
-            groups.append(g)
-            first = seen if first is None else first
-        seen += n
-    table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
-    return table.slice(row - (first or 0), count).to_pylist()
-
-
 def iter_raw_rows(
     source: SourceConfig, uri: str, endpoint_url: str | None = None, sink: Any = None
 ) -> Iterator[tuple[int, Any]]:
     """(position, record) for every row of the source, in file then line order."""
-    from rzenembed.data.formats import convert
-
     fs, _ = filesystem(uri, endpoint_url)
     position = 0
-    for file in source_files(uri, endpoint_url):
-        for raw in rows_of_file(fs, file):
+    for file in list_source_files(uri, source.format, endpoint_url).data:
+        for raw in iter_file_rows(fs, file):
             for row in convert(source, raw, position, sink):
                 yield position, row
             position += 1
 
 
-def rows_of_file(fs, file: str) -> Iterator[Any]:
-    """Every raw row of one data file of a source (JSONL, JSON, Parquet or a WebDataset
-    tar), streamed; ingest, ``inspect-source`` and side-file recaptions all read this way."""
-    if file.endswith(".tar"):
-        from rzenembed.data.formats.webdataset import iter_samples
-
-        with fs.open(file, "rb") as f:
-            yield from iter_samples(f)
-        return
-    if file.endswith(".parquet"):
-        # By path through the filesystem (see DatasetVersion.read_shard for why).
-        for batch in pq.ParquetFile(file, filesystem=fs).iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
-        return
-    with fs.open(file, "rb") as f:  # bytes: a line that is not UTF-8 is a reject, not a crash
-        for line in f:
-            if line.strip():
-                yield _parse_line(line)
+def first_raw_rows(fs: AbstractFileSystem, files: list[str], rows: int) -> Iterator[Any]:
+    """The first ``rows`` raw rows of ``files``, in file then row order, streamed."""
+    return itertools.islice((r for f in files for r in iter_file_rows(fs, f)), rows)
 
 
-def mmeb_side(text: Any, image_path: Any) -> dict:
-    """One side of an MMEB row (train or eval): the image placeholder removed from the text."""
-    text = text if isinstance(text, str) else ""
-    text = " ".join(text.replace(MMEB_IMAGE_PLACEHOLDER, " ").split())
-    items = [media("image", image_path)] if isinstance(image_path, str) and image_path else []
-    return side(text=text, media_items=items)
-
-
-def from_mmeb(raw: Any, dataset: str, position: int) -> Any:
-    """Map one MMEB (VLM2Vec) training row onto the record shape."""
-    if not isinstance(raw, dict) or "__unparsable__" in raw:
-        return raw
-    negatives = []
-    if raw.get("neg_text") or raw.get("neg_image_path"):
-        negatives.append(mmeb_side(raw.get("neg_text"), raw.get("neg_image_path")))
-    return {
-        "id": f"{dataset}-{position:08d}",
-        "query": mmeb_side(raw.get("qry"), raw.get("qry_image_path")),
-        "positive": mmeb_side(raw.get("pos_text"), raw.get("pos_image_path")),
-        "negatives": negatives,
-    }
+def first_media_paths(
+    source: SourceConfig, uri: str, rows: int, endpoint_url: str | None = None
+) -> list[str]:
+    """The media paths the first ``rows`` rows of ``source`` name (converted by its format;
+    rows a format rejects name none)."""
+    files = list_source_files(uri, source.format, endpoint_url).data
+    fs, _ = filesystem(uri, endpoint_url)
+    paths: list[str] = []
+    for position, raw in enumerate(first_raw_rows(fs, files, rows)):
+        for record in convert(source, raw, position, AddressOnlySink()):
+            if not isinstance(record, dict) or REJECT_KEY in record:
+                continue
+            for key in ("query", "positive"):
+                side = record.get(key)
+                if isinstance(side, dict):
+                    paths += [m["uri"] for m in side.get("media") or [] if m.get("uri")]
+    return paths
 
 
 def source_uri(source: SourceConfig, base: str | None = None, data_root: str | None = None) -> str:
@@ -319,8 +282,6 @@ def source_uri(source: SourceConfig, base: str | None = None, data_root: str | N
     data_root``; itself relative to ``base``) or ``base``, and are made absolute (versions
     record it as their media root, and Ray workers do not share the driver's working
     directory)."""
-    from rzenembed.config import data_location
-
     return data_location(data_root, source.uri, base)
 
 
@@ -328,8 +289,6 @@ def source_media_root(
     source: SourceConfig, base: str | None = None, data_root: str | None = None
 ) -> str:
     """Where ``source``'s media paths start: ``sources[].media_root`` or the folder itself."""
-    from rzenembed.config import data_location
-
     if source.media_root:
         return data_location(data_root, source.media_root, base)
     return source_uri(source, base, data_root)

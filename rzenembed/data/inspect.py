@@ -1,10 +1,13 @@
 """Check a downloaded source before a long run: its first rows through the format's
 importer, without writing anything.
 
-``inspect_source`` reads the first ``rows`` raw rows of the folder (file then row order,
-streaming), converts them with the format, runs the ingest checks that need no decoding
-(shape, texts, where each media item would be read and whether it is there) and reports
-the converted records, the reject reasons met and the media paths. Media a format embeds
+``inspect_source`` reads the first ``rows`` raw rows of the folder's data files (the ones
+ingest reads: ``importers.list_source_files``; file then row order, streaming), converts
+them with the format, runs the ingest checks that need no decoding (shape, texts, where
+each media item would be read and whether it is there) and reports the converted records,
+the reject reasons met, the media paths and the files it ignored as not data (a file some
+other format would read, such as img2dataset's ``.parquet`` next to its tars: ingest
+ignores it too, and the report says so rather than hiding it). Media a format embeds
 are named by the content address they would get, and not written. A folder whose rows do
 not look like the format at all (none of the first rows has the format's fields) raises
 ``SourceError`` naming the fields the format expects and the keys the first row has.
@@ -12,23 +15,18 @@ not look like the format at all (none of the first rows has the format's fields)
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from rzenembed.config import SourceConfig
 from rzenembed.data.formats import REJECT_KEY, convert, get_format
-from rzenembed.data.formats.media_sink import MediaSink
-from rzenembed.data.importers import SourceError, rows_of_file, source_files
+from rzenembed.data.formats.media_sink import AddressOnlySink
+from rzenembed.data.importers import SourceError, first_raw_rows, list_source_files
+from rzenembed.data.record_checks import RowError, check_texts, normalise
 from rzenembed.data.storage import UnsafeURIError, filesystem, frame_files, resolve_media_uri
 
-
-class _DrySink(MediaSink):
-    """Names embedded media by content, writes nothing."""
-
-    def put(self, data: bytes, suffix: str | None = None) -> str:
-        return self.address(data, suffix)
+NOT_DATA_NAMED = 5  # how many of the files ignored as not data a report names
 
 
 @dataclass
@@ -39,26 +37,28 @@ class Inspection:
     rejects: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)  # reason -> first detail
     media: list[tuple[str, bool]] = field(default_factory=list)  # (path, found)
+    # Files a format could read but this one does not (img2dataset's .parquet and
+    # _stats.json next to its tars): how many, and the first few names.
+    not_data: int = 0
+    not_data_names: list[str] = field(default_factory=list)
 
 
 def inspect_source(
     uri: str, fmt: str, rows: int = 5, endpoint_url: str | None = None, **options: Any
 ) -> Inspection:
-    from rzenembed.prep.ingest import RowError, check_texts, normalise
-
+    """The first ``rows`` rows of the source at ``uri`` read as format ``fmt`` (``options``:
+    the source's format settings, as in ``sources[]``)."""
     form = get_format(fmt)
     source = SourceConfig(
         name="inspect", uri=uri, format=fmt, task_group="text_retrieval", **options
     )
-    files = [f for f in source_files(uri, endpoint_url) if f.endswith(form.suffixes)]
-    if not files:
-        raise SourceError(f"{uri}: no {' or '.join(form.suffixes)} files for format {fmt!r}")
+    listing = list_source_files(uri, fmt, endpoint_url)
     fs, _ = filesystem(uri, endpoint_url)
-    raws = itertools.islice((r for f in files for r in rows_of_file(fs, f)), rows)
-    report = Inspection(fmt)
+    report = Inspection(fmt, not_data=len(listing.not_data))
+    report.not_data_names = [p.rsplit("/", 1)[-1] for p in listing.not_data[:NOT_DATA_NAMED]]
     recognised, first_keys = 0, None
-    sink = _DrySink("") if form.embeds_media else None
-    for position, raw in enumerate(raws):
+    sink = AddressOnlySink() if form.embeds_media else None
+    for position, raw in enumerate(first_raw_rows(fs, listing.data, rows)):
         report.rows_read += 1
         if first_keys is None:
             first_keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
@@ -97,24 +97,3 @@ def _media_of(record: dict[str, Any], root: str, endpoint_url: str | None):
         else:
             fs, path = filesystem(full, endpoint_url)
             yield item["uri"], fs.exists(path)
-
-
-def first_media_paths(
-    source: SourceConfig, uri: str, rows: int, endpoint_url: str | None = None
-) -> list[str]:
-    """The media paths the first ``rows`` rows of ``source`` name (converted by its format;
-    rows a format rejects name none)."""
-    form = get_format(source.format)
-    files = [f for f in source_files(uri, endpoint_url) if f.endswith(form.suffixes)]
-    fs, _ = filesystem(uri, endpoint_url)
-    paths: list[str] = []
-    raws = itertools.islice((r for f in files for r in rows_of_file(fs, f)), rows)
-    for position, raw in enumerate(raws):
-        for record in convert(source, raw, position, _DrySink("")):
-            if not isinstance(record, dict) or REJECT_KEY in record:
-                continue
-            for key in ("query", "positive"):
-                side = record.get(key)
-                if isinstance(side, dict):
-                    paths += [m["uri"] for m in side.get("media") or [] if m.get("uri")]
-    return paths

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from rzenembed.data.importers import mmeb_side
+from rzenembed.data.formats.mmeb import mmeb_side
 from rzenembed.evaluation.categories import category_of
 
 QUERIES, CANDIDATES, META = "queries", "candidates", "evalset.json"

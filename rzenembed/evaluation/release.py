@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from rzenembed.data.importers import MMEB_IMAGE_PLACEHOLDER
+from rzenembed.data.formats.mmeb import MMEB_IMAGE_PLACEHOLDER
 from rzenembed.data.schema import media, side
 from rzenembed.data.storage import FRAME_SUFFIXES
 from rzenembed.evaluation.benchmark import BenchmarkDataset, mmeb_v2

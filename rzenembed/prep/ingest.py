@@ -16,13 +16,16 @@ from typing import Any
 from rzenembed.config import PipelineConfig, SourceConfig, digest_of
 from rzenembed.data import media as media_ops
 from rzenembed.data.engine import run_shards
-from rzenembed.data.formats import REJECT_KEY, get_format
+from rzenembed.data.formats import get_format
 from rzenembed.data.importers import (
     FileScan,
     RowChunk,
     SourceError,
     combine_source_digest,
-    data_file_uris,
+    file_sha256,
+    file_uris,
+    first_media_paths,
+    list_source_files,
     media_listing,
     plan_chunks,
     read_chunk,
@@ -30,7 +33,7 @@ from rzenembed.data.importers import (
     source_media_root,
     source_uri,
 )
-from rzenembed.data.schema import MEDIA_KINDS
+from rzenembed.data.record_checks import RowError, check_texts, normalise, record_sides
 from rzenembed.data.storage import (
     UnsafeURIError,
     filesystem,
@@ -43,12 +46,9 @@ from rzenembed.prep.base import ShardJob, committed, execute, plan_step, reject
 
 STEP = "ingest"
 CODE_VERSION = "1"
-
-
-class RowError(ValueError):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
+# The row checks (``RowError``, ``normalise``, ``check_texts``) live in
+# ``rzenembed.data.record_checks``, below ``inspect-source`` too; the clean and video steps
+# still import ``RowError`` from here.
 
 
 def run_ingest(
@@ -59,16 +59,20 @@ def run_ingest(
 ) -> DatasetVersion:
     """Validate ``source`` into a new version (or return the committed one for the same input).
 
-    Streaming: the driver only lists the source's data files. One Ray task per file counts
-    its rows, hashes its bytes and notes where each shard's rows begin; the source's digest
-    is combined from those per-file digests. Each shard task then reads its own rows straight
-    from the file (a byte offset in JSONL, the covering row groups in Parquet). No row ever
-    passes through the driver. Shards hold ``prep.shard_rows`` rows and never cross a file.
+    Streaming: the driver only lists the source's files. One Ray task per data file (the
+    files the format reads) counts its rows, hashes its bytes and notes where each shard's
+    rows begin; files the format leaves as not data (img2dataset's ``.parquet`` next to its
+    tars) are only hashed, since the source's digest, combined from those per-file digests,
+    covers them whatever the format. Each shard task then reads its own rows straight from
+    the file (a byte offset in JSONL, JSON arrays and tars, the covering row groups in
+    Parquet, rows skipped in gzipped JSONL). No row ever passes through the driver. Shards
+    hold ``prep.shard_rows`` rows and never cross a file.
     """
     uri = source_uri(source, base, cfg.data_root)
     endpoint = cfg.storage.endpoint_url
     fmt = get_format(source.format)
-    files = data_file_uris(uri, endpoint)
+    listing = list_source_files(uri, source.format, endpoint)
+    files, not_data = file_uris(uri, listing.data), file_uris(uri, listing.not_data)
     chunk_rows = min(cfg.prep.shard_rows, fmt.max_chunk_rows or cfg.prep.shard_rows)
     # Media inside the data files are written out under the storage root, content-addressed;
     # everything else is read where it is, from the source's media root.
@@ -76,13 +80,14 @@ def run_ingest(
         media_root = join(cfg.storage.root, "_media", source.name)
     else:
         media_root = source_media_root(source, base, cfg.data_root)
-    scans = run_shards(
+    every = run_shards(
         _scan_job,
-        [(f, endpoint, chunk_rows) for f in files],
+        [(f, endpoint, chunk_rows) for f in files] + [(f, endpoint, None) for f in not_data],
         max_in_flight=cfg.prep.max_in_flight,
         show_progress=show_progress,
     )
-    named = [(f.rsplit("/", 1)[-1], scan.sha256) for f, scan in zip(files, scans, strict=True)]
+    scans = every[: len(files)]
+    named = sorted((scan.path.rsplit("/", 1)[-1], scan.sha256) for scan in every)
     digest = combine_source_digest(named, media_listing(uri, endpoint))
     section = {"source": source.model_dump(mode="json", exclude={"uri"}), "prep": _prep_knobs(cfg)}
     inputs = [InputRef(uri=uri, content_digest=digest)]
@@ -125,8 +130,6 @@ def check_media_prefix(
     If none of them does, the root is wrong for the whole source (MMEB-train rows name
     ``images/<subset>/...`` from the download's top folder, not from the subset's), and a
     run would reject every row one by one; this fails at once and says what was expected."""
-    from rzenembed.data.inspect import first_media_paths
-
     paths = first_media_paths(source, uri, rows, endpoint_url)
     if not paths:
         return
@@ -148,8 +151,12 @@ def check_media_prefix(
         )
 
 
-def _scan_job(job: tuple[str, str | None, int]) -> FileScan:
-    return scan_data_file(*job)
+def _scan_job(job: tuple[str, str | None, int | None]) -> FileScan:
+    """A data file's scan; a file that is not data (no ``chunk_rows``) is only hashed."""
+    path, endpoint, chunk_rows = job
+    if chunk_rows is None:
+        return FileScan(path, 0, file_sha256(path, endpoint), [])
+    return scan_data_file(path, endpoint, chunk_rows)
 
 
 def _prep_knobs(cfg: PipelineConfig) -> dict[str, Any]:
@@ -199,88 +206,11 @@ def validate_rows(
     return kept, rejected, {"extra_records": extra} if extra else {}
 
 
-# --------------------------------------------------------------------------- shape checks
-
-
-def _side(value: Any, where: str) -> dict[str, Any]:
-    """A side in schema shape (``ref`` only as null: references are made by later steps)."""
-    if not isinstance(value, dict):
-        raise RowError("schema_invalid", f"{where} must be an object, got {type(value).__name__}")
-    unknown = set(value) - {"instruction", "text", "media", "ref"}
-    if unknown:
-        raise RowError("schema_invalid", f"{where} has unknown fields {sorted(unknown)}")
-    out = {"instruction": value.get("instruction") or "", "text": value.get("text") or ""}
-    for key in ("instruction", "text"):
-        if not isinstance(out[key], str):
-            raise RowError("schema_invalid", f"{where}.{key} must be a string")
-    out["media"] = [
-        _media(m, f"{where}.media[{i}]") for i, m in enumerate(value.get("media") or [])
-    ]
-    if value.get("ref") is not None:
-        # References are made by the video steps, which keep a video's clips in one shard;
-        # ingest cuts shards by row count, so a source's own reference could not be
-        # guaranteed to resolve: negatives are given in full in source rows.
-        raise RowError("schema_invalid", f"{where}.ref: references are not accepted in sources")
-    out["ref"] = None
-    return out
-
-
-def _media(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict) or value.get("kind") not in MEDIA_KINDS:
-        raise RowError("schema_invalid", f"{where} must have kind in {MEDIA_KINDS}")
-    if not isinstance(value.get("uri"), str) or not value["uri"]:
-        raise RowError("schema_invalid", f"{where}.uri must be a non-empty string")
-    fields = ("kind", "uri", "start_s", "end_s", "timestamps", "frames")
-    return {k: value.get(k) for k in fields}
-
-
-def normalise(raw: Any, source: SourceConfig) -> dict[str, Any]:
-    """The row in ``RECORD_SCHEMA`` shape, dataset and task group from the source config."""
-    if isinstance(raw, dict) and REJECT_KEY in raw:  # a format could not use the row
-        raise RowError(raw[REJECT_KEY], raw["__detail__"])
-    if not isinstance(raw, dict) or "__unparsable__" in raw:
-        detail = raw.get("__error__", "") if isinstance(raw, dict) else type(raw).__name__
-        raise RowError("schema_invalid", f"not a JSON object: {detail}")
-    row_id = raw.get("id")
-    if not isinstance(row_id, str | int) or row_id == "":
-        raise RowError("schema_invalid", "id must be a non-empty string")
-    negatives = raw.get("negatives") or []
-    if not isinstance(negatives, list):
-        raise RowError("schema_invalid", "negatives must be a list")
-    return {
-        "id": str(row_id),
-        "dataset": source.name,
-        "task_group": source.task_group,
-        "query": _side(raw.get("query"), "query"),
-        "positive": _side(raw.get("positive"), "positive"),
-        "negatives": [_side(n, f"negatives[{i}]") for i, n in enumerate(negatives)],
-        "group_id": None if raw.get("group_id") is None else str(raw["group_id"]),
-        "label": None if raw.get("label") is None else str(raw["label"]),
-        "segments": raw.get("segments"),
-    }
-
-
-def _sides(row: dict[str, Any]) -> list[tuple[str, dict]]:
-    named = [("query", row["query"]), ("positive", row["positive"])]
-    return named + [(f"negatives[{i}]", n) for i, n in enumerate(row["negatives"])]
-
-
-def check_texts(row: dict[str, Any], max_chars: int) -> None:
-    for where in ("query", "positive"):
-        part = row[where]
-        if not (part["text"].strip() or part["instruction"].strip() or part["media"]):
-            raise RowError("text_empty", f"{where} has no text, instruction or media")
-    for where, part in _sides(row):
-        for key in ("text", "instruction"):
-            if len(part[key]) > max_chars:
-                raise RowError("text_too_long", f"{where}.{key}: {len(part[key])} > {max_chars}")
-
-
 # --------------------------------------------------------------------------- media checks
 
 
 def check_media(row: dict[str, Any], root: str, max_pixels: int, endpoint_url: str | None) -> None:
-    for where, part in _sides(row):
+    for where, part in record_sides(row):
         for i, item in enumerate(part["media"]):
             label = f"{where}.media[{i}] {item['uri']!r}"
             try:

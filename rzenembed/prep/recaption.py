@@ -63,6 +63,9 @@ from rzenembed.prep.base import (
 STEP = "recaption"
 CODE_VERSION = "1"
 SUFFIX = "#recaption"
+# A side-file captions folder is listed like a source of this format: its JSONL files
+# (plain, gzipped, JSON arrays) and Parquet files are read; the rest is not.
+CAPTIONS_FORMAT = "jsonl"
 
 
 # --------------------------------------------------------------------------- rows
@@ -243,18 +246,20 @@ class CaptionWorker:
 
 
 class CaptionLookup:
-    """Captions produced elsewhere (``sources[].captions``): a folder of JSONL/Parquet files
-    with ``key`` and ``caption``, loaded once per actor; a row's caption is the one under
-    its id. Rows without one pass through unchanged."""
+    """Captions produced elsewhere (``sources[].captions``): a folder of JSONL (plain,
+    gzipped or a JSON array) or Parquet files with ``key`` and ``caption``, loaded once per
+    actor; a row's caption is the one under its id. Rows without one pass through
+    unchanged."""
 
     def __init__(self, uri: str, settings: RecaptionConfig, endpoint_url: str | None = None):
-        from rzenembed.data.importers import rows_of_file, source_files
+        from rzenembed.data.importers import list_source_files
+        from rzenembed.data.raw_files import iter_file_rows
 
         self.settings = settings
         fs, _ = filesystem(uri, endpoint_url)
         self.by_key: dict[str, str] = {}
-        for file in source_files(uri, endpoint_url):
-            for row in rows_of_file(fs, file):
+        for file in list_source_files(uri, CAPTIONS_FORMAT, endpoint_url).data:
+            for row in iter_file_rows(fs, file):
                 if isinstance(row, dict) and row.get("key") is not None and row.get("caption"):
                     self.by_key[str(row["key"])] = str(row["caption"])
 

@@ -1,10 +1,12 @@
 """Source formats: how a downloaded dataset's rows become training records.
 
-Each format is one ``SourceFormat`` registered under the name a source's ``format:`` takes
-(``SourceConfig.format``). A format reads the source folder's data files (``suffixes``)
-through the streaming ingest (``rzenembed.data.importers``: files scanned on workers,
-chunks read straight from them) and maps every raw row to zero or more rows in the record
-shape (``convert``). A raw row it cannot use becomes a ``rejected(...)`` marker that
+Each format is one ``SourceFormat`` (``base``) registered under the name a source's
+``format:`` takes (``SourceConfig.format``). A format reads the source folder's top-level
+files with its ``suffixes`` (``rzenembed.data.importers.list_source_files``; the bytes
+become raw rows in ``rzenembed.data.raw_files``: JSON Lines, gzipped or not, JSON arrays,
+Parquet, WebDataset tars) through the streaming ingest (files scanned on workers, chunks
+read straight from them) and maps every raw row to zero or more rows in the record shape
+(``convert``). A raw row it cannot use becomes a ``rejected(...)`` marker that
 ingest records as a reject with the reason, never an exception; rows in = records out +
 rejects, where a raw row that expands into several records (further positives kept as
 rows) counts once per record and is noted in the version's ``rows_added`` stat.
@@ -25,36 +27,20 @@ Formats (docs/data.md has the table with fields and an example row of each):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from rzenembed.config import SourceConfig
+from rzenembed.data.formats.base import JSONL_SUFFIXES, REJECT_KEY, SourceFormat, rejected
 
-REJECT_KEY = "__reject__"
-
-
-def rejected(reason: str, detail: str, raw: Any) -> dict[str, Any]:
-    """A raw row a format cannot use: ingest turns it into a reject with ``reason``."""
-    shown = raw if isinstance(raw, dict) else {"value": raw}
-    return {REJECT_KEY: reason, "__detail__": detail, "__raw__": shown}
-
-
-@dataclass(frozen=True)
-class SourceFormat:
-    """One source format: its data files, what a row holds, how it becomes records."""
-
-    name: str
-    suffixes: tuple[str, ...]
-    fields: str  # what a row must hold, for error messages and ``inspect-source``
-    # (raw row, source, position, media sink) -> records or reject markers
-    convert: Callable[..., list[Any]]
-    looks_right: Callable[[Any], bool] = lambda raw: isinstance(raw, dict)
-    # Media arrive inside the data files (tar members, image structs): they are written
-    # into ``<storage.root>/_media/<source name>/`` (content-addressed), the version's
-    # media root, instead of being read from the source folder.
-    embeds_media: bool = False
-    max_chunk_rows: int | None = None  # rows of a shard task when rows carry media bytes
+__all__ = [
+    "JSONL_SUFFIXES",
+    "REJECT_KEY",
+    "SourceFormat",
+    "convert",
+    "format_names",
+    "get_format",
+    "rejected",
+]
 
 
 def _native(raw: Any, source: SourceConfig, position: int, sink: Any = None) -> list[Any]:
@@ -73,7 +59,7 @@ def _registry() -> dict[str, SourceFormat]:
 
     native_fields = "id, query {instruction, text, media}, positive, negatives (the record layout)"
     native = [
-        SourceFormat(name, (".jsonl", ".parquet"), native_fields, _native, _is_native)
+        SourceFormat(name, (*JSONL_SUFFIXES, ".parquet"), native_fields, _native, _is_native)
         for name in ("rzenembed", "jsonl")
     ]
     others = [

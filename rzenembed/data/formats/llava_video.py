@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 from rzenembed.config import SourceConfig
-from rzenembed.data.formats import SourceFormat, rejected
+from rzenembed.data.formats.base import JSONL_SUFFIXES, SourceFormat, rejected
 from rzenembed.data.schema import media, side
 
 FIELDS = "{id, video, conversations: [{from: human, value: '<video>...'}, {from: gpt, value}]}"
@@ -75,7 +75,7 @@ def convert(raw: Any, source: SourceConfig, position: int, sink: Any = None) -> 
 
 FORMAT = SourceFormat(
     "llava-video",
-    (".jsonl",),
+    JSONL_SUFFIXES,
     FIELDS,
     convert,
     lambda raw: isinstance(raw, dict) and "video" in raw and "conversations" in raw,

@@ -59,3 +59,14 @@ def _write_whole(fs, path: str, data: bytes) -> None:
     with fs.open(temporary, "wb") as f:
         f.write(data)
     fs.mv(temporary, path)
+
+
+class AddressOnlySink(MediaSink):
+    """Names embedded media by the content address they would get and writes nothing: for
+    looking at a source's first rows (``inspect-source``, ingest's media-root check)."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def put(self, data: bytes, suffix: str | None = None) -> str:
+        return self.address(data, suffix)

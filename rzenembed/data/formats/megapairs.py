@@ -16,7 +16,7 @@ import hashlib
 from typing import Any
 
 from rzenembed.config import SourceConfig
-from rzenembed.data.formats import SourceFormat, rejected
+from rzenembed.data.formats.base import JSONL_SUFFIXES, SourceFormat, rejected
 from rzenembed.data.schema import media, side
 
 FIELDS = "{q_img, q_text: [...], t_img, hns: [...]} (image paths relative to the source folder)"
@@ -62,7 +62,7 @@ def convert(raw: Any, source: SourceConfig, position: int, sink: Any = None) -> 
 
 FORMAT = SourceFormat(
     "megapairs",
-    (".jsonl", ".parquet"),
+    (*JSONL_SUFFIXES, ".parquet"),
     FIELDS,
     convert,
     lambda raw: isinstance(raw, dict) and "q_img" in raw and "t_img" in raw,

@@ -21,10 +21,35 @@ import json
 from typing import Any
 
 from rzenembed.config import SourceConfig
-from rzenembed.data.formats import SourceFormat, rejected
-from rzenembed.data.importers import mmeb_side
+from rzenembed.data.formats.base import JSONL_SUFFIXES, SourceFormat, rejected
+from rzenembed.data.schema import media, side
 
 FIELDS = "qry, qry_image_path, pos_text, pos_image_path[, neg_text, neg_image_path]"
+MMEB_IMAGE_PLACEHOLDER = "<|image_1|>"
+
+
+def mmeb_side(text: Any, image_path: Any) -> dict:
+    """One side of an MMEB row (train or eval): the image placeholder removed from the text."""
+    text = text if isinstance(text, str) else ""
+    text = " ".join(text.replace(MMEB_IMAGE_PLACEHOLDER, " ").split())
+    items = [media("image", image_path)] if isinstance(image_path, str) and image_path else []
+    return side(text=text, media_items=items)
+
+
+def from_mmeb(raw: Any, dataset: str, position: int) -> Any:
+    """Map one MMEB (VLM2Vec) training row onto the record shape, without the negatives'
+    list parsing of ``convert`` (one ``neg_text``/``neg_image_path`` pair at most)."""
+    if not isinstance(raw, dict) or "__unparsable__" in raw:
+        return raw
+    negatives = []
+    if raw.get("neg_text") or raw.get("neg_image_path"):
+        negatives.append(mmeb_side(raw.get("neg_text"), raw.get("neg_image_path")))
+    return {
+        "id": f"{dataset}-{position:08d}",
+        "query": mmeb_side(raw.get("qry"), raw.get("qry_image_path")),
+        "positive": mmeb_side(raw.get("pos_text"), raw.get("pos_image_path")),
+        "negatives": negatives,
+    }
 
 
 class ListUnparsable(ValueError):
@@ -76,7 +101,7 @@ def convert(raw: Any, source: SourceConfig, position: int, sink: Any = None) -> 
 
 FORMAT = SourceFormat(
     "mmeb",
-    (".jsonl", ".parquet"),
+    (*JSONL_SUFFIXES, ".parquet"),
     FIELDS,
     convert,
     lambda raw: isinstance(raw, dict) and "qry" in raw and "pos_text" in raw,

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from rzenembed.config import SourceConfig
-from rzenembed.data.formats import SourceFormat, rejected
+from rzenembed.data.formats.base import JSONL_SUFFIXES, SourceFormat, rejected
 from rzenembed.data.schema import side
 
 FIELDS = (
@@ -104,7 +104,7 @@ def convert(raw: Any, source: SourceConfig, position: int, sink: Any = None) -> 
 
 FORMAT = SourceFormat(
     "text-retrieval",
-    (".jsonl", ".parquet"),
+    (*JSONL_SUFFIXES, ".parquet"),
     FIELDS,
     convert,
     lambda raw: isinstance(raw, dict) and _shape(raw) is not None,

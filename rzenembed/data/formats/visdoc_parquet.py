@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from rzenembed.config import SourceConfig
-from rzenembed.data.formats import SourceFormat, rejected
+from rzenembed.data.formats.base import SourceFormat, rejected
 from rzenembed.data.formats.media_sink import MediaSink
 from rzenembed.data.schema import media, side
 
