@@ -221,16 +221,23 @@ def check_report(ref: LineageRef, endpoint_url: str | None) -> Check:
     return Check(OK if digest == ref.digest else CHANGED, digest)
 
 
-def check_eval_sets(ref: LineageRef) -> Check:
+def check_eval_sets(ref: LineageRef, endpoint_url: str | None) -> Check:
     """The evaluation sets a clean step decontaminated against, from their tables."""
-    from rzenembed.prep.decontaminate import eval_keys_digest
+    from rzenembed.data.storage import filesystem
+    from rzenembed.prep.decontaminate import EvalSetRef, eval_keys_digest
 
-    folders = [Path(p) for p in ref.extra.get("sets", [])]
-    gone = [str(f) for f in folders if not f.is_dir()]
+    uris = list(ref.extra.get("sets", []))
+    gone = [u for u in uris if not _exists(filesystem(u, endpoint_url))]
     if gone:
         return Check(MISSING, detail=f"evaluation set folders gone: {', '.join(gone)}")
-    digest = eval_keys_digest(folders)
+    refs = [EvalSetRef(u.rstrip("/").rsplit("/", 1)[-1], u) for u in uris]
+    digest = eval_keys_digest(refs, endpoint_url)
     return Check(OK if digest == ref.digest else CHANGED, digest)
+
+
+def _exists(fs_and_path) -> bool:
+    fs, path = fs_and_path
+    return fs.exists(path)
 
 
 def check_ref(ref: LineageRef, endpoint_url: str | None, pool: ThreadPoolExecutor) -> Check:
@@ -248,7 +255,7 @@ def check_ref(ref: LineageRef, endpoint_url: str | None, pool: ThreadPoolExecuto
     if ref.kind == "report":
         return check_report(ref, endpoint_url)
     if ref.kind == "eval-sets":
-        return check_eval_sets(ref)
+        return check_eval_sets(ref, endpoint_url)
     return Check(CHANGED, detail=f"unknown lineage kind {ref.kind!r}")
 
 

@@ -17,7 +17,7 @@ from rzenembed.data.importers import source_listing_digest, source_uri
 from rzenembed.data.version import DatasetVersion
 from rzenembed.prep.cap import run_cap
 from rzenembed.prep.clean import dedup_policy, run_clean
-from rzenembed.prep.decontaminate import decontamination_sets, eval_keys_digest, set_folders
+from rzenembed.prep.decontaminate import decontamination_sets, eval_keys_digest, set_refs
 from rzenembed.prep.ingest import run_ingest
 from rzenembed.prep.merge import run_merge_classification
 from rzenembed.prep.mixture import run_mixture
@@ -111,11 +111,12 @@ def _clean_section(p: dict[str, Any]) -> dict[str, Any]:
     """What clean decides with beyond the prep section: the source's dedup policy and the
     content of the evaluation sets it decontaminates against."""
     cfg: PipelineConfig = p["cfg"]
-    sets = set_folders(decontamination_sets(cfg))
+    endpoint = cfg.storage.endpoint_url
+    sets = set_refs(decontamination_sets(cfg), endpoint)
     return {
         **_prep_section(p),
         "dedup": dedup_policy(cfg, p["ref"]["extra"]["dataset"]),
-        "eval_keys": eval_keys_digest(sets) if sets else None,
+        "eval_keys": eval_keys_digest(sets, endpoint) if sets else None,
     }
 
 

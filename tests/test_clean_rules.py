@@ -337,3 +337,32 @@ def test_the_evaluation_image_index_finds_what_a_brute_force_search_finds():
         else:
             assert found is not None and found[1] == distance.min()
             assert distance[found[0]] == distance.min()
+
+
+def test_evaluation_sets_on_the_storage_root_give_the_same_keys(
+    ray_local, corpus, s3_endpoint, tmp_path
+):
+    """The cluster keeps its evaluation sets on S3: the keys are built from a staged copy,
+    equal to those of the local folder; their identity comes from the listing (ETags)."""
+    from rzenembed.data.storage import filesystem
+    from rzenembed.prep.decontaminate import ensure_eval_keys
+
+    fs, _ = filesystem("s3://rz-eval-sets", s3_endpoint)
+    fs.mkdir("rz-eval-sets")
+    fs.put(str(corpus / "eval"), "rz-eval-sets/eval", recursive=True)
+    local = config(corpus, tmp_path / "local")
+    remote = local.model_copy(
+        update={
+            "storage": local.storage.model_copy(update={"endpoint_url": s3_endpoint}),
+            "prep": local.prep.model_copy(update={"decontaminate": ["s3://rz-eval-sets/eval"]}),
+        }
+    )
+    mine, theirs = ensure_eval_keys(local, False), ensure_eval_keys(remote, False)
+    assert theirs.sets == ["s3://rz-eval-sets/eval/retrieval"]
+    assert ensure_eval_keys(remote, False) == theirs  # the same listing, the same keys file
+
+    def rows(ref):
+        table = pq.read_table(ref.uri, filesystem=filesystem(ref.uri, s3_endpoint)[0])
+        return sorted(table.to_pylist(), key=lambda r: (r["item"], r["phash"] or 0))
+
+    assert rows(theirs) == rows(mine)

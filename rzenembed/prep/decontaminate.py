@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from rzenembed.config import PipelineConfig
 from rzenembed.data import media as media_ops
 from rzenembed.data.engine import run_shards
-from rzenembed.data.storage import filesystem, join
+from rzenembed.data.storage import filesystem, is_remote, join
 from rzenembed.data.version import put_table
 from rzenembed.prep.dedup import bands, normalise_text
 
@@ -59,31 +59,79 @@ def decontamination_sets(cfg: PipelineConfig) -> list[str]:
     return sorted(dict.fromkeys(sets))
 
 
-def set_folders(sets: list[str]) -> list[Path]:
-    """Every evaluation set folder under the configured locations, in a stable order."""
+TABLE_STEMS = ("queries", "candidates", "evalset")
+
+
+@dataclass(frozen=True)
+class EvalSetRef:
+    """One evaluation set folder: the name details give it (its folder's name) and where
+    it is (a local folder, or a folder on the storage root that workers stage)."""
+
+    name: str
+    uri: str
+
+
+def set_refs(sets: list[str], endpoint_url: str | None = None) -> list[EvalSetRef]:
+    """Every evaluation set folder under the configured locations, in a stable order: a
+    location that is a set, or a folder of sets (local or on the storage root)."""
     from rzenembed.evaluation.evalset import EvalSetError, discover
 
     try:
-        return sorted({folder.resolve() for location in sets for folder in discover(location)})
+        found = [ref for location in sets for ref in _refs_at(location, endpoint_url, discover)]
     except EvalSetError as error:
         raise EvalSetError(
             f"decontamination: {error}; training rows are checked against the evaluation "
             "sets before training (prep.decontaminate, by default eval.sets): import them "
             "first, or set prep.decontaminate to the sets that exist ([] turns it off)"
         ) from None
+    return sorted(set(found), key=lambda ref: ref.uri)
 
 
-def eval_keys_digest(folders: list[Path]) -> str:
-    """What the keys depend on: each set folder's name and the bytes of its tables and
-    ``evalset.json`` (media are named by the tables; a media file replaced under the same
-    name is not seen)."""
+def _refs_at(location: str, endpoint_url: str | None, discover) -> list[EvalSetRef]:
+    from rzenembed.evaluation.evalset import EvalSetError
+
+    if not is_remote(location):
+        return [EvalSetRef(f.name, str(f.resolve())) for f in discover(location)]
+    fs, path = filesystem(location, endpoint_url)
+    if fs.glob(join(path, "queries.*")):
+        return [EvalSetRef(path.rstrip("/").rsplit("/", 1)[-1], location.rstrip("/"))]
+    tables = sorted(fs.glob(join(path, "*", "queries.*")))
+    if not tables:
+        raise EvalSetError(f"{location} holds no evaluation set (no queries.jsonl/.parquet)")
+    folders = sorted({t.rsplit("/", 1)[0] for t in tables})
+    scheme = location.split("://", 1)[0]
+    return [EvalSetRef(f.rsplit("/", 1)[-1], f"{scheme}://{f}") for f in folders]
+
+
+def eval_keys_digest(refs: list[EvalSetRef], endpoint_url: str | None = None) -> str:
+    """What the keys depend on: each set's name and its tables and ``evalset.json`` (their
+    bytes for a local folder; names, sizes and ETags on an object store, so the Prefect
+    worker reads nothing). Media are named by the tables; a media file replaced under the
+    same name is not seen."""
     digest = hashlib.sha256(f"eval-keys {CODE_VERSION}\n".encode())
-    for folder in folders:
-        digest.update(f"{folder.name}\n".encode())
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and path.name.split(".")[0] in ("queries", "candidates", "evalset"):
-                digest.update(f"{path.name} {_file_sha256(path)}\n".encode())
+    for ref in refs:
+        digest.update(f"{ref.name}\n".encode())
+        for line in _table_identities(ref, endpoint_url):
+            digest.update(f"{line}\n".encode())
     return digest.hexdigest()
+
+
+def _table_identities(ref: EvalSetRef, endpoint_url: str | None) -> list[str]:
+    if not is_remote(ref.uri):
+        folder = Path(ref.uri)
+        return [
+            f"{p.name} {_file_sha256(p)}"
+            for p in sorted(folder.iterdir())
+            if p.is_file() and p.name.split(".")[0] in TABLE_STEMS
+        ]
+    fs, path = filesystem(ref.uri, endpoint_url)
+    listed = fs.ls(path, detail=True, refresh=True)
+    return [
+        f"{e['name'].rsplit('/', 1)[-1]} {e.get('size')} {e.get('ETag') or e.get('mtime')}"
+        for e in sorted(listed, key=lambda e: e["name"])
+        if e.get("type") != "directory"
+        and e["name"].rsplit("/", 1)[-1].split(".")[0] in TABLE_STEMS
+    ]
 
 
 def _file_sha256(path: Path) -> str:
@@ -100,7 +148,7 @@ class EvalKeysRef:
 
     uri: str
     digest: str
-    sets: list[str] = field(default_factory=list)  # the set folders, resolved
+    sets: list[str] = field(default_factory=list)  # the set folders (local paths or URIs)
 
 
 def ensure_eval_keys(cfg: PipelineConfig, show_progress: bool = True) -> EvalKeysRef | None:
@@ -109,40 +157,37 @@ def ensure_eval_keys(cfg: PipelineConfig, show_progress: bool = True) -> EvalKey
     sets = decontamination_sets(cfg)
     if not sets:
         return None
-    folders = set_folders(sets)
-    digest = eval_keys_digest(folders)
     endpoint = cfg.storage.endpoint_url
+    refs = set_refs(sets, endpoint)
+    digest = eval_keys_digest(refs, endpoint)
     uri = join(cfg.storage.root, KEYS_FOLDER, f"{digest}.parquet")
     fs, path = filesystem(uri, endpoint)
     if not fs.exists(path):
-        jobs = [(str(f), name, cfg.prep.max_image_pixels) for f in folders for name in _names(f)]
+        jobs = [(ref, endpoint, cfg.prep.max_image_pixels) for ref in refs]
         tables = run_shards(
             _keys_job, jobs, max_in_flight=cfg.prep.max_in_flight, show_progress=show_progress
         )
         table = pa.concat_tables(tables) if tables else KEY_SCHEMA.empty_table()
         folder_uri, name = uri.rsplit("/", 1)
         put_table(folder_uri, name, table, endpoint)
-    return EvalKeysRef(uri, digest, [str(f) for f in folders])
+    return EvalKeysRef(uri, digest, [ref.uri for ref in refs])
 
 
-def _names(folder: Path) -> list[str]:
+def _keys_job(job: tuple[EvalSetRef, str | None, int]) -> pa.Table:
+    """The keys of one evaluation set: every dataset's queries' and candidates' images and
+    texts (a set on the storage root is staged on this node first)."""
+    from rzenembed.data.folders import stage_folder
     from rzenembed.evaluation.evalset import load_eval_folder
 
-    return [d.name for d in load_eval_folder(folder)]
-
-
-def _keys_job(job: tuple[str, str, int]) -> pa.Table:
-    """The keys of one evaluation dataset: its queries' and candidates' images and texts."""
-    from rzenembed.evaluation.evalset import load_eval_folder
-
-    folder, name, max_pixels = job
-    dataset = next(d for d in load_eval_folder(folder) if d.name == name)
-    items = [(q["qid"], q["query"]) for q in dataset.queries]
-    items += [(c["cid"], c["candidate"]) for c in dataset.candidates]
+    ref, endpoint_url, max_pixels = job
+    local = stage_folder(ref.uri, endpoint_url) if is_remote(ref.uri) else Path(ref.uri)
     rows = []
-    for item, side in items:
-        for text, phash in item_keys(side, dataset.media_root, max_pixels):
-            rows.append((Path(folder).name, name, item, text, phash))
+    for dataset in load_eval_folder(local):
+        items = [(q["qid"], q["query"]) for q in dataset.queries]
+        items += [(c["cid"], c["candidate"]) for c in dataset.candidates]
+        for item, side in items:
+            for text, phash in item_keys(side, dataset.media_root, max_pixels):
+                rows.append((ref.name, dataset.name, item, text, phash))
     columns = list(zip(*rows, strict=True)) if rows else [[] for _ in KEY_SCHEMA.names]
     return pa.table(dict(zip(KEY_SCHEMA.names, columns, strict=True)), schema=KEY_SCHEMA)
 
