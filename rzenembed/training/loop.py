@@ -189,11 +189,20 @@ def load_sources(
     return sources
 
 
-def build_sampler(spec: RunSpec, manifest: StageManifest) -> StageSampler:
+def build_sampler(
+    spec: RunSpec, manifest: StageManifest, sources: dict[str, DatasetRows] | None = None
+) -> StageSampler:
+    """The stage's sampler; ``shuffle: blocks`` takes its blocks from the row groups of
+    ``sources`` (every rank reads the same footers, so all agree on them)."""
     stage = spec.stage_config
     adaptive = None
     if stage.sampling == "adaptive":
         adaptive = AdaptiveSettings(**stage.adaptive.model_dump())
+    blocks = None
+    if stage.shuffle == "blocks":
+        if sources is None:
+            raise ValueError("shuffle: blocks needs the stage's sources (their row groups)")
+        blocks = [sources[d.dataset].row_group_sizes() for d in manifest.datasets]
     return StageSampler(
         datasets=[d.dataset for d in manifest.datasets],
         probabilities=[d.probability for d in manifest.datasets],
@@ -202,6 +211,9 @@ def build_sampler(spec: RunSpec, manifest: StageManifest) -> StageSampler:
         seed=stage.seed,
         adaptive=adaptive,
         lookahead=stage.prefetch,
+        shuffle=stage.shuffle,
+        shuffle_window=stage.shuffle_window,
+        blocks=blocks,
     )
 
 
@@ -239,8 +251,13 @@ def save_checkpoint(
 
 
 def restore_checkpoint(folder: Path, module: TrainModule, optimizer, scheduler, sampler) -> int:
-    """Load a checkpoint written by ``save_checkpoint``; returns the next step to run."""
-    weights = torch.load(folder / CHECKPOINT_WEIGHTS, weights_only=True)
+    """Load a checkpoint written by ``save_checkpoint``; returns the next step to run.
+
+    Tensors are loaded straight onto this rank's device (the device of the module's
+    parameters): without ``map_location`` every rank would first materialise rank 0's saved
+    optimizer state on the device it was saved from, GPU 0, eight copies at once."""
+    device = next(module.parameters()).device
+    weights = torch.load(folder / CHECKPOINT_WEIGHTS, map_location=device, weights_only=True)
     missing = set(module.trainable_state()) - set(weights)
     if missing:
         raise RuntimeError(f"checkpoint lacks trainable tensors: {sorted(missing)[:5]}")
@@ -248,7 +265,7 @@ def restore_checkpoint(folder: Path, module: TrainModule, optimizer, scheduler, 
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    states = torch.load(folder / CHECKPOINT_OPTIM, weights_only=False)
+    states = torch.load(folder / CHECKPOINT_OPTIM, map_location=device, weights_only=False)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     state = json.loads((folder / CHECKPOINT_STATE).read_text())
@@ -307,7 +324,7 @@ class Trainer:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.module, self.stage.optim)
         self.scheduler = build_scheduler(self.optimizer, self.stage.optim, spec.total_steps)
-        self.sampler = build_sampler(spec, self.manifest)
+        self.sampler = build_sampler(spec, self.manifest, self.sources)
         self.start_step = 0
 
     def load_step(self, plan: StepPlan) -> LoadedStep:

@@ -5,14 +5,19 @@ per shard) and reads the rows of its slice of each step when the step needs them
 
 Reads
     A row index maps to a shard (binary search over the shards' first rows) and, through
-    the shard's Parquet footer, to a row group. The row group is read through Arrow with
-    only the training columns and kept in a small LRU cache bounded in bytes
-    (``cache_bytes``), so rows that share a row group (sibling clips, small datasets, the
-    same row drawn again) cost one read. Footers of recently used shards are kept, up to
-    ``footer_bytes`` of serialized footer (a footer grows with row groups x columns).
-    Version shards are written with row groups of about ``ROW_GROUP_BYTES``
-    (``rzenembed.data.version.table_bytes``), which bounds what one row costs to read
-    whatever the shard size.
+    the shard's Parquet footer, to a row group. The row group's training columns are one
+    byte range of the shard (their column chunks lie side by side), fetched with one
+    ranged read (``rzenembed.data.storage.Storage``: on S3 one GET, no HEAD, no read-ahead,
+    so a row costs its row group and nothing more) and decoded by Arrow. Row groups are
+    kept in a small LRU cache bounded in bytes (``cache_bytes``), so rows that share a row
+    group (sibling clips, small datasets, the same row drawn again, the next rows of a
+    ``blocks`` shuffle) cost one read. Footers of recently used shards are kept, up to
+    ``footer_bytes`` of serialized footer (a footer grows with row groups x columns); each
+    is one suffix read of the shard, and the first fetch loads as many as the budget keeps
+    on ``FOOTER_THREADS`` threads at once (``prefetch_footers``) instead of one by one as
+    rows need them. Version shards are written with row groups of about
+    ``ROW_GROUP_BYTES`` (``rzenembed.data.version.table_bytes``), which bounds what one row
+    costs to read whatever the shard size.
 
 Sibling references
     A negative whose ``ref`` names another row's id stands for that row's positive (clips
@@ -32,10 +37,11 @@ Memory
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Executor
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rzenembed.data.storage import filesystem, join
+from rzenembed.data.storage import Storage
 from rzenembed.data.version import DatasetVersion, ShardInfo
 from rzenembed.training.collate import SourceInfo
 
@@ -52,6 +58,15 @@ TRAINING_COLUMNS = ["id", "query", "positive", "negatives", "group_id"]
 DEFAULT_CACHE_BYTES = 64 * 2**20
 DEFAULT_FOOTER_BYTES = 8 * 2**20  # serialized footer bytes kept (parsed, a few times more)
 DEFAULT_ID_INDEX_CACHE = 64
+FOOTER_THREADS = 16  # footers loaded at once by ``prefetch_footers``
+# First guess at a footer's size (pyarrow's own); once a shard's footer is known, the next
+# reads ask for that size plus an eighth, so shards written alike cost one request each.
+FOOTER_SAMPLE_BYTES = 64 * 2**10
+# Column chunks this close together are fetched as one range: a request costs more than
+# this many bytes of transfer (fsspec's ``open_parquet_file`` merges at the same gap).
+MERGE_GAP_BYTES = 64 * 2**10
+_PARQUET_MAGIC = b"PAR1"
+_FOOTER_TRAILER = 8  # footer length (4 bytes, little-endian) and the magic
 
 
 class LruCache:
@@ -96,12 +111,149 @@ class LruCache:
         return len(self._entries)
 
 
+# --------------------------------------------------------------------------- Parquet by range
+
+
+def footer_length(tail: bytes) -> int:
+    """The length of the footer a Parquet file's last bytes announce (trailer excluded)."""
+    if len(tail) < _FOOTER_TRAILER or tail[-4:] != _PARQUET_MAGIC:
+        raise ValueError("not a Parquet file: no PAR1 magic at its end")
+    return int.from_bytes(tail[-_FOOTER_TRAILER:-4], "little")
+
+
+def read_footer(storage: Storage, path: str, sample: int = FOOTER_SAMPLE_BYTES) -> pq.FileMetaData:
+    """The footer of the Parquet file at ``path``: one suffix read of ``sample`` bytes, and a
+    second, of exactly the footer, when it is longer than that."""
+    tail = storage.read_tail(path, max(sample, _FOOTER_TRAILER))
+    needed = footer_length(tail) + _FOOTER_TRAILER
+    if needed > len(tail):
+        tail = storage.read_tail(path, needed)
+    # Arrow parses a footer from any buffer that ends like the file: offsets stay absolute.
+    return pq.read_metadata(pa.BufferReader(tail[-needed:]))
+
+
+def column_chunk_range(column: pq.ColumnChunkMetaData) -> tuple[int, int]:
+    """``[start, end)`` of a column chunk in its file, computed as Arrow's reader does."""
+    start = column.data_page_offset
+    dictionary = column.dictionary_page_offset
+    if column.has_dictionary_page and dictionary is not None and 0 < dictionary < start:
+        start = dictionary
+    return start, start + column.total_compressed_size
+
+
+def chunk_ranges(
+    metadata: pq.FileMetaData, groups: Iterable[int], columns: Sequence[str]
+) -> list[tuple[int, int]]:
+    """The byte ranges of ``columns`` (top-level names) in row groups ``groups``, merged
+    where less than ``MERGE_GAP_BYTES`` apart."""
+    wanted = set(columns)
+    ranges = []
+    for group in groups:
+        row_group = metadata.row_group(group)
+        for c in range(row_group.num_columns):
+            chunk = row_group.column(c)
+            if chunk.path_in_schema.split(".", 1)[0] in wanted:
+                ranges.append(column_chunk_range(chunk))
+    return merged_ranges(ranges, MERGE_GAP_BYTES)
+
+
+def merged_ranges(ranges: Iterable[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    """``ranges`` sorted, with those that overlap or lie within ``gap`` bytes joined."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and start - merged[-1][1] <= gap:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+class KnownRanges:
+    """A read-only file of which only some byte ranges were fetched: Arrow reads row groups
+    from it as from the whole file. Arrow asks only for the column chunks the ranges were
+    computed from (the same footer), so a read outside them is a bug and raises."""
+
+    def __init__(self, parts: Sequence[tuple[int, bytes]]):
+        self._parts = sorted(parts)
+        self._starts = [start for start, _ in self._parts]
+        self._end = max((start + len(data) for start, data in self._parts), default=0)
+        self._position = 0
+        self.closed = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._position, self._end)[whence]
+        self._position = base + offset
+        return self._position
+
+    def read(self, size: int = -1) -> memoryview:
+        index = bisect.bisect_right(self._starts, self._position) - 1
+        start, data = self._parts[index] if index >= 0 else (0, b"")
+        size = self._end - self._position if size < 0 else size
+        if index < 0 or self._position + size > start + len(data):
+            raise ValueError(f"bytes {self._position}..{self._position + size} were not fetched")
+        offset = self._position - start
+        self._position += size
+        return memoryview(data)[offset : offset + size]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def read_row_groups(
+    storage: Storage,
+    path: str,
+    metadata: pq.FileMetaData,
+    groups: Sequence[int],
+    columns: Sequence[str],
+) -> pa.Table:
+    """Row groups ``groups`` (in order) of the Parquet file at ``path``, ``columns`` only,
+    fetching only their column chunks' bytes. A local file is read by Arrow itself, which
+    asks the OS for the same chunks without copying them through Python."""
+    if storage.is_local:
+        with pa.OSFile(path) as source:
+            return _decoded(source, metadata, groups, columns)
+    ranges = chunk_ranges(metadata, groups, columns)
+    data = storage.read_ranges(path, ranges)
+    source = KnownRanges([(start, part) for (start, _), part in zip(ranges, data, strict=True)])
+    return _decoded(source, metadata, groups, columns)
+
+
+def _decoded(
+    source: Any, metadata: pq.FileMetaData, groups: Sequence[int], columns: Sequence[str]
+) -> pa.Table:
+    with pq.ParquetFile(source, metadata=metadata, pre_buffer=False) as handle:
+        return handle.read_row_groups(list(groups), columns=list(columns))
+
+
+# --------------------------------------------------------------------------- dataset rows
+
+
 @dataclass(frozen=True)
 class _Footer:
-    """A shard's Parquet footer and where each of its row groups starts."""
+    """A shard's Parquet footer, where each of its row groups starts and which training
+    columns it has."""
 
     metadata: pq.FileMetaData
     bounds: np.ndarray  # int64, row groups + 1 entries: first row of each group, then rows
+    columns: list[str]
+
+
+def _group_of(footer: _Footer, row: int) -> tuple[int, int]:
+    """(row group, row within it) of row ``row`` of the shard of ``footer``."""
+    group = int(np.searchsorted(footer.bounds, row, side="right")) - 1
+    return group, row - int(footer.bounds[group])
 
 
 class DatasetRows:
@@ -134,7 +286,10 @@ class DatasetRows:
         self._footers = LruCache(footer_bytes, size=lambda footer: footer.metadata.serialized_size)
         self._groups = LruCache(cache_bytes, size=lambda table: table.nbytes)
         self._id_index = LruCache(id_index_cache)
-        self._fs = None
+        self._storage = Storage.at(version.uri, self.endpoint_url)
+        self._footer_sample = FOOTER_SAMPLE_BYTES
+        self._prefetch_lock = threading.Lock()
+        self._prefetched = False
 
     @classmethod
     def open(
@@ -171,14 +326,22 @@ class DatasetRows:
     def fetch(self, indices: Sequence[int], pool: Executor | None = None) -> list[dict[str, Any]]:
         """The rows at ``indices`` (in that order, repeats allowed), references resolved.
 
-        The row groups they live in are read once each, concurrently on ``pool`` when one
-        is given (an object store answers many requests in parallel, one at a time slowly).
+        The footers and then the row groups they need are read once each, concurrently on
+        ``pool`` when one is given (an object store answers many requests in parallel, one
+        at a time slowly). The footers are held for the whole call, so one evicted from the
+        footer cache by the others is not read again. The first call loads the shards'
+        footers first (``prefetch_footers``).
         """
-        located = [self._locate(int(i)) for i in indices]
-        places = [(shard, *self._group_of(shard, row)) for shard, row in located]
-        needed = sorted({(shard, group) for shard, group, _ in places})
+        self._prefetch_once()
         run = pool.map if pool is not None else map
-        tables = dict(zip(needed, run(self._group, needed), strict=True))
+        located = [self._locate(int(i)) for i in indices]
+        shards = sorted({shard for shard, _ in located})
+        footers = dict(zip(shards, run(self._footer, shards), strict=True))
+        places = [(shard, *_group_of(footers[shard], row)) for shard, row in located]
+        needed = sorted({(shard, group) for shard, group, _ in places})
+        tables = dict(
+            zip(needed, run(lambda key: self._group(key, footers[key[0]]), needed), strict=True)
+        )
         rows = [tables[(s, g)].slice(offset, 1).to_pylist()[0] for s, g, offset in places]
         return [
             self._resolved(shard, row, position)
@@ -194,48 +357,75 @@ class DatasetRows:
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
         return shard, index - int(self._starts[shard])
 
-    def _group_of(self, shard: int, row: int) -> tuple[int, int]:
-        """(row group, row within it) of row ``row`` of ``shard``."""
-        bounds = self._footer(shard).bounds
-        group = int(np.searchsorted(bounds, row, side="right")) - 1
-        return group, row - int(bounds[group])
-
-    def _group(self, key: tuple[int, int]) -> pa.Table:
+    def _group(self, key: tuple[int, int], footer: _Footer) -> pa.Table:
         shard, group = key
-        return self._groups.get(key, lambda: self._read_group(shard, group))
+        return self._groups.get(key, lambda: self._read_group(shard, group, footer))
 
     def _row(self, shard: int, row: int) -> dict[str, Any]:
-        group, offset = self._group_of(shard, row)
-        return self._group((shard, group)).slice(offset, 1).to_pylist()[0]
-
-    def _filesystem(self):
-        if self._fs is None:
-            self._fs = filesystem(self.version.uri, self.endpoint_url)[0]
-        return self._fs
+        footer = self._footer(shard)
+        group, offset = _group_of(footer, row)
+        return self._group((shard, group), footer).slice(offset, 1).to_pylist()[0]
 
     def _path(self, shard: int) -> str:
-        return filesystem(join(self.version.uri, self._shards[shard].path), self.endpoint_url)[1]
-
-    def _open(self, shard: int, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
-        return pq.ParquetFile(self._path(shard), metadata=metadata, filesystem=self._filesystem())
+        return self._storage.path(self._shards[shard].path)
 
     def _footer(self, shard: int) -> _Footer:
-        def load() -> _Footer:
-            with self._open(shard) as handle:
-                metadata = handle.metadata
-            sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
-            return _Footer(metadata, np.cumsum([0, *sizes]).astype(np.int64))
+        return self._footers.get(shard, lambda: self._load_footer(shard))
 
-        return self._footers.get(shard, load)
+    def _load_footer(self, shard: int) -> _Footer:
+        metadata = read_footer(self._storage, self._path(shard), self._footer_sample)
+        # Shards written alike have footers of about one size: ask for it next time.
+        self._footer_sample = max(self._footer_sample, metadata.serialized_size * 9 // 8 + 64)
+        sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+        names = set(metadata.schema.to_arrow_schema().names)
+        columns = [c for c in TRAINING_COLUMNS if c in names]
+        return _Footer(metadata, np.cumsum([0, *sizes]).astype(np.int64), columns)
 
     def _metadata(self, shard: int) -> pq.FileMetaData:
         return self._footer(shard).metadata
 
-    def _read_group(self, shard: int, group: int) -> pa.Table:
-        with self._open(shard, self._metadata(shard)) as handle:
-            names = set(handle.schema_arrow.names)
-            columns = [c for c in TRAINING_COLUMNS if c in names]
-            return handle.read_row_group(group, columns=columns)
+    def _read_group(self, shard: int, group: int, footer: _Footer) -> pa.Table:
+        return read_row_groups(
+            self._storage, self._path(shard), footer.metadata, [group], footer.columns
+        )
+
+    # ------------------------------------------------------------------ footers
+
+    def prefetch_footers(self, threads: int = FOOTER_THREADS) -> int:
+        """Load the shards' footers ahead of the reads, ``threads`` at a time (one request
+        each on an object store, where one by one they would take a round trip each), as
+        many as the ``footer_bytes`` budget keeps; returns how many are cached.
+
+        The first shard's footer is read alone: its size tells how many fit, and is the
+        guess at the others' size, so each of them costs one request."""
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if self._shards:
+            first = self._footer(0).metadata.serialized_size
+            fit = min(len(self._shards), self._footers.max_size // max(1, first))
+            with ThreadPoolExecutor(threads, thread_name_prefix="footers") as pool:
+                list(pool.map(self._footer, range(1, fit)))
+        self._prefetched = True
+        return len(self._footers)
+
+    def _group_sizes(self, shard: int) -> np.ndarray:
+        return np.diff(self._footer(shard).bounds)
+
+    def _prefetch_once(self) -> None:
+        if self._prefetched:
+            return
+        with self._prefetch_lock:
+            if not self._prefetched:
+                self.prefetch_footers()
+
+    def row_group_sizes(self, threads: int = FOOTER_THREADS) -> np.ndarray:
+        """Rows in each row group of the dataset, shards in manifest order (int64): the
+        blocks of the sampler's ``blocks`` shuffle. Reads every footer, ``threads`` at a
+        time; those the ``footer_bytes`` budget holds stay cached for the reads."""
+        self._prefetch_once()
+        with ThreadPoolExecutor(threads, thread_name_prefix="footers") as pool:
+            sizes = list(pool.map(self._group_sizes, range(len(self._shards))))
+        return np.concatenate(sizes).astype(np.int64) if sizes else np.zeros(0, np.int64)
 
     # ------------------------------------------------------------------ references
 
@@ -254,6 +444,7 @@ class DatasetRows:
         return {**row, "negatives": resolved}
 
     def _ids_of(self, shard: int) -> dict[str, int]:
-        with self._open(shard, self._metadata(shard)) as handle:
-            ids = handle.read(columns=["id"]).column("id").to_pylist()
-        return {row_id: position for position, row_id in enumerate(ids)}
+        metadata = self._metadata(shard)
+        groups = range(metadata.num_row_groups)
+        table = read_row_groups(self._storage, self._path(shard), metadata, groups, ["id"])
+        return {row_id: position for position, row_id in enumerate(table.column("id").to_pylist())}

@@ -26,6 +26,22 @@ The rows
     first row. Each dataset's current permutation is cached: 4 bytes per row of every
     dataset drawn so far.
 
+Block shuffle (``shuffle="blocks"``)
+    A uniform permutation makes every row a read of its own row group, which on an object
+    store costs a request and a row group's bytes per row (``rzenembed.training.rows``).
+    With ``blocks``, the dataset's rows are cut into blocks of consecutive rows given by
+    the caller, one per Parquet row group (``DatasetRows.row_group_sizes``; shards are
+    written in row groups of about 256 KiB, so a block is a few image rows or a few hundred
+    text rows). Epoch ``e`` permutes the blocks with a generator seeded by ``(seed,
+    BLOCK_STREAM, i, e)``, then the same generator shuffles the rows within each window of
+    ``shuffle_window`` consecutive blocks of that order. Rows of a window come from
+    ``shuffle_window`` row groups, read once each while the window is consumed; rows still
+    mix within a window and the windows' order is random, so a batch draws from a window
+    or two of random row groups instead of ``global_batch`` random rows. Everything else
+    (cursors, epochs, resume) is as above; the mode, the window and a digest of each
+    dataset's blocks are part of the configuration a saved state must match. The block
+    boundaries cost 8 bytes a block.
+
 Steps are consecutive
     ``plan(step)`` both computes the step's batch and commits it (advances the cursor), so
     it must be called with ``0, 1, 2, ...``; anything else raises. One call that does both
@@ -69,8 +85,10 @@ Adaptive sampling (``AdaptiveSettings``; the paper leaves the rule open, this is
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -79,6 +97,8 @@ import numpy as np
 STATE_VERSION = 2
 DRAW_STREAM = 0
 PERMUTATION_STREAM = 1
+BLOCK_STREAM = 2
+SHUFFLE_MODES = ("rows", "blocks")
 _PROGRESS_EPSILON = 1e-8
 _FLAT_SPREAD = 1e-12
 _BISECTION_ROUNDS = 200
@@ -182,6 +202,51 @@ def epoch_permutation(seed: int, dataset_index: int, epoch: int, size: int) -> n
     """The order in which ``epoch`` of a dataset visits its rows."""
     rng = np.random.default_rng([seed, PERMUTATION_STREAM, dataset_index, epoch])
     return rng.permutation(size).astype(np.int64, copy=False)
+
+
+def block_permutation(
+    seed: int, dataset_index: int, epoch: int, block_bounds: np.ndarray, window: int
+) -> np.ndarray:
+    """The order in which ``epoch`` of a dataset visits its rows under the block shuffle:
+    blocks in a seeded random order, rows shuffled within each ``window`` blocks of it.
+    ``block_bounds`` holds the first row of every block, then the row count."""
+    rng = np.random.default_rng([seed, BLOCK_STREAM, dataset_index, epoch])
+    lengths = np.diff(block_bounds)
+    order = rng.permutation(len(lengths))
+    rows = _concatenated_ranges(block_bounds[:-1][order], lengths[order])
+    window_ends = np.cumsum(lengths[order])[window - 1 :: window].tolist()
+    if not window_ends or window_ends[-1] != len(rows):
+        window_ends.append(len(rows))
+    start = 0
+    for end in window_ends:
+        rng.shuffle(rows[start:end])  # in place: a view of ``rows``
+        start = end
+    return rows
+
+
+def _concatenated_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``range(starts[0], starts[0] + lengths[0])``, then the next range, ... as one array."""
+    offsets = np.cumsum(lengths) - lengths
+    return np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+
+
+def block_bounds_of(block_sizes: Sequence[int], size: int) -> np.ndarray:
+    """First row of each block, then ``size``, after checking the sizes tile the dataset."""
+    sizes = np.asarray(block_sizes)
+    if sizes.ndim != 1 or not len(sizes) or not np.issubdtype(sizes.dtype, np.integer):
+        raise ValueError("blocks must be a non-empty list of integer block sizes per dataset")
+    if sizes.min() <= 0 or int(sizes.sum()) != size:
+        raise ValueError(
+            f"block sizes must be > 0 and add up to the dataset's {size} rows, "
+            f"got {len(sizes)} blocks of {int(sizes.sum())} rows"
+        )
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+def _blocks_digest(bounds: np.ndarray) -> dict[str, Any]:
+    """What identifies a dataset's blocks in a saved state: their count and a digest."""
+    digest = hashlib.sha256(bounds.astype("<i8").tobytes()).hexdigest()[:16]
+    return {"count": len(bounds) - 1, "sha256": digest}
 
 
 def adaptive_probabilities(
@@ -313,7 +378,14 @@ class StageSampler:
         seed: int,
         adaptive: AdaptiveSettings | None = None,
         lookahead: int = 0,
+        shuffle: str = "rows",
+        shuffle_window: int = 16,
+        blocks: Sequence[Sequence[int]] | None = None,
     ) -> None:
+        """``shuffle`` orders each epoch's rows: ``rows`` a uniform permutation, ``blocks``
+        the block shuffle of the module docstring, over ``blocks`` (per dataset, the sizes
+        of its consecutive blocks: its row groups' row counts) in windows of
+        ``shuffle_window`` blocks."""
         if not (_is_int(lookahead) and lookahead >= 0):
             raise ValueError(f"lookahead must be an integer >= 0, got {lookahead!r}")
         self._lookahead = int(lookahead)
@@ -333,6 +405,26 @@ class StageSampler:
         self._last_observed_step = -1
         self._adaptive = self._fresh_adaptive_state()
         self._permutations: dict[int, tuple[int, np.ndarray]] = {}
+        self._shuffle = shuffle
+        self._shuffle_window = shuffle_window
+        self._block_bounds = self._checked_blocks(shuffle, shuffle_window, blocks)
+
+    def _checked_blocks(
+        self, shuffle: str, window: int, blocks: Sequence[Sequence[int]] | None
+    ) -> list[np.ndarray] | None:
+        if shuffle not in SHUFFLE_MODES:
+            raise ValueError(f"shuffle must be one of {SHUFFLE_MODES}, got {shuffle!r}")
+        if not (_is_int(window) and window >= 1):
+            raise ValueError(f"shuffle_window must be an integer >= 1, got {window!r}")
+        if shuffle == "rows":
+            if blocks is not None:
+                raise ValueError("blocks only apply to shuffle='blocks'")
+            return None
+        if blocks is None or len(blocks) != len(self._datasets):
+            raise ValueError(
+                "shuffle='blocks' needs the block sizes (row groups' rows) of every dataset"
+            )
+        return [block_bounds_of(b, size) for b, size in zip(blocks, self._sizes, strict=True)]
 
     # ------------------------------------------------------------------ read-only views
 
@@ -417,12 +509,18 @@ class StageSampler:
         cached = self._permutations.get(dataset_index)
         if cached is None or cached[0] != epoch:
             size = self._sizes[dataset_index]
-            order = epoch_permutation(self._seed, dataset_index, epoch, size)
+            order = self._epoch_order(dataset_index, epoch)
             if size < 2**31:  # kept as int32: 4 bytes a row (plans are int64)
                 order = order.astype(np.int32)
             cached = (epoch, order)
             self._permutations[dataset_index] = cached
         return cached[1]
+
+    def _epoch_order(self, dataset_index: int, epoch: int) -> np.ndarray:
+        if self._block_bounds is None:
+            return epoch_permutation(self._seed, dataset_index, epoch, self._sizes[dataset_index])
+        bounds = self._block_bounds[dataset_index]
+        return block_permutation(self._seed, dataset_index, epoch, bounds, self._shuffle_window)
 
     # ------------------------------------------------------------------ adaptive
 
@@ -484,6 +582,16 @@ class StageSampler:
             "seed": self._seed,
             "adaptive": asdict(self._settings) if self._settings is not None else None,
             "lookahead": self._lookahead,
+            "shuffle": self._shuffle_config(),
+        }
+
+    def _shuffle_config(self) -> dict[str, Any]:
+        if self._block_bounds is None:
+            return {"mode": "rows"}
+        return {
+            "mode": self._shuffle,
+            "window": self._shuffle_window,
+            "blocks": [_blocks_digest(b) for b in self._block_bounds],
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -508,7 +616,8 @@ class StageSampler:
         since its data order could not be reproduced."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported sampler state version {state.get('version')!r}")
-        _check_same_config(self._config(), state["config"])
+        # States saved before shuffle modes existed were all uniform row permutations.
+        _check_same_config(self._config(), {"shuffle": {"mode": "rows"}, **state["config"]})
         self._progress = _Progress(
             next_step=int(state["next_step"]),
             rows_consumed=tuple(int(n) for n in state["rows_consumed"]),
