@@ -4,10 +4,11 @@ A head and a second node (``ray start`` on 127.0.0.1, each with its own temporar
 directory and staging cache, Ray's token authentication on) each declare one ``trainer``
 slot, so the two training workers land on different nodes. Raw sources, the base model
 and the evaluation sets are on a local S3 server (moto), and so is ``storage.root``. The
-Prefect worker is a separate driver process. Afterwards the cluster is stopped and both
-nodes' temporary directories and caches are deleted; ``rzenembed verify`` then recomputes
-every digest on the registered model's lineage from S3 alone: nothing the pipeline needs
-was left on a node's disk.
+Prefect worker is a separate driver process that hosts no Ray node: it reaches the cluster
+through Ray Client (``ray://``), as a Prefect worker pod of KubeRay does. Afterwards the
+cluster is stopped and both nodes' temporary directories and caches are deleted;
+``rzenembed verify`` then recomputes every digest on the registered model's lineage from
+S3 alone: nothing the pipeline needs was left on a node's disk.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def s3(s3_endpoint):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3_endpoint):
-    """Head + second node on loopback; yields (address, env for drivers, node dirs)."""
+    """Head + second node on loopback; yields (the Ray Client address, env for drivers,
+    node dirs)."""
     import ray
 
     ray.shutdown()  # this process's local runtime; later tests start a fresh one
@@ -109,7 +111,7 @@ def cluster(tmp_path_factory, s3_endpoint):
     # bytes: pytest's own temp dirs (pytest-of-USER/pytest-NNN/...) are too long once NNN or
     # the session's pid has one more digit, so the nodes live in a short dir of their own.
     root = Path(tempfile.mkdtemp(prefix="rz-", dir="/tmp"))
-    port = free_port()
+    port, client_port = free_port(), free_port()
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
@@ -132,13 +134,23 @@ def cluster(tmp_path_factory, s3_endpoint):
     ]
     try:
         for name, args in (
-            ("head", ["--head", "--port", str(port), "--include-dashboard=false"]),
+            (
+                "head",
+                [
+                    "--head",
+                    "--port",
+                    str(port),
+                    "--ray-client-server-port",
+                    str(client_port),
+                    "--include-dashboard=false",
+                ],
+            ),
             ("node-b", ["--address", f"127.0.0.1:{port}"]),
         ):
             node_env = {**env, "RZENEMBED_CACHE": str(caches[name])}
             command = [str(RAY), "start", *args, *common, "--temp-dir", str(nodes[name])]
             start_node(command, node_env, nodes[name])
-        yield f"127.0.0.1:{port}", env, [*nodes.values(), *caches.values()]
+        yield f"ray://127.0.0.1:{client_port}", env, [*nodes.values(), *caches.values()]
     finally:
         stop_nodes(list(nodes.values()))
         shutil.rmtree(root, ignore_errors=True)

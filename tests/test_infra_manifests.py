@@ -61,7 +61,7 @@ def test_the_worker_reaches_ray_mlflow_and_prefect():
                    if d["kind"] == "Deployment"}  # fmt: skip
     worker = deployments["prefect-worker"]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in worker["env"]}
-    assert env["RAY_ADDRESS"] == "rzenembed-head-svc:6379"  # KubeRay's head service
+    assert env["RAY_ADDRESS"] == "ray://rzenembed-head-svc:10001"  # Ray Client on the head
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert "cluster-process" in worker["command"]
@@ -91,7 +91,7 @@ def test_the_endpoint_follower_and_its_service():
     kinds = {d["kind"]: d for d in docs("infra/k8s/serve.yaml")}
     follower = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in follower["env"]}
-    assert env["RAY_ADDRESS"] == "rzenembed-head-svc:6379"
+    assert env["RAY_ADDRESS"] == "ray://rzenembed-head-svc:10001"
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert follower["command"][:2] == ["rzenembed", "serve"]
     config = follower["command"][follower["command"].index("--config") + 1]

@@ -11,7 +11,12 @@ exception is raised in the driver as itself. Concurrency follows the cluster's r
 never do.
 
 Ray is joined when an address is given (``compute.ray_address`` or ``RAY_ADDRESS``) and
-started locally otherwise, with an explicit CPU count and no dashboard.
+started locally otherwise, with an explicit CPU count and no dashboard. An address is either
+a GCS address (``head:6379``: the driver must run on a machine that hosts a Ray node) or a
+Ray Client address (``ray://head:10001``: a driver anywhere, such as a Prefect worker pod).
+Ray Data and Ray Train need a driver on a Ray node; through Ray Client, ``in_cluster`` runs
+such work as a Ray task on the cluster (zero CPUs: it only coordinates) and hands back its
+result.
 """
 
 from __future__ import annotations
@@ -46,6 +51,25 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             log_to_driver=False,
             configure_logging=False,
         )
+
+
+def is_ray_client() -> bool:
+    """Whether this process reaches Ray through Ray Client (it hosts no Ray node)."""
+    from ray.util.client import ray as client
+
+    return client.is_connected()
+
+
+def in_cluster(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` where Ray Data and Ray Train can drive work: in this process
+    when it runs on a Ray node (or Ray runs locally); through Ray Client, as a zero-CPU Ray
+    task on the cluster, its result (or its exception) brought back."""
+    if not is_ray_client():
+        return fn(*args, **kwargs)
+    import ray
+
+    task = ray.remote(fn).options(num_cpus=0, max_retries=0)
+    return ray.get(task.remote(*args, **kwargs))
 
 
 def _configure(show_progress: bool) -> None:
@@ -156,9 +180,11 @@ def _map(items: Sequence[Any], show_progress: bool, udf: Any, **map_args: Any) -
     unpickled in input order (the first error, in input order, raised)."""
     if not items:
         return []
+    ensure_ray()
+    if is_ray_client():  # Ray Data's executor runs on a Ray node, not in a client
+        return in_cluster(_map, items, show_progress, udf, **map_args)
     import ray.data
 
-    ensure_ray()
     _configure(show_progress)
     rows = [{"index": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))

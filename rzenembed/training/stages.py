@@ -128,7 +128,7 @@ def run_training(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rzenembed.cluster import ensure_compute_for
-    from rzenembed.data.engine import ensure_ray
+    from rzenembed.data.engine import ensure_ray, in_cluster, is_ray_client
     from rzenembed.runtime import backend_for
 
     stage: StageConfig = getattr(cfg, stage_name)
@@ -143,6 +143,9 @@ def run_training(
     if is_published(result.adapter_uri, cfg.storage.endpoint_url):
         return result
     ensure_ray(address=cfg.compute.ray_address)
+    if is_ray_client():  # Ray Train's controller is driven from a Ray node
+        args = (cfg, stage_name, manifest, base_model, mixture, mlflow_run_id, step_callbacks)
+        return in_cluster(run_training, *args)
     spec = RunSpec(
         cfg=cfg.model_dump(mode="json"),
         stage=stage_name,
