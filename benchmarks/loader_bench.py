@@ -3,6 +3,7 @@
 Run from the repository root (also as ``python benchmarks/train_bench.py --loader``):
 
     python benchmarks/loader_bench.py [--rows 10000,1000000] [--steps 20] [--batch 32]
+        [--loader-workers 0,2]
 
 Datasets are written in code into a temporary folder as committed dataset versions, the way
 preparation writes them (Parquet shards, row groups of ``ROW_GROUP_BYTES``):
@@ -23,6 +24,12 @@ warm-up steps, one torch thread. It reports:
   loader; with prefetch off also the processor, which then runs inside the step), as a
   share of the step, median and total over the timed steps (``data_wait_fraction``);
 - load time: what building one step's batch takes on the loader thread.
+
+The data-wait part runs the image rows with prefetch off, then with prefetch on once per
+``--loader-workers`` value (``compute.loader_workers``: threads running the processor over a
+step's chunks at once; 0: one after another on the loader thread). The wait it prints is
+the rank's ``data_wait_by_rank`` entry, as the training log records it for every rank (one
+rank here).
 
 ``eager`` runs beside them: the peak RSS of a process that only reads the same dataset
 the way ranks did before rows were read lazily (``read_table().to_pylist()``).
@@ -203,7 +210,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             "peak_rss_mib": proc_status_kib("VmHWM") / 1024,
         }
     from rzenembed.config import config_from_dict
-    from rzenembed.training.loop import RunSpec, Trainer, record_data_wait
+    from rzenembed.training.loop import (
+        RunSpec,
+        Trainer,
+        record_data_wait,
+        record_slowest_rank,
+    )
 
     warmup, steps = 3, args.steps
     cfg = config_from_dict(
@@ -224,6 +236,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 "prefetch": args.prefetch,
                 "optim": {"lr": 1e-4, "warmup_ratio": 0.0},
             },
+            "compute": {"loader_workers": args.loader_workers},
         }
     )
     spec = RunSpec(
@@ -246,7 +259,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             metrics = trainer.train_step(step, loaded)
             loader.advance(step)
             record_data_wait(metrics, waited)
-            records.append((metrics["data_wait_s"], metrics["step_s"], loaded.load_s))
+            record_slowest_rank(metrics, trainer)
+            (rank_wait,) = metrics["data_wait_by_rank"]
+            records.append((rank_wait, metrics["step_s"], loaded.load_s))
     timed = records[warmup:]
     wait = [w for w, _, _ in timed]
     compute = [c for _, c, _ in timed]
@@ -254,6 +269,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "rows": len(source),
         "prefetch": args.prefetch,
+        "loader_workers": args.loader_workers,
         "peak_rss_mib": proc_status_kib("VmHWM") / 1024,
         "wait_share_median": statistics.median(w / (w + c) for w, c, _ in timed),
         "wait_share_total": sum(wait) / (sum(wait) + sum(compute)),
@@ -299,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32, help="rows per step (one rank)")
     parser.add_argument("--prefetch", type=int, default=2, help="loader depth when on")
     parser.add_argument(
+        "--loader-workers", default="0,2", help="processor threads to compare (prefetch on)"
+    )
+    parser.add_argument(
         "--eager-max", type=int, default=1_000_000, help="largest size read eagerly"
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -307,8 +326,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--manifest", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
+        args.loader_workers = int(args.loader_workers)
         print(json.dumps(child(args)))
         return
+    workers = [int(n) for n in args.loader_workers.split(",")]
     from rzenembed.modeling.tiny import build_tiny_model
 
     print(
@@ -326,7 +347,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             manifest = write_dataset(Path(work) / f"text-{rows}", "text", rows)
             written = time.perf_counter() - started
             lazy = run_child(
-                model_dir, manifest, steps=args.steps, batch=args.batch, prefetch=args.prefetch
+                model_dir,
+                manifest,
+                steps=args.steps,
+                batch=args.batch,
+                prefetch=args.prefetch,
+                loader_workers=workers[0],
             )
             eager = None if rows > args.eager_max else run_child(model_dir, manifest, eager=True)
             peaks[rows] = lazy["peak_rss_mib"]
@@ -346,11 +372,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"  ratio {largest} / {smallest} rows: {peaks[largest] / peaks[smallest]:.3f}x")
         print(f"\ndata wait: image-{args.image_rows} (JPEG positives read, decoded, processed)")
         manifest = write_dataset(Path(work) / "image", "image", args.image_rows)
-        for depth in (0, args.prefetch):
-            row = run_child(model_dir, manifest, steps=args.steps, batch=args.batch, prefetch=depth)
-            label = "prefetch off" if depth == 0 else f"prefetch {depth}"
+        settings = [(0, workers[0]), *((args.prefetch, n) for n in workers)]
+        for depth, count in settings:
+            row = run_child(
+                model_dir,
+                manifest,
+                steps=args.steps,
+                batch=args.batch,
+                prefetch=depth,
+                loader_workers=count,
+            )
+            label = "prefetch off" if depth == 0 else f"prefetch {depth}, {count} workers"
             print(
-                f"  {label:>12}: data wait {row['wait_share_total']:.1%} of step time "
+                f"  {label:>24}: rank 0 data wait {row['wait_share_total']:.1%} of step time "
                 f"(median step {row['wait_share_median']:.1%}; wait "
                 f"{row['wait_s_median'] * 1000:.0f} ms, compute "
                 f"{row['compute_s_median'] * 1000:.0f} ms, load on the loader thread "

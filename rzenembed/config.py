@@ -428,6 +428,10 @@ class ComputeConfig(Strict):
     eval_actors: int = Field(default=1, gt=0)
     # Threads each training rank's loader reads media with (object-store requests overlap).
     loader_threads: int = Field(default=8, gt=0)
+    # Threads that run the processor over a step's chunks at once (image decode, resize
+    # and patching release the GIL); 0: one chunk after another on the loader's thread.
+    # Keep it under cpus_per_worker (the training thread needs a core).
+    loader_workers: int = Field(default=2, ge=0)
     # Bytes of Parquet row groups each training rank keeps in its row cache.
     loader_cache_mb: int = Field(default=64, ge=0)
     # Before a training run, an actor pool or a GPU task, what it asks is packed onto the

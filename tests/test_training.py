@@ -77,6 +77,11 @@ def test_each_run_writes_an_adapter_and_its_metrics(trained):
             == pytest.approx(s["data_wait_s"] / (s["data_wait_s"] + s["step_s"]))
             for s in steps
         )
+        # Every rank's wait reaches rank 0's log: its own, the slowest rank, the worst share.
+        for s in steps:
+            waits = s["data_wait_by_rank"]
+            assert len(waits) == 2 and waits[0] == pytest.approx(s["data_wait_s"])
+            assert s["data_wait_max_s"] == max(waits) == waits[s["data_wait_slowest_rank"]]
     assert ModelCard.load(merged).kind == "model"
     assert {r.mixture for r in stage2} == {"even", "doc-heavy"}
 

@@ -9,7 +9,9 @@ saved adapter (base + LoRA) or a merged model.
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -240,6 +242,15 @@ class RzenEmbedder(nn.Module):
         )
         return {k: batch[k] for k in self.input_keys if k in batch}
 
+    def with_own_processor(self) -> RzenEmbedder:
+        """This embedder for another thread: the same weights (shared, not copied) and a
+        processor of its own. A Hugging Face fast tokenizer keeps its padding and truncation
+        settings on one shared object that every call rewrites, so two threads calling one
+        processor corrupt each other's padding (tensors of unequal lengths)."""
+        view = copy.copy(self)  # a new __dict__; parameters and submodules are shared
+        object.__setattr__(view, "processor", copy.deepcopy(self.processor))
+        return view
+
     @property
     def input_keys(self) -> tuple[str, ...]:
         """The processor outputs this backbone consumes."""
@@ -249,7 +260,13 @@ class RzenEmbedder(nn.Module):
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         """(batch, dim) float32 unit vectors for prepared inputs; differentiable."""
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k in self.input_keys}
+        # Non-blocking: from page-locked memory (the training loader pins prefetched chunks)
+        # the copy overlaps the GPU's work; from ordinary memory it is a plain copy.
+        inputs = {
+            k: v.to(self.device, non_blocking=True)
+            for k, v in batch.items()
+            if k in self.input_keys
+        }
         outputs = self.core(**inputs, use_cache=False, return_dict=True)
         return eos_pool(outputs.last_hidden_state, inputs["attention_mask"])
 
@@ -333,6 +350,21 @@ class RzenEmbedder(nn.Module):
         )
         card.save(out)
         return out
+
+
+class ThreadLocalPreparer:
+    """``prepare`` on any number of threads at once: each thread runs the processor of its
+    own ``with_own_processor`` view of the embedder, made on its first call."""
+
+    def __init__(self, embedder: RzenEmbedder):
+        self.embedder = embedder
+        self._local = threading.local()
+
+    def prepare(self, items: Sequence[EmbedInput | str | dict]) -> dict[str, torch.Tensor]:
+        view = getattr(self._local, "view", None)
+        if view is None:
+            view = self._local.view = self.embedder.with_own_processor()
+        return view.prepare(items)
 
 
 def _resolve_config(path: str, card: ModelCard | None, config: ModelConfig | None) -> ModelConfig:

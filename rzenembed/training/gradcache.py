@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -132,13 +133,15 @@ def prepare_batch(
     chunk_size: int | None,
     lazy: bool = False,
     negative_mask: Tensor | None = None,
+    pool: Executor | None = None,
 ) -> ContrastiveBatch:
     """Run the processor over each chunk of queries, positives and flattened negatives.
 
     Chunks are prepared separately so each is padded only to its own longest item; a chunk
     is then the unit of work of both GradCache passes. With ``lazy`` the chunks stay raw
     (``PendingChunk``) and are prepared when embedded, so host memory does not grow with
-    the global batch.
+    the global batch. With ``pool`` the chunks are prepared concurrently on it (each chunk
+    on its own, so the result does not depend on how many run at once).
     """
     if len(queries) != len(positives):
         raise ValueError(f"got {len(queries)} queries but {len(positives)} positives")
@@ -164,12 +167,17 @@ def prepare_batch(
         chunks = chunk_inputs(items, chunk_size)
         if lazy:
             return [PendingChunk(chunk, embedder) for chunk in chunks]
+        if pool is not None:  # every chunk of the step in flight at once, collected below
+            return [pool.submit(embedder.prepare, chunk) for chunk in chunks]
         return [embedder.prepare(chunk) for chunk in chunks]
 
+    sides = [prepared(queries), prepared(positives), prepared(negatives) if negatives else None]
+    if pool is not None and not lazy:
+        sides = [None if s is None else [f.result() for f in s] for s in sides]
     return ContrastiveBatch(
-        queries=prepared(queries),
-        positives=prepared(positives),
-        negatives=prepared(negatives) if negatives else None,
+        queries=sides[0],
+        positives=sides[1],
+        negatives=sides[2],
         num_negatives=num_negatives,
         negative_mask=negative_mask,
     )

@@ -39,6 +39,7 @@ from rzenembed.data.version import DatasetVersion
 from rzenembed.losses import RzenEmbedLoss
 from rzenembed.modeling import RzenEmbedder
 from rzenembed.modeling.digest import digests_of
+from rzenembed.modeling.embedder import ThreadLocalPreparer
 from rzenembed.prep.mixture import StageManifest, profile_negatives
 from rzenembed.runtime import Runtime, activated, check_collective, train_worker_runtime
 from rzenembed.training.collate import TrainBatch, collate
@@ -305,6 +306,22 @@ def held_in_model_dtype(batch: ContrastiveBatch, dtype: torch.dtype) -> Contrast
     )
 
 
+def pinned(batch: ContrastiveBatch) -> ContrastiveBatch:
+    """Prepared chunks in page-locked host memory: the embedder's ``.to(device,
+    non_blocking=True)`` then copies them while the GPU still computes."""
+
+    def pin(chunk):
+        return {k: v.pin_memory() for k, v in chunk.items()}
+
+    return ContrastiveBatch(
+        queries=[pin(c) for c in batch.queries],
+        positives=[pin(c) for c in batch.positives],
+        negatives=[pin(c) for c in batch.negatives] if batch.negatives else None,
+        num_negatives=batch.num_negatives,
+        negative_mask=batch.negative_mask,
+    )
+
+
 class Trainer:
     """State and steps of one worker's run."""
 
@@ -320,7 +337,13 @@ class Trainer:
             self.manifest, self.cfg.storage.endpoint_url, compute.loader_cache_mb * 2**20
         )
         self.reads = ThreadPoolExecutor(compute.loader_threads, thread_name_prefix="media")
+        self.processing = (
+            ThreadPoolExecutor(compute.loader_workers, thread_name_prefix="processor")
+            if compute.loader_workers
+            else None
+        )
         self.module = build_model(spec, self.runtime)
+        self.preparer = ThreadLocalPreparer(self.module.embedder)  # for the processor pool
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.module, self.stage.optim)
         self.scheduler = build_scheduler(self.optimizer, self.stage.optim, spec.total_steps)
@@ -347,7 +370,7 @@ class Trainer:
         key = plan.dataset.encode() + plan.indices.astype("int64").tobytes()
         batch.plan_digest = hashlib.blake2b(key, digest_size=8).hexdigest()
         prepared = prepare_batch(
-            self.module.embedder,
+            self.module.embedder if self.processing is None else self.preparer,
             batch.queries,
             batch.positives,
             batch.negatives,
@@ -355,9 +378,12 @@ class Trainer:
             self.stage.gradcache_chunk,
             lazy=self.stage.prefetch == 0 and bool(self.stage.gradcache_chunk),
             negative_mask=batch.negative_mask,
+            pool=self.processing,
         )
         if self.stage.prefetch:
             prepared = held_in_model_dtype(prepared, self.module.embedder.hf_model.dtype)
+            if self.runtime.device.type == "cuda":  # copied to the GPU without a sync
+                prepared = pinned(prepared)
             batch.drop_inputs()
         return LoadedStep(plan.step, batch, prepared, time.perf_counter() - started)
 
@@ -505,6 +531,7 @@ def run_steps(trainer: Trainer) -> None:
                 callback(trainer, step)
             metrics = trainer.train_step(step, loaded)
             record_data_wait(metrics, waited)
+            record_slowest_rank(metrics, trainer)
             if adaptive and math.isfinite(metrics["loss"]):  # a NaN would poison the averages
                 changes = trainer.sampler.observe(step, loaded.batch.dataset, metrics["loss"])
                 if changes:
@@ -536,6 +563,31 @@ def record_data_wait(metrics: dict[str, Any], waited: float) -> None:
     data = waited + metrics.get("process_in_step_s", 0.0)
     metrics["data_wait_s"] = data
     metrics["data_wait_fraction"] = data / max(data + metrics["step_s"], 1e-12)
+
+
+def record_slowest_rank(metrics: dict[str, Any], trainer: Trainer) -> None:
+    """Every rank's ``data_wait_s`` (one small all-reduce), so rank 0's log shows a starved
+    rank: ``data_wait_by_rank``, the slowest rank and its share of the step."""
+    device = trainer.params[0].device if trainer.params else torch.device("cpu")
+    waits = per_rank(metrics["data_wait_s"], device)
+    slowest = max(range(len(waits)), key=waits.__getitem__)
+    metrics["data_wait_by_rank"] = waits
+    metrics["data_wait_slowest_rank"] = slowest
+    metrics["data_wait_max_s"] = waits[slowest]
+    metrics["data_wait_max_fraction"] = waits[slowest] / max(
+        waits[slowest] + metrics["step_s"], 1e-12
+    )
+
+
+def per_rank(value: float, device: torch.device | str = "cpu") -> list[float]:
+    """``value`` of every rank, in rank order (this rank's alone without a process group)."""
+    rank, world_size = world()
+    if world_size == 1:
+        return [value]
+    values = torch.zeros(world_size, dtype=torch.float64, device=device)
+    values[rank] = value
+    dist.all_reduce(check_collective(values, "per_rank"))
+    return values.tolist()
 
 
 def report(trainer: Trainer, step: int, metrics: dict[str, Any], sampler_state: dict) -> None:
