@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test demo lint format bench gpu-check clean
+.PHONY: test demo lint format bench gpu-check gpu-check-dry-run clean
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,10 +42,15 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loss_bench.py
 
-# On a machine with one CUDA device: training (NCCL, bf16), evaluation on CUDA and the 2B
-# benchmark, PASS/FAIL per part with figures (docs/PERFORMANCE.md). `--dry-run` on CPU.
+# On a machine with CUDA devices: the driver against the build, training (NCCL, bf16),
+# GradCache against the plain step, evaluation on CUDA, two NCCL ranks against one (two or
+# more GPUs) and the 2B benchmark; PASS/FAIL/SKIP per part with figures and what it
+# asserted (docs/PERFORMANCE.md). `make gpu-check-dry-run`: every part's code on CPU.
 gpu-check: $(STAMP)
-	$(BIN)/python benchmarks/gpu_check.py
+	$(BIN)/python benchmarks/gpu_check.py --json runs/gpu-check.json
+
+gpu-check-dry-run: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --dry-run
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -4,7 +4,7 @@ Run from the repository root:
 
     python benchmarks/train_bench.py [--batches 16,64,256] [--chunk 8] [--steps N]
         [--threads 1] [--modes gradcache,plain,lazy]
-    python benchmarks/train_bench.py --gpu [--family qwen3-vl] [--chunk 8] [--gpu-batch 48]
+    python benchmarks/train_bench.py --gpu [--family qwen3-vl] [--gpu-chunk 32] [--gpu-batch 48]
         [--peak-tflops 989]
     python benchmarks/train_bench.py --gpu --dry-run
     python benchmarks/train_bench.py --loader [--rows 10000,1000000] [--steps 20]
@@ -46,9 +46,12 @@ non-reentrant gradient checkpointing and LoRA r=64 on every vision and LLM linea
 inputs are token ids made directly in the 2B vocabulary (the tiny processor's vocabulary does
 not match it): per-device batch ``--gpu-batch`` text queries, image positives and image hard
 negatives, each image a (1, 70, 72) patch grid = 1260 visual tokens (the 1280-token budget),
-RzenEmbedLoss, GradCache with ``--chunk`` rows per chunk. It reports step time, samples/s,
-torch.cuda.max_memory_allocated and model FLOPs utilisation; ``--dry-run`` runs the same
-code on CPU with a 2-layer version of the 2B config, tiny images and a batch of 4.
+RzenEmbedLoss, GradCache with ``--gpu-chunk`` rows per chunk (default: the 2B config's
+``gradcache_chunk``, 32), the forward passes under bf16 autocast as the training runtime runs
+them (so the LoRA matmuls run in bf16 too). It reports step time, samples/s, tokens/s,
+torch.cuda.max_memory_allocated and max_memory_reserved, and model FLOPs utilisation;
+``--dry-run`` runs the same code on CPU with a 2-layer version of the 2B config, tiny
+images, a batch of 4 and no autocast.
 """
 
 from __future__ import annotations
@@ -210,13 +213,23 @@ def loss_closure(setup: StepSetup, batch: int):
     return loss_fn
 
 
-def optimise(setup: StepSetup, batch: ContrastiveBatch, rows: int, gradcache: bool) -> float:
-    """GradCache or plain step, then gradient averaging, clipping and AdamW; returns the loss."""
+def optimise(
+    setup: StepSetup,
+    batch: ContrastiveBatch,
+    rows: int,
+    gradcache: bool,
+    autocast: torch.dtype | None = None,
+) -> float:
+    """GradCache or plain step, then gradient averaging, clipping and AdamW; returns the loss.
+    ``autocast``: the training runtime's autocast dtype on CUDA (the loop's ``embed``)."""
     embedder = setup.module.embedder
     loss_fn = loss_closure(setup, rows)
 
     def embed(inputs: dict[str, Tensor]) -> Tensor:
-        return embedder(**inputs)
+        if autocast is None:
+            return embedder(**inputs)
+        with torch.autocast("cuda", dtype=autocast):
+            return embedder(**inputs).float()
 
     step = gradcache_step if gradcache else plain_step
     out = step(embed, batch, loss_fn)
@@ -624,7 +637,7 @@ def run_gpu(args: argparse.Namespace) -> None:
     device = torch.device("cpu" if dry else "cuda")
     config = architecture(2 if dry else None, args.family)
     grid = DRY_RUN_IMAGE_GRID if dry else GPU_IMAGE_GRID
-    batch_size, chunk = (4, 2) if dry else (args.gpu_batch, args.chunk)
+    batch_size, chunk = (4, 2) if dry else (args.gpu_batch, args.gpu_chunk or config_chunk())
     steps = 1 if dry else args.steps
     print_machine()
     if not dry:
@@ -638,8 +651,17 @@ def run_gpu(args: argparse.Namespace) -> None:
     flops = forward_flops(setup.module.embedder.core, config, work)
     print_gpu_setup(setup, config, batch_size, chunk, grid, work, dry, args.family)
     probe = MemoryProbe(device)
-    times = gpu_steps(setup, batch, steps, warmup=0 if dry else 1, probe=probe)
-    report_gpu(times, probe, batch_size, flops, args)
+    autocast = None if dry else torch.bfloat16  # the runtime's, for bf16 model.dtype on CUDA
+    times = gpu_steps(setup, batch, steps, warmup=0 if dry else 1, probe=probe, autocast=autocast)
+    report_gpu(times, probe, batch_size, flops, args, work)
+
+
+def config_chunk() -> int:
+    """The GradCache chunk the 2B config trains with (``stage1.gradcache_chunk``)."""
+    from rzenembed.config import load_config
+
+    repo = Path(__file__).resolve().parent.parent
+    return load_config(repo / "configs" / "qwen2vl-2b.yaml").stage1.gradcache_chunk or 32
 
 
 def print_gpu_setup(
@@ -683,13 +705,21 @@ class MemoryProbe:
             return torch.cuda.max_memory_allocated(self.device) / MIB
         return peak_rss_kib(self.resettable) / 1024
 
+    def peak_reserved_mib(self) -> float | None:
+        """What the caching allocator held at most (what the device must have free)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_reserved(self.device) / MIB
+        return None
+
     def method(self) -> str:
         if self.device.type == "cuda":
             return "torch.cuda.max_memory_allocated"
         return "process RSS high-water mark (dry run)"
 
 
-def gpu_steps(setup, batch, steps: int, warmup: int, probe: MemoryProbe) -> list[float]:
+def gpu_steps(
+    setup, batch, steps: int, warmup: int, probe: MemoryProbe, autocast=None
+) -> list[float]:
     """Step times (GradCache + averaging + clipping + AdamW) after ``warmup`` steps."""
     times, rows = [], sum(chunk["input_ids"].shape[0] for chunk in batch.queries)
     for step in range(warmup + steps):
@@ -698,7 +728,7 @@ def gpu_steps(setup, batch, steps: int, warmup: int, probe: MemoryProbe) -> list
         torch.manual_seed(step_seed(0, step, 0))
         synchronize(probe.device)
         started = time.perf_counter()
-        loss = optimise(setup, batch, rows, gradcache=True)
+        loss = optimise(setup, batch, rows, gradcache=True, autocast=autocast)
         synchronize(probe.device)
         elapsed = time.perf_counter() - started
         label = " (warm-up)" if step < warmup else ""
@@ -714,16 +744,26 @@ def synchronize(device: torch.device) -> None:
 
 
 def report_gpu(
-    times: list[float], probe: MemoryProbe, batch: int, flops: dict[str, float], args
+    times: list[float],
+    probe: MemoryProbe,
+    batch: int,
+    flops: dict[str, float],
+    args,
+    work: Work,
 ) -> None:
     """Step time, throughput, memory and FLOPs utilisation under three FLOP conventions."""
     step = statistics.median(times)
     forward = flops["dense"] + flops["attention"]
     capacity = args.peak_tflops * 1e12 * step
-    peak = probe.peak_mib()
+    peak, reserved = probe.peak_mib(), probe.peak_reserved_mib()
     print(f"step {step:.2f} s (median of {len(times)}), {batch / step:.2f} samples/s")
     print(
-        f"peak memory {peak / 1024:.2f} GiB ({probe.method()}); "
+        f"tokens/s {work.llm_tokens / step:,.0f} LLM tokens and {work.patches / step:,.0f} ViT "
+        "patches (each embedded once with a graph)"
+    )
+    held = f"; peak reserved {reserved / 1024:.2f} GiB" if reserved is not None else ""
+    print(
+        f"peak memory {peak / 1024:.2f} GiB ({probe.method()}){held}; "
         f"{probe.static / 1024:.2f} GiB in use before the timed steps"
     )
     print(
@@ -759,6 +799,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after 1 warm-up")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads")
     parser.add_argument("--gpu-batch", type=int, default=48, help="GPU: per-device batch")
+    parser.add_argument(
+        "--gpu-chunk", type=int, default=None, help="GPU: GradCache chunk (the 2B config's: 32)"
+    )
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak")
     # Internal: one CPU configuration in a child process.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

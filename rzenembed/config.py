@@ -430,8 +430,9 @@ class ComputeConfig(Strict):
     loader_threads: int = Field(default=8, gt=0)
     # Threads that run the processor over a step's chunks at once (image decode, resize
     # and patching release the GIL); 0: one chunk after another on the loader's thread.
-    # Keep it under cpus_per_worker (the training thread needs a core).
-    loader_workers: int = Field(default=2, ge=0)
+    # Pays only with spare cores: keep it under cpus_per_worker (the training thread needs
+    # one); the cluster configs use 6 of their 8.
+    loader_workers: int = Field(default=0, ge=0)
     # Bytes of Parquet row groups each training rank keeps in its row cache.
     loader_cache_mb: int = Field(default=64, ge=0)
     # Before a training run, an actor pool or a GPU task, what it asks is packed onto the

@@ -177,6 +177,15 @@ class EmbedActor:
         with self.runtime.autocast():
             return self.embedder.encode(items, batch_size=batch_size)
 
+    def describe(self) -> dict[str, Any]:
+        """Where this actor embeds: its device, the autocast dtype, its weights' dtype."""
+        autocast = self.runtime.autocast_dtype
+        return {
+            "device": str(self.runtime.device),
+            "autocast": None if autocast is None else str(autocast).removeprefix("torch."),
+            "weights": str(self.embedder.hf_model.dtype).removeprefix("torch."),
+        }
+
 
 class ActorPoolEncoder:
     """``encode`` over ``count`` ``EmbedActor``s: contiguous slices, one per actor, in order.
@@ -188,12 +197,14 @@ class ActorPoolEncoder:
         self.make_actor = make_actor
         self.count = count
         self.actors: list[Any] = []
+        self.described: list[dict[str, Any]] = []  # each actor's device, once started
 
     def encode(self, items: Sequence[EmbedInput], batch_size: int = 16) -> torch.Tensor:
         import ray
 
         if not self.actors:
             self.actors = [self.make_actor() for _ in range(self.count)]
+            self.described = ray.get([a.describe.remote() for a in self.actors])
         items = list(items)
         per = -(-len(items) // len(self.actors)) if items else 0
         parts = [items[i * per : (i + 1) * per] for i in range(len(self.actors))]
@@ -237,10 +248,15 @@ def eval_actor_count(cfg: PipelineConfig) -> int:
 
 
 def _score_with_actors(
-    cfg: PipelineConfig, model: dict[str, str], local_sets: list[str], cache_uri: str
+    cfg: PipelineConfig,
+    model: dict[str, str],
+    local_sets: list[str],
+    cache_uri: str,
+    actors_seen: list[dict[str, Any]] | None = None,
 ) -> list:
     """``model`` (``{"uri", "digest"}``) embedded by ``compute.eval_actors`` actors and
-    scored here on ``local_sets``."""
+    scored here on ``local_sets``; each started actor's ``describe()`` is appended to
+    ``actors_seen``."""
     import ray
 
     from rzenembed.evaluation import evaluate
@@ -263,6 +279,8 @@ def _score_with_actors(
             endpoint_url=cfg.storage.endpoint_url,
         )
     finally:
+        if actors_seen is not None:
+            actors_seen.extend(encoder.described)
         encoder.close()
 
 
@@ -305,7 +323,8 @@ def _evaluate_task(
         previous = None
         for role in ("baseline", "model"):  # the baseline first: the model's report has deltas
             model = models[role]
-            scores = _score_with_actors(cfg, model, local_sets, cache_uri)
+            actors: list[dict[str, Any]] = []
+            scores = _score_with_actors(cfg, model, local_sets, cache_uri, actors)
             folder = work / "report" / ("baseline" if role == "baseline" else "")
             info = {
                 "path": model["uri"],
@@ -318,6 +337,7 @@ def _evaluate_task(
             out[role] = {
                 "report": json.loads(paths["json"].read_text()),
                 "digest": json_file_digest(paths["json"]),
+                "actors": actors,  # where it was embedded (none when every score was stored)
             }
         publish_folder(work / "report", out_uri, endpoint)
     finally:
