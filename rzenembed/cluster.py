@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -164,3 +165,45 @@ def ensure_compute_for(compute, what: str, count: int, bundle: Resources) -> Non
     """``ensure_placeable`` for ``count`` bundles with the config's autoscale and timeout."""
     request = ResourceRequest.of(what, count, bundle)
     ensure_placeable(request, autoscale_of(compute), compute.wait_timeout_s)
+
+
+class StepTimeout(TimeoutError):
+    """Ray work that did not finish within its step's ``compute.step_timeout_s``."""
+
+
+def wait_for(
+    refs: Any,
+    what: str,
+    timeout_s: float | None = None,
+    report_every_s: float = 60.0,
+) -> Any:
+    """``ray.get(refs)`` (one ref or a list) with a progress line every ``report_every_s``
+    (how many are done, how long it has been) and, with ``timeout_s``, a ``StepTimeout``
+    naming the work when it runs over; the refs are cancelled then."""
+    import ray
+
+    many = isinstance(refs, list)
+    pending = list(refs) if many else [refs]
+    total, started = len(pending), time.monotonic()
+    while pending:
+        budget = report_every_s
+        if timeout_s is not None:
+            left = timeout_s - (time.monotonic() - started)
+            if left <= 0:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                raise StepTimeout(
+                    f"{what}: {total - len(pending)} of {total} done after {timeout_s:g} s "
+                    "(compute.step_timeout_s); cancelled the rest"
+                )
+            budget = min(budget, left)
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=budget)
+        if pending:
+            logger.info(
+                "%s: %d of %d done after %.0f s",
+                what,
+                total - len(pending),
+                total,
+                time.monotonic() - started,
+            )
+    return ray.get(refs)

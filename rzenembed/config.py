@@ -440,6 +440,10 @@ class ComputeConfig(Strict):
     # once; one that needs the nodes listed here waits for the autoscaler this long.
     autoscale: list[AutoscaleNodes] = Field(default_factory=list)
     wait_timeout_s: float = Field(default=600.0, gt=0)
+    # How long one model step's Ray work (merge, soup, an evaluation's coordinator and its
+    # actors' calls) may run before it is cancelled and the step fails; None: no limit
+    # (a progress line every minute either way).
+    step_timeout_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="before")
     @classmethod

@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,12 @@ def submit_on_ray(
 
 
 def on_ray(cfg: PipelineConfig, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``submit_on_ray``, waited for: the task's result."""
-    import ray
+    """``submit_on_ray``, waited for (a progress line every minute, cancelled after
+    ``compute.step_timeout_s``): the task's result."""
+    from rzenembed.cluster import wait_for
 
-    return ray.get(submit_on_ray(cfg, fn, *args, **kwargs))
+    name = getattr(fn, "__name__", "step").strip("_")
+    return wait_for(submit_on_ray(cfg, fn, *args, **kwargs), name, cfg.compute.step_timeout_s)
 
 
 # --------------------------------------------------------------------------- merge
@@ -193,25 +196,27 @@ class ActorPoolEncoder:
     The actors (one model load each) start at the first ``encode``: an evaluation whose
     datasets are all resumed from stored scores loads no model at all."""
 
-    def __init__(self, make_actor: Callable[[], Any], count: int):
+    def __init__(self, make_actor: Callable[[], Any], count: int, timeout_s: float | None = None):
         self.make_actor = make_actor
         self.count = count
+        self.timeout_s = timeout_s  # per encode call (compute.step_timeout_s)
         self.actors: list[Any] = []
         self.described: list[dict[str, Any]] = []  # each actor's device, once started
 
     def encode(self, items: Sequence[EmbedInput], batch_size: int = 16) -> torch.Tensor:
-        import ray
+        from rzenembed.cluster import wait_for
 
         if not self.actors:
             self.actors = [self.make_actor() for _ in range(self.count)]
-            self.described = ray.get([a.describe.remote() for a in self.actors])
+            described = [a.describe.remote() for a in self.actors]
+            self.described = wait_for(described, "starting the embedding actors", self.timeout_s)
         items = list(items)
         per = -(-len(items) // len(self.actors)) if items else 0
         parts = [items[i * per : (i + 1) * per] for i in range(len(self.actors))]
         futures = [
             a.encode.remote(p, batch_size) for a, p in zip(self.actors, parts, strict=True) if p
         ]
-        out = ray.get(futures)
+        out = wait_for(futures, f"embedding {len(items)} items", self.timeout_s)
         return torch.cat(out) if out else torch.empty(0, 0)
 
     def close(self) -> None:
@@ -265,7 +270,9 @@ def _score_with_actors(
         num_gpus=step_gpus(cfg), num_cpus=cfg.compute.step_cpus
     )
     actors = eval_actor_count(cfg)
-    encoder = ActorPoolEncoder(lambda: actor_cls.remote(cfg, model["uri"]), actors)
+    encoder = ActorPoolEncoder(
+        lambda: actor_cls.remote(cfg, model["uri"]), actors, cfg.compute.step_timeout_s
+    )
     try:
         return evaluate(
             encoder,
@@ -389,6 +396,7 @@ def _watched(
     dataset score the task stores under ``scores_uri`` (``{model digest}-{key}.json``)."""
     import ray
 
+    from rzenembed.cluster import StepTimeout
     from rzenembed.data.storage import filesystem
 
     fs, path = filesystem(scores_uri, cfg.storage.endpoint_url)
@@ -401,8 +409,14 @@ def _watched(
 
     seen = listing()
     ref = submit_on_ray(cfg, fn, *args, gpus=0.0, cpus=0.0)
+    started, limit = time.monotonic(), cfg.compute.step_timeout_s
     while True:
         done, _ = ray.wait([ref], timeout=interval_s)
+        if not done and limit is not None and time.monotonic() - started > limit:
+            ray.cancel(ref, force=True)
+            raise StepTimeout(
+                f"evaluation: not done after {limit:g} s (compute.step_timeout_s); cancelled"
+            )
         for name in sorted(listing() - seen):
             seen.add(name)
             with fs.open(name, "rb") as f:

@@ -108,3 +108,24 @@ def test_an_evaluation_with_more_actors_than_the_cluster_holds_runs_with_those_i
     assert [(r.name, round(r.score, 6)) for r in capped] == [
         (r.name, round(r.score, 6)) for r in here
     ]
+
+
+def _sleep_then(seconds: float, value: int) -> int:
+    time.sleep(seconds)
+    return value
+
+
+@pytest.mark.slow
+def test_waiting_on_ray_work_reports_progress_and_times_out(ray_local, caplog):
+    import ray
+
+    from rzenembed.cluster import StepTimeout, wait_for
+
+    task = ray.remote(_sleep_then).options(num_cpus=0)
+    with caplog.at_level("INFO", logger="rzenembed.cluster"):
+        done = wait_for([task.remote(0.0, 1), task.remote(1.0, 2)], "two tasks", 60, 0.2)
+    assert done == [1, 2] and "two tasks: 1 of 2 done after" in caplog.text
+    started = time.monotonic()
+    with pytest.raises(StepTimeout, match=r"slow step: 0 of 1 done after 0.5 s"):
+        wait_for(task.remote(30.0, 3), "slow step", timeout_s=0.5, report_every_s=0.1)
+    assert time.monotonic() - started < 5
