@@ -39,29 +39,13 @@ def _vm(field: str) -> int:
 
 def measure(mode: str, layers: int, hidden: int, adapters: int, rank: int) -> dict:
     """Build the stand-in, soup it in ``mode``, return the peak above the start."""
-    from rzenembed.soup import Adapter, apply_updates, iter_soup_updates, soup_updates
+    from rzenembed.soup import apply_updates, iter_soup_updates, random_adapters, soup_updates
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         *[torch.nn.Linear(hidden, hidden, bias=False) for _ in range(layers)]
     )
-    modules = [str(i) for i in range(layers)]
-    loaded = [
-        Adapter(
-            path=Path(f"adapter-{k}"),
-            card=None,
-            base_path=Path("base"),
-            base_digest="",
-            digest="",
-            alpha=2.0 * rank,
-            rslora=False,
-            factors={
-                m: (torch.randn(rank, hidden) * 0.01, torch.randn(hidden, rank) * 0.01)
-                for m in modules
-            },
-        )
-        for k in range(adapters)
-    ]
+    loaded = random_adapters([str(i) for i in range(layers)], (hidden, hidden), adapters, rank)
     weights = [1.0 / adapters] * adapters
     Path("/proc/self/clear_refs").write_text("5")
     before = _vm("VmRSS")

@@ -439,3 +439,32 @@ def _recipe(method, adapters, chosen, weights, normalize, trace) -> dict[str, An
         ],
         "greedy": None if trace is None else vars(trace),
     }
+
+
+def random_adapters(
+    modules: Sequence[str], shape: tuple[int, int], count: int, rank: int, seed: int = 0
+) -> list[Adapter]:
+    """``count`` in-memory adapters with random factors on every module of ``shape`` (out,
+    in) and scale 2: the arithmetic's inputs for the soup benchmark and tests (no folder,
+    card or base behind them)."""
+    generator = torch.Generator().manual_seed(seed)
+    out, inputs = shape
+    return [
+        Adapter(
+            path=Path(f"adapter-{k}"),
+            card=None,  # type: ignore[arg-type]
+            base_path=Path("base"),
+            base_digest="",
+            digest="",
+            alpha=2.0 * rank,
+            rslora=False,
+            factors={
+                m: (
+                    torch.randn(rank, inputs, generator=generator) * 0.01,
+                    torch.randn(out, rank, generator=generator) * 0.01,
+                )
+                for m in modules
+            },
+        )
+        for k in range(count)
+    ]

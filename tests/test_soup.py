@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -207,33 +206,15 @@ def test_greedy_needs_a_score(adapters, tmp_path):
         soup([adapters["even"][0]], tmp_path / "soup", method="greedy")
 
 
-def _synthetic_adapters(modules: int, count: int = 3):
-    from rzenembed.soup import Adapter
-
-    torch.manual_seed(0)
-    return [
-        Adapter(
-            path=Path(f"adapter-{k}"),
-            card=None,
-            base_path=Path("base"),
-            base_digest="",
-            digest="",
-            alpha=16.0,
-            rslora=False,
-            factors={str(m): (torch.randn(8, 64), torch.randn(32, 8)) for m in range(modules)},
-        )
-        for k in range(count)
-    ]
-
-
 def test_the_soup_streams_one_module_update_at_a_time_with_the_same_bits():
     """Applying the streamed updates gives bit for bit the weights of the whole-dict path
     (and the plain ``sum w_i s_i B_i A_i``), and never holds more than two dense updates."""
     import weakref
 
-    from rzenembed.soup import apply_updates, iter_soup_updates, soup_updates
+    from rzenembed.soup import apply_updates, iter_soup_updates, random_adapters, soup_updates
 
-    adapters, weights = _synthetic_adapters(6), [0.2, 0.3, 0.5]
+    adapters = random_adapters([str(m) for m in range(6)], (32, 64), 3, rank=8)
+    weights = [0.2, 0.3, 0.5]
     whole = soup_updates(adapters, weights, "delta")
     for module, update in whole.items():
         plain = sum(w * a.update(module) for w, a in zip(weights, adapters, strict=True))

@@ -287,39 +287,34 @@ class LoadedStep:
     load_s: float  # what building it took in the loader (read, decode, process)
 
 
+def each_tensor(batch: ContrastiveBatch, fn) -> ContrastiveBatch:
+    """The batch with ``fn`` applied to every tensor of every prepared chunk."""
+
+    def chunks(side):
+        return [{k: fn(v) for k, v in chunk.items()} for chunk in side]
+
+    return ContrastiveBatch(
+        queries=chunks(batch.queries),
+        positives=chunks(batch.positives),
+        negatives=chunks(batch.negatives) if batch.negatives else None,
+        num_negatives=batch.num_negatives,
+        negative_mask=batch.negative_mask,
+    )
+
+
 def held_in_model_dtype(batch: ContrastiveBatch, dtype: torch.dtype) -> ContrastiveBatch:
     """Processor outputs held between loading and the step in the model's half dtype when
     it has one: pixel values are float32 and the vision tower's first operation casts them
     to its weights' dtype anyway, so this halves what prefetched steps hold, losslessly."""
     if dtype not in (torch.bfloat16, torch.float16):
         return batch
-
-    def cast(chunk):
-        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in chunk.items()}
-
-    return ContrastiveBatch(
-        queries=[cast(c) for c in batch.queries],
-        positives=[cast(c) for c in batch.positives],
-        negatives=[cast(c) for c in batch.negatives] if batch.negatives else None,
-        num_negatives=batch.num_negatives,
-        negative_mask=batch.negative_mask,
-    )
+    return each_tensor(batch, lambda v: v.to(dtype) if v.is_floating_point() else v)
 
 
 def pinned(batch: ContrastiveBatch) -> ContrastiveBatch:
     """Prepared chunks in page-locked host memory: the embedder's ``.to(device,
     non_blocking=True)`` then copies them while the GPU still computes."""
-
-    def pin(chunk):
-        return {k: v.pin_memory() for k, v in chunk.items()}
-
-    return ContrastiveBatch(
-        queries=[pin(c) for c in batch.queries],
-        positives=[pin(c) for c in batch.positives],
-        negatives=[pin(c) for c in batch.negatives] if batch.negatives else None,
-        num_negatives=batch.num_negatives,
-        negative_mask=batch.negative_mask,
-    )
+    return each_tensor(batch, lambda v: v.pin_memory())
 
 
 class Trainer:
