@@ -525,6 +525,9 @@ class ServeConfig(Strict):
     rollout_timeout_s: float = Field(default=1800.0, gt=0)
     # Folders or URIs an image given by location may come from (storage.root always may).
     media_roots: list[str] = Field(default_factory=list)
+    # Images given by location (under storage.root or media_roots); false: base64 and data
+    # URLs only, for an endpoint open to clients that should see no server storage.
+    allow_locations: bool = True
     limits: ServeLimits = ServeLimits()
 
 

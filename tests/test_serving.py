@@ -203,15 +203,34 @@ def test_malformed_requests_get_4xx_with_a_message_and_the_server_keeps_serving(
         ({"input": "x", "dimensions": 0}, 400, "dimensions", "positive"),
         ({"input": "x", "dimensions": 100000}, 400, "dimensions", "more than"),
         ({"input": "x", "model": "someone-else"}, 404, "model", "not served"),
-        ({"input": [{"image": f"file://{outside}"}]}, 400, "input[0].image", "storage roots"),
         ({"input": [{"video": []}]}, 400, "input[0].video", "non-empty"),
     ]
+    # Locations that would leave the roots: every one refused alike, naming nothing.
+    media = registry["root"] / "data" / "media"
+    (media / "link.png").unlink(missing_ok=True)
+    (media / "link.png").symlink_to(outside)
+    escapes = [
+        f"file://{outside}",
+        f"zip://{media}/stored.png::{outside}",
+        f"tar://{media}/stored.png::/etc/passwd",
+        f"file://{media}/stored.png::file:///etc/passwd",
+        "file:///etc/passwd",
+        f"file://{media}/link.png",
+        f"file://{media}/../../elsewhere.png",
+        f"file://{media}/missing.png",
+        "http://127.0.0.1:9/image.png",
+        "file://media/stored.png",
+    ]
+    for location in escapes:
+        cases.append(({"input": [{"image": location}]}, 400, "input[0].image", "not an allowed"))
     for body, status, param, words in cases:
         response = _post(server, body)
         assert response.status_code == status, (body, response.text)
         error = response.json()["error"]
         assert error["param"] == param, (body, error)
         assert words in error["message"], (body, error)
+        if words == "not an allowed":  # the same answer whatever was asked
+            assert error["message"] == "input[0].image: not an allowed location", error
     response = requests.post(server["url"] + "/v1/embeddings", data=b"{not json", timeout=30)
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
     # Still serving, and a named model is accepted in each of its spellings.

@@ -116,29 +116,72 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
-def resolve_media_uri(root: str, uri: str) -> str:
-    """The full URI of a media file referenced by a record of the dataset at ``root``.
+ALLOWED_SCHEMES = ("file", "s3")  # what a dataset row or a client may name
 
-    Relative URIs are resolved against the root and must stay inside it; absolute
-    URIs must also point inside the root. Anything else raises ``UnsafeURIError``.
+
+def _split(uri: str) -> tuple[str, str]:
+    """(scheme, path) of a URI; a plain path is ``file``."""
+    scheme, sep, rest = uri.partition("://")
+    return (scheme.lower(), rest) if sep else ("file", uri)
+
+
+def resolve_media_uri(root: str, uri: str) -> str:
+    """The full URI of a media file referenced by a record of the dataset at ``root``
+    (or by a client, against one of its roots: ``allowed_location``).
+
+    Relative URIs are resolved against the root; absolute ones must name the root's store.
+    Refused (``UnsafeURIError``): an empty URI, a chained URL (``zip://a::s3://b``: fsspec
+    would open the inner one through the outer), a scheme other than ``file`` and ``s3``,
+    another store than the root's, any ``..`` segment, and a path outside the root after
+    normalisation; on a local disk also a path whose real path (symlinks followed) leaves
+    the root's real path. The message never names the root: rejects must read the same on
+    every store, and a client must learn nothing of the server's layout.
     """
     if not uri:
         raise UnsafeURIError("empty media URI")
+    if "::" in uri:
+        raise UnsafeURIError(f"media URI {uri!r} is a chained URL")
     base = root.rstrip("/")
     absolute = "://" in uri or uri.startswith("/")
-    candidate = uri if absolute else base + "/" + uri
-    scheme, sep, rest = candidate.partition("://")
-    root_scheme, root_sep, root_rest = base.partition("://")
-    if sep and root_sep and scheme != root_scheme:
+    scheme, path = _split(uri if absolute else base + "/" + uri)
+    root_scheme, root_path = _split(base)
+    if scheme not in ALLOWED_SCHEMES:
+        raise UnsafeURIError(f"media URI {uri!r} uses scheme {scheme!r}, not file or s3")
+    if scheme != root_scheme:
         raise UnsafeURIError(f"media URI {uri!r} is on another store than the dataset root")
-    path = rest if sep else candidate
-    root_path = root_rest if root_sep else base
-    normal = posixpath.normpath(path)
-    normal_root = posixpath.normpath(root_path)
-    if normal != normal_root and not normal.startswith(normal_root + "/"):
-        # The root is left out of the message: rejects must read the same on every store.
+    if ".." in path.split("/"):
+        raise UnsafeURIError(f"media URI {uri!r} has a '..' segment")
+    normal, normal_root = posixpath.normpath(path), posixpath.normpath(root_path)
+    if not _inside(normal, normal_root):
         raise UnsafeURIError(f"media URI {uri!r} escapes the dataset root")
-    return f"{scheme}://{normal}" if sep else normal
+    if scheme == "file":
+        if not _inside(os.path.realpath(normal), os.path.realpath(normal_root)):
+            raise UnsafeURIError(f"media URI {uri!r} leaves the dataset root through a link")
+        return normal
+    return f"{scheme}://{normal}"
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+NOT_ALLOWED = "not an allowed location"
+
+
+def allowed_location(location: str, roots: Sequence[str]) -> str:
+    """The full URI of a location a client sent, when it lies under one of ``roots``
+    (``resolve_media_uri``'s rules, the location taken as absolute); otherwise
+    ``UnsafeURIError`` saying only that it is not an allowed location."""
+    scheme, path = _split(location)
+    absolute = location if scheme != "file" else path
+    if scheme == "file" and not absolute.startswith("/"):
+        raise UnsafeURIError(NOT_ALLOWED)
+    for root in roots:
+        try:
+            return resolve_media_uri(root, absolute)
+        except UnsafeURIError:
+            continue
+    raise UnsafeURIError(NOT_ALLOWED)
 
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

@@ -139,7 +139,9 @@ class EmbeddingsAPI:
     ):
         self.model = model
         self.settings = ServeConfig(**settings)
-        self.reader = protocol.LocationReader(roots, endpoint_url)
+        self.reader = protocol.LocationReader(
+            roots, endpoint_url, enabled=self.settings.allow_locations
+        )
         self._known: dict[str, Any] | None = None  # the model info last answered with
 
     async def _model_info(self) -> dict[str, Any]:

@@ -23,7 +23,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from rzenembed.config import ServeLimits
-from rzenembed.data.storage import UnsafeURIError, filesystem, resolve_media_uri
+from rzenembed.data.storage import (
+    NOT_ALLOWED,
+    UnsafeURIError,
+    allowed_location,
+    shared_filesystem,
+    storage_options,
+)
 from rzenembed.modeling.inputs import EmbedInput
 
 REQUEST_FIELDS = {"input", "model", "encoding_format", "dimensions", "user", "instruction"}
@@ -59,40 +65,52 @@ class EmbeddingsRequest:
 
 class LocationReader:
     """Reads an image given by location, only from the allowed roots (the storage root
-    and ``serve.media_roots``): a client can never make the server read anything else."""
+    and ``serve.media_roots``): a client can never make the server read anything else.
 
-    def __init__(self, roots: Sequence[str], endpoint_url: str | None = None):
+    One check decides (``rzenembed.data.storage.allowed_location``): ``file`` and ``s3``
+    only, no chained URL, no ``..``, inside a root after normalisation and, on a local
+    disk, after following links. The file is then read through the filesystem object of
+    its root's store (built once per store here, never from the client's string). Every
+    refusal, a missing file included, reads ``not an allowed location``: the answer names
+    no root and does not tell whether something exists there. ``enabled`` False (a public
+    endpoint: ``serve.allow_locations: false``) refuses every location."""
+
+    def __init__(self, roots: Sequence[str], endpoint_url: str | None = None, enabled: bool = True):
         self.roots = [r if "://" in r else str(Path(r).resolve()) for r in roots if r]
         self.endpoint_url = endpoint_url
+        self.enabled = enabled
 
     def read(self, location: str, param: str, limit: int) -> bytes:
-        """The bytes at ``location`` (``s3://...``, ``file:///...``) when it lies under a
-        root; 400 when it does not or nothing is there, 413 when it is over ``limit``."""
-        if location.startswith("file://"):
-            location = location.removeprefix("file://")
-        for root in self.roots:
-            try:
-                uri = resolve_media_uri(root, location)
-            except UnsafeURIError:
-                continue
-            fs, path = filesystem(uri, self.endpoint_url)
-            try:
-                size = fs.size(path)
-            except (FileNotFoundError, OSError):
-                raise RequestError(f"{param}: no file at {location}", param) from None
+        """The bytes at ``location`` (``s3://...``, ``file:///...`` or an absolute path)
+        when it lies under a root; 400 otherwise, 413 when it is over ``limit``."""
+        refused = RequestError(f"{param}: {NOT_ALLOWED}", param)
+        if not self.enabled:
+            raise RequestError(
+                f"{param}: image locations are turned off on this endpoint; send the image "
+                "as base64 or a data URL",
+                param,
+            )
+        try:
+            uri = allowed_location(location, self.roots)
+        except UnsafeURIError:
+            raise refused from None
+        scheme, path = uri.split("://", 1) if "://" in uri else ("file", uri)
+        fs = shared_filesystem(scheme, self._endpoint(scheme))
+        try:
+            size = fs.size(path)
             if size > limit:
                 raise RequestError(
-                    f"{param}: {location} is {size} bytes, more than the {limit} allowed",
-                    param,
-                    413,
+                    f"{param}: the image is {size} bytes, more than the {limit} allowed", param, 413
                 )
-            with fs.open(path, "rb") as handle:
-                return handle.read()
-        raise RequestError(
-            f"{param}: {location!r} is neither base64 image data nor a location under the "
-            f"serving storage roots {self.roots}",
-            param,
-        )
+            return fs.cat_file(path)
+        except (FileNotFoundError, IsADirectoryError, PermissionError, OSError):
+            raise refused from None
+
+    def _endpoint(self, scheme: str) -> str | None:
+        if scheme != "s3":
+            return None
+        options = storage_options("s3://", self.endpoint_url)
+        return options.get("client_kwargs", {}).get("endpoint_url")
 
 
 def parse_body(body: bytes, limits: ServeLimits) -> dict[str, Any]:
