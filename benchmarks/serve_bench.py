@@ -162,6 +162,7 @@ def main() -> None:
                     "api_num_cpus": 0,
                     "max_batch_size": int(batch),
                     "batch_wait_timeout_s": float(wait),
+                    "auth": "none",  # loopback; a key check costs a hash per request
                 },
             }
         )

@@ -394,3 +394,9 @@ def _announce(ex: Execution, registered: dict[str, Any], report: dict[str, Any])
         f"query: curl -s {ex.cfg.serve.host}:{ex.cfg.serve.port}/v1/embeddings "
         f"""-d '{{"input": ["a red circle", {{"text": "a blue square"}}]}}'"""
     )
+    if ex.cfg.serve.auth == "none":
+        print(
+            "keys: off (serve.auth: none; loopback only). Before a network can reach it: "
+            "rzenembed api-key new runs/api-keys, then --set serve.auth=keys "
+            "--set serve.api_keys_file=runs/api-keys (clients send Authorization: Bearer KEY)"
+        )

@@ -14,6 +14,7 @@ rzenembed verify models:/rzenembed@champion|FOLDER [--tracking-uri URI] [--json]
 rzenembed publish FOLDER URI [--endpoint-url URL]   a model folder onto the storage root
 rzenembed inspect-source --format F PATH [--rows N]  a download's first rows, converted
 rzenembed serve --config CONFIG.yaml [--model URI] [--no-follow]  the embeddings endpoint
+rzenembed api-key new FILE [--label TEXT]          a key for the endpoint (its hash into FILE)
 """
 
 from __future__ import annotations
@@ -389,7 +390,30 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
     ins.set_defaults(func=_cmd_inspect_source)
     _serve_parser(sub)
+    _api_key_parser(sub)
     return parser
+
+
+def _cmd_api_key(args: argparse.Namespace) -> int:
+    from rzenembed.serving.auth import new_key
+
+    key = new_key(args.file, args.label)
+    print(key)
+    print(
+        f"# its SHA-256 was appended to {args.file}; the key is shown only now. Clients send "
+        "Authorization: Bearer <key> (the OpenAI SDK: api_key=...)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _api_key_parser(sub) -> None:
+    keys = sub.add_parser("api-key", help="API keys of the embeddings endpoint")
+    actions = keys.add_subparsers(dest="action", required=True)
+    new = actions.add_parser("new", help="make a key: print it, append its hash to FILE")
+    new.add_argument("file", help="the keys file (serve.api_keys_file)")
+    new.add_argument("--label", default="", help="a comment line above the hash (who it is for)")
+    new.set_defaults(func=_cmd_api_key)
 
 
 def _serve_parser(sub) -> None:

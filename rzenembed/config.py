@@ -528,6 +528,12 @@ class ServeConfig(Strict):
     # Images given by location (under storage.root or media_roots); false: base64 and data
     # URLs only, for an endpoint open to clients that should see no server storage.
     allow_locations: bool = True
+    # API keys: "keys" needs a keys file of key hashes (api_keys_file, or the environment's
+    # RZENEMBED_API_KEYS_FILE; `rzenembed api-key new FILE` makes keys) and checks
+    # `Authorization: Bearer` on every route but /healthz; "none" only where the network is
+    # closed (the local demo says so).
+    auth: Literal["keys", "none"] = "keys"
+    api_keys_file: str | None = None
     limits: ServeLimits = ServeLimits()
 
 

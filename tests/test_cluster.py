@@ -256,6 +256,7 @@ def run(cluster, s3, s3_endpoint, sample_corpus, tiny_model_dir, tmp_path_factor
     serving = [
         f"serve.port={free_port()}",
         "serve.num_cpus=0",
+        "serve.auth=none",  # loopback only
         "serve.api_num_cpus=0",
         f"serve.media_roots=['s3://{BUCKET}/corpus']",
         f"image={image.split('/sample-captions/', 1)[1]}",  # read by the driver, not a key

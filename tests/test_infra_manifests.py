@@ -97,6 +97,11 @@ def test_the_endpoint_follower_and_its_service():
     config = follower["command"][follower["command"].index("--config") + 1]
     serve = load_config(ROOT / config).serve
     assert serve.host == "0.0.0.0" and serve.num_gpus == 1 and serve.autoscaling is not None
+    # Open to the namespace: keys on, their hashes from the mounted secret.
+    mounts = {m["name"]: m["mountPath"] for m in follower["volumeMounts"]}
+    volumes = {v["name"]: v for v in kinds["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    assert serve.auth == "keys" and serve.api_keys_file.startswith(mounts["api-keys"] + "/")
+    assert volumes["api-keys"]["secret"]["secretName"] == "rzenembed-api-keys"
     (cluster,) = docs("infra/k8s/raycluster.yaml")
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     head_ports = {p["name"]: p["containerPort"] for p in head["ports"]}

@@ -19,6 +19,7 @@ from rzenembed.config import config_from_dict
 from rzenembed.modeling import RzenEmbedder
 from rzenembed.modeling.digest import model_digest
 from rzenembed.modeling.inputs import EmbedInput
+from rzenembed.serving.auth import new_key
 from rzenembed.serving.protocol import decode_vector
 from rzenembed.tracking import Tracker
 from tests.conftest import random_image
@@ -59,6 +60,7 @@ def registry(tmp_path_factory, tiny_model_dir, tiny_model_config):
         folders.append(embedder.save_pretrained(root / "data" / "models" / f"m{i + 1}"))
     (root / "data" / "media").mkdir()
     random_image(7).save(root / "data" / "media" / "stored.png")
+    key = new_key(root / "api-keys", label="the tests")
     cfg = config_from_dict(
         {
             "model": {"name_or_path": str(tiny_model_dir)},
@@ -76,6 +78,8 @@ def registry(tmp_path_factory, tiny_model_dir, tiny_model_config):
                 "batch_wait_timeout_s": 0.02,
                 "poll_interval_s": 1.0,
                 "limits": {"max_image_pixels": 300 * 300, "max_items": 8},
+                "auth": "keys",
+                "api_keys_file": str(root / "api-keys"),
             },
         }
     )
@@ -90,6 +94,7 @@ def registry(tmp_path_factory, tiny_model_dir, tiny_model_config):
         "digests": digests,
         "versions": versions,
         "root": root,
+        "key": key,
     }
 
 
@@ -102,12 +107,19 @@ def server(ray_local, registry):
     follower = RegistryFollower(registry["cfg"], f"models:/{NAME}@champion")
     follower.start()
     url = f"http://127.0.0.1:{registry['cfg'].serve.port}"
-    yield {"url": url, "follower": follower}
+    auth = {"Authorization": f"Bearer {registry['key']}"}
+    yield {"url": url, "follower": follower, "auth": auth}
     serve.shutdown()
 
 
 def _post(server, body, timeout=60):
-    return requests.post(server["url"] + "/v1/embeddings", json=body, timeout=timeout)
+    return requests.post(
+        server["url"] + "/v1/embeddings", json=body, headers=server["auth"], timeout=timeout
+    )
+
+
+def _get(server, path, timeout=30):
+    return requests.get(server["url"] + path, headers=server["auth"], timeout=timeout)
 
 
 def _vectors(response) -> np.ndarray:
@@ -231,7 +243,9 @@ def test_malformed_requests_get_4xx_with_a_message_and_the_server_keeps_serving(
         assert words in error["message"], (body, error)
         if words == "not an allowed":  # the same answer whatever was asked
             assert error["message"] == "input[0].image: not an allowed location", error
-    response = requests.post(server["url"] + "/v1/embeddings", data=b"{not json", timeout=30)
+    response = requests.post(
+        server["url"] + "/v1/embeddings", data=b"{not json", headers=server["auth"], timeout=30
+    )
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
     # Still serving, and a named model is accepted in each of its spellings.
     for model in (NAME, f"{NAME}/{registry['versions'][0]}", f"models:/{NAME}@champion", None):
@@ -239,14 +253,48 @@ def test_malformed_requests_get_4xx_with_a_message_and_the_server_keeps_serving(
         assert response.status_code == 200, response.text
 
 
+def test_without_the_right_key_every_route_but_health_is_401(server):
+    for headers in ({}, {"Authorization": "Bearer rz-not-a-key"}, {"Authorization": "Basic x"}):
+        for method, path in (("post", "/v1/embeddings"), ("get", "/v1/models")):
+            response = requests.request(
+                method, server["url"] + path, json={"input": "x"}, headers=headers, timeout=30
+            )
+            assert response.status_code == 401, (path, headers, response.text)
+            error = response.json()["error"]
+            assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+            assert response.headers["www-authenticate"] == "Bearer"
+    assert requests.get(server["url"] + "/healthz", timeout=30).status_code == 200
+
+
+def test_the_openai_sdk_with_the_key_embeds_text_in_base64_and_dimensions(
+    server, registry, reference
+):
+    """The OpenAI Python SDK asks for base64 by default and decodes it; ``dimensions``
+    comes back truncated and renormalised."""
+    import openai
+
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=registry["key"])
+    texts = ["a red circle", "two blue squares"]
+    answer = client.embeddings.create(model=NAME, input=texts)
+    want = reference.encode([EmbedInput(text=t) for t in texts]).numpy()
+    got = np.array([d.embedding for d in answer.data], dtype=np.float32)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    short = client.embeddings.create(model=NAME, input=texts[0], dimensions=8).data[0].embedding
+    np.testing.assert_allclose(short, want[0, :8] / np.linalg.norm(want[0, :8]), atol=1e-5)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server["url"] + "/v1", api_key="rz-wrong").embeddings.create(
+            model=NAME, input="x"
+        )
+
+
 def test_models_and_health_name_the_served_version(server, registry):
-    listing = requests.get(server["url"] + "/v1/models", timeout=30).json()
+    listing = _get(server, "/v1/models").json()
     (entry,) = listing["data"]
     assert entry["id"] == NAME and entry["object"] == "model"
     assert entry["version"] == registry["versions"][0]
     assert entry["digest"] == registry["digests"][0]
     assert entry["template"] == "rzenembed-paper" and entry["dimensions"] == 64
-    health = requests.get(server["url"] + "/healthz", timeout=30)
+    health = requests.get(server["url"] + "/healthz", timeout=30)  # no key needed
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
@@ -306,7 +354,7 @@ def test_moving_champion_rolls_the_endpoint_without_failed_requests(server, regi
     # Every answer names one of the two versions, and after the rollback only the first.
     assert {d for _, _, d in answers} <= set(digests)
     assert answers[-1][2] == digests[0]
-    listing = requests.get(server["url"] + "/v1/models", timeout=30).json()
+    listing = _get(server, "/v1/models").json()
     assert listing["data"][0]["version"] == versions[0]
 
 

@@ -30,6 +30,7 @@ from rzenembed.config import PipelineConfig, ServeConfig, digest_of
 from rzenembed.identity import source_digest
 from rzenembed.modeling.inputs import EmbedInput
 from rzenembed.serving import protocol
+from rzenembed.serving.auth import KeysFileError, KeyStore, keys_file, read_hashes
 from rzenembed.serving.source import ServedModel, local_model_folder, model_config_for
 
 log = logging.getLogger(__name__)
@@ -135,10 +136,16 @@ class EmbeddingsAPI:
     """The HTTP front: ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /healthz``."""
 
     def __init__(
-        self, model: Any, settings: dict[str, Any], roots: list[str], endpoint_url: str | None
+        self,
+        model: Any,
+        settings: dict[str, Any],
+        roots: list[str],
+        endpoint_url: str | None,
+        key_hashes: list[str] | None = None,
     ):
         self.model = model
         self.settings = ServeConfig(**settings)
+        self.keys = None if key_hashes is None else KeyStore(key_hashes)
         self.reader = protocol.LocationReader(
             roots, endpoint_url, enabled=self.settings.allow_locations
         )
@@ -147,8 +154,24 @@ class EmbeddingsAPI:
     async def _model_info(self) -> dict[str, Any]:
         return await self.model.info.remote()
 
+    def _refused(self, request: Request) -> JSONResponse | None:
+        """401 in OpenAI's shape when keys are on and the request carries none of them."""
+        if self.keys is None or self.keys.allows(request.headers.get("authorization")):
+            return None
+        body = {
+            "error": {
+                "message": "missing or invalid API key (Authorization: Bearer <key>)",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+        }
+        return JSONResponse(body, status_code=401, headers={"www-authenticate": "Bearer"})
+
     @http.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> JSONResponse:
+        if (refused := self._refused(request)) is not None:
+            return refused
         try:
             data = protocol.parse_body(await request.body(), self.settings.limits)
             parsed = await asyncio.to_thread(
@@ -189,7 +212,9 @@ class EmbeddingsAPI:
         raise protocol.RequestError("a rollout is in progress; retry the request", None, 503)
 
     @http.get("/v1/models")
-    async def models(self) -> JSONResponse:
+    async def models(self, request: Request) -> JSONResponse:
+        if (refused := self._refused(request)) is not None:
+            return refused
         model = await self._model_info()
         return _json(200, protocol.models_listing(model), model)
 
@@ -260,7 +285,8 @@ def build_app(cfg: PipelineConfig, served: ServedModel, key: str) -> Any:
     the HTTP front."""
     settings = cfg.serve
     roots = [cfg.storage.root, *settings.media_roots]
-    api_args = (settings.model_dump(mode="json"), roots, cfg.storage.endpoint_url)
+    hashes = key_hashes(settings)
+    api_args = (settings.model_dump(mode="json"), roots, cfg.storage.endpoint_url, hashes)
     model = model_deployment(settings).bind(
         served.to_json(),
         settings.dtype,
@@ -276,6 +302,21 @@ def build_app(cfg: PipelineConfig, served: ServedModel, key: str) -> Any:
         max_ongoing_requests=256,
     )
     return api.bind(model, *api_args)
+
+
+def key_hashes(cfg: ServeConfig) -> list[str] | None:
+    """The API key hashes the HTTP front checks (None: ``serve.auth: none``), read here from
+    the keys file and sent with the deployment (its replicas may run on any node)."""
+    if cfg.auth == "none":
+        return None
+    path = keys_file(cfg.api_keys_file)
+    if not path:
+        raise KeysFileError(
+            "serve.auth is 'keys' but no keys file is set: make one with `rzenembed api-key "
+            "new FILE` and set serve.api_keys_file (or RZENEMBED_API_KEYS_FILE); on a closed "
+            "network only, serve.auth: none turns keys off"
+        )
+    return read_hashes(path)
 
 
 def start_serve(cfg: ServeConfig) -> None:
