@@ -475,7 +475,15 @@ class ServeLimits(Strict):
     max_image_bytes: int = Field(default=20 * 2**20, gt=0)  # one encoded image
     max_image_pixels: int = Field(default=40_000_000, gt=0)  # width x height, before decoding
     max_video_frames: int = Field(default=64, gt=0)
-    max_request_bytes: int = Field(default=100 * 2**20, gt=0)  # the whole JSON body
+    max_request_bytes: int = Field(default=100 * 2**20, gt=0)  # the whole JSON body, as read
+    max_images_per_item: int = Field(default=16, gt=0)
+    # Declared pixels of every image and frame of one request together (a 117 KB white PNG
+    # can declare 36M pixels): bounds what one request can make the server decode.
+    max_request_pixels: int = Field(default=200_000_000, gt=0)
+    # Images are decoded at reduced scale (JPEG draft, integer reduction) down to no fewer
+    # than this many pixels: the model never sees more (1280 visual tokens x 28 x 28), so
+    # the server does not hold more. 0: decode at full size.
+    decode_max_pixels: int = Field(default=1280 * 28 * 28, ge=0)
 
 
 class ServeAutoscaling(Strict):

@@ -77,7 +77,11 @@ def registry(tmp_path_factory, tiny_model_dir, tiny_model_config):
                 "max_batch_size": 4,
                 "batch_wait_timeout_s": 0.02,
                 "poll_interval_s": 1.0,
-                "limits": {"max_image_pixels": 300 * 300, "max_items": 8},
+                "limits": {
+                    "max_image_pixels": 300 * 300,
+                    "max_items": 8,
+                    "max_request_bytes": 2**20,
+                },
                 "auth": "keys",
                 "api_keys_file": str(root / "api-keys"),
             },
@@ -216,6 +220,7 @@ def test_malformed_requests_get_4xx_with_a_message_and_the_server_keeps_serving(
         ({"input": "x", "dimensions": 100000}, 400, "dimensions", "more than"),
         ({"input": "x", "model": "someone-else"}, 404, "model", "not served"),
         ({"input": [{"video": []}]}, 400, "input[0].video", "non-empty"),
+        ({"input": "x" * (2 * 2**20)}, 413, None, "request body"),  # refused while read
     ]
     # Locations that would leave the roots: every one refused alike, naming nothing.
     media = registry["root"] / "data" / "media"

@@ -131,6 +131,25 @@ def _json(status: int, body: dict[str, Any], model: dict[str, Any] | None = None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, read chunk by chunk and refused (413) as soon as it passes
+    ``limit``: a client cannot make the server hold more than the limit (a declared
+    Content-Length over it is refused before anything is read)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise protocol.RequestError(
+            f"request body is {declared} bytes, more than the {limit} allowed", None, 413
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise protocol.RequestError(
+                f"request body is more than the {limit} bytes allowed", None, 413
+            )
+    return bytes(body)
+
+
 @serve.ingress(http)
 class EmbeddingsAPI:
     """The HTTP front: ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /healthz``."""
@@ -172,11 +191,12 @@ class EmbeddingsAPI:
     async def embeddings(self, request: Request) -> JSONResponse:
         if (refused := self._refused(request)) is not None:
             return refused
+        limits = self.settings.limits
         try:
-            data = protocol.parse_body(await request.body(), self.settings.limits)
-            parsed = await asyncio.to_thread(
-                protocol.parse_request, data, self.settings.limits, self.reader
-            )
+            body = await read_body(request, limits.max_request_bytes)
+            # Parsing and decoding run off the event loop: other requests keep moving.
+            data = await asyncio.to_thread(protocol.parse_body, body, limits)
+            parsed = await asyncio.to_thread(protocol.parse_request, data, limits, self.reader)
         except protocol.RequestError as exc:
             return _json(exc.status, exc.body())
         try:  # a name the endpoint does not serve costs no embedding
@@ -186,7 +206,9 @@ class EmbeddingsAPI:
             self._known = model
             vectors = np.concatenate([a["vectors"] for a in answers])
             tokens = [t for a in answers for t in a["tokens"]]
-            body = protocol.embeddings_response(vectors, tokens, parsed, model)
+            body = await asyncio.to_thread(
+                protocol.embeddings_response, vectors, tokens, parsed, model
+            )
         except protocol.RequestError as exc:
             return _json(exc.status, exc.body(), self._known)
         return _json(200, body, model)

@@ -113,6 +113,24 @@ class LocationReader:
         return options.get("client_kwargs", {}).get("endpoint_url")
 
 
+class PixelBudget:
+    """The declared pixels one request may still decode (``limits.max_request_pixels``)."""
+
+    def __init__(self, limit: int):
+        self.left = limit
+        self.limit = limit
+
+    def spend(self, pixels: int, param: str) -> None:
+        self.left -= pixels
+        if self.left < 0:
+            raise RequestError(
+                f"{param}: the request's images and frames declare more than the "
+                f"{self.limit} pixels one request may decode",
+                param,
+                413,
+            )
+
+
 def parse_body(body: bytes, limits: ServeLimits) -> dict[str, Any]:
     if len(body) > limits.max_request_bytes:
         raise RequestError(
@@ -169,8 +187,10 @@ def parse_request(
             "input",
             413,
         )
+    budget = PixelBudget(limits.max_request_pixels)
     items = [
-        _item(value, f"input[{i}]", instruction, limits, reader) for i, value in enumerate(raw)
+        _item(value, f"input[{i}]", instruction, limits, reader, budget)
+        for i, value in enumerate(raw)
     ]
     return EmbeddingsRequest(items, model, encoding, dimensions)
 
@@ -188,7 +208,12 @@ def _text(value: Any, param: str, limits: ServeLimits) -> str:
 
 
 def _item(
-    value: Any, param: str, instruction: str, limits: ServeLimits, reader: LocationReader
+    value: Any,
+    param: str,
+    instruction: str,
+    limits: ServeLimits,
+    reader: LocationReader,
+    budget: PixelBudget | None = None,
 ) -> EmbedInput:
     if isinstance(value, str):
         if not value.strip():
@@ -213,9 +238,20 @@ def _item(
     images = value.get("images", [value["image"]] if "image" in value else [])
     if not isinstance(images, list):
         raise RequestError(f"{param}.images must be a list", f"{param}.images")
+    if len(images) > limits.max_images_per_item:
+        raise RequestError(
+            f"{param}.images has {len(images)} images, more than the "
+            f"{limits.max_images_per_item} allowed",
+            f"{param}.images",
+            413,
+        )
     decoded = [
         decode_image(
-            v, f"{param}.images[{j}]" if "images" in value else f"{param}.image", limits, reader
+            v,
+            f"{param}.images[{j}]" if "images" in value else f"{param}.image",
+            limits,
+            reader,
+            budget,
         )
         for j, v in enumerate(images)
     ]
@@ -234,17 +270,25 @@ def _item(
                 413,
             )
         video = [
-            decode_image(f, f"{param}.video[{k}]", limits, reader) for k, f in enumerate(frames)
+            decode_image(f, f"{param}.video[{k}]", limits, reader, budget)
+            for k, f in enumerate(frames)
         ]
     if not (text.strip() or decoded or video):
         raise RequestError(f"{param} has no text, image or video", param)
     return EmbedInput(text=text, instruction=own, images=decoded, video=video)
 
 
-def decode_image(value: Any, param: str, limits: ServeLimits, reader: LocationReader) -> np.ndarray:
+def decode_image(
+    value: Any,
+    param: str,
+    limits: ServeLimits,
+    reader: LocationReader,
+    budget: PixelBudget | None = None,
+) -> np.ndarray:
     """An RGB (height, width, 3) uint8 array from base64 data (bare or a ``data:`` URL) or
-    a location under the allowed roots; checked against the byte and pixel limits before
-    the pixels are decoded."""
+    a location under the allowed roots; checked against the byte and pixel limits (the
+    image's and the request's) before the pixels are decoded, and decoded at a reduced
+    scale when it is much larger than the model will see (``reduced``)."""
     if not isinstance(value, str) or not value:
         raise RequestError(f"{param} must be a non-empty string (base64 data or a location)", param)
     data = _image_bytes(value, param, limits, reader)
@@ -258,7 +302,9 @@ def decode_image(value: Any, param: str, limits: ServeLimits, reader: LocationRe
                     param,
                     413,
                 )
-            return np.asarray(image.convert("RGB"))
+            if budget is not None:
+                budget.spend(width * height, param)
+            return np.asarray(reduced(image, limits.decode_max_pixels).convert("RGB"))
     except RequestError:
         raise
     except UnidentifiedImageError:
@@ -269,6 +315,26 @@ def decode_image(value: Any, param: str, limits: ServeLimits, reader: LocationRe
         ) from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise RequestError(f"{param} could not be decoded as an image: {exc}", param) from None
+
+
+def reduced(image: Image.Image, max_pixels: int) -> Image.Image:
+    """``image`` decoded at the smallest power-of-two reduction that keeps at least
+    ``max_pixels`` pixels (JPEG: the decoder's own draft mode, never the full size in
+    memory; other formats: ``Image.reduce`` after decoding): the processor resizes it to
+    the model's budget anyway, from at least that many pixels. Unchanged when it is not
+    twice over the budget or ``max_pixels`` is 0."""
+    width, height = image.size
+    if not max_pixels or width * height < 4 * max_pixels:
+        return image
+    factor = 1
+    while (width // (2 * factor)) * (height // (2 * factor)) >= max_pixels and factor < 8:
+        factor *= 2
+    if factor == 1:
+        return image
+    if image.format == "JPEG":
+        image.draft("RGB", (width // factor, height // factor))
+        return image
+    return image.reduce(factor)
 
 
 def _image_bytes(value: str, param: str, limits: ServeLimits, reader: LocationReader) -> bytes:
