@@ -542,6 +542,11 @@ class ServeConfig(Strict):
     # closed (the local demo says so).
     auth: Literal["keys", "none"] = "keys"
     api_keys_file: str | None = None
+    # Back-pressure: an HTTP replica holds at most this many requests; more are answered
+    # 429 with Retry-After (a client backs off instead of timing out in a queue).
+    max_queued_requests: int = Field(default=64, gt=0)
+    # A request not answered within this long is answered 504.
+    request_timeout_s: float = Field(default=60.0, gt=0)
     limits: ServeLimits = ServeLimits()
 
 

@@ -410,12 +410,16 @@ def test_an_item_the_model_refuses_fails_only_its_own_request(server, reference)
     # Batched with another client's items, only the refused call gets the error.
     replica = EmbeddingModel.__new__(EmbeddingModel)
     replica.embedder, replica.info_doc = reference, {"digest": "d"}
+    forwards = []
+    forward = replica._forward
+    replica._forward = lambda items: forwards.append(len(items)) or forward(items)
     good = [EmbedInput(text="fine"), EmbedInput(text="also fine")]
     bad = [EmbedInput(images=[np.asarray(Image.new("RGB", (4000, 1)))])]
     answers = replica._embed_calls([good, bad, good[:1]])
     np.testing.assert_allclose(answers[0]["vectors"], reference.encode(good).numpy(), atol=1e-5)
-    assert "aspect ratio" in answers[1]["error"]
+    assert "aspect ratio" in answers[1]["error"] and answers[1]["kind"] == "input"
     np.testing.assert_allclose(answers[2]["vectors"], answers[0]["vectors"][:1], atol=1e-5)
+    assert forwards == [4, 3]  # the batch, then the good calls together: no one-by-one rerun
     assert _post(server, {"input": "after"}).status_code == 200
 
 
@@ -463,3 +467,46 @@ def test_resolution_names_one_version_and_falls_back_to_the_uploaded_files(regis
     tracker.client.set_model_version_tag(
         NAME, version.version, "rzenembed.model_id", version.tags["rzenembed.model_id"]
     )
+
+
+def test_back_pressure_answers_429_and_a_late_request_504(server, registry):
+    """A second application whose replica waits 0.5 s to fill a batch, with a queue of one
+    and a 0.2 s deadline: a request outlives the deadline (504), and while one is in
+    flight the rest of a burst gets 429 with Retry-After at once (never a wait); both say
+    what happened, and no internal text leaks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from rzenembed.serving.app import deploy
+    from rzenembed.serving.source import resolve_served_model
+
+    cfg = registry["cfg"]
+    settings = {
+        "app_name": "busy",
+        "route_prefix": "/busy",
+        "max_queued_requests": 1,
+        "request_timeout_s": 0.2,
+        "max_batch_size": 64,
+        "batch_wait_timeout_s": 0.5,
+        "auth": "none",
+    }
+    busy = cfg.model_copy(update={"serve": cfg.serve.model_copy(update=settings)})
+    deploy(busy, resolve_served_model(f"models:/{NAME}/{registry['versions'][0]}", busy))
+    try:
+        url = server["url"] + "/busy/v1/embeddings"
+        body = {"input": [f"item {i} " * 20 for i in range(8)]}
+        late = requests.post(url, json=body, timeout=60)
+        assert late.status_code == 504, late.text
+        error = late.json()["error"]
+        assert error["type"] == "timeout" and "within 0.2 s (request id req-" in error["message"]
+        assert late.headers["x-rzenembed-request-id"] in error["message"]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: requests.post(url, json=body, timeout=60), range(8)))
+        statuses = sorted(a.status_code for a in answers)
+        assert 429 in statuses and set(statuses) <= {429, 504}, statuses
+        refused = next(a for a in answers if a.status_code == 429)
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "rate_limit_exceeded"
+    finally:
+        serve.delete("busy")

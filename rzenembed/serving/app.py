@@ -17,6 +17,7 @@ import asyncio
 import functools
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +87,35 @@ class EmbeddingModel:
         return await asyncio.to_thread(self._embed_calls, calls)
 
     def _embed_calls(self, calls: list[list[EmbedInput]]) -> list[Any]:
-        flat = [item for call in calls for item in call]
+        """One forward pass for the batch. When it fails, each call is only *prepared* (the
+        processor: where a client's input can be at fault) to find the calls at fault,
+        which fail alone as input errors; the others run again in one pass, and if that
+        fails too the model is at fault: they fail as model errors (retryable when it ran
+        out of memory), never re-run one call at a time."""
         try:
-            vectors, tokens = self._forward(flat)
-        except Exception:
-            return [self._embed_alone(call) for call in calls]
+            return self._split(calls, *self._forward(self._flat(calls)))
+        except Exception as first:
+            log.warning(
+                "a batch of %d calls failed (%s): finding the input at fault",
+                len(calls),
+                type(first).__name__,
+            )
+        faults = {i: self._input_fault(call) for i, call in enumerate(calls)}
+        good = [call for i, call in enumerate(calls) if faults[i] is None]
+        answers: list[Any] = []
+        try:
+            answers = self._split(good, *self._forward(self._flat(good))) if good else []
+        except Exception as exc:
+            log.exception("the model failed on a batch of valid input")
+            answers = [model_failure(exc)] * len(good)
+        served = iter(answers)
+        return [faults[i] or next(served) for i in range(len(calls))]
+
+    @staticmethod
+    def _flat(calls: list[list[EmbedInput]]) -> list[EmbedInput]:
+        return [item for call in calls for item in call]
+
+    def _split(self, calls, vectors: np.ndarray, tokens: list[int]) -> list[dict[str, Any]]:
         out, start = [], 0
         for call in calls:
             end = start + len(call)
@@ -98,12 +123,14 @@ class EmbeddingModel:
             start = end
         return out
 
-    def _embed_alone(self, call: list[EmbedInput]) -> Any:
+    def _input_fault(self, call: list[EmbedInput]) -> dict[str, Any] | None:
         try:
-            return self._answer(*self._forward(call))
+            self.embedder.prepare(call)
         except Exception as exc:
-            log.warning("items could not be embedded: %s", exc)
-            return {"error": f"the input could not be embedded: {type(exc).__name__}: {exc}"}
+            log.warning("input could not be prepared: %s", exc)
+            reason = f"{type(exc).__name__}: {exc}"[:300]  # the client's own input: say why
+            return {"error": f"the input could not be prepared: {reason}", "kind": "input"}
+        return None
 
     @torch.inference_mode()
     def _forward(self, items: list[EmbedInput]) -> tuple[np.ndarray, list[int]]:
@@ -116,11 +143,29 @@ class EmbeddingModel:
         return {"vectors": vectors, "tokens": tokens, "model": self.info_doc}
 
 
+def model_failure(exc: BaseException) -> dict[str, Any]:
+    """A replica-side failure as the front answers it: no internal text; out of memory is
+    worth a retry (503), anything else is the server's fault (500)."""
+    text = f"{type(exc).__name__}: {exc}"
+    oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower()
+    return {"error": "the model failed on this request", "kind": "model", "retry": oom}
+
+
 def _node_id() -> str | None:
     """The Ray node this replica runs on (``ray list nodes`` names it)."""
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _busy(limit: int) -> JSONResponse:
+    """429 with ``Retry-After``: this front holds ``limit`` requests already."""
+    error = protocol.RequestError(
+        f"the endpoint is busy ({limit} requests in progress on this replica); retry shortly",
+        None,
+        429,
+    )
+    return JSONResponse(error.body(), status_code=429, headers={"retry-after": "1"})
 
 
 def _json(status: int, body: dict[str, Any], model: dict[str, Any] | None = None) -> JSONResponse:
@@ -169,6 +214,7 @@ class EmbeddingsAPI:
             roots, endpoint_url, enabled=self.settings.allow_locations
         )
         self._known: dict[str, Any] | None = None  # the model info last answered with
+        self.in_flight = 0  # requests this replica holds now (one event loop: no lock)
 
     async def _model_info(self) -> dict[str, Any]:
         return await self.model.info.remote()
@@ -191,6 +237,18 @@ class EmbeddingsAPI:
     async def embeddings(self, request: Request) -> JSONResponse:
         if (refused := self._refused(request)) is not None:
             return refused
+        if self.in_flight >= self.settings.max_queued_requests:  # back-pressure, not a queue
+            return _busy(self.settings.max_queued_requests)
+        self.in_flight += 1
+        request_id = f"req-{uuid.uuid4().hex[:16]}"
+        try:
+            response = await self._embeddings(request, request_id)
+        finally:
+            self.in_flight -= 1
+        response.headers["x-rzenembed-request-id"] = request_id
+        return response
+
+    async def _embeddings(self, request: Request, request_id: str) -> JSONResponse:
         limits = self.settings.limits
         try:
             body = await read_body(request, limits.max_request_bytes)
@@ -201,7 +259,9 @@ class EmbeddingsAPI:
             return _json(exc.status, exc.body())
         try:  # a name the endpoint does not serve costs no embedding
             protocol.check_model_name(parsed.model, self._known or await self._model_info())
-            answers = await self._embed(parsed.items)
+            answers = await asyncio.wait_for(
+                self._embed(parsed.items, request_id), self.settings.request_timeout_s
+            )
             model = answers[0]["model"]
             self._known = model
             vectors = np.concatenate([a["vectors"] for a in answers])
@@ -209,25 +269,42 @@ class EmbeddingsAPI:
             body = await asyncio.to_thread(
                 protocol.embeddings_response, vectors, tokens, parsed, model
             )
+        except TimeoutError:
+            timeout = self.settings.request_timeout_s
+            error = protocol.RequestError(
+                f"the request did not finish within {timeout:g} s (request id {request_id})",
+                None,
+                504,
+            )
+            return _json(504, error.body(), self._known)
         except protocol.RequestError as exc:
             return _json(exc.status, exc.body(), self._known)
         return _json(200, body, model)
 
-    async def _embed(self, items: list[EmbedInput]) -> list[dict[str, Any]]:
+    async def _embed(self, items: list[EmbedInput], request_id: str) -> list[dict[str, Any]]:
         """The replicas' answers for ``items`` in chunks of ``max_batch_size``, all from one
-        model version."""
+        model version. A replica-side failure is answered 503 (retry: a replica that went
+        away, memory that ran out) or 500, with the request id and no internal text (the
+        log has it, under that id)."""
         chunks = protocol.chunks(items, self.settings.max_batch_size)
         for _ in range(3):
             try:
                 answers = await asyncio.gather(*(self.model.embed.remote(c) for c in chunks))
-            except Exception as exc:
-                log.exception("embedding failed")
+            except Exception:
+                log.exception("embedding failed (%s)", request_id)
                 raise protocol.RequestError(
-                    f"embedding failed: {type(exc).__name__}", None, 500
+                    f"the model could not be reached; retry (request id {request_id})", None, 503
                 ) from None
-            failures = [a["error"] for a in answers if "error" in a]
-            if failures:  # the whole request fails, with the reason; other requests do not
-                raise protocol.RequestError(failures[0], "input")
+            failures = [a for a in answers if "error" in a]
+            inputs = [a for a in failures if a.get("kind") == "input"]
+            if inputs:  # the request's own items: it fails alone, other requests do not
+                raise protocol.RequestError(inputs[0]["error"], "input")
+            if failures:
+                status = 503 if any(a.get("retry") for a in failures) else 500
+                log.error("model failure on %s: %s", request_id, failures[0])
+                raise protocol.RequestError(
+                    f"{failures[0]['error']} (request id {request_id})", None, status
+                )
             # During a rollout one request's chunks may meet two versions: never mix them.
             if len({a["model"]["digest"] for a in answers}) == 1:
                 return answers
@@ -321,7 +398,9 @@ def build_app(cfg: PipelineConfig, served: ServedModel, key: str) -> Any:
         name="EmbeddingsAPI",
         num_replicas=settings.api_replicas,
         ray_actor_options={"num_cpus": settings.api_num_cpus},
-        max_ongoing_requests=256,
+        # Room beyond the queue limit, so that excess requests reach the handler and get a
+        # 429 instead of waiting in Serve's own queue.
+        max_ongoing_requests=settings.max_queued_requests + 32,
     )
     return api.bind(model, *api_args)
 

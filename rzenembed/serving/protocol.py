@@ -52,6 +52,10 @@ class RequestError(ValueError):
             kind = "unavailable"
         if self.status == 404:
             kind = "model_not_found"
+        if self.status == 429:
+            kind = "rate_limit_exceeded"
+        if self.status == 504:
+            kind = "timeout"
         return {"error": {"message": self.message, "type": kind, "param": self.param}}
 
 
