@@ -547,6 +547,8 @@ class ServeConfig(Strict):
     max_queued_requests: int = Field(default=64, gt=0)
     # A request not answered within this long is answered 504.
     request_timeout_s: float = Field(default=60.0, gt=0)
+    # /ready answers 503 when no model replica answers within this long.
+    ready_timeout_s: float = Field(default=5.0, gt=0)
     limits: ServeLimits = ServeLimits()
 
 

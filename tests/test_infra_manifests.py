@@ -102,6 +102,21 @@ def test_the_endpoint_follower_and_its_service():
     volumes = {v["name"]: v for v in kinds["Deployment"]["spec"]["template"]["spec"]["volumes"]}
     assert serve.auth == "keys" and serve.api_keys_file.startswith(mounts["api-keys"] + "/")
     assert volumes["api-keys"]["secret"]["secretName"] == "rzenembed-api-keys"
+    # Scraped: the endpoint's /metrics (with a key) and Ray's metrics port on every Ray pod.
+    monitor = kinds["ServiceMonitor"]["spec"]
+    assert monitor["selector"]["matchLabels"] == kinds["Service"]["metadata"]["labels"]
+    assert monitor["endpoints"][0]["path"] == "/metrics"
+    assert monitor["endpoints"][0]["bearerTokenSecret"]["name"] == "rzenembed-metrics-key"
+    (cluster,) = docs("infra/k8s/raycluster.yaml")
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    for group in groups:
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
+        ports = {
+            p["name"]: p["containerPort"]
+            for p in group["template"]["spec"]["containers"][0]["ports"]
+        }
+        assert ports["metrics"] == 8080
+    assert kinds["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     (cluster,) = docs("infra/k8s/raycluster.yaml")
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     head_ports = {p["name"]: p["containerPort"] for p in head["ports"]}

@@ -510,3 +510,44 @@ def test_back_pressure_answers_429_and_a_late_request_504(server, registry):
         assert refused.json()["error"]["type"] == "rate_limit_exceeded"
     finally:
         serve.delete("busy")
+
+
+def test_metrics_parse_and_move_with_the_requests_and_probes_answer(server, registry):
+    """``/metrics`` is Prometheus text that ``prometheus_client``'s parser reads; its
+    counters move with this test's requests; ``/health`` and ``/ready`` answer without a
+    key, ``/metrics`` wants one."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[tuple[str, tuple], float]:
+        response = _get(server, "/metrics")
+        assert response.status_code == 200 and response.headers["content-type"].startswith(
+            "text/plain"
+        )
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text)
+            for sample in family.samples
+        }
+
+    def ok_count(values) -> float:
+        key = ("rzenembed_requests_total", (("code", "200"), ("route", "/v1/embeddings")))
+        return values.get(key, 0.0)
+
+    before = scrape()
+    for i in range(3):
+        assert _post(server, {"input": [f"metric {i}", "two"]}).status_code == 200
+    assert _post(server, {"input": []}).status_code == 400
+    after = scrape()
+    assert ok_count(after) - ok_count(before) == 3
+    bad = ("rzenembed_requests_total", (("code", "400"), ("route", "/v1/embeddings")))
+    assert after[bad] - before.get(bad, 0.0) >= 1
+    assert after[("rzenembed_items_total", ())] - before.get(("rzenembed_items_total", ()), 0) == 6
+    assert after[("rzenembed_tokens_total", ())] > before.get(("rzenembed_tokens_total", ()), 0)
+    assert after[("rzenembed_batch_items_count", ())] >= 3
+    assert after[("rzenembed_in_flight", ())] == 0
+    served = [k for k, v in after.items() if k[0] == "rzenembed_model_info" and v == 1]
+    assert len(served) == 1 and dict(served[0][1])["digest"] in registry["digests"]
+    assert requests.get(server["url"] + "/metrics", timeout=30).status_code == 401
+    assert requests.get(server["url"] + "/health", timeout=30).json() == {"status": "ok"}
+    ready = requests.get(server["url"] + "/ready", timeout=30)
+    assert ready.status_code == 200 and ready.json()["model"]["version"] in registry["versions"]

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from rzenembed.config import PipelineConfig, ServeConfig, digest_of
@@ -32,6 +32,8 @@ from rzenembed.identity import source_digest
 from rzenembed.modeling.inputs import EmbedInput
 from rzenembed.serving import protocol
 from rzenembed.serving.auth import KeysFileError, KeyStore, keys_file, read_hashes
+from rzenembed.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from rzenembed.serving.metrics import EndpointMetrics
 from rzenembed.serving.source import ServedModel, local_model_folder, model_config_for
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,9 @@ class EmbeddingModel:
         out, start = [], 0
         for call in calls:
             end = start + len(call)
-            out.append(self._answer(vectors[start:end], tokens[start:end]))
+            answer = self._answer(vectors[start:end], tokens[start:end])
+            answer["batch_items"] = len(tokens)  # the batch this call was embedded in
+            out.append(answer)
             start = end
         return out
 
@@ -197,7 +201,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 @serve.ingress(http)
 class EmbeddingsAPI:
-    """The HTTP front: ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /healthz``."""
+    """The HTTP front: ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /metrics``,
+    ``GET /health`` (process), ``GET /ready`` (a model replica answers; ``/healthz`` too)."""
 
     def __init__(
         self,
@@ -215,6 +220,7 @@ class EmbeddingsAPI:
         )
         self._known: dict[str, Any] | None = None  # the model info last answered with
         self.in_flight = 0  # requests this replica holds now (one event loop: no lock)
+        self.metrics = EndpointMetrics()
 
     async def _model_info(self) -> dict[str, Any]:
         return await self.model.info.remote()
@@ -235,17 +241,22 @@ class EmbeddingsAPI:
 
     @http.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> JSONResponse:
+        started = time.monotonic()
         if (refused := self._refused(request)) is not None:
-            return refused
-        if self.in_flight >= self.settings.max_queued_requests:  # back-pressure, not a queue
-            return _busy(self.settings.max_queued_requests)
-        self.in_flight += 1
-        request_id = f"req-{uuid.uuid4().hex[:16]}"
-        try:
-            response = await self._embeddings(request, request_id)
-        finally:
-            self.in_flight -= 1
-        response.headers["x-rzenembed-request-id"] = request_id
+            response = refused
+        elif self.in_flight >= self.settings.max_queued_requests:  # back-pressure, no queue
+            response = _busy(self.settings.max_queued_requests)
+        else:
+            self.in_flight += 1
+            self.metrics.in_flight.set(self.in_flight)
+            request_id = f"req-{uuid.uuid4().hex[:16]}"
+            try:
+                response = await self._embeddings(request, request_id)
+            finally:
+                self.in_flight -= 1
+                self.metrics.in_flight.set(self.in_flight)
+            response.headers["x-rzenembed-request-id"] = request_id
+        self.metrics.answered("/v1/embeddings", response.status_code, time.monotonic() - started)
         return response
 
     async def _embeddings(self, request: Request, request_id: str) -> JSONResponse:
@@ -269,6 +280,9 @@ class EmbeddingsAPI:
             body = await asyncio.to_thread(
                 protocol.embeddings_response, vectors, tokens, parsed, model
             )
+            batches = [a.get("batch_items", 0) for a in answers]
+            self.metrics.embedded(len(parsed.items), sum(tokens), batches)
+            self.metrics.serving(str(model.get("version")), str(model.get("digest")))
         except TimeoutError:
             timeout = self.settings.request_timeout_s
             error = protocol.RequestError(
@@ -317,10 +331,31 @@ class EmbeddingsAPI:
         model = await self._model_info()
         return _json(200, protocol.models_listing(model), model)
 
+    @http.get("/metrics")
+    async def metrics_text(self, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        return Response(self.metrics.text(), media_type=METRICS_CONTENT_TYPE)
+
+    @http.get("/health")
+    async def health(self) -> JSONResponse:
+        """The HTTP replica is up (a liveness probe; asks nothing of the model)."""
+        return _json(200, {"status": "ok"})
+
+    @http.get("/ready")
+    async def ready(self) -> JSONResponse:
+        """A model replica answered within ``serve.ready_timeout_s`` (a readiness probe)."""
+        try:
+            model = await asyncio.wait_for(self._model_info(), self.settings.ready_timeout_s)
+        except Exception as exc:  # no replica, a dead one, or one too slow to answer
+            reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+            return _json(503, {"status": "unavailable", "reason": f"model replica: {reason}"})
+        return _json(200, {"status": "ok", "model": model}, model)
+
     @http.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        model = await self._model_info()
-        return _json(200, {"status": "ok", "model": model}, model)
+        """``/ready`` under its older name."""
+        return await self.ready()
 
 
 @functools.cache
