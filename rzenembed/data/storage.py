@@ -132,9 +132,9 @@ def resolve_media_uri(root: str, uri: str) -> str:
     Relative URIs are resolved against the root; absolute ones must name the root's store.
     Refused (``UnsafeURIError``): an empty URI, a chained URL (``zip://a::s3://b``: fsspec
     would open the inner one through the outer), a scheme other than ``file`` and ``s3``,
-    another store than the root's, any ``..`` segment, and a path outside the root after
-    normalisation; on a local disk also a path whose real path (symlinks followed) leaves
-    the root's real path. The message never names the root: rejects must read the same on
+    another store than the root's, and a path outside the root once normalised (``..``
+    resolved: ``media/../media/a.png`` stays inside, ``../a.png`` does not); on a local
+    disk also a path whose real path (symlinks followed) leaves the root's real path. The message never names the root: rejects must read the same on
     every store, and a client must learn nothing of the server's layout.
     """
     if not uri:
@@ -149,8 +149,6 @@ def resolve_media_uri(root: str, uri: str) -> str:
         raise UnsafeURIError(f"media URI {uri!r} uses scheme {scheme!r}, not file or s3")
     if scheme != root_scheme:
         raise UnsafeURIError(f"media URI {uri!r} is on another store than the dataset root")
-    if ".." in path.split("/"):
-        raise UnsafeURIError(f"media URI {uri!r} has a '..' segment")
     normal, normal_root = posixpath.normpath(path), posixpath.normpath(root_path)
     if not _inside(normal, normal_root):
         raise UnsafeURIError(f"media URI {uri!r} escapes the dataset root")
