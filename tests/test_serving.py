@@ -342,6 +342,12 @@ def test_moving_champion_rolls_the_endpoint_without_failed_requests(server, regi
             assert rollout.digest == digest
             while rollout.deploy_s is None:  # old replicas still draining
                 time.sleep(0.2)
+            # Pinned to a version: that version's vectors, or a 404 naming what is served.
+            pinned = _post(server, {"input": "pinned", "model": f"{NAME}/{version}"})
+            assert pinned.status_code == 200 and pinned.json()["rzenembed"]["digest"] == digest
+            other = versions[0] if version == versions[1] else versions[1]
+            stale = _post(server, {"input": "pinned", "model": f"{NAME}/{other}"})
+            assert stale.status_code == 404, stale.text
             # The alias is seen within one poll interval; the switch follows as soon as
             # the new replicas are healthy.
             assert rollout.seen_at - moved <= poll + 0.5
@@ -386,15 +392,19 @@ def test_a_version_that_cannot_load_fails_its_rollout_and_the_old_one_serves_on(
         rollout = follower.poll()
         assert rollout is not None and rollout.version == version
         assert rollout.error and "failed" in rollout.error and rollout.deploy_s is None
+        # The last good version was deployed again at once: Serve's target is whole.
+        assert "rolled back to" in rollout.error
+        assert follower.served.digest == registry["digests"][0]
+        from rzenembed.serving.app import _is_running
+
+        assert _is_running(registry["cfg"].serve.app_name)
         response = _post(server, {"input": "still the old model"})
         assert response.status_code == 200
         assert response.json()["rzenembed"]["digest"] == registry["digests"][0]
         assert follower.poll() is None  # the broken version is not retried while named
-    finally:  # rolling back is moving the alias back: the endpoint is whole again
+    finally:  # moving the alias back: nothing left to do
         tracker.client.set_registered_model_alias(NAME, "champion", registry["versions"][0])
-    rollout = follower.poll()
-    assert rollout is not None and rollout.error is None
-    assert rollout.digest == registry["digests"][0]
+    assert follower.poll() is None
     response = _post(server, {"input": "recovered"})
     assert response.json()["rzenembed"]["digest"] == registry["digests"][0]
 
@@ -548,6 +558,7 @@ def test_metrics_parse_and_move_with_the_requests_and_probes_answer(server, regi
     served = [k for k, v in after.items() if k[0] == "rzenembed_model_info" and v == 1]
     assert len(served) == 1 and dict(served[0][1])["digest"] in registry["digests"]
     assert requests.get(server["url"] + "/metrics", timeout=30).status_code == 401
-    assert requests.get(server["url"] + "/health", timeout=30).json() == {"status": "ok"}
+    health = requests.get(server["url"] + "/health", timeout=30).json()
+    assert health["status"] == "ok" and health["replica"]
     ready = requests.get(server["url"] + "/ready", timeout=30)
     assert ready.status_code == 200 and ready.json()["model"]["version"] in registry["versions"]

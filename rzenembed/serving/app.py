@@ -220,6 +220,7 @@ class EmbeddingsAPI:
         )
         self._known: dict[str, Any] | None = None  # the model info last answered with
         self.in_flight = 0  # requests this replica holds now (one event loop: no lock)
+        self.replica = uuid.uuid4().hex[:12]  # which HTTP replica answered (for rollouts)
         self.metrics = EndpointMetrics()
 
     async def _model_info(self) -> dict[str, Any]:
@@ -269,12 +270,16 @@ class EmbeddingsAPI:
         except protocol.RequestError as exc:
             return _json(exc.status, exc.body())
         try:  # a name the endpoint does not serve costs no embedding
-            protocol.check_model_name(parsed.model, self._known or await self._model_info())
+            known = self._known or await self._model_info()
+            protocol.check_model_name(parsed.model, known, any_version=True)
             answers = await asyncio.wait_for(
                 self._embed(parsed.items, request_id), self.settings.request_timeout_s
             )
             model = answers[0]["model"]
             self._known = model
+            # A request pinned to one version gets that version's vectors or a 404, even
+            # right after a rollout: the version that answered decides, not a cache.
+            protocol.check_model_name(parsed.model, model)
             vectors = np.concatenate([a["vectors"] for a in answers])
             tokens = [t for a in answers for t in a["tokens"]]
             body = await asyncio.to_thread(
@@ -340,7 +345,7 @@ class EmbeddingsAPI:
     @http.get("/health")
     async def health(self) -> JSONResponse:
         """The HTTP replica is up (a liveness probe; asks nothing of the model)."""
-        return _json(200, {"status": "ok"})
+        return _json(200, {"status": "ok", "replica": self.replica})
 
     @http.get("/ready")
     async def ready(self) -> JSONResponse:
@@ -421,6 +426,10 @@ def build_app(cfg: PipelineConfig, served: ServedModel, key: str) -> Any:
     roots = [cfg.storage.root, *settings.media_roots]
     hashes = key_hashes(settings)
     api_args = (settings.model_dump(mode="json"), roots, cfg.storage.endpoint_url, hashes)
+    # Serve versions each deployment by its code, options and arguments and restarts only
+    # the replicas of a deployment whose version changed: a new model leaves the HTTP front
+    # running (its arguments do not name the model), and settings that touch only the front
+    # leave the model replicas loaded.
     model = model_deployment(settings).bind(
         served.to_json(),
         settings.dtype,
@@ -436,6 +445,8 @@ def build_app(cfg: PipelineConfig, served: ServedModel, key: str) -> Any:
         # Room beyond the queue limit, so that excess requests reach the handler and get a
         # 429 instead of waiting in Serve's own queue.
         max_ongoing_requests=settings.max_queued_requests + 32,
+        max_surge_percent=settings.max_surge_percent,
+        graceful_shutdown_timeout_s=settings.request_timeout_s + 5,
     )
     return api.bind(model, *api_args)
 

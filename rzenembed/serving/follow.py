@@ -38,14 +38,17 @@ class RegistryFollower:
     uri: str
     served: ServedModel | None = None
     rollouts: list[Rollout] = field(default_factory=list)
+    failed: str | None = None  # the digest whose rollout failed (not retried while named)
 
     def resolve(self) -> ServedModel:
         return resolve_served_model(self.uri, self.cfg)
 
     def deploy(self, served: ServedModel) -> Rollout:
         """Roll to ``served``. A failed or timed-out rollout is recorded and logged, not
-        raised: Serve keeps the old replicas until new ones are healthy, and the version is
-        not tried again until the alias names another one. Raised for the first deployment."""
+        raised: Serve keeps the old replicas while new ones are not healthy, and the last
+        good version is deployed again at once, so that Serve's target is never the broken
+        one (a replica restarted later would start it). The failed version is not tried
+        again until the alias names another one. Raised for the first deployment."""
         from rzenembed.serving.app import RolloutError, deploy
 
         rollout = Rollout(served.version, served.digest, time.time())
@@ -56,9 +59,15 @@ class RegistryFollower:
             seconds = deploy(self.cfg, served)
         except RolloutError as exc:
             rollout.error = str(exc)
-            log.error("rollout of %s failed; %s serves on: %s", served.label, _label(previous), exc)
             if previous is None:
                 raise
+            self.failed, self.served = served.digest, previous
+            try:
+                deploy(self.cfg, previous)
+                rollout.error += f"; rolled back to {previous.label}"
+            except RolloutError as again:
+                rollout.error += f"; rolling back to {previous.label} failed too: {again}"
+            log.error("rollout of %s failed: %s", served.label, rollout.error)
             return rollout
         rollout.deploy_s = round(seconds, 3)
         log.info(
@@ -83,7 +92,7 @@ class RegistryFollower:
                 "could not resolve %s (still serving %s): %s", self.uri, _label(self.served), exc
             )
             return None
-        if self.served is not None and current.digest == self.served.digest:
+        if self.served is not None and current.digest in (self.served.digest, self.failed):
             return None
         return self.deploy(current)
 

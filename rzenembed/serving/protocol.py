@@ -72,8 +72,8 @@ class LocationReader:
     and ``serve.media_roots``): a client can never make the server read anything else.
 
     One check decides (``rzenembed.data.storage.allowed_location``): ``file`` and ``s3``
-    only, no chained URL, no ``..``, inside a root after normalisation and, on a local
-    disk, after following links. The file is then read through the filesystem object of
+    only, no chained URL, inside a root after normalisation (``..`` resolved) and, on a
+    local disk, after following links. The file is then read through the filesystem object of
     its root's store (built once per store here, never from the client's string). Every
     refusal, a missing file included, reads ``not an allowed location``: the answer names
     no root and does not tell whether something exists there. ``enabled`` False (a public
@@ -419,10 +419,14 @@ def embeddings_response(
     }
 
 
-def check_model_name(asked: str | None, model: dict[str, Any]) -> None:
+def check_model_name(asked: str | None, model: dict[str, Any], any_version: bool = False) -> None:
     """A request may name the served model (name, ``name/version``, ``name@alias`` or the
-    URI it was asked as) or nothing; any other name is a 404, not a silent substitute."""
+    URI it was asked as) or nothing; any other name is a 404, not a silent substitute.
+    ``any_version``: accept ``name/<any version>`` (the check before embedding, against what
+    the endpoint last served; the exact check runs on the version that answered)."""
     if asked is None:
+        return
+    if any_version and asked.removeprefix("models:/").split("/")[0] == model["name"]:
         return
     accepted = {model["name"], model["uri"], f"models:/{model['name']}"}
     if model.get("version"):
