@@ -134,8 +134,9 @@ def resolve_media_uri(root: str, uri: str) -> str:
     would open the inner one through the outer), a scheme other than ``file`` and ``s3``,
     another store than the root's, and a path outside the root once normalised (``..``
     resolved: ``media/../media/a.png`` stays inside, ``../a.png`` does not); on a local
-    disk also a path whose real path (symlinks followed) leaves the root's real path. The message never names the root: rejects must read the same on
-    every store, and a client must learn nothing of the server's layout.
+    disk also a path whose real path (symlinks followed) leaves the root's real path.
+    The message never names the root: rejects must read the same on every store, and a
+    client must learn nothing of the server's layout.
     """
     if not uri:
         raise UnsafeURIError("empty media URI")
