@@ -13,6 +13,20 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
+# default) and only notices at a poll that training finished: about 3 s at the end of every
+# fit, whose tests here train for seconds (measured: 12.4 s -> 9.2 s per 3-step fit). A poll
+# that does not answer within the interval is not an error (it is awaited at the next one).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Every Ray Train fit starts a PlacementGroupCleaner that asks the Ray state API, every
+# second, whether the fit's controller lives. With no address given, the state API finds
+# its cluster through /tmp/ray/ray_current_cluster, the last head started with `ray start`
+# on the machine: a stale one (a stopped head) blocks each query 40 s and the fit's end
+# waits 12 s for the cleaner to stop; another live cluster's dashboard would answer that
+# the controller does not exist, and the cleaner would remove the fit's placement group.
+# The tests' local runtimes serve no state API (no dashboard): an address where nothing
+# listens makes the query fail at once, as it does when no stale marker is there.
+os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
 
 import numpy as np
 import pytest
@@ -117,3 +131,17 @@ def prepared_for_training(ray_local, sample_corpus, tiny_model_dir, tmp_path_fac
     root = tmp_path_factory.mktemp("train")
     cfg = training_config(sample_corpus, str(root / "versions"), tiny_model_dir)
     return cfg, prepare_all(cfg, base=str(sample_corpus.root), show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def adaptive_stage1(prepared_for_training):
+    """Stage 1 with adaptive sampling (``test_training_resume.adaptive_config``: two workers,
+    8 steps) on the prepared sample corpus, trained once: test_training's stage 1 and the
+    uninterrupted reference of the resume tests. Returns (config, prepared data, result)."""
+    from rzenembed.training.stages import run_stage1
+
+    from .test_training_resume import adaptive_config
+
+    cfg, data = prepared_for_training
+    cfg = adaptive_config(cfg).model_copy(update={"name": "adaptive"})
+    return cfg, data, run_stage1(cfg, data.stages["stage1"])

@@ -87,6 +87,24 @@ def recaptioned(sample_corpus, cleaned, model, root, **settings):
     return cfg, run_recaption(cfg, cleaned, show_progress=False)
 
 
+@pytest.fixture(scope="module")
+def by_policy(sample_corpus, cleaned, captioners, tmp_path_factory):
+    """``by_policy(policy)``: the readable captioner's run with that policy, each run once
+    for the module (the policy test checks each, the determinism test compares their
+    captions, the resume test compares a resumed run with the ``replace`` one)."""
+    runs = {}
+
+    def get(policy: str):
+        if policy not in runs:
+            root = tmp_path_factory.mktemp(f"recaption-{policy}")
+            runs[policy] = recaptioned(
+                sample_corpus, cleaned, captioners["readable"], root, policy=policy
+            )[1]
+        return runs[policy]
+
+    return get
+
+
 def rows_by_id(version):
     return {r["id"]: r for t in version.iter_tables() for r in t.to_pylist()}
 
@@ -144,9 +162,8 @@ def test_policies_on_hand_made_rows(policy):
 
 
 @pytest.mark.parametrize("policy", ["add", "replace", "both-in-one"])
-def test_every_policy_on_the_sample_captions(sample_corpus, cleaned, captioners, tmp_path, policy):
-    _, version = recaptioned(sample_corpus, cleaned, captioners["readable"], tmp_path,
-                             policy=policy)  # fmt: skip
+def test_every_policy_on_the_sample_captions(cleaned, by_policy, policy):
+    version = by_policy(policy)
     manifest = version.manifest
     stats = manifest.stats
     before, after = rows_by_id(cleaned), rows_by_id(version)
@@ -167,12 +184,17 @@ def test_every_policy_on_the_sample_captions(sample_corpus, cleaned, captioners,
     assert len(after) == len(before) * (2 if policy == "add" else 1)
 
 
-def test_greedy_decoding_gives_the_same_digest_twice(sample_corpus, cleaned, captioners,
-                                                     tmp_path):  # fmt: skip
-    _, first = recaptioned(sample_corpus, cleaned, captioners["readable"], tmp_path / "a")
-    _, second = recaptioned(sample_corpus, cleaned, captioners["readable"], tmp_path / "b")
-    assert first.uri != second.uri
-    assert first.content_digest == second.content_digest
+def test_greedy_decoding_gives_the_same_captions_in_every_run(cleaned, by_policy):
+    """The three policy runs (each in a storage root of its own) caption every row alike:
+    the captioner decodes greedily. The resume test below compares two whole versions of
+    the same settings by digest."""
+    add, replace, both = (by_policy(p) for p in ("add", "replace", "both-in-one"))
+    assert len({add.uri, replace.uri, both.uri}) == 3
+    added, replaced, joined = rows_by_id(add), rows_by_id(replace), rows_by_id(both)
+    for rid, row in rows_by_id(cleaned).items():
+        caption = replaced[rid]["query"]["text"]
+        assert added[f"{rid}{SUFFIX}"]["query"]["text"] == caption
+        assert joined[rid]["query"]["text"] == f"{row['query']['text']} {caption}"
 
 
 def test_a_degenerate_caption_is_rejected_and_the_original_kept(
@@ -190,7 +212,7 @@ def test_a_degenerate_caption_is_rejected_and_the_original_kept(
 
 
 def test_an_interrupted_run_redoes_only_the_missing_shards(
-    sample_corpus, cleaned, captioners, tmp_path
+    sample_corpus, cleaned, captioners, by_policy, tmp_path
 ):
     cfg = config(sample_corpus, tmp_path, captioners["readable"], policy="replace")
     shards = len(cleaned.manifest.shards)
@@ -202,8 +224,8 @@ def test_an_interrupted_run_redoes_only_the_missing_shards(
     assert version.manifest.stats["shards_resumed"] == 1
     assert version.manifest.stats["shards_captioned"] == shards - 1
     assert not list(work.rglob("*.done.json"))  # the work area is gone after the commit
-    _, fresh = recaptioned(sample_corpus, cleaned, captioners["readable"], tmp_path / "fresh",
-                           policy="replace")  # fmt: skip
+    fresh = by_policy("replace")  # the same settings, run in one go elsewhere
+    assert fresh.uri != version.uri
     assert version.content_digest == fresh.content_digest
 
 

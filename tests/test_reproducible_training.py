@@ -1,5 +1,5 @@
-"""The same tiny stage trained in two processes with different hash seeds and storage
-roots: the same adapter digest and the same souped-model digest."""
+"""The same tiny stage trained in two processes (side by side) with different hash seeds and
+storage roots: the same adapter digest and the same souped-model digest."""
 
 from __future__ import annotations
 
@@ -59,21 +59,34 @@ def test_hash_seed_and_storage_root_do_not_change_any_digest(
 ):
     data_cfg = config_from_dict(stage_config(sample_corpus, tiny_model_dir, tmp_path / "data"))
     manifest = prepare_all(data_cfg, show_progress=False).stages["stage1"]
-    outputs = []
+    # The two processes run side by side (each starts its own local Ray with one CPU); their
+    # output goes to files, so that neither waits on a full pipe while the other is read.
+    running = []
     for seed, root in (("1", "run-a"), ("2", "run-b")):
         config = tmp_path / f"{root}.json"
         config.write_text(json.dumps(stage_config(sample_corpus, tiny_model_dir, tmp_path / root)))
         env = {**os.environ, "PYTHONHASHSEED": seed, "RAY_ADDRESS": ""}
-        done = subprocess.run(
-            [sys.executable, "-m", "tests.reproduce_stage", str(config), manifest.uri],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        out, err = tmp_path / f"{root}.out", tmp_path / f"{root}.err"
+        with out.open("w") as stdout, err.open("w") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tests.reproduce_stage", str(config), manifest.uri],
+                cwd=REPO,
+                env=env,
+                stdout=stdout,
+                stderr=stderr,
+            )
+        running.append((process, out, err))
+    outputs = []
+    try:
+        for process, out, err in running:
+            process.wait(timeout=300)
+            assert process.returncode == 0, err.read_text()[-3000:]
+            outputs.append(json.loads(out.read_text().strip().splitlines()[-1]))
+    finally:
+        for process, _, _ in running:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     first, second = outputs
     assert first["adapter_dir"] != second["adapter_dir"]  # two storage roots, two processes
     modules = [

@@ -8,7 +8,7 @@ import torch
 from rzenembed.config import config_from_dict
 from rzenembed.modeling import ModelCard, RzenEmbedder
 from rzenembed.training.metrics import read_jsonl
-from rzenembed.training.stages import merge_stage1, run_stage1, run_stage2
+from rzenembed.training.stages import merge_stage1, run_stage2
 
 from .test_prep_pipeline import sample_config
 
@@ -49,13 +49,16 @@ def training_config(corpus, root, model_dir, **stage):
 
 
 @pytest.fixture(scope="module")
-def trained(prepared_for_training):
+def trained(prepared_for_training, adaptive_stage1):
+    """Stage 1 (the session's ``adaptive_stage1``: adaptive sampling, 8 steps; the resume
+    tests' reference), its merge, and stage 2 (static sampling, 6 steps) on one mixture
+    (``doc-heavy``, the uneven one): a stage-2 run trains one mixture, so a second would
+    take the same path again (the pipeline tests train, soup and track both)."""
     cfg, data = prepared_for_training
-    stage1 = run_stage1(cfg, data.stages["stage1"])
+    _, _, stage1 = adaptive_stage1
     merged = merge_stage1(cfg, stage1.adapter_uri)
-    stage2 = [
-        run_stage2(cfg, data.stages[f"stage2/{m.name}"], merged, m) for m in cfg.stage2.mixtures
-    ]
+    mixture = cfg.stage2.mixtures[-1]
+    stage2 = [run_stage2(cfg, data.stages[f"stage2/{mixture.name}"], merged, mixture)]
     return cfg, data, stage1, merged, stage2
 
 
@@ -67,7 +70,7 @@ def test_each_run_writes_an_adapter_and_its_metrics(trained):
         assert card.extra["stage"] == result.stage and card.extra["mixture"] == result.mixture
         assert set(card.extra["temperatures"]) == set(cfg.loss.task_groups)
         steps = read_jsonl(result.metrics_uri)
-        assert [s["step"] for s in steps] == list(range(6))
+        assert [s["step"] for s in steps] == list(range(result.steps))
         assert all(s["dataset"] for s in steps)
         # The loader's figures: time on data and its share of the step, the loader's time.
         assert all(0.0 <= s["data_wait_fraction"] < 1.0 for s in steps)
@@ -82,8 +85,9 @@ def test_each_run_writes_an_adapter_and_its_metrics(trained):
             waits = s["data_wait_by_rank"]
             assert len(waits) == 2 and waits[0] == pytest.approx(s["data_wait_s"])
             assert s["data_wait_max_s"] == max(waits) == waits[s["data_wait_slowest_rank"]]
+    assert [stage1.steps, *(r.steps for r in stage2)] == [8, 6]
     assert ModelCard.load(merged).kind == "model"
-    assert {r.mixture for r in stage2} == {"even", "doc-heavy"}
+    assert [r.mixture for r in stage2] == ["doc-heavy"]
 
 
 def test_every_step_draws_one_dataset_from_the_manifest(trained):

@@ -1,5 +1,9 @@
 """Checkpoints and resume: a stopped run continues where it stopped with the same data
-order, and a killed worker is recovered by Ray Train from the last checkpoint."""
+order, and a killed worker is recovered by Ray Train from the last checkpoint.
+
+One run shows both: stopped at step 4 (a worker killed, no restart allowed), it is started
+again and resumes from the checkpoint of step 2; with one restart allowed, a worker killed
+again at step 7 is recovered from the checkpoint of step 5."""
 
 from __future__ import annotations
 
@@ -8,12 +12,10 @@ from pathlib import Path
 import pytest
 
 from rzenembed.config import StageConfig
-from rzenembed.prep.prepare import prepare_all
 from rzenembed.training.metrics import read_jsonl
-from rzenembed.training.stages import run_stage1
+from rzenembed.training.stages import run_training
 
 from .faults import KillOnce, by_value
-from .test_training import training_config
 
 pytestmark = pytest.mark.slow
 STEPS, EVERY = 8, 3  # checkpoints after steps 2, 5 and 7
@@ -24,28 +26,52 @@ STEPS, EVERY = 8, 3  # checkpoints after steps 2, 5 and 7
 ADAPTIVE = {"sampling": "adaptive", "adaptive": {"every": 2, "strength": 3.0}, "prefetch": 2}
 
 
+def adaptive_config(cfg):
+    """``cfg`` (``training_config``: two workers) with this module's adaptive stage 1."""
+    stage1 = {**cfg.stage1.model_dump(), "max_steps": STEPS, "checkpoint_every": EVERY}
+    return cfg.model_copy(update={"stage1": StageConfig.model_validate({**stage1, **ADAPTIVE})})
+
+
 @pytest.fixture(scope="module")
-def setup(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
+def setup(adaptive_stage1, tmp_path_factory):
     """An adaptive stage-1 run (the harder case: the sampler's state and its look-ahead
-    must resume too) and its uninterrupted reference."""
-    root = tmp_path_factory.mktemp("resume")
+    must resume too) and its uninterrupted reference: the session's ``adaptive_stage1``
+    (test_training's stage 1 too)."""
+    cfg, data, reference = adaptive_stage1
+    root = tmp_path_factory.mktemp("resume")  # the interrupted run and the kill markers
     by_value()  # the workers receive KillOnce by value
-    cfg = training_config(
-        sample_corpus,
-        str(root / "versions"),
-        tiny_model_dir,
-        max_steps=STEPS,
-        checkpoint_every=EVERY,
-    )
-    stage1 = StageConfig.model_validate({**cfg.stage1.model_dump(), **ADAPTIVE})
-    cfg = cfg.model_copy(update={"stage1": stage1})
     assert cfg.stage1.prefetch == 2  # the loader works ahead in every test here
-    data = prepare_all(cfg, base=str(sample_corpus.root), show_progress=False)
-    reference = run_stage1(cfg.model_copy(update={"name": "reference"}), data.stages["stage1"])
+    assert cfg.compute.num_workers == 2
     rows = read_jsonl(reference.metrics_uri)
     moved = [row["step"] for row in rows if row.get("sampling_changes")]
     assert moved, "the probabilities never moved: the tests would not exercise adaptive resume"
+    cfg = cfg.model_copy(
+        update={"storage": cfg.storage.model_copy(update={"root": str(root / "versions")})}
+    )
     return cfg, data, root, rows
+
+
+@pytest.fixture(scope="module")
+def interrupted(setup):
+    """The run stopped at step 4, then started again with one restart allowed and a worker
+    killed at step 7: its result and its metrics rows, in the order they were written."""
+    cfg, data, root, _ = setup
+    stopped = cfg.model_copy(update={"name": "stopped"})
+    manifest, base = data.stages["stage1"], stopped.model.name_or_path
+    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death
+        run_training(
+            stopped, "stage1", manifest, base, "all",
+            step_callbacks=[KillOnce(4, root / "stopped-marker")],
+        )  # fmt: skip
+    # The same run (max_failures is not part of its key): it resumes from step 2's checkpoint.
+    again = stopped.model_copy(
+        update={"compute": stopped.compute.model_copy(update={"max_failures": 1})}
+    )
+    result = run_training(
+        again, "stage1", manifest, base, "all",
+        step_callbacks=[KillOnce(7, root / "killed-marker")],
+    )  # fmt: skip
+    return result, read_jsonl(result.metrics_uri)
 
 
 def last_per_step(rows: list[dict]) -> dict[int, dict]:
@@ -62,45 +88,23 @@ def assert_same_as_reference(rows: list[dict], reference: list[dict], from_step:
         assert ours[step]["probabilities"] == pytest.approx(ref[step]["probabilities"]), step
 
 
-def test_a_stopped_run_resumes_with_the_same_batches_and_probabilities(setup):
-    from rzenembed.training.stages import run_training
-
-    cfg, data, root, reference = setup
-    stopped = cfg.model_copy(update={"name": "stopped"})
-    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death
-        run_training(
-            stopped,
-            "stage1",
-            data.stages["stage1"],
-            stopped.model.name_or_path,
-            "all",
-            step_callbacks=[KillOnce(4, root / "stopped-marker")],
-        )
-    rows = read_jsonl(run_stage1(stopped, data.stages["stage1"]).metrics_uri)
+def test_a_stopped_run_resumes_with_the_same_batches_and_probabilities(setup, interrupted):
+    *_, reference = setup
+    _, rows = interrupted
     steps = [row["step"] for row in rows]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[:restart] == [0, 1, 2, 3]  # stopped before step 4
     assert steps[restart] == 3  # after the checkpoint of step 2, not from 0
     assert steps.count(3) == 2 and steps[-1] == STEPS - 1
     assert_same_as_reference(rows, reference, from_step=3)
 
 
-def test_a_killed_worker_is_recovered_from_the_last_checkpoint(setup):
-    from rzenembed.training.stages import run_training
-
-    cfg, data, root, reference = setup
-    cfg = cfg.model_copy(
-        update={"name": "killed", "compute": cfg.compute.model_copy(update={"max_failures": 1})}
-    )
-    result = run_training(
-        cfg,
-        "stage1",
-        data.stages["stage1"],
-        cfg.model.name_or_path,
-        "all",
-        step_callbacks=[KillOnce(7, root / "killed-marker")],
-    )
-    rows = read_jsonl(result.metrics_uri)
+def test_a_killed_worker_is_recovered_from_the_last_checkpoint(setup, interrupted):
+    *_, reference = setup
+    result, rows = interrupted
     steps = [row["step"] for row in rows]
+    # After the restart at 3: steps 3..6, the kill at 7, then 6.. again (checkpoint of 5).
+    assert steps[steps.index(3) + 1 :] == [3, 4, 5, 6, 6, 7]
     assert steps.count(6) == 2 and steps[-1] == STEPS - 1  # steps 6.. ran twice
     assert (Path(result.adapter_uri) / "rzenembed.json").is_file()
     assert_same_as_reference(rows, reference, from_step=6)
