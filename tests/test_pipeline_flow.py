@@ -1,11 +1,13 @@
 """full-pipeline on a real (temporary) Prefect API, local Ray and an MLflow SQLite store.
 
 Five executions share one storage root: a complete run; the same config again (every step
-a cache hit); a run with a changed stage-2 setting whose stage 2 fails once (injected);
-its rerun, which finishes without redoing data prep or stage 1; and a retrain after one
-source changed, with a gating margin no candidate can clear. Between the first two, the
-same pipeline runs from scratch on a fresh storage root against the same MLflow store
-(one registered version, not two), and ``rzenembed verify`` checks the registered model's
+a cache hit); a run with the ``doc-heavy`` stage-2 mixture reweighted whose training of
+that mixture fails once (injected); its rerun, which finishes without redoing data prep,
+stage 1 or the unchanged ``even`` mixture; and a retrain after one source changed, with a
+gating margin no candidate can clear: only the mixture that contains the changed source
+(``even``; ``doc-heavy`` leaves it out) trains again. Between the first two, the same
+pipeline runs from scratch on a fresh storage root against the same MLflow store (one
+registered version, not two), and ``rzenembed verify`` checks the registered model's
 lineage before and after one byte of one dataset shard is changed.
 """
 
@@ -38,6 +40,11 @@ pytestmark = pytest.mark.slow
 SECRET = "rz-secret-7f3a9c1e55"
 KEY_ID = "RZKEYID4242EXAMPLE"
 DATA_STEPS = {"ingest", "clean", "split-clips", "cap", "merge-classification", "mixture"}
+# The source the retrain changes; only the ``even`` mixture trains on it.
+CHANGED_SOURCE = "sample-image-qa"
+# The stage-2 setting the failed and resumed runs change: the ``doc-heavy`` mixture's weights
+# (its manifest changes, the ``even`` mixture's does not).
+REWEIGHTED = ["stage2.mixtures.1.datasets.sample-visdoc=8.0"]
 
 
 def pipeline_config(corpus, model_dir, root: Path, data: str = "data") -> Path:
@@ -79,7 +86,11 @@ def pipeline_config(corpus, model_dir, root: Path, data: str = "data") -> Path:
                 {"name": "even", "datasets": {n: 1.0 for n in stage2}},
                 {
                     "name": "doc-heavy",
-                    "datasets": {n: (4.0 if n == "sample-visdoc" else 1.0) for n in stage2},
+                    "datasets": {
+                        n: (4.0 if n == "sample-visdoc" else 1.0)
+                        for n in stage2
+                        if n != CHANGED_SOURCE
+                    },
                 },
             ],
         },
@@ -90,9 +101,6 @@ def pipeline_config(corpus, model_dir, root: Path, data: str = "data") -> Path:
     path = root / f"pipeline-{data}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
-
-
-CHANGED_SOURCE = "sample-image-qa"
 
 
 class CopiedCorpus:
@@ -149,7 +157,7 @@ def runs(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
     config = pipeline_config(corpus, tiny_model_dir, root)
     saved = {k: os.environ.get(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")}
     os.environ.update({"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": KEY_ID})
-    changed = ["stage2.optim.lr=0.002"]
+    changed = REWEIGHTED
     out = {"root": root, "config": config}
     try:
         with (
@@ -161,7 +169,8 @@ def runs(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
             out["fresh"] = full_pipeline(str(fresh), refresh=True, return_state=True)
             out["verify"] = verify_before_and_after_a_changed_byte(config, out["first"])
             out["again"] = full_pipeline(str(config), return_state=True)
-            # Stage 2 fails once (the tasks run in this process, so a patch reaches them).
+            # Stage 2 of the reweighted mixture fails once (``even`` is a cache hit and never
+            # calls run_training; the tasks run in this process, so a patch reaches them).
             with pytest.MonkeyPatch.context() as patch:
                 failing = FailOnce(
                     tasks.training.run_training,
@@ -346,12 +355,17 @@ def test_an_unchanged_second_run_redoes_no_step(runs):
 def test_a_run_failed_in_stage2_resumes_without_redoing_data_or_stage1(runs):
     assert runs["failed"].is_failed()
     failed = runs["failed_tasks"]
-    assert "Failed" in failed["train-stage2"]
+    assert sorted(failed["train-stage2"]) == ["Cached", "Failed"]  # even, doc-heavy
     resumed = runs["resumed_tasks"]
     assert runs["resumed"].is_completed(), runs["resumed"].message
     for step in [*DATA_STEPS, "train-stage1", "merge-stage1"]:
         assert set(resumed[step]) == {"Cached"}, (step, resumed[step])
-    assert set(resumed["train-stage2"]) == {"Completed"}
+    # The unchanged mixture is the first run's adapter; only the reweighted one trained.
+    assert sorted(resumed["train-stage2"]) == ["Cached", "Completed"]
+    first = runs["first"].result()["trained"]["stage2"]
+    again = runs["resumed"].result()["trained"]["stage2"]
+    assert [a["extra"]["mixture"] for a in again] == ["even", "doc-heavy"]
+    assert [a["uri"] == b["uri"] for a, b in zip(first, again, strict=True)] == [True, False]
     assert runs["resumed"].result()["model_uri"] == "models:/rzenembed/2"
 
 
@@ -372,7 +386,12 @@ def test_a_retrain_reprocesses_only_the_changed_source_and_keeps_the_champion(ru
     ingest = tasks["ingest"]
     assert sorted(ingest).count("Completed") == 1 and ingest.count("Cached") == len(ingest) - 1
     assert "train-stage1" not in tasks  # stage 2 started from the champion's stage-1 model
-    assert set(tasks["train-stage2"]) == {"Completed"}
+    # Only the mixture that trains on the changed source trains again.
+    assert sorted(tasks["train-stage2"]) == ["Cached", "Completed"]
+    before = runs["resumed"].result()["trained"]["stage2"]
+    after = result["trained"]["stage2"]
+    assert [a["extra"]["mixture"] for a in after] == ["even", "doc-heavy"]
+    assert [a["uri"] == b["uri"] for a, b in zip(before, after, strict=True)] == [False, True]
     assert result["model_uri"] == "models:/rzenembed/3"
     decision = result["registered"]["extra"]["decision"]
     assert not decision["promoted"] and decision["min_improvement"] == 1.0
