@@ -519,7 +519,9 @@ class ServeConfig(Strict):
     autoscaling: ServeAutoscaling | None = None  # set: it decides the replica count
     num_gpus: float = Field(default=0.0, ge=0)
     num_cpus: float = Field(default=1.0, ge=0)
-    api_replicas: int = Field(default=1, gt=0)  # the HTTP front (validation, decoding)
+    # The HTTP front (validation, decoding): two, so that one replica's restart (a node
+    # lost, a settings change) never leaves the endpoint without a front.
+    api_replicas: int = Field(default=2, gt=0)
     api_num_cpus: float = Field(default=0.5, ge=0)
     # None: the dtype the model was saved with (bfloat16 is the usual choice on GPUs).
     dtype: Literal["float32", "bfloat16", "float16"] | None = None

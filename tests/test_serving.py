@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import threading
 import time
@@ -124,6 +125,38 @@ def _post(server, body, timeout=60):
 
 def _get(server, path, timeout=30):
     return requests.get(server["url"] + path, headers=server["auth"], timeout=timeout)
+
+
+def replicas(cfg, deployment: str) -> set[str]:
+    """The live replica actors of one deployment of the served application: a restarted
+    replica is a new actor with a new name."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{cfg.serve.app_name}#{deployment}#"
+    named = ray.util.list_named_actors(all_namespaces=True)
+    return {a["name"] for a in named if a["name"].startswith(prefix)}
+
+
+def _scrape(server) -> dict[tuple[str, tuple], float]:
+    """``/metrics`` parsed, once every HTTP replica's last requests are on the board (each
+    sends its counters at most ``PUSH_EVERY_S`` after a request)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rzenembed.serving.metrics import PUSH_EVERY_S
+
+    time.sleep(PUSH_EVERY_S + 1.0)
+    response = _get(server, "/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def _answered(values: dict[tuple[str, tuple], float]) -> float:
+    return sum(v for (name, _), v in values.items() if name == "rzenembed_requests_total")
 
 
 def _vectors(response) -> np.ndarray:
@@ -327,6 +360,8 @@ def test_moving_champion_rolls_the_endpoint_without_failed_requests(server, regi
             time.sleep(0.2)
         raise AssertionError(f"endpoint never switched to {digest[:12]}")
 
+    front = replicas(registry["cfg"], "EmbeddingsAPI")
+    assert len(front) == 2  # serve.api_replicas
     threads = [threading.Thread(target=client) for _ in range(2)]
     watcher = threading.Thread(target=follower.follow, args=(stop_follow,))
     for t in [*threads, watcher]:
@@ -367,6 +402,8 @@ def test_moving_champion_rolls_the_endpoint_without_failed_requests(server, regi
     assert answers[-1][2] == digests[0]
     listing = _get(server, "/v1/models").json()
     assert listing["data"][0]["version"] == versions[0]
+    # Two rollouts replaced the model replicas, never the HTTP front.
+    assert replicas(registry["cfg"], "EmbeddingsAPI") == front
 
 
 def test_a_restarted_follower_adopts_the_running_endpoint(server, registry):
@@ -376,6 +413,67 @@ def test_a_restarted_follower_adopts_the_running_endpoint(server, registry):
     rollout = again.start()
     assert rollout.deploy_s == 0.0 and rollout.digest == registry["digests"][0]
     assert again.poll() is None  # the alias has not moved
+
+
+def test_the_same_content_under_another_version_restarts_nothing(server, registry):
+    """An alias moved to another registry version of the served content (registered by
+    hand: the pipeline reuses the version of a digest) renames the running replicas: no
+    actor restarts, responses and pinned requests name the new version."""
+    from rzenembed.tracking import DIGEST_TAG, process_tracking_uri
+
+    cfg, tracker, follower = registry["cfg"], registry["tracker"], server["follower"]
+    first = tracker.client.get_model_version(NAME, registry["versions"][0])
+    before = {d: replicas(cfg, d) for d in ("EmbeddingsAPI", "EmbeddingModel")}
+    assert all(before.values())
+    with process_tracking_uri(cfg.tracking.tracking_uri):  # a models:/ source resolves there
+        copy = tracker.client.create_model_version(
+            NAME,
+            source=first.source,
+            model_id=first.tags["rzenembed.model_id"],
+            tags={k: v for k, v in first.tags.items() if k in (DIGEST_TAG, "rzenembed.model_id")},
+        )
+    copy = str(copy.version)
+    tracker.client.set_registered_model_alias(NAME, "champion", copy)
+    try:
+        rollout = follower.poll()
+        assert rollout is not None and rollout.error is None and rollout.version == copy
+        assert {d: replicas(cfg, d) for d in before} == before
+        assert _get(server, "/v1/models").json()["data"][0]["version"] == copy
+        pinned = _post(server, {"input": "renamed", "model": f"{NAME}/{copy}"})
+        assert pinned.status_code == 200, pinned.text
+        assert pinned.json()["rzenembed"]["digest"] == registry["digests"][0]
+        stale = _post(server, {"input": "renamed", "model": f"{NAME}/{first.version}"})
+        assert stale.status_code == 404, stale.text
+    finally:
+        tracker.client.set_registered_model_alias(NAME, "champion", first.version)
+    assert follower.poll().version == str(first.version)  # renamed back, in place again
+    assert {d: replicas(cfg, d) for d in before} == before
+
+
+def test_a_front_setting_restarts_the_front_only(server, registry):
+    """A change that only the HTTP front reads (a limit) replaces the front's replicas and
+    leaves the loaded model replicas alone; deploying the same settings again is a no-op."""
+    from rzenembed.serving.app import deploy
+
+    cfg, served = registry["cfg"], server["follower"].served
+    before = {d: replicas(cfg, d) for d in ("EmbeddingsAPI", "EmbeddingModel")}
+    answered = _answered(_scrape(server))
+    assert answered > 0
+    limits = cfg.serve.limits.model_copy(update={"max_items": 9})
+    changed = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"limits": limits})})
+    try:
+        assert deploy(changed, served) > 0
+        assert replicas(cfg, "EmbeddingModel") == before["EmbeddingModel"]
+        assert not replicas(cfg, "EmbeddingsAPI") & before["EmbeddingsAPI"]
+        too_many = _post(server, {"input": ["x"] * 10})
+        assert too_many.status_code == 413, too_many.text
+        assert "more than the 9 allowed" in too_many.json()["error"]["message"]
+        # The replaced replicas' counts stay on the board: the totals never go back.
+        assert _answered(_scrape(server)) >= answered + 1
+        assert deploy(changed, served) == 0.0
+    finally:
+        deploy(cfg, served)
+    assert replicas(cfg, "EmbeddingModel") == before["EmbeddingModel"]
 
 
 def test_a_version_that_cannot_load_fails_its_rollout_and_the_old_one_serves_on(
@@ -496,6 +594,7 @@ def test_back_pressure_answers_429_and_a_late_request_504(server, registry):
         "app_name": "busy",
         "route_prefix": "/busy",
         "max_queued_requests": 1,
+        "api_replicas": 1,  # the queue limit is per HTTP replica
         "request_timeout_s": 0.2,
         "max_batch_size": 64,
         "batch_wait_timeout_s": 0.5,
@@ -522,22 +621,89 @@ def test_back_pressure_answers_429_and_a_late_request_504(server, registry):
         serve.delete("busy")
 
 
+def replica_processes(cfg) -> dict[str, list]:
+    """The processes of the served application's replicas on this machine, by deployment
+    (Ray titles an actor's worker ``ray::ServeReplica:APP:DEPLOYMENT``)."""
+    import psutil
+
+    found: dict[str, list] = {"EmbeddingsAPI": [], "EmbeddingModel": []}
+    for process in psutil.process_iter(["cmdline"]):
+        title = " ".join(process.info["cmdline"] or [])
+        for deployment, processes in found.items():
+            if f"ServeReplica:{cfg.serve.app_name}:{deployment}" in title:
+                processes.append(process)
+    return found
+
+
+RSS_BOUND = 48 * 2**20  # what a replica may grow by (measured: 2-13 MiB; one full decode: 103)
+
+
+def test_a_bounded_mixed_load_answers_every_valid_request_and_holds_memory(server, registry):
+    """A fixed load on loopback (4 clients, 80 requests, then it stops): valid requests
+    interleaved with a body over the size limit, an item with too many images, broken JSON
+    and a 117 KB PNG that declares 36M pixels (108 MB if decoded). Every valid request is
+    answered 200 and every other one refused 4xx, never a 5xx; no replica's resident memory
+    grows by more than ``RSS_BOUND`` (one full decode of the large PNG alone would pass it).
+    The queue limit's 429s: test_back_pressure_answers_429_and_a_late_request_504."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    limits = registry["cfg"].serve.limits
+    small = _png(random_image(3))
+    white = _png(Image.new("RGB", (6000, 6000), "white"))
+    bodies = {
+        "valid": (200, {"input": ["load", {"text": "a picture", "image": small}]}),
+        "oversized": (413, b'{"input": "' + b"a" * (limits.max_request_bytes + 2**19) + b'"}'),
+        "many-images": (413, {"input": [{"images": [small] * (limits.max_images_per_item + 1)}]}),
+        "bad-json": (400, b'{"input": ["unfinished'),
+        "huge-pixels": (413, {"input": [{"image": white}]}),
+    }
+    plan = [kind for _ in range(16) for kind in bodies]  # interleaved, 80 requests
+    url = server["url"] + "/v1/embeddings"
+    headers = {**server["auth"], "content-type": "application/json"}
+
+    def send(kind: str) -> tuple[str, int, int]:
+        body = bodies[kind][1]
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = requests.post(url, data=data, headers=headers, timeout=60)
+        items = len(response.json().get("data", [])) if response.ok else 0
+        return kind, response.status_code, items
+
+    assert send("valid")[1] == 200  # warm: the first image a replica decodes
+    processes = replica_processes(registry["cfg"])
+    assert len(processes["EmbeddingsAPI"]) == 2 and processes["EmbeddingModel"]
+    tracked = [p for ps in processes.values() for p in ps]
+    baseline = {p.pid: p.memory_info().rss for p in tracked}
+    peak = dict(baseline)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.05):
+            for p in tracked:
+                peak[p.pid] = max(peak[p.pid], p.memory_info().rss)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(send, plan))
+    finally:
+        stop.set()
+        watcher.join()
+    wrong = [(k, code) for k, code, _ in answers if code != bodies[k][0]]
+    assert not wrong, wrong
+    assert all(items == 2 for k, _, items in answers if k == "valid")
+    grown = {pid: peak[pid] - baseline[pid] for pid in baseline}
+    shown = {pid: f"{g / 2**20:.0f} MiB" for pid, g in grown.items()}
+    assert max(grown.values()) < RSS_BOUND, shown
+
+
 def test_metrics_parse_and_move_with_the_requests_and_probes_answer(server, registry):
     """``/metrics`` is Prometheus text that ``prometheus_client``'s parser reads; its
     counters move with this test's requests; ``/health`` and ``/ready`` answer without a
     key, ``/metrics`` wants one."""
-    from prometheus_client.parser import text_string_to_metric_families
 
     def scrape() -> dict[tuple[str, tuple], float]:
-        response = _get(server, "/metrics")
-        assert response.status_code == 200 and response.headers["content-type"].startswith(
-            "text/plain"
-        )
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(response.text)
-            for sample in family.samples
-        }
+        return _scrape(server)
 
     def ok_count(values) -> float:
         key = ("rzenembed_requests_total", (("code", "200"), ("route", "/v1/embeddings")))
@@ -554,6 +720,11 @@ def test_metrics_parse_and_move_with_the_requests_and_probes_answer(server, regi
     assert after[("rzenembed_items_total", ())] - before.get(("rzenembed_items_total", ()), 0) == 6
     assert after[("rzenembed_tokens_total", ())] > before.get(("rzenembed_tokens_total", ()), 0)
     assert after[("rzenembed_batch_items_count", ())] >= 3
+    for stage in ("decode", "queue", "model"):  # one observation per embedded request
+        key = ("rzenembed_stage_seconds_count", (("stage", stage),))
+        assert after[key] - before.get(key, 0.0) == 3, stage
+    model_s = ("rzenembed_stage_seconds_sum", (("stage", "model"),))
+    assert after[model_s] > before.get(model_s, 0.0)
     assert after[("rzenembed_in_flight", ())] == 0
     served = [k for k, v in after.items() if k[0] == "rzenembed_model_info" and v == 1]
     assert len(served) == 1 and dict(served[0][1])["digest"] in registry["digests"]

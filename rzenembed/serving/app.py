@@ -7,13 +7,16 @@ with ``@serve.batch``, counted in items, not requests. Each replica answers with
 version and digest it loaded, so a response always names the model that produced it, also
 while a rollout runs.
 
-A new model version is a new ``EmbeddingModel`` deployment version: Serve starts the new
+New model content is a new ``EmbeddingModel`` deployment version: Serve starts the new
 replicas first (``serve.max_surge_percent``, 100 by default), sends traffic to them once
 they are healthy and then drains the old ones, so no request is dropped (``deploy``;
-``follow.py`` calls it when the alias moves).
+``follow.py`` calls it when the alias moves). The HTTP front's version names its own
+settings only, so a model rollout leaves it running; a version with the same content as
+the one served only renames the running model replicas.
 """
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -33,7 +36,7 @@ from rzenembed.modeling.inputs import EmbedInput
 from rzenembed.serving import protocol
 from rzenembed.serving.auth import KeysFileError, KeyStore, keys_file, read_hashes
 from rzenembed.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from rzenembed.serving.metrics import EndpointMetrics
+from rzenembed.serving.metrics import PUSH_EVERY_S, EndpointMetrics, MetricsBoard
 from rzenembed.serving.source import ServedModel, local_model_folder, model_config_for
 
 log = logging.getLogger(__name__)
@@ -42,11 +45,15 @@ http = FastAPI(title="rzenembed embeddings", docs_url=None, redoc_url=None)
 
 
 class EmbeddingModel:
-    """One model replica: loads ``served`` and embeds batches of items."""
+    """One model replica: loads ``served`` and embeds batches of items.
 
-    def __init__(
-        self, served: dict[str, Any], dtype: str | None, batch: int, wait_s: float, key: str = ""
-    ):
+    What it loads (the content: digest, folder, dtype, batching) is fixed for the replica's
+    life; what it is called (registry name, version, URI, deployment key) arrives as Serve's
+    ``user_config`` and can change in place (``reconfigure``): an alias moved to another
+    version of the same content renames the running replicas instead of restarting them.
+    """
+
+    def __init__(self, served: dict[str, Any], dtype: str | None, batch: int, wait_s: float):
         from rzenembed.modeling import RzenEmbedder
         from rzenembed.runtime import task_device
 
@@ -72,9 +79,15 @@ class EmbeddingModel:
             "device": str(device),
             "node": _node_id(),
             "load_s": round(time.monotonic() - started, 3),
-            "deployment": key,
+            "deployment": "",
         }
         log.info("serving %s (digest %s) on %s", self.served.label, self.served.digest[:12], device)
+
+    def reconfigure(self, label: dict[str, Any]) -> None:
+        """The registry name, version and URI this content is served as, and the deployment
+        key (Serve calls it after ``__init__`` and whenever only these change). A new dict:
+        answers already built keep the label they were made with."""
+        self.info_doc = {**self.info_doc, **label}
 
     async def info(self) -> dict[str, Any]:
         return self.info_doc
@@ -117,12 +130,15 @@ class EmbeddingModel:
     def _flat(calls: list[list[EmbedInput]]) -> list[EmbedInput]:
         return [item for call in calls for item in call]
 
-    def _split(self, calls, vectors: np.ndarray, tokens: list[int]) -> list[dict[str, Any]]:
+    def _split(
+        self, calls, vectors: np.ndarray, tokens: list[int], forward_s: float
+    ) -> list[dict[str, Any]]:
         out, start = [], 0
         for call in calls:
             end = start + len(call)
             answer = self._answer(vectors[start:end], tokens[start:end])
             answer["batch_items"] = len(tokens)  # the batch this call was embedded in
+            answer["forward_s"] = forward_s  # its processor and forward pass
             out.append(answer)
             start = end
         return out
@@ -137,11 +153,13 @@ class EmbeddingModel:
         return None
 
     @torch.inference_mode()
-    def _forward(self, items: list[EmbedInput]) -> tuple[np.ndarray, list[int]]:
+    def _forward(self, items: list[EmbedInput]) -> tuple[np.ndarray, list[int], float]:
+        """Vectors, token counts and seconds taken for one batch."""
+        started = time.monotonic()
         batch = self.embedder.prepare(items)
         tokens = batch["attention_mask"].sum(dim=1).tolist()
         vectors = self.embedder(**batch).float().cpu().numpy()
-        return vectors, [int(t) for t in tokens]
+        return vectors, [int(t) for t in tokens], time.monotonic() - started
 
     def _answer(self, vectors: np.ndarray, tokens: list[int]) -> dict[str, Any]:
         return {"vectors": vectors, "tokens": tokens, "model": self.info_doc}
@@ -207,12 +225,15 @@ class EmbeddingsAPI:
     def __init__(
         self,
         model: Any,
+        board: Any,
         settings: dict[str, Any],
         roots: list[str],
         endpoint_url: str | None,
         key_hashes: list[str] | None = None,
     ):
         self.model = model
+        self.board = board  # MetricsBoard: /metrics sums every HTTP replica
+        self._push_pending = False
         self.settings = ServeConfig(**settings)
         self.keys = None if key_hashes is None else KeyStore(key_hashes)
         self.reader = protocol.LocationReader(
@@ -258,23 +279,46 @@ class EmbeddingsAPI:
                 self.metrics.in_flight.set(self.in_flight)
             response.headers["x-rzenembed-request-id"] = request_id
         self.metrics.answered("/v1/embeddings", response.status_code, time.monotonic() - started)
+        self._schedule_push()
         return response
+
+    def _schedule_push(self) -> None:
+        """Send this replica's counters to the board within ``PUSH_EVERY_S`` (one send
+        for every burst of requests, and one after the last of them)."""
+        if not self._push_pending:
+            self._push_pending = True
+            asyncio.get_running_loop().create_task(self._push_later())
+
+    async def _push_later(self) -> None:
+        await asyncio.sleep(PUSH_EVERY_S)
+        self._push_pending = False
+        try:
+            await self._push()
+        except Exception as exc:  # the board restarting: the next push sends everything
+            log.warning("could not send metrics to the board: %s", exc)
+
+    async def _push(self) -> None:
+        await self.board.put.remote(self.replica, self.metrics.snapshot())
 
     async def _embeddings(self, request: Request, request_id: str) -> JSONResponse:
         limits = self.settings.limits
         try:
             body = await read_body(request, limits.max_request_bytes)
+            decoding = time.monotonic()
             # Parsing and decoding run off the event loop: other requests keep moving.
             data = await asyncio.to_thread(protocol.parse_body, body, limits)
             parsed = await asyncio.to_thread(protocol.parse_request, data, limits, self.reader)
+            decode_s = time.monotonic() - decoding
         except protocol.RequestError as exc:
             return _json(exc.status, exc.body())
         try:  # a name the endpoint does not serve costs no embedding
             known = self._known or await self._model_info()
             protocol.check_model_name(parsed.model, known, any_version=True)
+            embedding = time.monotonic()
             answers = await asyncio.wait_for(
                 self._embed(parsed.items, request_id), self.settings.request_timeout_s
             )
+            embed_s = time.monotonic() - embedding
             model = answers[0]["model"]
             self._known = model
             # A request pinned to one version gets that version's vectors or a 404, even
@@ -287,6 +331,10 @@ class EmbeddingsAPI:
             )
             batches = [a.get("batch_items", 0) for a in answers]
             self.metrics.embedded(len(parsed.items), sum(tokens), batches)
+            # The chunks ran side by side: the slowest forward pass is the model's share,
+            # the rest of the wait is queueing (for a batch to form, a replica, Ray calls).
+            model_s = max(a.get("forward_s", 0.0) for a in answers)
+            self.metrics.stages(decode_s, max(embed_s - model_s, 0.0), model_s)
             self.metrics.serving(str(model.get("version")), str(model.get("digest")))
         except TimeoutError:
             timeout = self.settings.request_timeout_s
@@ -340,7 +388,8 @@ class EmbeddingsAPI:
     async def metrics_text(self, request: Request) -> Response:
         if (refused := self._refused(request)) is not None:
             return refused
-        return Response(self.metrics.text(), media_type=METRICS_CONTENT_TYPE)
+        await self._push()  # this replica's latest; the others' are at most PUSH_EVERY_S old
+        return Response(await self.board.text.remote(), media_type=METRICS_CONTENT_TYPE)
 
     @http.get("/health")
     async def health(self) -> JSONResponse:
@@ -419,24 +468,46 @@ def _is_running(app: str) -> bool:
     return status is not None and status.status == ApplicationStatus.RUNNING
 
 
+def versioned(deployment: Any, parts: list[Any]) -> Any:
+    """``deployment`` with a version that is the digest of ``parts`` and of the code.
+
+    Serve restarts a deployment's replicas only when its version changes (other changes,
+    such as ``user_config`` or the replica count, are applied to the running replicas); with
+    no version given it draws a random one at every deploy and restarts everything, the HTTP
+    front included. The public options no longer take a version, so it is set through the
+    same internal option Serve's own config deploys use (pinned Ray; test_serving checks
+    that a rollout leaves the front's replicas and a same-content move every replica alive).
+    """
+    version = digest_of([*parts, code_version()])[:16]
+    return deployment.options(version=version, _internal=True)
+
+
+def model_label(served: ServedModel, key: str) -> dict[str, Any]:
+    """What the model replicas are called (``EmbeddingModel.reconfigure``)."""
+    return {"name": served.name, "version": served.version, "uri": served.uri, "deployment": key}
+
+
 def build_app(cfg: PipelineConfig, served: ServedModel, key: str) -> Any:
     """The application for ``served`` (its ``deployment_key``): the model replicas behind
-    the HTTP front."""
+    the HTTP front.
+
+    Each deployment is versioned by what its replicas load: the model replicas by the
+    model's content and the settings they load it with (a new version label alone is a
+    ``user_config`` change, applied in place), the HTTP front by its own settings only (a
+    new model leaves it running; see ``versioned``)."""
     settings = cfg.serve
     roots = [cfg.storage.root, *settings.media_roots]
     hashes = key_hashes(settings)
     api_args = (settings.model_dump(mode="json"), roots, cfg.storage.endpoint_url, hashes)
-    # Serve versions each deployment by its code, options and arguments and restarts only
-    # the replicas of a deployment whose version changed: a new model leaves the HTTP front
-    # running (its arguments do not name the model), and settings that touch only the front
-    # leave the model replicas loaded.
-    model = model_deployment(settings).bind(
-        served.to_json(),
-        settings.dtype,
-        settings.max_batch_size,
-        settings.batch_wait_timeout_s,
-        key,
+    # The label travels as user_config; where to load the content from (a folder, an
+    # MLflow model id) does not make another version: any copy of the content will do.
+    loads = dataclasses.replace(served, version=None, uri="")
+    batching = (settings.dtype, settings.max_batch_size, settings.batch_wait_timeout_s)
+    content = [served.digest, served.endpoint_url, *batching]
+    model = versioned(model_deployment(settings), content).options(
+        user_config=model_label(served, key)
     )
+    model_args = (loads.to_json(), *batching)
     api = serve.deployment(
         EmbeddingsAPI,
         name="EmbeddingsAPI",
@@ -448,7 +519,12 @@ def build_app(cfg: PipelineConfig, served: ServedModel, key: str) -> Any:
         max_surge_percent=settings.max_surge_percent,
         graceful_shutdown_timeout_s=settings.request_timeout_s + 5,
     )
-    return api.bind(model, *api_args)
+    board = serve.deployment(
+        MetricsBoard, name="MetricsBoard", num_replicas=1, ray_actor_options={"num_cpus": 0}
+    )
+    return versioned(api, list(api_args)).bind(
+        model.bind(*model_args), versioned(board, []).bind(), *api_args
+    )
 
 
 def key_hashes(cfg: ServeConfig) -> list[str] | None:

@@ -92,8 +92,15 @@ class RegistryFollower:
                 "could not resolve %s (still serving %s): %s", self.uri, _label(self.served), exc
             )
             return None
-        if self.served is not None and current.digest in (self.served.digest, self.failed):
+        if current.digest == self.failed:
             return None
+        if self.served is not None and (current.digest, current.version) == (
+            self.served.digest,
+            self.served.version,
+        ):
+            return None
+        # Another version of the same content is deployed too: Serve renames the running
+        # replicas in place (app.build_app), so that responses and pinned requests name it.
         return self.deploy(current)
 
     def follow(self, stop: threading.Event) -> None:
