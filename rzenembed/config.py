@@ -379,6 +379,9 @@ class EvalConfig(Strict):
     champion_metric: str = "all"
     # A candidate becomes champion only when it beats the champion by more than this.
     min_improvement: float = Field(default=0.0, ge=0)
+    # significant: also the paired bootstrap over the same queries (candidate minus
+    # champion) must lie above min_improvement at 95%; mean: the two means decide.
+    gating: Literal["mean", "significant"] = "significant"
     ndcg_k: int = Field(default=5, gt=0)
     # When the champion was scored on other evaluation sets than the candidate (another
     # release, an added dataset), score the champion again on the candidate's sets before

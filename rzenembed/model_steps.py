@@ -298,7 +298,11 @@ def _rescore_task(
 
     local_sets = [str(stage_eval_set(s, cfg.storage.endpoint_url)) for s in sets]
     report = build_report(_score_with_actors(cfg, model, local_sets, cache_uri), model)
-    return {"levels": levels(report), "evaluation_digest": report["evaluation_digest"]}
+    return {
+        "levels": levels(report),
+        "evaluation_digest": report["evaluation_digest"],
+        "report": report,  # its per-query scores: the paired comparison with a candidate
+    }
 
 
 def rescore_step(

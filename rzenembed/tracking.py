@@ -417,6 +417,7 @@ class Tracker:
         min_improvement: float = 0.0,
         evaluation_digest: str | None = None,
         rescore: Callable[[Any], float | None] | None = None,
+        paired: Callable[[Any], dict[str, Any] | None] | None = None,
     ) -> dict[str, Any]:
         """Move ``champion`` to ``version`` when its score beats the champion's by more than
         ``min_improvement`` (or there is no champion); the decision and both scores are
@@ -427,7 +428,15 @@ class Tracker:
         (or it has none), ``rescore(champion_version)`` scores it again on the candidate's
         sets and that score is compared (and tagged on the champion); without ``rescore``,
         or when it returns None, the champion stays and the decision says why
-        (``refused``)."""
+        (``refused``).
+
+        With ``paired`` (``eval.gating: significant``), a candidate whose mean beats the
+        champion's must also beat it on the paired bootstrap: ``paired(champion_version)``
+        gives the interval of candidate minus champion on the same queries
+        (``uncertainty.paired_difference``), and its lower end must exceed
+        ``min_improvement``; otherwise the champion stays and ``refused`` states the
+        interval. When the two cannot be paired (a champion report without per-query
+        scores), the means decide and the decision says so."""
         name = self.cfg.registered_model
         tag = f"rzenembed.score.{metric}"
         self.client.set_model_version_tag(name, version, tag, repr(score))
@@ -466,6 +475,21 @@ class Tracker:
         promoted = refused is None and (
             already or current is None or previous is None or score > previous + min_improvement
         )
+        gating, interval = ("mean" if paired is None else "significant"), None
+        contested = not already and current is not None and previous is not None
+        if promoted and paired is not None and contested:
+            interval = paired(current)
+            if interval is None:
+                gating = "mean (the champion's report has no per-query scores to pair)"
+            elif interval["low"] <= min_improvement:
+                promoted = False
+                refused = (
+                    f"the paired {100 * interval['confidence']:.0f}% interval of candidate "
+                    f"minus champion v{current.version} on {metric} is "
+                    f"[{100 * interval['low']:+.1f}, {100 * interval['high']:+.1f}] points "
+                    f"(mean {100 * interval['difference']:+.1f}, {interval['queries']} queries): "
+                    f"it does not lie above {100 * min_improvement:g} (eval.gating: significant)"
+                )
         if promoted:
             self.client.set_registered_model_alias(name, "champion", version)
         decision = {
@@ -479,6 +503,8 @@ class Tracker:
             "already_champion": already,
             "champion_rescored": rescored,
             "refused": refused,
+            "gating": gating,
+            "paired": interval,
         }
         self.client.set_model_version_tag(
             name, version, "rzenembed.promotion", json.dumps(decision)

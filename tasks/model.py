@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -11,10 +12,11 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from rzenembed.config import PipelineConfig, digest_of
-from rzenembed.data.folders import exists, listing_digest, stage_folder
+from rzenembed.data.folders import exists, listing_digest, read_text, stage_folder
 from rzenembed.data.storage import is_remote, join
 from rzenembed.evaluation import discover
 from rzenembed.evaluation.report import levels
+from rzenembed.evaluation.uncertainty import paired_difference
 from rzenembed.model_steps import (
     REPORT_FILES,
     evaluate_step,
@@ -26,6 +28,8 @@ from rzenembed.modeling.digest import file_digest
 from rzenembed.tracking import DIGEST_TAG, LineageRef, Tracker
 from rzenembed.training.stages import output_root
 from tasks.common import RETRIES, RunContext, as_ref, keyed, step_run
+
+REPORT_TAG = "rzenembed.report"  # a registered version's evaluation report (report.json)
 
 CHAMPION_LEVELS = {"all": "All", "image": "Image", "video": "Video", "visdoc": "VisDoc"}
 
@@ -255,16 +259,36 @@ def _verdict(decision: dict[str, Any], version: str) -> str:
     return f"Champion stays at v{decision['champion_version']}"
 
 
+def _gating_note(decision: dict[str, Any]) -> str:
+    """The paired comparison and why the champion stayed, for the registration artifact."""
+    lines = []
+    paired = decision.get("paired")
+    if paired:
+        lines.append(
+            f"Paired {100 * paired['confidence']:.0f}% interval of candidate minus champion "
+            f"({paired['queries']} queries): [{100 * paired['low']:+.1f}, "
+            f"{100 * paired['high']:+.1f}] points, mean {100 * paired['difference']:+.1f}."
+        )
+    if decision.get("refused"):
+        lines.append(f"Not moved: {decision['refused']}.")
+    return "".join(f"\n{line}\n" for line in lines)
+
+
 def champion_level(metric: str) -> str:
     """``eval.champion_metric`` -> a report level (All, Image, Image/CLS, dataset:NAME)."""
     return CHAMPION_LEVELS.get(metric.lower(), metric)
 
 
 def _rescorer(
-    cfg: PipelineConfig, base: str | None, level: str, tracker: Tracker
+    cfg: PipelineConfig,
+    base: str | None,
+    level: str,
+    tracker: Tracker,
+    reports: dict[str, dict[str, Any]],
 ) -> Callable[[Any], float | None]:
     """Scores a registered version (the champion) again on this run's evaluation sets;
-    None when its model folder cannot be found (then the champion is not moved)."""
+    None when its model folder cannot be found (then the champion is not moved). The
+    report it gets is kept in ``reports`` by version (the paired comparison reads it)."""
     endpoint = cfg.storage.endpoint_url
 
     def rescore(version: Any) -> float | None:
@@ -283,9 +307,36 @@ def _rescorer(
             eval_set_paths(cfg, base),
             join(output_root(cfg), "_embedding_cache"),
         )
+        reports[str(version.version)] = result["report"]
         return float(result["levels"][level])
 
     return rescore
+
+
+def _read_report(uri: str | None, endpoint: str | None) -> dict[str, Any] | None:
+    if not uri or not exists(uri, endpoint):
+        return None
+    return json.loads(read_text(uri, endpoint))
+
+
+def _pairer(
+    cfg: PipelineConfig, report_uri: str, level: str, reports: dict[str, dict[str, Any]]
+) -> Callable[[Any], dict[str, Any] | None]:
+    """``eval.gating: significant``: the paired bootstrap of the candidate's report against
+    the champion's on ``level`` (the champion's report as rescored on this run's sets, or
+    the one its version names when both were scored on the same sets)."""
+    endpoint = cfg.storage.endpoint_url
+
+    def paired(version: Any) -> dict[str, Any] | None:
+        champion = reports.get(str(version.version)) or _read_report(
+            version.tags.get(REPORT_TAG), endpoint
+        )
+        candidate = _read_report(report_uri, endpoint)
+        if champion is None or candidate is None:
+            return None
+        return paired_difference(candidate, champion, level)
+
+    return paired
 
 
 @task(
@@ -298,6 +349,7 @@ def _rescorer(
             "metric": p["cfg"].eval.champion_metric,
             "margin": p["cfg"].eval.min_improvement,
             "rescore": p["cfg"].eval.rescore_champion,
+            "gating": p["cfg"].eval.gating,
         },
         lambda p: [p["model"]["digest"], p["report"]["digest"]],
     ),
@@ -321,20 +373,27 @@ def register_model(
     section = {"tracking": cfg.tracking.model_dump(mode="json"), "metric": level}
     with step_run(cfg, ctx, "register", "register", section) as (tracker, run_id):
         version, reused = tracker.register(
-            model["model_id"], run_id, model["digest"], {"rzenembed.report": report["uri"]}
+            model["model_id"], run_id, model["digest"], {REPORT_TAG: report["uri"]}
         )
         if reused:
             print(
                 f"model digest {model['digest'][:12]} is already registered as version "
                 f"{version}; reusing it"
             )
+        rescored: dict[str, dict[str, Any]] = {}
+        significant = cfg.eval.gating == "significant"
         decision = tracker.promote_if_better(
             version,
             level,
             float(scores[level]),
             cfg.eval.min_improvement,
             evaluation_digest=report["extra"].get("evaluation_digest"),
-            rescore=_rescorer(cfg, base, level, tracker) if cfg.eval.rescore_champion else None,
+            rescore=(
+                _rescorer(cfg, base, level, tracker, rescored)
+                if cfg.eval.rescore_champion
+                else None
+            ),
+            paired=_pairer(cfg, report["uri"], level, rescored) if significant else None,
         )
         if decision.get("refused"):
             print(f"champion not moved: {decision['refused']}")
@@ -356,7 +415,7 @@ def register_model(
         f"| candidate v{version} | {100 * decision['candidate_score']:.1f} |\n"
         f"| champion {decision['champion_version'] or '(none)'} | "
         f"{'–' if champion is None else f'{100 * champion:.1f}'} |\n\n"
-        f"{_verdict(decision, version)}.\n",
+        f"{_verdict(decision, version)}.\n{_gating_note(decision)}",
         key="registration",
         description="candidate against champion",
     )

@@ -260,7 +260,13 @@ def test_an_encoder_that_sees_the_colours_scores_every_set_as_expected(imported,
     markdown = paths["markdown"].read_text()
     assert "| DiDeMo | missing_frames: 1 (e.g. didemo_1) |" in markdown
     assert "Not in the imported release (66)" in markdown
-    assert "| Breakfast | Video CLS | global | 3 | 10 | 8 | hit@1 | **10.0** | 33.3 |" in markdown
+    low, high = json.loads(paths["json"].read_text())["intervals"]["dataset:Breakfast"]
+    assert low - 1e-9 <= 0.1 <= high + 1e-9  # every query scores 1/10 (ties): a point
+    interval = f"[{100 * low:.1f}, {100 * high:.1f}]"
+    assert (
+        f"| Breakfast | Video CLS | global | 3 | 10 | 8 | hit@1 | **10.0** | {interval} | 33.3 |"
+        in markdown
+    )
     board = json.loads(paths["leaderboard"].read_text())
     # Each query's grade-2 page comes first; its grade-1 page ties with the two others.
     tied = (1 / math.log2(3) + 1 / math.log2(4) + 1 / math.log2(5)) / 3

@@ -52,6 +52,14 @@ def leaderboard_scores(report: Mapping[str, Any], model_name: str) -> dict[str, 
             "skipped": sorted(report.get("skipped", {})),
         },
         "metrics": metrics,
+        # Beside the score file's own fields (which stay as the benchmark reads them): the
+        # report's bootstrap intervals of the main score, by dataset and by level.
+        "intervals": {
+            level: bounds
+            for level, bounds in report.get("intervals", {}).items()
+            if not level.startswith("dataset:") or is_benchmark_dataset(level[8:])
+        },
+        "confidence": report.get("confidence", {}),
     }
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from rzenembed.evaluation.categories import COLUMNS, META_ORDER
 from rzenembed.evaluation.leaderboard import LEADERBOARD_JSON, write_leaderboard
 from rzenembed.evaluation.runner import DatasetScore
+from rzenembed.evaluation.uncertainty import CONFIDENCE, RESAMPLES, SEED, report_intervals
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 
@@ -68,6 +69,14 @@ def build_report(
         "evaluation_digest": evaluation_digest(scores),
         "skipped": dict(skipped or {}),
     }
+    # Beside every score, never instead of it: 95% bootstrap intervals over queries.
+    report["intervals"] = report_intervals(report)
+    report["confidence"] = {
+        "level": CONFIDENCE,
+        "method": "percentile bootstrap over queries, each dataset resampled on its own",
+        "resamples": RESAMPLES,
+        "seed": SEED,
+    }
     if previous is not None:
         report["previous"] = {"model": previous.get("model"), "created": previous.get("created")}
         report["delta"] = deltas(report, previous)
@@ -102,6 +111,12 @@ def _signed(value: float | None) -> str:
     return "" if value is None else f"{100 * value:+.1f}"
 
 
+def _interval(report: dict[str, Any], level: str) -> str:
+    """``[low, high]`` in % for a level, or – when its datasets kept no per-query scores."""
+    bounds = report.get("intervals", {}).get(level)
+    return "–" if bounds is None else f"[{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]"
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     delta = report.get("delta", {})
     lines = [f"# Evaluation of {report['model'].get('path', 'a model')}", ""]
@@ -133,26 +148,31 @@ def to_markdown(report: dict[str, Any]) -> str:
     change.append(_signed(delta.get("All")))
     table = [header, ["---"] * len(header), row] + ([change] if delta else [])
     lines += ["## Summary (MMEB-V2 layout)", ""] + ["| " + " | ".join(r) + " |" for r in table]
+    confidence = report.get("confidence", {})
     lines += [
         "",
         "## Categories",
         "",
-        "| meta | category | datasets | score | Δ |",
-        "|---|---|---|---|---|",
+        f"Intervals: {100 * confidence.get('level', CONFIDENCE):.0f}% percentile bootstrap "
+        f"over queries ({confidence.get('resamples', RESAMPLES)} resamples, seed "
+        f"{confidence.get('seed', SEED)}); an aggregate resamples each of its datasets.",
+        "",
+        "| meta | category | datasets | score | 95% interval | Δ |",
+        "|---|---|---|---|---|---|",
     ]
     for key, entry in report["categories"].items():
         lines.append(
             f"| {entry['meta']} | {entry['column']} | {len(entry['datasets'])} | "
-            f"{_pct(entry['score'])} | {_signed(delta.get(key))} |"
+            f"{_pct(entry['score'])} | {_interval(report, key)} | {_signed(delta.get(key))} |"
         )
     for meta, entry in report["meta"].items():
         lines.append(
             f"| **{meta}** | all | {entry['datasets']} | **{_pct(entry['score'])}** | "
-            f"{_signed(delta.get(meta))} |"
+            f"{_interval(report, meta)} | {_signed(delta.get(meta))} |"
         )
     lines.append(
         f"| **All** | | {report['all']['datasets']} | **{_pct(report['all']['score'])}**"
-        f" | {_signed(delta.get('All'))} |"
+        f" | {_interval(report, 'All')} | {_signed(delta.get('All'))} |"
     )
     lines += [
         "",
@@ -163,8 +183,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         "convention; it is shown only where the two differ.",
         "",
         "| dataset | category | ranking | queries | candidates | frames | metric | score | "
-        "first listed | hit@1 | ndcg | recall@5 | MRR | Δ |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "95% interval | first listed | hit@1 | ndcg | recall@5 | MRR | Δ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, d in report["datasets"].items():
         m = d["metrics"]
@@ -174,7 +194,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {d['meta']} {d['column']} | {d['ranking']} | {d['queries']} | "
             f"{d['candidates']} | {d.get('frames') or '–'} | {d['metric']} | "
-            f"**{_pct(d['score'])}** | {_pct(listed) if differs else ''} | {_pct(m['hit@1'])} | "
+            f"**{_pct(d['score'])}** | {_interval(report, f'dataset:{name}')} | "
+            f"{_pct(listed) if differs else ''} | {_pct(m['hit@1'])} | "
             f"{_pct(ndcg)} | {_pct(m.get('recall@5'))} | {_pct(m['mrr'])} | "
             f"{_signed(delta.get(f'dataset:{name}'))} |"
         )

@@ -37,6 +37,7 @@ from rzenembed.training.collate import MediaReader, to_input
 ENCODE_SLICE = 256  # items read from storage and embedded per slice
 SCORE_BLOCK = 1024  # queries scored against a global corpus per matrix product
 FIRST_LISTED = "first_listed:"  # metrics under the positional tie convention
+SCORE_FORMAT = 2  # stored dataset scores: 2 = with per-query values
 
 
 class Encoder(Protocol):
@@ -60,6 +61,9 @@ class DatasetScore:
     frames: int | None = None
     digest: str = ""  # dataset_digest: what the score was computed on
     provenance: dict[str, Any] = field(default_factory=dict)
+    # The main metric of every query, in the set's order (rounded to 1e-6): what the
+    # bootstrap intervals and the paired champion comparison resample (uncertainty.py).
+    per_query: list[float] = field(default_factory=list)
 
     @property
     def first_listed(self) -> float | None:
@@ -234,7 +238,8 @@ def score_one(
         f"{dataset.name} queries",
         show_progress,
     )
-    metrics = mean_metrics(score_dataset(queries, candidates, dataset, ndcg_k=ndcg_k))
+    rows = score_dataset(queries, candidates, dataset, ndcg_k=ndcg_k)
+    metrics = mean_metrics(rows)
     category = category_of(dataset.category)
     metric = main_metric(dataset.category, ndcg_k)
     return DatasetScore(
@@ -251,6 +256,7 @@ def score_one(
         frames=max_frames,
         digest=digest,
         provenance=dataset.provenance,
+        per_query=[round(float(row[metric]), 6) for row in rows],
     )
 
 
@@ -297,7 +303,9 @@ def evaluate(
         digest = dataset_digest(dataset, frames)
         stored = None
         if cache is not None and model_digest is not None:
-            key = hashlib.sha256(f"{model_digest}:{ndcg_k}:{digest}".encode()).hexdigest()
+            # SCORE_FORMAT: a stored score of an older shape (no per-query values) is redone.
+            payload = f"{model_digest}:{ndcg_k}:{digest}:{SCORE_FORMAT}"
+            key = hashlib.sha256(payload.encode()).hexdigest()
             stored = join(cache, "scores", f"{model_digest[:16]}-{key}.json")
         score = _stored_score(stored, endpoint_url)
         resumed = score is not None
