@@ -14,12 +14,18 @@ concurrent clients (one asyncio loop, aiohttp, one request in flight each) for
 ``--seconds``. Requests carry ``--items`` items each: text queries of 4 to 60 words, and
 with probability ``--images`` a 64-224 px image instead (base64 PNG, as a client sends it).
 
-Printed per setting: requests/s, items/s, and p50/p95/p99 request latency. Then the
-embedder's own throughput on the same items in this process (``RzenEmbedder.encode`` with
-the best setting's batch size and the replica's thread count, images already decoded),
-and the serving overhead: in-process items/s divided by the best served items/s. On a
-2-core machine the clients, the HTTP proxy and the API replica share one core, so the
-overhead measured here is an upper bound on what a GPU replica with idle host cores sees.
+Printed per setting: requests/s, items/s, p50/p95/p99 request latency, and from the
+endpoint's own ``/metrics`` (deltas over the timed run): the mean batch the model replica
+actually formed (``rzenembed_batch_items``; with C clients of one request each it cannot
+exceed C items per request times C, whatever ``max_batch_size`` allows) and where a
+request's time went: ``decode`` (JSON and PNG decoding in the HTTP replica), ``queue``
+(waiting for a batch to form, a replica, Ray calls) and ``model`` (processor and forward
+pass of its batch). Then in-process ``RzenEmbedder.encode`` on the same raw request items
+(base64 PNG decoding included), in the order the clients sent them (not sorted by length),
+at the mean batch size the best setting observed, with the replica's thread count; and
+the serving overhead: in-process items/s divided by the best served items/s. On a 2-core
+machine the clients, the HTTP proxy and the API replicas share one core, so the overhead
+measured here is an upper bound on what a GPU replica with idle host cores sees.
 """
 
 from __future__ import annotations
@@ -93,24 +99,63 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def in_process_rate(folder: str, items: list[dict], batch: int, repeats: int = 3) -> float:
-    """Items/s of ``RzenEmbedder.encode`` on the same items (images decoded beforehand)."""
+    """Items/s of ``RzenEmbedder.encode`` on the raw request items: base64 PNGs decoded
+    inside the timing, batches of ``batch`` in the given order (not sorted by length)."""
     from rzenembed.modeling import EmbedInput, RzenEmbedder
 
     embedder = RzenEmbedder.from_pretrained(folder)
-    inputs = []
-    for item in items:
-        if "image" in item:
-            image = Image.open(io.BytesIO(base64.b64decode(item["image"]))).convert("RGB")
-            inputs.append(EmbedInput(images=[np.asarray(image)], instruction=item["instruction"]))
-        else:
-            inputs.append(EmbedInput(text=item["text"], instruction=item["instruction"]))
-    embedder.encode(inputs[:batch], batch_size=batch)  # warm-up
+
+    def run(raw: list[dict]) -> None:
+        inputs = []
+        for item in raw:
+            if "image" in item:
+                data = io.BytesIO(base64.b64decode(item["image"]))
+                image = np.asarray(Image.open(data).convert("RGB"))
+                inputs.append(EmbedInput(images=[image], instruction=item["instruction"]))
+            else:
+                inputs.append(EmbedInput(text=item["text"], instruction=item["instruction"]))
+        embedder.encode(inputs, batch_size=batch, sort_by_length=False)
+
+    run(items[:batch])  # warm-up
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        embedder.encode(inputs, batch_size=batch)
+        run(items)
         times.append(time.perf_counter() - started)
-    return len(inputs) / statistics.median(times)
+    return len(items) / statistics.median(times)
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """The endpoint's ``/metrics`` as {(sample, labels): value}, once every HTTP replica
+    has sent its counters (``PUSH_EVERY_S``)."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rzenembed.serving.metrics import PUSH_EVERY_S
+
+    time.sleep(PUSH_EVERY_S + 1.0)
+    text = requests.get(url + "/metrics", timeout=30).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def observed(before: dict, after: dict) -> dict[str, float]:
+    """Mean model batch (items) and mean decode/queue/model milliseconds per request over
+    the interval between two scrapes."""
+
+    def delta(name: str, labels: tuple = ()) -> float:
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+
+    batches = delta("rzenembed_batch_items_count")
+    out = {"mean_batch_items": delta("rzenembed_batch_items_sum") / max(batches, 1.0)}
+    for stage in ("decode", "queue", "model"):
+        labels = (("stage", stage),)
+        count = delta("rzenembed_stage_seconds_count", labels)
+        out[f"{stage}_ms"] = 1000 * delta("rzenembed_stage_seconds_sum", labels) / max(count, 1)
+    return out
 
 
 def main() -> None:
@@ -167,9 +212,12 @@ def main() -> None:
             }
         )
         deploy(cfg, resolve_served_model(str(folder), cfg))
-        url = f"http://127.0.0.1:{port}/v1/embeddings"
+        base = f"http://127.0.0.1:{port}"
+        url = base + "/v1/embeddings"
         asyncio.run(drive(url, items, args.items, args.clients, 3.0))  # warm-up
+        before = scrape(base)
         latencies, errors = asyncio.run(drive(url, items, args.items, args.clients, args.seconds))
+        seen = observed(before, scrape(base))
         row = {
             "max_batch_size": int(batch),
             "batch_wait_timeout_s": float(wait),
@@ -179,13 +227,16 @@ def main() -> None:
             "p95_ms": 1000 * percentile(latencies, 95),
             "p99_ms": 1000 * percentile(latencies, 99),
             "errors": errors,
+            **seen,
         }
         results.append(row)
         print(
             f"batch {row['max_batch_size']:>3} wait {row['batch_wait_timeout_s']:.3f}s: "
             f"{row['requests_per_s']:7.1f} req/s {row['items_per_s']:7.1f} items/s  "
             f"p50 {row['p50_ms']:6.1f} ms  p95 {row['p95_ms']:6.1f} ms  "
-            f"p99 {row['p99_ms']:6.1f} ms  errors {errors}",
+            f"p99 {row['p99_ms']:6.1f} ms  errors {errors}  "
+            f"observed batch {seen['mean_batch_items']:.1f}  decode {seen['decode_ms']:.1f} "
+            f"queue {seen['queue_ms']:.1f} model {seen['model_ms']:.1f} ms/request",
             flush=True,
         )
     serve.shutdown()
@@ -193,10 +244,13 @@ def main() -> None:
 
     best = max(results, key=lambda r: r["items_per_s"])
     torch.set_num_threads(args.replica_cpus)  # the replica's threads: the same compute
-    rate = in_process_rate(str(folder), items, best["max_batch_size"])
+    # The batch the endpoint actually formed, not the most it allowed.
+    batch = max(1, round(best["mean_batch_items"]))
+    rate = in_process_rate(str(folder), items, batch)
     overhead = rate / best["items_per_s"]
     print(
-        f"in-process encode (batch {best['max_batch_size']}): {rate:.1f} items/s; "
+        f"in-process encode (raw items, batch {batch} = observed, unsorted): "
+        f"{rate:.1f} items/s; "
         f"serving overhead at the best setting: {overhead:.2f}x "
         f"(in-process items/s / served items/s)"
     )
@@ -206,6 +260,7 @@ def main() -> None:
         "items_per_request": args.items,
         "image_share": args.images,
         "settings": results,
+        "in_process_batch": batch,
         "in_process_items_per_s": rate,
         "overhead": overhead,
     }

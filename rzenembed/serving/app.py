@@ -331,9 +331,11 @@ class EmbeddingsAPI:
             )
             batches = [a.get("batch_items", 0) for a in answers]
             self.metrics.embedded(len(parsed.items), sum(tokens), batches)
-            # The chunks ran side by side: the slowest forward pass is the model's share,
-            # the rest of the wait is queueing (for a batch to form, a replica, Ray calls).
-            model_s = max(a.get("forward_s", 0.0) for a in answers)
+            # The model's share: the forward passes of the batches the request's chunks
+            # joined (summed: one replica runs them one after another; with several
+            # replicas side by side this overstates it); the rest of the wait is queueing
+            # (for a batch to form, a free replica, Ray calls).
+            model_s = sum(a.get("forward_s", 0.0) for a in answers)
             self.metrics.stages(decode_s, max(embed_s - model_s, 0.0), model_s)
             self.metrics.serving(str(model.get("version")), str(model.get("digest")))
         except TimeoutError:

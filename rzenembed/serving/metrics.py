@@ -14,8 +14,8 @@ gauges count only replicas heard from within ``STALE_S``.
 - ``rzenembed_batch_items``: a histogram of the model replica's batch sizes (items across
   requests, as ``@serve.batch`` formed them);
 - ``rzenembed_stage_seconds{stage}``: where an embedded request's time went: ``decode``
-  (JSON parsing and media decoding in the HTTP replica), ``model`` (the model replica's
-  processor and forward pass for the batch the request joined; its slowest chunk's) and
+  (JSON parsing and media decoding in the HTTP replica), ``model`` (the model replicas'
+  processor and forward pass for the batches the request's chunks joined, summed) and
   ``queue`` (the rest of the wait for the model: a batch forming, a free replica, Ray's
   calls);
 - ``rzenembed_in_flight``: requests the HTTP replicas hold now (the queue depth
