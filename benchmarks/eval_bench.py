@@ -7,6 +7,10 @@ Run from the repository root:
                                     [--candidates 100000] [--dim 1536]
                                     [--project-gpus 8] [--rates text=..,image=..,video=..]
                                     [--sets IMPORTED_MMEB_V2]
+                                    [--part all|encode|pool] [--pool-cpus 2]
+                                    [--gpu-factor 1]
+
+The evaluation-throughput figures in docs/PERFORMANCE.md: ``--part pool``.
 
 1. **Embedding throughput** (items/s) of the tiny model on CPU through
    ``RzenEmbedder.encode``, for text-only inputs (4 to 200 words, log-uniform, so lengths
@@ -25,6 +29,18 @@ Run from the repository root:
    rates measured elsewhere, e.g. by ``--gpu`` on a GPU machine: the Qwen2-VL-2B
    architecture with random weights in bf16 (``--gpu --dry-run``: 2 layers on CPU, to
    check the code path).
+4. **The actor-pool evaluation path** (``--part pool``; ``all`` runs 1-3 and 4): what
+   ``_score_with_actors`` runs, timed on its own: raw sides (text, image files, 8-frame
+   videos stored as folders of 224x224 JPEG frames) sent by ``ActorPoolEncoder`` to
+   ``EmbedActor``s, which decode and embed them in calls of ``--batch-size`` sides, two in
+   flight per actor. Local Ray with ``--pool-cpus`` CPUs (explicit), no dashboard, one CPU
+   per actor; items/s with 1 and 2 actors (after one warm-up pass per kind; each figure
+   the median of ``--repeats``) and the 2-actor / 1-actor ratio. Then the 78-dataset
+   projection of part 3 from these per-item rates (per actor) on ``--project-gpus``
+   devices. No GPU figure exists in docs/PERFORMANCE.md yet, so this is a CPU-rate
+   projection: the tiny model's one-core actor rates, multiplied by ``--gpu-factor``
+   (default 1: unscaled), with actors assumed to scale linearly; it sizes the pipeline's
+   overheads, not the 2B model's GPU time (use ``--rates`` from ``--gpu`` for that).
 """
 
 from __future__ import annotations
@@ -244,6 +260,101 @@ def measure_rates(embedder, args, rng) -> dict[str, float]:
     return rates
 
 
+# --------------------------------------------------------------------------- actor pool
+
+
+def write_pool_media(root: Path, counts: dict[str, int], rng: np.random.Generator) -> dict:
+    """Raw sides by kind, their media written under ``root`` (what an eval set holds)."""
+    sides: dict[str, list[dict]] = {"text": [], "image": [], "video": []}
+    for item in texts(counts["text"], rng):
+        sides["text"].append({"instruction": item.instruction, "text": item.text, "media": []})
+    for i, item in enumerate(images(counts["image"], rng)):
+        item.images[0].save(root / f"img{i}.png")
+        media = [{"kind": "image", "uri": f"img{i}.png"}]
+        sides["image"].append({"instruction": "Represent.", "text": "", "media": media})
+    for i, item in enumerate(videos(counts["video"], rng)):
+        folder = root / f"clip{i}"
+        folder.mkdir()
+        for j, frame in enumerate(item.video):
+            frame.save(folder / f"{j:03d}.jpg", quality=90)
+        media = [{"kind": "frames", "uri": f"clip{i}"}]
+        sides["video"].append({"instruction": item.instruction, "text": "", "media": media})
+    return sides
+
+
+def pool_rates(model_dir: Path, root: Path, sides: dict, actors: int, args) -> dict[str, float]:
+    """Items/s by kind through ``ActorPoolEncoder`` with ``actors`` one-CPU actors."""
+    import ray
+
+    from rzenembed.config import config_from_dict
+    from rzenembed.model_steps import EVAL_CALLS_PER_ACTOR, ActorPoolEncoder, EmbedActor
+
+    model = {"name_or_path": str(model_dir), "max_visual_tokens": 64, "max_text_tokens": 512}
+    cfg = config_from_dict({"model": {**model, "video_frames": 8}, "compute": {"step_cpus": 1}})
+    in_flight = args.in_flight or EVAL_CALLS_PER_ACTOR
+    actor_cls = ray.remote(EmbedActor).options(num_cpus=1, num_gpus=0, max_concurrency=in_flight)
+    pool = ActorPoolEncoder(
+        lambda: actor_cls.remote(cfg, str(model_dir)), actors, in_flight=in_flight
+    )
+    rates = {}
+    try:
+        for kind, items in sides.items():
+            pool.encode_sides(items[: 2 * args.batch_size], str(root), 8, args.batch_size)
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                pool.encode_sides(items, str(root), 8, args.batch_size)
+                times.append(time.perf_counter() - start)
+            rates[kind] = len(items) / statistics.median(times)
+    finally:
+        pool.close()
+    total = sum(len(v) for v in sides.values())
+    rates["all"] = total / sum(len(sides[k]) / rates[k] for k in sides)
+    return rates
+
+
+def pool_part(args, rng: np.random.Generator) -> None:
+    """Part 4: the actor-pool path with 1 and 2 actors, then the projection."""
+    import ray
+
+    from rzenembed.data.engine import ensure_ray
+    from rzenembed.model_steps import EVAL_CALLS_PER_ACTOR
+
+    counts = {"text": args.pool_texts, "image": args.pool_images, "video": args.pool_videos}
+    ensure_ray(num_cpus=args.pool_cpus)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_tiny_model(Path(tmp) / "tiny")
+        media = Path(tmp) / "media"
+        media.mkdir()
+        sides = write_pool_media(media, counts, rng)
+        print(
+            f"\nactor pool, local Ray num_cpus={args.pool_cpus}, 1 CPU per actor, "
+            f"batch {args.batch_size}, {args.in_flight or EVAL_CALLS_PER_ACTOR} calls in flight "
+            "per actor"
+        )
+        print(f"{'actors':<8}{'text/s':>9}{'image/s':>9}{'video/s':>9}{'all/s':>9}")
+        measured = {}
+        for actors in (1, 2):
+            measured[actors] = pool_rates(model_dir, media, sides, actors, args)
+            r = measured[actors]
+            row = "".join(f"{r[k]:>9.1f}" for k in ("text", "image", "video", "all"))
+            print(f"{actors:<8}{row}")
+    ray.shutdown()
+    ratio = measured[2]["all"] / measured[1]["all"]
+    print(f"2 actors / 1 actor: {ratio:.2f}x (items/s, mixed workload {counts})")
+    rates = {k: v * args.gpu_factor for k, v in measured[1].items() if k != "all"}
+    rate_text = ", ".join(f"{k} {v:.1f}/s" for k, v in rates.items())
+    print(
+        f"projection, {args.project_gpus} devices, CPU-rate (1-actor pool rates x "
+        f"gpu-factor {args.gpu_factor:g}: {rate_text}):"
+    )
+    for name in ("low", "high"):
+        items = table_workload(name)
+        hours = project(items, rates, args.project_gpus)
+        counts_text = ", ".join(f"{k} {v:,.0f}" for k, v in items.items())
+        print(f"  78 datasets ({name}): {counts_text} items -> {hours:.2f} h of embedding")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--texts", type=int, default=512)
@@ -261,9 +372,20 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="rates of the 2B architecture")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: 2 layers on CPU")
     parser.add_argument("--family", default="qwen2-vl", help="with --gpu: the backbone family")
+    parser.add_argument("--part", choices=("all", "encode", "pool"), default="all")
+    parser.add_argument("--pool-cpus", type=int, default=2, help="local Ray CPUs for part 4")
+    parser.add_argument("--pool-texts", type=int, default=256)
+    parser.add_argument("--pool-images", type=int, default=256)
+    parser.add_argument("--pool-videos", type=int, default=64)
+    parser.add_argument("--in-flight", type=int, help="part 4: calls per actor (default 2)")
+    parser.add_argument("--gpu-factor", type=float, default=1.0, help="part 4 rate scale")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
+    if args.part in ("all", "pool"):
+        pool_part(args, np.random.default_rng(1))
+    if args.part == "pool":
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if args.gpu:
             embedder = gpu_embedder(args.dry_run, args.family)

@@ -5,17 +5,21 @@ here runs as a Ray task that requests the configured resources (``compute.step_g
 default one GPU when ``compute.use_gpu``; ``compute.step_cpus``), stages its inputs from
 the storage root, computes on the device the runtime picks inside the task, publishes its
 outputs to the storage root and returns small JSON-able results (URIs, digests, scores).
-Evaluation embeds with ``compute.eval_actors`` actors (one GPU each), every actor taking a
-contiguous slice of the items, while a coordinator task ranks and writes the reports.
+Evaluation embeds with ``compute.eval_actors`` actors (one GPU each) that receive raw
+sides in full ``eval.batch_size`` batches and decode their media themselves, while a
+coordinator task, which decodes nothing, ranks and writes the reports.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,8 @@ from rzenembed.data.storage import is_remote, join
 from rzenembed.modeling.inputs import EmbedInput
 
 logger = logging.getLogger(__name__)
+# Calls in flight per evaluation actor: one embedding, one decoding the next batch.
+EVAL_CALLS_PER_ACTOR = 2
 REPORT_FILES = {
     "json": "report.json",
     "markdown": "report.md",
@@ -164,7 +170,12 @@ def stage_eval_set(uri: str, endpoint_url: str | None) -> Path:
 
 
 class EmbedActor:
-    """One model on one device (the GPU Ray gave the actor), embedding what it is sent."""
+    """One model on one device (the GPU Ray gave the actor), embedding what it is sent.
+
+    ``encode_sides`` takes raw evaluation sides and decodes their media here (one
+    ``MediaReader`` per media root), so the coordinator never touches a picture. Run with
+    Ray's ``max_concurrency`` above one, a call decodes its batch while the previous one
+    embeds; the model lock lets one batch at a time onto the device."""
 
     def __init__(self, cfg: PipelineConfig, model_uri: str):
         from rzenembed.modeling import ModelCard, RzenEmbedder
@@ -175,10 +186,64 @@ class EmbedActor:
         config = None if ModelCard.exists(folder) else cfg.model
         self.embedder = RzenEmbedder.from_pretrained(folder, config=config, device=runtime.device)
         self.runtime = runtime
+        self.endpoint_url = cfg.storage.endpoint_url
+        self.readers: dict[str, Any] = {}  # media root -> MediaReader
+        self.staged_sets: dict[str, Path] = {}  # eval set URI -> its copy on this node
+        self.model_lock = threading.Lock()
+        self.call_sizes: Counter[int] = Counter()  # sides per encode_sides call
+        self.media_decoded = 0  # images and videos this actor decoded
 
     def encode(self, items: list[EmbedInput], batch_size: int = 16) -> torch.Tensor:
-        with self.runtime.autocast():
+        with self.model_lock, self.runtime.autocast():
             return self.embedder.encode(items, batch_size=batch_size)
+
+    def encode_sides(
+        self,
+        sides: list[dict[str, Any]],
+        media_root: str,
+        max_frames: int,
+        batch_size: int = 16,
+        progress: Callable[[int], None] | None = None,
+        set_uri: str | None = None,
+    ) -> torch.Tensor:
+        """``sides`` decoded here and embedded ``batch_size`` at a time (a pool sends one
+        batch per call; in process this bounds the decoded pictures held at once). With
+        ``set_uri`` (a remote evaluation set), ``media_root`` is relative to that set,
+        staged on this node once."""
+        from rzenembed.training.collate import to_input
+
+        reader = self._reader(self._media_root(media_root, set_uri))
+        parts = []
+        for start in range(0, len(sides), batch_size):
+            inputs = [to_input(s, reader, max_frames) for s in sides[start : start + batch_size]]
+            parts.append(self._embed_decoded(inputs, batch_size))
+            if progress is not None:
+                progress(len(inputs))
+        with self.model_lock:
+            self.call_sizes[len(sides)] += 1
+        return torch.cat(parts) if parts else torch.empty(0, 0)
+
+    def _embed_decoded(self, inputs: list[EmbedInput], batch_size: int) -> torch.Tensor:
+        with self.model_lock, self.runtime.autocast():
+            self.media_decoded += sum(len(i.images) + (i.video is not None) for i in inputs)
+            return self.embedder.encode(inputs, batch_size=batch_size)
+
+    def _media_root(self, media_root: str, set_uri: str | None) -> str:
+        """Where ``media_root`` is on this node: the coordinator's copy of a remote set is
+        on its own node, so a remote set is staged here (once per node and content)."""
+        if set_uri is None:
+            return media_root
+        if set_uri not in self.staged_sets:
+            self.staged_sets[set_uri] = stage_eval_set(set_uri, self.endpoint_url)
+        return str((self.staged_sets[set_uri] / media_root).resolve())
+
+    def _reader(self, media_root: str):
+        """This actor's reader of ``media_root``: filesystems opened once per root."""
+        from rzenembed.training.collate import MediaReader
+
+        if media_root not in self.readers:
+            self.readers[media_root] = MediaReader(media_root, self.endpoint_url)
+        return self.readers[media_root]
 
     def describe(self) -> dict[str, Any]:
         """Where this actor embeds: its device, the autocast dtype, its weights' dtype."""
@@ -189,42 +254,191 @@ class EmbedActor:
             "weights": str(self.embedder.hf_model.dtype).removeprefix("torch."),
         }
 
+    def work(self) -> dict[str, Any]:
+        """What this actor did: calls by size (``{"64": 1500, "17": 2}``: every call of a
+        dataset side but its last is full), sides embedded, images and videos decoded."""
+        with self.model_lock:
+            sizes = dict(sorted(self.call_sizes.items()))
+            return {
+                "call_sizes": {str(k): v for k, v in sizes.items()},
+                "sides": sum(k * v for k, v in sizes.items()),
+                "media_decoded": self.media_decoded,
+            }
+
+
+def _media_source(media_root: str, staged: dict[str, str]) -> tuple[str | None, str]:
+    """``(set URI, media root relative to the set)`` when ``media_root`` lies in the local
+    copy of a remote set (``staged``: local folder -> set URI), else ``(None, media_root)``:
+    a local root reads the same from every node."""
+    for local, uri in staged.items():
+        relative = os.path.relpath(media_root, Path(local).resolve())
+        if not relative.startswith(".."):
+            return uri, relative
+    return None, media_root
+
+
+def _side_length(side: dict[str, Any]) -> tuple[int, int]:
+    """A cheap length key of a raw side (media count, then characters), so that a pool's
+    batches hold sides of similar length and pad little, as ``encode`` sorts them."""
+    chars = len(side.get("text") or "") + len(side.get("instruction") or "")
+    return len(side.get("media") or []), chars
+
 
 class ActorPoolEncoder:
-    """``encode`` over ``count`` ``EmbedActor``s: contiguous slices, one per actor, in order.
+    """``encode_sides`` over ``count`` ``EmbedActor``s, in full batches, decode overlapped.
 
-    The actors (one model load each) start at the first ``encode``: an evaluation whose
-    datasets are all resumed from stored scores loads no model at all."""
+    A dataset side is cut into calls of ``batch_size`` raw sides (length-ordered; only the
+    last call may be short). Each call goes to the least-loaded actor (round-robin on
+    ties), ``in_flight`` calls per actor at once: with the actor's ``max_concurrency`` at
+    ``in_flight``, it decodes its next batch while the current one embeds. The vectors come
+    back in input order. ``timeout_s`` (``compute.step_timeout_s``) bounds the wait for the
+    next finished call: no progress for that long cancels the calls and fails.
 
-    def __init__(self, make_actor: Callable[[], Any], count: int, timeout_s: float | None = None):
+    The actors (one model load each) start at the first call: an evaluation whose datasets
+    are all resumed from stored scores loads no model at all."""
+
+    def __init__(
+        self,
+        make_actor: Callable[[], Any],
+        count: int,
+        timeout_s: float | None = None,
+        in_flight: int = 2,
+        report_every_s: float = 60.0,
+        staged: dict[str, str] | None = None,
+    ):
         self.make_actor = make_actor
+        self.staged = staged or {}  # local copy of a remote eval set -> its URI
         self.count = count
-        self.timeout_s = timeout_s  # per encode call (compute.step_timeout_s)
+        self.timeout_s = timeout_s
+        self.in_flight = in_flight
+        self.report_every_s = report_every_s
         self.actors: list[Any] = []
         self.described: list[dict[str, Any]] = []  # each actor's device, once started
+        self.work: list[dict[str, Any]] = []  # each actor's ``work()``, read at close
 
-    def encode(self, items: Sequence[EmbedInput], batch_size: int = 16) -> torch.Tensor:
+    def _start(self) -> None:
         from rzenembed.cluster import wait_for
 
         if not self.actors:
             self.actors = [self.make_actor() for _ in range(self.count)]
             described = [a.describe.remote() for a in self.actors]
             self.described = wait_for(described, "starting the embedding actors", self.timeout_s)
-        items = list(items)
-        per = -(-len(items) // len(self.actors)) if items else 0
-        parts = [items[i * per : (i + 1) * per] for i in range(len(self.actors))]
-        futures = [
-            a.encode.remote(p, batch_size) for a, p in zip(self.actors, parts, strict=True) if p
-        ]
-        out = wait_for(futures, f"embedding {len(items)} items", self.timeout_s)
-        return torch.cat(out) if out else torch.empty(0, 0)
 
-    def close(self) -> None:
+    def encode_sides(
+        self,
+        sides: Sequence[dict[str, Any]],
+        media_root: str,
+        max_frames: int,
+        batch_size: int = 16,
+        progress: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        if not sides:
+            return torch.empty(0, 0)
+        self._start()
+        order = sorted(range(len(sides)), key=lambda i: _side_length(sides[i]))
+        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        payloads = [[sides[i] for i in rows] for rows in batches]
+        set_uri, root = _media_source(media_root, self.staged)
+        results = self._run(payloads, (root, max_frames, batch_size, None, set_uri), progress)
+        out = torch.empty(len(sides), results[0].shape[1], dtype=results[0].dtype)
+        for rows, vectors in zip(batches, results, strict=True):
+            out[rows] = vectors
+        return out
+
+    def _run(
+        self,
+        payloads: list[list[dict[str, Any]]],
+        settings: tuple[Any, ...],
+        progress: Callable[[int], None] | None,
+    ) -> list[torch.Tensor]:
+        """Every payload embedded by ``encode_sides(payload, *settings)`` on the
+        least-loaded actor, at most ``in_flight`` per actor; results in payload order."""
         import ray
 
+        results: list[Any] = [None] * len(payloads)
+        load = [0] * len(self.actors)
+        running: dict[Any, tuple[int, int]] = {}  # ref -> (payload index, actor index)
+        total = sum(len(p) for p in payloads)
+        clock = _ProgressClock(f"embedding {total} items", self.timeout_s, self.report_every_s)
+        queued = 0
+        while queued < len(payloads) or running:
+            while queued < len(payloads) and min(load) < self.in_flight:
+                actor = load.index(min(load))
+                ref = self.actors[actor].encode_sides.remote(payloads[queued], *settings)
+                running[ref] = (queued, actor)
+                load[actor] += 1
+                queued += 1
+            done, _ = ray.wait(list(running), num_returns=1, timeout=clock.budget())
+            if not done:
+                clock.stalled(list(running), len(payloads))
+                continue
+            index, actor = running.pop(done[0])
+            load[actor] -= 1
+            results[index] = ray.get(done[0])
+            clock.progressed()
+            if progress is not None:
+                progress(len(payloads[index]))
+        return results
+
+    def close(self) -> None:
+        """Each actor's ``work()`` read (best effort), then the actors killed."""
+        import ray
+
+        if self.actors:
+            try:
+                self.work = ray.get([a.work.remote() for a in self.actors], timeout=30)
+            except Exception:  # a dead actor has no counters to give
+                logger.warning("could not read the embedding actors' work counters")
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+class _ProgressClock:
+    """Time since the last finished call: a progress line every ``report_every_s`` and,
+    past ``timeout_s`` without progress, the running calls cancelled and ``StepTimeout``."""
+
+    def __init__(self, what: str, timeout_s: float | None, report_every_s: float):
+        self.what = what
+        self.timeout_s = timeout_s
+        self.report_every_s = report_every_s
+        self.started = self.last = self.reported = time.monotonic()
+        self.done = 0
+
+    def budget(self) -> float:
+        """How long the next wait may block before a report or the timeout is due."""
+        now = time.monotonic()
+        budget = self.report_every_s - (now - self.reported)
+        if self.timeout_s is not None:
+            budget = min(budget, self.timeout_s - (now - self.last))
+        return max(budget, 0.0)
+
+    def progressed(self) -> None:
+        self.done += 1
+        self.last = time.monotonic()
+
+    def stalled(self, running: list[Any], total: int) -> None:
+        """Nothing finished within the budget: fail past the timeout, else report."""
+        import ray
+
+        from rzenembed.cluster import StepTimeout
+
+        now = time.monotonic()
+        if self.timeout_s is not None and now - self.last >= self.timeout_s:
+            for ref in running:
+                ray.cancel(ref)  # actor calls: no force; close() kills the actors
+            raise StepTimeout(
+                f"{self.what}: {self.done} of {total} calls done, none finished in the last "
+                f"{self.timeout_s:g} s (compute.step_timeout_s); cancelled the rest"
+            )
+        self.reported = now
+        logger.info(
+            "%s: %d of %d calls done after %.0f s",
+            self.what,
+            self.done,
+            total,
+            now - self.started,
+        )
 
 
 def eval_actor_count(cfg: PipelineConfig) -> int:
@@ -258,20 +472,34 @@ def _score_with_actors(
     local_sets: list[str],
     cache_uri: str,
     actors_seen: list[dict[str, Any]] | None = None,
+    set_uris: Sequence[str] | None = None,
 ) -> list:
     """``model`` (``{"uri", "digest"}``) embedded by ``compute.eval_actors`` actors and
-    scored here on ``local_sets``; each started actor's ``describe()`` is appended to
-    ``actors_seen``."""
+    scored here on ``local_sets``: this process sends raw sides and ranks, the actors
+    decode and embed. ``set_uris`` (where each of ``local_sets`` was staged from) lets an
+    actor on another node stage a remote set itself. Each started actor's ``describe()``
+    and ``work()`` are appended to ``actors_seen``."""
     import ray
 
     from rzenembed.evaluation import evaluate
 
     actor_cls = ray.remote(EmbedActor).options(
-        num_gpus=step_gpus(cfg), num_cpus=cfg.compute.step_cpus
+        num_gpus=step_gpus(cfg),
+        num_cpus=cfg.compute.step_cpus,
+        max_concurrency=EVAL_CALLS_PER_ACTOR,  # one call decodes while one embeds
     )
     actors = eval_actor_count(cfg)
+    staged = {
+        local: uri
+        for local, uri in zip(local_sets, set_uris or local_sets, strict=True)
+        if is_remote(uri)
+    }
     encoder = ActorPoolEncoder(
-        lambda: actor_cls.remote(cfg, model["uri"]), actors, cfg.compute.step_timeout_s
+        lambda: actor_cls.remote(cfg, model["uri"]),
+        actors,
+        cfg.compute.step_timeout_s,
+        in_flight=EVAL_CALLS_PER_ACTOR,
+        staged=staged,
     )
     try:
         return evaluate(
@@ -286,9 +514,10 @@ def _score_with_actors(
             endpoint_url=cfg.storage.endpoint_url,
         )
     finally:
-        if actors_seen is not None:
-            actors_seen.extend(encoder.described)
         encoder.close()
+        if actors_seen is not None:
+            work = encoder.work or [{} for _ in encoder.described]
+            actors_seen.extend({**d, **w} for d, w in zip(encoder.described, work, strict=False))
 
 
 def _rescore_task(
@@ -297,7 +526,8 @@ def _rescore_task(
     from rzenembed.evaluation.report import build_report, levels
 
     local_sets = [str(stage_eval_set(s, cfg.storage.endpoint_url)) for s in sets]
-    report = build_report(_score_with_actors(cfg, model, local_sets, cache_uri), model)
+    scores = _score_with_actors(cfg, model, local_sets, cache_uri, set_uris=sets)
+    report = build_report(scores, model)
     return {
         "levels": levels(report),
         "evaluation_digest": report["evaluation_digest"],
@@ -335,7 +565,7 @@ def _evaluate_task(
         for role in ("baseline", "model"):  # the baseline first: the model's report has deltas
             model = models[role]
             actors: list[dict[str, Any]] = []
-            scores = _score_with_actors(cfg, model, local_sets, cache_uri, actors)
+            scores = _score_with_actors(cfg, model, local_sets, cache_uri, actors, sets)
             folder = work / "report" / ("baseline" if role == "baseline" else "")
             info = {
                 "path": model["uri"],

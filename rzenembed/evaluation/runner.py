@@ -3,8 +3,10 @@
 Candidates are embedded once per dataset and kept in a cache keyed by the model digest,
 the dataset's candidates and the encoding settings, so evaluating the same model again
 (another query set over the same corpus, a rerun after a crash, a report regenerated)
-embeds only the queries. Media are read slice by slice while embedding, so a 100k-page
-corpus never sits in memory as decoded images.
+embeds only the queries. Sides go to the encoder raw (text, instruction, media URIs) and
+the encoder reads their media where it embeds: an actor pool on its actors, in full
+batches; a plain in-process encoder here, slice by slice, so a 100k-page corpus never sits
+in memory as decoded images.
 """
 
 from __future__ import annotations
@@ -40,8 +42,64 @@ FIRST_LISTED = "first_listed:"  # metrics under the positional tie convention
 SCORE_FORMAT = 2  # stored dataset scores: 2 = with per-query values
 
 
-class Encoder(Protocol):
+class ItemEncoder(Protocol):
+    """Embeds inputs already decoded in this process (an ``RzenEmbedder``, a test table)."""
+
     def encode(self, items: Sequence[EmbedInput], batch_size: int = 16) -> torch.Tensor: ...
+
+
+class SideEncoder(Protocol):
+    """Embeds raw sides (the JSON dicts of an evaluation set: text, instruction, media
+    URIs) and reads their media itself, so media are decoded where the embedding happens
+    (an actor pool decodes on its actors) and the caller only ranks.
+
+    ``media_root`` resolves the sides' relative media URIs; ``progress(n)`` is called as
+    each ``n`` sides are embedded. Returns (len(sides), dim) float32 on CPU, in order."""
+
+    def encode_sides(
+        self,
+        sides: Sequence[dict[str, Any]],
+        media_root: str,
+        max_frames: int,
+        batch_size: int = 16,
+        progress: Callable[[int], None] | None = None,
+    ) -> torch.Tensor: ...
+
+
+Encoder = ItemEncoder | SideEncoder  # what ``evaluate`` accepts
+
+
+class LocalSides:
+    """An ``ItemEncoder`` behind ``SideEncoder``: sides decoded here, ``ENCODE_SLICE`` at a
+    time, so a large corpus never sits in memory as decoded pictures."""
+
+    def __init__(self, encoder: ItemEncoder, endpoint_url: str | None = None):
+        self.encoder = encoder
+        self.endpoint_url = endpoint_url
+
+    def encode_sides(
+        self,
+        sides: Sequence[dict[str, Any]],
+        media_root: str,
+        max_frames: int,
+        batch_size: int = 16,
+        progress: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        reader = MediaReader(media_root, self.endpoint_url)
+        parts = []
+        for start in range(0, len(sides), ENCODE_SLICE):
+            chunk = [to_input(s, reader, max_frames) for s in sides[start : start + ENCODE_SLICE]]
+            parts.append(self.encoder.encode(chunk, batch_size))
+            if progress is not None:
+                progress(len(chunk))
+        return torch.cat(parts) if parts else torch.empty(0, 0)
+
+
+def side_encoder(encoder: Encoder, endpoint_url: str | None = None) -> SideEncoder:
+    """``encoder`` itself when it takes raw sides, else a ``LocalSides`` around it."""
+    if hasattr(encoder, "encode_sides"):
+        return encoder  # type: ignore[return-value]
+    return LocalSides(encoder, endpoint_url)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -83,12 +141,13 @@ def _encode(
     desc: str,
     show_progress: bool,
 ) -> torch.Tensor:
-    parts = []
-    starts = range(0, len(sides), ENCODE_SLICE)
-    for start in tqdm(starts, desc=desc, disable=not show_progress, unit="slice"):
-        chunk = sides[start : start + ENCODE_SLICE]
-        parts.append(encoder.encode([to_input(s, reader, max_frames) for s in chunk], batch_size))
-    return torch.cat(parts) if parts else torch.empty(0, 0)
+    """``sides`` embedded by ``encoder`` as raw sides: ``reader`` names the media root
+    (and store) only; nothing is decoded here unless ``encoder`` is a plain one."""
+    if not sides:
+        return torch.empty(0, 0)
+    target = side_encoder(encoder, reader.endpoint_url)
+    with tqdm(total=len(sides), desc=desc, disable=not show_progress, unit="item") as bar:
+        return target.encode_sides(list(sides), reader.root, max_frames, batch_size, bar.update)
 
 
 def candidate_cache_key(model_digest: str, dataset: EvalDataset, max_frames: int) -> str:
