@@ -374,15 +374,24 @@ def _announce(ex: Execution, registered: dict[str, Any], report: dict[str, Any])
     sets = "".join(f" --set {o}" for o in ex.overrides)
     if decision.get("already_champion"):
         moved = "same digest as before: already the champion"
+    ours = report["extra"].get("intervals", {})
+    theirs = report["extra"].get("baseline_intervals", {})
+
+    def shown(level: str, values: dict[str, float], intervals: dict[str, list[float]]) -> str:
+        """A score with its 95% interval when the report has one: ``43.3 [38.0, 48.6]``."""
+        bounds = intervals.get(level)
+        around = "" if bounds is None else f" [{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]"
+        return f"{100 * values[level]:.1f}{around}"
+
     metas = ", ".join(
-        f"{m} {100 * scores[m]:.1f} vs {100 * baseline[m]:.1f}"
+        f"{m} {shown(m, scores, ours)} vs {shown(m, baseline, theirs)}"
         for m in ("Image", "Video", "VisDoc")
         if m in scores and m in baseline
     )
     print(
         f"model: {registered['uri']} ({moved})\n"
-        f"score All {100 * scores['All']:.1f} (untrained base {100 * baseline['All']:.1f}); "
-        f"{metas}\n"
+        f"score All {shown('All', scores, ours)} (untrained base "
+        f"{shown('All', baseline, theirs)}; 95% intervals); {metas}\n"
         f"report: {report['extra']['markdown']}\n"
         f"leaderboard: {report['extra'].get('leaderboard', '-')}\n"
         f"lineage: rzenembed lineage {registered['uri']} --tracking-uri {tracking}\n"

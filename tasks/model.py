@@ -184,6 +184,10 @@ def _dataset_artifact(model_digest: str) -> Callable[[dict[str, Any]], None]:
     return report
 
 
+def _aggregate_intervals(report: dict[str, Any]) -> dict[str, list[float]]:
+    return {k: v for k, v in report.get("intervals", {}).items() if not k.startswith("dataset:")}
+
+
 @task(
     name="evaluate",
     persist_result=True,
@@ -238,6 +242,9 @@ def evaluate_model(
             extra={
                 "scores": now,
                 "baseline": levels(results["baseline"]["report"]),
+                # 95% bootstrap intervals of the aggregate levels (datasets': report.json).
+                "intervals": _aggregate_intervals(report),
+                "baseline_intervals": _aggregate_intervals(results["baseline"]["report"]),
                 "markdown": uris["markdown"],
                 "png": uris["png"],
                 "leaderboard": uris["leaderboard"],
