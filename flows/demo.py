@@ -27,6 +27,9 @@ from rzenembed.modeling.backbones import FAMILIES
 from rzenembed.modeling.tiny import build_tiny_model
 
 MMEB_V2_SETS = "mmeb-v2"  # an eval set folder of this name is the imported fixture
+# Queries per dataset of the demo's scaled-down MMEB-V2: enough for intervals of about
+# +-15 points per dataset and well under that per modality (three would be noise).
+MMEB_V2_QUERIES = 30
 
 
 def ensure_inputs(config: str, overrides: list[str], scale: int) -> None:
@@ -53,7 +56,7 @@ def ensure_mmeb_v2_fixture(sets: Path) -> None:
     real release would be."""
     release = sets.with_name(f"{MMEB_V2_SETS}-release")
     print(f"building the scaled-down MMEB-V2 release in {release} and importing it")
-    build_release_fixture(release)
+    build_release_fixture(release, queries=MMEB_V2_QUERIES)
     import_mmeb_v2(release, sets, release="fixture")
 
 

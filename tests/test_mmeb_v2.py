@@ -14,7 +14,7 @@ import torch
 from rzenembed.config import TrackingConfig, load_config
 from rzenembed.evaluation import evaluate, write_report
 from rzenembed.evaluation.benchmark import mmeb_v2
-from rzenembed.evaluation.evalset import load_eval_folder
+from rzenembed.evaluation.evalset import discover, load_eval_folder
 from rzenembed.evaluation.leaderboard import aggregate, leaderboard_scores, main_scores
 from rzenembed.evaluation.release import import_mmeb_v2, suite_skipped
 from rzenembed.evaluation.release_fixture import (
@@ -138,6 +138,32 @@ def test_video_classification_ranks_the_whole_label_list(imported):
         "uri": "P01_cam01_coffee",
     }
     assert q1["query"]["instruction"].startswith("Recognize the breakfast type")
+
+
+def test_the_larger_release_keeps_its_first_rows_and_adds_new_ones(tmp_path):
+    """30 queries per dataset (the demo's size): every dataset imports whole with 30
+    queries, the first three as in the small release, no query text twice where the text
+    names its target, and the sample-world rows in the benchmark's instructions."""
+    small = import_mmeb_v2(build_release_fixture(tmp_path / "small"), tmp_path / "small-sets")
+    large = import_mmeb_v2(
+        build_release_fixture(tmp_path / "large", queries=30), tmp_path / "large-sets"
+    )
+    assert not large.skipped or all(v.get("kind") == "absent" for v in large.skipped.values())
+    by_name = {d.name: d for folder in discover(large.out) for d in load_eval_folder(folder)}
+    before = {d.name: d for folder in discover(small.out) for d in load_eval_folder(folder)}
+    assert set(by_name) == set(before) and len(by_name) == 10
+    for name, dataset in by_name.items():
+        assert len(dataset.queries) == 30, name
+        firsts = [q["query"]["text"] for q in before[name].queries]
+        assert [q["query"]["text"] for q in dataset.queries[: len(firsts)]] == firsts, name
+    for name in ("MSCOCO_t2i", "MSR-VTT", "ViDoRe_arxivqa", "ViDoRe_esg_reports_human_labeled_v2"):
+        questions = [q["query"]["text"] for q in by_name[name].queries]
+        assert len(set(questions)) == 30, name
+    assert " moves " in by_name["MSR-VTT"].queries[5]["query"]["text"]
+    assert by_name["ViDoRe_arxivqa"].queries[5]["query"]["text"].startswith("How many ")
+    assert len(by_name["MSR-VTT"].candidates) == 30 and by_name["MSR-VTT"].ranking == "global"
+    with pytest.raises(ValueError, match="at least 3"):
+        build_release_fixture(tmp_path / "none", queries=2)
 
 
 def test_a_short_label_list_is_reported_not_scored(tmp_path):

@@ -1,6 +1,6 @@
 """A scaled-down MMEB-V2 release, generated in code, in exactly the release's layout.
 
-Ten datasets, a few rows each: one of every image category (ImageNet-1K, OK-VQA,
+Ten datasets, three rows each by default: one of every image category (ImageNet-1K, OK-VQA,
 MSCOCO_t2i, MSCOCO), one video dataset of every kind (MSR-VTT retrieval, Breakfast
 classification over its 10-label list, NExTQA multiple choice, QVHighlight moment
 retrieval with ``query/``, ``positive*`` and negative clip folders) and two BEIR
@@ -9,6 +9,14 @@ arXivQA with its pages only inside the corpus Parquet). Pictures are flat colour
 shape, named by the texts, so a model can learn the pairing. ``broken=True`` adds DiDeMo
 with a video whose frame folder is missing and ViDoRe DocVQA with a qrel to a corpus id
 that is not in the corpus: the importer must skip both and say why.
+
+``queries`` asks for more rows per dataset (``make demo``: 30, so that a score's bootstrap
+interval is narrow enough to read). The first three rows stay as they are; the others get
+new looks: a colour and a shape of their own for the classification, QA, grounding and
+video datasets, and for MSCOCO_t2i, MSR-VTT and the ViDoRe sets scenes, motions and
+survey pages drawn by the sample corpus's renderer with captions and questions in its
+style, from seeds of their own: held-out examples of what a model trained on the sample
+corpus has seen, in the benchmark's layout and instructions.
 
 Tests and ``make demo`` use it; nothing is downloaded.
 """
@@ -20,10 +28,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from rzenembed.data import sample_render as draw
+from rzenembed.data.sample import SCENE_SIZE, VIDEO_SIZE
 from rzenembed.data.sample_render import COLOURS
 from rzenembed.evaluation.benchmark import benchmark_dataset
 from rzenembed.evaluation.release import ANNOTATIONS
@@ -53,6 +64,9 @@ BREAKFAST_LABELS = [
 ]
 
 
+SHAPES = ("square", "circle", "triangle", "diamond")  # 10 colours x 4 shapes: 40 pictures
+
+
 def picture(color: str, shape: str = "square", shade: int = 0) -> Image.Image:
     """A flat background of ``color`` with a white ``shape``; ``shade`` varies frames."""
     r, g, b = COLORS[color]
@@ -61,9 +75,66 @@ def picture(color: str, shape: str = "square", shade: int = 0) -> Image.Image:
     box = (14, 14, 42, 42)
     if shape == "circle":
         draw.ellipse(box, fill="white")
+    elif shape == "triangle":
+        draw.polygon([(28, 12), (44, 42), (12, 42)], fill="white")
+    elif shape == "diamond":
+        draw.polygon([(28, 10), (46, 28), (28, 46), (10, 28)], fill="white")
     else:
         draw.rectangle(box, fill="white")
     return image
+
+
+FIRST = 3  # the rows every dataset has (the tests' golden numbers are on these)
+
+
+def _extra(i: int) -> tuple[str, str]:
+    """The (colour, shape) of row ``i`` >= FIRST: every colour with a circle, then with a
+    triangle, then a diamond (30 looks that none of the first rows' squares repeat)."""
+    k = i - FIRST
+    return NAMES[k % len(NAMES)], SHAPES[1 + (k // len(NAMES)) % (len(SHAPES) - 1)]
+
+
+class SampleWorld:
+    """Extra rows drawn by the sample corpus's renderer (its scenes, motions and pages,
+    from a seed of their own): what a model trained on the sample corpus can learn, so the
+    larger release shows whether it did. Texts are never repeated."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.texts: set[str] = set()
+
+    def _new(self, make):
+        while True:
+            text, *rest = make()
+            if text not in self.texts:
+                self.texts.add(text)
+                return (text, *rest)
+
+    def scene(self) -> tuple[str, Image.Image]:
+        def make():
+            placed = draw.place_shapes(self.rng, SCENE_SIZE, int(self.rng.integers(1, 4)))
+            return draw.caption(placed), draw.scene_image(self.rng, placed, SCENE_SIZE)
+
+        return self._new(make)
+
+    def motion(self) -> tuple[str, list[Image.Image]]:
+        def make():
+            motion = draw.random_motion(self.rng, VIDEO_SIZE, int(self.rng.integers(2)))
+            frames = motion.frames(2.0, 10)
+            picked = [frames[round(k * (len(frames) - 1) / (FRAMES - 1))] for k in range(FRAMES)]
+            return motion.caption, picked
+
+        return self._new(make)
+
+    def page(self) -> tuple[str, Image.Image]:
+        """A question about one line of a new page, and the page."""
+
+        def make():
+            page = draw.random_page(self.rng, "survey")
+            label = page.lines[int(self.rng.integers(len(page.lines)))][0]
+            return f"How many {label} were counted in the {page.title}?", draw.render_page(page)
+
+        return self._new(make)
 
 
 def _png(image: Image.Image) -> bytes:
@@ -96,12 +167,16 @@ SHARD = "test-00000-of-00001.parquet"
 IMAGE_REPO = "ziyjiang/MMEB_Test_Instruct"
 
 
-def _image_tasks(root: Path) -> None:
+def _image_tasks(root: Path, queries: int) -> None:
     tasks = root / "image-tasks"
     cls, qa, t2i, vg = [], [], [], []
-    for i in range(3):
-        color, others = NAMES[i], [n for n in NAMES[:4] if n != NAMES[i]]
-        _save(picture(color), tasks / f"ImageNet-1K/{i}.png")
+    width = 3 if queries <= FIRST else 5  # candidates per retrieval query
+    world = SampleWorld(seed=2026)
+    scenes = [world.scene() for _ in range(FIRST, queries)]
+    for i in range(queries):
+        color, shape = (NAMES[i], "square") if i < FIRST else _extra(i)
+        others = [n for n in NAMES[:4] if n != color][:3]
+        _save(picture(color, shape), tasks / f"ImageNet-1K/{i}.png")
         cls.append(
             {
                 "qry_inst": "<|image_1|> Represent the given image for classification",
@@ -112,70 +187,99 @@ def _image_tasks(root: Path) -> None:
                 "tgt_img_path": ["", "", "", ""],
             }
         )
-        _save(picture(NAMES[i + 3], "circle"), tasks / f"OK-VQA/{i}.png")
+        color, shape = (NAMES[i + 3], "circle") if i < FIRST else _extra(i)
+        k = NAMES.index(color)
+        _save(picture(color, shape), tasks / f"OK-VQA/{i}.png")
         qa.append(
             {
                 "qry_inst": "<|image_1|> Represent the given image with the following question:",
                 "qry_text": "What colour is the background?",
                 "qry_img_path": f"OK-VQA/{i}.png",
                 "tgt_inst": "",
-                "tgt_text": [NAMES[i + 3], NAMES[(i + 4) % 10], NAMES[(i + 5) % 10]],
+                "tgt_text": [color, NAMES[(k + 1) % 10], NAMES[(k + 2) % 10]],
                 "tgt_img_path": ["", "", ""],
             }
         )
-        targets = [f"MSCOCO_t2i/{j}.png" for j in (i, (i + 1) % 3, (i + 2) % 3)]
+        if i < FIRST:
+            text, image = f"a white square on {NAMES[6 + i]}", picture(NAMES[6 + i])
+        else:
+            text, image = scenes[i - FIRST]
+        # Its own picture and the next ones, within the first rows or within the others.
+        group = range(FIRST) if i < FIRST else range(FIRST, queries)
+        start = i - group[0]
+        targets = [
+            f"MSCOCO_t2i/{group[(start + j) % len(group)]}.png"
+            for j in range(min(width, len(group)))
+        ]
         t2i.append(
             {
                 "qry_inst": "Find me an everyday image that matches the given caption:",
-                "qry_text": f"a white square on {NAMES[6 + i]}",
+                "qry_text": text,
                 "qry_img_path": "",
                 "tgt_inst": "<|image_1|> Represent the given image.",
-                "tgt_text": ["", "", ""],
+                "tgt_text": [""] * len(targets),
                 "tgt_img_path": targets,
             }
         )
-        _save(picture(NAMES[6 + i]), tasks / f"MSCOCO_t2i/{i}.png")
-        _save(picture(NAMES[i], "circle"), tasks / f"MSCOCO/query_{i}.png")
-        _save(picture(NAMES[i], "square"), tasks / f"MSCOCO/crop_{i}.png")
+        _save(image, tasks / f"MSCOCO_t2i/{i}.png")
+        color, shape = (NAMES[i], "square") if i < FIRST else _extra(i)
+        seen_as = "circle" if i < FIRST else "square"  # the query shows another shape
+        _save(picture(color, seen_as), tasks / f"MSCOCO/query_{i}.png")
+        _save(picture(color, shape), tasks / f"MSCOCO/crop_{i}.png")
         vg.append(
             {
                 "qry_inst": "<|image_1|> Select the portion of the image that isolates the "
                 "object labeled as",
-                "qry_text": f'"{NAMES[i]} square"',
+                "qry_text": f'"{color} {shape}"',
                 "qry_img_path": f"MSCOCO/query_{i}.png",
                 "tgt_inst": "<|image_1|> Represent the given cropped image of the object",
                 "tgt_text": ["", ""],
-                "tgt_img_path": [f"MSCOCO/crop_{i}.png", f"MSCOCO/crop_{(i + 1) % 3}.png"],
+                "tgt_img_path": [
+                    f"MSCOCO/crop_{i}.png",
+                    f"MSCOCO/crop_{(i + 1) % (FIRST if i < FIRST else queries)}.png",
+                ],
             }
         )
     for key, rows in (("ImageNet-1K", cls), ("OK-VQA", qa), ("MSCOCO_t2i", t2i), ("MSCOCO", vg)):
         _table(root, IMAGE_REPO, f"{key}/{SHARD}", rows)
 
 
-def _video_tasks(root: Path, broken: bool) -> None:
+def _video_tasks(root: Path, broken: bool, queries: int) -> None:
     rows = []
-    for i in range(3):
-        _frames(_media(root, "MSR-VTT") / f"video{7000 + i}", NAMES[i])
+    world = SampleWorld(seed=2027)
+    for i in range(queries):
+        folder = _media(root, "MSR-VTT") / f"video{7000 + i}"
+        if i < FIRST:
+            _frames(folder, NAMES[i])
+            caption = f"a white square on {NAMES[i]}"
+        else:
+            caption, frames = world.motion()
+            for k, frame in enumerate(frames):
+                _save(frame, folder / f"frame_{k + 1:04d}.jpg")
         rows.append(
             {
                 "video_id": f"video{7000 + i}",
                 "video": f"TestVideo/video{7000 + i}.mp4",
-                "caption": f"a white square on {NAMES[i]}",
+                "caption": caption,
             }
         )
     _table(root, "VLM2Vec/MSR-VTT", f"test_1k/{SHARD}", rows)
 
     rows = []
-    for i, label in enumerate(BREAKFAST_LABELS[:3]):
-        _frames(_media(root, "Breakfast") / f"P{i:02d}_cam01_{label}", NAMES[i + 3], "circle")
+    for i in range(queries):
+        label = BREAKFAST_LABELS[i % len(BREAKFAST_LABELS)]
+        color, shape = (NAMES[i + 3], "circle") if i < FIRST else _extra(i)
+        _frames(_media(root, "Breakfast") / f"P{i:02d}_cam01_{label}", color, shape)
         rows.append({"video_id": f"P{i:02d}_cam01_{label}", "pos_text": label})
     _table(root, "VLM2Vec/Breakfast", f"data/{SHARD}", rows)
     (root / ANNOTATIONS / "VLM2Vec/Breakfast/labels.txt").write_text("\n".join(BREAKFAST_LABELS))
 
     rows = []
-    for i in range(3):
-        _frames(_media(root, "NExTQA") / f"{4000 + i}", NAMES[i + 6])
-        options = [NAMES[(i + 6 + k) % 10] for k in range(5)]
+    for i in range(queries):
+        color, shape = (NAMES[i + 6], "square") if i < FIRST else _extra(i)
+        _frames(_media(root, "NExTQA") / f"{4000 + i}", color, shape)
+        k = NAMES.index(color)
+        options = [NAMES[(k + j) % 10] for j in range(5)]
         rows.append(
             {
                 "video": 4000 + i,
@@ -183,19 +287,20 @@ def _video_tasks(root: Path, broken: bool) -> None:
                 "answer": 0,
                 "qid": i,
                 "type": "DC",
-                **{f"a{k}": o for k, o in enumerate(options)},
+                **{f"a{j}": o for j, o in enumerate(options)},
             }
         )
     _table(root, "VLM2Vec/NExTQA", f"MC/{SHARD}", rows)
 
     rows = []
-    for i in range(2):
+    for i in range(2 if queries <= FIRST else queries):  # two rows in the small release
+        color, shape = (NAMES[i], "circle") if i < FIRST else _extra(i)
         video = _media(root, "QVHighlight") / f"clip_{i}"
-        _frames(video / "query", NAMES[i])
-        _frames(video / "positive_0", NAMES[i], "circle")
+        _frames(video / "query", color, "square" if i < FIRST else SHAPES[0])
+        _frames(video / "positive_0", color, shape)
         for k in range(3):
-            _frames(video / f"negative_{k}", NAMES[(i + k + 1) % 10], "circle")
-        rows.append({"query": f"a white circle on {NAMES[i]}", "video_path": f"clip_{i}.mp4"})
+            _frames(video / f"negative_{k}", NAMES[(NAMES.index(color) + k + 1) % 10], shape)
+        rows.append({"query": f"a white {shape} on {color}", "video_path": f"clip_{i}.mp4"})
     _table(root, "VLM2Vec/QVHighlight", f"data/{SHARD}", rows)
 
     if broken:
@@ -207,19 +312,29 @@ def _video_tasks(root: Path, broken: bool) -> None:
         _table(root, "VLM2Vec/DiDeMo", f"data/{SHARD}", rows)
 
 
-def _beir(root: Path, dataset: str, pages_on_disk: bool, absent_qrel: bool = False) -> None:
+def _beir(
+    root: Path, dataset: str, pages_on_disk: bool, queries: int, absent_qrel: bool = False
+) -> None:
     item = benchmark_dataset(dataset)
-    corpus, queries, qrels = [], [], []
-    for i in range(4):
-        image = picture(NAMES[i], "square" if i % 2 else "circle")
+    corpus, queries_rows, qrels = [], [], []
+    world = SampleWorld(seed=2028 + len(dataset))
+    pages = [picture(NAMES[i], "square" if i % 2 else "circle") for i in range(4)]
+    questions = [f"which page is {NAMES[i]}?" for i in range(FIRST)]
+    for _ in range(FIRST, queries):  # a question about one line of each new page
+        question, page = world.page()
+        questions.append(question)
+        pages.append(page)
+    for i, image in enumerate(pages):
         cid = f"{i}"
         if pages_on_disk:
             _save(image, root / item.media / f"{cid}.png")
         corpus.append({"corpus-id": cid, "image": {"bytes": _png(image), "path": f"{cid}.png"}})
-    for i in range(3):
-        queries.append({"query-id": f"q{i}", "query": f"which page is {NAMES[i]}?"})
-        qrels.append({"query-id": f"q{i}", "corpus-id": f"{i}", "score": 2})
-        qrels.append({"query-id": f"q{i}", "corpus-id": f"{i + 1}", "score": 1})
+    for i, text in enumerate(questions):
+        page = i if i < FIRST else i + 1  # the new pages follow the first four
+        queries_rows.append({"query-id": f"q{i}", "query": text})
+        qrels.append({"query-id": f"q{i}", "corpus-id": f"{page}", "score": 2})
+        if i < FIRST:  # graded: the next page half counts
+            qrels.append({"query-id": f"q{i}", "corpus-id": f"{i + 1}", "score": 1})
     qrels.append({"query-id": "q0", "corpus-id": "3", "score": 0})  # dropped: score 0
     if absent_qrel:
         qrels.append({"query-id": "q1", "corpus-id": "999", "score": 1})
@@ -229,19 +344,28 @@ def _beir(root: Path, dataset: str, pages_on_disk: bool, absent_qrel: bool = Fal
     else:
         for row in corpus:
             row["image"] = {"bytes": None, "path": row["image"]["path"]}
-    for config, rows in (("queries", queries), ("corpus", corpus), ("qrels", qrels)):
+    for config, rows in (("queries", queries_rows), ("corpus", corpus), ("qrels", qrels)):
         _table(root, item.annotations, f"{config}/{SHARD}", rows)
 
 
-def build_release_fixture(out: str | Path, broken: bool = False) -> Path:
-    """Write the scaled-down release at ``out`` (replacing it); returns its path."""
+def build_release_fixture(out: str | Path, broken: bool = False, queries: int = FIRST) -> Path:
+    """Write the scaled-down release at ``out`` (replacing it); returns its path.
+
+    ``queries`` rows per dataset (at least ``FIRST``; QVHighlight has two at the smallest
+    size): the first rows are the same at every size, the others new looks (a colour and a
+    shape), so a score on the larger release is a mean over enough queries for its
+    bootstrap interval to mean something."""
+    if queries < FIRST:
+        raise ValueError(f"queries must be at least {FIRST}, got {queries}")
+    if queries > FIRST + 3 * len(NAMES):
+        raise ValueError(f"queries must be at most {FIRST + 3 * len(NAMES)} (distinct looks)")
     root = Path(out)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    _image_tasks(root)
-    _video_tasks(root, broken)
-    _beir(root, "ViDoRe_esg_reports_human_labeled_v2", pages_on_disk=True)
-    _beir(root, "ViDoRe_arxivqa", pages_on_disk=False)
+    _image_tasks(root, queries)
+    _video_tasks(root, broken, queries)
+    _beir(root, "ViDoRe_esg_reports_human_labeled_v2", True, queries)
+    _beir(root, "ViDoRe_arxivqa", False, queries)
     if broken:
-        _beir(root, "ViDoRe_docvqa", pages_on_disk=True, absent_qrel=True)
+        _beir(root, "ViDoRe_docvqa", True, FIRST, absent_qrel=True)
     return root
