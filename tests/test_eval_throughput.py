@@ -77,8 +77,16 @@ def pool_run(ray_local, tiny_model_dir, sample_corpus, tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
         decodes = count_decodes(monkeypatch)
         scores = _score_with_actors(cfg, model, sets, cache, actors)
-    return {"cfg": cfg, "sets": sets, "model": model, "cache": cache, "root": root,
-            "scores": scores, "actors": actors, "decodes": decodes}  # fmt: skip
+    return {
+        "cfg": cfg,
+        "sets": sets,
+        "model": model,
+        "cache": cache,
+        "root": root,
+        "scores": scores,
+        "actors": actors,
+        "decodes": decodes,
+    }
 
 
 def test_the_coordinator_decodes_nothing_and_the_actors_decode_every_media_item(pool_run):

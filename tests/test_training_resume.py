@@ -51,26 +51,31 @@ def setup(adaptive_stage1, tmp_path_factory):
     return cfg, data, root, rows
 
 
+def train_killing_at(cfg, data, step: int, marker: Path):
+    """Stage 1 of ``cfg`` with one worker killed at ``step`` (once: ``marker`` remembers)."""
+    return run_training(
+        cfg,
+        "stage1",
+        data.stages["stage1"],
+        cfg.model.name_or_path,
+        "all",
+        step_callbacks=[KillOnce(step, marker)],
+    )
+
+
 @pytest.fixture(scope="module")
 def interrupted(setup):
     """The run stopped at step 4, then started again with one restart allowed and a worker
     killed at step 7: its result and its metrics rows, in the order they were written."""
     cfg, data, root, _ = setup
     stopped = cfg.model_copy(update={"name": "stopped"})
-    manifest, base = data.stages["stage1"], stopped.model.name_or_path
     with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death
-        run_training(
-            stopped, "stage1", manifest, base, "all",
-            step_callbacks=[KillOnce(4, root / "stopped-marker")],
-        )  # fmt: skip
+        train_killing_at(stopped, data, 4, root / "stopped-marker")
     # The same run (max_failures is not part of its key): it resumes from step 2's checkpoint.
     again = stopped.model_copy(
         update={"compute": stopped.compute.model_copy(update={"max_failures": 1})}
     )
-    result = run_training(
-        again, "stage1", manifest, base, "all",
-        step_callbacks=[KillOnce(7, root / "killed-marker")],
-    )  # fmt: skip
+    result = train_killing_at(again, data, 7, root / "killed-marker")
     return result, read_jsonl(result.metrics_uri)
 
 

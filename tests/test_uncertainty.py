@@ -28,10 +28,18 @@ def score(name: str, category: str, meta: str, column: str, hits: list[float]) -
     """A dataset score whose per-query hit@1 values are ``hits``."""
     mean = float(np.mean(hits))
     return DatasetScore(
-        name=name, category=category, meta=meta, column=column, ranking="local",
-        queries=len(hits), candidates=10, metric="hit@1", score=mean,
-        metrics={"hit@1": mean, "mrr": mean}, per_query=list(hits),
-    )  # fmt: skip
+        name=name,
+        category=category,
+        meta=meta,
+        column=column,
+        ranking="local",
+        queries=len(hits),
+        candidates=10,
+        metric="hit@1",
+        score=mean,
+        metrics={"hit@1": mean, "mrr": mean},
+        per_query=list(hits),
+    )
 
 
 def hits(n: int, correct: int) -> list[float]:

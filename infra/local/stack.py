@@ -150,11 +150,8 @@ class Stack:
         # traffic to other nodes; this stack has one node and `down` stops it whole. The
         # drain would wait for the GCS, which the same SIGTERM stops, or for Ray Data's
         # detached actors to let go: `down` took 31 s for the head alone (3.5 s without).
-        self.start("ray-head", [
-            str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-            "--port", str(s["ray_port"]), "--num-cpus", str(s["ray_cpus"]),
-            "--include-dashboard=false", "--disable-usage-stats",
-        ], {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})  # fmt: skip
+        head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        self.start("ray-head", self.ray_head_command(s), head_env)
         urls = self.env(s)
         self.wait_http("prefect-server", f"{urls['PREFECT_API_URL']}/health")
         self.wait_http("mlflow-server", f"{urls['MLFLOW_TRACKING_URI']}/health")
@@ -187,6 +184,16 @@ class Stack:
             if name == "ray-head":
                 self._forget_ray_head()
         print("stack stopped")
+
+    @staticmethod
+    def ray_head_command(s: dict) -> list[str]:
+        """``ray start`` for the stack's one node: loopback, the given CPUs, no dashboard."""
+        return [
+            *(str(BIN / "ray"), "start", "--head", "--block"),
+            *("--node-ip-address", "127.0.0.1", "--port", str(s["ray_port"])),
+            *("--num-cpus", str(s["ray_cpus"])),
+            *("--include-dashboard=false", "--disable-usage-stats"),
+        ]
 
     def _forget_ray_head(self) -> None:
         """Ray remembers the last head it started in /tmp/ray/ray_current_cluster; a
