@@ -234,6 +234,7 @@ class EmbeddingsAPI:
         self.model = model
         self.board = board  # MetricsBoard: /metrics sums every HTTP replica
         self._push_pending = False
+        self._push_task: asyncio.Task | None = None
         self.settings = ServeConfig(**settings)
         self.keys = None if key_hashes is None else KeyStore(key_hashes)
         self.reader = protocol.LocationReader(
@@ -287,7 +288,8 @@ class EmbeddingsAPI:
         for every burst of requests, and one after the last of them)."""
         if not self._push_pending:
             self._push_pending = True
-            asyncio.get_running_loop().create_task(self._push_later())
+            # Held: the event loop keeps only a weak reference to a task.
+            self._push_task = asyncio.get_running_loop().create_task(self._push_later())
 
     async def _push_later(self) -> None:
         await asyncio.sleep(PUSH_EVERY_S)

@@ -106,9 +106,6 @@ class EndpointMetrics:
             self.model.labels(version=version, digest=digest).set(1)
             self._model = (version, digest)
 
-    def text(self) -> bytes:
-        return generate_latest(self.registry)
-
     def snapshot(self) -> list[Sample]:
         """Every sample of this replica's registry, as plain tuples (sent to the board)."""
         return [
@@ -147,13 +144,19 @@ def merged_text(snapshots: dict[str, tuple[float, list[Sample]]], now: float) ->
     for (family, name, labels), value in values.items():
         families[family].add_sample(name, dict(labels), value)
 
-    class Board:
-        def collect(self) -> Any:
-            return iter(families.values())
-
     registry = CollectorRegistry()
-    registry.register(Board())
+    registry.register(_Collected(list(families.values())))
     return generate_latest(registry)
+
+
+class _Collected:
+    """Metric families built by hand, as a collector ``generate_latest`` can write."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> Any:
+        return iter(self.families)
 
 
 class MetricsBoard:
