@@ -13,22 +13,21 @@ S3 alone: nothing the pipeline needs was left on a node's disk.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from rzenembed.data.storage import filesystem
+
+from .ray_nodes import client_server_logs, free_port, start_node, stop_nodes
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -41,56 +40,6 @@ SOURCES = (
     "sample-visdoc",
     "sample-video-clips",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def node_processes(marker: str) -> list[int]:
-    """Pids of the processes whose command line names ``marker`` (a node's temp dir)."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(marker in part for part in proc.info["cmdline"] or []):
-                found.append(proc.info["pid"])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-def stop_nodes(temp_dirs: list[Path]) -> None:
-    """Kill exactly this cluster's processes (``ray stop`` would stop every Ray here)."""
-    import psutil
-
-    for _ in range(3):
-        pids = [pid for d in temp_dirs for pid in node_processes(str(d))]
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                psutil.Process(pid).kill()
-        time.sleep(1)
-
-
-def start_node(command: list[str], env: dict[str, str], temp_dir: Path, tries: int = 3) -> None:
-    """``ray start``, tried again when it exits non-zero: on two loaded cores a joining
-    node can time out waiting for a head that is still starting. The last failure raises
-    with Ray's own output, so a CI log says why."""
-    for attempt in range(1, tries + 1):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-        if done.returncode == 0:
-            return
-        print(f"ray start (try {attempt}) exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
-        stop_nodes([temp_dir])
-        time.sleep(5 * attempt)
-    raise RuntimeError(
-        f"ray start failed {tries} times: {' '.join(command)}\n{done.stdout}\n{done.stderr}"
-    )
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +221,8 @@ def run(cluster, s3, s3_endpoint, sample_corpus, tiny_model_dir, tmp_path_factor
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-4000:] + done.stderr[-4000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))
+    if "failed" in result:  # what the head said, before its logs are deleted
+        result["head_logs"] = client_server_logs(node_dirs[0])
     # Nothing on a node's disk may matter from here on.
     stop_nodes([d for d in node_dirs if "cache" not in d.name])
     for folder in [*node_dirs, root / "cache-driver"]:

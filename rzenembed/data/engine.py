@@ -21,12 +21,17 @@ result.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+# Connections tried when the head fails to start a Ray Client server for this driver.
+CLIENT_ATTEMPTS = 4
 
 # Exceptions that mean "try again" (a flaky store, a dropped connection), not "bad input".
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
@@ -39,7 +44,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address.startswith("ray://"):
+        connect_client(address)
+    elif address:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(
@@ -51,6 +58,38 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             log_to_driver=False,
             configure_logging=False,
         )
+
+
+def connect_client(address: str, attempts: int = CLIENT_ATTEMPTS, pause_s: float = 2.0) -> None:
+    """Connect through Ray Client, trying again when the head's proxy fails to start this
+    client's server process (``ConnectionAbortedError``: "Starting Ray client server
+    failed"). The proxy forks that process from a busy multi-threaded server, and on a
+    loaded head a start can fail once and succeed on the next connection, which gets a new
+    process on a new port. A head that cannot be reached at all (``ConnectionError`` after
+    Ray's own connect timeout) is not tried again: waiting longer would not help."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, log_to_driver=False)
+            return
+        except ConnectionAbortedError as error:
+            ray.shutdown()
+            if attempt == attempts:
+                raise ConnectionAbortedError(
+                    f"Ray Client at {address}: the head could not start a server for this "
+                    f"driver in {attempts} attempts; the head's logs "
+                    f"(ray_client_server*.err) say why. Last error: {error}"
+                ) from error
+            log.warning(
+                "Ray Client at %s: the head failed to start this driver's server "
+                "(attempt %d of %d); connecting again in %.0f s",
+                address,
+                attempt,
+                attempts,
+                pause_s * attempt,
+            )
+            time.sleep(pause_s * attempt)
 
 
 def is_ray_client() -> bool:

@@ -1,0 +1,67 @@
+"""Ray nodes started with ``ray start`` for tests that need a real head (Ray Client, two
+nodes): free loopback ports, start with retries, and stop exactly one test's nodes."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def node_processes(marker: str) -> list[int]:
+    """Pids of the processes whose command line names ``marker`` (a node's temp dir)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(marker in part for part in proc.info["cmdline"] or []):
+                found.append(proc.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def stop_nodes(temp_dirs: list[Path]) -> None:
+    """Kill exactly this cluster's processes (``ray stop`` would stop every Ray here)."""
+    import psutil
+
+    for _ in range(3):
+        pids = [pid for d in temp_dirs for pid in node_processes(str(d))]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+        time.sleep(1)
+
+
+def start_node(command: list[str], env: dict[str, str], temp_dir: Path, tries: int = 3) -> None:
+    """``ray start``, tried again when it exits non-zero: on two loaded cores a joining
+    node can time out waiting for a head that is still starting. The last failure raises
+    with Ray's own output, so a CI log says why."""
+    for attempt in range(1, tries + 1):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+        if done.returncode == 0:
+            return
+        print(f"ray start (try {attempt}) exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        stop_nodes([temp_dir])
+        time.sleep(5 * attempt)
+    raise RuntimeError(
+        f"ray start failed {tries} times: {' '.join(command)}\n{done.stdout}\n{done.stderr}"
+    )
+
+
+def client_server_logs(temp_dir: Path, tail: int = 3000) -> str:
+    """The end of every Ray Client server log of a head (the proxy's and each driver's
+    server's), for a failure message: they say why a driver could not connect."""
+    logs = sorted(Path(temp_dir).glob("session_*/logs/ray_client_server*"))
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}" for p in logs)
