@@ -278,15 +278,16 @@ PLACES = (
 
 
 def random_page(rng: np.random.Generator, kind: str) -> Page:
-    """A "<place> <kind> <year>" page counting 3-5 kinds of shapes."""
+    """A "<place> <kind> <year>" page counting 3-5 kinds of shapes of one colour, drawn in
+    that colour (header and bars): a question about "red circles" is answered by a red page,
+    a cue a small model can learn from pixels (it cannot read the numbers)."""
     title = f"{rng.choice(PLACES)} {kind} {int(rng.integers(1990, 2025))}"
-    combos = rng.choice(len(SHAPES) * len(COLOURS), size=int(rng.integers(3, 6)), replace=False)
+    colour = random_colour(rng)
+    shapes = rng.choice(len(SHAPES), size=int(rng.integers(3, 6)), replace=False)
     lines = tuple(
-        (f"{colour} {plural(shape)}", int(rng.integers(2, 60)))
-        for shape, colour in (combo(index) for index in combos.tolist())
+        (f"{colour} {plural(SHAPES[shape])}", int(rng.integers(2, 60))) for shape in shapes.tolist()
     )
-    colour = tuple(int(v) for v in rng.integers(20, 160, 3))
-    return Page(title, lines, colour, int(rng.integers(22, 40)), bool(rng.random() < 0.5))
+    return Page(title, lines, COLOURS[colour], int(rng.integers(22, 40)), bool(rng.random() < 0.5))
 
 
 def render_page(page: Page, size: tuple[int, int] = (200, 280)) -> Image.Image:

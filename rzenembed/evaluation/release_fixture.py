@@ -67,21 +67,38 @@ BREAKFAST_LABELS = [
 SHAPES = ("square", "circle", "triangle", "diamond")  # 10 colours x 4 shapes: 40 pictures
 
 
+def _shape(
+    image: Image.Image, shape: str, fill: Any, outline: Any = None, shift: int = 0
+) -> Image.Image:
+    """Draw ``shape`` in the middle of a SIZE-pixel ``image``, ``shift`` pixels right."""
+    draw = ImageDraw.Draw(image)
+    x = shift
+    if shape == "circle":
+        draw.ellipse((14 + x, 14, 42 + x, 42), fill=fill, outline=outline)
+    elif shape == "triangle":
+        draw.polygon([(28 + x, 12), (44 + x, 42), (12 + x, 42)], fill=fill, outline=outline)
+    elif shape == "diamond":
+        corners = [(28 + x, 10), (46 + x, 28), (28 + x, 46), (10 + x, 28)]
+        draw.polygon(corners, fill=fill, outline=outline)
+    else:
+        draw.rectangle((14 + x, 14, 42 + x, 42), fill=fill, outline=outline)
+    return image
+
+
 def picture(color: str, shape: str = "square", shade: int = 0) -> Image.Image:
     """A flat background of ``color`` with a white ``shape``; ``shade`` varies frames."""
     r, g, b = COLORS[color]
-    image = Image.new("RGB", (SIZE, SIZE), (min(r + shade, 255), g, b))
-    draw = ImageDraw.Draw(image)
-    box = (14, 14, 42, 42)
-    if shape == "circle":
-        draw.ellipse(box, fill="white")
-    elif shape == "triangle":
-        draw.polygon([(28, 12), (44, 42), (12, 42)], fill="white")
-    elif shape == "diamond":
-        draw.polygon([(28, 10), (46, 28), (28, 46), (10, 28)], fill="white")
-    else:
-        draw.rectangle(box, fill="white")
-    return image
+    return _shape(Image.new("RGB", (SIZE, SIZE), (min(r + shade, 255), g, b)), shape, "white")
+
+
+COLOURS_IN_WORLD = list(COLOURS)  # the sample corpus's six, named as its captions name them
+
+
+def object_picture(colour: str, shape: str, shift: int = 0) -> Image.Image:
+    """A ``colour`` ``shape`` (outlined, as the sample corpus draws its shapes) on a light
+    background: what a caption "a red circle" describes in the sample world."""
+    image = Image.new("RGB", (SIZE, SIZE), (235, 235, 228))
+    return _shape(image, shape, COLORS[colour], (25, 25, 25), shift)
 
 
 FIRST = 3  # the rows every dataset has (the tests' golden numbers are on these)
@@ -294,13 +311,28 @@ def _video_tasks(root: Path, broken: bool, queries: int) -> None:
 
     rows = []
     for i in range(2 if queries <= FIRST else queries):  # two rows in the small release
-        color, shape = (NAMES[i], "circle") if i < FIRST else _extra(i)
         video = _media(root, "QVHighlight") / f"clip_{i}"
-        _frames(video / "query", color, "square" if i < FIRST else SHAPES[0])
-        _frames(video / "positive_0", color, shape)
-        for k in range(3):
-            _frames(video / f"negative_{k}", NAMES[(NAMES.index(color) + k + 1) % 10], shape)
-        rows.append({"query": f"a white {shape} on {color}", "video_path": f"clip_{i}.mp4"})
+        if i < FIRST:
+            color, shape = NAMES[i], "circle"
+            _frames(video / "query", color, "square")
+            _frames(video / "positive_0", color, shape)
+            for k in range(3):
+                _frames(video / f"negative_{k}", NAMES[(NAMES.index(color) + k + 1) % 10], shape)
+            rows.append({"query": f"a white {shape} on {color}", "video_path": f"clip_{i}.mp4"})
+            continue
+        # The video shows four moments, each a shape of one colour; the query names one
+        # moment's colour in the sample world's words, so only the text tells them apart.
+        shape = SHAPES[i % len(SHAPES)]
+        colours = [COLOURS_IN_WORLD[(i + k) % len(COLOURS_IN_WORLD)] for k in range(4)]
+        moments = [object_picture(colour, shape) for colour in colours]
+        for k, frame in enumerate(moments):
+            _save(frame, video / "query" / f"frame_{k + 1:04d}.jpg")
+        for k, colour in enumerate(colours):
+            folder = video / ("positive_0" if k == 0 else f"negative_{k - 1}")
+            for f in range(FRAMES):
+                _save(object_picture(colour, shape, shift=2 * f), folder / f"frame_{f + 1:04d}.jpg")
+        text = f"{draw.with_article(colours[0] + ' ' + shape)}"
+        rows.append({"query": text, "video_path": f"clip_{i}.mp4"})
     _table(root, "VLM2Vec/QVHighlight", f"data/{SHARD}", rows)
 
     if broken:
