@@ -111,6 +111,18 @@ def _extra(i: int) -> tuple[str, str]:
     return NAMES[k % len(NAMES)], SHAPES[1 + (k // len(NAMES)) % (len(SHAPES) - 1)]
 
 
+def _rows(queries: int) -> list[int]:
+    """The row indices of a dataset: the first rows in the small release; in a larger one
+    only new looks (``FIRST`` onwards). The first rows' flat colours would be hubs among the
+    sample world's pictures (every caption naming a colour lands on them first), so a larger
+    release leaves them out and measures what training teaches."""
+    return list(range(queries)) if queries <= FIRST else list(range(FIRST, FIRST + queries))
+
+
+def _next_in(rows: list[int], i: int, step: int = 1) -> int:
+    return rows[(rows.index(i) + step) % len(rows)]
+
+
 class SampleWorld:
     """Extra rows drawn by the sample corpus's renderer (its scenes, motions and pages,
     from a seed of their own): what a model trained on the sample corpus can learn, so the
@@ -189,8 +201,9 @@ def _image_tasks(root: Path, queries: int) -> None:
     cls, qa, t2i, vg = [], [], [], []
     width = 3 if queries <= FIRST else 5  # candidates per retrieval query
     world = SampleWorld(seed=2026)
-    scenes = [world.scene() for _ in range(FIRST, queries)]
-    for i in range(queries):
+    rows = _rows(queries)
+    scenes = {i: world.scene() for i in rows if i >= FIRST}
+    for i in rows:
         color, shape = (NAMES[i], "square") if i < FIRST else _extra(i)
         others = [n for n in NAMES[:4] if n != color][:3]
         _save(picture(color, shape), tasks / f"ImageNet-1K/{i}.png")
@@ -220,14 +233,9 @@ def _image_tasks(root: Path, queries: int) -> None:
         if i < FIRST:
             text, image = f"a white square on {NAMES[6 + i]}", picture(NAMES[6 + i])
         else:
-            text, image = scenes[i - FIRST]
-        # Its own picture and the next ones, within the first rows or within the others.
-        group = range(FIRST) if i < FIRST else range(FIRST, queries)
-        start = i - group[0]
-        targets = [
-            f"MSCOCO_t2i/{group[(start + j) % len(group)]}.png"
-            for j in range(min(width, len(group)))
-        ]
+            text, image = scenes[i]
+        # Its own picture and the next ones.
+        targets = [f"MSCOCO_t2i/{_next_in(rows, i, j)}.png" for j in range(min(width, len(rows)))]
         t2i.append(
             {
                 "qry_inst": "Find me an everyday image that matches the given caption:",
@@ -253,18 +261,19 @@ def _image_tasks(root: Path, queries: int) -> None:
                 "tgt_text": ["", ""],
                 "tgt_img_path": [
                     f"MSCOCO/crop_{i}.png",
-                    f"MSCOCO/crop_{(i + 1) % (FIRST if i < FIRST else queries)}.png",
+                    f"MSCOCO/crop_{_next_in(rows, i)}.png",
                 ],
             }
         )
-    for key, rows in (("ImageNet-1K", cls), ("OK-VQA", qa), ("MSCOCO_t2i", t2i), ("MSCOCO", vg)):
-        _table(root, IMAGE_REPO, f"{key}/{SHARD}", rows)
+    for key, table in (("ImageNet-1K", cls), ("OK-VQA", qa), ("MSCOCO_t2i", t2i), ("MSCOCO", vg)):
+        _table(root, IMAGE_REPO, f"{key}/{SHARD}", table)
 
 
 def _video_tasks(root: Path, broken: bool, queries: int) -> None:
+    indices = _rows(queries)
     rows = []
     world = SampleWorld(seed=2027)
-    for i in range(queries):
+    for i in indices:
         folder = _media(root, "MSR-VTT") / f"video{7000 + i}"
         if i < FIRST:
             _frames(folder, NAMES[i])
@@ -283,7 +292,7 @@ def _video_tasks(root: Path, broken: bool, queries: int) -> None:
     _table(root, "VLM2Vec/MSR-VTT", f"test_1k/{SHARD}", rows)
 
     rows = []
-    for i in range(queries):
+    for i in indices:
         label = BREAKFAST_LABELS[i % len(BREAKFAST_LABELS)]
         color, shape = (NAMES[i + 3], "circle") if i < FIRST else _extra(i)
         _frames(_media(root, "Breakfast") / f"P{i:02d}_cam01_{label}", color, shape)
@@ -292,7 +301,7 @@ def _video_tasks(root: Path, broken: bool, queries: int) -> None:
     (root / ANNOTATIONS / "VLM2Vec/Breakfast/labels.txt").write_text("\n".join(BREAKFAST_LABELS))
 
     rows = []
-    for i in range(queries):
+    for i in indices:
         color, shape = (NAMES[i + 6], "square") if i < FIRST else _extra(i)
         _frames(_media(root, "NExTQA") / f"{4000 + i}", color, shape)
         k = NAMES.index(color)
@@ -310,7 +319,7 @@ def _video_tasks(root: Path, broken: bool, queries: int) -> None:
     _table(root, "VLM2Vec/NExTQA", f"MC/{SHARD}", rows)
 
     rows = []
-    for i in range(2 if queries <= FIRST else queries):  # two rows in the small release
+    for i in indices[:2] if queries <= FIRST else indices:  # two rows in the small release
         video = _media(root, "QVHighlight") / f"clip_{i}"
         if i < FIRST:
             color, shape = NAMES[i], "circle"
@@ -320,13 +329,17 @@ def _video_tasks(root: Path, broken: bool, queries: int) -> None:
                 _frames(video / f"negative_{k}", NAMES[(NAMES.index(color) + k + 1) % 10], shape)
             rows.append({"query": f"a white {shape} on {color}", "video_path": f"clip_{i}.mp4"})
             continue
-        # The video shows four moments, each a shape of one colour; the query names one
-        # moment's colour in the sample world's words, so only the text tells them apart.
+        # Four moments, each a shape of one colour; the whole video (the query's) shows the
+        # four side by side throughout, and the query names one moment's colour in the
+        # sample world's words: only the text tells the clips apart.
         shape = SHAPES[i % len(SHAPES)]
         colours = [COLOURS_IN_WORLD[(i + k) % len(COLOURS_IN_WORLD)] for k in range(4)]
-        moments = [object_picture(colour, shape) for colour in colours]
-        for k, frame in enumerate(moments):
-            _save(frame, video / "query" / f"frame_{k + 1:04d}.jpg")
+        overview = Image.new("RGB", (SIZE, SIZE))
+        for k, colour in enumerate(colours):
+            tile = object_picture(colour, shape).resize((SIZE // 2, SIZE // 2))
+            overview.paste(tile, (SIZE // 2 * (k % 2), SIZE // 2 * (k // 2)))
+        for f in range(FRAMES):
+            _save(overview, video / "query" / f"frame_{f + 1:04d}.jpg")
         for k, colour in enumerate(colours):
             folder = video / ("positive_0" if k == 0 else f"negative_{k - 1}")
             for f in range(FRAMES):
@@ -350,9 +363,10 @@ def _beir(
     item = benchmark_dataset(dataset)
     corpus, queries_rows, qrels = [], [], []
     world = SampleWorld(seed=2028 + len(dataset))
-    pages = [picture(NAMES[i], "square" if i % 2 else "circle") for i in range(4)]
-    questions = [f"which page is {NAMES[i]}?" for i in range(FIRST)]
-    for _ in range(FIRST, queries):  # a question about one line of each new page
+    small = queries <= FIRST
+    pages = [picture(NAMES[i], "square" if i % 2 else "circle") for i in range(4)] if small else []
+    questions = [f"which page is {NAMES[i]}?" for i in range(FIRST)] if small else []
+    for _ in range(0 if small else queries):  # a question about one line of each new page
         question, page = world.page()
         questions.append(question)
         pages.append(page)
@@ -362,12 +376,12 @@ def _beir(
             _save(image, root / item.media / f"{cid}.png")
         corpus.append({"corpus-id": cid, "image": {"bytes": _png(image), "path": f"{cid}.png"}})
     for i, text in enumerate(questions):
-        page = i if i < FIRST else i + 1  # the new pages follow the first four
         queries_rows.append({"query-id": f"q{i}", "query": text})
-        qrels.append({"query-id": f"q{i}", "corpus-id": f"{page}", "score": 2})
-        if i < FIRST:  # graded: the next page half counts
+        qrels.append({"query-id": f"q{i}", "corpus-id": f"{i}", "score": 2})
+        if small:  # graded: the next page half counts
             qrels.append({"query-id": f"q{i}", "corpus-id": f"{i + 1}", "score": 1})
-    qrels.append({"query-id": "q0", "corpus-id": "3", "score": 0})  # dropped: score 0
+    if small:
+        qrels.append({"query-id": "q0", "corpus-id": "3", "score": 0})  # dropped: score 0
     if absent_qrel:
         qrels.append({"query-id": "q1", "corpus-id": "999", "score": 1})
     if not pages_on_disk:
@@ -383,14 +397,15 @@ def _beir(
 def build_release_fixture(out: str | Path, broken: bool = False, queries: int = FIRST) -> Path:
     """Write the scaled-down release at ``out`` (replacing it); returns its path.
 
-    ``queries`` rows per dataset (at least ``FIRST``; QVHighlight has two at the smallest
-    size): the first rows are the same at every size, the others new looks (a colour and a
-    shape), so a score on the larger release is a mean over enough queries for its
-    bootstrap interval to mean something."""
+    ``queries`` rows per dataset: ``FIRST`` is the small release (flat-colour rows the
+    tests' golden numbers are on; QVHighlight has two); more gives that many rows of new
+    looks and sample-world scenes, motions and pages (none of the first rows), so a score
+    on the larger release is a mean over enough queries for its bootstrap interval to mean
+    something, and measures what a model trained on the sample corpus learned."""
     if queries < FIRST:
         raise ValueError(f"queries must be at least {FIRST}, got {queries}")
-    if queries > FIRST + 3 * len(NAMES):
-        raise ValueError(f"queries must be at most {FIRST + 3 * len(NAMES)} (distinct looks)")
+    if queries > 3 * len(NAMES):
+        raise ValueError(f"queries must be at most {3 * len(NAMES)} (distinct looks)")
     root = Path(out)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
