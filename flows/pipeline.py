@@ -388,10 +388,16 @@ def _announce(ex: Execution, registered: dict[str, Any], report: dict[str, Any])
         for m in ("Image", "Video", "VisDoc")
         if m in scores and m in baseline
     )
+    gains = ", ".join(
+        f"{level} {100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+        for level, (mean, low, high) in report["extra"].get("gain_over_base", {}).items()
+    )
+    gain_line = f"gain over the untrained base (paired, 95%): {gains}\n" if gains else ""
     print(
         f"model: {registered['uri']} ({moved})\n"
         f"score All {shown('All', scores, ours)} (untrained base "
         f"{shown('All', baseline, theirs)}; 95% intervals); {metas}\n"
+        f"{gain_line}"
         f"report: {report['extra']['markdown']}\n"
         f"leaderboard: {report['extra'].get('leaderboard', '-')}\n"
         f"lineage: rzenembed lineage {registered['uri']} --tracking-uri {tracking}\n"

@@ -188,6 +188,22 @@ def _aggregate_intervals(report: dict[str, Any]) -> dict[str, list[float]]:
     return {k: v for k, v in report.get("intervals", {}).items() if not k.startswith("dataset:")}
 
 
+AGGREGATES = ("All", "Image", "Video", "VisDoc")
+
+
+def _against_base(report: dict[str, Any], baseline: dict[str, Any]) -> dict[str, list[float]]:
+    """Trained minus untrained, paired over the same queries: ``[mean, low, high]`` of the
+    95% bootstrap interval per aggregate level. Whether training helped is this interval
+    excluding zero, not the two scores' own intervals apart (they overlap long before a
+    paired difference stops being clear, as the same hard queries pull both down)."""
+    out = {}
+    for level in AGGREGATES:
+        paired = paired_difference(report, baseline, level)
+        if paired is not None:
+            out[level] = [paired["difference"], paired["low"], paired["high"]]
+    return out
+
+
 @task(
     name="evaluate",
     persist_result=True,
@@ -245,6 +261,7 @@ def evaluate_model(
                 # 95% bootstrap intervals of the aggregate levels (datasets': report.json).
                 "intervals": _aggregate_intervals(report),
                 "baseline_intervals": _aggregate_intervals(results["baseline"]["report"]),
+                "gain_over_base": _against_base(report, results["baseline"]["report"]),
                 "markdown": uris["markdown"],
                 "png": uris["png"],
                 "leaderboard": uris["leaderboard"],
