@@ -140,10 +140,11 @@ def test_video_classification_ranks_the_whole_label_list(imported):
     assert q1["query"]["instruction"].startswith("Recognize the breakfast type")
 
 
-def test_the_larger_release_keeps_its_first_rows_and_adds_new_ones(tmp_path):
+def test_the_larger_release_holds_only_new_looks_and_sample_world_rows(tmp_path):
     """30 queries per dataset (the demo's size): every dataset imports whole with 30
-    queries, the first three as in the small release, no query text twice where the text
-    names its target, and the sample-world rows in the benchmark's instructions."""
+    queries, none of the small release's flat-colour rows (they would be hubs), no query
+    text twice where the text names its target, and the sample-world rows (motions, pages,
+    moments named in its words) in the benchmark's instructions."""
     small = import_mmeb_v2(build_release_fixture(tmp_path / "small"), tmp_path / "small-sets")
     large = import_mmeb_v2(
         build_release_fixture(tmp_path / "large", queries=30), tmp_path / "large-sets"
@@ -154,16 +155,22 @@ def test_the_larger_release_keeps_its_first_rows_and_adds_new_ones(tmp_path):
     assert set(by_name) == set(before) and len(by_name) == 10
     for name, dataset in by_name.items():
         assert len(dataset.queries) == 30, name
-        firsts = [q["query"]["text"] for q in before[name].queries]
-        assert [q["query"]["text"] for q in dataset.queries[: len(firsts)]] == firsts, name
-    for name in ("MSCOCO_t2i", "MSR-VTT", "ViDoRe_arxivqa", "ViDoRe_esg_reports_human_labeled_v2"):
+    for name in ("MSCOCO_t2i", "MSR-VTT", "ViDoRe_arxivqa"):
         questions = [q["query"]["text"] for q in by_name[name].queries]
         assert len(set(questions)) == 30, name
-    assert " moves " in by_name["MSR-VTT"].queries[5]["query"]["text"]
-    assert by_name["ViDoRe_arxivqa"].queries[5]["query"]["text"].startswith("How many ")
+        assert not set(questions) & {q["query"]["text"] for q in before[name].queries}, name
+    assert all(" moves " in q["query"]["text"] for q in by_name["MSR-VTT"].queries)
+    pages = by_name["ViDoRe_esg_reports_human_labeled_v2"]
+    assert all(q["query"]["text"].startswith("How many ") for q in pages.queries)
+    assert len(pages.candidates) == 30 and pages.ranking == "global"  # no flat pages
+    moments = by_name["QVHighlight"]
+    assert moments.queries[0]["query"]["text"].endswith("a yellow diamond")  # one local pool each
+    assert len(moments.candidates) == 4 * 30  # each query's positive and three negatives
     assert len(by_name["MSR-VTT"].candidates) == 30 and by_name["MSR-VTT"].ranking == "global"
     with pytest.raises(ValueError, match="at least 3"):
         build_release_fixture(tmp_path / "none", queries=2)
+    with pytest.raises(ValueError, match="at most 30"):
+        build_release_fixture(tmp_path / "many", queries=31)
 
 
 def test_a_short_label_list_is_reported_not_scored(tmp_path):

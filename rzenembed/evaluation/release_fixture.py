@@ -11,11 +11,13 @@ with a video whose frame folder is missing and ViDoRe DocVQA with a qrel to a co
 that is not in the corpus: the importer must skip both and say why.
 
 ``queries`` asks for more rows per dataset (``make demo``: 30, so that a score's bootstrap
-interval is narrow enough to read). The first three rows stay as they are; the others get
-new looks: a colour and a shape of their own for the classification, QA, grounding and
-video datasets, and for MSCOCO_t2i, MSR-VTT and the ViDoRe sets scenes, motions and
-survey pages drawn by the sample corpus's renderer with captions and questions in its
-style, from seeds of their own: held-out examples of what a model trained on the sample
+interval is narrow enough to read). Those rows replace the first three, whose flat colours
+would be hubs (every caption naming a colour ranks them first): a colour and a shape of
+their own for the classification, QA, grounding and NExTQA/Breakfast rows; scenes,
+motions and one-colour survey pages drawn by the sample corpus's renderer for MSCOCO_t2i,
+MSR-VTT and the ViDoRe sets, with captions and questions in its style, from seeds of their
+own; for QVHighlight, four moments of coloured shapes named in the sample's words over a
+whole video that shows all four. Held-out examples of what a model trained on the sample
 corpus has seen, in the benchmark's layout and instructions.
 
 Tests and ``make demo`` use it; nothing is downloaded.

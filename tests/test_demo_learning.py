@@ -1,0 +1,78 @@
+"""The demo shows learning: ``make demo``'s own code (``flows.demo``) with ``configs/tiny.yaml``,
+every path moved under a temporary folder, must end with a trained model above the untrained
+one in Image, Video and VisDoc on the sample corpus's evaluation sets and the scaled-down
+MMEB-V2 release (30 queries per dataset): the paired 95% interval of trained minus untrained
+excludes zero at every level it prints.
+
+A learning check, not a timing: it runs the demo once (about three minutes on two cores), in
+a process of its own with its own Prefect home, and reads the lines the demo prints and the
+report it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+GAIN = re.compile(r"(All|Image|Video|VisDoc) ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]")
+
+
+def demo_config(root: Path) -> Path:
+    """``configs/tiny.yaml`` with every ``runs/`` path under ``root``."""
+    text = (REPO / "configs" / "tiny.yaml").read_text().replace("runs/", f"{root}/")
+    cfg = yaml.safe_load(text)
+    assert f"{root}/sample-corpus/mmeb-v2" in cfg["eval"]["sets"]
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    config = demo_config(root)
+    env = {**os.environ, "PREFECT_HOME": str(root / "prefect")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.demo", "--config", str(config)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return root, done.stdout + done.stderr  # the flow's closing lines go through its logger
+
+
+def test_the_demo_prints_a_paired_gain_that_excludes_zero_in_every_modality(demo):
+    _, out = demo
+    line = next(x for x in out.splitlines() if x.startswith("gain over the untrained base"))
+    print(line)
+    gains = {level: tuple(map(float, rest)) for level, *rest in GAIN.findall(line)}
+    assert set(gains) == {"All", "Image", "Video", "VisDoc"}, line
+    for level, (mean, low, high) in gains.items():
+        assert low <= mean <= high, (level, line)
+        assert low > 0, f"{level}: trained minus untrained {mean:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+
+def test_the_report_scores_the_30_query_release_with_intervals(demo):
+    _, out = demo
+    report_md = next(x for x in out.splitlines() if x.startswith("report: ")).split(" ", 1)[1]
+    report = json.loads((Path(report_md).parent / "report.json").read_text())
+    mmeb = {n: d for n, d in report["datasets"].items() if d["provenance"].get("release")}
+    assert len(mmeb) == 10 and all(d["queries"] == 30 for d in mmeb.values()), mmeb.keys()
+    points = {"All": report["all"]["score"], **{m: v["score"] for m, v in report["meta"].items()}}
+    assert set(points) == {"All", "Image", "Video", "VisDoc"}
+    for level, point in points.items():
+        low, high = report["intervals"][level]
+        assert low <= point <= high and high - low < 0.25, (level, low, point, high)
