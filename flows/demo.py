@@ -15,14 +15,16 @@ browse the lineage. A second run reuses every finished step (Prefect cache hits)
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 from rzenembed.config import load_config
-from rzenembed.data.sample import build_sample_corpus
+from rzenembed.data.sample import SAMPLE_VERSION, build_sample_corpus
 from rzenembed.evaluation.release import import_mmeb_v2
-from rzenembed.evaluation.release_fixture import build_release_fixture
+from rzenembed.evaluation.release_fixture import FIXTURE_VERSION, build_release_fixture
 from rzenembed.modeling.backbones import FAMILIES
 from rzenembed.modeling.tiny import build_tiny_model
 
@@ -33,7 +35,8 @@ MMEB_V2_QUERIES = 30
 
 
 def ensure_inputs(config: str, overrides: list[str], scale: int) -> None:
-    """The tiny model and the sample corpus, built in code when missing."""
+    """The tiny model, the sample corpus and the MMEB-V2 fixture, built in code when
+    missing or built by an older release of this code (their version stamps say)."""
     cfg = load_config(config, overrides)
     model_dir = Path(cfg.model.name_or_path)
     family = "qwen2-vl" if cfg.model.family == "auto" else cfg.model.family
@@ -41,23 +44,50 @@ def ensure_inputs(config: str, overrides: list[str], scale: int) -> None:
         print(f"building the tiny offline {family} model in {model_dir}")
         build_tiny_model(model_dir, seed=cfg.seed, family=family)
     for folder in sorted({Path(s.uri).parent for s in cfg.sources}):
-        described = folder / "corpus.json"
-        if not described.is_file() or f'"scale": {scale},' not in described.read_text():
+        if not corpus_is_current(folder, scale):
+            if (folder / "corpus.json").is_file():  # an older sample build: replaced whole
+                shutil.rmtree(folder)
             print(f"generating the sample corpus (scale {scale}) in {folder}")
             build_sample_corpus(folder, seed=cfg.seed, scale=scale)
     for uri in cfg.eval.sets:
         sets = Path(uri)
-        if sets.name == MMEB_V2_SETS and not (sets / "suite.json").is_file():
+        if sets.name == MMEB_V2_SETS and not fixture_is_current(sets):
             ensure_mmeb_v2_fixture(sets)
+
+
+def _described(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def corpus_is_current(folder: Path, scale: int) -> bool:
+    """Whether ``folder`` holds a sample corpus this code would build at ``scale``: one
+    built by an older release (another ``SAMPLE_VERSION``) is built again, so the demo's
+    figures are the ones the docs give."""
+    described = _described(folder / "corpus.json")
+    return described.get("version") == SAMPLE_VERSION and described.get("scale") == scale
+
+
+FIXTURE_STAMP = "fixture.json"  # beside suite.json: what built the imported fixture
+
+
+def fixture_is_current(sets: Path) -> bool:
+    """Whether ``sets`` holds the fixture this code writes (version and queries)."""
+    wanted = {"version": FIXTURE_VERSION, "queries": MMEB_V2_QUERIES}
+    return (sets / "suite.json").is_file() and _described(sets / FIXTURE_STAMP) == wanted
 
 
 def ensure_mmeb_v2_fixture(sets: Path) -> None:
     """The scaled-down MMEB-V2 release (beside ``sets``), imported into ``sets`` as the
-    real release would be."""
+    real release would be, and stamped with what built it."""
     release = sets.with_name(f"{MMEB_V2_SETS}-release")
     print(f"building the scaled-down MMEB-V2 release in {release} and importing it")
     build_release_fixture(release, queries=MMEB_V2_QUERIES)
     import_mmeb_v2(release, sets, release="fixture")
+    stamp = {"version": FIXTURE_VERSION, "queries": MMEB_V2_QUERIES}
+    (sets / FIXTURE_STAMP).write_text(json.dumps(stamp) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,10 @@ DUPLICATE_NEAR = "duplicate_near"
 VIDEO_TRUNCATED = "video_truncated"
 TEXT_EMPTY = "text_empty"
 EVAL_OVERLAP = "eval_overlap"
+# What the builders draw; raised whenever a change alters the corpus, so a folder built by
+# an older release of this code is known to be stale (``corpus.json`` records it).
+# 2: survey pages count shapes of one colour and are drawn in it.
+SAMPLE_VERSION = 2
 REASON_CODES: tuple[str, ...] = (
     MEDIA_UNDECODABLE,
     MEDIA_MISSING,
@@ -160,6 +164,7 @@ class SampleCorpus:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready description with paths relative to the root (so builds compare equal)."""
         return {
+            "version": SAMPLE_VERSION,
             "seed": self.seed,
             "scale": self.scale,
             "datasets": [
