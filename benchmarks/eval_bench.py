@@ -287,7 +287,7 @@ def pool_rates(model_dir: Path, root: Path, sides: dict, actors: int, args) -> d
     import ray
 
     from rzenembed.config import config_from_dict
-    from rzenembed.model_steps import EVAL_CALLS_PER_ACTOR, ActorPoolEncoder, EmbedActor
+    from rzenembed.evaluation.actors import EVAL_CALLS_PER_ACTOR, ActorPoolEncoder, EmbedActor
 
     model = {"name_or_path": str(model_dir), "max_visual_tokens": 64, "max_text_tokens": 512}
     cfg = config_from_dict({"model": {**model, "video_frames": 8}, "compute": {"step_cpus": 1}})
@@ -317,8 +317,8 @@ def pool_part(args, rng: np.random.Generator) -> None:
     """Part 4: the actor-pool path with 1 and 2 actors, then the projection."""
     import ray
 
-    from rzenembed.data.engine import ensure_ray
-    from rzenembed.model_steps import EVAL_CALLS_PER_ACTOR
+    from rzenembed.compute.connect import ensure_ray
+    from rzenembed.evaluation.actors import EVAL_CALLS_PER_ACTOR
 
     counts = {"text": args.pool_texts, "image": args.pool_images, "video": args.pool_videos}
     ensure_ray(num_cpus=args.pool_cpus)

@@ -154,7 +154,8 @@ def bench_config(storage_root: str, sources: list[dict] | None = None, **prep: A
 def start_ray() -> None:
     """Start a local Ray with 2 CPUs and make sure both workers exist and have imported
     the pipeline, so that no timed run pays for worker start-up."""
-    from rzenembed.data.engine import ensure_ray, run_shards
+    from rzenembed.compute.connect import ensure_ray
+    from rzenembed.data.engine import run_shards
 
     ensure_ray(num_cpus=RAY_CPUS)
     run_shards(_warm_worker, [1.0] * RAY_CPUS, max_in_flight=RAY_CPUS, show_progress=False)

@@ -2,7 +2,8 @@
 
 Every flow takes a config path plus dotted overrides (validated by the config models
 before any work starts), opens one MLflow parent run for its execution, starts local Ray
-or joins ``compute.ray_address`` / ``RAY_ADDRESS``, and chains the tasks. Steps are cached
+or joins ``compute.ray_address`` / ``RAY_ADDRESS`` (with a job server configured it joins
+nothing: every step is a Ray Job), and chains the tasks. Steps are cached
 on their inputs' digests, their config section and the code version, so every flow can
 rebuild its inputs by calling the upstream tasks: a finished step is a cache hit. Pass
 ``refresh=True`` to recompute every step regardless.
@@ -19,8 +20,9 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from rzenembed.compute.connect import ensure_ray
+from rzenembed.compute.steps import job_address
 from rzenembed.config import PipelineConfig, config_digest, load_config, resolve_paths
-from rzenembed.data.engine import ensure_ray
 from rzenembed.data.folders import exists, read_text
 from rzenembed.data.storage import join
 from rzenembed.evaluation.report import levels
@@ -55,7 +57,8 @@ class Execution:
         self.base = None
         self.config_path, self.overrides = config_path, list(overrides or [])
         self.refresh = refresh
-        ensure_ray(address=self.cfg.compute.ray_address)
+        if job_address(self.cfg) is None:  # else every step is a Ray Job: no connection
+            ensure_ray(address=self.cfg.compute.ray_address)
         self.tracker = Tracker(self.cfg.tracking)
         self.digest = config_digest(self.cfg)
         run_id = self.tracker.start_pipeline(self.cfg, str(flow_run.get_id() or ""), self.digest)

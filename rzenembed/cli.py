@@ -235,7 +235,7 @@ def _cmd_inspect_source(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import threading
 
-    from rzenembed.data.engine import ensure_ray
+    from rzenembed.compute.connect import ensure_ray
     from rzenembed.serving.follow import RegistryFollower
     from rzenembed.serving.source import default_model_uri
     from rzenembed.tracking import with_environment_tracking

@@ -408,7 +408,18 @@ class AutoscaleNodes(Strict):
 
 
 class ComputeConfig(Strict):
+    # Ray for short calls and for drivers on a Ray node: a GCS address (head:6379) or a
+    # Ray Client address (ray://head:10001); None: RAY_ADDRESS, else a local runtime.
     ray_address: str | None = None
+    # The head's job server (http://head:8265; else RZENEMBED_JOB_ADDRESS): long steps run
+    # as Ray Jobs that outlive this process, found again by their step's key after a
+    # retry or a restart (rzenembed/compute/jobs.py). None: steps run in this process.
+    job_address: str | None = None
+    # What each job's driver asks for (e.g. {"driver": 1}: the head declares the slots, so
+    # drivers and evaluation coordinators run there and never hold a GPU node's CPUs).
+    driver_resources: dict[str, float] = Field(default_factory=dict)
+    # How often a waiting step polls its job's status and logs.
+    job_poll_s: float = Field(default=5.0, gt=0)
     # The cluster's shape in one number: GPUs to train on. Sets num_workers and eval_actors
     # to it, one GPU per worker and per model step (use_gpu, gpus_per_worker, step_gpus);
     # the stage's global batch stays, each rank's share grows as GPUs shrink (docs/
@@ -427,6 +438,10 @@ class ComputeConfig(Strict):
     # and actors with these resources; None: 1 GPU each when use_gpu, else none.
     step_gpus: float | None = Field(default=None, ge=0)
     step_cpus: float = Field(default=1.0, ge=0)
+    # Custom Ray resources a model step or evaluation actor with a GPU asks besides it
+    # (e.g. {"pipeline": 1}: only training nodes declare it, so none lands on a serving
+    # node).
+    step_resources: dict[str, float] = Field(default_factory=dict)
     # Evaluation embeds with this many actors (one per GPU), each a slice of the items.
     eval_actors: int = Field(default=1, gt=0)
     # Threads each training rank's loader reads media with (object-store requests overlap).
@@ -438,15 +453,31 @@ class ComputeConfig(Strict):
     loader_workers: int = Field(default=0, ge=0)
     # Bytes of Parquet row groups each training rank keeps in its row cache.
     loader_cache_mb: int = Field(default=64, ge=0)
-    # Before a training run, an actor pool or a GPU task, what it asks is packed onto the
-    # cluster's nodes (rzenembed/cluster.py): a request no node set can ever hold fails at
-    # once; one that needs the nodes listed here waits for the autoscaler this long.
+    # Before a training run, an actor pool or a GPU task, what it asks is packed onto what
+    # the cluster has free (rzenembed/compute/admission.py): a request no node set (grown
+    # by the nodes listed here) can ever hold fails at once; one that waits for resources
+    # held by others (an endpoint, another run) or for the autoscaler fails after
+    # wait_timeout_s naming who holds them. Ray Train's worker-group start uses the same
+    # timeout.
     autoscale: list[AutoscaleNodes] = Field(default_factory=list)
     wait_timeout_s: float = Field(default=600.0, gt=0)
+    # Ray Train controller failures (e.g. a worker group that could not start within
+    # wait_timeout_s) tolerated before a run fails; Ray's own default retries forever.
+    controller_failure_limit: int = Field(default=3, ge=0)
     # How long one model step's Ray work (merge, soup, an evaluation's coordinator and its
     # actors' calls) may run before it is cancelled and the step fails; None: no limit
     # (a progress line every minute either way).
     step_timeout_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("job_address")
+    @classmethod
+    def _job_server_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(
+                f"job_address {value!r} must be the job server's http(s) URL, e.g. "
+                "http://head:8265 (ray:// addresses go to ray_address)"
+            )
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -521,11 +552,17 @@ class ServeConfig(Strict):
     replicas: int = Field(default=1, gt=0)
     autoscaling: ServeAutoscaling | None = None  # set: it decides the replica count
     num_gpus: float = Field(default=0.0, ge=0)
-    num_cpus: float = Field(default=1.0, ge=0)
+    num_cpus: float = Field(default=0.0, ge=0)
+    # Serving has a resource of its own, so the endpoint never holds what training and
+    # evaluation need: each model replica asks `resources`, each HTTP front
+    # `api_resources`. Local runtimes declare `serving` slots; on a cluster only the
+    # serving nodes do (infra/k8s/raycluster.yaml). {}: replicas compete for CPUs/GPUs.
+    resources: dict[str, float] = Field(default_factory=lambda: {"serving": 1.0})
     # The HTTP front (validation, decoding): two, so that one replica's restart (a node
     # lost, a settings change) never leaves the endpoint without a front.
     api_replicas: int = Field(default=2, gt=0)
-    api_num_cpus: float = Field(default=0.5, ge=0)
+    api_num_cpus: float = Field(default=0.0, ge=0)
+    api_resources: dict[str, float] = Field(default_factory=lambda: {"serving": 0.5})
     # None: the dtype the model was saved with (bfloat16 is the usual choice on GPUs).
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     # How often the alias is looked up; a moved alias rolls the replicas to its version.

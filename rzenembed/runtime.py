@@ -6,7 +6,9 @@ recaptioning) in Ray tasks and actors or a local command. The rules:
 
 - **Device.** In a Ray Train worker, the device Ray Train assigned
   (``ray.train.torch.get_device()``: ``cuda:<local rank>`` when the worker got a GPU, else
-  CPU). In a Ray task or actor, ``cuda`` when Ray assigned it a GPU, else CPU. Outside Ray
+  CPU). In a Ray task or actor, ``cuda`` when Ray assigned it a GPU, else CPU. A process
+  Ray gave a GPU never falls back to CPU: when CUDA is unusable (a driver older than
+  torch's CUDA build needs) it fails at once, naming both (``require_cuda``). Outside Ray
   (a local command), ``cuda`` when one is visible and wanted. ``RZENEMBED_DEVICE`` overrides
   all of these (debugging, a forced CPU run on a GPU host).
 - **Backend.** ``compute.backend``; ``auto`` is NCCL when workers use GPUs, else gloo.
@@ -26,6 +28,7 @@ import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +41,14 @@ HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 class DeviceError(RuntimeError):
     """A tensor that is not on the device its step runs on."""
+
+
+class CudaUnusable(RuntimeError):
+    """Ray gave this process a GPU, but CUDA cannot be used: the step would run on CPU."""
+
+
+# The oldest NVIDIA driver (Linux) that runs the CUDA major version torch was built for.
+MIN_DRIVER = {"13": "580.65.06", "12": "525.60.13"}
 
 
 @dataclass(frozen=True)
@@ -118,12 +129,47 @@ def _in_ray() -> bool:
         return False
 
 
+def driver_version() -> str | None:
+    """The NVIDIA kernel driver's version on this machine, or None without one."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    for word in text.split():
+        if word.count(".") >= 1 and word.replace(".", "").isdigit():
+            return word
+    return None
+
+
+def require_cuda(assigned: list[Any], what: str) -> None:
+    """Refuse to run ``what`` on CPU when Ray assigned it GPUs (``assigned``) and CUDA is
+    unusable here: a 7B merge or 16 evaluation actors would otherwise run on CPU for days.
+    The message names the driver found and the one torch's CUDA build needs."""
+    if not assigned or torch.cuda.is_available():
+        return
+    build = torch.version.cuda
+    needed = MIN_DRIVER.get((build or "").split(".")[0])
+    found = driver_version()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise CudaUnusable(
+        f"{what}: Ray assigned GPU(s) {assigned} but CUDA is unusable here "
+        f"(torch.cuda.is_available() is False). torch {torch.__version__} is built for CUDA "
+        f"{build or 'none (a CPU build)'}"
+        + (f", which needs NVIDIA driver {needed} or newer" if needed else "")
+        + f"; this node's driver: {found or 'none found (/proc/driver/nvidia/version)'}; "
+        f"CUDA_VISIBLE_DEVICES={visible!r}. Update the node's driver or install a torch "
+        "build for it (docs/operations.md, 'GPU nodes'); RZENEMBED_DEVICE=cpu forces CPU."
+    )
+
+
 def train_worker_runtime(model: ModelConfig, compute: ComputeConfig) -> Runtime:
     """The runtime of a Ray Train worker: the device Ray Train assigned to this rank."""
     device = _override()
     if device is None:
         import ray.train.torch
 
+        if compute.use_gpu:
+            require_cuda(_ray_assigned_gpus() or ["(use_gpu)"], "a training worker")
         device = ray.train.torch.get_device() if compute.use_gpu else torch.device("cpu")
     return Runtime(torch.device(device), backend_for(compute), autocast_for(model, device))
 
@@ -131,14 +177,17 @@ def train_worker_runtime(model: ModelConfig, compute: ComputeConfig) -> Runtime:
 def task_device(want_gpu: bool) -> torch.device:
     """The device of a Ray task or actor, or of a local command.
 
-    In Ray: CUDA only when Ray assigned this task a GPU (the task's ``num_gpus``). Outside
+    In Ray: CUDA only when Ray assigned this task a GPU (the task's ``num_gpus``), and then
+    always (``CudaUnusable`` when CUDA does not work: never a silent CPU run). Outside
     Ray: CUDA when one is visible and ``want_gpu`` allows it. ``RZENEMBED_DEVICE`` wins.
     """
     device = _override()
     if device is not None:
         return device
     if _in_ray():
-        use_cuda = bool(_ray_assigned_gpus()) and torch.cuda.is_available()
+        assigned = _ray_assigned_gpus()
+        require_cuda(assigned, "this Ray task or actor")
+        use_cuda = bool(assigned)
     else:
         use_cuda = want_gpu and torch.cuda.is_available()
     return torch.device("cuda") if use_cuda else torch.device("cpu")

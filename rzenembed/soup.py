@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors.torch import load_file
@@ -45,6 +45,9 @@ from rzenembed.data.storage import is_remote
 from rzenembed.modeling.card import ModelCard, ModelFolderError
 from rzenembed.modeling.digest import folder_digest, weights_digest
 from rzenembed.modeling.embedder import RzenEmbedder, resolve_base
+
+if TYPE_CHECKING:
+    from rzenembed.config import PipelineConfig
 
 SoupMethod = Literal["delta", "factors", "greedy"]
 PEFT_PREFIX = "base_model.model."
@@ -468,3 +471,74 @@ def random_adapters(
         )
         for k in range(count)
     ]
+
+
+# --------------------------------------------------------------------------- the pipeline step
+
+
+def _soup_task(cfg: PipelineConfig, adapters: list[str], out_uri: str, weights, eval_sets):
+    from rzenembed.evaluation.actors import stage_eval_set
+    from rzenembed.modeling.digest import digests_of
+    from rzenembed.runtime import task_runtime
+
+    endpoint = cfg.storage.endpoint_url
+    runtime = task_runtime(cfg.model, cfg.compute)
+    score = None
+    if cfg.soup.method == "greedy":
+        sets = [str(stage_eval_set(s, endpoint)) for s in eval_sets]
+
+        def score(embedder) -> float:
+            from rzenembed.evaluation import evaluate
+
+            results = evaluate(
+                embedder,
+                sets,
+                batch_size=cfg.eval.batch_size,
+                datasets=cfg.eval.datasets,
+                ndcg_k=cfg.eval.ndcg_k,
+            )
+            return sum(r.score for r in results) / len(results)
+
+    from rzenembed.data.folders import publish_folder
+
+    work = Path(tempfile.mkdtemp(prefix="rzenembed-soup-"))
+    try:
+        result = soup(
+            adapters,
+            work / "soup",
+            cfg.soup.method,
+            weights,
+            cfg.soup.normalize,
+            score,
+            device=runtime.device,
+            endpoint_url=endpoint,
+        )
+        digests = digests_of(result.path)
+        publish_folder(result.path, out_uri, endpoint, **digests)
+        return {"recipe": result.recipe, **digests}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def soup_step(
+    cfg: PipelineConfig,
+    adapters: list[str],
+    out_uri: str,
+    weights: list[float] | None,
+    eval_sets: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The adapters souped and published at ``out_uri`` (or the published soup read back):
+    ``{"recipe", "digest", "weights_digest"}``."""
+    from rzenembed.compute.steps import on_ray
+    from rzenembed.data.folders import is_published, published_info
+
+    endpoint = cfg.storage.endpoint_url
+    if is_published(out_uri, endpoint):
+        info = published_info(out_uri, endpoint) or {}
+        card = json.loads((stage_folder(out_uri, endpoint) / "rzenembed.json").read_text())
+        return {
+            "recipe": card["extra"]["soup"],
+            "digest": info["digest"],
+            "weights_digest": info["weights_digest"],
+        }
+    return on_ray(cfg, _soup_task, cfg, list(adapters), out_uri, weights, list(eval_sets))

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from rzenembed.compute.steps import Ran, run_step
 from rzenembed.config import PipelineConfig, digest_of
 from rzenembed.identity import source_digest
 from rzenembed.tracking import LineageRef, Tracker
@@ -60,6 +61,78 @@ def keyed(step: str, section_fn, inputs_fn):
         return step_cache_key(step, section_fn(parameters), inputs_fn(parameters))
 
     return key
+
+
+def running_task_key() -> str:
+    """The cache key of the task running now (its transaction's key): what names the
+    task's Ray Job, so a retry or a rerun of the same work finds the same job."""
+    from prefect.transactions import get_transaction
+
+    transaction = get_transaction()
+    if transaction is None or not transaction.key:
+        raise RuntimeError("no cache key: run_in_job is for tasks with a cache_key_fn")
+    return transaction.key.removeprefix("rzenembed-")
+
+
+def _refreshing() -> bool:
+    """Whether the running task was asked to recompute (``refresh=True``)."""
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    return bool(context is not None and context.task.refresh_cache)
+
+
+def flow_run_cancelled() -> bool:
+    """Whether the flow run this task belongs to is being cancelled (or was): a step's
+    Ray Job is stopped then, and only then."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return False
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    return state is not None and (state.is_cancelling() or state.is_cancelled())
+
+
+def run_in_job(
+    cfg: PipelineConfig,
+    step: str,
+    fn: Callable[..., Any],
+    *args: Any,
+    key: str | None = None,
+    timeout_s: float | None = None,
+    on_poll: Callable[[], None] | None = None,
+    **kwargs: Any,
+) -> Ran:
+    """``fn(*args, **kwargs)`` through ``rzenembed.compute.run_step``: a Ray Job named by
+    ``key`` (default: this task's cache key) when a job server is configured, else here.
+    The job's log lines go to the task's log; a cancelled flow run stops the job; a task
+    run with ``refresh`` submits a new attempt instead of reusing a finished one."""
+    from prefect import get_run_logger
+
+    logger = get_run_logger()
+    return run_step(
+        cfg,
+        step,
+        key or running_task_key(),
+        fn,
+        *args,
+        timeout_s=timeout_s,
+        on_poll=on_poll,
+        cancelled=flow_run_cancelled,
+        log=logger.info,
+        fresh=_refreshing(),
+        **kwargs,
+    )
+
+
+def with_job(ref: dict[str, Any], ran: Ran) -> dict[str, Any]:
+    """A lineage ref naming the Ray Job that computed it (none when computed in process)."""
+    if ran.job:
+        ref["extra"] = {**ref.get("extra", {}), "job": ran.job}
+    return ref
 
 
 def is_transient(exc: BaseException) -> bool:

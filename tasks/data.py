@@ -1,8 +1,9 @@
 """Data-preparation tasks: one per step, each a thin wrapper over the library's ``run_<step>``.
 
 Every task takes and returns lineage ref dicts (URI, digest, producing MLflow run), fans its
-shards out on Ray through the library, and opens one MLflow child run recording the config
-section, the input versions and the output version with its row and reject counts.
+shards out on Ray through the library (as a Ray Job on a cluster: ``run_in_job``), and opens
+one MLflow child run recording the config section, the input versions and the output version
+with its row and reject counts.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from tasks.common import (
     as_ref,
     eval_sets_ref,
     keyed,
+    run_in_job,
     step_run,
     version_ref,
+    with_job,
 )
 
 
@@ -82,10 +85,11 @@ def ingest(
     source = cfg.source(source_name)
     section = {"source": source.model_dump(mode="json"), **_prep_section({"cfg": cfg})}
     with step_run(cfg, ctx, "ingest", f"ingest {source_name}", section) as (tracker, run_id):
-        version = run_ingest(cfg, source, base, show_progress=False)
+        ran = run_in_job(cfg, "ingest", run_ingest, cfg, source, base, show_progress=False)
+        version = ran.value
         raw = version.manifest.inputs[0]
         inputs = [LineageRef("raw", source_name, raw.uri, raw.content_digest)]
-        out = version_ref(version, run_id=run_id)
+        out = with_job(version_ref(version, run_id=run_id), ran)
         tracker.record_lineage(run_id, "ingest", inputs, [as_ref(out)])
     _counts_artifact(out)
     return out
@@ -97,8 +101,8 @@ def _single_step(step: str, fn):
     def run(cfg: PipelineConfig, ref: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         name = f"{step} {ref['extra']['dataset']}"
         with step_run(cfg, ctx, step, name, _prep_section({"cfg": cfg})) as (tracker, run_id):
-            version = fn(cfg, _open(cfg, ref))
-            out = version_ref(version, run_id=run_id)
+            ran = run_in_job(cfg, step, fn, cfg, _open(cfg, ref), show_progress=False)
+            out = with_job(version_ref(ran.value, run_id=run_id), ran)
             tracker.record_lineage(run_id, step, [as_ref(ref)], [as_ref(out)])
         _counts_artifact(out)
         return out
@@ -133,8 +137,9 @@ def clean(cfg: PipelineConfig, ref: dict[str, Any], ctx: RunContext) -> dict[str
         tracker,
         run_id,
     ):
-        version = run_clean(cfg, _open(cfg, ref), show_progress=False)
-        out = version_ref(version, run_id=run_id)
+        ran = run_in_job(cfg, "clean", run_clean, cfg, _open(cfg, ref), show_progress=False)
+        version = ran.value
+        out = with_job(version_ref(version, run_id=run_id), ran)
         inputs = [as_ref(ref)]
         against = version.manifest.stats.get("decontaminated_against")
         if against:
@@ -164,7 +169,9 @@ def recaption(cfg: PipelineConfig, ref: dict[str, Any], ctx: RunContext) -> dict
         mode="json")}  # fmt: skip
     with step_run(cfg, ctx, "recaption", name, section) as (tracker, run_id):
         captions = _captions_of(cfg, ref)
-        version = run_recaption(cfg, _open(cfg, ref), show_progress=False, captions=captions)
+        ran = run_in_job(cfg, "recaption", run_recaption, cfg, _open(cfg, ref),
+                         show_progress=False, captions=captions)  # fmt: skip
+        version = ran.value
         captioner = version.manifest.stats["captioner"]
         if captions:  # captions produced elsewhere: a raw source of its own in the lineage
             model = LineageRef("raw", "captions", captioner["path"], captioner["digest"])
@@ -176,17 +183,15 @@ def recaption(cfg: PipelineConfig, ref: dict[str, Any], ctx: RunContext) -> dict
                 captioner["digest"],
                 extra={"digest_of": "weights"},
             )
-        out = version_ref(version, run_id=run_id)
+        out = with_job(version_ref(version, run_id=run_id), ran)
         tracker.record_lineage(run_id, "recaption", [as_ref(ref), model], [as_ref(out)])
     _counts_artifact(out)
     return out
 
 
-split_clips = _single_step("split-clips", lambda cfg, v: run_split_clips(cfg, v, False))
-package_long_videos = _single_step(
-    "package-long-videos", lambda cfg, v: run_package_long_videos(cfg, v, False)
-)
-cap = _single_step("cap", lambda cfg, v: run_cap(cfg, v, show_progress=False))
+split_clips = _single_step("split-clips", run_split_clips)
+package_long_videos = _single_step("package-long-videos", run_package_long_videos)
+cap = _single_step("cap", run_cap)
 
 
 @task(name="merge-classification", persist_result=True,
@@ -201,8 +206,10 @@ def merge_classification(
         tracker,
         run_id,
     ):
-        version = run_merge_classification(cfg, [_open(cfg, r) for r in refs], False)
-        out = version_ref(version, run_id=run_id)
+        versions = [_open(cfg, r) for r in refs]
+        ran = run_in_job(cfg, "merge-classification", run_merge_classification, cfg, versions,
+                         show_progress=False)  # fmt: skip
+        out = with_job(version_ref(ran.value, run_id=run_id), ran)
         tracker.record_lineage(run_id, "merge-classification", [as_ref(r) for r in refs],
                                [as_ref(out)])  # fmt: skip
     _counts_artifact(out)
@@ -234,11 +241,13 @@ def mixture(
     section = _mixture_section({"cfg": cfg, "stage": stage, "mixture_name": mixture_name})
     with step_run(cfg, ctx, "mixture", f"mixture {label}", section) as (tracker, run_id):
         versions = {name: _open(cfg, r) for name, r in finals.items()}
-        manifest = run_mixture(cfg, stage, versions, config)
+        ran = run_in_job(cfg, "mixture", run_mixture, cfg, stage, versions, config)
+        manifest = ran.value
         out = LineageRef(
             "stage-manifest", label, manifest.uri, manifest.digest, run_id,
             extra={"probabilities": {d.dataset: d.probability for d in manifest.datasets}},
         ).to_json()  # fmt: skip
+        out = with_job(out, ran)
         tracker.record_lineage(run_id, "mixture", [as_ref(r) for r in finals.values()],
                                [as_ref(out)])  # fmt: skip
     return out

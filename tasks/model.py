@@ -16,18 +16,28 @@ from rzenembed.data.folders import exists, listing_digest, read_text, stage_fold
 from rzenembed.data.storage import is_remote, join
 from rzenembed.evaluation import discover
 from rzenembed.evaluation.report import levels
-from rzenembed.evaluation.uncertainty import paired_difference
-from rzenembed.model_steps import (
+from rzenembed.evaluation.step import (
     REPORT_FILES,
+    ScoreWatcher,
     evaluate_step,
     report_uris,
     rescore_step,
-    soup_step,
 )
+from rzenembed.evaluation.uncertainty import paired_difference
 from rzenembed.modeling.digest import file_digest
+from rzenembed.soup import soup_step
 from rzenembed.tracking import DIGEST_TAG, LineageRef, Tracker
 from rzenembed.training.stages import output_root
-from tasks.common import RETRIES, RunContext, as_ref, keyed, step_run
+from tasks.common import (
+    RETRIES,
+    RunContext,
+    as_ref,
+    code_version,
+    keyed,
+    run_in_job,
+    step_run,
+    with_job,
+)
 
 REPORT_TAG = "rzenembed.report"  # a registered version's evaluation report (report.json)
 
@@ -118,10 +128,9 @@ def soup_adapters(
         key = digest_of([section, [a["digest"] for a in adapters]])[:12]
         out_uri = join(output_root(cfg), f"soup-{key}")
         sets = validation_set_paths(cfg, base) if cfg.soup.method == "greedy" else []
-        souped = soup_step(
-            cfg, [a["uri"] for a in adapters], out_uri, _weights(cfg, adapters), sets
-        )
-        recipe, digest = souped["recipe"], souped["digest"]
+        uris = [a["uri"] for a in adapters]
+        ran = run_in_job(cfg, "soup", soup_step, cfg, uris, out_uri, _weights(cfg, adapters), sets)
+        recipe, digest = ran.value["recipe"], ran.value["digest"]
         tracker.log_json(run_id, "soup_recipe.json", recipe)
         model_id = tracker.log_model(
             run_id,
@@ -143,6 +152,7 @@ def soup_adapters(
             model_id,
             extra={"method": cfg.soup.method, "kept": kept},
         ).to_json()
+        out = with_job(out, ran)
         tracker.record_lineage(run_id, "soup", [as_ref(a) for a in adapters], [as_ref(out)])
     return out
 
@@ -228,15 +238,22 @@ def evaluate_model(
     ):
         root = output_root(cfg)
         out_uri = join(root, f"eval-{model['digest'][:12]}")
-        results = evaluate_step(
-            cfg,
-            {"uri": model["uri"], "digest": model["digest"]},
-            {"uri": baseline["uri"], "digest": baseline["digest"]},
-            sets,
-            out_uri,
-            join(root, "_embedding_cache"),
-            progress=_dataset_artifact(model["digest"]),
-        )
+        cache = join(root, "_embedding_cache")
+        # Each dataset's score as it is stored, from this process (the work may be a job).
+        watcher = ScoreWatcher(join(cache, "scores"), endpoint, _dataset_artifact(model["digest"]))
+        with watcher.polling():
+            ran = run_in_job(
+                cfg,
+                "evaluate",
+                evaluate_step,
+                cfg,
+                {"uri": model["uri"], "digest": model["digest"]},
+                {"uri": baseline["uri"], "digest": baseline["digest"]},
+                sets,
+                out_uri,
+                cache,
+            )
+        results = ran.value
         report = results["model"]["report"]
         folder = stage_folder(out_uri, endpoint)  # three small files, for MLflow and Prefect
         for name in REPORT_FILES.values():
@@ -268,6 +285,7 @@ def evaluate_model(
                 "evaluation_digest": report["evaluation_digest"],
             },
         ).to_json()
+        ref = with_job(ref, ran)
         tracker.record_lineage(run_id, "evaluate", [as_ref(model), as_ref(baseline)], [as_ref(ref)])
     return ref
 
@@ -325,12 +343,19 @@ def _rescorer(
             )
             return None
         print(f"champion v{version.version} was scored on other sets: scoring it again")
-        result = rescore_step(
+        sets = eval_set_paths(cfg, base)
+        eval_section = cfg.eval.model_dump(mode="json")
+        key = digest_of([digest, sets, eval_section, code_version()])[:32]
+        result = run_in_job(
+            cfg,
+            "rescore",
+            rescore_step,
             cfg,
             {"uri": uri, "digest": digest},
-            eval_set_paths(cfg, base),
+            sets,
             join(output_root(cfg), "_embedding_cache"),
-        )
+            key=key,
+        ).value
         reports[str(version.version)] = result["report"]
         return float(result["levels"][level])
 

@@ -21,18 +21,18 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from rzenembed.config import PipelineConfig
 from rzenembed.data.folders import exists, read_text
 from rzenembed.data.storage import is_remote, join
-from rzenembed.model_steps import merge_step
 from rzenembed.modeling.digest import model_digest
 from rzenembed.prep.mixture import StageManifest
 from rzenembed.tracking import LineageRef, Tracker, flatten
 from rzenembed.training.stages import (
     TrainResult,
+    merge_step,
     run_dir,
     run_settings,
     run_training,
     total_steps,
 )
-from tasks.common import RETRIES, RunContext, as_ref, keyed, step_run
+from tasks.common import RETRIES, RunContext, as_ref, keyed, run_in_job, step_run, with_job
 
 
 def _train_section(p: dict[str, Any]) -> dict[str, Any]:
@@ -159,8 +159,13 @@ def _train(
         try:
             folder = run_dir(cfg, stage, stage_manifest, base["uri"], mixture)
             progress = _Progress(join(folder, "metrics.jsonl"), endpoint, steps, label)
-            result = run_training(cfg, stage, stage_manifest, base["uri"], mixture,
-                                  mlflow_run_id=run_id if live else None)  # fmt: skip
+            # The job is named by the run's key (its folder's name): a retry or a restarted
+            # worker finds the running training instead of starting another.
+            key = folder.rstrip("/").rsplit("/", 1)[-1]
+            ran = run_in_job(cfg, f"train-{stage}", run_training, cfg, stage, stage_manifest,
+                             base["uri"], mixture, mlflow_run_id=run_id if live else None,
+                             key=key)  # fmt: skip
+            result = ran.value
         finally:
             if progress is not None:
                 progress.close()
@@ -189,6 +194,7 @@ def _train(
                    "metrics": result.metrics_uri,
                    "temperatures": card["extra"].get("temperatures", {})},
         ).to_json()  # fmt: skip
+        out = with_job(out, ran)
         tracker.record_lineage(run_id, stage, [as_ref(manifest), as_ref(base)], [as_ref(out)])
     return out
 
@@ -222,13 +228,15 @@ def merge_stage1_model(
     """The stage-1 adapter folded into its base (a Ray task): the base of every stage-2 run."""
     section = {"model": cfg.model.model_dump(mode="json")}
     with step_run(cfg, ctx, "merge-stage1", "merge stage1", section) as (tracker, run_id):
-        merged = merge_step(cfg, adapter["uri"])
+        ran = run_in_job(cfg, "merge-stage1", merge_step, cfg, adapter["uri"])
+        merged = ran.value
         digest = model_digest(merged, cfg.storage.endpoint_url)
         model_id = tracker.log_model(
             run_id, "stage1-merged", merged, "merged-model", params={"stage": "stage1"},
             tags={"rzenembed.digest": digest}, upload=False,
         )  # fmt: skip
         out = LineageRef("model", "stage1-merged", merged, digest, run_id, model_id).to_json()
+        out = with_job(out, ran)
         tracker.record_lineage(run_id, "merge-stage1", [as_ref(adapter)], [as_ref(out)])
     return out
 

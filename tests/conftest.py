@@ -94,7 +94,7 @@ def ray_local():
     """One local Ray runtime for the session: 2 CPUs, no dashboard."""
     import ray
 
-    from rzenembed.data.engine import ensure_ray
+    from rzenembed.compute.connect import ensure_ray
 
     ensure_ray(num_cpus=2)
     yield

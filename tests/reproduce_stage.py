@@ -18,7 +18,7 @@ from rzenembed.training.stages import output_root, run_stage1
 
 
 def main(config_path: str, manifest_uri: str) -> None:
-    from rzenembed.data.engine import ensure_ray
+    from rzenembed.compute.connect import ensure_ray
 
     cfg = config_from_dict(json.loads(Path(config_path).read_text()))
     ensure_ray(num_cpus=1)

@@ -15,7 +15,7 @@ import pytest
 from rzenembed.config import config_from_dict
 from rzenembed.evaluation import evaluate
 from rzenembed.evaluation.evalset import load_eval_folder
-from rzenembed.model_steps import _evaluate_task, _score_with_actors
+from rzenembed.evaluation.step import _evaluate_task, _score_with_actors
 from rzenembed.training.collate import MediaReader
 
 BATCH = 4

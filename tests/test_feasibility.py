@@ -1,7 +1,8 @@
-"""Requests are checked against the cluster before anything waits: one that can never be
-placed fails at once naming what was asked and what there is; one that needs the
-autoscaler waits for it, then times out; evaluation actors are capped at what the cluster
-holds and still give the same scores."""
+"""Requests are checked against what the cluster has free before anything waits: one that
+can never be placed fails at once naming what was asked and what there is; one that waits
+for resources others hold (or for the autoscaler) fails after its timeout naming the
+holders; evaluation actors are capped at what the cluster holds and still give the same
+scores; waiting on Ray work times out as ``StepTimeout`` for tasks and actor calls alike."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import time
 
 import pytest
 
-from rzenembed.cluster import (
+from rzenembed.compute.admission import (
     InfeasibleRequest,
     ResourceRequest,
-    ensure_placeable,
+    admit,
     how_many_fit,
     pack,
 )
@@ -32,7 +33,7 @@ def test_sixteen_workers_on_one_eight_gpu_node_fail_at_once_naming_asked_and_ava
     request = ResourceRequest.of("stage1 training", 16, {"GPU": 1, "CPU": 8})
     started = time.monotonic()
     with pytest.raises(InfeasibleRequest) as error:
-        ensure_placeable(request, nodes=lambda: [GPU_NODE], wait_timeout_s=600)
+        admit(request, nodes=lambda: [GPU_NODE], wait_timeout_s=600)
     assert time.monotonic() - started < 1
     assert str(error.value).startswith(
         "stage1 training asks for 16 x {CPU: 8, GPU: 1} (in all {CPU: 128, GPU: 16}); the "
@@ -48,13 +49,48 @@ def test_a_request_that_needs_the_autoscaler_waits_for_its_nodes_then_times_out(
         calls.append(1)
         return [GPU_NODE] if len(calls) < 3 else [GPU_NODE, GPU_NODE]
 
-    with caplog.at_level("INFO", logger="rzenembed.cluster"):
-        ensure_placeable(request, [(GPU_NODE, 1)], 60, nodes=growing, poll_s=0.01)
-    assert len(calls) == 3 and "waiting for the autoscaler" in caplog.text
-    with pytest.raises(InfeasibleRequest, match=r"did not add the nodes within .* 0.05 s"):
-        ensure_placeable(request, [(GPU_NODE, 1)], 0.05, nodes=lambda: [GPU_NODE], poll_s=0.01)
+    with caplog.at_level("INFO", logger="rzenembed.compute.admission"):
+        admit(request, [(GPU_NODE, 1)], 60, nodes=growing, poll_s=0.01, holders=lambda k: [])
+    assert len(calls) >= 3 and "waiting for resources" in caplog.text
+    with pytest.raises(InfeasibleRequest, match=r"not free within .* 0.05 s \(nor added by"):
+        admit(request, [(GPU_NODE, 1)], 0.05, nodes=lambda: [GPU_NODE], poll_s=0.01)
     with pytest.raises(InfeasibleRequest, match="can never be placed"):
-        ensure_placeable(request, [(GPU_NODE, 0 + 1)], 60, nodes=lambda: [{"CPU": 1.0}])
+        admit(request, [(GPU_NODE, 0 + 1)], 60, nodes=lambda: [{"CPU": 1.0}])
+
+
+def test_a_request_for_resources_someone_holds_waits_then_names_the_holder():
+    """16 GPUs exist but an endpoint replica holds one: the request waits (it could fit an
+    idle cluster) and fails after the timeout naming who holds what."""
+    request = ResourceRequest.of("stage1 training", 16, {"GPU": 1, "CPU": 8})
+    held = {**GPU_NODE, "GPU": 7.0, "CPU": 84.0}
+    holders = ["Serve replica rzenembed:EmbeddingModel on node 1a2b3c4d holds {GPU: 1}"]
+    started = time.monotonic()
+    with pytest.raises(InfeasibleRequest) as error:
+        admit(
+            request,
+            wait_timeout_s=0.3,
+            nodes=lambda: [GPU_NODE, GPU_NODE],
+            free=lambda: [GPU_NODE, held],
+            holders=lambda kinds: holders if "GPU" in kinds else [],
+            poll_s=0.05,
+        )
+    assert 0.3 <= time.monotonic() - started < 2
+    assert str(error.value) == (
+        "stage1 training asks for 16 x {CPU: 8, GPU: 1} (in all {CPU: 128, GPU: 16}); the "
+        "cluster has 2 node(s) with {CPU: 172, GPU: 15} free in all; Serve replica "
+        "rzenembed:EmbeddingModel on node 1a2b3c4d holds {GPU: 1}; not free within "
+        "compute.wait_timeout_s = 0.3 s"
+    )
+    # Freed within the wait: admitted.
+    frees = iter([[GPU_NODE, held], [GPU_NODE, GPU_NODE]])
+    admit(
+        request,
+        wait_timeout_s=5,
+        nodes=lambda: [GPU_NODE, GPU_NODE],
+        free=lambda: next(frees, [GPU_NODE, GPU_NODE]),
+        holders=lambda kinds: [],
+        poll_s=0.05,
+    )
 
 
 @pytest.mark.slow
@@ -86,7 +122,8 @@ def test_an_evaluation_with_more_actors_than_the_cluster_holds_runs_with_those_i
     of the same model embedding in this process."""
     from rzenembed.config import config_from_dict
     from rzenembed.evaluation import evaluate
-    from rzenembed.model_steps import EmbedActor, _score_with_actors, eval_actor_count
+    from rzenembed.evaluation.actors import EmbedActor, eval_actor_count
+    from rzenembed.evaluation.step import _score_with_actors
 
     cfg = config_from_dict(
         {
@@ -98,7 +135,7 @@ def test_an_evaluation_with_more_actors_than_the_cluster_holds_runs_with_those_i
     )
     sets = [str(sample_corpus.root / "eval" / "eval-shapes-classification")]
     model = {"uri": str(tiny_model_dir), "digest": "tiny"}
-    with caplog.at_level("WARNING", logger="rzenembed.model_steps"):
+    with caplog.at_level("WARNING", logger="rzenembed.evaluation.actors"):
         assert eval_actor_count(cfg) == 2
         capped = _score_with_actors(cfg, model, sets, str(tmp_path / "cache"))
     assert "compute.eval_actors is 5 but the cluster holds 2" in caplog.text
@@ -119,13 +156,26 @@ def _sleep_then(seconds: float, value: int) -> int:
 def test_waiting_on_ray_work_reports_progress_and_times_out(ray_local, caplog):
     import ray
 
-    from rzenembed.cluster import StepTimeout, wait_for
+    from rzenembed.compute.waiting import StepTimeout, wait_for
 
     task = ray.remote(_sleep_then).options(num_cpus=0)
-    with caplog.at_level("INFO", logger="rzenembed.cluster"):
+    with caplog.at_level("INFO", logger="rzenembed.compute.waiting"):
         done = wait_for([task.remote(0.0, 1), task.remote(1.0, 2)], "two tasks", 60, 0.2)
     assert done == [1, 2] and "two tasks: 1 of 2 done after" in caplog.text
     started = time.monotonic()
     with pytest.raises(StepTimeout, match=r"slow step: 0 of 1 done after 0.5 s"):
         wait_for(task.remote(30.0, 3), "slow step", timeout_s=0.5, report_every_s=0.1)
     assert time.monotonic() - started < 5
+    # An actor call times out the same way (Ray refuses to force-cancel actor calls).
+    sleeper = ray.remote(_Sleeper).options(num_cpus=0).remote()
+    started = time.monotonic()
+    with pytest.raises(StepTimeout, match=r"slow actor call: 0 of 1 done after 0.5 s"):
+        wait_for(sleeper.nap.remote(30.0), "slow actor call", timeout_s=0.5, report_every_s=0.1)
+    assert time.monotonic() - started < 5
+    ray.kill(sleeper)
+
+
+class _Sleeper:
+    def nap(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds

@@ -44,7 +44,7 @@ if "--mode=specific-server" in sys.argv:
 DRIVER = """
 import logging, sys
 import ray
-from rzenembed.data.engine import connect_client
+from rzenembed.compute.connect import connect_client
 logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="LOG %(message)s")
 address = sys.argv[1]
 connect_client(address, attempts=4, pause_s=0.5)
@@ -121,7 +121,7 @@ def test_the_driver_connects_after_failed_starts_and_runs_work(driver_output, fa
 def test_the_last_failed_attempt_names_the_address_and_the_logs(monkeypatch):
     import ray
 
-    from rzenembed.data import engine
+    from rzenembed.compute import connect as engine
 
     calls = []
 

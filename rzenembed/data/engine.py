@@ -10,105 +10,23 @@ exception is raised in the driver as itself. Concurrency follows the cluster's r
 ``prep.max_in_flight`` only caps it when set. The summaries come back in input order; rows
 never do.
 
-Ray is joined when an address is given (``compute.ray_address`` or ``RAY_ADDRESS``) and
-started locally otherwise, with an explicit CPU count and no dashboard. An address is either
-a GCS address (``head:6379``: the driver must run on a machine that hosts a Ray node) or a
-Ray Client address (``ray://head:10001``: a driver anywhere, such as a Prefect worker pod).
-Ray Data and Ray Train need a driver on a Ray node; through Ray Client, ``in_cluster`` runs
-such work as a Ray task on the cluster (zero CPUs: it only coordinates) and hands back its
-result.
+Ray Data's executor runs in the driver, which must be on a Ray node: this process when
+Ray runs locally, or a step's Ray Job on a cluster (``rzenembed.compute``). Through Ray
+Client a map is refused with what to set instead.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import pickle
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from rzenembed.compute.connect import ensure_ray, refuse_client
+
 T = TypeVar("T")
-log = logging.getLogger(__name__)
-# Connections tried when the head fails to start a Ray Client server for this driver.
-CLIENT_ATTEMPTS = 4
 
 # Exceptions that mean "try again" (a flaky store, a dropped connection), not "bad input".
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
-
-
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the configured Ray cluster, or start a local one once per process."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and address.startswith("ray://"):
-        connect_client(address)
-    elif address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(
-            # "local": always a fresh runtime for this process, never a cluster that a
-            # stale /tmp/ray/ray_current_cluster file points at.
-            address="local",
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-
-
-def connect_client(address: str, attempts: int = CLIENT_ATTEMPTS, pause_s: float = 2.0) -> None:
-    """Connect through Ray Client, trying again when the head's proxy fails to start this
-    client's server process (``ConnectionAbortedError``: "Starting Ray client server
-    failed"). The proxy forks that process from a busy multi-threaded server, and on a
-    loaded head a start can fail once and succeed on the next connection, which gets a new
-    process on a new port. A head that cannot be reached at all (``ConnectionError`` after
-    Ray's own connect timeout) is not tried again: waiting longer would not help."""
-    import ray
-
-    for attempt in range(1, attempts + 1):
-        try:
-            ray.init(address=address, log_to_driver=False)
-            return
-        except ConnectionAbortedError as error:
-            ray.shutdown()
-            if attempt == attempts:
-                raise ConnectionAbortedError(
-                    f"Ray Client at {address}: the head could not start a server for this "
-                    f"driver in {attempts} attempts; the head's logs "
-                    f"(ray_client_server*.err) say why. Last error: {error}"
-                ) from error
-            log.warning(
-                "Ray Client at %s: the head failed to start this driver's server "
-                "(attempt %d of %d); connecting again in %.0f s",
-                address,
-                attempt,
-                attempts,
-                pause_s * attempt,
-            )
-            time.sleep(pause_s * attempt)
-
-
-def is_ray_client() -> bool:
-    """Whether this process reaches Ray through Ray Client (it hosts no Ray node)."""
-    from ray.util.client import ray as client
-
-    return client.is_connected()
-
-
-def in_cluster(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(*args, **kwargs)`` where Ray Data and Ray Train can drive work: in this process
-    when it runs on a Ray node (or Ray runs locally); through Ray Client, as a zero-CPU Ray
-    task on the cluster, its result (or its exception) brought back."""
-    if not is_ray_client():
-        return fn(*args, **kwargs)
-    import ray
-
-    task = ray.remote(fn).options(num_cpus=0, max_retries=0)
-    return ray.get(task.remote(*args, **kwargs))
 
 
 def _configure(show_progress: bool) -> None:
@@ -220,8 +138,7 @@ def _map(items: Sequence[Any], show_progress: bool, udf: Any, **map_args: Any) -
     if not items:
         return []
     ensure_ray()
-    if is_ray_client():  # Ray Data's executor runs on a Ray node, not in a client
-        return in_cluster(_map, items, show_progress, udf, **map_args)
+    refuse_client("a Ray Data map")
     import ray.data
 
     _configure(show_progress)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rzenembed.compute.connect import ensure_ray
 from rzenembed.config import PipelineConfig, SourceConfig, data_location
-from rzenembed.data.engine import ensure_ray
 from rzenembed.data.version import DatasetVersion
 from rzenembed.prep.cap import run_cap
 from rzenembed.prep.clean import run_clean

@@ -426,7 +426,11 @@ def model_deployment(cfg: ServeConfig) -> Any:
     """``EmbeddingModel`` as a Serve deployment with the configured resources, batching
     and scaling; new versions roll out new replicas first."""
     options: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        "ray_actor_options": {
+            "num_cpus": cfg.num_cpus,
+            "num_gpus": cfg.num_gpus,
+            "resources": dict(cfg.resources),
+        },
         # Enough calls in flight to fill a batch several times over: a replica must never
         # make the router queue calls that would have joined the next batch.
         "max_ongoing_requests": max(4 * cfg.max_batch_size, 32),
@@ -516,7 +520,10 @@ def build_app(cfg: PipelineConfig, served: ServedModel, key: str) -> Any:
         EmbeddingsAPI,
         name="EmbeddingsAPI",
         num_replicas=settings.api_replicas,
-        ray_actor_options={"num_cpus": settings.api_num_cpus},
+        ray_actor_options={
+            "num_cpus": settings.api_num_cpus,
+            "resources": dict(settings.api_resources),
+        },
         # Room beyond the queue limit, so that excess requests reach the handler and get a
         # 429 instead of waiting in Serve's own queue.
         max_ongoing_requests=settings.max_queued_requests + 32,

@@ -17,6 +17,7 @@ worker is lost.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from rzenembed.modeling.digest import digests_of, model_digest
 from rzenembed.prep.mixture import StageManifest
 from rzenembed.runtime import task_runtime
 from rzenembed.training.loop import RunSpec, train_loop_per_worker
+
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 @dataclass
@@ -127,8 +130,8 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rzenembed.cluster import ensure_compute_for
-    from rzenembed.data.engine import ensure_ray, in_cluster, is_ray_client
+    from rzenembed.compute.admission import admit_for
+    from rzenembed.compute.connect import ensure_ray, refuse_client
     from rzenembed.runtime import backend_for
 
     stage: StageConfig = getattr(cfg, stage_name)
@@ -143,9 +146,7 @@ def run_training(
     if is_published(result.adapter_uri, cfg.storage.endpoint_url):
         return result
     ensure_ray(address=cfg.compute.ray_address)
-    if is_ray_client():  # Ray Train's controller is driven from a Ray node
-        args = (cfg, stage_name, manifest, base_model, mixture, mlflow_run_id, step_callbacks)
-        return in_cluster(run_training, *args)
+    refuse_client(f"{stage_name} training (Ray Train)")
     spec = RunSpec(
         cfg=cfg.model_dump(mode="json"),
         stage=stage_name,
@@ -160,7 +161,11 @@ def run_training(
     resources = {"CPU": cfg.compute.cpus_per_worker, **cfg.compute.resources_per_worker}
     if cfg.compute.use_gpu:
         resources["GPU"] = cfg.compute.gpus_per_worker or 1
-    ensure_compute_for(cfg.compute, f"{stage_name} training", cfg.compute.num_workers, resources)
+    admit_for(cfg.compute, f"{stage_name} training", cfg.compute.num_workers, resources)
+    # Ray Train V2 retries a worker group that cannot start, forever by default: each
+    # start may take wait_timeout_s, and controller_failure_limit of them fail the run.
+    # Ray Train reads the start timeout from the driver's environment and passes it on.
+    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = f"{cfg.compute.wait_timeout_s:g}"
     path, storage_fs = train_storage(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -175,7 +180,10 @@ def run_training(
             name=run_name,
             storage_path=path,
             storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.compute.max_failures),
+            failure_config=FailureConfig(
+                max_failures=cfg.compute.max_failures,
+                controller_failure_limit=cfg.compute.controller_failure_limit,
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
@@ -203,6 +211,15 @@ def train_storage(cfg: PipelineConfig) -> tuple[str, Any]:
 
 def run_stage1(cfg: PipelineConfig, manifest: StageManifest) -> TrainResult:
     return run_training(cfg, "stage1", manifest, cfg.model.name_or_path, "all")
+
+
+def merge_step(cfg: PipelineConfig, adapter_uri: str) -> str:
+    """The stage-1 merge as a Ray task with the step's resources (a GPU on a cluster),
+    admitted on what is free and bounded by ``compute.step_timeout_s``; the merged
+    model's URI."""
+    from rzenembed.compute.steps import on_ray
+
+    return on_ray(cfg, merge_stage1, cfg, adapter_uri)
 
 
 def merge_stage1(cfg: PipelineConfig, adapter_uri: str) -> str:

@@ -1,0 +1,104 @@
+"""How a process reaches Ray: join a cluster by address, connect as a Ray Client, or start
+a local runtime once.
+
+An address is either a GCS address (``head:6379``: the process runs on a machine that
+hosts a Ray node) or a Ray Client address (``ray://head:10001``: a process anywhere).
+Ray Client is for short calls only (deploying the endpoint, reading the cluster's
+resources): Ray ends a client's workload after a 30 s disconnect, so a long step never
+runs through it; on a cluster, long steps are Ray Jobs (``rzenembed.compute.jobs``).
+
+A local runtime declares ``serving`` slots beside its CPUs: endpoint replicas ask for one
+(``serve.resources``) instead of a CPU, so the endpoint never holds what training needs,
+as on a cluster where serving has its own nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+log = logging.getLogger(__name__)
+# Connections tried when the head fails to start a Ray Client server for this driver.
+CLIENT_ATTEMPTS = 4
+# Serving slots of a local runtime (one per endpoint replica, see the module docstring).
+LOCAL_SERVING_SLOTS = 8
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the configured Ray cluster, or start a local one once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith("ray://"):
+        connect_client(address)
+    elif address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(
+            # "local": always a fresh runtime for this process, never a cluster that a
+            # stale /tmp/ray/ray_current_cluster file points at.
+            address="local",
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            resources={"serving": LOCAL_SERVING_SLOTS},
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+
+
+def connect_client(address: str, attempts: int = CLIENT_ATTEMPTS, pause_s: float = 2.0) -> None:
+    """Connect through Ray Client, trying again when the head's proxy fails to start this
+    client's server process (``ConnectionAbortedError``: "Starting Ray client server
+    failed"). The proxy forks that process from a busy multi-threaded server, and on a
+    loaded head a start can fail once and succeed on the next connection, which gets a new
+    process on a new port. A head that cannot be reached at all (``ConnectionError`` after
+    Ray's own connect timeout) is not tried again: waiting longer would not help."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, log_to_driver=False)
+            return
+        except ConnectionAbortedError as error:
+            ray.shutdown()
+            if attempt == attempts:
+                raise ConnectionAbortedError(
+                    f"Ray Client at {address}: the head could not start a server for this "
+                    f"driver in {attempts} attempts; the head's logs "
+                    f"(ray_client_server*.err) say why. Last error: {error}"
+                ) from error
+            log.warning(
+                "Ray Client at %s: the head failed to start this driver's server "
+                "(attempt %d of %d); connecting again in %.0f s",
+                address,
+                attempt,
+                attempts,
+                pause_s * attempt,
+            )
+            time.sleep(pause_s * attempt)
+
+
+def is_ray_client() -> bool:
+    """Whether this process reaches Ray through Ray Client (it hosts no Ray node)."""
+    from ray.util.client import ray as client
+
+    return client.is_connected()
+
+
+class LongStepThroughClient(RuntimeError):
+    """Long work (Ray Data, Ray Train) asked for through a Ray Client connection."""
+
+
+def refuse_client(what: str) -> None:
+    """Raise when this process is a Ray Client: ``what`` (a Ray Data map, a Ray Train run)
+    must be driven from a Ray node, and on a cluster that means a Ray Job."""
+    if is_ray_client():
+        raise LongStepThroughClient(
+            f"{what} cannot be driven through Ray Client (ray://): Ray ends a client's "
+            "work after a 30 s disconnect. Set compute.job_address (or "
+            "RZENEMBED_JOB_ADDRESS) to the head's job server, e.g. http://head:8265, so "
+            "that long steps run as Ray Jobs (docs/operations.md)."
+        )

@@ -1,0 +1,335 @@
+"""Long steps as Ray Jobs: submitted once, found again after a restart, results from storage.
+
+A step that runs for hours (a preparation step, a training stage, merge, soup, an
+evaluation) is one Ray Job on the cluster: ``python -m rzenembed.compute.job_main`` runs
+the step's function as the job's driver, on a Ray node, and writes what it returns (or
+the exception it raised) next to its inputs on the storage root::
+
+    <storage.root>/_jobs/<submission id>/spec.pkl     the function and its arguments
+                                          result.pkl   its return value
+                                          error.pkl    or its exception and traceback
+
+The submission id is the step's name and key (the run key of a training run, the cache key
+of any other step) plus an attempt number: ``rzenembed-train-stage1-<key>-a1``. A Prefect
+retry or a restarted worker pod computes the same key, lists the cluster's jobs and
+*reattaches* to the latest attempt when it is pending, running or has succeeded; only
+after a failed or stopped attempt is the next one submitted. The connection carries
+nothing but status and logs: killing the submitting process leaves the job running.
+
+While it waits, the runner streams the job's new log lines to ``log``, calls ``on_poll``
+(the caller's progress) and asks ``cancelled()`` whether the flow run was cancelled: then
+it stops the job. An interrupted wait (a signal, a crash of the caller) stops the job only
+when ``cancelled()`` says so; a pod restart leaves it running for the next attempt to find.
+
+The spec is a cloudpickle of library functions and plain values written by the pipeline
+into its own storage root, read back by the pipeline's own jobs: the same trust as Ray's
+own pickled tasks. Anyone who may write ``<root>/_jobs`` may already run code there.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rzenembed.compute.waiting import StepTimeout
+from rzenembed.data.folders import exists, write_bytes
+from rzenembed.data.storage import filesystem, join
+
+logger = logging.getLogger(__name__)
+# The environment variable a job's driver (and its workers) find their submission id in:
+# inside a job, every step runs in process (a job never submits another).
+JOB_ENV = "RZENEMBED_JOB"
+ACTIVE = ("PENDING", "RUNNING")
+# Log lines shown again when a driver reattaches to a job that is already running.
+REATTACH_TAIL_LINES = 20
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class JobFailed(RuntimeError):
+    """A step's job ended FAILED with no exception of its own to raise (its driver died)."""
+
+
+class JobLost(ConnectionError):
+    """A job that ended without an answer (its driver or node was lost): worth a retry."""
+
+
+class StepCancelled(RuntimeError):
+    """The step's job was stopped: the flow run was cancelled, or someone stopped it."""
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Where jobs go and what their drivers ask for."""
+
+    address: str  # the head's job server, http://head:8265
+    root: str  # storage.root: specs and results
+    endpoint_url: str | None = None
+    # What each job's driver asks (e.g. {"driver": 1}: the head declares the slots).
+    entrypoint_resources: dict[str, float] = field(default_factory=dict)
+    poll_s: float = 5.0
+    python: str = "python"  # the interpreter on the cluster's image
+
+
+def submission_base(step: str, key: str) -> str:
+    """``rzenembed-<step>-<key>``: letters, digits and dashes only."""
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{step}-{key}".lower()).strip("-")
+    return f"rzenembed-{slug}"
+
+
+def attempt_of(submission_id: str, base: str) -> int | None:
+    """The attempt number of ``<base>-a<n>``; None for another step's job."""
+    match = re.fullmatch(re.escape(base) + r"-a(\d+)", submission_id or "")
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class Attached:
+    """The job a step runs as, and whether this process submitted it or found it."""
+
+    submission_id: str
+    submitted: bool
+
+
+class JobRunner:
+    """Runs one step's function as a Ray Job and waits for its result (see the module
+    docstring). ``log`` receives the job's log lines and the runner's own notes;
+    ``cancelled`` says whether the flow run was cancelled."""
+
+    def __init__(
+        self,
+        settings: JobSettings,
+        log: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        client: Any = None,
+    ):
+        self.settings = settings
+        self.log = log or logger.info
+        self.cancelled = cancelled
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            self._client = JobSubmissionClient(self.settings.address)
+        return self._client
+
+    def folder(self, submission_id: str) -> str:
+        return join(self.settings.root, "_jobs", submission_id)
+
+    # ----------------------------------------------------------------- submit or find
+
+    def attach(
+        self,
+        step: str,
+        key: str,
+        fn: Callable[..., Any],
+        args: tuple,
+        kwargs: dict,
+        fresh: bool = False,
+    ) -> Attached:
+        """The step's latest job when it is pending, running or succeeded (``fresh``: not
+        when it succeeded); else a new attempt, submitted with ``fn(*args, **kwargs)``."""
+        base = submission_base(step, key)
+        attempts = {}
+        for job in self.client.list_jobs():
+            number = attempt_of(job.submission_id, base)
+            if number is not None:
+                attempts[number] = job
+        if attempts:
+            latest = max(attempts)
+            status = str(attempts[latest].status.value)
+            if status in ACTIVE or (status == "SUCCEEDED" and not fresh):
+                return Attached(attempts[latest].submission_id, submitted=False)
+            self.log(
+                f"{step}: Ray Job {attempts[latest].submission_id} ended {status}; "
+                f"submitting attempt {latest + 1}"
+            )
+        submission_id = f"{base}-a{max(attempts, default=0) + 1}"
+        return self._submit(submission_id, step, key, fn, args, kwargs)
+
+    def _submit(
+        self,
+        submission_id: str,
+        step: str,
+        key: str,
+        fn: Callable[..., Any],
+        args: tuple,
+        kwargs: dict,
+    ) -> Attached:
+        import cloudpickle
+
+        folder = self.folder(submission_id)
+        spec = {"fn": fn, "args": args, "kwargs": kwargs, "step": step, "key": key}
+        write_bytes(join(folder, "spec.pkl"), cloudpickle.dumps(spec), self.settings.endpoint_url)
+        command = [self.settings.python, "-m", "rzenembed.compute.job_main", join(folder)]
+        if self.settings.endpoint_url:
+            command += ["--endpoint-url", self.settings.endpoint_url]
+        try:
+            self.client.submit_job(
+                entrypoint=" ".join(_quote(part) for part in command),
+                submission_id=submission_id,
+                runtime_env={"env_vars": {JOB_ENV: submission_id}},
+                metadata={"rzenembed.step": step, "rzenembed.key": key},
+                entrypoint_num_cpus=0,
+                entrypoint_resources=dict(self.settings.entrypoint_resources) or None,
+            )
+        except RuntimeError as error:
+            # Another driver submitted the same attempt a moment ago: follow that one.
+            if "already exists" not in str(error):
+                raise
+            return Attached(submission_id, submitted=False)
+        return Attached(submission_id, submitted=True)
+
+    # ----------------------------------------------------------------- wait
+
+    def run(
+        self,
+        step: str,
+        key: str,
+        fn: Callable[..., Any],
+        args: tuple = (),
+        kwargs: dict | None = None,
+        *,
+        timeout_s: float | None = None,
+        on_poll: Callable[[], None] | None = None,
+        fresh: bool = False,
+    ) -> tuple[Any, str]:
+        """``fn(*args, **kwargs)`` as the step's job (submitted or found): its result and
+        the job's submission id."""
+        job = self.attach(step, key, fn, args, kwargs or {}, fresh)
+        verb = "submitted" if job.submitted else "reattached to"
+        self.log(f"{step}: {verb} Ray Job {job.submission_id} at {self.settings.address}")
+        status = self.follow(job, step, timeout_s, on_poll)
+        return self.outcome(job.submission_id, status), job.submission_id
+
+    def follow(
+        self,
+        job: Attached,
+        step: str,
+        timeout_s: float | None = None,
+        on_poll: Callable[[], None] | None = None,
+    ) -> str:
+        """Wait until the job ends (its final status), streaming its logs; stop it on a
+        cancelled flow run or past ``timeout_s`` (counted from the job's start)."""
+        logs = _LogCursor(tail_first=not job.submitted)
+        sid = job.submission_id
+        try:
+            while True:
+                info = self.client.get_job_info(sid)
+                status = str(info.status.value)
+                self._emit(logs.new_lines(self.client.get_job_logs(sid)))
+                if on_poll is not None:
+                    _quietly(on_poll)
+                if status not in ACTIVE:
+                    return status
+                if self._cancel_requested():
+                    self._stop(sid, "the flow run was cancelled")
+                    raise StepCancelled(f"{step}: the flow run was cancelled; stopped {sid}")
+                started = (info.start_time or 0) / 1000.0
+                if timeout_s is not None and started and time.time() - started > timeout_s:
+                    self._stop(sid, f"it ran past compute.step_timeout_s = {timeout_s:g} s")
+                    raise StepTimeout(
+                        f"{step}: Ray Job {sid} not done after {timeout_s:g} s "
+                        "(compute.step_timeout_s); stopped"
+                    )
+                time.sleep(self.settings.poll_s)
+        except (StepCancelled, StepTimeout):
+            raise
+        except BaseException:
+            if self._cancel_requested():
+                self._stop(sid, "the flow run was cancelled")
+            else:
+                self.log(
+                    f"{step}: stopped waiting; Ray Job {sid} keeps running and a rerun of "
+                    "this step reattaches to it"
+                )
+            raise
+
+    def outcome(self, submission_id: str, status: str) -> Any:
+        """What a finished job answered: its result, or its exception raised here."""
+        import cloudpickle
+
+        folder, endpoint = self.folder(submission_id), self.settings.endpoint_url
+        if status == "SUCCEEDED":
+            if not exists(join(folder, "result.pkl"), endpoint):
+                raise JobFailed(f"Ray Job {submission_id} succeeded but wrote no result.pkl")
+            return cloudpickle.loads(_read(join(folder, "result.pkl"), endpoint))
+        if status == "STOPPED":
+            raise StepCancelled(f"Ray Job {submission_id} was stopped")
+        if exists(join(folder, "error.pkl"), endpoint):
+            error, trace = cloudpickle.loads(_read(join(folder, "error.pkl"), endpoint))
+            error.add_note(f"raised in Ray Job {submission_id}:\n{trace}")
+            raise error
+        tail = "\n".join(_clean(self.client.get_job_logs(submission_id)).splitlines()[-30:])
+        info = self.client.get_job_info(submission_id)
+        raise JobLost(
+            f"Ray Job {submission_id} ended {status} without an answer ({info.message}); "
+            f"its last log lines:\n{tail}"
+        )
+
+    def _cancel_requested(self) -> bool:
+        if self.cancelled is None:
+            return False
+        try:
+            return bool(self.cancelled())
+        except Exception:  # the orchestrator unreachable: never stop a job on a guess
+            logger.warning("could not read whether the flow run was cancelled", exc_info=True)
+            return False
+
+    def _stop(self, submission_id: str, why: str) -> None:
+        self.log(f"stopping Ray Job {submission_id}: {why}")
+        self.client.stop_job(submission_id)
+
+    def _emit(self, lines: list[str]) -> None:
+        for line in lines:
+            self.log(line)
+
+
+class _LogCursor:
+    """The part of a job's log not shown yet, in whole lines. A reattached driver shows
+    the last ``REATTACH_TAIL_LINES`` lines first, not the whole history."""
+
+    def __init__(self, tail_first: bool):
+        self.offset = 0
+        self.tail_first = tail_first
+
+    def new_lines(self, text: str) -> list[str]:
+        complete = text[: text.rfind("\n") + 1]
+        new = complete[self.offset :]
+        self.offset = len(complete)
+        lines = [_clean(line) for line in new.splitlines() if line.strip()]
+        if self.tail_first:
+            self.tail_first = False
+            if len(lines) > REATTACH_TAIL_LINES:
+                skipped = len(lines) - REATTACH_TAIL_LINES
+                lines = [f"({skipped} earlier log lines)", *lines[-REATTACH_TAIL_LINES:]]
+        return lines
+
+
+def _clean(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def _quietly(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except Exception:  # progress is cosmetic; never fail a step for it
+        logger.debug("progress callback failed", exc_info=True)
+
+
+def _read(uri: str, endpoint_url: str | None) -> bytes:
+    fs, path = filesystem(uri, endpoint_url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def _quote(part: str) -> str:
+    import shlex
+
+    return shlex.quote(part)

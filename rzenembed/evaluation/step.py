@@ -1,0 +1,254 @@
+"""The evaluation step: score a model and the untrained base on the evaluation sets and
+publish both reports; and the champion's rescoring for gating.
+
+The process that calls these is the coordinator: it reads the evaluation tables, sends
+raw sides to the embedding actors (``evaluation.actors``: one GPU each), ranks what comes
+back and writes the reports. On a cluster the step is a Ray Job whose driver runs where
+``compute.driver_resources`` puts it (the head, which reads everything from the storage
+root); in the embedded default it is the pipeline's own process.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rzenembed.config import PipelineConfig
+from rzenembed.data.folders import is_published, publish_folder, stage_folder
+from rzenembed.data.storage import is_remote, join
+from rzenembed.evaluation.actors import (
+    EVAL_CALLS_PER_ACTOR,
+    ActorPoolEncoder,
+    actor_class,
+    eval_actor_count,
+    stage_eval_set,
+)
+
+logger = logging.getLogger(__name__)
+REPORT_FILES = {
+    "json": "report.json",
+    "markdown": "report.md",
+    "png": "report.png",
+    "leaderboard": "leaderboard.json",
+}
+
+
+def _score_with_actors(
+    cfg: PipelineConfig,
+    model: dict[str, str],
+    local_sets: list[str],
+    cache_uri: str,
+    actors_seen: list[dict[str, Any]] | None = None,
+    set_uris: Sequence[str] | None = None,
+) -> list:
+    """``model`` (``{"uri", "digest"}``) embedded by ``compute.eval_actors`` actors and
+    scored here on ``local_sets``: this process sends raw sides and ranks, the actors
+    decode and embed. ``set_uris`` (where each of ``local_sets`` was staged from) lets an
+    actor on another node stage a remote set itself. Each started actor's ``describe()``
+    and ``work()`` are appended to ``actors_seen``."""
+    from rzenembed.evaluation import evaluate
+
+    actor_cls = actor_class(cfg)
+    staged = {
+        local: uri
+        for local, uri in zip(local_sets, set_uris or local_sets, strict=True)
+        if is_remote(uri)
+    }
+    encoder = ActorPoolEncoder(
+        lambda: actor_cls.remote(cfg, model["uri"]),
+        lambda: eval_actor_count(cfg),  # admitted when the first actor is needed
+        cfg.compute.step_timeout_s,
+        in_flight=EVAL_CALLS_PER_ACTOR,
+        staged=staged,
+    )
+    try:
+        return evaluate(
+            encoder,
+            local_sets,
+            model_digest=model["digest"],
+            cache_dir=cache_uri,
+            batch_size=cfg.eval.batch_size,
+            max_frames=cfg.model.video_frames,
+            ndcg_k=cfg.eval.ndcg_k,
+            datasets=cfg.eval.datasets,
+            endpoint_url=cfg.storage.endpoint_url,
+        )
+    finally:
+        encoder.close()
+        if actors_seen is not None:
+            work = encoder.work or [{} for _ in encoder.described]
+            actors_seen.extend({**d, **w} for d, w in zip(encoder.described, work, strict=False))
+
+
+def _rescore_task(
+    cfg: PipelineConfig, model: dict[str, str], sets: list[str], cache_uri: str
+) -> dict[str, Any]:
+    from rzenembed.evaluation.report import build_report, levels
+
+    local_sets = [str(stage_eval_set(s, cfg.storage.endpoint_url)) for s in sets]
+    scores = _score_with_actors(cfg, model, local_sets, cache_uri, set_uris=sets)
+    report = build_report(scores, model)
+    return {
+        "levels": levels(report),
+        "evaluation_digest": report["evaluation_digest"],
+        "report": report,  # its per-query scores: the paired comparison with a candidate
+    }
+
+
+def rescore_step(
+    cfg: PipelineConfig, model: dict[str, str], sets: list[str], cache_uri: str
+) -> dict[str, Any]:
+    """Score an already registered model (the champion) on ``sets``: its report levels
+    and the evaluation digest, nothing published (champion gating compares them). This
+    process coordinates (run it as a job on a cluster); the actors embed."""
+    return _rescore_task(cfg, model, list(sets), cache_uri)
+
+
+def _evaluate_task(
+    cfg: PipelineConfig,
+    models: dict[str, dict[str, str]],
+    sets: list[str],
+    out_uri: str,
+    cache_uri: str,
+) -> dict[str, Any]:
+    """Coordinator: embedding actors per model, ranking here, reports published."""
+    from rzenembed.evaluation import write_report
+    from rzenembed.evaluation.release import suite_skipped
+    from rzenembed.identity import json_file_digest
+
+    endpoint = cfg.storage.endpoint_url
+    local_sets = [str(stage_eval_set(s, endpoint)) for s in sets]
+    skipped = suite_skipped(local_sets)
+    work = Path(tempfile.mkdtemp(prefix="rzenembed-eval-"))
+    out: dict[str, Any] = {}
+    try:
+        previous = None
+        for role in ("baseline", "model"):  # the baseline first: the model's report has deltas
+            model = models[role]
+            actors: list[dict[str, Any]] = []
+            scores = _score_with_actors(cfg, model, local_sets, cache_uri, actors, sets)
+            folder = work / "report" / ("baseline" if role == "baseline" else "")
+            info = {
+                "path": model["uri"],
+                "digest": model["digest"],
+                "video_frames": cfg.model.video_frames,
+                "max_visual_tokens": cfg.model.max_visual_tokens,
+            }
+            paths = write_report(scores, folder, info, previous=previous, skipped=skipped)
+            previous = paths["json"]
+            out[role] = {
+                "report": json.loads(paths["json"].read_text()),
+                "digest": json_file_digest(paths["json"]),
+                "actors": actors,  # where it was embedded (none when every score was stored)
+            }
+        publish_folder(work / "report", out_uri, endpoint)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def evaluate_step(
+    cfg: PipelineConfig,
+    model: dict[str, str],
+    baseline: dict[str, str],
+    sets: list[str],
+    out_uri: str,
+    cache_uri: str,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Score ``model`` and the untrained ``baseline`` (``{"uri", "digest"}`` each) on the
+    evaluation sets and publish both reports at ``out_uri`` (``report.*`` and
+    ``baseline/report.*``); returns each report and its digest. This process is the
+    coordinator (it ranks; run the step as a Ray Job on a cluster, where the job's driver
+    is placed by ``compute.driver_resources``), with ``compute.eval_actors`` embedding
+    actors. ``progress`` is called with each dataset score as it is stored (a
+    ``ScoreWatcher`` polls the store beside the work)."""
+    endpoint = cfg.storage.endpoint_url
+    if is_published(out_uri, endpoint):
+        folder = stage_folder(out_uri, endpoint)
+        from rzenembed.identity import json_file_digest
+
+        return {
+            role: {
+                "report": json.loads((folder / sub / "report.json").read_text()),
+                "digest": json_file_digest(folder / sub / "report.json"),
+            }
+            for role, sub in (("baseline", "baseline"), ("model", ""))
+        }
+    models = {"model": model, "baseline": baseline}
+    if progress is None:
+        return _evaluate_task(cfg, models, list(sets), out_uri, cache_uri)
+    watcher = ScoreWatcher(join(cache_uri, "scores"), endpoint, progress)
+    with watcher.polling():
+        return _evaluate_task(cfg, models, list(sets), out_uri, cache_uri)
+
+
+class ScoreWatcher:
+    """Reports each dataset score an evaluation stores under ``scores_uri``
+    (``{model digest}-{key}.json``) once, as it appears. ``poll()`` looks once (a job's
+    waiter calls it at every poll); ``polling()`` looks every ``interval_s`` in a thread
+    while the evaluation runs in this process."""
+
+    def __init__(
+        self,
+        scores_uri: str,
+        endpoint_url: str | None,
+        progress: Callable[[dict[str, Any]], None],
+        interval_s: float = 5.0,
+    ):
+        from rzenembed.data.storage import filesystem
+
+        self.fs, self.path = filesystem(scores_uri, endpoint_url)
+        self.progress = progress
+        self.interval_s = interval_s
+        self.seen = self._listing()  # scores stored before this evaluation are not news
+
+    def _listing(self) -> set[str]:
+        try:
+            return set(self.fs.ls(self.path, detail=False, refresh=True))
+        except FileNotFoundError:
+            return set()
+
+    def poll(self) -> None:
+        for name in sorted(self._listing() - self.seen):
+            self.seen.add(name)
+            with self.fs.open(name, "rb") as f:
+                score = json.loads(f.read())
+            self.progress({**score, "model_digest": name.rsplit("/", 1)[-1].split("-", 1)[0]})
+
+    @contextmanager
+    def polling(self) -> Iterator[None]:
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(self.interval_s):
+                try:
+                    self.poll()
+                except Exception:  # progress is cosmetic; the evaluation goes on
+                    logger.debug("could not read the stored scores", exc_info=True)
+
+        # A copy of this thread's context: the reporter may need the caller's (a Prefect
+        # task's artifacts and printed lines belong to its run).
+        context = contextvars.copy_context()
+        thread = threading.Thread(
+            target=context.run, args=(loop,), daemon=True, name="score-watcher"
+        )
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+            self.poll()
+
+
+def report_uris(out_uri: str) -> dict[str, str]:
+    return {kind: join(out_uri, name) for kind, name in REPORT_FILES.items()}
