@@ -116,7 +116,7 @@ def run_in_job(
     return run_step(
         cfg,
         step,
-        key or running_task_key(),
+        key or running_task_key().removeprefix(f"{step}-"),
         fn,
         *args,
         timeout_s=timeout_s,

@@ -65,3 +65,43 @@ def client_server_logs(temp_dir: Path, tail: int = 3000) -> str:
     server's), for a failure message: they say why a driver could not connect."""
     logs = sorted(Path(temp_dir).glob("session_*/logs/ray_client_server*"))
     return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}" for p in logs)
+
+
+def head_with_job_server(
+    root: Path,
+    env: dict[str, str],
+    *,
+    num_cpus: int = 1,
+    resources: dict[str, float] | None = None,
+) -> tuple[int, int]:
+    """A head on loopback with its job server (the dashboard) on loopback too, whose job
+    drivers find this interpreter's ``python`` first on their PATH (the image's ``python``
+    on a real cluster). Returns (GCS port, job server port); stop it with
+    ``stop_nodes([root / "head"])``."""
+    import json
+    import sys
+
+    port, dashboard = free_port(), free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = f"{bin_dir}:{env.get('PATH', '')}"
+    command = [
+        *(str(Path(bin_dir) / "ray"), "start", "--head", "--port", str(port)),
+        *("--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1"),
+        *("--dashboard-port", str(dashboard), "--num-cpus", str(num_cpus)),
+        *("--resources", json.dumps(resources or {}), "--disable-usage-stats"),
+        *("--temp-dir", str(root / "head")),
+        *agent_ports(),
+    ]
+    start_node(command, env, root / "head")
+    return port, dashboard
+
+
+def agent_ports() -> list[str]:
+    """Free ports for a node's agents: their defaults (52365 for the dashboard agent, which
+    the job server needs) are fixed, and any other Ray on the machine may hold them."""
+    return [
+        *("--dashboard-agent-listen-port", str(free_port())),
+        *("--dashboard-agent-grpc-port", str(free_port())),
+        *("--runtime-env-agent-port", str(free_port())),
+        *("--metrics-export-port", str(free_port())),
+    ]

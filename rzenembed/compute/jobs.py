@@ -29,7 +29,9 @@ own pickled tasks. Anyone who may write ``<root>/_jobs`` may already run code th
 from __future__ import annotations
 
 import logging
+import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +48,10 @@ JOB_ENV = "RZENEMBED_JOB"
 ACTIVE = ("PENDING", "RUNNING")
 # Log lines shown again when a driver reattaches to a job that is already running.
 REATTACH_TAIL_LINES = 20
+# Submissions tried while a freshly started head has no job agent yet (about a minute).
+SUBMIT_TRIES = 10
+# How long a waiting step keeps asking a job server that does not answer.
+UNREACHABLE_S = 300.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -72,6 +78,25 @@ class JobSettings:
     entrypoint_resources: dict[str, float] = field(default_factory=dict)
     poll_s: float = 5.0
     python: str = "python"  # the interpreter on the cluster's image
+
+
+_ENV_LOCK = threading.Lock()
+# Ray's job client prefers these to the address it is given (a Prefect worker pod that
+# keeps RAY_ADDRESS=ray://head:10001 for short calls would otherwise reach the job server
+# through a Ray Client connection).
+_OVERRIDING_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+
+
+def job_client(address: str) -> Any:
+    """A ``JobSubmissionClient`` for exactly ``address``."""
+    from ray.job_submission import JobSubmissionClient
+
+    with _ENV_LOCK:
+        saved = {k: os.environ.pop(k) for k in _OVERRIDING_ENV if k in os.environ}
+        try:
+            return JobSubmissionClient(address)
+        finally:
+            os.environ.update(saved)
 
 
 def submission_base(step: str, key: str) -> str:
@@ -114,9 +139,7 @@ class JobRunner:
     @property
     def client(self) -> Any:
         if self._client is None:
-            from ray.job_submission import JobSubmissionClient
-
-            self._client = JobSubmissionClient(self.settings.address)
+            self._client = job_client(self.settings.address)
         return self._client
 
     def folder(self, submission_id: str) -> str:
@@ -170,21 +193,26 @@ class JobRunner:
         command = [self.settings.python, "-m", "rzenembed.compute.job_main", join(folder)]
         if self.settings.endpoint_url:
             command += ["--endpoint-url", self.settings.endpoint_url]
-        try:
-            self.client.submit_job(
-                entrypoint=" ".join(_quote(part) for part in command),
-                submission_id=submission_id,
-                runtime_env={"env_vars": {JOB_ENV: submission_id}},
-                metadata={"rzenembed.step": step, "rzenembed.key": key},
-                entrypoint_num_cpus=0,
-                entrypoint_resources=dict(self.settings.entrypoint_resources) or None,
-            )
-        except RuntimeError as error:
-            # Another driver submitted the same attempt a moment ago: follow that one.
-            if "already exists" not in str(error):
-                raise
-            return Attached(submission_id, submitted=False)
-        return Attached(submission_id, submitted=True)
+        for attempt in range(SUBMIT_TRIES):
+            try:
+                self.client.submit_job(
+                    entrypoint=" ".join(_quote(part) for part in command),
+                    submission_id=submission_id,
+                    runtime_env={"env_vars": {JOB_ENV: submission_id}},
+                    metadata={"rzenembed.step": step, "rzenembed.key": key},
+                    entrypoint_num_cpus=0,
+                    entrypoint_resources=dict(self.settings.entrypoint_resources) or None,
+                )
+                return Attached(submission_id, submitted=True)
+            except RuntimeError as error:
+                # Another driver submitted the same attempt a moment ago: follow that one.
+                if "already exists" in str(error):
+                    return Attached(submission_id, submitted=False)
+                # A head that has just started has no job agent yet.
+                if "No available agent" not in str(error) or attempt == SUBMIT_TRIES - 1:
+                    raise
+                time.sleep(min(10.0, 1.0 + attempt))
+        raise AssertionError("unreachable")
 
     # ----------------------------------------------------------------- wait
 
@@ -219,11 +247,33 @@ class JobRunner:
         cancelled flow run or past ``timeout_s`` (counted from the job's start)."""
         logs = _LogCursor(tail_first=not job.submitted)
         sid = job.submission_id
+        unreachable_since: float | None = None
         try:
             while True:
-                info = self.client.get_job_info(sid)
+                try:
+                    info = self.client.get_job_info(sid)
+                    text = self.client.get_job_logs(sid)
+                except (ConnectionError, OSError, RuntimeError) as error:
+                    # The head restarting or a network blip: the job does not depend on
+                    # this connection, so keep asking for a while before giving up.
+                    unreachable_since = unreachable_since or time.monotonic()
+                    if time.monotonic() - unreachable_since > UNREACHABLE_S:
+                        raise JobLost(
+                            f"{step}: the job server at {self.settings.address} did not answer "
+                            f"for {UNREACHABLE_S:g} s ({error}); Ray Job {sid} may still run "
+                            "and a rerun of this step reattaches to it"
+                        ) from error
+                    logger.warning("%s: job server not answering (%s); asking again", step, error)
+                    time.sleep(self.settings.poll_s)
+                    continue
+                unreachable_since = None
                 status = str(info.status.value)
-                self._emit(logs.new_lines(self.client.get_job_logs(sid)))
+                if status in ACTIVE or job.submitted or logs.offset:
+                    self._emit(logs.new_lines(text))
+                elif not logs.offset:  # found finished: one line, not its whole history
+                    logs.offset = len(text)
+                    self.log(f"{step}: Ray Job {sid} had finished ({status}); its log: "
+                             f"ray job logs {sid}")  # fmt: skip
                 if on_poll is not None:
                     _quietly(on_poll)
                 if status not in ACTIVE:
@@ -282,9 +332,17 @@ class JobRunner:
             logger.warning("could not read whether the flow run was cancelled", exc_info=True)
             return False
 
-    def _stop(self, submission_id: str, why: str) -> None:
+    def _stop(self, submission_id: str, why: str, wait_s: float = 60.0) -> None:
+        """Stop the job and wait (a bounded while) until it has ended: the caller may
+        report the step cancelled only once its work is gone."""
         self.log(f"stopping Ray Job {submission_id}: {why}")
         self.client.stop_job(submission_id)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if str(self.client.get_job_status(submission_id).value) not in ACTIVE:
+                return
+            time.sleep(0.5)
+        self.log(f"Ray Job {submission_id} still running {wait_s:g} s after the stop request")
 
     def _emit(self, lines: list[str]) -> None:
         for line in lines:

@@ -1,0 +1,208 @@
+"""Long steps as Ray Jobs on a real head with its job server on loopback (token
+authentication on, as on a cluster): a step's job answers through the storage root, is
+found again by its key instead of submitted twice, raises its own exception, outlives a
+driver that stops waiting, and is stopped when (and only when) its flow run is cancelled.
+
+The full pipeline's jobs, a driver killed mid-training and the placement of job drivers
+on the node that declares their resource are in test_cluster.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from rzenembed.compute.jobs import JobRunner, JobSettings, StepCancelled, job_client
+from rzenembed.compute.steps import run_step
+from rzenembed.config import config_from_dict
+
+from .ray_nodes import head_with_job_server, stop_nodes
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def job_server():
+    """(job server URL, environment with the cluster's token, a storage root)."""
+    root = Path(tempfile.mkdtemp(prefix="rzj-", dir="/tmp"))
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # the tests' "no state API" address (conftest)
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    try:
+        _, dashboard = head_with_job_server(root, env, num_cpus=1, resources={"driver": 4})
+        # This process is a client of the job server: it sends the cluster's token.
+        os.environ.update({k: env[k] for k in saved})
+        yield f"http://127.0.0.1:{dashboard}", env, root / "store"
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        stop_nodes([root])  # the head and any job driver still running
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# The step functions below travel to the jobs by value: the jobs' drivers import the
+# library, not the tests.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def job_config(address: str, store: Path) -> dict:
+    return {
+        "model": {"name_or_path": "unused"},
+        "storage": {"root": str(store)},
+        "compute": {"job_address": address, "driver_resources": {"driver": 1}, "job_poll_s": 0.5},
+    }
+
+
+def _square_all(values: list[int]) -> list[int]:
+    from rzenembed.data.engine import run_shards
+
+    return run_shards(_square, values, show_progress=False)
+
+
+def _square(value: int) -> int:
+    return value * value
+
+
+def _refuse(value: int) -> None:
+    raise ValueError(f"row {value} has no query")
+
+
+def _nap_then(seconds: float, value: str) -> str:
+    time.sleep(seconds)
+    return value
+
+
+def jobs_named(address: str, prefix: str) -> list:
+    jobs = job_client(address).list_jobs()
+    return [job for job in jobs if job.submission_id.startswith(prefix)]
+
+
+def test_a_step_runs_as_a_job_is_found_again_by_its_key_and_raises_its_own_error(job_server):
+    address, _, store = job_server
+    cfg = config_from_dict(job_config(address, store))
+    lines: list[str] = []
+    ran = run_step(cfg, "square", "k1", _square_all, [1, 2, 3], log=lines.append)
+    assert (ran.value, ran.job) == ([1, 4, 9], "rzenembed-square-k1-a1")
+    folder = store / "_jobs" / ran.job
+    assert (folder / "spec.pkl").is_file() and (folder / "result.pkl").is_file()
+    assert lines[0] == f"square: submitted Ray Job {ran.job} at {address}"
+    assert any("rzenembed job: square done" in line for line in lines)  # its log, streamed
+    # The same key again (a Prefect retry, a restarted worker): the finished job answers.
+    again: list[str] = []
+    assert run_step(cfg, "square", "k1", _square_all, [1, 2, 3], log=again.append).job == ran.job
+    assert again[0].startswith("square: reattached to Ray Job rzenembed-square-k1-a1")
+    assert len(jobs_named(address, "rzenembed-square-k1-")) == 1
+    # A forced recompute submits the next attempt.
+    assert run_step(cfg, "square", "k1", _square_all, [2], fresh=True).value == [4]
+    assert len(jobs_named(address, "rzenembed-square-k1-")) == 2
+    # The job's exception, raised here as itself, naming the job.
+    with pytest.raises(ValueError, match="row 7 has no query") as raised:
+        run_step(cfg, "refuse", "k2", _refuse, 7)
+    assert "raised in Ray Job rzenembed-refuse-k2-a1" in raised.value.__notes__[0]
+    # A failed attempt is not reattached to: the next run submits attempt 2.
+    with pytest.raises(ValueError):
+        run_step(cfg, "refuse", "k2", _refuse, 8)
+    assert {j.submission_id for j in jobs_named(address, "rzenembed-refuse-k2-")} == {
+        "rzenembed-refuse-k2-a1",
+        "rzenembed-refuse-k2-a2",
+    }
+
+
+def test_a_driver_that_stops_waiting_leaves_the_job_running_for_the_next_to_find(job_server):
+    address, _, store = job_server
+    settings = JobSettings(address, str(store), entrypoint_resources={"driver": 1}, poll_s=0.5)
+    first = JobRunner(settings, log=lambda line: None, cancelled=lambda: False)
+    job = first.attach("nap", "k3", _nap_then, (6.0, "rested"), {})
+    assert job.submitted
+
+    def interrupt() -> None:  # the worker pod goes away while it waits
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        first.follow(job, "nap", on_poll=interrupt)
+    assert first.client.get_job_status(job.submission_id).value in ("PENDING", "RUNNING")
+    lines: list[str] = []
+    second = JobRunner(settings, log=lines.append)
+    assert second.run("nap", "k3", _nap_then, (6.0, "rested")) == ("rested", job.submission_id)
+    assert lines[0].startswith("nap: reattached to Ray Job rzenembed-nap-k3-a1")
+    assert len(jobs_named(address, "rzenembed-nap-k3-")) == 1
+
+
+def test_a_runner_told_of_a_cancelled_flow_run_stops_the_job(job_server):
+    address, _, store = job_server
+    settings = JobSettings(address, str(store), entrypoint_resources={"driver": 1}, poll_s=0.5)
+    polls = []
+    runner = JobRunner(settings, log=lambda line: None, cancelled=lambda: len(polls) >= 2)
+    started = time.monotonic()
+    with pytest.raises(StepCancelled, match="stopped rzenembed-nap-k4-a1"):
+        runner.run("nap", "k4", _nap_then, (120.0, "never"), on_poll=lambda: polls.append(1))
+    assert time.monotonic() - started < 60
+    deadline = time.monotonic() + 30
+    while runner.client.get_job_status("rzenembed-nap-k4-a1").value != "STOPPED":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
+def test_cancelling_the_flow_run_stops_its_job(job_server, tmp_path):
+    """A real flow run in a separate driver process, cancelled through the Prefect API:
+    the task's waiter sees the cancellation and stops the job; the driver ends."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Cancelling
+    from prefect.testing.utilities import prefect_test_harness
+
+    address, env, store = job_server
+    config = json.dumps(job_config(address, store))
+    key = f"cancel-{secrets.token_hex(4)}"
+    with prefect_test_harness(server_startup_timeout=120):
+        api = PREFECT_API_URL.value()
+        driver = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from tests.job_flows import sleepy_flow; "
+             "sleepy_flow(sys.argv[1], 300.0, sys.argv[2])", config, key],
+            cwd=REPO,
+            env={**env, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "prefect")},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        try:
+            job = _wait_for_running(address, f"rzenembed-sleepy-{key}", driver)
+            with get_client(sync_client=True) as client:
+                (run,) = [r for r in client.read_flow_runs() if r.parameters.get("key") == key]
+                client.set_flow_run_state(run.id, Cancelling(), force=True)
+            output, _ = driver.communicate(timeout=120)
+        finally:
+            driver.kill()
+    assert job_client(address).get_job_status(job).value == "STOPPED", output
+    assert f"stopping Ray Job {job}: the flow run was cancelled" in output
+
+
+def _wait_for_running(address: str, prefix: str, driver: subprocess.Popen) -> str:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        running = [j for j in jobs_named(address, prefix) if j.status.value == "RUNNING"]
+        if running:
+            return running[0].submission_id
+        assert driver.poll() is None, driver.communicate()[0][-3000:]
+        time.sleep(1)
+    raise AssertionError(f"no running job {prefix}*")
