@@ -42,15 +42,19 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loss_bench.py
 
-# On a machine with CUDA devices: the driver against the build, training (NCCL, bf16),
-# GradCache against the plain step, evaluation on CUDA, two NCCL ranks against one (two or
-# more GPUs) and the 2B benchmark; PASS/FAIL/SKIP per part with figures and what it
-# asserted (docs/PERFORMANCE.md). `make gpu-check-dry-run`: every part's code on CPU.
+# On a machine with CUDA devices: the driver against the build, training (two NCCL workers
+# with two or more GPUs, the gradient all-reduce shown by equal weights), GradCache against
+# the plain step (the 2B config's dropout and checkpointing), evaluation on CUDA, two NCCL
+# ranks against one and the 2B benchmark against its MFU floor and memory ceiling;
+# PASS/FAIL/SKIP per part with figures and what it asserted (docs/PERFORMANCE.md). Every
+# part has a timeout and the check an overall deadline: it always exits, killing what it
+# started. `make gpu-check-dry-run`: every part's code on CPU plus a planted hung rank,
+# which must FAIL as timed out while the rest passes (then it exits 0).
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py --json runs/gpu-check.json
 
 gpu-check-dry-run: $(STAMP)
-	$(BIN)/python benchmarks/gpu_check.py --dry-run
+	$(BIN)/python benchmarks/gpu_check.py --dry-run --plant-hang
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
