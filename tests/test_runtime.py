@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 import torch
 
+from rzenembed import runtime
 from rzenembed.config import ComputeConfig, ModelConfig
 from rzenembed.runtime import (
     DEVICE_ENV,
+    CudaUnusable,
     DeviceError,
     Runtime,
     activated,
@@ -48,6 +50,47 @@ def test_a_cpu_process_gets_the_cpu_and_the_override_wins(monkeypatch):
     monkeypatch.setenv(DEVICE_ENV, "meta")
     assert task_runtime(model, compute).device == torch.device("meta")
     assert train_worker_runtime(model, compute).device == torch.device("meta")
+
+
+def test_a_task_ray_gave_a_gpu_never_falls_back_to_cpu(monkeypatch):
+    """Ray assigned a GPU, CUDA unusable (a driver older than torch's CUDA build needs): the
+    step is refused at once naming both, instead of running a 7B model on CPU for days."""
+    model, compute = ModelConfig(name_or_path="m"), ComputeConfig(use_gpu=True)
+    monkeypatch.delenv(DEVICE_ENV, raising=False)
+    monkeypatch.setattr(runtime, "_in_ray", lambda: True)
+    monkeypatch.setattr(runtime, "_ray_assigned_gpus", lambda: ["0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(runtime, "driver_version", lambda: "535.104.05")
+    with pytest.raises(CudaUnusable) as refused:
+        task_runtime(model, compute)
+    message = str(refused.value)
+    assert message.startswith("this Ray task or actor: Ray assigned GPU(s) ['0'] but CUDA is")
+    assert "built for CUDA 13.0, which needs NVIDIA driver 580.65.06 or newer" in message
+    assert "this node's driver: 535.104.05" in message
+    # A training worker given a GPU is refused the same way.
+    with pytest.raises(CudaUnusable, match="a training worker: Ray assigned GPU"):
+        train_worker_runtime(model, compute)
+    # No driver at all is named as such; a task Ray gave no GPU runs on the CPU.
+    monkeypatch.setattr(runtime, "driver_version", lambda: None)
+    with pytest.raises(CudaUnusable, match=r"driver: none found"):
+        task_runtime(model, compute)
+    monkeypatch.setattr(runtime, "_ray_assigned_gpus", lambda: [])
+    assert task_runtime(model, compute).device == torch.device("cpu")
+
+
+def test_the_driver_version_is_read_from_the_kernel_module(monkeypatch, tmp_path):
+    line = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.65.06  Sun Jul 27 2025\n"
+    proc = tmp_path / "version"
+    proc.write_text(line)
+    real = Path
+
+    monkeypatch.setattr(
+        runtime, "Path", lambda p: real(proc) if p == "/proc/driver/nvidia/version" else real(p)
+    )
+    assert runtime.driver_version() == "580.65.06"
+    proc.unlink()
+    assert runtime.driver_version() is None
 
 
 def test_a_tensor_elsewhere_is_refused_by_name():

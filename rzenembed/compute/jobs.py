@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rzenembed.compute.waiting import StepTimeout
@@ -88,13 +89,20 @@ _OVERRIDING_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
 
 def job_client(address: str) -> Any:
-    """A ``JobSubmissionClient`` for exactly ``address``."""
+    """A ``JobSubmissionClient`` for exactly ``address``, sending the cluster's token
+    (``RAY_AUTH_TOKEN`` or the file ``RAY_AUTH_TOKEN_PATH`` names) when there is one: Ray
+    adds it only where it decided at start-up that token authentication is on, and a
+    process that used another Ray before (a local runtime) decided otherwise."""
     from ray.job_submission import JobSubmissionClient
 
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token and os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     with _ENV_LOCK:
         saved = {k: os.environ.pop(k) for k in _OVERRIDING_ENV if k in os.environ}
         try:
-            return JobSubmissionClient(address)
+            return JobSubmissionClient(address, headers=headers)
         finally:
             os.environ.update(saved)
 

@@ -117,10 +117,12 @@ def run_on_actors(
     actors: int,
     num_cpus: float = 1,
     num_gpus: float = 0,
+    resources: dict[str, float] | None = None,
     show_progress: bool = True,
 ) -> list[Any]:
     """``worker.run(item)`` for every item on a pool of ``actors`` Ray Data actors (each
-    with ``num_gpus``), results in input order; errors raised as themselves."""
+    with ``num_gpus`` and custom ``resources``), results in input order; errors raised as
+    themselves."""
     return _map(
         items,
         show_progress,
@@ -129,6 +131,7 @@ def run_on_actors(
         concurrency=max(1, min(actors, len(items))),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
+        **({"resources": dict(resources)} if resources else {}),
     )
 
 

@@ -412,7 +412,8 @@ def run_recaption(
     if stop_after is not None:
         missing = missing[:stop_after]
     endpoint = cfg.storage.endpoint_url
-    for result in _run_actors(missing, path, settings, show_progress, kind, endpoint):
+    placed = dict(cfg.compute.step_resources)  # a GPU captioner on a training node
+    for result in _run_actors(missing, path, settings, show_progress, kind, endpoint, placed):
         results[result["name"]] = result
     if stop_after is not None:
         return None  # type: ignore[return-value]  # interrupted on purpose
@@ -448,10 +449,12 @@ def _run_actors(
     show_progress: bool,
     kind: str = "model",
     endpoint_url: str | None = None,
+    resources: dict[str, float] | None = None,
 ):
     """The shard results, captioned by a Ray Data actor pool (``settings.actors`` actors with
     ``settings.gpus_per_actor`` GPUs each); each actor loads the captioner once (the
-    side-file lookup, on CPU, when the captions come from a folder)."""
+    side-file lookup, on CPU, when the captions come from a folder). A GPU actor also asks
+    ``resources`` (``compute.step_resources``), so it never takes a serving node's GPU."""
     from rzenembed.data.engine import run_on_actors
 
     dumped = settings.model_dump(mode="json")
@@ -466,6 +469,7 @@ def _run_actors(
         actors=settings.actors,
         num_cpus=1,
         num_gpus=gpus,
+        resources=resources if gpus else None,
         show_progress=show_progress,
     )
 
