@@ -2,13 +2,19 @@
 
 A head and a second node (``ray start`` on 127.0.0.1, each with its own temporary
 directory and staging cache, Ray's token authentication on) each declare one ``trainer``
-slot, so the two training workers land on different nodes. Raw sources, the base model
-and the evaluation sets are on a local S3 server (moto), and so is ``storage.root``. The
-Prefect worker is a separate driver process that hosts no Ray node: it reaches the cluster
-through Ray Client (``ray://``), as a Prefect worker pod of KubeRay does. Afterwards the
-cluster is stopped and both nodes' temporary directories and caches are deleted;
-``rzenembed verify`` then recomputes every digest on the registered model's lineage from
-S3 alone: nothing the pipeline needs was left on a node's disk.
+slot, so the two training workers land on different nodes. The head declares the
+``driver`` slots every step's Ray Job asks for (as the KubeRay head does) and runs the job
+server on loopback; the second node declares the ``serving`` slots. Raw sources, the base
+model and the evaluation sets are on a local S3 server (moto), and so is ``storage.root``.
+
+The Prefect worker is a separate driver process that hosts no Ray node: every step is a
+Ray Job it submits to the head's job server, as a Prefect worker pod of KubeRay does (only
+serving the champion afterwards uses Ray Client). The first driver is killed while stage-1
+training runs; a second driver runs the same flow, finds the finished steps in Prefect's
+cache and *reattaches* to the running training job: one training job, one adapter.
+Afterwards the cluster is stopped and both nodes' temporary directories and caches are
+deleted; ``rzenembed verify`` then recomputes every digest on the registered model's
+lineage from S3 alone: nothing the pipeline needs was left on a node's disk.
 """
 
 from __future__ import annotations
@@ -17,17 +23,21 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 
+from rzenembed.compute.jobs import job_client
 from rzenembed.data.storage import filesystem
 
-from .ray_nodes import client_server_logs, free_port, start_node, stop_nodes
+from .ray_nodes import agent_ports, client_server_logs, free_port, start_node, stop_nodes
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -51,8 +61,8 @@ def s3(s3_endpoint):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3_endpoint):
-    """Head + second node on loopback; yields (the Ray Client address, env for drivers,
-    node dirs)."""
+    """Head + second node on loopback; yields (the Ray Client address, the job server's
+    address, env for drivers, node dirs)."""
     import ray
 
     ray.shutdown()  # this process's local runtime; later tests start a fresh one
@@ -60,15 +70,18 @@ def cluster(tmp_path_factory, s3_endpoint):
     # bytes: pytest's own temp dirs (pytest-of-USER/pytest-NNN/...) are too long once NNN or
     # the session's pid has one more digit, so the nodes live in a short dir of their own.
     root = Path(tempfile.mkdtemp(prefix="rz-", dir="/tmp"))
-    port, client_port = free_port(), free_port()
+    port, client_port, jobs_port = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
         "RAY_USAGE_STATS_ENABLED": "0",
         "AWS_ENDPOINT_URL": s3_endpoint,
+        # A job's driver runs `python`: this interpreter's, as the image's on a cluster.
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
     }
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # the tests' "no state API" address (conftest)
     env.pop("MLFLOW_TRACKING_URI", None)  # the run tracks to its own SQLite file
     nodes = {name: root / name for name in ("head", "node-b")}
     caches = {name: root / f"cache-{name}" for name in nodes}
@@ -77,8 +90,6 @@ def cluster(tmp_path_factory, s3_endpoint):
         "127.0.0.1",
         "--num-cpus",
         "1",
-        "--resources",
-        json.dumps({"trainer": 1}),
         "--disable-usage-stats",
     ]
     try:
@@ -91,15 +102,27 @@ def cluster(tmp_path_factory, s3_endpoint):
                     str(port),
                     "--ray-client-server-port",
                     str(client_port),
-                    "--include-dashboard=false",
+                    *("--dashboard-host", "127.0.0.1", "--dashboard-port", str(jobs_port)),
+                    *("--resources", json.dumps({"trainer": 1, "driver": 8})),
                 ],
             ),
-            ("node-b", ["--address", f"127.0.0.1:{port}"]),
+            (
+                "node-b",
+                [
+                    *("--address", f"127.0.0.1:{port}"),
+                    *("--resources", json.dumps({"trainer": 1, "serving": 4})),
+                ],
+            ),
         ):
             node_env = {**env, "RZENEMBED_CACHE": str(caches[name])}
-            command = [str(RAY), "start", *args, *common, "--temp-dir", str(nodes[name])]
-            start_node(command, node_env, nodes[name])
-        yield f"ray://127.0.0.1:{client_port}", env, [*nodes.values(), *caches.values()]
+            command = [str(RAY), "start", *args, *common, *agent_ports()]
+            start_node([*command, "--temp-dir", str(nodes[name])], node_env, nodes[name])
+        yield (
+            f"ray://127.0.0.1:{client_port}",
+            f"http://127.0.0.1:{jobs_port}",
+            env,
+            [*nodes.values(), *caches.values()],
+        )
     finally:
         stop_nodes(list(nodes.values()))
         shutil.rmtree(root, ignore_errors=True)
@@ -112,7 +135,7 @@ def upload_inputs(s3, corpus, model_dir) -> None:
     s3.put(str(model_dir), f"{BUCKET}/models/tiny", recursive=True)
 
 
-def cluster_config(corpus, root: Path, address: str, endpoint: str) -> Path:
+def cluster_config(corpus, root: Path, address: str, jobs: str, endpoint: str) -> Path:
     sources = [s for s in yaml.safe_load(corpus.sources_yaml.read_text()) if s["name"] in SOURCES]
     for source in sources:
         source["uri"] = f"s3://{BUCKET}/corpus/{source['name']}"
@@ -153,7 +176,10 @@ def cluster_config(corpus, root: Path, address: str, endpoint: str) -> Path:
             "upload_models": False,
         },
         "compute": {
-            "ray_address": address,
+            "ray_address": address,  # short calls only: serving the champion
+            "job_address": jobs,  # every step: a Ray Job
+            "driver_resources": {"driver": 1},
+            "job_poll_s": 1.0,
             "num_workers": 2,
             "cpus_per_worker": 1,
             "resources_per_worker": {"trainer": 1},
@@ -173,9 +199,11 @@ out = state.result() if state.is_completed() else {"failed": state.message}
 if state.is_completed():  # serve the champion from S3 on the cluster, and query it
     import requests
     from ray import serve
+    from rzenembed.compute.connect import ensure_ray
     from rzenembed.config import load_config, resolve_paths
     from rzenembed.serving.follow import RegistryFollower
     cfg = resolve_paths(load_config(sys.argv[1], sys.argv[2:-1]))
+    ensure_ray(cfg.compute.ray_address)  # the pipeline itself needed no Ray connection
     RegistryFollower(cfg, "models:/rzenembed@champion").start()
     url = f"http://127.0.0.1:{cfg.serve.port}"
     image = cfg.serve.media_roots[0] + "/sample-captions/" + sys.argv[-1].split("=", 1)[1]
@@ -190,10 +218,10 @@ print("RESULT " + json.dumps(out, default=str))
 
 @pytest.fixture(scope="module")
 def run(cluster, s3, s3_endpoint, sample_corpus, tiny_model_dir, tmp_path_factory):
-    address, env, node_dirs = cluster
+    address, jobs, env, node_dirs = cluster
     root = tmp_path_factory.mktemp("cluster-run")
     upload_inputs(s3, sample_corpus, tiny_model_dir)
-    config = cluster_config(sample_corpus, root, address, s3_endpoint)
+    config = cluster_config(sample_corpus, root, address, jobs, s3_endpoint)
     driver_env = {
         **env,
         "PREFECT_HOME": str(root / "prefect"),
@@ -210,8 +238,25 @@ def run(cluster, s3, s3_endpoint, sample_corpus, tiny_model_dir, tmp_path_factor
         f"serve.media_roots=['s3://{BUCKET}/corpus']",
         f"image={image.split('/sample-captions/', 1)[1]}",  # read by the driver, not a key
     ]
+    command = [sys.executable, "-c", DRIVER, str(config), *serving[:-1], serving[-1]]
+    # The first driver is killed (SIGKILL, its whole process group) while stage 1 trains.
+    first = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=driver_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        training = wait_for_job(jobs, env, "rzenembed-train-stage1-", first)
+        result_file = f"{BUCKET}/store/_jobs/{training}/result.pkl"
+        unfinished_when_killed = not s3.exists(result_file)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     done = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(config), *serving[:-1], serving[-1]],
+        command,
         cwd=REPO,
         env=driver_env,
         capture_output=True,
@@ -223,11 +268,62 @@ def run(cluster, s3, s3_endpoint, sample_corpus, tiny_model_dir, tmp_path_factor
     result = json.loads(lines[-1].removeprefix("RESULT "))
     if "failed" in result:  # what the head said, before its logs are deleted
         result["head_logs"] = client_server_logs(node_dirs[0])
+    with cluster_token(env):
+        listed = job_client(jobs).list_jobs()
+    # Where each job's driver ran: the node whose logs hold its driver log.
+    drivers = {
+        node.name: sorted(p.name for p in node.glob("session_*/logs/job-driver-*.log"))
+        for node in node_dirs[:2]
+    }
+    job_record = {
+        # Submitted jobs (a Ray Client driver, as serving's, is listed without an id).
+        "jobs": {j.submission_id: j.status.value for j in listed if j.submission_id},
+        "drivers": drivers,
+        "killed_during": training,
+        "unfinished_when_killed": unfinished_when_killed,
+        "second_driver_log": (done.stdout + done.stderr)[-40000:],
+    }
     # Nothing on a node's disk may matter from here on.
     stop_nodes([d for d in node_dirs if "cache" not in d.name])
     for folder in [*node_dirs, root / "cache-driver"]:
         shutil.rmtree(folder, ignore_errors=True)
-    return {"result": result, "config": config, "root": root, "env": driver_env}
+    return {
+        "result": result,
+        "config": config,
+        "root": root,
+        "env": driver_env,
+        **job_record,
+    }
+
+
+@contextmanager
+def cluster_token(env: dict[str, str]):
+    """This process as a client of the cluster's job server: its token in the environment
+    (Ray's job client reads it there), for the block."""
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update({k: env[k] for k in saved})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def wait_for_job(address: str, env: dict[str, str], prefix: str, driver, limit_s=900) -> str:
+    """The id of the first job named ``prefix...`` once it runs (the driver still alive)."""
+    deadline = time.monotonic() + limit_s
+    with cluster_token(env):
+        client = job_client(address)
+        while time.monotonic() < deadline:
+            for job in client.list_jobs():
+                if job.submission_id.startswith(prefix) and job.status.value == "RUNNING":
+                    return job.submission_id
+            assert driver.poll() is None, f"the first driver ended ({driver.returncode})"
+            time.sleep(1)
+    raise AssertionError(f"no job {prefix}* ran within {limit_s} s")
 
 
 def uris(value) -> list[str]:
@@ -318,3 +414,36 @@ def test_verify_passes_from_s3_alone_after_the_nodes_are_gone(run, s3_endpoint, 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "0 CHANGED, 0 MISSING" in done.stdout
     assert "[OK] raw sample-video-clips" in done.stdout
+
+
+def test_a_killed_driver_is_replaced_by_one_that_reattaches_to_the_training_job(run, s3):
+    """The first driver died while stage 1 trained as a Ray Job; the second found the job by
+    its step's key and followed it: one training job ran (and finished once), one adapter
+    was published, and the flow's result names the job."""
+    training = run["killed_during"]
+    assert run["unfinished_when_killed"], "stage 1 had already finished when the driver died"
+    stage1_jobs = {k: v for k, v in run["jobs"].items() if k.startswith("rzenembed-train-stage1-")}
+    assert stage1_jobs == {training: "SUCCEEDED"}
+    assert f"reattached to Ray Job {training}" in run["second_driver_log"]
+    adapter = run["result"]["trained"]["stage1"]
+    assert adapter["extra"]["job"] == training
+    run_folders = {
+        p.split("/stage1/")[1].split("/")[0]
+        for p in s3.find(f"{BUCKET}/store/_models/cluster/stage1")
+    }
+    assert len(run_folders) == 1 and adapter["uri"].rstrip("/").split("/")[-2] in run_folders
+    trains = {p.split("/_train/")[1].split("/")[0] for p in s3.find(f"{BUCKET}/store/_train")}
+    assert len([t for t in trains if "-stage1-" in t]) == 1
+    # Every step ran as a job and every job but the failed-over ones succeeded.
+    assert set(run["jobs"].values()) == {"SUCCEEDED"}, run["jobs"]
+
+
+def test_every_job_driver_ran_on_the_node_that_declares_the_driver_slots(run):
+    """Drivers (and the evaluation coordinator, which is the evaluation job's driver) are
+    placed by the ``driver`` resource, which only the head declares, never by chance."""
+    on_head = {
+        name.removeprefix("job-driver-").removesuffix(".log") for name in run["drivers"]["head"]
+    }
+    assert run["drivers"]["node-b"] == []
+    assert on_head == set(run["jobs"]), (on_head, set(run["jobs"]))
+    assert any(job.startswith("rzenembed-evaluate-") for job in on_head)
