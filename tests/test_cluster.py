@@ -43,13 +43,10 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
 BUCKET = "rzenembed-cluster"
-SOURCES = (
-    "sample-text-pairs",
-    "sample-captions",
-    "sample-mmeb-vqa",
-    "sample-visdoc",
-    "sample-video-clips",
-)
+# One source per path through preparation that the cluster must show: stage-1 captions,
+# stage-2 rows with shipped negatives, videos split into sibling clips (every step of each
+# is a Ray Job, so each source costs a few job starts).
+SOURCES = ("sample-captions", "sample-mmeb-vqa", "sample-video-clips")
 
 
 @pytest.fixture(scope="module")
@@ -240,20 +237,22 @@ def run(cluster, s3, s3_endpoint, sample_corpus, tiny_model_dir, tmp_path_factor
     ]
     command = [sys.executable, "-c", DRIVER, str(config), *serving[:-1], serving[-1]]
     # The first driver is killed (SIGKILL, its whole process group) while stage 1 trains.
+    first_log = root / "first-driver.log"
     first = subprocess.Popen(
         command,
         cwd=REPO,
         env=driver_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=first_log.open("w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
-        training = wait_for_job(jobs, env, "rzenembed-train-stage1-", first)
+        training = wait_for_job(jobs, env, "rzenembed-train-stage1-", first, first_log)
         result_file = f"{BUCKET}/store/_jobs/{training}/result.pkl"
         unfinished_when_killed = not s3.exists(result_file)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     done = subprocess.run(
         command,
@@ -312,7 +311,9 @@ def cluster_token(env: dict[str, str]):
                 os.environ[key] = value
 
 
-def wait_for_job(address: str, env: dict[str, str], prefix: str, driver, limit_s=900) -> str:
+def wait_for_job(
+    address: str, env: dict[str, str], prefix: str, driver, log: Path, limit_s=900
+) -> str:
     """The id of the first job named ``prefix...`` once it runs (the driver still alive)."""
     deadline = time.monotonic() + limit_s
     with cluster_token(env):
@@ -321,7 +322,11 @@ def wait_for_job(address: str, env: dict[str, str], prefix: str, driver, limit_s
             for job in client.list_jobs():
                 if job.submission_id.startswith(prefix) and job.status.value == "RUNNING":
                     return job.submission_id
-            assert driver.poll() is None, f"the first driver ended ({driver.returncode})"
+            if driver.poll() is not None:
+                raise AssertionError(
+                    f"the first driver ended ({driver.returncode}) before {prefix}* ran:\n"
+                    + log.read_text()[-6000:]
+                )
             time.sleep(1)
     raise AssertionError(f"no job {prefix}* ran within {limit_s} s")
 

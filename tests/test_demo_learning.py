@@ -76,3 +76,17 @@ def test_the_report_scores_the_30_query_release_with_intervals(demo):
     for level, point in points.items():
         low, high = report["intervals"][level]
         assert low <= point <= high and high - low < 0.25, (level, low, point, high)
+
+
+def test_stage1_loss_falls_over_the_demo_run(demo):
+    """Stage 1 alone learns too (the check that once had a test of its own,
+    docs/PERFORMANCE.md, "Learning check"): its loss over the last fifth of the run is well
+    below the first fifth."""
+    root, _ = demo
+    (metrics,) = [p for p in root.rglob("metrics.jsonl") if "/stage1/" in str(p)]
+    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines() if line]
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    assert len(losses) == cfg["stage1"]["max_steps"]
+    fifth = len(losses) // 5
+    first, last = sum(losses[:fifth]) / fifth, sum(losses[-fifth:]) / fifth
+    assert last < 0.7 * first, (first, last)

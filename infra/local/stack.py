@@ -187,11 +187,16 @@ class Stack:
 
     @staticmethod
     def ray_head_command(s: dict) -> list[str]:
-        """``ray start`` for the stack's one node: loopback, the given CPUs, no dashboard."""
+        """``ray start`` for the stack's one node: loopback, the given CPUs, the endpoint's
+        ``serving`` slots (as a local runtime declares them: a served champion never holds
+        a CPU the scheduled retraining needs), no dashboard."""
+        from rzenembed.compute.connect import LOCAL_SERVING_SLOTS
+
         return [
             *(str(BIN / "ray"), "start", "--head", "--block"),
             *("--node-ip-address", "127.0.0.1", "--port", str(s["ray_port"])),
             *("--num-cpus", str(s["ray_cpus"])),
+            *("--resources", json.dumps({"serving": LOCAL_SERVING_SLOTS})),
             *("--include-dashboard=false", "--disable-usage-stats"),
         ]
 
