@@ -104,11 +104,12 @@ def run_data_prep(ex: Execution) -> dict[str, Any]:
     stage1 = {n: r for n, r in finals.items() if by_stage.get(n) in ("stage1", "both")}
     stage2 = {n: r for n, r in finals.items()
               if n == merged_name or by_stage.get(n) in ("stage2", "both")}  # fmt: skip
-    manifests = {}
+    pending = {}  # the stages' manifests, built side by side (each may be a Ray Job)
     if stage1:
-        manifests["stage1"] = ex.opts(mixture)(cfg, "stage1", None, stage1, ctx)
+        pending["stage1"] = ex.opts(mixture).submit(cfg, "stage1", None, stage1, ctx)
     for m in cfg.stage2.mixtures:
-        manifests[f"stage2/{m.name}"] = ex.opts(mixture)(cfg, "stage2", m.name, stage2, ctx)
+        pending[f"stage2/{m.name}"] = ex.opts(mixture).submit(cfg, "stage2", m.name, stage2, ctx)
+    manifests = {name: future.result() for name, future in pending.items()}
     _counts_table(versions, finals)
     print(_data_summary(versions, finals))
     return {"versions": versions, "finals": finals, "stages": manifests}

@@ -420,6 +420,10 @@ class ComputeConfig(Strict):
     driver_resources: dict[str, float] = Field(default_factory=dict)
     # How often a waiting step polls its job's status and logs.
     job_poll_s: float = Field(default=5.0, gt=0)
+    # Steps of one flow run that hold a Ray Job at once; the others wait for a slot (the
+    # head's driver slots bound the cluster's; Ray fails a job whose driver waits for one
+    # longer than 15 minutes). Keep it below the head's `driver` slots.
+    max_jobs: int = Field(default=8, gt=0)
     # The cluster's shape in one number: GPUs to train on. Sets num_workers and eval_actors
     # to it, one GPU per worker and per model step (use_gpu, gpus_per_worker, step_gpus);
     # the stage's global batch stays, each rank's share grows as GPUs shrink (docs/

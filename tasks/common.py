@@ -136,8 +136,11 @@ def with_job(ref: dict[str, Any], ran: Ran) -> dict[str, Any]:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """IO and lost-worker errors are worth a retry; anything else is not."""
-    if isinstance(exc, ValueError | TypeError | KeyError | NotImplementedError):
+    """IO and lost-worker errors are worth a retry; anything else is not (a step that ran
+    past compute.step_timeout_s would only run past it again)."""
+    from rzenembed.compute.waiting import StepTimeout
+
+    if isinstance(exc, ValueError | TypeError | KeyError | NotImplementedError | StepTimeout):
         return False
     if isinstance(exc, OSError | TimeoutError | ConnectionError):
         return True

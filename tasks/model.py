@@ -240,7 +240,12 @@ def evaluate_model(
         out_uri = join(root, f"eval-{model['digest'][:12]}")
         cache = join(root, "_embedding_cache")
         # Each dataset's score as it is stored, from this process (the work may be a job).
-        watcher = ScoreWatcher(join(cache, "scores"), endpoint, _dataset_artifact(model["digest"]))
+        watcher = ScoreWatcher(
+            join(cache, "scores"),
+            endpoint,
+            _dataset_artifact(model["digest"]),
+            digests=[model["digest"], baseline["digest"]],
+        )
         with watcher.polling():
             ran = run_in_job(
                 cfg,
@@ -344,8 +349,15 @@ def _rescorer(
             return None
         print(f"champion v{version.version} was scored on other sets: scoring it again")
         sets = eval_set_paths(cfg, base)
-        eval_section = cfg.eval.model_dump(mode="json")
-        key = digest_of([digest, sets, eval_section, code_version()])[:32]
+        # What decides the scores: the model, the sets' content (a set updated in place
+        # keeps its path), the evaluation and inference settings, the code.
+        key = digest_of([
+            digest,
+            eval_sets_digest(sets, endpoint),
+            cfg.eval.model_dump(mode="json"),
+            cfg.model.model_dump(mode="json", exclude={"name_or_path"}),
+            code_version(),
+        ])[:32]  # fmt: skip
         result = run_in_job(
             cfg,
             "rescore",

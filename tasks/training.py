@@ -159,9 +159,10 @@ def _train(
         try:
             folder = run_dir(cfg, stage, stage_manifest, base["uri"], mixture)
             progress = _Progress(join(folder, "metrics.jsonl"), endpoint, steps, label)
-            # The job is named by the run's key (its folder's name): a retry or a restarted
-            # worker finds the running training instead of starting another.
-            key = folder.rstrip("/").rsplit("/", 1)[-1]
+            # The job is named by the config and the run's key (its folder's name; the job
+            # runner adds the storage root's tag): a retry or a restarted worker finds the
+            # running training instead of starting another.
+            key = f"{cfg.name}-{folder.rstrip('/').rsplit('/', 1)[-1]}"
             ran = run_in_job(cfg, f"train-{stage}", run_training, cfg, stage, stage_manifest,
                              base["uri"], mixture, mlflow_run_id=run_id if live else None,
                              key=key)  # fmt: skip
@@ -170,7 +171,9 @@ def _train(
             if progress is not None:
                 progress.close()
         rows = read_metrics(result.metrics_uri, endpoint)
-        if not live:
+        # Live metrics went to the MLflow run of the attempt that submitted the job: a run
+        # that found the job (a retry, a restarted worker) posts them from the file.
+        if not live or ran.reattached:
             post_metrics(tracker, run_id, rows)
         with tempfile.TemporaryDirectory() as tmp:
             chart = plot_training(rows, Path(tmp) / "metrics.png", label)

@@ -22,7 +22,14 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from rzenembed.compute.jobs import JobRunner, JobSettings, StepCancelled, job_client
+from rzenembed.compute.jobs import (
+    JobLost,
+    JobRunner,
+    JobSettings,
+    StepCancelled,
+    job_client,
+    submission_base,
+)
 from rzenembed.compute.steps import run_step
 from rzenembed.config import config_from_dict
 
@@ -102,15 +109,18 @@ def test_a_step_runs_as_a_job_is_found_again_by_its_key_and_raises_its_own_error
     cfg = config_from_dict(job_config(address, store))
     lines: list[str] = []
     ran = run_step(cfg, "square", "k1", _square_all, [1, 2, 3], log=lines.append)
-    assert (ran.value, ran.job) == ([1, 4, 9], "rzenembed-square-k1-a1")
+    square = submission_base("square", "k1", str(store))
+    assert square.startswith("rzenembed-square-k1-")  # and the storage root's tag
+    assert (ran.value, ran.job, ran.reattached) == ([1, 4, 9], f"{square}-a1", False)
     folder = store / "_jobs" / ran.job
     assert (folder / "spec.pkl").is_file() and (folder / "result.pkl").is_file()
     assert lines[0] == f"square: submitted Ray Job {ran.job} at {address}"
     assert any("rzenembed job: square done" in line for line in lines)  # its log, streamed
     # The same key again (a Prefect retry, a restarted worker): the finished job answers.
     again: list[str] = []
-    assert run_step(cfg, "square", "k1", _square_all, [1, 2, 3], log=again.append).job == ran.job
-    assert again[0].startswith("square: reattached to Ray Job rzenembed-square-k1-a1")
+    found = run_step(cfg, "square", "k1", _square_all, [1, 2, 3], log=again.append)
+    assert (found.value, found.job, found.reattached) == ([1, 4, 9], ran.job, True)
+    assert again[0].startswith(f"square: reattached to Ray Job {square}-a1")
     assert len(jobs_named(address, "rzenembed-square-k1-")) == 1
     # A forced recompute submits the next attempt.
     assert run_step(cfg, "square", "k1", _square_all, [2], fresh=True).value == [4]
@@ -118,14 +128,19 @@ def test_a_step_runs_as_a_job_is_found_again_by_its_key_and_raises_its_own_error
     # The job's exception, raised here as itself, naming the job.
     with pytest.raises(ValueError, match="row 7 has no query") as raised:
         run_step(cfg, "refuse", "k2", _refuse, 7)
-    assert "raised in Ray Job rzenembed-refuse-k2-a1" in raised.value.__notes__[0]
+    refuse = submission_base("refuse", "k2", str(store))
+    assert f"raised in Ray Job {refuse}-a1" in raised.value.__notes__[0]
     # A failed attempt is not reattached to: the next run submits attempt 2.
     with pytest.raises(ValueError):
         run_step(cfg, "refuse", "k2", _refuse, 8)
     assert {j.submission_id for j in jobs_named(address, "rzenembed-refuse-k2-")} == {
-        "rzenembed-refuse-k2-a1",
-        "rzenembed-refuse-k2-a2",
+        f"{refuse}-a1",
+        f"{refuse}-a2",
     }
+    # Another storage root: another job, never the first root's answer.
+    other = config_from_dict(job_config(address, store.parent / "other-store"))
+    assert run_step(other, "square", "k1", _square_all, [3]).value == [9]
+    assert len(jobs_named(address, "rzenembed-square-k1-")) == 3
 
 
 def test_a_driver_that_stops_waiting_leaves_the_job_running_for_the_next_to_find(job_server):
@@ -143,8 +158,9 @@ def test_a_driver_that_stops_waiting_leaves_the_job_running_for_the_next_to_find
     assert first.client.get_job_status(job.submission_id).value in ("PENDING", "RUNNING")
     lines: list[str] = []
     second = JobRunner(settings, log=lines.append)
-    assert second.run("nap", "k3", _nap_then, (6.0, "rested")) == ("rested", job.submission_id)
-    assert lines[0].startswith("nap: reattached to Ray Job rzenembed-nap-k3-a1")
+    value, found = second.run("nap", "k3", _nap_then, (6.0, "rested"))
+    assert (value, found.submission_id, found.submitted) == ("rested", job.submission_id, False)
+    assert lines[0].startswith(f"nap: reattached to Ray Job {job.submission_id}")
     assert len(jobs_named(address, "rzenembed-nap-k3-")) == 1
 
 
@@ -154,13 +170,17 @@ def test_a_runner_told_of_a_cancelled_flow_run_stops_the_job(job_server):
     polls = []
     runner = JobRunner(settings, log=lambda line: None, cancelled=lambda: len(polls) >= 2)
     started = time.monotonic()
-    with pytest.raises(StepCancelled, match="stopped rzenembed-nap-k4-a1"):
+    nap = submission_base("nap", "k4", str(store))
+    with pytest.raises(StepCancelled, match=f"stopped {nap}-a1"):
         runner.run("nap", "k4", _nap_then, (120.0, "never"), on_poll=lambda: polls.append(1))
     assert time.monotonic() - started < 60
-    deadline = time.monotonic() + 30
-    while runner.client.get_job_status("rzenembed-nap-k4-a1").value != "STOPPED":
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    # Stopped and ended before the step says so.
+    assert runner.client.get_job_status(f"{nap}-a1").value == "STOPPED"
+    # A flow run that finds its job stopped by someone else is told to try again (a
+    # retry submits the next attempt), not that it was cancelled.
+    bystander = JobRunner(settings, log=lambda line: None, cancelled=lambda: False)
+    with pytest.raises(JobLost, match="was stopped, not by this flow run"):
+        bystander.outcome(f"{nap}-a1", "STOPPED")
 
 
 def test_cancelling_the_flow_run_stops_its_job(job_server, tmp_path):

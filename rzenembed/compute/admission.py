@@ -11,7 +11,9 @@ bundles (one per worker, actor or task: ``{"GPU": 1, "CPU": 8}``) onto the nodes
   (``compute.autoscale``): fail at once, naming what was asked and what there is;
 - otherwise wait, a progress line every 30 s naming who holds the resources (a Serve
   replica, another run's placement group, running tasks), and fail after
-  ``compute.wait_timeout_s`` with that list.
+  ``compute.wait_timeout_s`` with that list. While it waits with ``compute.autoscale``
+  set, the request is handed to Ray's autoscaler (``request_resources``): nothing has been
+  submitted yet, so the autoscaler would otherwise see no demand to grow for.
 
 Packing is first-fit over the bundles in decreasing size, node by node: a bundle never
 spans nodes, as in Ray.
@@ -216,22 +218,44 @@ def admit(
         )
     started = last_report = time.monotonic()
     logger.info("%s: waiting for resources (%s)", request.what, _why(request, free, holders))
-    while time.monotonic() - started < wait_timeout_s:
-        time.sleep(min(poll_s, max(0.0, wait_timeout_s - (time.monotonic() - started))))
-        if pack(request.bundles, free()) is not None:
-            return
-        if time.monotonic() - last_report >= report_every_s:
-            last_report = time.monotonic()
-            logger.info(
-                "%s: still waiting after %.0f s (%s)",
-                request.what,
-                last_report - started,
-                _why(request, free, holders),
-            )
+    # Nothing is asked of Ray yet, so its autoscaler sees no demand: tell it what to add.
+    asked = bool(autoscale) and demand(request.bundles)
+    try:
+        while time.monotonic() - started < wait_timeout_s:
+            time.sleep(min(poll_s, max(0.0, wait_timeout_s - (time.monotonic() - started))))
+            if pack(request.bundles, free()) is not None:
+                return
+            if time.monotonic() - last_report >= report_every_s:
+                last_report = time.monotonic()
+                logger.info(
+                    "%s: still waiting after %.0f s (%s)",
+                    request.what,
+                    last_report - started,
+                    _why(request, free, holders),
+                )
+    finally:
+        if asked:
+            demand([])
     raise InfeasibleRequest(
         f"{_why(request, free, holders)}; not free within compute.wait_timeout_s = "
         f"{wait_timeout_s:g} s" + ("" if not autoscale else " (nor added by the autoscaler)")
     )
+
+
+def demand(bundles: Sequence[Resources]) -> bool:
+    """Ask Ray's autoscaler to hold room for ``bundles`` (``[]``: clear the ask); whether
+    the ask reached it (no cluster, or no autoscaler SDK: nothing to ask)."""
+    try:
+        import ray
+        from ray.autoscaler.sdk import request_resources
+
+        if not ray.is_initialized():
+            return False
+        request_resources(bundles=[dict(b) for b in bundles])
+        return True
+    except Exception:  # a cluster without an autoscaler: waiting is all there is
+        logger.debug("could not ask the autoscaler for resources", exc_info=True)
+        return False
 
 
 def _why(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 
@@ -21,8 +22,10 @@ def _pickled_error(error: BaseException, trace: str) -> bytes:
     import cloudpickle
 
     try:
-        return cloudpickle.dumps((error, trace))
-    except Exception:  # an exception that does not pickle: its type name and message
+        data = cloudpickle.dumps((error, trace))
+        cloudpickle.loads(data)  # some pickle but cannot be rebuilt (required arguments)
+        return data
+    except Exception:  # one that does not travel: its type name and message
         return cloudpickle.dumps((RuntimeError(f"{type(error).__name__}: {error}"), trace))
 
 
@@ -30,13 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     import cloudpickle
     import ray
 
-    from rzenembed.compute.jobs import _read
+    from rzenembed.compute.jobs import JOB_ENV, _read
 
     parser = argparse.ArgumentParser(prog="rzenembed.compute.job_main")
     parser.add_argument("folder", help="the job's folder on the storage root")
     parser.add_argument("--endpoint-url", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # This process is a step's job: every step it calls runs here (a job never submits
+    # another). Set here rather than through a runtime environment, which costs each job
+    # a round trip to the runtime-env agent.
+    os.environ[JOB_ENV] = args.folder.rstrip("/").rsplit("/", 1)[-1]
     spec = cloudpickle.loads(_read(join(args.folder, "spec.pkl"), args.endpoint_url))
     print(f"rzenembed job: {spec['step']} (key {spec['key']})", flush=True)
     # The cluster this job runs in (RAY_ADDRESS, set by the job server): every library

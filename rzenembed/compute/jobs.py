@@ -28,6 +28,8 @@ own pickled tasks. Anyone who may write ``<root>/_jobs`` may already run code th
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 import re
@@ -43,16 +45,18 @@ from rzenembed.data.folders import exists, write_bytes
 from rzenembed.data.storage import filesystem, join
 
 logger = logging.getLogger(__name__)
-# The environment variable a job's driver (and its workers) find their submission id in:
-# inside a job, every step runs in process (a job never submits another).
+# The environment variable a job's driver sets to its submission id (job_main): inside a
+# job, every step runs in process (a job never submits another).
 JOB_ENV = "RZENEMBED_JOB"
 ACTIVE = ("PENDING", "RUNNING")
 # Log lines shown again when a driver reattaches to a job that is already running.
 REATTACH_TAIL_LINES = 20
 # Submissions tried while a freshly started head has no job agent yet (about a minute).
 SUBMIT_TRIES = 10
-# How long a waiting step keeps asking a job server that does not answer.
+# How long a waiting step keeps asking a job server that does not answer, and how long
+# one request may take.
 UNREACHABLE_S = 300.0
+REQUEST_TIMEOUT_S = 60.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -88,11 +92,13 @@ _ENV_LOCK = threading.Lock()
 _OVERRIDING_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
 
-def job_client(address: str) -> Any:
+def job_client(address: str, timeout_s: float = REQUEST_TIMEOUT_S) -> Any:
     """A ``JobSubmissionClient`` for exactly ``address``, sending the cluster's token
     (``RAY_AUTH_TOKEN`` or the file ``RAY_AUTH_TOKEN_PATH`` names) when there is one: Ray
     adds it only where it decided at start-up that token authentication is on, and a
-    process that used another Ray before (a local runtime) decided otherwise."""
+    process that used another Ray before (a local runtime) decided otherwise. Every request
+    times out after ``timeout_s`` (Ray's client sets none: a half-open connection to a
+    preempted head would block a waiting step for ever)."""
     from ray.job_submission import JobSubmissionClient
 
     token = os.environ.get("RAY_AUTH_TOKEN")
@@ -102,15 +108,24 @@ def job_client(address: str) -> Any:
     with _ENV_LOCK:
         saved = {k: os.environ.pop(k) for k in _OVERRIDING_ENV if k in os.environ}
         try:
-            return JobSubmissionClient(address, headers=headers)
+            client = JobSubmissionClient(address, headers=headers)
         finally:
             os.environ.update(saved)
+    request = client._do_request
+    client._do_request = functools.partial(request, timeout=(10.0, timeout_s))
+    return client
 
 
-def submission_base(step: str, key: str) -> str:
-    """``rzenembed-<step>-<key>``: letters, digits and dashes only."""
+def root_tag(root: str) -> str:
+    """Eight hex digits of the storage root: two pipelines on one cluster with different
+    roots never share a job (a job's answer lives under its root)."""
+    return hashlib.sha256(root.rstrip("/").encode()).hexdigest()[:8]
+
+
+def submission_base(step: str, key: str, root: str = "") -> str:
+    """``rzenembed-<step>-<key>[-<root tag>]``: letters, digits and dashes only."""
     slug = re.sub(r"[^a-z0-9]+", "-", f"{step}-{key}".lower()).strip("-")
-    return f"rzenembed-{slug}"
+    return f"rzenembed-{slug}" + (f"-{root_tag(root)}" if root else "")
 
 
 def attempt_of(submission_id: str, base: str) -> int | None:
@@ -119,12 +134,27 @@ def attempt_of(submission_id: str, base: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _missing(error: BaseException) -> bool:
+    """A job server's answer that the job does not exist (HTTP 404)."""
+    return "status code 404" in str(error)
+
+
 @dataclass
 class Attached:
     """The job a step runs as, and whether this process submitted it or found it."""
 
     submission_id: str
     submitted: bool
+
+
+# Concurrent jobs one process follows per job server: more would queue on the head's driver
+# slots, where Ray fails a job that waits for its driver longer than 15 minutes.
+_SLOTS: dict[tuple[str, int], threading.BoundedSemaphore] = {}
+
+
+def _slots(address: str, count: int) -> threading.BoundedSemaphore:
+    with _ENV_LOCK:
+        return _SLOTS.setdefault((address, count), threading.BoundedSemaphore(count))
 
 
 class JobRunner:
@@ -153,7 +183,54 @@ class JobRunner:
     def folder(self, submission_id: str) -> str:
         return join(self.settings.root, "_jobs", submission_id)
 
+    def _ask(self, what: str, call: Callable[[], Any]) -> Any:
+        """``call()`` against the job server, asked again for ``UNREACHABLE_S`` while the
+        server does not answer (a head restarting, a network blip); a 404 is an answer."""
+        since = time.monotonic()
+        while True:
+            try:
+                return call()
+            except (ConnectionError, OSError, RuntimeError) as error:
+                if _missing(error):
+                    raise
+                if time.monotonic() - since > UNREACHABLE_S:
+                    raise JobLost(
+                        f"{what}: the job server at {self.settings.address} did not answer "
+                        f"for {UNREACHABLE_S:g} s ({error}); a rerun of this step finds its "
+                        "job again if it still runs"
+                    ) from error
+                logger.warning("%s: job server not answering (%s); asking again", what, error)
+                time.sleep(self.settings.poll_s)
+
+    def _info(self, step: str, submission_id: str) -> Any:
+        """The job's details; ``JobLost`` when the job server no longer knows it (its head
+        restarted without GCS fault tolerance: the job is gone, a retry submits anew)."""
+        try:
+            return self._ask(step, lambda: self.client.get_job_info(submission_id))
+        except RuntimeError as error:
+            if _missing(error):
+                raise JobLost(
+                    f"{step}: the job server no longer knows Ray Job {submission_id} (its "
+                    "head restarted?); a retry of this step submits a new attempt"
+                ) from error
+            raise
+
     # ----------------------------------------------------------------- submit or find
+
+    def latest(self, base: str) -> tuple[int, Any]:
+        """The step's latest attempt (its number and details; ``(0, None)`` for none),
+        found by asking for ``<base>-a1``, ``-a2``... in turn: a cluster's job table holds
+        every job ever run, and listing it all on every step would not scale."""
+        number, found = 0, None
+        while True:
+            candidate = f"{base}-a{number + 1}"
+            try:
+                info = self._ask(candidate, lambda c=candidate: self.client.get_job_info(c))
+            except RuntimeError as error:
+                if _missing(error):
+                    return number, found
+                raise
+            number, found = number + 1, info
 
     def attach(
         self,
@@ -164,25 +241,24 @@ class JobRunner:
         kwargs: dict,
         fresh: bool = False,
     ) -> Attached:
-        """The step's latest job when it is pending, running or succeeded (``fresh``: not
-        when it succeeded); else a new attempt, submitted with ``fn(*args, **kwargs)``."""
-        base = submission_base(step, key)
-        attempts = {}
-        for job in self.client.list_jobs():
-            number = attempt_of(job.submission_id, base)
-            if number is not None:
-                attempts[number] = job
-        if attempts:
-            latest = max(attempts)
-            status = str(attempts[latest].status.value)
-            if status in ACTIVE or (status == "SUCCEEDED" and not fresh):
-                return Attached(attempts[latest].submission_id, submitted=False)
-            self.log(
-                f"{step}: Ray Job {attempts[latest].submission_id} ended {status}; "
-                f"submitting attempt {latest + 1}"
-            )
-        submission_id = f"{base}-a{max(attempts, default=0) + 1}"
-        return self._submit(submission_id, step, key, fn, args, kwargs)
+        """The step's latest job when it is pending, running or succeeded with its answer
+        on storage (``fresh``: not when it succeeded); else a new attempt, submitted with
+        ``fn(*args, **kwargs)``. Nothing is submitted for a cancelled flow run."""
+        base = submission_base(step, key, self.settings.root)
+        latest, info = self.latest(base)
+        if info is not None:
+            sid, status = info.submission_id, str(info.status.value)
+            answered = status == "SUCCEEDED" and self._has(sid, "result.pkl")
+            if status in ACTIVE or (answered and not fresh):
+                return Attached(sid, submitted=False)
+            why = "succeeded but its result.pkl is gone" if status == "SUCCEEDED" else status
+            self.log(f"{step}: Ray Job {sid} {why}; submitting attempt {latest + 1}")
+        if self._cancel_requested():
+            raise StepCancelled(f"{step}: the flow run was cancelled; nothing submitted")
+        return self._submit(f"{base}-a{latest + 1}", step, key, fn, args, kwargs)
+
+    def _has(self, submission_id: str, name: str) -> bool:
+        return exists(join(self.folder(submission_id), name), self.settings.endpoint_url)
 
     def _submit(
         self,
@@ -195,18 +271,23 @@ class JobRunner:
     ) -> Attached:
         import cloudpickle
 
-        folder = self.folder(submission_id)
+        folder, endpoint = self.folder(submission_id), self.settings.endpoint_url
+        # A job table lost with its head starts numbering again: an earlier attempt's
+        # answer under the same name must not pass for this one's.
+        fs, path = filesystem(folder, endpoint)
+        for stale in ("result.pkl", "error.pkl"):
+            if fs.exists(f"{path}/{stale}"):
+                fs.rm(f"{path}/{stale}")
         spec = {"fn": fn, "args": args, "kwargs": kwargs, "step": step, "key": key}
-        write_bytes(join(folder, "spec.pkl"), cloudpickle.dumps(spec), self.settings.endpoint_url)
+        write_bytes(join(folder, "spec.pkl"), cloudpickle.dumps(spec), endpoint)
         command = [self.settings.python, "-m", "rzenembed.compute.job_main", join(folder)]
-        if self.settings.endpoint_url:
-            command += ["--endpoint-url", self.settings.endpoint_url]
+        if endpoint:
+            command += ["--endpoint-url", endpoint]
         for attempt in range(SUBMIT_TRIES):
             try:
                 self.client.submit_job(
                     entrypoint=" ".join(_quote(part) for part in command),
                     submission_id=submission_id,
-                    runtime_env={"env_vars": {JOB_ENV: submission_id}},
                     metadata={"rzenembed.step": step, "rzenembed.key": key},
                     entrypoint_num_cpus=0,
                     entrypoint_resources=dict(self.settings.entrypoint_resources) or None,
@@ -235,14 +316,23 @@ class JobRunner:
         timeout_s: float | None = None,
         on_poll: Callable[[], None] | None = None,
         fresh: bool = False,
-    ) -> tuple[Any, str]:
+        concurrency: int | None = None,
+    ) -> tuple[Any, Attached]:
         """``fn(*args, **kwargs)`` as the step's job (submitted or found): its result and
-        the job's submission id."""
-        job = self.attach(step, key, fn, args, kwargs or {}, fresh)
-        verb = "submitted" if job.submitted else "reattached to"
-        self.log(f"{step}: {verb} Ray Job {job.submission_id} at {self.settings.address}")
-        status = self.follow(job, step, timeout_s, on_poll)
-        return self.outcome(job.submission_id, status), job.submission_id
+        the job. At most ``concurrency`` steps of this process hold a job at once."""
+        slots = _slots(self.settings.address, concurrency) if concurrency else None
+        if slots is not None and not slots.acquire(blocking=False):
+            self.log(f"{step}: waiting for one of {concurrency} job slots (compute.max_jobs)")
+            slots.acquire()
+        try:
+            job = self.attach(step, key, fn, args, kwargs or {}, fresh)
+            verb = "submitted" if job.submitted else "reattached to"
+            self.log(f"{step}: {verb} Ray Job {job.submission_id} at {self.settings.address}")
+            status = self.follow(job, step, timeout_s, on_poll)
+            return self.outcome(job.submission_id, status), job
+        finally:
+            if slots is not None:
+                slots.release()
 
     def follow(
         self,
@@ -255,31 +345,21 @@ class JobRunner:
         cancelled flow run or past ``timeout_s`` (counted from the job's start)."""
         logs = _LogCursor(tail_first=not job.submitted)
         sid = job.submission_id
-        unreachable_since: float | None = None
+        last_logs = 0.0
         try:
             while True:
-                try:
-                    info = self.client.get_job_info(sid)
-                    text = self.client.get_job_logs(sid)
-                except (ConnectionError, OSError, RuntimeError) as error:
-                    # The head restarting or a network blip: the job does not depend on
-                    # this connection, so keep asking for a while before giving up.
-                    unreachable_since = unreachable_since or time.monotonic()
-                    if time.monotonic() - unreachable_since > UNREACHABLE_S:
-                        raise JobLost(
-                            f"{step}: the job server at {self.settings.address} did not answer "
-                            f"for {UNREACHABLE_S:g} s ({error}); Ray Job {sid} may still run "
-                            "and a rerun of this step reattaches to it"
-                        ) from error
-                    logger.warning("%s: job server not answering (%s); asking again", step, error)
-                    time.sleep(self.settings.poll_s)
-                    continue
-                unreachable_since = None
+                info = self._info(step, sid)
                 status = str(info.status.value)
                 if status in ACTIVE or job.submitted or logs.offset:
-                    self._emit(logs.new_lines(text))
+                    # The whole log comes back each time: every poll early on, then less
+                    # often (a log of a day's training is large).
+                    every = self.settings.poll_s if logs.offset < 2**20 else 60.0
+                    if status not in ACTIVE or time.monotonic() - last_logs >= every:
+                        text = self._ask(step, lambda: self.client.get_job_logs(sid))
+                        self._emit(logs.new_lines(text))
+                        last_logs = time.monotonic()
                 elif not logs.offset:  # found finished: one line, not its whole history
-                    logs.offset = len(text)
+                    logs.offset = 1
                     self.log(f"{step}: Ray Job {sid} had finished ({status}); its log: "
                              f"ray job logs {sid}")  # fmt: skip
                 if on_poll is not None:
@@ -297,7 +377,7 @@ class JobRunner:
                         "(compute.step_timeout_s); stopped"
                     )
                 time.sleep(self.settings.poll_s)
-        except (StepCancelled, StepTimeout):
+        except (StepCancelled, StepTimeout, JobLost):
             raise
         except BaseException:
             if self._cancel_requested():
@@ -316,16 +396,27 @@ class JobRunner:
         folder, endpoint = self.folder(submission_id), self.settings.endpoint_url
         if status == "SUCCEEDED":
             if not exists(join(folder, "result.pkl"), endpoint):
-                raise JobFailed(f"Ray Job {submission_id} succeeded but wrote no result.pkl")
+                raise JobLost(f"Ray Job {submission_id} succeeded but wrote no result.pkl")
             return cloudpickle.loads(_read(join(folder, "result.pkl"), endpoint))
         if status == "STOPPED":
-            raise StepCancelled(f"Ray Job {submission_id} was stopped")
+            if self._cancel_requested():
+                raise StepCancelled(f"Ray Job {submission_id} was stopped")
+            # Stopped by someone else (another flow run following the same job was
+            # cancelled, `ray job stop`): worth a retry, which submits the next attempt.
+            raise JobLost(f"Ray Job {submission_id} was stopped, not by this flow run")
         if exists(join(folder, "error.pkl"), endpoint):
-            error, trace = cloudpickle.loads(_read(join(folder, "error.pkl"), endpoint))
+            try:
+                error, trace = cloudpickle.loads(_read(join(folder, "error.pkl"), endpoint))
+            except Exception as unreadable:  # an exception that pickles but cannot load
+                raise JobFailed(
+                    f"Ray Job {submission_id} failed; its error could not be read here "
+                    f"({unreadable}); `ray job logs {submission_id}` shows it"
+                ) from unreadable
             error.add_note(f"raised in Ray Job {submission_id}:\n{trace}")
             raise error
-        tail = "\n".join(_clean(self.client.get_job_logs(submission_id)).splitlines()[-30:])
-        info = self.client.get_job_info(submission_id)
+        logs = self._ask(submission_id, lambda: self.client.get_job_logs(submission_id))
+        tail = "\n".join(_clean(logs).splitlines()[-30:])
+        info = self._ask(submission_id, lambda: self.client.get_job_info(submission_id))
         raise JobLost(
             f"Ray Job {submission_id} ended {status} without an answer ({info.message}); "
             f"its last log lines:\n{tail}"
@@ -342,15 +433,20 @@ class JobRunner:
 
     def _stop(self, submission_id: str, why: str, wait_s: float = 60.0) -> None:
         """Stop the job and wait (a bounded while) until it has ended: the caller may
-        report the step cancelled only once its work is gone."""
+        report the step cancelled only once its work is gone. A job server that does not
+        answer is logged, never raised: the caller's own error (the cancel, a signal)
+        is what the step ends with."""
         self.log(f"stopping Ray Job {submission_id}: {why}")
-        self.client.stop_job(submission_id)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            if str(self.client.get_job_status(submission_id).value) not in ACTIVE:
-                return
-            time.sleep(0.5)
-        self.log(f"Ray Job {submission_id} still running {wait_s:g} s after the stop request")
+        try:
+            self.client.stop_job(submission_id)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if str(self.client.get_job_status(submission_id).value) not in ACTIVE:
+                    return
+                time.sleep(0.5)
+            self.log(f"Ray Job {submission_id} still running {wait_s:g} s after the stop")
+        except Exception as error:
+            self.log(f"could not stop Ray Job {submission_id} ({error}); `ray job stop` it")
 
     def _emit(self, lines: list[str]) -> None:
         for line in lines:

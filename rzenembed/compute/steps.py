@@ -48,6 +48,9 @@ class Ran(Generic[T]):
 
     value: T
     job: str | None = None
+    # Whether this process found the job already running or finished (a retry, a
+    # restarted worker) rather than submitting it.
+    reattached: bool = False
 
 
 def run_step(
@@ -68,7 +71,8 @@ def run_step(
     its job again. ``timeout_s`` bounds a job's run; ``on_poll`` runs at every poll of a
     job (progress); ``cancelled`` says whether the flow run was cancelled (the job is
     stopped then); ``log`` receives the job's log lines; ``fresh`` submits a new attempt
-    even when one with this key succeeded (a forced recompute)."""
+    even when one with this key succeeded (the step itself may still return an output it
+    finds published, as training, merge, soup and evaluation do)."""
     address = job_address(cfg)
     if address is None:
         return Ran(fn(*args, **kwargs))
@@ -81,9 +85,17 @@ def run_step(
     )
     runner = JobRunner(settings, log=log, cancelled=cancelled)
     value, job = runner.run(
-        step, key, fn, args, kwargs, timeout_s=timeout_s, on_poll=on_poll, fresh=fresh
+        step,
+        key,
+        fn,
+        args,
+        kwargs,
+        timeout_s=timeout_s,
+        on_poll=on_poll,
+        fresh=fresh,
+        concurrency=cfg.compute.max_jobs,
     )
-    return Ran(value, job)
+    return Ran(value, job.submission_id, reattached=not job.submitted)
 
 
 # --------------------------------------------------------------------------- model tasks

@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 
-from rzenembed.compute.admission import admit_for, fmt, how_many_fit, live_nodes
+from rzenembed.compute.admission import (
+    admit_for,
+    autoscale_of,
+    fmt,
+    grown,
+    how_many_fit,
+    live_nodes,
+)
 from rzenembed.compute.steps import step_bundle
 from rzenembed.compute.waiting import ProgressClock, wait_for
 from rzenembed.config import PipelineConfig
@@ -267,7 +274,8 @@ def eval_actor_count(cfg: PipelineConfig) -> int:
     gpus, cpus, custom = step_bundle(cfg)
     bundle = {k: v for k, v in {"GPU": gpus, "CPU": cpus, **custom}.items() if v}
     wanted = cfg.compute.eval_actors
-    fitted = how_many_fit(bundle, wanted, live_nodes())
+    # The nodes there are, and those the autoscaler may add (a GPU group scaled to zero).
+    fitted = how_many_fit(bundle, wanted, grown(live_nodes(), autoscale_of(cfg.compute)))
     if fitted == 0:
         admit_for(cfg.compute, "an evaluation actor", 1, bundle)  # raises: never fits
         return 1

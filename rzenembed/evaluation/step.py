@@ -193,9 +193,10 @@ def evaluate_step(
 
 class ScoreWatcher:
     """Reports each dataset score an evaluation stores under ``scores_uri``
-    (``{model digest}-{key}.json``) once, as it appears. ``poll()`` looks once (a job's
-    waiter calls it at every poll); ``polling()`` looks every ``interval_s`` in a thread
-    while the evaluation runs in this process."""
+    (``{model digest}-{key}.json``) once, as it appears, for the models whose digests start
+    with one of ``digests`` (other evaluations share the folder). ``poll()`` looks once;
+    ``polling()`` looks every ``interval_s`` in a thread while the evaluation runs (in this
+    process or as a job)."""
 
     def __init__(
         self,
@@ -203,12 +204,15 @@ class ScoreWatcher:
         endpoint_url: str | None,
         progress: Callable[[dict[str, Any]], None],
         interval_s: float = 5.0,
+        digests: Sequence[str] = (),
     ):
         from rzenembed.data.storage import filesystem
 
         self.fs, self.path = filesystem(scores_uri, endpoint_url)
         self.progress = progress
         self.interval_s = interval_s
+        self.prefixes = tuple(d[:16] for d in digests)
+        self.lock = threading.Lock()
         self.seen = self._listing()  # scores stored before this evaluation are not news
 
     def _listing(self) -> set[str]:
@@ -218,11 +222,15 @@ class ScoreWatcher:
             return set()
 
     def poll(self) -> None:
-        for name in sorted(self._listing() - self.seen):
-            self.seen.add(name)
-            with self.fs.open(name, "rb") as f:
-                score = json.loads(f.read())
-            self.progress({**score, "model_digest": name.rsplit("/", 1)[-1].split("-", 1)[0]})
+        with self.lock:
+            for name in sorted(self._listing() - self.seen):
+                self.seen.add(name)
+                digest = name.rsplit("/", 1)[-1].split("-", 1)[0]
+                if self.prefixes and not any(p.startswith(digest) for p in self.prefixes):
+                    continue  # another model's evaluation
+                with self.fs.open(name, "rb") as f:
+                    score = json.loads(f.read())
+                self.progress({**score, "model_digest": digest})
 
     @contextmanager
     def polling(self) -> Iterator[None]:
@@ -247,7 +255,10 @@ class ScoreWatcher:
         finally:
             stop.set()
             thread.join(timeout=30)
-            self.poll()
+            try:
+                self.poll()
+            except Exception:  # never hide the evaluation's own outcome behind a listing
+                logger.debug("could not read the stored scores", exc_info=True)
 
 
 def report_uris(out_uri: str) -> dict[str, str]:
