@@ -226,3 +226,41 @@ def test_an_empty_source_gets_one_empty_shard(tmp_path):
     scan = scan_data_file(str(tmp_path / "a.jsonl"), None, 4)
     assert scan.rows == 0
     assert [(c.name, c.count) for c in plan_chunks([scan], 4)] == [("part-00000", 0)]
+
+
+def test_a_table_written_for_other_processes_never_appears_half_written(tmp_path, monkeypatch):
+    """Two clean steps share the decontamination keys: the one that finds the file must
+    read it whole. While the bytes are being written, the final name must not exist."""
+    import fsspec.implementations.local as local
+
+    from rzenembed.data.version import put_table
+
+    seen_while_writing = []
+    real_open = local.LocalFileSystem.open
+
+    class Watched:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def write(self, data):
+            seen_while_writing.append((tmp_path / "keys" / "k.parquet").exists())
+            return self.f.write(data)
+
+    def watched_open(self, path, mode="rb", **kwargs):
+        handle = real_open(self, path, mode, **kwargs)
+        return Watched(handle.__enter__()) if "w" in mode else handle
+
+    monkeypatch.setattr(local.LocalFileSystem, "open", watched_open)
+    table = pa.table({"x": list(range(1000))})
+    put_table(str(tmp_path / "keys"), "k.parquet", table)
+    assert seen_while_writing == [False]
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "keys" / "k.parquet").equals(table)
+    assert [p.name for p in (tmp_path / "keys").iterdir()] == ["k.parquet"]

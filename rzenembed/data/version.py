@@ -142,23 +142,25 @@ def put_table(
     fs, folder = filesystem(folder_uri, endpoint_url)
     parent = rel_path.rsplit("/", 1)[0] if "/" in rel_path else ""
     fs.makedirs(join(folder, parent) if parent else folder, exist_ok=True)
-    with fs.open(join(folder, rel_path), "wb") as f:
-        f.write(payload)
+    # Whole or absent: a reader on another process (two clean steps sharing the
+    # decontamination keys) must never open a file still being written.
+    write_atomically(fs, join(folder, rel_path), payload)
     return ShardInfo(rel_path, table.num_rows, hashlib.sha256(payload).hexdigest())
 
 
-def write_atomically(fs, path: str, text: str) -> None:
+def write_atomically(fs, path: str, content: str | bytes) -> None:
     """Make ``path`` appear whole or not at all: an object-store PUT already is; on a
-    filesystem the text goes to a temporary name first and is renamed into place."""
+    filesystem the content goes to a temporary name first and is renamed into place."""
+    mode = "wb" if isinstance(content, bytes) else "w"
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     if "file" in protocols:
         temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(temporary, "w") as f:
-            f.write(text)
+        with fs.open(temporary, mode) as f:
+            f.write(content)
         fs.mv(temporary, path)
     else:
-        with fs.open(path, "w") as f:
-            f.write(text)
+        with fs.open(path, mode) as f:
+            f.write(content)
 
 
 class DatasetVersion:
