@@ -26,6 +26,7 @@ from rzenembed.config import PipelineConfig, config_digest, load_config, resolve
 from rzenembed.data.folders import exists, read_text
 from rzenembed.data.storage import join
 from rzenembed.evaluation.report import levels
+from rzenembed.prep.prepare import source_steps
 from rzenembed.tracking import Tracker, lineage, with_environment_tracking
 from tasks.common import RunContext
 from tasks.data import (
@@ -75,6 +76,16 @@ class Execution:
 # --------------------------------------------------------------------------- pieces
 
 
+# The task of each step after ingest (``rzenembed.prep.prepare.source_steps`` orders them).
+STEP_TASKS = {
+    "clean": clean,
+    "recaption": recaption,
+    "cap": cap,
+    "split-clips": split_clips,
+    "package-long-videos": package_long_videos,
+}
+
+
 def run_data_prep(ex: Execution) -> dict[str, Any]:
     """Every source through its steps (sources in parallel), the merge, the manifests."""
     cfg, ctx = ex.cfg, ex.ctx
@@ -82,20 +93,13 @@ def run_data_prep(ex: Execution) -> dict[str, Any]:
     for source in cfg.sources:
         current = ex.opts(ingest).submit(cfg, source.name, ex.base, ctx)
         steps = {"ingest": current}
-        current = steps["clean"] = ex.opts(clean).submit(cfg, current, ctx)
-        if source.recaption:
-            current = steps["recaption"] = ex.opts(recaption).submit(cfg, current, ctx)
-        if source.video == "split-clips":
-            current = steps["split-clips"] = ex.opts(split_clips).submit(cfg, current, ctx)
-        elif source.video == "package-long":
-            current = steps["package-long-videos"] = ex.opts(package_long_videos).submit(
-                cfg, current, ctx
-            )
-        steps["cap"] = ex.opts(cap).submit(cfg, current, ctx)
+        for step in source_steps(source)[1:]:
+            current = steps[step] = ex.opts(STEP_TASKS[step]).submit(cfg, current, ctx)
         chains[source.name] = steps
     versions = {name: {s: f.result() for s, f in steps.items()} for name, steps in chains.items()}
-    finals = {s.name: versions[s.name]["cap"] for s in cfg.sources if not s.classification}
-    classification = [versions[s.name]["cap"] for s in cfg.sources if s.classification]
+    last = {s.name: versions[s.name][source_steps(s)[-1]] for s in cfg.sources}
+    finals = {s.name: last[s.name] for s in cfg.sources if not s.classification}
+    classification = [last[s.name] for s in cfg.sources if s.classification]
     if classification:
         merged = ex.opts(merge_classification)(cfg, classification, ctx)
         finals[cfg.prep.classification_dataset] = merged

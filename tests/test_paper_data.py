@@ -107,3 +107,7 @@ def test_data_prep_on_a_scaled_down_paper_config_gives_both_stages(
         assert sum(d.probability for d in manifest.datasets) == pytest.approx(1.0)
     clips = out.final["video-clips"].manifest.stats
     assert clips["group_semantics"] == "siblings"
+    # The paper's 400k clips: capped in clips of whole videos, before the split decodes any.
+    assert cfg.source("video-clips").cap == 400_000
+    assert list(out.versions["video-clips"]) == ["ingest", "clean", "cap", "split-clips"]
+    assert out.versions["video-clips"]["cap"].manifest.stats["capped_by"] == "clips of whole videos"

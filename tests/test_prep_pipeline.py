@@ -98,15 +98,24 @@ def test_rejects_keep_the_row_itself(prepared):
     assert "../" in escaping["row_json"] and escaping["source_row"] is not None
 
 
-def test_cap_keeps_exactly_n_rows(prepared):
+def test_cap_keeps_exactly_n_rows_or_whole_videos(prepared):
+    """Row by row the cap keeps exactly N; a source split into clips is capped before the
+    split, in clips of whole videos (tests/test_video_cap.py has the reference)."""
     from rzenembed.prep.cap import cap_limit
 
     cfg, data = prepared
     for name, steps in data.versions.items():
-        before, capped = list(steps.values())[-2], steps["cap"]
+        order = list(steps)
+        before, capped = steps[order[order.index("cap") - 1]], steps["cap"]
         limit = cap_limit(cfg, name) or before.rows  # stage-1 sources are uncapped
-        assert capped.rows == min(limit, before.rows), name
-        assert capped.manifest.stats["dropped_by_cap"] == max(0, before.rows - limit)
+        if "split-clips" not in steps:
+            assert capped.rows == min(limit, before.rows), name
+            assert capped.manifest.stats["dropped_by_cap"] == max(0, before.rows - limit)
+            continue
+        clips = steps["split-clips"].read_table(columns=["group_id"]).column("group_id")
+        videos = set(capped.read_table(columns=["id"]).column("id").to_pylist())
+        assert {g.removeprefix("video:") for g in clips.to_pylist()} <= videos, name
+        assert len(clips) <= limit and steps["split-clips"].manifest.stats["rows_in"] == len(videos)
 
 
 def test_merged_classification_unifies_labels(prepared):
@@ -129,7 +138,7 @@ def test_merged_classification_unifies_labels(prepared):
 def test_clips_lie_inside_their_segments_and_siblings_share_a_group(prepared, sample_corpus):
     _, data = prepared
     clips = data.versions["sample-long-videos"]["split-clips"].read_table().to_pylist()
-    raw = data.versions["sample-long-videos"]["clean"].read_table().to_pylist()
+    raw = data.versions["sample-long-videos"]["cap"].read_table().to_pylist()  # the split's input
     segments = {r["id"]: r["segments"] for r in raw}
     assert len(clips) == sum(len(s) for s in segments.values())
     for clip in clips:
@@ -227,7 +236,7 @@ def test_cap_is_stable_per_seed_and_seeds_differ(prepared):
     from rzenembed.prep.cap import select_ids
 
     _, data = prepared
-    version = data.versions["sample-long-videos"]["split-clips"]  # 35 rows
+    version = data.versions["sample-captions"]["clean"]  # 35 rows, capped row by row
     first, again = select_ids(version, 10, seed=0), select_ids(version, 10, seed=0)
     other = select_ids(version, 10, seed=1)
     assert first == again and len(first) == 10
@@ -253,7 +262,7 @@ def test_the_distributed_cap_keeps_what_the_reference_ranking_keeps(prepared, tm
     from rzenembed.prep.cap import run_cap, select_ids
 
     cfg, data = prepared
-    version = data.versions["sample-long-videos"]["split-clips"]  # 35 rows in 3 shards
+    version = data.versions["sample-captions"]["clean"]  # 35 rows in 3 shards
     capped = run_cap(
         cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": str(tmp_path)})}),
         version,
@@ -263,7 +272,6 @@ def test_the_distributed_cap_keeps_what_the_reference_ranking_keeps(prepared, tm
     kept = set(capped.read_table(columns=["id"]).column("id").to_pylist())
     assert kept == select_ids(version, 10, seed=cfg.prep.seed)
     assert capped.manifest.stats["dropped_by_cap"] == version.rows - 10
-    assert capped.manifest.stats["group_semantics"] == "siblings"  # clips stay negatives
 
 
 def test_stage1_sources_are_uncapped_and_copied_byte_for_byte(prepared):
@@ -345,10 +353,10 @@ PINNED = {
     "sample-image-qa/cap": (24, {}),
     "sample-image-qa/clean": (24, {}),
     "sample-image-qa/ingest": (24, {}),
-    "sample-long-videos/cap": (25, {}),
+    "sample-long-videos/cap": (7, {}),  # whole videos: 25 clips of 7 videos
     "sample-long-videos/clean": (10, {}),
     "sample-long-videos/ingest": (10, {}),
-    "sample-long-videos/split-clips": (35, {}),
+    "sample-long-videos/split-clips": (25, {}),
     "sample-mmeb-vqa/cap": (20, {}),
     "sample-mmeb-vqa/clean": (20, {}),
     "sample-mmeb-vqa/ingest": (20, {}),

@@ -18,6 +18,17 @@ All row work happens on the workers, in Arrow:
    repeated id does it), the shards holding ``T`` are filtered again keeping only the tied
    rows that fit, first by (id, shard, row).
 
+*Whole videos.* A dataset whose rows share groups of siblings (clips of one video, with each
+other as hard negatives) and a video source before its clip split are capped by *group*:
+every row ranks by ``blake2b(seed, group)`` (its ``group_id``, or its id when it has none),
+a group counts as many rows as it has (before the split: as many clips as the split will
+cut from the video, from its segments or its length stamped at ingest), and the groups are
+kept in rank order while their count fits the cap. A video and its clips stay or go
+together, no sibling reference is left dangling (the filter counts references to rows it
+dropped and fails the step on any), and the split decodes only the kept videos
+(``rzenembed.prep.prepare.source_steps`` runs the cap first). Groups are never cut, so the
+cap keeps between ``N - largest group + 1`` and ``N`` rows.
+
 Which cap applies (``cap_limit``): a source's own ``cap``, else ``prep.cap_per_dataset``
 (100k, the paper's stage-2 rule) for stage-2 sources and those used in both stages, else
 ``prep.stage1_cap_per_dataset`` (default none: stage 1 trains on everything, as in the
@@ -44,7 +55,7 @@ from rzenembed.data.version import DatasetVersion, ShardInfo, VersionWriter, put
 from rzenembed.prep.base import committed, media_root_of, plan_step, shard_name
 
 STEP = "cap"
-CODE_VERSION = "2"
+CODE_VERSION = "3"  # 3: whole groups (videos) for sibling datasets and video sources
 
 
 def rank(seed: int, row_id: str) -> int:
@@ -88,6 +99,117 @@ def cap_limit(cfg: PipelineConfig, dataset: str) -> int | None:
                 return cfg.prep.stage1_cap_per_dataset
             return cfg.prep.cap_per_dataset
     return cfg.prep.cap_per_dataset  # merged classification and other derived datasets
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """How a grouped cap counts: rows rank by their group, and before a clip split a video
+    row counts as its clips (``clip_knobs``: the split's clip_seconds and clip_min_s)."""
+
+    clip_knobs: dict[str, float] | None = None
+
+
+def grouping(cfg: PipelineConfig, version: DatasetVersion) -> Grouping | None:
+    """The grouped cap for sibling datasets and for a source's videos before their split;
+    None: rows are capped one by one."""
+    for source in cfg.sources:
+        before_split = source.video == "split-clips" and version.manifest.step != "split-clips"
+        if source.name == version.manifest.dataset and before_split:
+            knobs = {"clip_seconds": cfg.prep.clip_seconds, "clip_min_s": cfg.prep.clip_min_s}
+            return Grouping(clip_knobs=knobs)
+    if version.manifest.stats.get("group_semantics") == "siblings":
+        return Grouping()
+    return None
+
+
+GROUP_COLUMNS = ["id", "group_id", "query", "positive", "segments"]
+
+
+def group_ranks(table: pa.Table, seed: int, how: Grouping) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the rank of its group, and how many rows it stands for (its clips before a
+    split, else 1)."""
+    ids, groups = table.column("id").to_pylist(), table.column("group_id").to_pylist()
+    keys = pa.array([g or i for i, g in zip(ids, groups, strict=True)], pa.string())
+    if how.clip_knobs is None:
+        return rank_ids(seed, keys), np.ones(len(keys), np.int64)
+    weights = np.fromiter(
+        (clip_count(row, how.clip_knobs) for row in table.select(GROUP_COLUMNS[2:]).to_pylist()),
+        dtype=np.int64,
+        count=table.num_rows,
+    )
+    return rank_ids(seed, keys), weights
+
+
+def clip_count(row: dict[str, Any], knobs: dict[str, float]) -> int:
+    """The clips the split will cut from the row's video: its segments, else windows over the
+    length ingest stamped on the video item (``end_s``). A video without either counts one."""
+    from rzenembed.prep.video import clip_windows
+
+    video = next(
+        (m for side in ("positive", "query") for m in row[side].get("media") or []
+         if m["kind"] == "video"),
+        None,
+    )  # fmt: skip
+    whole = video is not None and not video.get("start_s")  # a range of it: not its length
+    length = video.get("end_s") if whole else None
+    if not row.get("segments") and length is None:
+        return 1
+    if length is None:  # segments without a known length: each segment's own end
+        length = max(s["end_s"] for s in row["segments"])
+    windows = clip_windows(length, row.get("segments"), knobs["clip_seconds"], knobs["clip_min_s"])
+    return len(windows)
+
+
+def _shard_groups(job: tuple[str, ShardInfo, str | None, int, int, Grouping]):
+    """(group ranks, rows they stand for) of one shard, smallest ranks first, only as many
+    groups as could fit under the cap (a group's count here is at most its total)."""
+    uri, shard, endpoint, seed, limit, how = job
+    table = DatasetVersion.open(uri, endpoint).read_shard(shard, columns=_group_columns(how))
+    ranks, weights = group_ranks(table, seed, how)
+    return fitting_groups(ranks, weights, limit)
+
+
+def _group_columns(how: Grouping) -> list[str]:
+    return GROUP_COLUMNS if how.clip_knobs is not None else GROUP_COLUMNS[:2]
+
+
+def fitting_groups(
+    ranks: np.ndarray, weights: np.ndarray, limit: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows summed per group rank, ascending, cut after the groups whose running total fits
+    ``limit``. Cutting partial sums is safe: a group's total is at least any part of it."""
+    unique, inverse = np.unique(ranks, return_inverse=True)
+    totals = np.bincount(inverse, weights=weights, minlength=len(unique)).astype(np.int64)
+    fits = int(np.searchsorted(np.cumsum(totals), limit, side="right"))
+    return unique[:fits], totals[:fits]
+
+
+def group_threshold(
+    version: DatasetVersion,
+    limit: int,
+    seed: int,
+    how: Grouping,
+    in_flight: int | None,
+    show_progress: bool,
+) -> Threshold:
+    """Keep the groups ranked up to the last one whose running row count fits ``limit``
+    (none at all when the first group alone is larger)."""
+    jobs = [
+        (version.uri, s, version.endpoint_url, seed, limit, how) for s in version.manifest.shards
+    ]
+    ranks, weights = np.empty(0, np.uint64), np.empty(0, np.int64)
+    group = 2 * (in_flight or 8)
+    for start in range(0, len(jobs), group):
+        parts = run_shards(
+            _shard_groups, jobs[start : start + group], max_in_flight=in_flight,
+            show_progress=show_progress,
+        )  # fmt: skip
+        ranks = np.concatenate([ranks, *(p[0] for p in parts)])
+        weights = np.concatenate([weights, *(p[1] for p in parts)])
+        ranks, weights = fitting_groups(ranks, weights, limit)
+    if not len(ranks):
+        return Threshold(0, at_rank={})  # nothing ranks below 0 and no row is listed
+    return Threshold(int(ranks[-1]))
 
 
 @dataclass
@@ -164,6 +286,7 @@ class _FilterJob:
     staging_uri: str
     seed: int
     rule: Threshold | None  # None: keep every row (a byte copy)
+    grouped: Grouping | None = None  # rank rows by their group (see ``grouping``)
 
 
 def _filter_shard(job: _FilterJob) -> tuple[str, ShardInfo, int, int, int]:
@@ -175,17 +298,37 @@ def _filter_shard(job: _FilterJob) -> tuple[str, ShardInfo, int, int, int]:
         _, dst = filesystem(join(job.staging_uri, job.shard.path), job.endpoint_url)
         fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
         fs.copy(src, dst)
-        return name, job.shard, job.shard.rows, 0, 0
+        return name, job.shard, job.shard.rows, 0, 0, 0
     table = DatasetVersion.open(job.uri, job.endpoint_url).read_shard(job.shard)
-    ranks = rank_ids(job.seed, table.column("id"))
+    if job.grouped is not None:
+        ranks = group_ranks(table.select(["id", "group_id"]), job.seed, Grouping())[0]
+    else:
+        ranks = rank_ids(job.seed, table.column("id"))
     at = ranks == np.uint64(job.rule.rank)
     if job.rule.at_rank is not None:  # a tie straddles the cut: only the listed rows
         listed = np.zeros(len(at), dtype=bool)
         listed[job.rule.at_rank.get(name, [])] = True
         at &= listed
     kept = table.filter(pa.array((ranks < np.uint64(job.rule.rank)) | at))
+    dangling = dangling_references(kept)
+    if job.grouped is not None and dangling:
+        raise RuntimeError(
+            f"cap of {job.uri} shard {name}: {dangling} sibling references point at dropped "
+            "rows though whole groups were kept (a group split across shards?)"
+        )
     info = put_table(job.staging_uri, job.shard.path, kept, job.endpoint_url)
-    return name, info, table.num_rows, table.num_rows - kept.num_rows, int(at.sum())
+    return name, info, table.num_rows, table.num_rows - kept.num_rows, int(at.sum()), dangling
+
+
+def dangling_references(table: pa.Table) -> int:
+    """Negatives that refer to a row (``ref``: a sibling in the same shard) not in ``table``."""
+    ids = set(table.column("id").to_pylist())
+    return sum(
+        1
+        for negatives in table.column("negatives").to_pylist()
+        for negative in negatives or []
+        if negative.get("ref") and negative["ref"] not in ids
+    )
 
 
 def run_cap(
@@ -202,17 +345,24 @@ def run_cap(
     if (done := committed(plan, cfg)) is not None:
         return done
     in_flight = cfg.prep.max_in_flight
+    how = grouping(cfg, version)
     rule = None
-    if limit is not None and version.rows > limit:
+    if how is not None and limit is not None and (how.clip_knobs or version.rows > limit):
+        rule = group_threshold(version, limit, cfg.prep.seed, how, in_flight, show_progress)
+    elif limit is not None and version.rows > limit:
         rule = threshold(version, limit, cfg.prep.seed, in_flight, show_progress)
     writer = VersionWriter(plan.uri, RECORD_SCHEMA, cfg.storage.endpoint_url)
     jobs = [
-        _FilterJob(version.uri, s, version.endpoint_url, writer.staging_uri, cfg.prep.seed, rule)
+        _FilterJob(
+            version.uri, s, version.endpoint_url, writer.staging_uri, cfg.prep.seed, rule, how
+        )
         for s in version.manifest.shards
     ]
     results = run_shards(_filter_shard, jobs, max_in_flight=in_flight, show_progress=show_progress)
     kept = sum(r[2] - r[3] for r in results)
-    if rule is not None and kept > limit:  # rows tied at the threshold rank: settle them
+    if (
+        how is None and rule is not None and kept > limit
+    ):  # rows tied at the threshold rank: settle them
         below = kept - sum(r[4] for r in results)
         chosen = settle_tie(version, cfg.prep.seed, rule.rank, limit - below, in_flight)
         rule = Threshold(rule.rank, chosen)
@@ -229,12 +379,16 @@ def run_cap(
         "seed": cfg.prep.seed,
         "rows_in": 0,
         "dropped_by_cap": 0,
+        "dangling_references": 0,
         "media_root": media_root_of(version),
     }
-    for name, info, rows_in, dropped, _ in results:
+    if how is not None:
+        stats["capped_by"] = "clips of whole videos" if how.clip_knobs else "whole groups"
+    for name, info, rows_in, dropped, _, dangling in results:
         writer.add_shard_info(name, info)
         stats["rows_in"] += rows_in
         stats["dropped_by_cap"] += dropped
+        stats["dangling_references"] += dangling
     if "group_semantics" in version.manifest.stats:  # clips stay each other's negatives
         stats["group_semantics"] = version.manifest.stats["group_semantics"]
     return writer.commit(

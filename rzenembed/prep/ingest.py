@@ -4,8 +4,10 @@ Each row is checked for shape and types, empty or oversized text, and every medi
 references: the URI must stay inside the source folder, the file must exist and decode
 (images: header size checked before pixels are decoded; videos: the last frame must
 decode). Good rows are normalised to ``RECORD_SCHEMA``; bad ones become rejects with a
-reason code. Media are not copied: records keep URIs relative to the source folder, which
-the manifest records as ``media_root``.
+reason code. A whole video's item gets its length as the range [0, length] (``start_s``,
+``end_s``): the cap counts a video's clips before the split from it, without opening it.
+Media are not copied: records keep URIs relative to the source folder, which the manifest
+records as ``media_root``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from rzenembed.data.version import DatasetVersion, InputRef
 from rzenembed.prep.base import ShardJob, committed, execute, plan_step, reject
 
 STEP = "ingest"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: a whole video's length stamped on its item
 # The row checks (``RowError``, ``normalise``, ``check_texts``) live in
 # ``rzenembed.data.record_checks``, below ``inspect-source`` too; the clean and video steps
 # still import ``RowError`` from here.
@@ -225,7 +227,9 @@ def check_media(row: dict[str, Any], root: str, max_pixels: int, endpoint_url: s
                 if item["kind"] == "image":
                     media_ops.decode_image(data, max_pixels=max_pixels)
                 else:
-                    media_ops.probe_video(data)
+                    info = media_ops.probe_video(data)
+                    if item.get("start_s") is None and item.get("end_s") is None:
+                        item["start_s"], item["end_s"] = 0.0, info.duration_s
             except media_ops.MediaError as exc:
                 raise RowError(exc.reason, f"{label}: {exc}") from None
 

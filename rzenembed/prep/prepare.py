@@ -1,6 +1,8 @@
 """The whole data preparation of a config, as plain function calls (no orchestrator).
 
-Per source: ingest -> clean -> (recaption) -> (split clips | package long videos) -> cap.
+Per source (``source_steps``): ingest -> clean -> (recaption) -> cap, then the video step
+(split clips | package long videos) when the source has one: the cap picks whole videos
+before any is decoded, so a split decodes only the kept ones and a clip's siblings all stay.
 Classification sources are then merged into one dataset. Finally each stage gets its data manifest:
 stage 1 over the stage-1 sources (proportional to size), stage 2 once per configured
 mixture. Every step returns a committed version, and a step whose inputs and config did
@@ -33,24 +35,35 @@ class PreparedData:
     stages: dict[str, StageManifest] = field(default_factory=dict)
 
 
+def source_steps(source: SourceConfig) -> list[str]:
+    """The preparation steps of ``source``, in order; the last one's version is final."""
+    steps = ["ingest", "clean"]
+    if source.recaption:
+        steps.append("recaption")
+    steps.append("cap")
+    if source.video == "split-clips":
+        steps.append("split-clips")
+    elif source.video == "package-long":
+        steps.append("package-long-videos")
+    return steps
+
+
 def prepare_source(
     cfg: PipelineConfig, source: SourceConfig, base: str | None = None, show_progress: bool = True
 ) -> dict[str, DatasetVersion]:
-    """ingest -> clean -> recaption (if asked) -> video step (if any) -> cap for one source;
-    versions by step."""
-    steps = {"ingest": run_ingest(cfg, source, base, show_progress)}
-    steps["clean"] = run_clean(cfg, steps["ingest"], show_progress)
-    current = steps["clean"]
-    if source.recaption:
-        captions = data_location(cfg.data_root, source.captions, base) if source.captions else None
-        current = steps["recaption"] = run_recaption(cfg, current, show_progress, captions=captions)
-    if source.video == "split-clips":
-        current = steps["split-clips"] = run_split_clips(cfg, current, show_progress)
-    elif source.video == "package-long":
-        current = steps["package-long-videos"] = run_package_long_videos(
-            cfg, current, show_progress
-        )
-    steps["cap"] = run_cap(cfg, current, show_progress=show_progress)
+    """``source_steps`` of one source; versions by step."""
+    captions = data_location(cfg.data_root, source.captions, base) if source.captions else None
+    run = {
+        "clean": lambda v: run_clean(cfg, v, show_progress),
+        "recaption": lambda v: run_recaption(cfg, v, show_progress, captions=captions),
+        "cap": lambda v: run_cap(cfg, v, show_progress=show_progress),
+        "split-clips": lambda v: run_split_clips(cfg, v, show_progress),
+        "package-long-videos": lambda v: run_package_long_videos(cfg, v, show_progress),
+    }
+    current = run_ingest(cfg, source, base, show_progress)
+    steps = {"ingest": current}
+    for step in source_steps(source)[1:]:
+        current = steps[step] = run[step](current)
     return steps
 
 
@@ -62,10 +75,11 @@ def prepare_all(
     out = PreparedData()
     for source in cfg.sources:
         out.versions[source.name] = prepare_source(cfg, source, base, show_progress)
-    classification = [out.versions[s.name]["cap"] for s in cfg.sources if s.classification]
+    last = {s.name: out.versions[s.name][source_steps(s)[-1]] for s in cfg.sources}
+    classification = [last[s.name] for s in cfg.sources if s.classification]
     for source in cfg.sources:
         if not source.classification:
-            out.final[source.name] = out.versions[source.name]["cap"]
+            out.final[source.name] = last[source.name]
     if classification:
         merged = run_merge_classification(cfg, classification, show_progress)
         out.final[cfg.prep.classification_dataset] = merged
