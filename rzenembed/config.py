@@ -171,6 +171,10 @@ class PrepConfig(Strict):
     mixture_temperature: float = Field(default=1.0, gt=0)
     # Per-step cap on concurrent shard tasks; None: as many as the cluster's CPUs allow.
     max_in_flight: int | None = Field(default=None, gt=0)
+    # The largest fraction of a step's input rows that shard tasks which raised may turn
+    # into ``shard_failed`` rejects; 0: any such shard fails the step (once the others are
+    # done: they are kept, and a rerun redoes only the failed shards).
+    shard_error_budget: float = Field(default=0.0, ge=0, le=1)
     recaption: RecaptionConfig = RecaptionConfig()
     # Evaluation set folders (or folders of sets) whose items no training row may copy
     # (docs/data.md, "Decontamination"); None: the configured ``eval.sets``; []: off.

@@ -73,6 +73,18 @@ def _pickled(exc: Exception) -> bytes:
         return pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
 
 
+class Failed:
+    """What ``run_shards(..., errors="return")`` gives for an item whose task raised: the
+    exception, to be handled (or raised) by the caller, which still gets every other
+    item's result."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"Failed({self.error!r})"
+
+
 def run_shards(
     fn: Callable[..., T],
     items: Sequence[Any],
@@ -81,6 +93,7 @@ def run_shards(
     retries: int = 3,
     num_cpus: float = 1,
     show_progress: bool = True,
+    errors: str = "raise",
 ) -> list[T]:
     """``fn(item)`` for every item as a Ray Data map, one block per item; results in the
     order of ``items``.
@@ -88,12 +101,20 @@ def run_shards(
     A task that raises one of ``TRANSIENT_ERRORS`` is retried up to ``retries`` times; any
     other exception (bad input is the step's business, recorded as rejects, so an exception
     here is a bug) comes back with the task's result and is raised here as itself, the first
-    in input order, once the map has finished.
+    in input order, once the map has finished; with ``errors="return"`` it is returned in
+    the item's place as ``Failed`` (a step that keeps what its other shards did).
     """
     if max_in_flight is not None and max_in_flight <= 0:
         raise ValueError(f"max_in_flight must be > 0 or None, got {max_in_flight}")
+    if errors not in ("raise", "return"):
+        raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
     return _map(
-        items, show_progress, _Apply(fn, retries), num_cpus=num_cpus, concurrency=max_in_flight
+        items,
+        show_progress,
+        _Apply(fn, retries),
+        raise_errors=errors == "raise",
+        num_cpus=num_cpus,
+        concurrency=max_in_flight,
     )
 
 
@@ -135,9 +156,12 @@ def run_on_actors(
     )
 
 
-def _map(items: Sequence[Any], show_progress: bool, udf: Any, **map_args: Any) -> list[Any]:
+def _map(
+    items: Sequence[Any], show_progress: bool, udf: Any, raise_errors: bool = True, **map_args: Any
+) -> list[Any]:
     """Items pickled into a one-block-per-item dataset, ``udf`` mapped over it, the results
-    unpickled in input order (the first error, in input order, raised)."""
+    unpickled in input order (the first error, in input order, raised; or each returned
+    as ``Failed``)."""
     if not items:
         return []
     ensure_ray()
@@ -148,7 +172,11 @@ def _map(items: Sequence[Any], show_progress: bool, udf: Any, **map_args: Any) -
     rows = [{"index": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     out = sorted(dataset.map(udf, **map_args).take_all(), key=lambda row: row["index"])
-    for row in out:
-        if row["error"]:
-            raise pickle.loads(row["error"])
-    return [pickle.loads(row["result"]) for row in out]
+    if raise_errors:
+        for row in out:
+            if row["error"]:
+                raise pickle.loads(row["error"])
+    return [
+        Failed(pickle.loads(row["error"])) if row["error"] else pickle.loads(row["result"])
+        for row in out
+    ]

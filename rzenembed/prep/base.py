@@ -6,6 +6,14 @@ staging area; the driver only collects shard infos, reject counts and stats, the
 
 The output location is derived from the step, its code version, its config section and
 the input digests (``version_id``), so a finished step is found again instead of redone.
+
+A step is resumable shard by shard (``execute``): each finished shard task leaves a record
+beside its output in the version's staging area, and a rerun of the same version (a Prefect
+retry, a restarted job) runs only the shards without one. A shard whose task raises does not
+stop the others: they finish and are kept. The step then fails naming the failed shards, or,
+when their rows are within ``prep.shard_error_budget`` (a fraction of the step's input
+rows), their rows become rejects (``shard_failed``, the error as the detail) and the
+version is committed.
 """
 
 from __future__ import annotations
@@ -13,15 +21,15 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from rzenembed.config import PipelineConfig
-from rzenembed.data.engine import run_shards
+from rzenembed.data.engine import Failed, run_shards
 from rzenembed.data.schema import RECORD_SCHEMA, REJECT_SCHEMA
-from rzenembed.data.storage import join
+from rzenembed.data.storage import filesystem, join
 from rzenembed.data.version import (
     DatasetVersion,
     InputRef,
@@ -29,6 +37,7 @@ from rzenembed.data.version import (
     VersionWriter,
     put_table,
     version_id,
+    write_atomically,
 )
 
 # Every reason a row can be rejected for; docs/data.md lists the same table.
@@ -59,6 +68,8 @@ REASON_CODES: dict[str, str] = {
     "caption_empty": "the recaption model produced no text (the original row is kept)",
     "caption_too_long": "a generated caption exceeds prep.recaption.max_chars",
     "caption_repetitive": "too many repeated word 3-grams in a generated caption",
+    "shard_failed": "the step's task raised on the row's shard (the error is the detail); "
+    "only within prep.shard_error_budget, else the step fails",
 }
 
 
@@ -106,6 +117,16 @@ class ShardResult:
     reject_counts: dict[str, int]
     stats: dict[str, int] = field(default_factory=dict)
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardResult:
+        raw = json.loads(text)
+        raw["data"] = ShardInfo(**raw["data"])
+        raw["rejects"] = ShardInfo(**raw["rejects"]) if raw["rejects"] else None
+        return cls(**raw)
+
 
 @dataclass
 class ShardJob:
@@ -121,8 +142,20 @@ class ShardJob:
     schema: pa.Schema = RECORD_SCHEMA
 
 
+DONE_DIR = "done"  # in a resumable staging area: one record per finished shard
+
+
 def run_shard_job(job: ShardJob) -> ShardResult:
-    """Load a shard's rows, apply the step's function, write output and rejects to staging."""
+    """Load a shard's rows, apply the step's function, write output and rejects to staging,
+    then the shard's done record (last: a record always names complete outputs)."""
+    result = _process_shard(job)
+    fs, folder = filesystem(job.staging_uri, job.endpoint_url)
+    fs.makedirs(join(folder, DONE_DIR), exist_ok=True)
+    write_atomically(fs, join(folder, DONE_DIR, f"{job.name}.json"), result.to_json())
+    return result
+
+
+def _process_shard(job: ShardJob) -> ShardResult:
     rows = job.load()
     kept, rejected, stats = job.fn(rows, job.name, **job.params)
     dropped, added = stats.get("dropped_by_cap", 0), stats.get("rows_added", 0)
@@ -190,19 +223,31 @@ def execute(
 ) -> DatasetVersion:
     """Run the shard jobs on Ray, then commit the version with summed counts and stats
     (into ``writer``'s staging area when a step already opened one for scratch work)."""
-    writer = writer or VersionWriter(plan.uri, RECORD_SCHEMA, cfg.storage.endpoint_url)
+    endpoint = cfg.storage.endpoint_url
+    writer = writer or VersionWriter(plan.uri, RECORD_SCHEMA, endpoint, resume=True)
     jobs = jobs_for(writer.staging_uri)
-    results = run_shards(
+    finished = finished_shards(writer.staging_uri, {j.name for j in jobs}, endpoint)
+    pending = [j for j in jobs if j.name not in finished]
+    outcomes = run_shards(
         run_shard_job,
-        jobs,
+        pending,
         max_in_flight=cfg.prep.max_in_flight,
         show_progress=show_progress,
+        errors="return",
     )
+    failed = [(j, o.error) for j, o in zip(pending, outcomes, strict=True) if isinstance(o, Failed)]
+    results = [*finished.values(), *(o for o in outcomes if not isinstance(o, Failed))]
+    if failed:
+        results += reject_failed_shards(plan, cfg, failed, results, show_progress)
     totals: Counter[str] = Counter()
-    for result in results:
+    for result in sorted(results, key=lambda r: r.name):
         writer.add_shard_info(result.name, result.data, result.rejects, result.reject_counts)
         totals.update(result.stats)
         totals["rows_in"] += result.rows_in
+    if finished:
+        totals["shards_reused"] = len(finished)
+    if failed:
+        totals["shards_failed"] = len(failed)
     merged = {**dict(totals), **(stats or {})}
     if media_root is not None:
         merged["media_root"] = media_root
@@ -214,6 +259,94 @@ def execute(
         inputs=plan.inputs,
         stats=merged,
     )
+
+
+def finished_shards(
+    staging_uri: str, names: set[str], endpoint_url: str | None
+) -> dict[str, ShardResult]:
+    """The done records an earlier run of this version left, by shard name, whose outputs
+    are all still staged (a commit interrupted while moving shards leaves records without
+    them). One listing of the staging area, the records read in one concurrent batch."""
+    fs, folder = filesystem(staging_uri, endpoint_url)
+    if not fs.exists(folder):
+        return {}
+    staged = {p[len(folder.rstrip("/")) + 1 :] for p in fs.find(folder)}
+    wanted = [
+        join(folder, p)
+        for p in sorted(staged)
+        if p.startswith(f"{DONE_DIR}/") and p[len(DONE_DIR) + 1 :].removesuffix(".json") in names
+    ]
+    texts = fs.cat(wanted) if wanted else {}
+    results = [ShardResult.from_json(texts[p].decode()) for p in wanted]
+    return {
+        r.name: r
+        for r in results
+        if r.data.path in staged and (r.rejects is None or r.rejects.path in staged)
+    }
+
+
+class ShardsFailed(RuntimeError):
+    """Shard tasks of a step raised, beyond its error budget; the finished shards are kept
+    for a rerun, which redoes only these."""
+
+
+def reject_failed_shards(
+    plan: StepPlan,
+    cfg: PipelineConfig,
+    failed: list[tuple[ShardJob, BaseException]],
+    results: list[ShardResult],
+    show_progress: bool,
+) -> list[ShardResult]:
+    """The rows of failed shards as ``shard_failed`` rejects, when they fit the error budget
+    (a fraction of the step's input rows); else ``ShardsFailed`` naming them. These results
+    leave no done record: a rerun tries the shards again."""
+    budget = cfg.prep.shard_error_budget
+    names = ", ".join(job.name for job, _ in failed[:5]) + (" ..." if len(failed) > 5 else "")
+    first = failed[0][1]
+    summary = (
+        f"{plan.step} of {plan.dataset}: {len(failed)} of {len(failed) + len(results)} shard "
+        f"tasks raised ({names}); first error: {type(first).__name__}: {first}"
+    )
+    if budget <= 0:
+        raise ShardsFailed(
+            f"{summary}. The {len(results)} finished shards are kept: a rerun redoes only "
+            "the failed ones (prep.shard_error_budget lets a fraction of rows be rejected "
+            "instead)"
+        ) from first
+    jobs = [_RejectJob(job, f"{type(error).__name__}: {error}"[:2000]) for job, error in failed]
+    rejected = run_shards(
+        _reject_shard, jobs, max_in_flight=cfg.prep.max_in_flight, show_progress=show_progress
+    )
+    bad = sum(r.rows_in for r in rejected)
+    total = bad + sum(r.rows_in for r in results)
+    if bad > budget * total:
+        raise ShardsFailed(
+            f"{summary}. Their {bad} rows are {bad / max(total, 1):.1%} of {total}, over "
+            f"prep.shard_error_budget ({budget:.1%}); the finished shards are kept for a rerun"
+        ) from first
+    return rejected
+
+
+@dataclass
+class _RejectJob:
+    job: ShardJob
+    detail: str
+
+
+def _reject_shard(item: _RejectJob) -> ShardResult:
+    """Every row of a failed shard as a ``shard_failed`` reject, an empty data shard."""
+    job = item.job
+    rows = job.load()
+    rejected = [
+        reject(job.step, row, "shard_failed", item.detail, job.name, i)
+        for i, row in enumerate(rows)
+    ]
+    data = put_table(
+        job.staging_uri, f"data/{job.name}.parquet", job.schema.empty_table(), job.endpoint_url
+    )
+    table = pa.Table.from_pylist(rejected, schema=REJECT_SCHEMA)
+    info = put_table(job.staging_uri, f"rejects/{job.name}.parquet", table, job.endpoint_url)
+    return ShardResult(job.name, len(rows), data, info, {"shard_failed": len(rows)}, {})
 
 
 def shard_name(shard: ShardInfo) -> str:

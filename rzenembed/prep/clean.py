@@ -111,7 +111,8 @@ def run_clean(
         return done
     root = media_root_of(version)
     endpoint = cfg.storage.endpoint_url
-    writer = VersionWriter(plan.uri, RECORD_SCHEMA, endpoint)
+    # resumable: the decisions are recomputed (deterministic), the finished shards reused
+    writer = VersionWriter(plan.uri, RECORD_SCHEMA, endpoint, resume=True)
     decisions, overlaps = find_rejects(
         version, root, knobs, writer.staging_uri, cfg.prep.max_in_flight, endpoint, show_progress
     )
