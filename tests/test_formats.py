@@ -269,7 +269,8 @@ def test_llava_video_conversations_with_mp4s_and_frame_folders(ray_local, tmp_pa
     format_fixtures.llava_video(folder)
     version, records, rejects = ingest(tmp_path / "store", folder, "llava-video", task_group=group)
     assert version.manifest.stats["rows_in"] == len(records) + len(rejects) == 5
-    clip = {**image("videos/clip.mp4"), "kind": "video"}
+    # ingest stamps a whole video's length on its item (the fixture's mp4: 3 s)
+    clip = {**image("videos/clip.mp4"), "kind": "video", "start_s": 0.0, "end_s": 3.0}
     frames = {**image("frames/v2"), "kind": "frames"}
     if group == "video_qa":  # (video + question) -> answer
         assert records["r0"]["query"] == text("Describe the video.", media=[clip])

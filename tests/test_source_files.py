@@ -285,7 +285,8 @@ def test_llava_rows_from_a_json_array_or_gzipped_jsonl(ray_local, tmp_path, layo
     )
     # six rows in shards of four: the second shard starts inside the file
     assert version.manifest.stats["rows_in"] == len(records) + len(rejects) == 6
-    clip = {**image("videos/clip.mp4"), "kind": "video"}
+    # ingest stamps a whole video's length on its item (the fixture's mp4: 3 s)
+    clip = {**image("videos/clip.mp4"), "kind": "video", "start_s": 0.0, "end_s": 3.0}
     frames = {**image("frames/v2"), "kind": "frames"}
     assert sorted(records) == ["r0", "r1"]
     assert records["r0"]["query"] == text("Describe the video.", media=[clip])

@@ -54,7 +54,8 @@ from rzenembed.prep.dedup import (
     resolve,
     row_keys,
 )
-from rzenembed.prep.ingest import RowError, read_media
+from rzenembed.prep.ingest import RowError, media_uris, read_media
+from rzenembed.prep.media_fetch import MediaFetcher, windows
 
 STEP = "clean"
 CODE_VERSION = "2"  # 2: duplicates are examples (policy per source), eval decontamination
@@ -187,22 +188,36 @@ def _inspect_job(job: tuple) -> tuple[dict[int, tuple[str, str]], Counter]:
             knobs.eval_keys.uri, knobs.phash_radius, knobs.decontaminate_min_chars, endpoint_url
         )
     bad, keys, overlaps = {}, [], Counter()
-    for position, row in enumerate(loader()):
-        facts, sides = inspect_row(position, row, root, knobs, endpoint_url)
-        if facts.reason is None and eval_keys is not None:
-            found = overlap(row, sides, eval_keys)
-            if found is not None:
-                overlaps[found[0]] += 1
-                facts.reason, facts.detail = "eval_overlap", found[1]
-        if facts.reason is not None:
-            bad[position] = (facts.reason, facts.detail)
-        else:
-            order = order_of(index, position)
-            keys += row_keys(order, facts, knobs.dedup, knobs.phash_radius)
+    fetcher = MediaFetcher(endpoint_url)
+    for window in windows(list(enumerate(loader()))):
+        # the window's media in one concurrent batch, each distinct object once
+        fetcher.prefetch(uri for _, row in window for uri in inspected_uris(row, root))
+        for position, row in window:
+            facts, sides = inspect_row(position, row, root, knobs, endpoint_url, fetcher)
+            if facts.reason is None and eval_keys is not None:
+                found = overlap(row, sides, eval_keys)
+                if found is not None:
+                    overlaps[found[0]] += 1
+                    facts.reason, facts.detail = "eval_overlap", found[1]
+            if facts.reason is not None:
+                bad[position] = (facts.reason, facts.detail)
+            else:
+                order = order_of(index, position)
+                keys += row_keys(order, facts, knobs.dedup, knobs.phash_radius)
     for part, table in enumerate(partition_keys(keys, partitions)):
         if table.num_rows:
             put_table(join(keys_uri, f"p{part:05d}"), f"{index:06d}.parquet", table, endpoint_url)
     return bad, overlaps
+
+
+def inspected_uris(row: dict, root: str) -> list[str]:
+    """The media files ``inspect_row`` reads: the query's and positive's, and the
+    negatives' images."""
+    negatives = [
+        {**n, "media": [m for m in n.get("media") or [] if m["kind"] == "image"]}
+        for n in row.get("negatives") or []
+    ]
+    return media_uris({**row, "negatives": negatives}, root)
 
 
 def _groups_job(job: tuple) -> Groups:
@@ -220,7 +235,12 @@ SIDES = ("query", "positive")
 
 
 def inspect_row(
-    position: int, row: dict, root: str, knobs: CleanKnobs, endpoint_url: str | None
+    position: int,
+    row: dict,
+    root: str,
+    knobs: CleanKnobs,
+    endpoint_url: str | None,
+    fetcher: MediaFetcher | None = None,
 ) -> tuple[RowFacts, dict[str, list[int]]]:
     """The row's dedup facts (or its bad-media reason) and the pHashes of its query and
     positive images. Every image is checked, negatives included (a broken negative breaks
@@ -235,7 +255,7 @@ def inspect_row(
             if side == "negative" and item["kind"] != "image":
                 continue  # checked at ingest; a negative video is not part of the identity
             try:
-                data = _media_bytes(item, root, endpoint_url)
+                data = _media_bytes(item, root, endpoint_url, fetcher)
             except RowError as err:
                 return RowFacts(position, err.reason, str(err), "", []), phashes
             if side != "negative":
@@ -261,13 +281,15 @@ def inspect_row(
     return facts, phashes
 
 
-def _media_bytes(item: dict[str, Any], root: str, endpoint_url: str | None) -> list[bytes]:
+def _media_bytes(
+    item: dict[str, Any], root: str, endpoint_url: str | None, fetcher: MediaFetcher | None
+) -> list[bytes]:
     """The bytes of a media item: one file, or every frame of a folder of frames."""
     uri = item["uri"]
     full = resolve_media_uri(root, uri)
     if item["kind"] == "frames" and not item.get("frames"):  # a folder of frames
         return _frame_folder_bytes(full, uri, endpoint_url)
-    return [read_media(full, uri, endpoint_url)]
+    return [read_media(full, uri, endpoint_url, fetcher)]
 
 
 def _frame_folder_bytes(full: str, uri: str, endpoint_url: str | None) -> list[bytes]:

@@ -45,6 +45,7 @@ from rzenembed.data.storage import (
 )
 from rzenembed.data.version import DatasetVersion, InputRef
 from rzenembed.prep.base import ShardJob, committed, execute, plan_step, reject
+from rzenembed.prep.media_fetch import MediaFetcher, MediaMissing, windows
 
 STEP = "ingest"
 CODE_VERSION = "2"  # 2: a whole video's length stamped on its item
@@ -195,23 +196,61 @@ def validate_rows(
     kept, rejected = [], []
     # A raw row a format expanded into several records shares its position with them.
     extra = len(rows) - len({position for position, _ in rows})
-    for position, raw in rows:
-        try:
-            row = normalise(raw, source)
-            check_texts(row, max_text_chars)
-            check_media(row, root, max_image_pixels, endpoint_url)
-            kept.append(row)
-        except RowError as err:
-            shown = raw if isinstance(raw, dict) else {"value": raw}
-            shown = shown.get("__raw__", shown)  # a format's reject: the row as it came
-            rejected.append(reject(STEP, shown, err.reason, str(err), shard, position))
+    fetcher = MediaFetcher(endpoint_url)
+
+    def refuse(order: int, position: int, raw: Any, err: RowError) -> None:
+        shown = raw if isinstance(raw, dict) else {"value": raw}
+        shown = shown.get("__raw__", shown)  # a format's reject: the row as it came
+        rejected.append((order, reject(STEP, shown, err.reason, str(err), shard, position)))
+
+    for window in windows(list(enumerate(rows))):
+        shaped = []
+        for order, (position, raw) in window:
+            try:
+                row = normalise(raw, source)
+                check_texts(row, max_text_chars)
+                shaped.append((order, position, raw, row))
+            except RowError as err:
+                refuse(order, position, raw, err)
+        # the window's media in one concurrent batch, each distinct object once
+        fetcher.prefetch(uri for *_, row in shaped for uri in media_uris(row, root))
+        for order, position, raw, row in shaped:
+            try:
+                check_media(row, root, max_image_pixels, endpoint_url, fetcher)
+                kept.append(row)
+            except RowError as err:
+                refuse(order, position, raw, err)
+    rejected = [r for _, r in sorted(rejected, key=lambda pair: pair[0])]
     return kept, rejected, {"extra_records": extra} if extra else {}
 
 
 # --------------------------------------------------------------------------- media checks
 
 
-def check_media(row: dict[str, Any], root: str, max_pixels: int, endpoint_url: str | None) -> None:
+def media_uris(row: dict[str, Any], root: str) -> list[str]:
+    """The full URIs of a row's media files (folders of frames and URIs that escape the
+    root left out: they are listed or refused where they are checked)."""
+    uris = []
+    for _, part in record_sides(row):
+        for item in part["media"]:
+            if item["kind"] == "frames" or not item.get("uri"):
+                continue
+            try:
+                uris.append(resolve_media_uri(root, item["uri"]))
+            except UnsafeURIError:
+                continue
+    return uris
+
+
+def check_media(
+    row: dict[str, Any],
+    root: str,
+    max_pixels: int,
+    endpoint_url: str | None,
+    fetcher: MediaFetcher | None = None,
+) -> None:
+    """Every media item of the row exists inside the root and decodes (``fetcher``: where
+    the bytes were prefetched, else each is read now)."""
     for where, part in record_sides(row):
         for i, item in enumerate(part["media"]):
             label = f"{where}.media[{i}] {item['uri']!r}"
@@ -222,7 +261,7 @@ def check_media(row: dict[str, Any], root: str, max_pixels: int, endpoint_url: s
             if item["kind"] == "frames" and not item.get("frames"):
                 _check_frame_folder(full, label, max_pixels, endpoint_url)
                 continue
-            data = read_media(full, label, endpoint_url)
+            data = read_media(full, label, endpoint_url, fetcher)
             try:
                 if item["kind"] == "image":
                     media_ops.decode_image(data, max_pixels=max_pixels)
@@ -246,10 +285,14 @@ def _check_frame_folder(uri: str, label: str, max_pixels: int, endpoint_url: str
             raise RowError(exc.reason, f"{label}: {file.rsplit('/', 1)[-1]}: {exc}") from None
 
 
-def read_media(uri: str, label: str, endpoint_url: str | None) -> bytes:
-    fs, path = filesystem(uri, endpoint_url)
+def read_media(
+    uri: str, label: str, endpoint_url: str | None, fetcher: MediaFetcher | None = None
+) -> bytes:
+    """The bytes of one media file: from ``fetcher`` when given, else one GET (no HEAD)."""
     try:
-        with fs.open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
+        if fetcher is not None:
+            return fetcher.read(uri)
+        fs, path = filesystem(uri, endpoint_url)
+        return fs.cat_file(path)
+    except (FileNotFoundError, MediaMissing, IsADirectoryError):
         raise RowError("media_missing", f"{label}: file not found") from None
