@@ -8,12 +8,7 @@ row group (no HEAD, no read-ahead), one suffix GET per footer.
 
 from __future__ import annotations
 
-import contextlib
 import random
-import re
-import socket
-import threading
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -31,73 +26,11 @@ from rzenembed.training.rows import (
     read_footer,
 )
 
+from .s3_proxy import CountingProxy
+
 BUCKET = "rzenembed-s3-reads"
 SHARDS, ROWS_PER_SHARD = 3, 40
 FRAME_BYTES = 8 * 2**10  # four frames a row: ~32 KiB, so a 256 KiB row group holds ~7 rows
-REQUEST_LINE = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) /\S* HTTP/1\.[01]\r\n")
-
-
-class CountingProxy:
-    """Forwards loopback TCP connections to ``upstream``; counts the bytes coming back and
-    the requests going out by method (a request line split across reads is counted once)."""
-
-    def __init__(self, upstream: tuple[str, int]):
-        self.upstream = upstream
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        self._lock = threading.Lock()
-        self.reset()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def reset(self) -> None:
-        with self._lock:
-            self.fetched = 0
-            self.requests: Counter[str] = Counter()
-
-    def _accept(self) -> None:
-        while True:
-            client, _ = self._listener.accept()
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        server = socket.create_connection(self.upstream)
-        outgoing = threading.Thread(target=self._pump, args=(client, server, self._requests()))
-        outgoing.start()
-        self._pump(server, client, self._fetched)
-        outgoing.join()
-        client.close()
-        server.close()
-
-    def _requests(self):
-        carry = b""
-
-        def count(data: bytes) -> None:
-            nonlocal carry
-            text = carry + data
-            found = [
-                m.group(1).decode() for m in REQUEST_LINE.finditer(text) if m.end() > len(carry)
-            ]
-            carry = text[-2048:]
-            with self._lock:
-                self.requests.update(found)
-
-        return count
-
-    def _fetched(self, data: bytes) -> None:
-        with self._lock:
-            self.fetched += len(data)
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket, count) -> None:
-        try:
-            while data := source.recv(2**16):
-                count(data)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                sink.shutdown(socket.SHUT_WR)
 
 
 def clip_rows(shard: int, rng: np.random.Generator) -> list[dict]:

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from rzenembed.config import PipelineConfig, digest_of
 from rzenembed.data import media as media_ops
 from rzenembed.data.engine import run_shards
+from rzenembed.data.media_fetch import MediaFetcher, windows
 from rzenembed.data.schema import RECORD_SCHEMA
 from rzenembed.data.storage import filesystem, frame_files, join, resolve_media_uri
 from rzenembed.data.version import DatasetVersion, VersionWriter, put_table
@@ -55,7 +56,6 @@ from rzenembed.prep.dedup import (
     row_keys,
 )
 from rzenembed.prep.ingest import RowError, media_uris, read_media
-from rzenembed.prep.media_fetch import MediaFetcher, windows
 
 STEP = "clean"
 CODE_VERSION = "2"  # 2: duplicates are examples (policy per source), eval decontamination

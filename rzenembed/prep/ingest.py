@@ -35,6 +35,7 @@ from rzenembed.data.importers import (
     source_media_root,
     source_uri,
 )
+from rzenembed.data.media_fetch import MediaFetcher, MediaMissing, windows
 from rzenembed.data.record_checks import RowError, check_texts, normalise, record_sides
 from rzenembed.data.storage import (
     UnsafeURIError,
@@ -45,7 +46,6 @@ from rzenembed.data.storage import (
 )
 from rzenembed.data.version import DatasetVersion, InputRef
 from rzenembed.prep.base import ShardJob, committed, execute, plan_step, reject
-from rzenembed.prep.media_fetch import MediaFetcher, MediaMissing, windows
 
 STEP = "ingest"
 CODE_VERSION = "2"  # 2: a whole video's length stamped on its item

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,16 +90,34 @@ class TrainBatch:
 
 
 class MediaReader:
-    """Reads media of one dataset; caches open filesystems per process."""
+    """Reads media of one dataset: one GET per object (``cat_file``: no HEAD before it).
+    ``remember``: keep what was read, so an object several sides share (one batch's rows
+    asking about one picture) is fetched once; for short-lived readers only."""
 
-    def __init__(self, root: str, endpoint_url: str | None = None):
+    def __init__(self, root: str, endpoint_url: str | None = None, remember: bool = False):
         self.root = root
         self.endpoint_url = endpoint_url
+        self._seen: dict[str, Future[bytes]] | None = {} if remember else None
+        self._lock = threading.Lock()
 
     def read(self, uri: str) -> bytes:
+        if self._seen is None:
+            return self._fetch(uri)
+        with self._lock:  # sides are read on a thread pool: the first asker fetches
+            found = self._seen.get(uri)
+            first = found is None
+            if first:
+                found = self._seen[uri] = Future()
+        if first:
+            try:
+                found.set_result(self._fetch(uri))
+            except BaseException as error:
+                found.set_exception(error)
+        return found.result()
+
+    def _fetch(self, uri: str) -> bytes:
         fs, path = filesystem(resolve_media_uri(self.root, uri), self.endpoint_url)
-        with fs.open(path, "rb") as f:
-            return f.read()
+        return fs.cat_file(path)
 
     def image(self, uri: str) -> Image.Image:
         with Image.open(io.BytesIO(self.read(uri))) as image:
@@ -106,7 +125,7 @@ class MediaReader:
 
     def _image_at(self, full_uri: str) -> Image.Image:
         fs, path = filesystem(full_uri, self.endpoint_url)
-        with fs.open(path, "rb") as f, Image.open(io.BytesIO(f.read())) as image:
+        with Image.open(io.BytesIO(fs.cat_file(path))) as image:
             return image.convert("RGB")
 
     def frames(self, item: dict[str, Any], max_frames: int) -> list[Image.Image]:
@@ -165,7 +184,7 @@ def collate(
     With ``reads``, the sides' media are read and decoded on that pool concurrently (one
     object store request per media item would otherwise run one after another); the
     result is the same either way."""
-    reader = MediaReader(source.media_root, source.endpoint_url)
+    reader = MediaReader(source.media_root, source.endpoint_url, remember=True)
     k = negatives_per_step(source, hard_negatives)
     kept = [(r.get("negatives") or [])[:k] for r in rows]
     negatives = [n for row_negatives in kept for n in row_negatives]

@@ -1,0 +1,87 @@
+"""A TCP proxy in front of the session's S3 server (moto, loopback) that counts what goes
+over the wire: every byte the server sends back (headers included), and every request the
+client sends, by method and by path."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+from collections import Counter
+from urllib.parse import unquote
+
+REQUEST_LINE = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (/\S*) HTTP/1\.[01]\r\n")
+
+
+class CountingProxy:
+    """Forwards loopback TCP connections to ``upstream``; counts the bytes coming back and
+    the requests going out by method (a request line split across reads is counted once)."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream = upstream
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self.reset()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.fetched = 0
+            self.requests: Counter[str] = Counter()
+            # (method, path without the query string), e.g. ("GET", "/bucket/media/a.png")
+            self.paths: Counter[tuple[str, str]] = Counter()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self._listener.accept()
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        server = socket.create_connection(self.upstream)
+        outgoing = threading.Thread(target=self._pump, args=(client, server, self._requests()))
+        outgoing.start()
+        self._pump(server, client, self._fetched)
+        outgoing.join()
+        client.close()
+        server.close()
+
+    def _requests(self):
+        carry = b""
+
+        def count(data: bytes) -> None:
+            nonlocal carry
+            text = carry + data
+            found = [
+                (m.group(1).decode(), unquote(m.group(2).decode().split("?", 1)[0]))
+                for m in REQUEST_LINE.finditer(text)
+                if m.end() > len(carry)
+            ]
+            carry = text[-2048:]
+            with self._lock:
+                self.requests.update(method for method, _ in found)
+                self.paths.update(found)
+
+        return count
+
+    def requests_to(self, prefix: str) -> Counter[tuple[str, str]]:
+        """The (method, path) counts of requests for paths under ``prefix``."""
+        with self._lock:
+            return Counter({k: n for k, n in self.paths.items() if k[1].startswith(prefix)})
+
+    def _fetched(self, data: bytes) -> None:
+        with self._lock:
+            self.fetched += len(data)
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, count) -> None:
+        try:
+            while data := source.recv(2**16):
+                count(data)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
