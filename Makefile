@@ -13,10 +13,6 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-# The suite's workers (pytest-xdist): its tests mostly wait on processes, servers and Ray,
-# so two workers on two cores halve the wall time (tests/conftest.py groups the modules).
-TEST_WORKERS ?= 2
-
 .PHONY: test demo lint format bench gpu-check gpu-check-dry-run clean
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
@@ -30,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	mkdir -p $(PREFECT_HOME)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+	$(BIN)/python -m pytest
 
 demo: $(STAMP)
 	$(BIN)/python -m flows.demo --config configs/tiny.yaml $(if $(FAMILY),--family $(FAMILY))

@@ -27,80 +27,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # The tests' local runtimes serve no state API (no dashboard): an address where nothing
 # listens makes the query fail at once, as it does when no stale marker is there.
 os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
-# `make test` runs the suite on pytest-xdist workers (one process each, its own Ray runtime
-# and session fixtures). Each worker gets a Prefect home of its own: two processes
-# migrating one SQLite database race ("database is locked").
-if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PREFECT_HOME"):
-    os.environ["PREFECT_HOME"] = os.path.join(
-        os.environ["PREFECT_HOME"], os.environ["PYTEST_XDIST_WORKER"]
-    )
-    os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from rzenembed.config import ModelConfig
-
-# ------------------------------------------------------------------ parallel workers
-# `make test` runs `pytest -n 2 --dist loadscope --no-loadscope-reorder`: every module is
-# one unit of work (its module fixtures computed once), modules that share an expensive
-# session fixture are one unit together, and units are handed out longest first, so that
-# no long unit starts when the other worker is about to finish. The order is the measured
-# one (docs/PERFORMANCE.md); a module not named is short and runs after, in file order.
-SHARED_SESSION_FIXTURES = {
-    # prepared_for_training and adaptive_stage1 (prepare and train once)
-    "training": (
-        "test_training",
-        "test_training_resume",
-        "test_families",
-        "test_feasibility",
-        "test_serving_apart",
-    ),
-}
-LONGEST_FIRST = (
-    "test_cluster",
-    "test_demo_learning",
-    "test_pipeline_flow",
-    "training",
-    "test_gpu_check",
-    "test_service_stack",
-    "test_serving",
-    "test_reproducible_training",
-    "test_ray_client",
-    "test_jobs",
-)
-
-
-def work_unit(module: str) -> str:
-    """The unit of work a test module belongs to: its shared-fixture group, or itself."""
-    for group, modules in SHARED_SESSION_FIXTURES.items():
-        if module in modules:
-            return group
-    return module
-
-
-def pytest_xdist_make_scheduler(config, log):
-    """Hand out work units (``work_unit``) in collection order: xdist's module scheduling
-    with our groups (its ``xdist_group`` marks did not reach the test ids with pytest 9)."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class ByWorkUnit(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
-            return work_unit(module)
-
-    return ByWorkUnit(config, log)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Longest units first; within a unit and among unnamed units, file order is kept."""
-    rank = {unit: index for index, unit in enumerate(LONGEST_FIRST)}
-
-    def unit_rank(item) -> int:
-        return rank.get(work_unit(item.module.__name__.rsplit(".", 1)[-1]), len(rank))
-
-    items.sort(key=unit_rank)
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,7 @@ def vqa_rows() -> list[dict]:
         for q, question in enumerate(("What is in the top left corner?", "How many colours?")):
             query = side(question, "Answer the question about the image:", image)
             answer = side(f"answer {k}.{q}")
-            rows.append(record(f"vqa-{k}-{q}", "vqa", "vqa", query, answer, [negative]))
+            rows.append(record(f"vqa-{k}-{q}", "vqa", "image_qa", query, answer, [negative]))
     return rows
 
 
@@ -77,7 +77,7 @@ def cfg(source_on_s3, proxy):
             "model": {"name_or_path": "unused"},
             "storage": {"root": f"s3://{BUCKET}/versions", "endpoint_url": proxy.endpoint},
             "sources": [
-                {"name": "vqa", "uri": source_on_s3, "task_group": "vqa", "stage": "stage2"}
+                {"name": "vqa", "uri": source_on_s3, "task_group": "image_qa", "stage": "stage2"}
             ],
             "prep": {"shard_rows": 6, "decontaminate": []},
         }
@@ -133,7 +133,7 @@ def test_training_reads_each_picture_of_a_batch_once(prepared, proxy, cfg):
     rows = cleaned.read_table().to_pylist()
     info = SourceInfo(
         name="vqa",
-        task_group="vqa",
+        task_group="image_qa",
         media_root=cleaned.manifest.stats["media_root"],
         group_semantics="none",
         max_negatives=1,

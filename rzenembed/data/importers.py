@@ -77,7 +77,7 @@ def _readable_files(fs: AbstractFileSystem, path: str, uri: str) -> list[str]:
     """The top-level files with a suffix some format reads, sorted."""
     if not fs.exists(path):
         raise SourceError(f"source folder not found: {uri}")
-    entries = fs.ls(path, detail=True)
+    entries = fs.ls(path, detail=True, refresh=True)
     return sorted(
         e["name"]
         for e in entries
@@ -152,14 +152,20 @@ def source_digest(uri: str, endpoint_url: str | None = None) -> str:
 
 
 def source_listing_digest(uri: str, endpoint_url: str | None = None) -> str:
-    """A cheap identity of a source from its listing alone (every file's name, size and
-    ETag or modification time), for cache keys: no byte is read."""
+    """A cheap identity of a source for "has it changed?": the name, size and ETag (or
+    modification time) of its top-level files with a readable suffix, from one listing of
+    the folder. No byte is read and the media objects are not listed (millions for a web
+    crawl): a media object replaced while every data file stays the same is not noticed
+    here (the full identity, ``source_digest``, lists them; refresh the ingest to use it)."""
     fs, path = filesystem(uri, endpoint_url)
-    if not fs.exists(path):
-        raise SourceError(f"source folder not found: {uri}")
+    try:  # refresh: a long-lived process must not answer from its cached listing
+        entries = fs.ls(path, detail=True, refresh=True)
+    except FileNotFoundError:
+        raise SourceError(f"source folder not found: {uri}") from None
     rows = sorted(
-        (p[len(path) :], i.get("size", 0), str(i.get("ETag") or i.get("mtime") or ""))
-        for p, i in fs.find(path, detail=True).items()
+        (e["name"][len(path) :], e.get("size", 0), str(e.get("ETag") or e.get("mtime") or ""))
+        for e in entries
+        if e.get("type") == "file" and e["name"].endswith(READABLE_SUFFIXES)
     )
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 

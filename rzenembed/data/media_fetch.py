@@ -12,6 +12,7 @@ bytes stay for a neighbour that repeats it. Memory is bounded by the window, not
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Iterable
 
 from fsspec.asyn import sync
@@ -74,11 +75,13 @@ async def _cat_all(fs, paths: list[str], concurrency: int) -> list[bytes | BaseE
     """One GET per path (``_cat_file``: no HEAD, no glob expansion of names holding ``[``
     or ``*``), at most ``concurrency`` at once; errors returned in their path's place."""
     gate = asyncio.Semaphore(concurrency)
+    takes = "max_concurrency" in inspect.signature(fs._cat_file).parameters
+    one_connection = {"max_concurrency": 1} if takes else {}  # else s3fs asks the size: a HEAD
 
     async def one(path: str) -> bytes | BaseException:
         async with gate:
             try:
-                return await fs._cat_file(path)
+                return await fs._cat_file(path, **one_connection)
             except Exception as error:  # handed to the row that asked for it
                 return error
 

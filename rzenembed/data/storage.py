@@ -17,6 +17,7 @@ Reads by byte range (``Storage``)
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import posixpath
 import re
@@ -205,3 +206,12 @@ def frame_files(uri: str, endpoint_url: str | None = None) -> list[str]:
     )
     scheme = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
     return [f"{scheme}{n}" if scheme and not n.startswith(scheme) else n for n in frames]
+
+
+def read_whole(fs: AbstractFileSystem, path: str) -> bytes:
+    """A whole object in one request: a GET, no HEAD. s3fs asks for the size first (a HEAD)
+    to split big objects into concurrent ranged GETs unless told to use one connection;
+    media objects are small enough for one GET, and a HEAD would double the requests."""
+    if "max_concurrency" in inspect.signature(fs.cat_file).parameters:
+        return fs.cat_file(path, max_concurrency=1)
+    return fs.cat_file(path)

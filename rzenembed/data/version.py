@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rzenembed.data.schema import REJECT_SCHEMA, SCHEMA_VERSION
-from rzenembed.data.storage import filesystem, is_remote, join
+from rzenembed.data.storage import filesystem, is_remote, join, read_whole
 
 MANIFEST = "manifest.json"
 DATA_DIR = "data"
@@ -174,11 +174,13 @@ class DatasetVersion:
     @classmethod
     def open(cls, uri: str, endpoint_url: str | None = None) -> DatasetVersion:
         fs, path = filesystem(uri, endpoint_url)
-        manifest_path = join(path, MANIFEST)
-        if not fs.exists(manifest_path):
-            raise VersionNotFoundError(f"no committed dataset version at {uri} (no {MANIFEST})")
-        with fs.open(manifest_path, "r") as f:
-            return cls(uri, Manifest.from_json(f.read()), endpoint_url)
+        try:  # one GET: no existence check first (a HEAD) on an object store
+            text = read_whole(fs, join(path, MANIFEST)).decode()
+        except FileNotFoundError:
+            raise VersionNotFoundError(
+                f"no committed dataset version at {uri} (no {MANIFEST})"
+            ) from None
+        return cls(uri, Manifest.from_json(text), endpoint_url)
 
     @staticmethod
     def exists(uri: str, endpoint_url: str | None = None) -> bool:

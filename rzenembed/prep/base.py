@@ -34,6 +34,7 @@ from rzenembed.data.version import (
     DatasetVersion,
     InputRef,
     ShardInfo,
+    VersionNotFoundError,
     VersionWriter,
     put_table,
     version_id,
@@ -207,9 +208,10 @@ def plan_step(
 
 def committed(plan: StepPlan, cfg: PipelineConfig) -> DatasetVersion | None:
     """The step's output if it was already committed (a cache hit), else None."""
-    if DatasetVersion.exists(plan.uri, cfg.storage.endpoint_url):
+    try:
         return DatasetVersion.open(plan.uri, cfg.storage.endpoint_url)
-    return None
+    except VersionNotFoundError:
+        return None
 
 
 def execute(

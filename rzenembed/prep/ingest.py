@@ -12,6 +12,7 @@ records as ``media_root``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from rzenembed.data.importers import (
     plan_chunks,
     read_chunk,
     scan_data_file,
+    source_listing_digest,
     source_media_root,
     source_uri,
 )
@@ -42,9 +44,15 @@ from rzenembed.data.storage import (
     filesystem,
     frame_files,
     join,
+    read_whole,
     resolve_media_uri,
 )
-from rzenembed.data.version import DatasetVersion, InputRef
+from rzenembed.data.version import (
+    DatasetVersion,
+    InputRef,
+    VersionNotFoundError,
+    write_atomically,
+)
 from rzenembed.prep.base import ShardJob, committed, execute, plan_step, reject
 
 STEP = "ingest"
@@ -74,6 +82,10 @@ def run_ingest(
     uri = source_uri(source, base, cfg.data_root)
     endpoint = cfg.storage.endpoint_url
     fmt = get_format(source.format)
+    section = {"source": source.model_dump(mode="json", exclude={"uri"}), "prep": _prep_knobs(cfg)}
+    seen = SeenListing(cfg, source.name, uri, digest_of(section))
+    if (known := seen.version()) is not None:
+        return known  # the data files are the ones a committed version was ingested from
     listing = list_source_files(uri, source.format, endpoint)
     files, not_data = file_uris(uri, listing.data), file_uris(uri, listing.not_data)
     chunk_rows = min(cfg.prep.shard_rows, fmt.max_chunk_rows or cfg.prep.shard_rows)
@@ -92,10 +104,10 @@ def run_ingest(
     scans = every[: len(files)]
     named = sorted((scan.path.rsplit("/", 1)[-1], scan.sha256) for scan in every)
     digest = combine_source_digest(named, media_listing(uri, endpoint))
-    section = {"source": source.model_dump(mode="json", exclude={"uri"}), "prep": _prep_knobs(cfg)}
     inputs = [InputRef(uri=uri, content_digest=digest)]
     plan = plan_step(cfg, STEP, source.name, CODE_VERSION, digest_of(section), inputs)
     if (done := committed(plan, cfg)) is not None:
+        seen.remember(done)
         return done  # a committed version: its media were checked when it was written
     if not fmt.embeds_media:
         check_media_prefix(source, uri, media_root, endpoint)
@@ -123,7 +135,48 @@ def run_ingest(
             for c in chunks
         ]
 
-    return execute(plan, cfg, jobs, media_root=media_root, show_progress=show_progress)
+    version = execute(plan, cfg, jobs, media_root=media_root, show_progress=show_progress)
+    seen.remember(version)
+    return version
+
+
+class SeenListing:
+    """Which committed version a source's data-file listing was last ingested into.
+
+    The full identity of a source hashes every data file and lists every media object: for
+    a web crawl on an object store, terabytes read and millions of entries listed, on every
+    run. Before that, ingest lists the source's top-level files once (``source_listing_
+    digest``: names, sizes, ETags) and looks the listing up under ``<root>/<dataset>/ingest/
+    _seen/``: a listing seen before, with the same config section and code, names its
+    version, which is returned without a byte read. A new listing takes the full path and
+    is remembered after the commit. A media object replaced under unchanged data files is
+    not noticed this way (refresh the step)."""
+
+    FOLDER = "_seen"
+
+    def __init__(self, cfg: PipelineConfig, dataset: str, uri: str, section_digest: str):
+        self.endpoint = cfg.storage.endpoint_url
+        key = digest_of(
+            {
+                "listing": source_listing_digest(uri, self.endpoint),
+                "section": section_digest,
+                "code": CODE_VERSION,
+            }
+        )
+        self.uri = join(cfg.storage.root, dataset, STEP, self.FOLDER, f"{key}.json")
+
+    def version(self) -> DatasetVersion | None:
+        fs, path = filesystem(self.uri, self.endpoint)
+        try:
+            found = json.loads(read_whole(fs, path))["version"]
+            return DatasetVersion.open(found, self.endpoint)
+        except (FileNotFoundError, VersionNotFoundError):
+            return None  # never seen, or its version was deleted since
+
+    def remember(self, version: DatasetVersion) -> None:
+        fs, path = filesystem(self.uri, self.endpoint)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        write_atomically(fs, path, json.dumps({"version": version.uri}))
 
 
 def check_media_prefix(
@@ -136,15 +189,15 @@ def check_media_prefix(
     paths = first_media_paths(source, uri, rows, endpoint_url)
     if not paths:
         return
-    found = []
-    for path in paths:
+    for path in paths:  # the first that exists settles it: one request for a good source
         try:
             full = resolve_media_uri(media_root, path)
         except UnsafeURIError:
             continue
         fs, local = filesystem(full, endpoint_url)
-        found.append(fs.exists(local))
-    if not any(found):
+        if fs.exists(local):
+            return
+    if paths:
         prefix = paths[0].split("/", 1)[0]
         raise SourceError(
             f"source {source.name!r}: none of the first {len(paths)} media paths exists under "
@@ -293,6 +346,6 @@ def read_media(
         if fetcher is not None:
             return fetcher.read(uri)
         fs, path = filesystem(uri, endpoint_url)
-        return fs.cat_file(path)
+        return read_whole(fs, path)
     except (FileNotFoundError, MediaMissing, IsADirectoryError):
         raise RowError("media_missing", f"{label}: file not found") from None

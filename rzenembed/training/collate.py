@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from rzenembed.data import media as media_ops
-from rzenembed.data.storage import filesystem, frame_files, resolve_media_uri
+from rzenembed.data.storage import filesystem, frame_files, read_whole, resolve_media_uri
 from rzenembed.modeling.inputs import EmbedInput
 
 NO_ID = -1
@@ -117,7 +117,7 @@ class MediaReader:
 
     def _fetch(self, uri: str) -> bytes:
         fs, path = filesystem(resolve_media_uri(self.root, uri), self.endpoint_url)
-        return fs.cat_file(path)
+        return read_whole(fs, path)
 
     def image(self, uri: str) -> Image.Image:
         with Image.open(io.BytesIO(self.read(uri))) as image:
@@ -125,7 +125,7 @@ class MediaReader:
 
     def _image_at(self, full_uri: str) -> Image.Image:
         fs, path = filesystem(full_uri, self.endpoint_url)
-        with Image.open(io.BytesIO(fs.cat_file(path))) as image:
+        with Image.open(io.BytesIO(read_whole(fs, path))) as image:
             return image.convert("RGB")
 
     def frames(self, item: dict[str, Any], max_frames: int) -> list[Image.Image]:
