@@ -109,13 +109,15 @@ def test_the_driver_connects_after_failed_starts_and_runs_work(driver_output, fa
     assert "ANSWER 42" in lines, lines
     retries = [line for line in lines if line.startswith("LOG Ray Client at")]
     assert all(f"(attempt {n} of 4)" in line for n, line in enumerate(retries, 1)), retries
-    # Every attempt but the last got a server process that died: the one this test kills
-    # (recorded by the head's own sitecustomize) and any that died by themselves.
+    # Every attempt but the last failed: the one whose server this test kills (recorded by
+    # the head's own sitecustomize), any whose server died by itself, and, on a loaded
+    # head, any whose wait for its server's channel timed out (no new server for those).
     proxy_log = next((failing_head[2] / "head").glob("session_*/logs/ray_client_server.err"))
     servers = proxy_log.read_text().count("SpecificServer started on port")
     starts = (failing_head[2] / "server-starts").read_text().split()[1::2]
     assert starts.count("exit") == FAILED_STARTS and starts[-1] == "start", starts
-    assert FAILED_STARTS <= len(retries) == servers - 1, (len(retries), servers)
+    assert len(retries) >= FAILED_STARTS, retries
+    assert FAILED_STARTS + 1 <= servers <= len(retries) + 1, (len(retries), servers)
 
 
 def test_the_last_failed_attempt_names_the_address_and_the_logs(monkeypatch):
