@@ -351,13 +351,14 @@ def _rescorer(
         sets = eval_set_paths(cfg, base)
         # What decides the scores: the model, the sets' content (a set updated in place
         # keeps its path), the evaluation and inference settings, the code.
-        key = digest_of([
+        decided_by = [
             digest,
             eval_sets_digest(sets, endpoint),
             cfg.eval.model_dump(mode="json"),
             cfg.model.model_dump(mode="json", exclude={"name_or_path"}),
             code_version(),
-        ])[:32]  # fmt: skip
+        ]
+        key = digest_of(decided_by)[:32]
         result = run_in_job(
             cfg,
             "rescore",

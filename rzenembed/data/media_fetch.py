@@ -37,26 +37,16 @@ class MediaFetcher:
         self.concurrency = concurrency
         self._current: dict[str, bytes | BaseException] = {}
         self._previous: dict[str, bytes | BaseException] = {}
-        self.requests = 0  # objects fetched (one GET each on an object store)
 
     def prefetch(self, uris: Iterable[str]) -> None:
         """Fetch the distinct ``uris`` not already held, all at once; what an earlier
         window held is kept one more window."""
+        uris = list(uris)  # read twice below; callers pass generators
         held = {**self._previous, **self._current}
         wanted = sorted({u for u in uris if u not in held})
         self._previous, self._current = self._current, {u: held[u] for u in uris if u in held}
-        by_fs: dict[tuple[str, bool], list[str]] = {}
-        for uri in wanted:
-            by_fs.setdefault((uri.split("://", 1)[0], is_remote(uri)), []).append(uri)
-        for (_, remote), group in by_fs.items():
-            fs, _ = filesystem(group[0], self.endpoint_url)
-            paths = [filesystem(u, self.endpoint_url)[1] for u in group] if remote else group
-            if getattr(fs, "async_impl", False):
-                got = sync(fs.loop, _cat_all, fs, paths, self.concurrency)
-            else:
-                got = [_read_local(fs, p) for p in paths]
-            self.requests += len(paths)
-            self._current.update(zip(group, got, strict=True))
+        got = fetch_whole(wanted, self.endpoint_url, self.concurrency)
+        self._current.update(zip(wanted, got, strict=True))
 
     def read(self, uri: str) -> bytes:
         """The bytes of ``uri`` (fetched now when no window held it)."""
@@ -69,6 +59,26 @@ class MediaFetcher:
         if isinstance(found, BaseException):
             raise found
         return found
+
+
+def fetch_whole(
+    uris: list[str], endpoint_url: str | None, concurrency: int = CONCURRENCY
+) -> list[bytes | BaseException]:
+    """The bytes of each full URI, in order, fetched concurrently with one GET each on an
+    object store; a missing or unreadable object gives its exception in its place."""
+    out: dict[str, bytes | BaseException] = {}
+    by_fs: dict[tuple[str, bool], list[str]] = {}
+    for uri in uris:
+        by_fs.setdefault((uri.split("://", 1)[0], is_remote(uri)), []).append(uri)
+    for (_, remote), group in by_fs.items():
+        fs, _ = filesystem(group[0], endpoint_url)
+        paths = [filesystem(u, endpoint_url)[1] for u in group] if remote else group
+        if getattr(fs, "async_impl", False):
+            got = sync(fs.loop, _cat_all, fs, paths, concurrency)
+        else:
+            got = [_read_local(fs, p) for p in paths]
+        out.update(zip(group, got, strict=True))
+    return [out[u] for u in uris]
 
 
 async def _cat_all(fs, paths: list[str], concurrency: int) -> list[bytes | BaseException]:

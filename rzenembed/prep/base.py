@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from rzenembed.config import PipelineConfig
 from rzenembed.data.engine import Failed, run_shards
+from rzenembed.data.media_fetch import fetch_whole
 from rzenembed.data.schema import RECORD_SCHEMA, REJECT_SCHEMA
 from rzenembed.data.storage import filesystem, join
 from rzenembed.data.version import (
@@ -270,16 +271,20 @@ def finished_shards(
     are all still staged (a commit interrupted while moving shards leaves records without
     them). One listing of the staging area, the records read in one concurrent batch."""
     fs, folder = filesystem(staging_uri, endpoint_url)
-    if not fs.exists(folder):
+    try:
+        staged = {p[len(folder.rstrip("/")) + 1 :] for p in fs.find(folder)}
+    except FileNotFoundError:
         return {}
-    staged = {p[len(folder.rstrip("/")) + 1 :] for p in fs.find(folder)}
-    wanted = [
-        join(folder, p)
+    records = [
+        p
         for p in sorted(staged)
         if p.startswith(f"{DONE_DIR}/") and p[len(DONE_DIR) + 1 :].removesuffix(".json") in names
     ]
-    texts = fs.cat(wanted) if wanted else {}
-    results = [ShardResult.from_json(texts[p].decode()) for p in wanted]
+    texts = fetch_whole([join(staging_uri, p) for p in records], endpoint_url)
+    for text in texts:
+        if isinstance(text, BaseException):
+            raise text
+    results = [ShardResult.from_json(text.decode()) for text in texts]
     return {
         r.name: r
         for r in results

@@ -143,13 +143,13 @@ def group_ranks(table: pa.Table, seed: int, how: Grouping) -> tuple[np.ndarray, 
 def clip_count(row: dict[str, Any], knobs: dict[str, float]) -> int:
     """The clips the split will cut from the row's video: its segments, else windows over the
     length ingest stamped on the video item (``end_s``). A video without either counts one."""
-    from rzenembed.prep.video import clip_windows
+    from rzenembed.data.record_checks import RowError
+    from rzenembed.prep.video import clip_windows, find_video
 
-    video = next(
-        (m for side in ("positive", "query") for m in row[side].get("media") or []
-         if m["kind"] == "video"),
-        None,
-    )  # fmt: skip
+    try:
+        _, video = find_video(row)
+    except RowError:  # no video: the split rejects the row, which counts as one here
+        video = None
     whole = video is not None and not video.get("start_s")  # a range of it: not its length
     length = video.get("end_s") if whole else None
     if not row.get("segments") and length is None:
@@ -164,13 +164,10 @@ def _shard_groups(job: tuple[str, ShardInfo, str | None, int, int, Grouping]):
     """(group ranks, rows they stand for) of one shard, smallest ranks first, only as many
     groups as could fit under the cap (a group's count here is at most its total)."""
     uri, shard, endpoint, seed, limit, how = job
-    table = DatasetVersion.open(uri, endpoint).read_shard(shard, columns=_group_columns(how))
+    columns = GROUP_COLUMNS if how.clip_knobs is not None else GROUP_COLUMNS[:2]
+    table = DatasetVersion.open(uri, endpoint).read_shard(shard, columns=columns)
     ranks, weights = group_ranks(table, seed, how)
     return fitting_groups(ranks, weights, limit)
-
-
-def _group_columns(how: Grouping) -> list[str]:
-    return GROUP_COLUMNS if how.clip_knobs is not None else GROUP_COLUMNS[:2]
 
 
 def fitting_groups(
@@ -200,10 +197,10 @@ def group_threshold(
     ranks, weights = np.empty(0, np.uint64), np.empty(0, np.int64)
     group = 2 * (in_flight or 8)
     for start in range(0, len(jobs), group):
+        batch = jobs[start : start + group]
         parts = run_shards(
-            _shard_groups, jobs[start : start + group], max_in_flight=in_flight,
-            show_progress=show_progress,
-        )  # fmt: skip
+            _shard_groups, batch, max_in_flight=in_flight, show_progress=show_progress
+        )
         ranks = np.concatenate([ranks, *(p[0] for p in parts)])
         weights = np.concatenate([weights, *(p[1] for p in parts)])
         ranks, weights = fitting_groups(ranks, weights, limit)

@@ -83,7 +83,8 @@ def run_ingest(
     endpoint = cfg.storage.endpoint_url
     fmt = get_format(source.format)
     section = {"source": source.model_dump(mode="json", exclude={"uri"}), "prep": _prep_knobs(cfg)}
-    seen = SeenListing(cfg, source.name, uri, digest_of(section))
+    section_digest = digest_of(section)
+    seen = SeenListing(cfg, source.name, uri, section_digest)
     if (known := seen.version()) is not None:
         return known  # the data files are the ones a committed version was ingested from
     listing = list_source_files(uri, source.format, endpoint)
@@ -105,7 +106,7 @@ def run_ingest(
     named = sorted((scan.path.rsplit("/", 1)[-1], scan.sha256) for scan in every)
     digest = combine_source_digest(named, media_listing(uri, endpoint))
     inputs = [InputRef(uri=uri, content_digest=digest)]
-    plan = plan_step(cfg, STEP, source.name, CODE_VERSION, digest_of(section), inputs)
+    plan = plan_step(cfg, STEP, source.name, CODE_VERSION, section_digest, inputs)
     if (done := committed(plan, cfg)) is not None:
         seen.remember(done)
         return done  # a committed version: its media were checked when it was written
