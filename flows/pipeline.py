@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import wait
 from prefect.runtime import flow_run
 
 from rzenembed.compute.connect import ensure_ray
@@ -161,14 +162,26 @@ def run_training_stages(ex: Execution, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_stage2_from(ex: Execution, data: dict[str, Any], merged: dict[str, Any]) -> dict:
-    """Stage 2 for every mixture on an existing merged stage-1 model."""
+    """Stage 2 for every mixture on an existing merged stage-1 model, in rounds of
+    ``compute.concurrent_mixtures`` runs trained side by side."""
     cfg, ctx = ex.cfg, ex.ctx
     if not cfg.stage2.mixtures:
         raise ValueError("no stage-2 mixture configured (stage2.mixtures)")
-    adapters = [
-        ex.opts(train_stage2)(cfg, m.name, data["stages"][f"stage2/{m.name}"], merged, ctx)
-        for m in cfg.stage2.mixtures
-    ]
+    train = ex.opts(train_stage2)
+    mixtures, at_once = cfg.stage2.mixtures, cfg.compute.concurrent_mixtures
+    adapters = []
+    for first in range(0, len(mixtures), at_once):
+        group = mixtures[first : first + at_once]
+        if len(group) == 1:  # in the flow's own thread, as before concurrency existed
+            m = group[0]
+            adapters.append(train(cfg, m.name, data["stages"][f"stage2/{m.name}"], merged, ctx))
+            continue
+        futures = [
+            train.submit(cfg, m.name, data["stages"][f"stage2/{m.name}"], merged, ctx)
+            for m in group
+        ]
+        wait(futures)  # a failed mixture lets the others finish (cached for the rerun)
+        adapters.extend(future.result() for future in futures)
     return {"base": base_model_ref(cfg), "merged": merged, "stage2": adapters}
 
 

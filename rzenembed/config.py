@@ -452,6 +452,10 @@ class ComputeConfig(Strict):
     step_resources: dict[str, float] = Field(default_factory=dict)
     # Evaluation embeds with this many actors (one per GPU), each a slice of the items.
     eval_actors: int = Field(default=1, gt=0)
+    # Stage-2 mixtures trained at the same time, each its own group of num_workers workers:
+    # 1 trains them one after another; set it to how many such groups the cluster holds at
+    # once (two 8-GPU mixtures on 16 GPUs: 2). Scheduling only: no run or cache key holds it.
+    concurrent_mixtures: int = Field(default=1, gt=0)
     # Threads each training rank's loader reads media with (object-store requests overlap).
     loader_threads: int = Field(default=8, gt=0)
     # Threads that run the processor over a step's chunks at once (image decode, resize

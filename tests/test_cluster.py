@@ -43,10 +43,13 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
 BUCKET = "rzenembed-cluster"
-# One source per path through preparation that the cluster must show: stage-1 captions,
-# stage-2 rows with shipped negatives, videos split into sibling clips (every step of each
-# is a Ray Job, so each source costs a few job starts).
-SOURCES = ("sample-captions", "sample-mmeb-vqa", "sample-video-clips")
+# One source per path through preparation that the cluster must show: stage-2 rows with
+# shipped negatives, and videos split into sibling clips that feed both stages (stage 1
+# trains on them alone). Every step of each is a Ray Job, so each source costs a few job
+# starts; a third (stage-1 captions) showed nothing new and cost about a minute.
+SOURCES = ("sample-mmeb-vqa", "sample-video-clips")
+# The source whose pictures the served query points at.
+PICTURES = "sample-mmeb-vqa"
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +206,7 @@ if state.is_completed():  # serve the champion from S3 on the cluster, and query
     ensure_ray(cfg.compute.ray_address)  # the pipeline itself needed no Ray connection
     RegistryFollower(cfg, "models:/rzenembed@champion").start()
     url = f"http://127.0.0.1:{cfg.serve.port}"
-    image = cfg.serve.media_roots[0] + "/sample-captions/" + sys.argv[-1].split("=", 1)[1]
+    image = cfg.serve.media_roots[0] + "/" + sys.argv[-1].split("=", 1)[1]
     body = {"input": ["a red circle", {"image": image, "text": "what is it"}]}
     answer = requests.post(url + "/v1/embeddings", json=body, timeout=120)
     out["serve"] = {"status": answer.status_code, "body": answer.json(),
@@ -214,7 +217,7 @@ print("RESULT " + json.dumps(out, default=str))
 
 
 @pytest.fixture(scope="module")
-def run(cluster, s3, s3_endpoint, sample_corpus, tiny_model_dir, tmp_path_factory):
+def run(cluster, s3, s3_endpoint, prefect_api, sample_corpus, tiny_model_dir, tmp_path_factory):
     address, jobs, env, node_dirs = cluster
     root = tmp_path_factory.mktemp("cluster-run")
     upload_inputs(s3, sample_corpus, tiny_model_dir)
@@ -222,18 +225,20 @@ def run(cluster, s3, s3_endpoint, sample_corpus, tiny_model_dir, tmp_path_factor
     driver_env = {
         **env,
         "PREFECT_HOME": str(root / "prefect"),
+        # Both drivers report to one Prefect API, as worker pods report to the server.
+        "PREFECT_API_URL": prefect_api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "RZENEMBED_CACHE": str(root / "cache-driver"),
     }
-    image = next(p for p in s3.find(f"{BUCKET}/corpus/sample-captions") if p.endswith(".png"))
+    image = next(p for p in s3.find(f"{BUCKET}/corpus/{PICTURES}") if p.endswith(".png"))
     serving = [
         f"serve.port={free_port()}",
         "serve.num_cpus=0",
         "serve.auth=none",  # loopback only
         "serve.api_num_cpus=0",
         f"serve.media_roots=['s3://{BUCKET}/corpus']",
-        f"image={image.split('/sample-captions/', 1)[1]}",  # read by the driver, not a key
+        f"image={image.split('/corpus/', 1)[1]}",  # read by the driver, not a key
     ]
     command = [sys.executable, "-c", DRIVER, str(config), *serving[:-1], serving[-1]]
     # The first driver is killed (SIGKILL, its whole process group) while stage 1 trains.

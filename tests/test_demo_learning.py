@@ -5,8 +5,8 @@ MMEB-V2 release (30 queries per dataset): the paired 95% interval of trained min
 excludes zero at every level it prints.
 
 A learning check, not a timing: it runs the demo once (about three minutes on two cores), in
-a process of its own with its own Prefect home, and reads the lines the demo prints and the
-report it writes.
+a process of its own with its own Prefect home (reporting to the suite's Prefect server rather
+than starting a temporary one), and reads the lines the demo prints and the report it writes.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ def demo_config(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, prefect_api):
     root = tmp_path_factory.mktemp("demo")
     config = demo_config(root)
-    env = {**os.environ, "PREFECT_HOME": str(root / "prefect")}
+    env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "PREFECT_API_URL": prefect_api}
     env.pop("MLFLOW_TRACKING_URI", None)
     done = subprocess.run(
         [sys.executable, "-m", "flows.demo", "--config", str(config)],

@@ -183,19 +183,18 @@ def test_a_runner_told_of_a_cancelled_flow_run_stops_the_job(job_server):
         bystander.outcome(f"{nap}-a1", "STOPPED")
 
 
-def test_cancelling_the_flow_run_stops_its_job(job_server, tmp_path):
+def test_cancelling_the_flow_run_stops_its_job(job_server, prefect_api, tmp_path):
     """A real flow run in a separate driver process, cancelled through the Prefect API:
     the task's waiter sees the cancellation and stops the job; the driver ends."""
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Cancelling
-    from prefect.testing.utilities import prefect_test_harness
 
     address, env, store = job_server
     config = json.dumps(job_config(address, store))
     key = f"cancel-{secrets.token_hex(4)}"
-    with prefect_test_harness(server_startup_timeout=120):
-        api = PREFECT_API_URL.value()
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        api = prefect_api
         driver = subprocess.Popen(
             [sys.executable, "-c", "import sys; from tests.job_flows import sleepy_flow; "
              "sleepy_flow(sys.argv[1], 300.0, sys.argv[2])", config, key],

@@ -25,8 +25,7 @@ import yaml
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
+from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 import tasks.training
 from rzenembed.data.version import DatasetVersion
@@ -96,7 +95,8 @@ def pipeline_config(corpus, model_dir, root: Path, data: str = "data") -> Path:
         },
         "eval": {"sets": [str(corpus.root / "eval")], "batch_size": 8},
         "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": "flowtest"},
-        "compute": {"num_workers": 1, "cpus_per_worker": 1},
+        # The two stage-2 mixtures train side by side (one CPU each of local Ray's two).
+        "compute": {"num_workers": 1, "cpus_per_worker": 1, "concurrent_mixtures": 2},
     }
     path = root / f"pipeline-{data}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -142,14 +142,31 @@ def task_states(flow_run_id) -> dict[str, list[str]]:
     return out
 
 
+def stage2_spans(flow_run_id) -> list[tuple]:
+    """(start, end) of every stage-2 training task run in that flow run."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return [(r.start_time, r.end_time) for r in runs if r.name.startswith("train-stage2-")]
+
+
 def artifacts(flow_run_id) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         found = client.read_artifacts()
     return {a.key or a.type: a.data for a in found if a.flow_run_id == flow_run_id}
 
 
+@pytest.fixture(autouse=True)
+def on_the_suites_api(prefect_api):
+    """Every test here reads states and results through the suite's Prefect API (without
+    one, the first read would start a temporary server in this process)."""
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        yield
+
+
 @pytest.fixture(scope="module")
-def runs(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
+def runs(ray_local, prefect_api, sample_corpus, tiny_model_dir, tmp_path_factory):
     from flows.pipeline import full_pipeline, retrain
 
     root = tmp_path_factory.mktemp("pipeline")
@@ -160,9 +177,8 @@ def runs(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
     changed = REWEIGHTED
     out = {"root": root, "config": config}
     try:
-        with (
-            prefect_test_harness(server_startup_timeout=120),
-            temporary_settings({PREFECT_LOCAL_STORAGE_PATH: root / "prefect-results"}),
+        with temporary_settings(
+            {PREFECT_API_URL: prefect_api, PREFECT_LOCAL_STORAGE_PATH: root / "prefect-results"}
         ):
             out["first"] = full_pipeline(str(config), return_state=True)
             fresh = pipeline_config(corpus, tiny_model_dir, root, data="data-fresh")
@@ -183,6 +199,7 @@ def runs(ray_local, sample_corpus, tiny_model_dir, tmp_path_factory):
             add_row(corpus.root / CHANGED_SOURCE / "records.jsonl")
             gated = [*changed, "eval.min_improvement=1.0"]  # no candidate can clear it
             out["retrain"] = retrain(str(config), gated, return_state=True)
+            out["first_stage2_spans"] = stage2_spans(out["first"].state_details.flow_run_id)
             for name in ("first", "fresh", "again", "failed", "resumed", "retrain"):
                 state = out[name]
                 out[f"{name}_tasks"] = task_states(state.state_details.flow_run_id)
@@ -343,6 +360,16 @@ def test_the_evaluation_report_is_an_artifact(runs):
     # One artifact per finished dataset, for the model and the untrained baseline.
     finished = {k for k in runs["first_artifacts"] if k.startswith("eval-")}
     assert {"eval-model-eval-shapes-classification", "eval-baseline-eval-visdoc"} <= finished
+
+
+def test_the_two_stage2_mixtures_trained_side_by_side(runs):
+    """``compute.concurrent_mixtures: 2``: the second mixture started before the first
+    ended, and both finished with their own adapter."""
+    spans = runs["first_stage2_spans"]
+    assert len(spans) == 2 and all(start and end for start, end in spans), spans
+    assert max(start for start, _ in spans) < min(end for _, end in spans), spans
+    adapters = [a["uri"] for a in runs["first"].result()["trained"]["stage2"]]
+    assert len(set(adapters)) == 2 and all(Path(a).is_dir() for a in adapters), adapters
 
 
 def test_an_unchanged_second_run_redoes_no_step(runs):
