@@ -1,5 +1,8 @@
-"""Media reads counted on the wire: ingest, clean and training's collation each fetch every
-distinct media object of an image source on S3 at most once, with a GET and never a HEAD.
+"""Media reads counted on the wire: ingest fetches every distinct media object of an image
+source on S3 once per shard, with a GET and never a HEAD; clean fetches none (it judges the
+pictures from the facts ingest measured, ``rzenembed.data.media_facts``), so ingest and
+clean together make one request per object; training's collation fetches each picture of a
+batch once.
 
 The source is shaped like a VQA dataset with hard negatives: pictures asked about by two
 questions each (one object, two rows), and a negative picture per row. Everything goes
@@ -38,8 +41,17 @@ def picture(seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def flat_picture() -> bytes:
+    """A uniform grey picture: clean rejects it as blurry (no edges at all)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 96), (128, 128, 128)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def vqa_rows() -> list[dict]:
-    """Two questions per picture; each row's negative is the next picture."""
+    """Two questions per picture; each row's negative is the next picture. Then a copy of
+    the first row under another id (clean: ``duplicate_exact``) and a question on a flat
+    picture (clean: ``image_blurry``): 18 rows, 9 objects."""
     rows = []
     for k in range(PICTURES):
         image = [media("image", f"media/p{k}.png")]
@@ -48,7 +60,15 @@ def vqa_rows() -> list[dict]:
             query = side(question, "Answer the question about the image:", image)
             answer = side(f"answer {k}.{q}")
             rows.append(record(f"vqa-{k}-{q}", "vqa", "image_qa", query, answer, [negative]))
+    rows.append({**rows[0], "id": "vqa-copy"})
+    flat_image = [media("image", "media/flat.png")]
+    flat = side("What colour is it?", "Answer the question about the image:", flat_image)
+    rows.append(record("vqa-flat", "vqa", "image_qa", flat, side("grey"), []))
     return rows
+
+
+ROWS, KEPT = 2 * PICTURES + 2, 2 * PICTURES
+CLEAN_REJECTS = {"duplicate_exact": 1, "image_blurry": 1}
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +78,7 @@ def source_on_s3(s3_endpoint):
         fs.mkdir(BUCKET)
     for k in range(PICTURES):
         fs.pipe_file(f"{BUCKET}/vqa/media/p{k}.png", picture(k))
+    fs.pipe_file(f"{BUCKET}/vqa/media/flat.png", flat_picture())
     fs.pipe_file(
         f"{BUCKET}/vqa/records.jsonl", "".join(json.dumps(r) + "\n" for r in vqa_rows()).encode()
     )
@@ -70,18 +91,22 @@ def proxy(s3_endpoint):
     return CountingProxy((host, int(port)))
 
 
-@pytest.fixture(scope="module")
-def cfg(source_on_s3, proxy):
+def config(source_on_s3, proxy, shard_rows: int, versions: str = "versions"):
     return config_from_dict(
         {
             "model": {"name_or_path": "unused"},
-            "storage": {"root": f"s3://{BUCKET}/versions", "endpoint_url": proxy.endpoint},
+            "storage": {"root": f"s3://{BUCKET}/{versions}", "endpoint_url": proxy.endpoint},
             "sources": [
                 {"name": "vqa", "uri": source_on_s3, "task_group": "image_qa", "stage": "stage2"}
             ],
-            "prep": {"shard_rows": 6, "decontaminate": []},
+            "prep": {"shard_rows": shard_rows, "decontaminate": []},
         }
     )
+
+
+@pytest.fixture(scope="module")
+def cfg(source_on_s3, proxy):
+    return config(source_on_s3, proxy, shard_rows=6)
 
 
 def media_requests(proxy: CountingProxy) -> Counter:
@@ -112,18 +137,61 @@ def prepared(ray_local, cfg, proxy):
 
 def test_ingest_fetches_each_picture_of_a_shard_once_with_a_get(prepared):
     ingested, requests, _, _ = prepared
-    assert ingested.rows == 2 * PICTURES and ingested.manifest.rejected == 0
+    assert ingested.rows == ROWS and ingested.manifest.rejected == 0
     assert len(ingested.manifest.shards) == 3  # pictures named by two shards: fetched by both
     # no HEAD, and one GET per picture and shard (a row's negative or a second question on
     # the same picture costs nothing more)
     assert requests == per_shard_objects(ingested)
-    assert sum(requests.values()) < 2 * 2 * PICTURES  # rows name 32 pictures
+    assert sum(requests.values()) < 2 * 2 * PICTURES + 3  # rows name 35 pictures
 
 
-def test_clean_fetches_each_picture_of_a_shard_once_with_a_get(prepared):
+def test_clean_fetches_no_picture(prepared, s3_endpoint):
     ingested, _, cleaned, requests = prepared
-    assert cleaned.rows == 2 * PICTURES  # two questions on one picture are two examples
-    assert requests == per_shard_objects(ingested)
+    assert cleaned.rows == KEPT  # two questions on one picture are two examples
+    assert cleaned.manifest.reject_counts == CLEAN_REJECTS
+    assert requests == Counter()
+    # what it judged from: one table of facts per shard, every picture the shard names
+    fs, _ = filesystem(ingested.uri, s3_endpoint)
+    facts = sorted(fs.find(f"{ingested.uri.removeprefix('s3://')}/media-facts"))
+    assert [f.rsplit("/", 1)[-1] for f in facts] == [
+        f"{s.path.rsplit('/', 1)[-1]}" for s in ingested.manifest.shards
+    ]
+
+
+def test_ingest_and_clean_of_one_shard_fetch_each_picture_once(source_on_s3, proxy, ray_local):
+    """The acceptance reading: a source whose rows fit one shard costs one GET per picture
+    through ingest and clean together."""
+    cfg = config(source_on_s3, proxy, shard_rows=ROWS, versions="one-shard")
+    proxy.reset()
+    cleaned = run_clean(cfg, run_ingest(cfg, cfg.sources[0], show_progress=False), False)
+    assert cleaned.rows == KEPT and cleaned.manifest.reject_counts == CLEAN_REJECTS
+    names = [f"p{k}.png" for k in range(PICTURES)] + ["flat.png"]
+    assert media_requests(proxy) == Counter({("GET", f"{MEDIA}{n}"): 1 for n in names})
+
+
+def test_clean_judges_a_version_without_facts_from_the_media(prepared, cfg, proxy, s3_endpoint):
+    """A version ingested before ingest recorded facts is cleaned from the pictures
+    themselves (fetched once per shard), to the same rows and the same rejects."""
+    ingested, _, cleaned, _ = prepared
+    fs, _ = filesystem(ingested.uri, s3_endpoint)
+    folder = f"{ingested.uri.removeprefix('s3://')}/media-facts"
+    saved = {path: fs.cat_file(path) for path in fs.find(folder)}
+    # another blur threshold that judges these pictures alike: a version computed afresh
+    prep = cfg.prep.model_copy(update={"blur_threshold": cfg.prep.blur_threshold + 1e-6})
+    fs.rm(folder, recursive=True)
+    proxy.reset()
+    try:
+        again = run_clean(cfg.model_copy(update={"prep": prep}), ingested, show_progress=False)
+    finally:
+        for path, data in saved.items():
+            fs.pipe_file(path, data)
+    assert media_requests(proxy) == per_shard_objects(ingested)
+    assert again.uri != cleaned.uri
+    assert (
+        again.read_table().column("id").to_pylist() == cleaned.read_table().column("id").to_pylist()
+    )
+    details = [r["detail"] for v in (again, cleaned) for r in v.read_rejects().to_pylist()]
+    assert details[:2] == details[2:] and len(details) == 4, details
 
 
 def test_training_reads_each_picture_of_a_batch_once(prepared, proxy, cfg):

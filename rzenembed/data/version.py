@@ -23,7 +23,7 @@ import io
 import json
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -308,11 +308,15 @@ class VersionWriter:
         inputs: list[InputRef],
         stats: dict[str, Any] | None = None,
         schema_name: str = "record",
+        side_folders: Sequence[str] = (),
     ) -> DatasetVersion:
-        """Move the staged shards into place, then write the manifest (the commit point)."""
+        """Move the staged shards into place, then write the manifest (the commit point).
+        ``side_folders``: staged folders of derived per-shard tables (e.g. ingest's media
+        facts) moved along, outside the manifest and its digest."""
         shards = [self._shards[k] for k in sorted(self._shards)]
         rejects = [self._rejects[k] for k in sorted(self._rejects)]
-        self._move_into_place([info.path for info in shards + rejects])
+        sides = [p for folder in side_folders for p in self._staged_files(folder)]
+        self._move_into_place([info.path for info in shards + rejects] + sides)
         if self.fs.exists(self.staging):
             self.fs.rm(self.staging, recursive=True)
         manifest = Manifest(
@@ -333,6 +337,14 @@ class VersionWriter:
         )
         write_atomically(self.fs, join(self.path, MANIFEST), manifest.to_json())
         return DatasetVersion(self.uri, manifest, self.endpoint_url)
+
+    def _staged_files(self, folder: str) -> list[str]:
+        """Files under ``folder`` of the staging area, relative to it (one listing)."""
+        base = join(self.staging, folder)
+        if not self.fs.exists(base):
+            return []
+        names = self.fs.ls(base, detail=False, refresh=True)
+        return [f"{folder}/{name.rstrip('/').rsplit('/', 1)[-1]}" for name in sorted(names)]
 
     def _move_into_place(self, paths: list[str]) -> None:
         """Staged shards to their final names. On an object store a move is a copy and a

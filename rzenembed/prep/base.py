@@ -223,9 +223,12 @@ def execute(
     media_root: str | None = None,
     show_progress: bool = True,
     writer: VersionWriter | None = None,
+    side_folders: tuple[str, ...] = (),
 ) -> DatasetVersion:
     """Run the shard jobs on Ray, then commit the version with summed counts and stats
-    (into ``writer``'s staging area when a step already opened one for scratch work)."""
+    (into ``writer``'s staging area when a step already opened one for scratch work);
+    ``side_folders``: staged folders of per-shard side tables the shard jobs wrote,
+    committed with the shards (``VersionWriter.commit``)."""
     endpoint = cfg.storage.endpoint_url
     writer = writer or VersionWriter(plan.uri, RECORD_SCHEMA, endpoint, resume=True)
     jobs = jobs_for(writer.staging_uri)
@@ -261,6 +264,7 @@ def execute(
         code_version=plan.code_version,
         inputs=plan.inputs,
         stats=merged,
+        side_folders=side_folders,
     )
 
 

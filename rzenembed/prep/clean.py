@@ -17,6 +17,7 @@ Three passes, all on Ray:
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 from rzenembed.config import PipelineConfig, digest_of
 from rzenembed.data import media as media_ops
 from rzenembed.data.engine import run_shards
+from rzenembed.data.media_facts import MediaFacts, image_facts, read_facts
 from rzenembed.data.media_fetch import MediaFetcher, windows
 from rzenembed.data.schema import RECORD_SCHEMA
 from rzenembed.data.storage import filesystem, frame_files, join, resolve_media_uri
@@ -40,6 +42,7 @@ from rzenembed.prep.base import (
     per_shard_jobs,
     plan_step,
     reject,
+    shard_name,
     version_shard_loader,
 )
 from rzenembed.prep.decontaminate import EvalKeysRef, ensure_eval_keys, load_eval_keys, overlap
@@ -58,7 +61,9 @@ from rzenembed.prep.dedup import (
 from rzenembed.prep.ingest import RowError, media_uris, read_media
 
 STEP = "clean"
-CODE_VERSION = "2"  # 2: duplicates are examples (policy per source), eval decontamination
+# 2: duplicates are examples (policy per source), eval decontamination; 3: media judged from
+# ingest's facts (the exact-duplicate key covers the media's SHA-256s, not their bytes)
+CODE_VERSION = "3"
 
 
 def dedup_policy(cfg: PipelineConfig, dataset: str) -> str:
@@ -156,7 +161,16 @@ def find_rejects(
     partitions = partition_count(version.rows, len(shards))
     keys_uri = join(scratch, "_dedup-keys")
     inspect = [
-        (version_shard_loader(version, s), root, knobs, endpoint_url, index, keys_uri, partitions)
+        (
+            version_shard_loader(version, s),
+            root,
+            knobs,
+            endpoint_url,
+            index,
+            keys_uri,
+            partitions,
+            (version.uri, shard_name(s)),  # where ingest's facts of the shard's media lie
+        )
         for index, s in enumerate(shards)
     ]
     inspected = run_shards(
@@ -181,7 +195,8 @@ def _inspect_job(job: tuple) -> tuple[dict[int, tuple[str, str]], Counter]:
     """Inspect one shard: its bad rows come back (with evaluation copies counted per
     evaluation dataset); its good rows' dedup keys go to one partition file each
     (``<keys>/p<partition>/<shard>.parquet``)."""
-    loader, root, knobs, endpoint_url, index, keys_uri, partitions = job
+    loader, root, knobs, endpoint_url, index, keys_uri, partitions, (facts_of, shard) = job
+    facts = read_facts(facts_of, shard, endpoint_url)  # one GET; then no media read for them
     eval_keys = None
     if knobs.eval_keys is not None:
         eval_keys = load_eval_keys(
@@ -191,19 +206,22 @@ def _inspect_job(job: tuple) -> tuple[dict[int, tuple[str, str]], Counter]:
     fetcher = MediaFetcher(endpoint_url)
     for window in windows(list(enumerate(loader()))):
         # the window's media in one concurrent batch, each distinct object once
-        fetcher.prefetch(uri for _, row in window for uri in inspected_uris(row, root))
+        # (objects ingest measured are not fetched at all)
+        fetcher.prefetch(
+            uri for _, row in window for uri in inspected_uris(row, root) if uri not in facts
+        )
         for position, row in window:
-            facts, sides = inspect_row(position, row, root, knobs, endpoint_url, fetcher)
-            if facts.reason is None and eval_keys is not None:
+            row_facts, sides = inspect_row(position, row, root, knobs, endpoint_url, fetcher, facts)
+            if row_facts.reason is None and eval_keys is not None:
                 found = overlap(row, sides, eval_keys)
                 if found is not None:
                     overlaps[found[0]] += 1
-                    facts.reason, facts.detail = "eval_overlap", found[1]
-            if facts.reason is not None:
-                bad[position] = (facts.reason, facts.detail)
+                    row_facts.reason, row_facts.detail = "eval_overlap", found[1]
+            if row_facts.reason is not None:
+                bad[position] = (row_facts.reason, row_facts.detail)
             else:
                 order = order_of(index, position)
-                keys += row_keys(order, facts, knobs.dedup, knobs.phash_radius)
+                keys += row_keys(order, row_facts, knobs.dedup, knobs.phash_radius)
     for part, table in enumerate(partition_keys(keys, partitions)):
         if table.num_rows:
             put_table(join(keys_uri, f"p{part:05d}"), f"{index:06d}.parquet", table, endpoint_url)
@@ -241,13 +259,15 @@ def inspect_row(
     knobs: CleanKnobs,
     endpoint_url: str | None,
     fetcher: MediaFetcher | None = None,
+    facts: dict[str, MediaFacts] | None = None,
 ) -> tuple[RowFacts, dict[str, list[int]]]:
     """The row's dedup facts (or its bad-media reason) and the pHashes of its query and
     positive images. Every image is checked, negatives included (a broken negative breaks
-    the row's batch); only the query and positive make the row's identity."""
+    the row's batch); only the query and positive make the row's identity. An object in
+    ``facts`` (measured at ingest) is judged from them; any other is read and measured."""
     texts = [normalise_text(row[s][k]) for s in SIDES for k in ("instruction", "text")]
-    blobs: list[bytes] = []  # query and positive media, for the content hash
-    other: list[bytes] = []  # their non-image media, for the text hash
+    digests: list[bytes] = []  # of the query and positive media, for the content hash
+    other: list[bytes] = []  # of their non-image media, for the text hash
     phashes: dict[str, list[int]] = {s: [] for s in SIDES}
     sides = [(s, row[s]) for s in SIDES] + [("negative", n) for n in row.get("negatives") or []]
     for side, part in sides:
@@ -255,62 +275,78 @@ def inspect_row(
             if side == "negative" and item["kind"] != "image":
                 continue  # checked at ingest; a negative video is not part of the identity
             try:
-                data = _media_bytes(item, root, endpoint_url, fetcher)
+                measured = _measure(item, root, knobs, endpoint_url, fetcher, facts or {})
             except RowError as err:
                 return RowFacts(position, err.reason, str(err), "", []), phashes
             if side != "negative":
-                blobs.extend(data)
+                digests.extend(m.digest for m in measured)
                 if item["kind"] != "image":
-                    other.extend(data)
+                    other.extend(m.digest for m in measured)
             if item["kind"] != "image":
                 continue
-            reason, detail, phash = _check_image(data[0], item["uri"], knobs)
+            reason, detail = _judge_image(measured[0], item["uri"], knobs)
             if reason is not None:
                 return RowFacts(position, reason, detail, "", []), phashes
             if side != "negative":
-                phashes[side].append(phash)
+                phashes[side].append(measured[0].phash)
     counts = [str(len(phashes[s])) for s in SIDES]
-    facts = RowFacts(
+    row_facts = RowFacts(
         position,
         None,
         "",
-        media_ops.content_hash(texts, blobs),
+        media_ops.content_hash(texts, digests),
         phashes["query"] + phashes["positive"],
         media_ops.content_hash(texts + counts, other),
     )
-    return facts, phashes
+    return row_facts, phashes
 
 
-def _media_bytes(
-    item: dict[str, Any], root: str, endpoint_url: str | None, fetcher: MediaFetcher | None
-) -> list[bytes]:
-    """The bytes of a media item: one file, or every frame of a folder of frames."""
+def _measure(
+    item: dict[str, Any],
+    root: str,
+    knobs: CleanKnobs,
+    endpoint_url: str | None,
+    fetcher: MediaFetcher | None,
+    facts: dict[str, MediaFacts],
+) -> list[MediaFacts]:
+    """The facts of a media item: its object's (from ``facts``, or read and measured
+    here), or every frame's of a folder of frames (their digests, in natural order)."""
     uri = item["uri"]
     full = resolve_media_uri(root, uri)
     if item["kind"] == "frames" and not item.get("frames"):  # a folder of frames
-        return _frame_folder_bytes(full, uri, endpoint_url)
-    return [read_media(full, uri, endpoint_url, fetcher)]
-
-
-def _frame_folder_bytes(full: str, uri: str, endpoint_url: str | None) -> list[bytes]:
-    """Every frame file of a folder of frames, in natural order (the row's content)."""
-    files = frame_files(full, endpoint_url)
-    if not files:
-        raise RowError("media_missing", f"{uri}: no frame images in the folder")
-    return [read_media(file, uri, endpoint_url) for file in files]
-
-
-def _check_image(data: bytes, uri: str, knobs: CleanKnobs) -> tuple[str | None, str, int | None]:
+        files = frame_files(full, endpoint_url)
+        if not files:
+            raise RowError("media_missing", f"{uri}: no frame images in the folder")
+        return [_digest_only(read_media(f, uri, endpoint_url), "frame") for f in files]
+    if full in facts:
+        return [facts[full]]
+    data = read_media(full, uri, endpoint_url, fetcher)
+    if item["kind"] != "image":
+        return [_digest_only(data, item["kind"])]
     try:
-        image = media_ops.decode_image(
-            data, max_pixels=knobs.max_image_pixels, min_side=knobs.min_image_side
-        )
+        image = media_ops.decode_image(data, max_pixels=knobs.max_image_pixels)
     except media_ops.MediaError as exc:
-        return exc.reason, f"{uri}: {exc}", None
-    sharpness = media_ops.laplacian_variance(image)
-    if sharpness < knobs.blur_threshold:
-        return "image_blurry", f"{uri}: Laplacian variance {sharpness:.2f}", None
-    return None, "", media_ops.perceptual_hash(image)
+        raise RowError(exc.reason, f"{uri}: {exc}") from None
+    return [image_facts(data, image)]
+
+
+def _digest_only(data: bytes, kind: str) -> MediaFacts:
+    return MediaFacts(hashlib.sha256(data).hexdigest(), kind)
+
+
+def _judge_image(facts: MediaFacts, uri: str, knobs: CleanKnobs) -> tuple[str | None, str]:
+    """Clean's verdict on a decoded image from its facts (the same reasons and details
+    whether ingest or this step measured it)."""
+    width, height = facts.width or 0, facts.height or 0
+    if width * height > knobs.max_image_pixels:
+        large = media_ops.IMAGE_TOO_LARGE
+        return large, f"{uri}: {large}: {width}x{height} > {knobs.max_image_pixels} pixels"
+    if min(width, height) < knobs.min_image_side:
+        small = media_ops.IMAGE_TOO_SMALL
+        return small, f"{uri}: {small}: {width}x{height} < {knobs.min_image_side} px"
+    if (facts.sharpness or 0.0) < knobs.blur_threshold:
+        return "image_blurry", f"{uri}: Laplacian variance {facts.sharpness:.2f}"
+    return None, ""
 
 
 def apply_decisions(

@@ -37,6 +37,13 @@ from rzenembed.data.importers import (
     source_media_root,
     source_uri,
 )
+from rzenembed.data.media_facts import (
+    FACTS_FOLDER,
+    MediaFacts,
+    facts_table,
+    image_facts,
+    video_facts,
+)
 from rzenembed.data.media_fetch import MediaFetcher, MediaMissing, windows
 from rzenembed.data.record_checks import RowError, check_texts, normalise, record_sides
 from rzenembed.data.storage import (
@@ -51,12 +58,13 @@ from rzenembed.data.version import (
     DatasetVersion,
     InputRef,
     VersionNotFoundError,
+    put_table,
     write_atomically,
 )
 from rzenembed.prep.base import ShardJob, committed, execute, plan_step, reject
 
 STEP = "ingest"
-CODE_VERSION = "2"  # 2: a whole video's length stamped on its item
+CODE_VERSION = "3"  # 2: a whole video's length stamped on its item; 3: media facts for clean
 # The row checks (``RowError``, ``normalise``, ``check_texts``) live in
 # ``rzenembed.data.record_checks``, below ``inspect-source`` too; the clean and video steps
 # still import ``RowError`` from here.
@@ -123,6 +131,8 @@ def run_ingest(
     def jobs(staging: str) -> list[ShardJob]:
         chunks = plan_chunks(scans, chunk_rows)
         sink = media_root if fmt.embeds_media else None
+        # what clean needs of every media object, recorded beside the shards (media_facts)
+        shard_params = {**params, "facts_uri": join(staging, FACTS_FOLDER)}
         return [
             ShardJob(
                 c.name,
@@ -130,13 +140,20 @@ def run_ingest(
                 STEP,
                 validate_rows,
                 _ChunkLoader(source, c, endpoint, sink),
-                params,
+                shard_params,
                 endpoint,
             )
             for c in chunks
         ]
 
-    version = execute(plan, cfg, jobs, media_root=media_root, show_progress=show_progress)
+    version = execute(
+        plan,
+        cfg,
+        jobs,
+        media_root=media_root,
+        show_progress=show_progress,
+        side_folders=(FACTS_FOLDER,),
+    )
     seen.remember(version)
     return version
 
@@ -246,8 +263,13 @@ def validate_rows(
     max_text_chars: int,
     max_image_pixels: int,
     endpoint_url: str | None,
+    facts_uri: str | None = None,
 ) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """Each raw row normalised and checked (texts, then media, fetched a window at a time);
+    with ``facts_uri``, the facts of every media object checked go to ``<facts_uri>/
+    <shard>.parquet`` (``rzenembed.data.media_facts``: clean reads them, not the media)."""
     kept, rejected = [], []
+    facts: dict[str, MediaFacts] = {}
     # A raw row a format expanded into several records shares its position with them.
     extra = len(rows) - len({position for position, _ in rows})
     fetcher = MediaFetcher(endpoint_url)
@@ -270,10 +292,12 @@ def validate_rows(
         fetcher.prefetch(uri for *_, row in shaped for uri in media_uris(row, root))
         for order, position, raw, row in shaped:
             try:
-                check_media(row, root, max_image_pixels, endpoint_url, fetcher)
+                check_media(row, root, max_image_pixels, endpoint_url, fetcher, facts)
                 kept.append(row)
             except RowError as err:
                 refuse(order, position, raw, err)
+    if facts_uri is not None:
+        put_table(facts_uri, f"{shard}.parquet", facts_table(facts), endpoint_url)
     rejected = [r for _, r in sorted(rejected, key=lambda pair: pair[0])]
     return kept, rejected, {"extra_records": extra} if extra else {}
 
@@ -302,9 +326,12 @@ def check_media(
     max_pixels: int,
     endpoint_url: str | None,
     fetcher: MediaFetcher | None = None,
+    facts: dict[str, MediaFacts] | None = None,
 ) -> None:
     """Every media item of the row exists inside the root and decodes (``fetcher``: where
-    the bytes were prefetched, else each is read now)."""
+    the bytes were prefetched, else each is read now). ``facts``: each object's facts by
+    full URI, added to as objects are checked; an object already there (another row's)
+    passed its check and is not decoded again."""
     for where, part in record_sides(row):
         for i, item in enumerate(part["media"]):
             label = f"{where}.media[{i}] {item['uri']!r}"
@@ -315,16 +342,24 @@ def check_media(
             if item["kind"] == "frames" and not item.get("frames"):
                 _check_frame_folder(full, label, max_pixels, endpoint_url)
                 continue
-            data = read_media(full, label, endpoint_url, fetcher)
-            try:
-                if item["kind"] == "image":
-                    media_ops.decode_image(data, max_pixels=max_pixels)
-                else:
-                    info = media_ops.probe_video(data)
-                    if item.get("start_s") is None and item.get("end_s") is None:
-                        item["start_s"], item["end_s"] = 0.0, info.duration_s
-            except media_ops.MediaError as exc:
-                raise RowError(exc.reason, f"{label}: {exc}") from None
+            known = facts.get(full) if facts is not None else None
+            if known is None:
+                data = read_media(full, label, endpoint_url, fetcher)
+                known = _measured(data, item, label, max_pixels)
+                if facts is not None:
+                    facts[full] = known
+            if known.kind == "video" and item.get("start_s") is None and item.get("end_s") is None:
+                item["start_s"], item["end_s"] = 0.0, known.duration_s
+
+
+def _measured(data: bytes, item: dict[str, Any], label: str, max_pixels: int) -> MediaFacts:
+    """An object's facts once it decodes (an image) or probes whole (a video)."""
+    try:
+        if item["kind"] == "image":
+            return image_facts(data, media_ops.decode_image(data, max_pixels=max_pixels))
+        return video_facts(data, media_ops.probe_video(data).duration_s)
+    except media_ops.MediaError as exc:
+        raise RowError(exc.reason, f"{label}: {exc}") from None
 
 
 def _check_frame_folder(uri: str, label: str, max_pixels: int, endpoint_url: str | None) -> None:
