@@ -172,3 +172,27 @@ def test_actors_read_a_remote_set_from_their_own_staged_copy(pool_run, s3_endpoi
     assert sum(a["media_decoded"] for a in actors) == 12
     local = {s.name: s for s in pool_run["scores"]}[score.name]
     assert score.metrics == pytest.approx(local.metrics, abs=1e-5)
+
+
+def test_the_model_is_embedded_by_the_actors_that_embedded_the_baseline(pool_run):
+    """Baseline and model of one evaluation share the actor processes: the model is loaded
+    in place of the baseline (no new actor), and its scores are what a fresh actor gives
+    (the same weights under another digest score exactly as the pool run did)."""
+    baseline = {"uri": pool_run["model"]["uri"], "digest": "tiny-as-baseline"}
+    model = {"uri": pool_run["model"]["uri"], "digest": "tiny-as-model"}
+    out = _evaluate_task(
+        pool_run["cfg"],
+        {"baseline": baseline, "model": model},
+        pool_run["sets"],
+        str(pool_run["root"] / "report-shared"),
+        pool_run["cache"],
+    )
+    first, second = out["baseline"]["actors"], out["model"]["actors"]
+    assert len(first) == len(second) == 2
+    assert sorted(a["pid"] for a in first) == sorted(a["pid"] for a in second)
+    # each role's counters are its own: every side embedded once per role
+    assert sum(a["sides"] for a in first) == sum(a["sides"] for a in second) == 73
+    expected = {s.name: s.score for s in pool_run["scores"]}
+    for role in ("baseline", "model"):
+        scores = {k: v["score"] for k, v in out[role]["report"]["datasets"].items()}
+        assert scores == pytest.approx(expected, abs=1e-6), role

@@ -7,6 +7,7 @@ a picture: it sends raw sides, ranks the vectors that come back and writes the r
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -51,20 +52,37 @@ class EmbedActor:
     embeds; the model lock lets one batch at a time onto the device."""
 
     def __init__(self, cfg: PipelineConfig, model_uri: str):
-        from rzenembed.modeling import ModelCard, RzenEmbedder
         from rzenembed.runtime import task_runtime
 
-        runtime = task_runtime(cfg.model, cfg.compute)
-        folder = stage_folder(model_uri, cfg.storage.endpoint_url)
-        config = None if ModelCard.exists(folder) else cfg.model
-        self.embedder = RzenEmbedder.from_pretrained(folder, config=config, device=runtime.device)
-        self.runtime = runtime
+        self.cfg = cfg
+        self.runtime = task_runtime(cfg.model, cfg.compute)
+        self.embedder = self._embedder(model_uri)
         self.endpoint_url = cfg.storage.endpoint_url
         self.readers: dict[str, Any] = {}  # media root -> MediaReader
         self.staged_sets: dict[str, Path] = {}  # eval set URI -> its copy on this node
         self.model_lock = threading.Lock()
         self.call_sizes: Counter[int] = Counter()  # sides per encode_sides call
         self.media_decoded = 0  # images and videos this actor decoded
+
+    def _embedder(self, model_uri: str) -> Any:
+        from rzenembed.modeling import ModelCard, RzenEmbedder
+
+        folder = stage_folder(model_uri, self.cfg.storage.endpoint_url)
+        config = None if ModelCard.exists(folder) else self.cfg.model
+        return RzenEmbedder.from_pretrained(folder, config=config, device=self.runtime.device)
+
+    def load(self, model_uri: str) -> None:
+        """Another model in place of this one (an evaluation's next model, the trained one
+        after the untrained base): the process, its device context, readers and staged
+        sets stay, which a new actor would start again; the work counters restart."""
+        with self.model_lock:
+            self.embedder = None  # the old weights go before the new ones arrive
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.embedder = self._embedder(model_uri)
+            self.call_sizes = Counter()
+            self.media_decoded = 0
 
     def encode(self, items: list[EmbedInput], batch_size: int = 16) -> torch.Tensor:
         with self.model_lock, self.runtime.autocast():
@@ -119,9 +137,11 @@ class EmbedActor:
         return self.readers[media_root]
 
     def describe(self) -> dict[str, Any]:
-        """Where this actor embeds: its device, the autocast dtype, its weights' dtype."""
+        """Where this actor embeds: its device, the autocast dtype, its weights' dtype and
+        its process (an evaluation's models share the actors: the same pids)."""
         autocast = self.runtime.autocast_dtype
         return {
+            "pid": os.getpid(),
             "device": str(self.runtime.device),
             "autocast": None if autocast is None else str(autocast).removeprefix("torch."),
             "weights": str(self.embedder.hf_model.dtype).removeprefix("torch."),
@@ -252,6 +272,25 @@ class ActorPoolEncoder:
             if progress is not None:
                 progress(len(payloads[index]))
         return results
+
+    def reload(self, model_uri: str, make_actor: Callable[[], Any]) -> None:
+        """The next model on the same actors: started ones load it in place (``EmbedActor.
+        load``: no new process, no new device context); until they start, ``make_actor``
+        builds them with it. Read ``take_work`` first: the counters restart."""
+        self.make_actor = make_actor
+        if self.actors:
+            loads = [a.load.remote(model_uri) for a in self.actors]
+            wait_for(loads, "loading the next model on the embedding actors", self.timeout_s)
+            described = [a.describe.remote() for a in self.actors]
+            self.described = wait_for(described, "the embedding actors", self.timeout_s)
+
+    def take_work(self) -> list[dict[str, Any]]:
+        """Each started actor's ``describe()`` and ``work()`` since it started or loaded
+        its model (none when no actor was needed)."""
+        if not self.actors:
+            return []
+        work = wait_for([a.work.remote() for a in self.actors], "the actors' work", 60.0)
+        return [{**d, **w} for d, w in zip(self.described, work, strict=True)]
 
     def close(self) -> None:
         """Each actor's ``work()`` read (best effort), then the actors killed."""

@@ -41,6 +41,32 @@ REPORT_FILES = {
 }
 
 
+def _actor_pool(
+    cfg: PipelineConfig, model_uri: str, local_sets: list[str], set_uris: Sequence[str] | None
+) -> ActorPoolEncoder:
+    """``compute.eval_actors`` embedding actors of ``model_uri`` (started at the first
+    call). ``set_uris`` (where each of ``local_sets`` was staged from) lets an actor on
+    another node stage a remote set itself."""
+    staged = {
+        local: uri
+        for local, uri in zip(local_sets, set_uris or local_sets, strict=True)
+        if is_remote(uri)
+    }
+    return ActorPoolEncoder(
+        _actor_maker(cfg, model_uri),
+        lambda: eval_actor_count(cfg),  # admitted when the first actor is needed
+        cfg.compute.step_timeout_s,
+        in_flight=EVAL_CALLS_PER_ACTOR,
+        staged=staged,
+    )
+
+
+def _actor_maker(cfg: PipelineConfig, model_uri: str) -> Callable[[], Any]:
+    """A new embedding actor of ``model_uri`` with the step's resources, each call."""
+    actor_cls = actor_class(cfg)
+    return lambda: actor_cls.remote(cfg, model_uri)
+
+
 def _score_with_actors(
     cfg: PipelineConfig,
     model: dict[str, str],
@@ -48,30 +74,20 @@ def _score_with_actors(
     cache_uri: str,
     actors_seen: list[dict[str, Any]] | None = None,
     set_uris: Sequence[str] | None = None,
+    encoder: ActorPoolEncoder | None = None,
 ) -> list:
     """``model`` (``{"uri", "digest"}``) embedded by ``compute.eval_actors`` actors and
     scored here on ``local_sets``: this process sends raw sides and ranks, the actors
-    decode and embed. ``set_uris`` (where each of ``local_sets`` was staged from) lets an
-    actor on another node stage a remote set itself. Each started actor's ``describe()``
-    and ``work()`` are appended to ``actors_seen``."""
+    decode and embed. Each started actor's ``describe()`` and ``work()`` are appended to
+    ``actors_seen``. ``encoder``: a pool already holding ``model`` (``ActorPoolEncoder.
+    reload``), left open for the caller; else one is started here and closed."""
     from rzenembed.evaluation import evaluate
 
-    actor_cls = actor_class(cfg)
-    staged = {
-        local: uri
-        for local, uri in zip(local_sets, set_uris or local_sets, strict=True)
-        if is_remote(uri)
-    }
-    encoder = ActorPoolEncoder(
-        lambda: actor_cls.remote(cfg, model["uri"]),
-        lambda: eval_actor_count(cfg),  # admitted when the first actor is needed
-        cfg.compute.step_timeout_s,
-        in_flight=EVAL_CALLS_PER_ACTOR,
-        staged=staged,
-    )
+    owned = encoder is None
+    pool = _actor_pool(cfg, model["uri"], local_sets, set_uris) if encoder is None else encoder
     try:
         return evaluate(
-            encoder,
+            pool,
             local_sets,
             model_digest=model["digest"],
             cache_dir=cache_uri,
@@ -82,10 +98,14 @@ def _score_with_actors(
             endpoint_url=cfg.storage.endpoint_url,
         )
     finally:
-        encoder.close()
-        if actors_seen is not None:
-            work = encoder.work or [{} for _ in encoder.described]
-            actors_seen.extend({**d, **w} for d, w in zip(encoder.described, work, strict=False))
+        if not owned:
+            if actors_seen is not None:
+                actors_seen.extend(pool.take_work())
+        else:
+            pool.close()
+            if actors_seen is not None:
+                work = pool.work or [{} for _ in pool.described]
+                actors_seen.extend({**d, **w} for d, w in zip(pool.described, work, strict=False))
 
 
 def _rescore_task(
@@ -129,12 +149,17 @@ def _evaluate_task(
     skipped = suite_skipped(local_sets)
     work = Path(tempfile.mkdtemp(prefix="rzenembed-eval-"))
     out: dict[str, Any] = {}
+    # One pool for both models: the actors that embedded the baseline load the model in
+    # place (on a GPU cluster a new actor costs a process, a CUDA context and a staged set).
+    pool = _actor_pool(cfg, models["baseline"]["uri"], local_sets, sets)
     try:
         previous = None
         for role in ("baseline", "model"):  # the baseline first: the model's report has deltas
             model = models[role]
+            if role != "baseline":
+                pool.reload(model["uri"], _actor_maker(cfg, model["uri"]))
             actors: list[dict[str, Any]] = []
-            scores = _score_with_actors(cfg, model, local_sets, cache_uri, actors, sets)
+            scores = _score_with_actors(cfg, model, local_sets, cache_uri, actors, sets, pool)
             folder = work / "report" / ("baseline" if role == "baseline" else "")
             info = {
                 "path": model["uri"],
@@ -151,6 +176,7 @@ def _evaluate_task(
             }
         publish_folder(work / "report", out_uri, endpoint)
     finally:
+        pool.close()
         shutil.rmtree(work, ignore_errors=True)
     return out
 
