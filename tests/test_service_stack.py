@@ -53,11 +53,17 @@ def group_alive(group: int) -> bool:
     return False
 
 
-def one_mixture(config: Path) -> Path:
-    """The pipeline test's config with its first stage-2 mixture only: this test is about
-    the services a run goes through (test_pipeline_flow trains and soups two mixtures)."""
+# A stage-1 and a stage-2 source: this test is about the services a run goes through
+# (test_pipeline_flow prepares all thirteen sources and trains and soups two mixtures).
+SERVICE_SOURCES = ("sample-captions", "sample-image-qa")
+
+
+def services_config(config: Path) -> Path:
+    """The pipeline test's config with two sources and one stage-2 mixture."""
     data = yaml.safe_load(config.read_text())
-    data["stage2"]["mixtures"] = data["stage2"]["mixtures"][:1]
+    data["sources"] = [s for s in data["sources"] if s["name"] in SERVICE_SOURCES]
+    stage2 = [s["name"] for s in data["sources"] if s["stage"] in ("stage2", "both")]
+    data["stage2"]["mixtures"] = [{"name": "even", "datasets": {n: 1.0 for n in stage2}}]
     config.write_text(yaml.safe_dump(data, sort_keys=False))
     return config
 
@@ -101,7 +107,7 @@ def stack(tmp_path_factory, sample_corpus, tiny_model_dir):
             "state": state,
             "env": {**env, **exported},
             "urls": exported,
-            "config": one_mixture(pipeline_config(sample_corpus, tiny_model_dir, root)),
+            "config": services_config(pipeline_config(sample_corpus, tiny_model_dir, root)),
             "groups": groups,
         }
     finally:  # a failed test must not leave servers behind either
