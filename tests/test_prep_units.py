@@ -103,3 +103,14 @@ def test_merged_classification_renames_references_with_the_ids():
     negative = {"instruction": "", "text": "", "media": [], "ref": "v#clip1"}
     assert _rebase(negative, "", "shapes")["ref"] == "shapes/v#clip1"
     assert _rebase({**negative, "ref": None}, "", "shapes")["ref"] is None
+
+
+def test_dedup_partitions_follow_the_cluster_slots_within_the_shards():
+    from rzenembed.prep.clean import partition_count
+
+    assert partition_count(100_000, 25, slots=48) == 25  # an MMEB dataset on 48 slots
+    assert partition_count(100_000, 25, slots=1) == 1  # one slot: one group-by task
+    assert partition_count(100_000, 25, slots=8) == 8
+    assert partition_count(20_000_000, 400, slots=2) == 64  # rows decide, capped at 64
+    assert partition_count(1_000_000, 40, slots=2) == 5  # about 200k rows' keys each
+    assert partition_count(0, 1, slots=48) == 1

@@ -137,10 +137,22 @@ def run_clean(
     )
 
 
-def partition_count(rows: int, shards: int) -> int:
-    """Key partitions of the dedup group-by: about 200k rows' keys each, at most one per
-    shard and at most 64 (files written = shards x partitions at most)."""
-    return max(1, min(shards, 64, -(-rows // 200_000)))
+def partition_count(rows: int, shards: int, slots: int = 1) -> int:
+    """Key partitions of the dedup group-by: about 200k rows' keys each, but at least as
+    many as the cluster has task slots (an MMEB dataset of 25 shards and 100k rows groups
+    on 25 slots, not one), at most one per shard and at most 64 (files written = shards x
+    partitions at most). The decisions do not depend on it (``rzenembed.prep.dedup``)."""
+    return max(1, min(shards, 64, max(slots, -(-rows // 200_000))))
+
+
+def cluster_slots() -> int:
+    """The CPUs of the cluster's live nodes: how many group-by tasks can run at once (on
+    the Ray the step's maps will run on)."""
+    from rzenembed.compute.admission import live_nodes
+    from rzenembed.compute.connect import ensure_ray
+
+    ensure_ray()
+    return int(sum(node.get("CPU", 0.0) for node in live_nodes())) or 1
 
 
 def find_rejects(
@@ -158,7 +170,7 @@ def find_rejects(
     The keys go through partition files under ``scratch``; the driver gets only bad rows
     and duplicate candidates, never a record per row."""
     shards = version.manifest.shards
-    partitions = partition_count(version.rows, len(shards))
+    partitions = partition_count(version.rows, len(shards), cluster_slots())
     keys_uri = join(scratch, "_dedup-keys")
     inspect = [
         (

@@ -12,6 +12,7 @@ The Prefect flows run the same steps as tasks.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from rzenembed.compute.connect import ensure_ray
@@ -24,6 +25,9 @@ from rzenembed.prep.merge import run_merge_classification
 from rzenembed.prep.mixture import StageManifest, run_mixture
 from rzenembed.prep.recaption import run_recaption
 from rzenembed.prep.video import run_package_long_videos, run_split_clips
+
+# Sources whose steps a driver runs at once (each step's own tasks spread on the cluster).
+MAX_SOURCES_AT_ONCE = 16
 
 
 @dataclass
@@ -70,11 +74,17 @@ def prepare_source(
 def prepare_all(
     cfg: PipelineConfig, base: str | None = None, show_progress: bool = True
 ) -> PreparedData:
-    """Prepare every configured source and write the stage manifests."""
+    """Prepare every configured source (concurrently) and write the stage manifests."""
     ensure_ray(address=cfg.compute.ray_address)
     out = PreparedData()
-    for source in cfg.sources:
-        out.versions[source.name] = prepare_source(cfg, source, base, show_progress)
+    # Sources side by side, as the Prefect flow runs them: one source's map leaves slots
+    # free (25 shards on 48 slots) that another's tasks fill. A failed source lets the
+    # others finish (committed, found again by the rerun), then raises.
+    with ThreadPoolExecutor(max(1, min(len(cfg.sources), MAX_SOURCES_AT_ONCE))) as pool:
+        futures = {
+            s.name: pool.submit(prepare_source, cfg, s, base, show_progress) for s in cfg.sources
+        }
+    out.versions = {name: future.result() for name, future in futures.items()}
     last = {s.name: out.versions[s.name][source_steps(s)[-1]] for s in cfg.sources}
     classification = [last[s.name] for s in cfg.sources if s.classification]
     for source in cfg.sources:
@@ -93,12 +103,14 @@ def stage_manifests(
     by_stage = {s.name: s.stage for s in cfg.sources}
     merged_name = cfg.prep.classification_dataset
     stage1 = {n: v for n, v in final.items() if by_stage.get(n) in ("stage1", "both")}
-    stages: dict[str, StageManifest] = {}
-    if stage1:
-        stages["stage1"] = run_mixture(cfg, "stage1", stage1)
     stage2 = {
         n: v for n, v in final.items() if n == merged_name or by_stage.get(n) in ("stage2", "both")
     }
-    for mixture in cfg.stage2.mixtures:
-        stages[f"stage2/{mixture.name}"] = run_mixture(cfg, "stage2", stage2, mixture)
-    return stages
+    with ThreadPoolExecutor(len(cfg.stage2.mixtures) + 1) as pool:  # built side by side
+        pending = {}
+        if stage1:
+            pending["stage1"] = pool.submit(run_mixture, cfg, "stage1", stage1)
+        for mixture in cfg.stage2.mixtures:
+            name = f"stage2/{mixture.name}"
+            pending[name] = pool.submit(run_mixture, cfg, "stage2", stage2, mixture)
+    return {name: future.result() for name, future in pending.items()}
