@@ -33,6 +33,7 @@ from tasks.common import RunContext
 from tasks.data import (
     cap,
     clean,
+    extract_frames,
     ingest,
     merge_classification,
     mixture,
@@ -84,6 +85,7 @@ STEP_TASKS = {
     "cap": cap,
     "split-clips": split_clips,
     "package-long-videos": package_long_videos,
+    "extract-frames": extract_frames,
 }
 
 

@@ -76,8 +76,10 @@ class SourceConfig(Strict):
     cap: int | None = Field(default=None, gt=0)
     # Rewrite image captions with prep.recaption.model (after clean, before cap).
     recaption: bool = False
-    # Video sources: cut long videos into clips, or package 1-3 minute videos whole.
-    video: Literal["none", "split-clips", "package-long"] = "none"
+    # Video sources: cut long videos into clips, package 1-3 minute videos whole, or (video
+    # QA, captions) sample every video's frames once at preparation ("frames"), so training
+    # never decodes an mp4; "none" leaves videos to be decoded at training time.
+    video: Literal["none", "split-clips", "package-long", "frames"] = "none"
     # Format importers: instructions for rows that bring none (MMEB rows bring their own),
     # hard negatives kept per row, what to do with a query's further positives (extra
     # records could be each other's false negatives in one batch, so they are dropped by

@@ -23,7 +23,7 @@ from rzenembed.prep.ingest import run_ingest
 from rzenembed.prep.merge import run_merge_classification
 from rzenembed.prep.mixture import run_mixture
 from rzenembed.prep.recaption import captions_source, run_recaption
-from rzenembed.prep.video import run_package_long_videos, run_split_clips
+from rzenembed.prep.video import run_extract_frames, run_package_long_videos, run_split_clips
 from rzenembed.tracking import LineageRef
 from tasks.common import (
     RETRIES,
@@ -191,6 +191,7 @@ def recaption(cfg: PipelineConfig, ref: dict[str, Any], ctx: RunContext) -> dict
 
 split_clips = _single_step("split-clips", run_split_clips)
 package_long_videos = _single_step("package-long-videos", run_package_long_videos)
+extract_frames = _single_step("extract-frames", run_extract_frames)
 cap = _single_step("cap", run_cap)
 
 

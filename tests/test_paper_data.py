@@ -110,4 +110,10 @@ def test_data_prep_on_a_scaled_down_paper_config_gives_both_stages(
     # The paper's 400k clips: capped in clips of whole videos, before the split decodes any.
     assert cfg.source("video-clips").cap == 400_000
     assert list(out.versions["video-clips"]) == ["ingest", "clean", "cap", "split-clips"]
+    # Video QA and captions: frames sampled at preparation, no mp4 left for training.
+    for name in ("video-qa", "llava-hound-captions"):
+        assert list(out.versions[name])[-1] == "extract-frames", name
+        rows = out.final[name].read_table().to_pylist()
+        kinds = {m["kind"] for r in rows for s in ("query", "positive") for m in r[s]["media"]}
+        assert "video" not in kinds and "frames" in kinds, (name, kinds)
     assert out.versions["video-clips"]["cap"].manifest.stats["capped_by"] == "clips of whole videos"

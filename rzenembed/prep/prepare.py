@@ -24,7 +24,7 @@ from rzenembed.prep.ingest import run_ingest
 from rzenembed.prep.merge import run_merge_classification
 from rzenembed.prep.mixture import StageManifest, run_mixture
 from rzenembed.prep.recaption import run_recaption
-from rzenembed.prep.video import run_package_long_videos, run_split_clips
+from rzenembed.prep.video import run_extract_frames, run_package_long_videos, run_split_clips
 
 # Sources whose steps a driver runs at once (each step's own tasks spread on the cluster).
 MAX_SOURCES_AT_ONCE = 16
@@ -49,6 +49,8 @@ def source_steps(source: SourceConfig) -> list[str]:
         steps.append("split-clips")
     elif source.video == "package-long":
         steps.append("package-long-videos")
+    elif source.video == "frames":
+        steps.append("extract-frames")
     return steps
 
 
@@ -63,6 +65,7 @@ def prepare_source(
         "cap": lambda v: run_cap(cfg, v, show_progress=show_progress),
         "split-clips": lambda v: run_split_clips(cfg, v, show_progress),
         "package-long-videos": lambda v: run_package_long_videos(cfg, v, show_progress),
+        "extract-frames": lambda v: run_extract_frames(cfg, v, show_progress),
     }
     current = run_ingest(cfg, source, base, show_progress)
     steps = {"ingest": current}

@@ -14,6 +14,11 @@ shared group means "the same item" (never a negative).
 *Package long videos.* Videos between ``prep.long_video_min_s`` and ``prep.long_video_max_s``
 with a full description become one record each, frames sampled over the whole video.
 
+*Extract frames.* For the other video sources (video QA, video captions): every video item
+of a row, query, positive and inline negatives alike, becomes its frames, sampled over the
+item's span (``start_s``/``end_s``: the whole video as ingest stamps it). Rows keep their
+number and ids; a video several rows ask about is decoded once per task.
+
 In both, frames are sampled uniformly (segment centres) inside the clip, decoded with decord
 once, resized to the size the model's video processor would give them and stored inline as
 JPEG bytes in the record. Size and count come from ``media.VideoBudget`` over
@@ -45,6 +50,7 @@ from rzenembed.prep.ingest import RowError, read_media
 
 SPLIT_STEP = "split-clips"
 PACKAGE_STEP = "package-long-videos"
+FRAMES_STEP = "extract-frames"
 CODE_VERSION = "2"  # 2: frames resized to the video budget; sibling negatives by reference
 
 
@@ -68,8 +74,15 @@ def _knobs(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def _run(
-    cfg: PipelineConfig, version: DatasetVersion, step: str, fn, semantics: str, show_progress: bool
+    cfg: PipelineConfig,
+    version: DatasetVersion,
+    step: str,
+    fn,
+    semantics: str | None,
+    show_progress: bool,
 ) -> DatasetVersion:
+    """``fn`` over every shard (``semantics``: the output's group semantics; None keeps
+    the input's)."""
     knobs = _knobs(cfg)
     plan = plan_step(
         cfg, step, version.manifest.dataset, CODE_VERSION, digest_of(knobs), [version.ref()]
@@ -94,7 +107,9 @@ def _run(
         plan,
         cfg,
         jobs,
-        stats={"group_semantics": semantics},
+        stats={
+            "group_semantics": semantics or version.manifest.stats.get("group_semantics", "none")
+        },
         media_root=root,
         show_progress=show_progress,
     )
@@ -110,6 +125,12 @@ def run_package_long_videos(
     cfg: PipelineConfig, version: DatasetVersion, show_progress: bool = True
 ) -> DatasetVersion:
     return _run(cfg, version, PACKAGE_STEP, package_rows, "none", show_progress)
+
+
+def run_extract_frames(
+    cfg: PipelineConfig, version: DatasetVersion, show_progress: bool = True
+) -> DatasetVersion:
+    return _run(cfg, version, FRAMES_STEP, frame_rows, None, show_progress)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -258,3 +279,68 @@ def package_row(row: dict, root: str, knobs: dict, endpoint_url: str | None) -> 
         raise RowError("video_too_long", f"{info.duration_s:.1f} s > {knobs['long_video_max_s']} s")
     frames = sample_clip(data, info, item["uri"], 0.0, info.duration_s, knobs)
     return {**row, where: _replace_media(row[where], item, frames), "segments": None}
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def frame_rows(rows: list[dict], shard: str, *, root: str, knobs: dict, endpoint_url: str | None):
+    """Every video item of every row replaced by its frames; a row whose video cannot be
+    read or decoded is rejected with the reason. Videos are decoded once per task."""
+    kept, rejected = [], []
+    sampled: dict[tuple[str, float | None, float | None], dict[str, Any]] = {}
+    videos = 0
+    for position, row in enumerate(rows):
+        try:
+            out, count = frame_row(row, root, knobs, endpoint_url, sampled)
+        except (RowError, media_ops.MediaError) as err:
+            reason = getattr(err, "reason", "media_undecodable")
+            rejected.append(reject(FRAMES_STEP, row, reason, str(err), shard, position))
+            continue
+        kept.append(out)
+        videos += count
+    return kept, rejected, {"videos_sampled": videos, "videos_decoded": len(sampled)}
+
+
+def frame_row(
+    row: dict,
+    root: str,
+    knobs: dict,
+    endpoint_url: str | None,
+    sampled: dict[tuple[str, float | None, float | None], dict[str, Any]],
+) -> tuple[dict, int]:
+    """The row with its videos as frames (from ``sampled`` when this task already decoded
+    the same span of the same file), and how many video items it had."""
+    count = 0
+
+    def framed(side: dict) -> dict:
+        nonlocal count
+        items = []
+        for item in side.get("media") or []:
+            if item["kind"] != "video":
+                items.append(item)
+                continue
+            count += 1
+            key = (item["uri"], item.get("start_s"), item.get("end_s"))
+            if key not in sampled:
+                sampled[key] = _sample_item(item, root, knobs, endpoint_url)
+            items.append(sampled[key])
+        return {**side, "media": items}
+
+    out = {**row, "query": framed(row["query"]), "positive": framed(row["positive"])}
+    out["negatives"] = [n if n.get("ref") else framed(n) for n in row.get("negatives") or []]
+    return out, count
+
+
+def _sample_item(item: dict, root: str, knobs: dict, endpoint_url: str | None) -> dict[str, Any]:
+    """One video item's frames over its span (the whole video when it names none)."""
+    data = read_media(resolve_media_uri(root, item["uri"]), item["uri"], endpoint_url)
+    try:
+        info = media_ops.probe_video(data)
+    except media_ops.MediaError as exc:
+        raise RowError(exc.reason, f"{item['uri']}: {exc}") from None
+    start = float(item.get("start_s") or 0.0)
+    end = min(float(item["end_s"]), info.duration_s) if item.get("end_s") else info.duration_s
+    if end <= start:
+        raise RowError("video_too_short", f"{item['uri']}: empty span [{start}, {end}) s")
+    return sample_clip(data, info, item["uri"], start, end, knobs)
