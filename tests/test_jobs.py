@@ -187,6 +187,7 @@ def test_cancelling_the_flow_run_stops_its_job(job_server, prefect_api, tmp_path
     """A real flow run in a separate driver process, cancelled through the Prefect API:
     the task's waiter sees the cancellation and stops the job; the driver ends."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Cancelling
 
@@ -207,7 +208,9 @@ def test_cancelling_the_flow_run_stops_its_job(job_server, prefect_api, tmp_path
         try:
             job = _wait_for_running(address, f"rzenembed-sleepy-{key}", driver)
             with get_client(sync_client=True) as client:
-                (run,) = [r for r in client.read_flow_runs() if r.parameters.get("key") == key]
+                sleepy = FlowFilter(name=FlowFilterName(any_=["sleepy-flow"]))  # not others'
+                runs = client.read_flow_runs(flow_filter=sleepy)
+                (run,) = [r for r in runs if r.parameters.get("key") == key]
                 client.set_flow_run_state(run.id, Cancelling(), force=True)
             output, _ = driver.communicate(timeout=120)
         finally:

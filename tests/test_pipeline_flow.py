@@ -152,8 +152,12 @@ def stage2_spans(flow_run_id) -> list[tuple]:
 
 
 def artifacts(flow_run_id) -> dict[str, str]:
+    """That flow run's artifacts (asked by its id: the session's server holds every other
+    test's too, more than one page)."""
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts()
+        found = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
     return {a.key or a.type: a.data for a in found if a.flow_run_id == flow_run_id}
 
 
