@@ -45,20 +45,17 @@ skips ``blocks``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import logging
 import os
 import platform
-import re
-import socket
 import statistics
+import sys
 import tempfile
-import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,100 +67,15 @@ from rzenembed.data.version import DatasetVersion, VersionWriter
 from rzenembed.training.rows import TRAINING_COLUMNS, DatasetRows
 from rzenembed.training.sampler import StageSampler
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.s3_proxy import CountingProxy
+
 MIB = 2**20
 BUCKET = "s3-read-bench"
 FRAMES_PER_ROW = 4
-REQUEST_LINE = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) /\S* HTTP/1\.[01]\r\n")
 
 
 # --------------------------------------------------------------------------- counting proxy
-
-
-class _RequestLines:
-    """Counts request lines in one connection's client stream, whatever the chunking:
-    the tail of each chunk is kept so a line split across two chunks is seen once."""
-
-    KEEP = 2048
-
-    def __init__(self) -> None:
-        self._carry = b""
-
-    def feed(self, data: bytes) -> list[str]:
-        text = self._carry + data
-        methods = [
-            m.group(1).decode() for m in REQUEST_LINE.finditer(text) if m.end() > len(self._carry)
-        ]
-        self._carry = text[-self.KEEP :]
-        return methods
-
-
-class CountingProxy:
-    """A TCP proxy on loopback in front of ``upstream``: bytes each way and requests by
-    method, counted as they pass (what the client really fetches from the server)."""
-
-    def __init__(self, upstream: tuple[str, int], latency_s: float = 0.0) -> None:
-        self.upstream = upstream
-        self.latency_s = latency_s
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self.reset()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def reset(self) -> None:
-        with self._lock:
-            self.fetched = 0
-            self.sent = 0
-            self.requests: Counter[str] = Counter()
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {"fetched": self.fetched, "sent": self.sent, "requests": dict(self.requests)}
-
-    def _accept(self) -> None:
-        while True:
-            client, _ = self._listener.accept()
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        upstream = socket.create_connection(self.upstream)
-        lines = _RequestLines()
-        to_server = threading.Thread(
-            target=self._pump, args=(client, upstream, lambda d: self._sent(d, lines))
-        )
-        to_server.start()
-        self._pump(upstream, client, self._fetched)
-        to_server.join()
-        client.close()
-        upstream.close()
-
-    def _sent(self, data: bytes, lines: _RequestLines) -> None:
-        methods = lines.feed(data)
-        with self._lock:
-            self.sent += len(data)
-            self.requests.update(methods)
-        if methods and self.latency_s:  # an object store's time to first byte
-            time.sleep(self.latency_s * len(methods))
-
-    def _fetched(self, data: bytes) -> None:
-        with self._lock:
-            self.fetched += len(data)
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket, count) -> None:
-        try:
-            while data := source.recv(256 * 2**10):
-                count(data)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                sink.shutdown(socket.SHUT_WR)
 
 
 def start_moto() -> tuple[Any, str, tuple[str, int]]:

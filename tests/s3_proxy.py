@@ -1,6 +1,9 @@
-"""A TCP proxy in front of the session's S3 server (moto, loopback) that counts what goes
-over the wire: every byte the server sends back (headers included), and every request the
-client sends, by method and by path."""
+"""A TCP proxy in front of a local S3 server (moto, loopback) that counts what goes over the
+wire: every byte the server sends back (headers included) and the client sends, and every
+request the client sends, by method and by path; with ``latency_s``, it holds each request
+that long before forwarding it, as an object store's time to first byte would. The tests
+count requests with it; the benchmarks (``benchmarks/s3_read_bench.py``,
+``benchmarks/prep_rehearsal.py``) add the latency."""
 
 from __future__ import annotations
 
@@ -8,7 +11,9 @@ import contextlib
 import re
 import socket
 import threading
+import time
 from collections import Counter
+from typing import Any
 from urllib.parse import unquote
 
 REQUEST_LINE = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (/\S*) HTTP/1\.[01]\r\n")
@@ -18,8 +23,9 @@ class CountingProxy:
     """Forwards loopback TCP connections to ``upstream``; counts the bytes coming back and
     the requests going out by method (a request line split across reads is counted once)."""
 
-    def __init__(self, upstream: tuple[str, int]):
+    def __init__(self, upstream: tuple[str, int], latency_s: float = 0.0):
         self.upstream = upstream
+        self.latency_s = latency_s
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self._lock = threading.Lock()
@@ -29,6 +35,7 @@ class CountingProxy:
     def reset(self) -> None:
         with self._lock:
             self.fetched = 0
+            self.sent = 0
             self.requests: Counter[str] = Counter()
             # (method, path without the query string), e.g. ("GET", "/bucket/media/a.png")
             self.paths: Counter[tuple[str, str]] = Counter()
@@ -60,10 +67,18 @@ class CountingProxy:
             ]
             carry = text[-2048:]
             with self._lock:
+                self.sent += len(data)
                 self.requests.update(method for method, _ in found)
                 self.paths.update(found)
+            if found and self.latency_s:  # an object store's time to first byte
+                time.sleep(self.latency_s * len(found))
 
         return count
+
+    def snapshot(self) -> dict[str, Any]:
+        """Bytes fetched and sent, and requests by method, so far."""
+        with self._lock:
+            return {"fetched": self.fetched, "sent": self.sent, "requests": dict(self.requests)}
 
     def requests_to(self, prefix: str) -> Counter[tuple[str, str]]:
         """The (method, path) counts of requests for paths under ``prefix``."""
