@@ -1,19 +1,20 @@
 """A preparation rehearsal at scale against an object store's latency: image rows on S3
 through ingest, clean and cap, every request counted.
 
-Run from the repository root (``--rows 100000``: about 15 minutes on 2 CPU cores):
+Run from the repository root (``--rows 10000``: about 5 minutes on 2 CPU cores; at
+``--rows 100000`` writing the 50k pictures to moto alone takes some 9 minutes):
 
     python benchmarks/prep_rehearsal.py [--rows 100000] [--latency-ms 25] [--slots 2]
         [--shard-rows 2000] [--size 64]
 
-A local S3 server (moto in server mode, on 127.0.0.1) holds a source shaped like a VQA
-dataset with hard negatives: ``--rows`` rows, two questions on each picture (``--rows / 2``
-distinct ``--size`` px PNGs of random blocks: sharp, none a near copy of another) and the
-next picture as each row's negative. The pictures and the records are written to the
-server directly; the pipeline reads and writes through the counting proxy of the tests
-(``tests/s3_proxy.py``), which holds every request ``--latency-ms`` before forwarding it,
-as an object store's time to first byte would (S3: some 20-30 ms). ``storage.root`` is on
-the same server, so every step's reads and writes pay the latency too.
+A local S3 server (moto in server mode, in its own process, on 127.0.0.1) holds a
+source shaped like a VQA dataset with hard negatives: ``--rows`` rows, two questions on each
+picture (``--rows / 2`` distinct ``--size`` px PNGs of random blocks: sharp, none a near
+copy of another) and the next picture as each row's negative. The pictures and the records
+are written to the server directly; the pipeline reads and writes through the counting
+proxy of the tests (``tests/s3_proxy.py``), which holds every request ``--latency-ms``
+before forwarding it, as an object store's time to first byte would (S3: 20-30 ms).
+``storage.root`` is on the same server: every step's reads and writes pay it too.
 
 The steps run one after another on a local Ray with ``--slots`` CPUs (``prep.max_in_flight``
 none: every slot busy). For each: wall time, rows per second and per second per slot,
@@ -31,6 +32,8 @@ import json
 import logging
 import os
 import platform
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +63,25 @@ def machine() -> str:
     return (
         f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})"
     )
+
+
+def start_s3_server() -> tuple[subprocess.Popen, tuple[str, int]]:
+    """moto in server mode in a process of its own (in this one it would share the GIL with
+    the proxy and the driver: at 100k rows the server, not the pipeline, was the limit)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, ("127.0.0.1", port)
+        except OSError:
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("the local S3 server did not start")
 
 
 def picture(seed: int, size: int) -> bytes:
@@ -179,7 +201,6 @@ def main() -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # a line per map otherwise
     import ray
-    from moto.server import ThreadedMotoServer
 
     from rzenembed.data.storage import filesystem
     from rzenembed.prep.cap import run_cap
@@ -190,9 +211,7 @@ def main() -> None:
         f"machine: {machine()}; {args.rows} rows, {args.latency_ms:g} ms a request, "
         f"{args.slots} slots, {args.shard_rows} rows a shard"
     )
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    server, (host, port) = start_s3_server()
     direct = f"http://{host}:{port}"
     fs, _ = filesystem(f"s3://{BUCKET}", direct)
     fs.mkdir(BUCKET)
@@ -207,7 +226,8 @@ def main() -> None:
         capped = step("cap", proxy, lambda: run_cap(cfg, cleaned["version"], show_progress=False))
     finally:
         ray.shutdown()
-        server.stop()
+        server.terminate()
+        server.wait()
     for r in (ingested, cleaned, capped):
         print(
             f"{r['step']}: {r['version'].rows} rows, rejects {r['version'].manifest.reject_counts}"
