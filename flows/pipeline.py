@@ -174,7 +174,7 @@ def run_stage2_from(ex: Execution, data: dict[str, Any], merged: dict[str, Any])
     adapters = []
     for first in range(0, len(mixtures), at_once):
         group = mixtures[first : first + at_once]
-        if len(group) == 1:  # in the flow's own thread, as before concurrency existed
+        if len(group) == 1:  # a round of one trains in the flow's own thread
             m = group[0]
             adapters.append(train(cfg, m.name, data["stages"][f"stage2/{m.name}"], merged, ctx))
             continue
