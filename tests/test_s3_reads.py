@@ -200,3 +200,22 @@ def test_known_ranges_serve_fetched_bytes_and_refuse_the_rest():
     source.seek(5)
     with pytest.raises(ValueError, match="not fetched"):
         source.read(1)
+
+
+def test_a_shard_of_a_large_jsonl_file_fetches_its_rows_not_the_file(remote, proxy, s3_endpoint):
+    """Ingest's shard tasks read their rows from a byte offset: on S3 they fetch about
+    their own rows and at most two read blocks more, not s3fs's 50 MiB read-ahead each."""
+    from rzenembed.data.raw_files import SHARD_READ_BLOCK, read_rows
+
+    line = b'{"id": "%06d", "text": "' + b"x" * 8000 + b'"}\n'
+    data = b"".join(line.replace(b"%06d", b"%06d" % i) for i in range(3000))  # about 24 MB
+    fs, _ = filesystem(f"s3://{BUCKET}", s3_endpoint)
+    path = f"{BUCKET}/big/records.jsonl"
+    fs.pipe_file(path, data)
+    offset = data.index(b'"id": "001500"') - 1
+    through, _ = filesystem(f"s3://{BUCKET}", proxy.endpoint)
+    proxy.reset()
+    rows = read_rows(through, path, offset, 1500, 100)
+    assert [r["id"] for r in rows] == [f"{i:06d}" for i in range(1500, 1600)]
+    # the rest of the file from the offset is 12 MB; its rows and read-ahead: about 8 MB
+    assert proxy.fetched < 100 * len(line) + 2 * SHARD_READ_BLOCK + 64 * 1024, proxy.fetched
