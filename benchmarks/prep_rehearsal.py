@@ -32,8 +32,6 @@ import json
 import logging
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +43,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tests.s3_proxy import CountingProxy  # noqa: E402 - the tests' proxy, with latency
+from tests.s3_proxy import CountingProxy, s3_server  # noqa: E402 - the tests' proxy, with latency
 
 BUCKET = "prep-rehearsal"
 SLOTS_AT_SCALE = 48
@@ -63,25 +61,6 @@ def machine() -> str:
     return (
         f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})"
     )
-
-
-def start_s3_server() -> tuple[subprocess.Popen, tuple[str, int]]:
-    """moto in server mode in a process of its own (in this one it would share the GIL with
-    the proxy and the driver: at 100k rows the server, not the pipeline, was the limit)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server, ("127.0.0.1", port)
-        except OSError:
-            time.sleep(0.2)
-    server.kill()
-    raise RuntimeError("the local S3 server did not start")
 
 
 def picture(seed: int, size: int) -> bytes:
@@ -192,13 +171,6 @@ def main() -> None:
     parser.add_argument("--shard-rows", type=int, default=2000)
     parser.add_argument("--size", type=int, default=64, help="picture side in pixels")
     args = parser.parse_args()
-    for key, value in [
-        ("AWS_ACCESS_KEY_ID", "testing"),  # moto accepts any credentials; never real ones
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ]:
-        os.environ.setdefault(key, value)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # a line per map otherwise
     import ray
 
@@ -211,23 +183,23 @@ def main() -> None:
         f"machine: {machine()}; {args.rows} rows, {args.latency_ms:g} ms a request, "
         f"{args.slots} slots, {args.shard_rows} rows a shard"
     )
-    server, (host, port) = start_s3_server()
-    direct = f"http://{host}:{port}"
-    fs, _ = filesystem(f"s3://{BUCKET}", direct)
-    fs.mkdir(BUCKET)
-    pictures = write_source(fs, args.rows, args.size)
-    proxy = CountingProxy((host, port), args.latency_ms / 1000)
-    cfg = config(proxy, args.shard_rows)
-    os.environ.setdefault("RZENEMBED_CACHE", tempfile.mkdtemp(prefix="rehearsal-cache-"))
-    ray.init(num_cpus=args.slots, include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        ingested = step("ingest", proxy, lambda: run_ingest(cfg, cfg.sources[0], None, False))
-        cleaned = step("clean", proxy, lambda: run_clean(cfg, ingested["version"], False))
-        capped = step("cap", proxy, lambda: run_cap(cfg, cleaned["version"], show_progress=False))
-    finally:
-        ray.shutdown()
-        server.terminate()
-        server.wait()
+    with s3_server() as (host, port):  # its dummy credentials set before Ray's workers start
+        direct = f"http://{host}:{port}"
+        fs, _ = filesystem(f"s3://{BUCKET}", direct)
+        fs.mkdir(BUCKET)
+        pictures = write_source(fs, args.rows, args.size)
+        proxy = CountingProxy((host, port), args.latency_ms / 1000)
+        cfg = config(proxy, args.shard_rows)
+        os.environ.setdefault("RZENEMBED_CACHE", tempfile.mkdtemp(prefix="rehearsal-cache-"))
+        ray.init(num_cpus=args.slots, include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            ingested = step("ingest", proxy, lambda: run_ingest(cfg, cfg.sources[0], None, False))
+            cleaned = step("clean", proxy, lambda: run_clean(cfg, ingested["version"], False))
+            capped = step(
+                "cap", proxy, lambda: run_cap(cfg, cleaned["version"], show_progress=False)
+            )
+        finally:
+            ray.shutdown()
     for r in (ingested, cleaned, capped):
         print(
             f"{r['step']}: {r['version'].rows} rows, rejects {r['version'].manifest.reject_counts}"

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import logging
 import os
 import platform
 import statistics
@@ -68,7 +67,7 @@ from rzenembed.training.rows import TRAINING_COLUMNS, DatasetRows
 from rzenembed.training.sampler import StageSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.s3_proxy import CountingProxy
+from tests.s3_proxy import CountingProxy, s3_server
 
 MIB = 2**20
 BUCKET = "s3-read-bench"
@@ -76,22 +75,6 @@ FRAMES_PER_ROW = 4
 
 
 # --------------------------------------------------------------------------- counting proxy
-
-
-def start_moto() -> tuple[Any, str, tuple[str, int]]:
-    from moto.server import ThreadedMotoServer
-
-    for name, value in [
-        ("AWS_ACCESS_KEY_ID", "testing"),  # moto accepts any credentials; never real ones
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ]:
-        os.environ.setdefault(name, value)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    return server, f"http://{host}:{port}", (host, port)
 
 
 # --------------------------------------------------------------------------- data
@@ -294,9 +277,9 @@ def print_rows(result: dict[str, Any]) -> None:
 
 
 def run_on_s3(args: argparse.Namespace, shuffles: list[str]) -> None:
-    server, direct, address = start_moto()
-    proxy = CountingProxy(address, args.latency_ms / 1000)
-    try:
+    with s3_server() as address:
+        direct = f"http://{address[0]}:{address[1]}"
+        proxy = CountingProxy(address, args.latency_ms / 1000)
         fs, _ = filesystem(f"s3://{BUCKET}", direct)
         fs.mkdir(BUCKET)
         uri = f"s3://{BUCKET}/rows"
@@ -324,8 +307,6 @@ def run_on_s3(args: argparse.Namespace, shuffles: list[str]) -> None:
                 f"  {mode}: {figures['wall_s']:.2f} s, {mib(figures['fetched'])} MiB fetched, "
                 f"requests {requests_text(figures['requests'])}"
             )
-    finally:
-        server.stop()
 
 
 def run_on_local_disk(args: argparse.Namespace, shuffles: list[str]) -> None:

@@ -8,11 +8,15 @@ count requests with it; the benchmarks (``benchmarks/s3_read_bench.py``,
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
 
@@ -100,3 +104,36 @@ class CountingProxy:
         finally:
             with contextlib.suppress(OSError):
                 sink.shutdown(socket.SHUT_WR)
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[tuple[str, int]]:
+    """A local S3 server (moto in server mode) on loopback in a process of its own, for the
+    benchmarks: in theirs it would share the GIL with the proxy and the driver (at 100k rows
+    the server, not the pipeline, was the limit). Yields its (host, port); moto takes any
+    credentials, so dummy ones are set when none are."""
+    for name, value in [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ]:
+        os.environ.setdefault(name, value)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the local S3 server did not start") from None
+                time.sleep(0.2)
+        yield "127.0.0.1", port
+    finally:
+        server.terminate()
+        server.wait()

@@ -207,7 +207,6 @@ class ActorPoolEncoder:
         self.report_every_s = report_every_s
         self.actors: list[Any] = []
         self.described: list[dict[str, Any]] = []  # each actor's device, once started
-        self.work: list[dict[str, Any]] = []  # each actor's ``work()``, read at close
 
     def _start(self) -> None:
         if not self.actors:
@@ -286,21 +285,23 @@ class ActorPoolEncoder:
 
     def take_work(self) -> list[dict[str, Any]]:
         """Each started actor's ``describe()`` and ``work()`` since it started or loaded
-        its model (none when no actor was needed)."""
-        if not self.actors:
-            return []
-        work = wait_for([a.work.remote() for a in self.actors], "the actors' work", 60.0)
-        return [{**d, **w} for d, w in zip(self.described, work, strict=True)]
-
-    def close(self) -> None:
-        """Each actor's ``work()`` read (best effort), then the actors killed."""
+        its model (none when no actor was needed). Best effort: a dead actor has no
+        counters to give, and its ``describe()`` comes alone."""
         import ray
 
-        if self.actors:
-            try:
-                self.work = ray.get([a.work.remote() for a in self.actors], timeout=30)
-            except Exception:  # a dead actor has no counters to give
-                logger.warning("could not read the embedding actors' work counters")
+        if not self.actors:
+            return []
+        try:
+            work = ray.get([a.work.remote() for a in self.actors], timeout=30)
+        except Exception:
+            logger.warning("could not read the embedding actors' work counters")
+            work = [{} for _ in self.actors]
+        return [{**d, **w} for d, w in zip(self.described, work, strict=False)]
+
+    def close(self) -> None:
+        """The actors killed (read ``take_work`` before)."""
+        import ray
+
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []

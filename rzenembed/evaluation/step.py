@@ -98,14 +98,10 @@ def _score_with_actors(
             endpoint_url=cfg.storage.endpoint_url,
         )
     finally:
-        if not owned:
-            if actors_seen is not None:
-                actors_seen.extend(pool.take_work())
-        else:
+        if actors_seen is not None:
+            actors_seen.extend(pool.take_work())
+        if owned:
             pool.close()
-            if actors_seen is not None:
-                work = pool.work or [{} for _ in pool.described]
-                actors_seen.extend({**d, **w} for d, w in zip(pool.described, work, strict=False))
 
 
 def _rescore_task(
