@@ -9,6 +9,7 @@ and temperature chart is logged beside them.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import tempfile
 import threading
@@ -64,17 +65,32 @@ class _Progress:
     the Prefect log (best effort). On a remote root the file is published at every
     checkpoint, so progress moves in checkpoint steps."""
 
-    def __init__(self, uri: str, endpoint_url: str | None, total: int, label: str):
+    def __init__(
+        self,
+        uri: str,
+        endpoint_url: str | None,
+        total: int,
+        label: str,
+        interval_s: float = 5.0,
+    ):
         self.uri, self.endpoint_url, self.total, self.label = uri, endpoint_url, total, label
+        self.interval_s = interval_s
         self.logger = get_run_logger()  # taken here: the poller thread has no run context
         self.warned: set[int] = set()
         self.artifact = create_progress_artifact(0.0, description=f"training {label}")
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        # The poller runs in a copy of this thread's context: the Prefect settings in force
+        # here (an API URL set for this run only, as a test or an embedding program does)
+        # are context variables, and without them the thread's artifact updates would start
+        # a temporary server of their own and update nothing the run shows.
+        context = contextvars.copy_context()
+        self.thread = threading.Thread(
+            target=context.run, args=(self._run,), daemon=True, name="training-progress"
+        )
         self.thread.start()
 
     def _run(self) -> None:
-        while not self.stop.wait(5.0):
+        while not self.stop.wait(self.interval_s):
             self.update()
 
     def update(self) -> None:
