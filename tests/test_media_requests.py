@@ -215,3 +215,40 @@ def test_training_reads_each_picture_of_a_batch_once(prepared, proxy, cfg):
     assert media_requests(proxy) == Counter(
         {("GET", f"{MEDIA}p{k}.png"): 1 for k in range(PICTURES)}
     )
+
+
+def test_images_a_tar_shard_embeds_are_written_once_and_never_fetched_back(
+    ray_local, proxy, s3_endpoint, tmp_path
+):
+    """img2dataset shards on S3: ingest writes each embedded image under the content-
+    addressed media root (a HEAD, then a PUT for a new object) and checks it from the bytes
+    it just wrote: no GET under the media root."""
+    from . import format_fixtures
+
+    format_fixtures.webdataset(tmp_path / "tars")
+    fs, _ = filesystem(f"s3://{BUCKET}", s3_endpoint)
+    fs.put(str(tmp_path / "tars"), f"{BUCKET}/tars", recursive=True)
+    cfg = config_from_dict(
+        {
+            "model": {"name_or_path": "unused"},
+            "storage": {"root": f"s3://{BUCKET}/tar-versions", "endpoint_url": proxy.endpoint},
+            "sources": [
+                {
+                    "name": "laion",
+                    "uri": f"s3://{BUCKET}/tars",
+                    "format": "webdataset",
+                    "task_group": "image_retrieval",
+                    "stage": "stage1",
+                }
+            ],
+            "prep": {"shard_rows": 4, "decontaminate": []},
+        }
+    )
+    proxy.reset()
+    version = run_ingest(cfg, cfg.sources[0], show_progress=False)
+    media = proxy.requests_to(f"/{BUCKET}/tar-versions/_media/laion/")
+    written = {path for (method, path) in media if method == "PUT"}
+    stored = {p for p in fs.find(f"{BUCKET}/tar-versions/_media/laion") if "." in p[-5:]}
+    assert len(written) == len(stored) >= 3, (media, stored)  # each new image, once
+    assert not [key for key in media if key[0] == "GET"], media  # none fetched back
+    assert version.rows == 3 and version.manifest.rejected == 4, version.manifest.reject_counts

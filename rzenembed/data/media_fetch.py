@@ -7,12 +7,16 @@ while its CPU idles. A step instead hands the media URIs of a window of rows to
 (``fs.cat``: a GET each, no HEAD, at most ``concurrency`` in flight), then reads them from
 memory. An image several rows share is fetched once per window, and the previous window's
 bytes stay for a neighbour that repeats it. Memory is bounded by the window, not the shard.
+Media this process has just written (``remember``: the sink of a format that embeds its
+images) are read from memory, never fetched back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from fsspec.asyn import sync
@@ -23,6 +27,48 @@ from rzenembed.data.storage import filesystem, is_remote
 WINDOW_ROWS = 64
 # Requests in flight per task: enough to hide 25 ms of latency behind a core's decode work.
 CONCURRENCY = 32
+
+
+# Bytes this process wrote to the store lately (``remember``), held at most this much.
+WRITTEN_HELD_BYTES = 256 << 20
+
+
+class _Written:
+    """Media bytes this process just wrote, by full URI, the oldest dropped first past a
+    byte budget. A format that embeds its media (tar shards, Parquet image structs) writes
+    each image through the sink, and ingest then checks the same image: it finds the bytes
+    here instead of fetching back what it sent a moment ago (a GET per image at 25 ms)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.items: OrderedDict[str, bytes] = OrderedDict()
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def add(self, uri: str, data: bytes) -> None:
+        if len(data) > self.limit:
+            return
+        with self.lock:
+            old = self.items.pop(uri, None)
+            self.size += len(data) - (len(old) if old is not None else 0)
+            self.items[uri] = data
+            while self.size > self.limit:
+                _, dropped = self.items.popitem(last=False)
+                self.size -= len(dropped)
+
+    def get(self, uri: str) -> bytes | None:
+        with self.lock:
+            return self.items.get(uri)
+
+
+_written = _Written(WRITTEN_HELD_BYTES)
+
+
+def remember(uri: str, data: bytes) -> None:
+    """Note that ``data`` is now stored at the full ``uri`` (by this process): a later
+    fetch of ``uri`` here reads these bytes. Only for content that cannot change under that
+    name (content-addressed media)."""
+    _written.add(uri, data)
 
 
 class MediaMissing(Exception):
@@ -45,6 +91,11 @@ class MediaFetcher:
         held = {**self._previous, **self._current}
         wanted = sorted({u for u in uris if u not in held})
         self._previous, self._current = self._current, {u: held[u] for u in uris if u in held}
+        for uri in wanted:  # what this process just wrote is not fetched back
+            written = _written.get(uri)
+            if written is not None:
+                self._current[uri] = written
+        wanted = [u for u in wanted if u not in self._current]
         got = fetch_whole(wanted, self.endpoint_url, self.concurrency)
         self._current.update(zip(wanted, got, strict=True))
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import uuid
 
-from rzenembed.data.storage import filesystem, join
+from rzenembed.data.media_fetch import remember
+from rzenembed.data.storage import filesystem, resolve_media_uri
 
 IMAGE_SUFFIXES = {b"\xff\xd8\xff": ".jpg", b"\x89PNG": ".png", b"RIFF": ".webp", b"GIF8": ".gif"}
 
@@ -40,10 +41,14 @@ class MediaSink:
 
     def put(self, data: bytes, suffix: str | None = None) -> str:
         relative = self.address(data, suffix)
-        fs, path = filesystem(join(self.root, relative), self.endpoint_url)
+        full = resolve_media_uri(self.root, relative)
+        fs, path = filesystem(full, self.endpoint_url)
+        # The one request kept before a write: a rerun (another shard of a changed source)
+        # then uploads no image the store already has.
         if not fs.exists(path):
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             _write_whole(fs, path, data)
+        remember(full, data)  # ingest checks this image next: from memory, no GET
         return relative
 
 
