@@ -12,9 +12,14 @@ Ray Job it submits to the head's job server, as a Prefect worker pod of KubeRay 
 serving the champion afterwards uses Ray Client). The first driver is killed while stage-1
 training runs; a second driver runs the same flow, finds the finished steps in Prefect's
 cache and *reattaches* to the running training job: one training job, one adapter.
-Afterwards the cluster is stopped and both nodes' temporary directories and caches are
-deleted; ``rzenembed verify`` then recomputes every digest on the registered model's
-lineage from S3 alone: nothing the pipeline needs was left on a node's disk.
+The head's Ray Client proxy fails to start the server process of the first client that
+connects (serving's): a ``sitecustomize`` on the head's ``PYTHONPATH`` makes that process
+exit at once, as a server forked from the busy proxy sometimes dies by itself (its log says
+``Kick failed: eventfd_write: Bad file descriptor``; it once failed a whole CI run). The
+driver connects again and serves. Afterwards the cluster is stopped and both nodes'
+temporary directories and caches are deleted; ``rzenembed verify`` then recomputes every
+digest on the registered model's lineage from S3 alone: nothing the pipeline needs was left
+on a node's disk.
 """
 
 from __future__ import annotations
@@ -50,6 +55,18 @@ BUCKET = "rzenembed-cluster"
 SOURCES = ("sample-mmeb-vqa", "sample-video-clips")
 # The source whose pictures the served query points at.
 PICTURES = "sample-mmeb-vqa"
+# Ray Client server processes the head lets die at start (the first ones asked for).
+FAILED_STARTS = 1
+SITECUSTOMIZE = """
+import os, sys
+if "--mode=specific-server" in sys.argv:
+    log = os.environ["RZ_TEST_SERVER_STARTS"]
+    failed = open(log).read().count("exit") if os.path.exists(log) else 0
+    with open(log, "a") as out:
+        out.write(f"{{os.getpid()}} {{'exit' if failed < {failures} else 'start'}}\\n")
+    if failed < {failures}:
+        os._exit(3)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +100,15 @@ def cluster(tmp_path_factory, s3_endpoint):
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_API_SERVER_ADDRESS", None)  # the tests' "no state API" address (conftest)
     env.pop("MLFLOW_TRACKING_URI", None)  # the run tracks to its own SQLite file
+    (root / "site").mkdir()
+    (root / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE.format(failures=FAILED_STARTS))
+    head_only = {
+        "PYTHONPATH": str(root / "site"),
+        "RZ_TEST_SERVER_STARTS": str(root / "server-starts"),
+        # The proxy waits this long for a server to answer (30 s by default): enough for a
+        # healthy one to start on two loaded cores, short for the one that died.
+        "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "6",
+    }
     nodes = {name: root / name for name in ("head", "node-b")}
     caches = {name: root / f"cache-{name}" for name in nodes}
     common = [
@@ -115,6 +141,8 @@ def cluster(tmp_path_factory, s3_endpoint):
             ),
         ):
             node_env = {**env, "RZENEMBED_CACHE": str(caches[name])}
+            if name == "head":
+                node_env.update(head_only)
             command = [str(RAY), "start", *args, *common, *agent_ports()]
             start_node([*command, "--temp-dir", str(nodes[name])], node_env, nodes[name])
         yield (
@@ -122,6 +150,7 @@ def cluster(tmp_path_factory, s3_endpoint):
             f"http://127.0.0.1:{jobs_port}",
             env,
             [*nodes.values(), *caches.values()],
+            root / "server-starts",
         )
     finally:
         stop_nodes(list(nodes.values()))
@@ -218,7 +247,7 @@ print("RESULT " + json.dumps(out, default=str))
 
 @pytest.fixture(scope="module")
 def run(cluster, s3, s3_endpoint, prefect_api, sample_corpus, tiny_model_dir, tmp_path_factory):
-    address, jobs, env, node_dirs = cluster
+    address, jobs, env, node_dirs, server_starts = cluster
     root = tmp_path_factory.mktemp("cluster-run")
     upload_inputs(s3, sample_corpus, tiny_model_dir)
     config = cluster_config(sample_corpus, root, address, jobs, s3_endpoint)
@@ -279,7 +308,10 @@ def run(cluster, s3, s3_endpoint, prefect_api, sample_corpus, tiny_model_dir, tm
         node.name: sorted(p.name for p in node.glob("session_*/logs/job-driver-*.log"))
         for node in node_dirs[:2]
     }
+    proxy_log = next(node_dirs[0].glob("session_*/logs/ray_client_server.err"))
     job_record = {
+        "server_starts": server_starts.read_text().split()[1::2],
+        "client_servers": proxy_log.read_text().count("SpecificServer started on port"),
         # Submitted jobs (a Ray Client driver, as serving's, is listed without an id).
         "jobs": {j.submission_id: j.status.value for j in listed if j.submission_id},
         "drivers": drivers,
@@ -399,6 +431,21 @@ def test_the_champion_is_served_on_the_cluster_from_s3(run):
     version = client.get_model_version("rzenembed", "1")
     assert body["rzenembed"]["digest"] == version.tags["rzenembed.digest"]
     assert len(listed["node"]) == 56 and listed["device"] == "cpu"  # a Ray node id
+
+
+def test_serving_connected_again_after_the_head_failed_to_start_its_client_server(run):
+    """Serving's Ray Client connection found its server dead (planted by the head's
+    ``sitecustomize``), said so with the attempt number, and connected again: the champion
+    was served (the test above)."""
+    lines = run["second_driver_log"].splitlines()
+    retries = [line for line in lines if "Ray Client at ray://" in line and "(attempt " in line]
+    assert retries and all(f"(attempt {n} of 4)" in r for n, r in enumerate(retries, 1)), retries
+    # Every attempt but the last failed: the planted one, any whose server died by itself
+    # and, on a loaded head, any whose wait for its server's channel timed out.
+    starts = run["server_starts"]
+    assert starts.count("exit") == FAILED_STARTS and starts[-1] == "start", starts
+    assert len(retries) >= FAILED_STARTS, retries
+    assert FAILED_STARTS + 1 <= run["client_servers"] <= len(retries) + 1, run
 
 
 def test_verify_passes_from_s3_alone_after_the_nodes_are_gone(run, s3_endpoint, tmp_path):
