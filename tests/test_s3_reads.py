@@ -15,16 +15,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from rzenembed.data.parquet_ranges import KnownRanges, merged_ranges, read_footer
 from rzenembed.data.schema import RECORD_SCHEMA, media, record, records_table, side
 from rzenembed.data.storage import Storage, filesystem
 from rzenembed.data.version import VersionWriter
-from rzenembed.training.rows import (
-    TRAINING_COLUMNS,
-    DatasetRows,
-    KnownRanges,
-    merged_ranges,
-    read_footer,
-)
+from rzenembed.training.rows import TRAINING_COLUMNS, DatasetRows
 
 from .s3_proxy import CountingProxy
 
@@ -219,3 +214,24 @@ def test_a_shard_of_a_large_jsonl_file_fetches_its_rows_not_the_file(remote, pro
     assert [r["id"] for r in rows] == [f"{i:06d}" for i in range(1500, 1600)]
     # the rest of the file from the offset is 12 MB; its rows and read-ahead: about 8 MB
     assert proxy.fetched < 100 * len(line) + 2 * SHARD_READ_BLOCK + 64 * 1024, proxy.fetched
+
+
+def test_a_data_step_reads_the_columns_it_asks_for_and_not_the_frames(remote, proxy, s3_endpoint):
+    """``read_shard(columns=...)`` on S3 (the cap's ids, the mixture's negatives): the
+    footer and those columns' chunks, never the frames beside them."""
+    from rzenembed.data.version import DatasetVersion
+
+    version = DatasetVersion.open(remote.uri, proxy.endpoint)
+    (footer, *_) = footers_of(remote, s3_endpoint)
+    shard = version.manifest.shards[0]
+    proxy.reset()
+    table = version.read_shard(shard, columns=["id", "negatives"])
+    assert table.column("id").to_pylist() == [f"s0-r{i}" for i in range(ROWS_PER_SHARD)]
+    assert table.column("negatives")[0].as_py()[0]["text"] == "other caption 0.0"
+    wanted = sum(compressed_bytes(footer.row_group(g), {"id", "negatives"})
+                 for g in range(footer.num_row_groups))  # fmt: skip
+    whole = sum(compressed_bytes(footer.row_group(g)) for g in range(footer.num_row_groups))
+    assert "HEAD" not in proxy.requests
+    # A 64 KiB footer read, then the two columns (merged where close): a small part of the
+    # ~1.3 MiB shard, whose frames alone are ~1.25 MiB.
+    assert proxy.fetched < 64 * 2**10 + 3 * wanted + 16 * 2**10 < whole / 4, (proxy.fetched, whole)

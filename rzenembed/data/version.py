@@ -30,8 +30,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rzenembed.data.parquet_ranges import read_columns
 from rzenembed.data.schema import REJECT_SCHEMA, SCHEMA_VERSION
-from rzenembed.data.storage import filesystem, is_remote, join, read_whole
+from rzenembed.data.storage import Storage, filesystem, is_remote, join, read_whole
 
 MANIFEST = "manifest.json"
 DATA_DIR = "data"
@@ -202,7 +203,12 @@ class DatasetVersion:
         return [join(self.uri, s.path) for s in self.manifest.shards]
 
     def read_shard(self, shard: ShardInfo, columns: list[str] | None = None) -> pa.Table:
+        """A shard, or ``columns`` of it. On an object store some columns are read by range
+        (the footer, then their column chunks): through a file object they would cost
+        whatever its read-ahead pulls, most of a video shard for its ids."""
         fs, path = filesystem(join(self.uri, shard.path), self.endpoint_url)
+        if columns is not None and is_remote(self.uri):
+            return read_columns(Storage.at(self.uri, self.endpoint_url), path, columns)
         # By path through the filesystem, not from an open Python file object: pyarrow reading
         # from file objects aborted some processes at interpreter exit.
         return pq.read_table(path, columns=columns, filesystem=fs)

@@ -19,7 +19,6 @@ import logging
 from dataclasses import asdict, dataclass
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from rzenembed.config import MixtureConfig, PipelineConfig
 from rzenembed.data.storage import filesystem, join
@@ -104,8 +103,7 @@ def mixture_weights(
 def _shard_negatives(job: tuple[str, ShardInfo, str | None]) -> tuple[int, int]:
     """(most negatives of a row, references to no row of the shard) for one shard."""
     uri, shard, endpoint = job
-    fs, path = filesystem(join(uri, shard.path), endpoint)
-    table = pq.read_table(path, columns=["id", "negatives"], filesystem=fs)
+    table = DatasetVersion.open(uri, endpoint).read_shard(shard, columns=["id", "negatives"])
     lengths = pc.list_value_length(table.column("negatives")).fill_null(0)
     most = int(pc.max(lengths).as_py() or 0) if table.num_rows else 0
     ids = set(table.column("id").to_pylist())
