@@ -91,14 +91,15 @@ def proxy(s3_endpoint):
     return CountingProxy((host, int(port)))
 
 
-def config(source_on_s3, proxy, shard_rows: int, versions: str = "versions"):
+def config(source_uri, proxy, shard_rows: int, versions: str = "versions", **source):
+    """One source on S3 (the VQA source unless ``source`` says otherwise), the storage root
+    beside it, every request through ``proxy``."""
+    source = {"name": "vqa", "task_group": "image_qa", "stage": "stage2", **source}
     return config_from_dict(
         {
             "model": {"name_or_path": "unused"},
             "storage": {"root": f"s3://{BUCKET}/{versions}", "endpoint_url": proxy.endpoint},
-            "sources": [
-                {"name": "vqa", "uri": source_on_s3, "task_group": "image_qa", "stage": "stage2"}
-            ],
+            "sources": [{**source, "uri": source_uri}],
             "prep": {"shard_rows": shard_rows, "decontaminate": []},
         }
     )
@@ -228,21 +229,15 @@ def test_images_a_tar_shard_embeds_are_written_once_and_never_fetched_back(
     format_fixtures.webdataset(tmp_path / "tars")
     fs, _ = filesystem(f"s3://{BUCKET}", s3_endpoint)
     fs.put(str(tmp_path / "tars"), f"{BUCKET}/tars", recursive=True)
-    cfg = config_from_dict(
-        {
-            "model": {"name_or_path": "unused"},
-            "storage": {"root": f"s3://{BUCKET}/tar-versions", "endpoint_url": proxy.endpoint},
-            "sources": [
-                {
-                    "name": "laion",
-                    "uri": f"s3://{BUCKET}/tars",
-                    "format": "webdataset",
-                    "task_group": "image_retrieval",
-                    "stage": "stage1",
-                }
-            ],
-            "prep": {"shard_rows": 4, "decontaminate": []},
-        }
+    cfg = config(
+        f"s3://{BUCKET}/tars",
+        proxy,
+        4,
+        "tar-versions",
+        name="laion",
+        format="webdataset",
+        task_group="image_retrieval",
+        stage="stage1",
     )
     proxy.reset()
     version = run_ingest(cfg, cfg.sources[0], show_progress=False)

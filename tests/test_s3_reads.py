@@ -93,6 +93,11 @@ def compressed_bytes(group: pq.RowGroupMetaData, columns: set[str] | None = None
     )
 
 
+def file_bytes(footer: pq.FileMetaData, columns: set[str] | None = None) -> int:
+    """``compressed_bytes`` over every row group of a file."""
+    return sum(compressed_bytes(footer.row_group(g), columns) for g in range(footer.num_row_groups))
+
+
 def test_footers_load_with_one_get_each_and_no_head(remote, proxy, s3_endpoint):
     footers = footers_of(remote, s3_endpoint)
     assert all(f.num_row_groups >= 4 for f in footers)  # ~7 rows of ~32 KiB a row group
@@ -228,9 +233,7 @@ def test_a_data_step_reads_the_columns_it_asks_for_and_not_the_frames(remote, pr
     table = version.read_shard(shard, columns=["id", "negatives"])
     assert table.column("id").to_pylist() == [f"s0-r{i}" for i in range(ROWS_PER_SHARD)]
     assert table.column("negatives")[0].as_py()[0]["text"] == "other caption 0.0"
-    wanted = sum(compressed_bytes(footer.row_group(g), {"id", "negatives"})
-                 for g in range(footer.num_row_groups))  # fmt: skip
-    whole = sum(compressed_bytes(footer.row_group(g)) for g in range(footer.num_row_groups))
+    wanted, whole = file_bytes(footer, {"id", "negatives"}), file_bytes(footer)
     assert "HEAD" not in proxy.requests
     # A 64 KiB footer read, then the two columns (merged where close): a small part of the
     # ~1.3 MiB shard, whose frames alone are ~1.25 MiB.
