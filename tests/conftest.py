@@ -27,6 +27,17 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # The tests' local runtimes serve no state API (no dashboard): an address where nothing
 # listens makes the query fail at once, as it does when no stale marker is there.
 os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
+# Every worker group of a fit also starts a PreemptionWatcher actor (a process of its own,
+# about 3 CPU-seconds of imports here) that polls for node preemption notices; the tests'
+# local nodes are never preempted. Clusters keep Ray's default (on).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Each Ray node's log monitor globs its session's log folder every 0.1 s while it holds
+# fewer than RAY_LOG_MONITOR_MANY_FILES_THRESHOLD files (1000); a session here writes
+# hundreds (one pair per worker process), and the glob was the session head's costliest
+# background process (about 57 CPU-seconds over a suite run). With 0 it looks for new files
+# every LOG_NAME_UPDATE_INTERVAL_S (0.5 s by default). Nothing here reads worker output
+# through the driver (log_to_driver is off; job logs are read from their files).
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 
 import numpy as np
 import pytest
