@@ -166,6 +166,17 @@ def test_the_retraining_deployment_carries_its_schedule(deployed_run):
     assert all(s.active for s in retraining.schedules)
 
 
+def test_every_listener_of_the_stack_is_on_loopback(stack, deployed_run):
+    """After a deployed run (Ray's workers, agents and client server all started), every
+    socket the stack's process groups listen on is on loopback; `status` says so."""
+    done = subprocess.run([str(ROOT / "infra/local/status"), "--state", str(stack["state"])],
+                          cwd=ROOT, env=stack["env"], capture_output=True, text=True)  # fmt: skip
+    assert "EXPOSED" not in done.stdout and done.returncode == 0, done.stdout
+    counted = int(done.stdout.split("listening: ", 1)[1].split()[0])
+    # Prefect, MLflow, and Ray's GCS, raylet (two), client server and agents at least.
+    assert counted >= 7, done.stdout
+
+
 def test_down_leaves_no_process_behind(stack, deployed_run):
     """Runs last: stop the stack and check every process group it started is gone."""
     state, env = stack["state"], stack["env"]

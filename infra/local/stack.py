@@ -17,6 +17,7 @@ State (pid files, logs, the Prefect and MLflow databases, MLflow artifacts) live
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import signal
@@ -32,6 +33,21 @@ BIN = Path(sys.executable).parent
 POOL = "local-process"
 CLUSTER_POOL = "cluster-process"
 SERVICES = ("prefect-server", "mlflow-server", "ray-head", "prefect-worker")
+# Ray turns a node address of 127.0.0.1 into the machine's own address (so that other nodes
+# can reach it) and then listens on every interface: GCS, raylet, object manager, Ray
+# Client server, dashboard and runtime-env agents. With Ray's single-node switch off
+# ("clusters" is its name for Windows/macOS, read when ray is imported) a node keeps
+# 127.0.0.1 and every listener binds there. The stack is one node; a second node could not
+# join it, which is the point.
+LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1, or an IPv4 loopback address mapped into IPv6 (::ffff:127.0.0.1, as
+    a dual-stack gRPC server reports it); never the wildcard addresses."""
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 def _alive(pid: int) -> bool:
@@ -72,19 +88,23 @@ class Stack:
             # The head and every driver that joins it use Ray's token authentication
             # (token in ~/.ray/auth_token); a driver with another mode is refused.
             "RAY_AUTH_MODE": "token",
+            # A single-node runtime: Ray keeps 127.0.0.1 as the node's address (see
+            # LOOPBACK_RAY) in the drivers that join the head as well.
+            **LOOPBACK_RAY,
         }
 
     def base_env(self, s: dict) -> dict[str, str]:
-        env = dict(os.environ)
+        from rzenembed.telemetry import telemetry_off
+
+        env = telemetry_off(dict(os.environ))  # off unless the environment turns it on
         env.update({
             "PREFECT_HOME": str(self.state / "prefect"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
             "PREFECT_LOCAL_STORAGE_PATH": str(self.state / "prefect" / "storage"),
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
-            "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_AUTH_MODE": "token",
+            **LOOPBACK_RAY,
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         })  # fmt: skip
         return env
@@ -224,6 +244,29 @@ class Stack:
             time.sleep(1)
         print(f"{name}: stopped (process group {group})")
 
+    def listeners(self) -> list[tuple[int, str, str, int]]:
+        """Every TCP socket the stack's processes listen on, as (pid, process name,
+        address, port): the running services' process groups, children included."""
+        import psutil
+
+        groups = {os.getpgid(pid) for name in SERVICES if (pid := self.pid(name))}
+        found = []
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status != psutil.CONN_LISTEN or conn.pid is None:
+                continue
+            try:
+                if os.getpgid(conn.pid) not in groups:
+                    continue
+                name = psutil.Process(conn.pid).name()
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                continue
+            found.append((conn.pid, name, conn.laddr.ip, conn.laddr.port))
+        return sorted(found)
+
+    def exposed(self) -> list[tuple[int, str, str, int]]:
+        """The stack's listeners on any address but loopback (none, when it is healthy)."""
+        return [x for x in self.listeners() if not is_loopback(x[2])]
+
     def status(self) -> int:
         s = self.settings()
         running = 0
@@ -234,6 +277,12 @@ class Stack:
         if s and running:
             for key, value in self.env(s).items():
                 print(f"{key}={value}")
+            exposed = self.exposed()
+            for pid, name, address, port in exposed:
+                print(f"EXPOSED: {name} (pid {pid}) listens on {address}:{port}")
+            if not exposed:
+                print(f"listening: {len(self.listeners())} sockets, all on loopback")
+            running -= bool(exposed)  # a service reachable from the network is not healthy
         return 0 if running == len(SERVICES) else 1
 
 
