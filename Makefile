@@ -7,7 +7,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 export PREFECT_HOME := $(CURDIR)/runs/prefect
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# Telemetry off unless the environment turns it on (rzenembed/telemetry.py, docs/operations.md).
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export RAY_USAGE_STATS_ENABLED ?= 0
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= true
+export HF_HUB_DISABLE_TELEMETRY ?= 1
 # A first start migrates a fresh database; on a busy 2-core machine that can pass 20 s.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export HF_HUB_OFFLINE := 1

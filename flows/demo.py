@@ -27,6 +27,7 @@ from rzenembed.evaluation.release import import_mmeb_v2
 from rzenembed.evaluation.release_fixture import FIXTURE_VERSION, build_release_fixture
 from rzenembed.modeling.backbones import FAMILIES
 from rzenembed.modeling.tiny import build_tiny_model
+from rzenembed.telemetry import telemetry_off
 
 MMEB_V2_SETS = "mmeb-v2"  # an eval set folder of this name is the imported fixture
 # Queries per dataset of the demo's scaled-down MMEB-V2: enough for intervals of about
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     # Without `make`: the same Prefect settings the Makefile exports (see docs/operations.md).
     os.environ.setdefault("PREFECT_HOME", str(Path("runs/prefect").resolve()))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    telemetry_off()  # unless the environment turns it on (rzenembed.telemetry)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     started = time.perf_counter()
     ensure_inputs(args.config, args.set, args.scale)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from rzenembed.config import ConfigError, config_digest, load_config, resolve_paths
 from rzenembed.modeling.backbones import FAMILIES
+from rzenembed.telemetry import telemetry_off
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -438,6 +439,7 @@ def _serve_parser(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    telemetry_off()  # before any command starts Ray, Serve or an MLflow client
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:
