@@ -327,7 +327,37 @@ def _champion_scores(
     return str(champion.version), levels(report) if report else {}
 
 
-def _comparison(old_version, old: dict[str, float], registered: dict, report: dict) -> str:
+def reused_decision(registered: dict[str, Any], this_run: str | None) -> dict | None:
+    """Where and when a registration result's champion decision was made, when that was
+    not in ``this_run`` (the result came from Prefect's cache); None when it was made here
+    (or the result predates the record)."""
+    decided = registered["extra"].get("decided") or {}
+    made_in = decided.get("flow_run")
+    return decided if made_in and made_in != this_run else None
+
+
+def decision_text(registered: dict[str, Any], this_run: str | None) -> str:
+    """What happened to ``champion``, as this run may say it: a decision made here, or one
+    reused from the run that made it (never replayed as if it had just happened)."""
+    decision = registered["extra"]["decision"]
+    if decision.get("already_champion"):
+        said = "same digest as before: already the champion"
+    elif decision["promoted"]:
+        said = "champion moved here"
+    else:
+        said = "champion kept"
+    reused = reused_decision(registered, this_run)
+    if reused is None:
+        return said
+    return (
+        f"registration reused from flow run {reused['flow_run']} at {reused['at']}, whose "
+        f"decision was: {said}; nothing was decided or moved in this run"
+    )
+
+
+def _comparison(
+    old_version, old: dict[str, float], registered: dict, report: dict, this_run: str | None
+) -> str:
     new = report["extra"]["scores"]
     decision = registered["extra"]["decision"]
     keys = [k for k in new if not k.startswith("dataset:")] + sorted(
@@ -336,10 +366,17 @@ def _comparison(old_version, old: dict[str, float], registered: dict, report: di
     rows = [f"| {k} | {'–' if k not in old else f'{100 * old[k]:.1f}'} | {100 * new[k]:.1f} |"
             for k in keys]  # fmt: skip
     verdict = "moved to the new model" if decision["promoted"] else "stays where it was"
+    verdict = f"Champion {verdict}"
+    reused = reused_decision(registered, this_run)
+    if reused is not None:
+        verdict = (
+            f"Registration reused from flow run {reused['flow_run']} at {reused['at']} "
+            f"(nothing decided in this run); its decision: {verdict[0].lower()}{verdict[1:]}"
+        )
     return "\n".join([
         "# Retraining", "",
         f"Champion before: {'none' if old_version is None else f'v{old_version}'}; "
-        f"new candidate: {registered['uri']}. Champion {verdict} "
+        f"new candidate: {registered['uri']}. {verdict} "
         f"({decision['metric']}: {decision['candidate_score']:.4f} against "
         f"{decision['champion_score']}, margin {decision['min_improvement']}).", "",
         "| level | champion | candidate |", "|---|---|---|", *rows, "",
@@ -376,7 +413,7 @@ def retrain(
         report = run_evaluate(ex, model, trained["base"])
         registered = ex.opts(register_model)(ex.cfg, model, report, ex.ctx, ex.base)
         create_markdown_artifact(
-            _comparison(old_version, old_scores, registered, report),
+            _comparison(old_version, old_scores, registered, report, _this_flow_run()),
             key="retraining",
             description="champion against candidate",
         )
@@ -387,16 +424,25 @@ def retrain(
     return _run("retrain", config_path, overrides, base, refresh, body)
 
 
+def _this_flow_run() -> str | None:
+    return str(flow_run.id) if flow_run.id else None
+
+
+def browse_hint(tracking_uri: str) -> str:
+    """How to look at the MLflow store: a tracking server serves its own UI (``mlflow ui``
+    refuses an HTTP store), a file or database store is opened with ``mlflow ui``."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri} (the MLflow server's UI)"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
 def _announce(ex: Execution, registered: dict[str, Any], report: dict[str, Any]) -> None:
     """Where to look: the model URI, the scores, the report, lineage and the MLflow UI."""
     scores, baseline = report["extra"]["scores"], report["extra"]["baseline"]
-    decision = registered["extra"]["decision"]
     tracking = ex.cfg.tracking.tracking_uri
-    moved = "champion moved here" if decision["promoted"] else "champion kept"
+    moved = decision_text(registered, _this_flow_run())
     champion = f"models:/{ex.cfg.tracking.registered_model}@champion"
     sets = "".join(f" --set {o}" for o in ex.overrides)
-    if decision.get("already_champion"):
-        moved = "same digest as before: already the champion"
     ours = report["extra"].get("intervals", {})
     theirs = report["extra"].get("baseline_intervals", {})
 
@@ -425,7 +471,7 @@ def _announce(ex: Execution, registered: dict[str, Any], report: dict[str, Any])
         f"leaderboard: {report['extra'].get('leaderboard', '-')}\n"
         f"lineage: rzenembed lineage {registered['uri']} --tracking-uri {tracking}\n"
         f"verify: rzenembed verify {registered['uri']} --tracking-uri {tracking}\n"
-        f"browse: mlflow ui --backend-store-uri {tracking}\n"
+        f"browse: {browse_hint(tracking)}\n"
         f"serve: rzenembed serve --config {ex.config_path}{sets} "
         f"(follows {champion} on http://{ex.cfg.serve.host}:{ex.cfg.serve.port}; "
         f"--model {registered['uri']} pins this version)\n"

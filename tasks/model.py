@@ -6,10 +6,12 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
 from rzenembed.config import PipelineConfig, digest_of
 from rzenembed.data.folders import exists, listing_digest, read_text, stage_folder
@@ -468,7 +470,17 @@ def register_model(
             model["digest"],
             run_id,
             model["model_id"],
-            extra={"version": version, "decision": decision, "reused": reused},
+            extra={
+                "version": version,
+                "decision": decision,
+                "reused": reused,
+                # Where and when this decision was made: a later run that gets this result
+                # from Prefect's cache reports it as reused, never as its own decision.
+                "decided": {
+                    "flow_run": str(flow_run.id) if flow_run.id else None,
+                    "at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                },
+            },
         ).to_json()
         tracker.record_lineage(run_id, "register", [as_ref(model), as_ref(report)], [as_ref(out)])
     champion = decision["champion_score"]

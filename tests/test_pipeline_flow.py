@@ -191,6 +191,9 @@ def runs(ray_local, prefect_api, sample_corpus, tiny_model_dir, tmp_path_factory
             out["fresh"] = full_pipeline(str(config), refresh=True, return_state=True)
             out["verify"] = verify_before_and_after_a_changed_byte(config, out["first"])
             out["again"] = full_pipeline(str(config), return_state=True)
+            # The scheduled retraining with nothing changed: every step, register included,
+            # is a cache hit, so its decision is the refreshed run's, reported as reused.
+            out["again_retrain"] = retrain(str(config), return_state=True)
             # Stage 2 of the reweighted mixture fails once (``even`` is a cache hit and never
             # calls run_training; the tasks run in this process, so a patch reaches them).
             with pytest.MonkeyPatch.context() as patch:
@@ -206,7 +209,8 @@ def runs(ray_local, prefect_api, sample_corpus, tiny_model_dir, tmp_path_factory
             gated = [*changed, "eval.min_improvement=1.0"]  # no candidate can clear it
             out["retrain"] = retrain(str(config), gated, return_state=True)
             out["first_stage2_spans"] = stage2_spans(out["first"].state_details.flow_run_id)
-            for name in ("first", "fresh", "again", "failed", "resumed", "retrain"):
+            names = ("first", "fresh", "again", "again_retrain", "failed", "resumed", "retrain")
+            for name in names:
                 state = out[name]
                 out[f"{name}_tasks"] = task_states(state.state_details.flow_run_id)
                 out[f"{name}_artifacts"] = artifacts(state.state_details.flow_run_id)
@@ -400,6 +404,31 @@ def test_a_run_failed_in_stage2_resumes_without_redoing_data_or_stage1(runs):
     assert [a["extra"]["mixture"] for a in again] == ["even", "doc-heavy"]
     assert [a["uri"] == b["uri"] for a, b in zip(first, again, strict=True)] == [True, False]
     assert runs["resumed"].result()["model_uri"] == "models:/rzenembed/2"
+
+
+def test_a_cached_registration_is_reported_as_reused_never_as_a_new_decision(runs):
+    """The refreshed run made the last decision (v1 already the champion); the unchanged
+    run and the unchanged retraining after it get that registration from Prefect's cache
+    and say so, naming the run and time, instead of replaying "champion moved"."""
+    from flows.pipeline import decision_text
+
+    fresh = str(runs["fresh"].state_details.flow_run_id)
+    assert set(runs["again_retrain_tasks"]["register"]) == {"Cached"}
+    for name in ("again", "again_retrain"):
+        state = runs[name]
+        assert state.is_completed(), state.message
+        registered = state.result()["registered"]
+        assert registered["extra"]["decided"]["flow_run"] == fresh
+        said = decision_text(registered, str(state.state_details.flow_run_id))
+        assert said.startswith(f"registration reused from flow run {fresh} at "), said
+        assert said.endswith("nothing was decided or moved in this run"), said
+    artifact = runs["again_retrain_artifacts"]["retraining"]
+    assert f"Registration reused from flow run {fresh} at " in artifact, artifact
+    assert "Champion moved" not in artifact and "Champion stays" not in artifact, artifact
+    # In the run that made it, a decision reads as made there.
+    first = runs["first"]
+    made = decision_text(first.result()["registered"], str(first.state_details.flow_run_id))
+    assert made == "champion moved here"
 
 
 def test_secrets_appear_nowhere_in_the_mlflow_store(runs):
