@@ -55,10 +55,17 @@ def step_cache_key(step: str, section: Any, inputs: list[str]) -> str:
 
 
 def keyed(step: str, section_fn, inputs_fn):
-    """A Prefect ``cache_key_fn`` from a step name, the config section and input digests."""
+    """A Prefect ``cache_key_fn`` from a step name, the config section, input digests and
+    the tracking store: a step cached for one MLflow store runs again for another, finds its
+    output on the storage root by key (nothing is recomputed) and writes its run, metrics
+    and lineage into that store, so every store that shows a model shows how it was made."""
 
     def key(_context, parameters: dict[str, Any]) -> str:
-        return step_cache_key(step, section_fn(parameters), inputs_fn(parameters))
+        section = section_fn(parameters)
+        cfg = parameters.get("cfg")
+        if cfg is not None:
+            section = {"section": section, "tracking_store": cfg.tracking.tracking_uri}
+        return step_cache_key(step, section, inputs_fn(parameters))
 
     return key
 

@@ -188,8 +188,9 @@ def _train(
                 progress.close()
         rows = read_metrics(result.metrics_uri, endpoint)
         # Live metrics went to the MLflow run of the attempt that submitted the job: a run
-        # that found the job (a retry, a restarted worker) posts them from the file.
-        if not live or ran.reattached:
+        # that found the job (a retry, a restarted worker) or found the adapter already
+        # trained (another tracking store, a refresh) posts them from the file.
+        if not live or ran.reattached or not result.trained_now:
             post_metrics(tracker, run_id, rows)
         with tempfile.TemporaryDirectory() as tmp:
             chart = plot_training(rows, Path(tmp) / "metrics.png", label)

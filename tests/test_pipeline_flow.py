@@ -188,6 +188,10 @@ def runs(ray_local, prefect_api, sample_corpus, tiny_model_dir, tmp_path_factory
             {PREFECT_API_URL: prefect_api, PREFECT_LOCAL_STORAGE_PATH: root / "prefect-results"}
         ):
             out["first"] = full_pipeline(str(config), return_state=True)
+            # The same work into a second MLflow store (as the local stack's server after
+            # the demo's file): every step finds its output by key and writes its run there.
+            other = [f"tracking.tracking_uri=sqlite:///{root}/mlflow-other.db"]
+            out["other_store"] = full_pipeline(str(config), other, return_state=True)
             out["fresh"] = full_pipeline(str(config), refresh=True, return_state=True)
             out["verify"] = verify_before_and_after_a_changed_byte(config, out["first"])
             out["again"] = full_pipeline(str(config), return_state=True)
@@ -209,7 +213,8 @@ def runs(ray_local, prefect_api, sample_corpus, tiny_model_dir, tmp_path_factory
             gated = [*changed, "eval.min_improvement=1.0"]  # no candidate can clear it
             out["retrain"] = retrain(str(config), gated, return_state=True)
             out["first_stage2_spans"] = stage2_spans(out["first"].state_details.flow_run_id)
-            names = ("first", "fresh", "again", "again_retrain", "failed", "resumed", "retrain")
+            names = ("first", "other_store", "fresh", "again", "again_retrain", "failed",
+                     "resumed", "retrain")  # fmt: skip
             for name in names:
                 state = out[name]
                 out[f"{name}_tasks"] = task_states(state.state_details.flow_run_id)
@@ -429,6 +434,37 @@ def test_a_cached_registration_is_reported_as_reused_never_as_a_new_decision(run
     first = runs["first"]
     made = decision_text(first.result()["registered"], str(first.state_details.flow_run_id))
     assert made == "champion moved here"
+
+
+def test_a_second_tracking_store_gets_every_run_with_its_metrics_and_lineage(runs):
+    """The first run's work, run again with another MLflow store: no step is a cache hit
+    (the store is part of each step's key), nothing trains again (the same adapters), and
+    the second store holds the registered model, every raw source in its lineage and the
+    training runs' loss curves (posted from the metrics files, as nothing logged live)."""
+    from rzenembed.config import load_config
+
+    state = runs["other_store"]
+    assert state.is_completed(), state.message
+    tasks = runs["other_store_tasks"]
+    assert set(tasks) >= DATA_STEPS | {"train-stage1", "train-stage2", "soup", "register"}
+    assert all(s == "Completed" for states in tasks.values() for s in states), tasks
+    first, other = runs["first"].result(), state.result()
+    assert [a["uri"] for a in other["trained"]["stage2"]] == [
+        a["uri"] for a in first["trained"]["stage2"]
+    ]
+    assert other["model"]["digest"] == first["model"]["digest"]
+    store = f"sqlite:///{runs['root']}/mlflow-other.db"
+    cfg = load_config(runs["config"], [f"tracking.tracking_uri={store}"])
+    tree = lineage(Tracker(cfg.tracking), "models:/rzenembed@champion")
+    assert {ref.name for ref in raw_sources(tree)} == {s.name for s in cfg.sources}
+    client = MlflowClient(tracking_uri=store)
+    adapters = [first["trained"]["stage1"], *first["trained"]["stage2"]]
+    for adapter in [*other["trained"]["stage2"], other["trained"]["stage1"]]:
+        history = client.get_metric_history(adapter["run_id"], "loss")
+        assert sorted(m.step for m in history) == [0, 1, 2], adapter["name"]
+    assert {a["run_id"] for a in adapters}.isdisjoint(
+        a["run_id"] for a in [other["trained"]["stage1"], *other["trained"]["stage2"]]
+    )
 
 
 def test_secrets_appear_nowhere_in_the_mlflow_store(runs):

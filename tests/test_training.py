@@ -103,3 +103,17 @@ def test_adapters_load_through_the_embedder(trained):
         assert ModelCard.load(result.adapter_uri).base_model == merged
         vectors = embedder.encode(["a red circle", "a blue square"])
         torch.testing.assert_close(vectors.norm(dim=1), torch.ones(2))
+
+
+def test_a_published_adapter_is_returned_as_found_not_trained_now(trained):
+    """Asked again, a trained run returns the same adapter marked ``trained_now=False``
+    (nothing ran, so the caller posts its metrics from the file: another tracking store
+    that reuses the adapter gets the training curves too)."""
+    from rzenembed.training.stages import run_training
+
+    cfg, data, _, merged, stage2 = trained
+    mixture = cfg.stage2.mixtures[-1]
+    again = run_training(cfg, "stage2", data.stages[f"stage2/{mixture.name}"], merged,
+                         mixture.name)  # fmt: skip
+    assert stage2[0].trained_now and not again.trained_now
+    assert (again.adapter_uri, again.metrics_uri) == (stage2[0].adapter_uri, stage2[0].metrics_uri)

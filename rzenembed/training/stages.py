@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,9 @@ class TrainResult:
     metrics_uri: str
     steps: int
     run_name: str
+    # False when the adapter was already published under this run's key (nothing trained
+    # now, so no metrics were logged live: the caller posts them from the metrics file).
+    trained_now: bool = True
 
 
 def total_steps(stage: StageConfig, manifest: StageManifest) -> int:
@@ -144,7 +147,7 @@ def run_training(
         stage_name, mixture, join(out, "adapter"), join(out, "metrics.jsonl"), steps, run_name
     )
     if is_published(result.adapter_uri, cfg.storage.endpoint_url):
-        return result
+        return replace(result, trained_now=False)
     ensure_ray(address=cfg.compute.ray_address)
     refuse_client(f"{stage_name} training (Ray Train)")
     spec = RunSpec(
