@@ -1,7 +1,7 @@
 """The local demo: the whole pipeline on the embedded default, in one process.
 
     python -m flows.demo [--config configs/tiny.yaml] [--scale 10] [--family F]
-                         [--set KEY=VALUE ...]
+                         [--set KEY=VALUE ...] [--verbose]
     (what `make demo` runs; `make demo FAMILY=qwen3-vl` passes --family)
 
 Builds what is missing (the tiny offline Qwen2-VL in ``model.name_or_path``, the sample
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from rzenembed.config import load_config
+from rzenembed.data.engine import VERBOSE_ENV
 from rzenembed.data.sample import SAMPLE_VERSION, build_sample_corpus
 from rzenembed.evaluation.release import import_mmeb_v2
 from rzenembed.evaluation.release_fixture import FIXTURE_VERSION, build_release_fixture
@@ -101,7 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         choices=FAMILIES,
         help="train the tiny model of this backbone family (its own folder runs/tiny-FAMILY)",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="keep Ray Data's own INFO lines on the terminal (else only in its session log)",
+    )
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     if args.family:
         args.set = [
             f"model.family={args.family}",

@@ -67,3 +67,30 @@ def test_at_most_max_in_flight_tasks_run_at_once(ray_local, tmp_path):
 def test_bad_concurrency_is_refused():
     with pytest.raises(ValueError, match="max_in_flight"):
         run_shards(square, [1], max_in_flight=0)
+
+
+def test_ray_data_info_lines_stay_off_the_terminal_unless_verbose(ray_local, capfd, monkeypatch):
+    """A map's start/plan/end lines go to Ray Data's log file, not the terminal (a demo
+    printed hundreds): its console handler is held at WARNING, its file handler is left
+    alone; with RZENEMBED_VERBOSE the console keeps INFO."""
+    import logging
+
+    def levels() -> dict[str, int]:
+        ray_data = logging.getLogger("ray.data").handlers
+        return {type(h).__name__: h.level for h in ray_data if "Capture" not in type(h).__name__}
+
+    def reset() -> None:  # as a fresh process has them
+        for handler in logging.getLogger("ray.data").handlers:
+            handler.setLevel(logging.NOTSET if type(handler).__name__ == "SessionFileHandler"
+                             else logging.INFO)  # fmt: skip
+
+    monkeypatch.delenv("RZENEMBED_VERBOSE", raising=False)
+    reset()
+    assert run_shards(abs, [-1, -2], show_progress=False) == [1, 2]
+    quiet = capfd.readouterr()
+    assert "Execution plan" not in quiet.out + quiet.err
+    assert levels() == {"SessionFileHandler": logging.NOTSET, "PlainRayHandler": logging.WARNING}
+    monkeypatch.setenv("RZENEMBED_VERBOSE", "1")
+    reset()
+    assert run_shards(abs, [-3], show_progress=False) == [3]
+    assert levels() == {"SessionFileHandler": logging.NOTSET, "PlainRayHandler": logging.INFO}

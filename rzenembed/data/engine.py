@@ -17,6 +17,8 @@ Client a map is refused with what to set instead.
 
 from __future__ import annotations
 
+import logging
+import os
 import pickle
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -24,6 +26,9 @@ from typing import Any, TypeVar
 from rzenembed.compute.connect import ensure_ray, refuse_client
 
 T = TypeVar("T")
+
+# Set (to anything) to keep Ray Data's own INFO lines on the terminal (``--verbose``).
+VERBOSE_ENV = "RZENEMBED_VERBOSE"
 
 # Exceptions that mean "try again" (a flaky store, a dropped connection), not "bad input".
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
@@ -38,6 +43,21 @@ def _configure(show_progress: bool) -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = show_progress
     context.op_resource_reservation_enabled = False
+    _quiet_console()
+
+
+def _quiet_console() -> None:
+    """Ray Data's INFO lines (each dataset's start, execution plan and end: most of what a
+    demo printed) go only to its log file in the Ray session's log folder (``ray-data.log``,
+    its own file handler, untouched); the terminal keeps Ray Data's warnings and the progress
+    bars. ``RZENEMBED_VERBOSE`` keeps everything on the terminal."""
+    if os.environ.get(VERBOSE_ENV):
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        ):
+            handler.setLevel(logging.WARNING)
 
 
 class _Apply:
@@ -114,7 +134,7 @@ def run_shards(
         _Apply(fn, retries),
         raise_errors=errors == "raise",
         num_cpus=num_cpus,
-        concurrency=max_in_flight,
+        pool=("tasks", max_in_flight),
     )
 
 
@@ -149,7 +169,7 @@ def run_on_actors(
         show_progress,
         _ActorApply,
         fn_constructor_args=(worker_cls, init_args),
-        concurrency=max(1, min(actors, len(items))),
+        pool=("actors", max(1, min(actors, len(items)))),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         **({"resources": dict(resources)} if resources else {}),
@@ -157,11 +177,17 @@ def run_on_actors(
 
 
 def _map(
-    items: Sequence[Any], show_progress: bool, udf: Any, raise_errors: bool = True, **map_args: Any
+    items: Sequence[Any],
+    show_progress: bool,
+    udf: Any,
+    raise_errors: bool = True,
+    pool: tuple[str, int | None] = ("tasks", None),
+    **map_args: Any,
 ) -> list[Any]:
     """Items pickled into a one-block-per-item dataset, ``udf`` mapped over it, the results
     unpickled in input order (the first error, in input order, raised; or each returned
-    as ``Failed``)."""
+    as ``Failed``). ``pool``: ("tasks", at most N at once, None for no bound) or
+    ("actors", a fixed pool of N), as Ray Data's compute strategy."""
     if not items:
         return []
     ensure_ray()
@@ -171,7 +197,14 @@ def _map(
     _configure(show_progress)
     rows = [{"index": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
-    out = sorted(dataset.map(udf, **map_args).take_all(), key=lambda row: row["index"])
+    kind, size = pool
+    compute = (
+        ray.data.ActorPoolStrategy(size=size)
+        if kind == "actors"
+        else ray.data.TaskPoolStrategy(size=size)
+    )
+    mapped = dataset.map(udf, compute=compute, **map_args)
+    out = sorted(mapped.take_all(), key=lambda row: row["index"])
     if raise_errors:
         for row in out:
             if row["error"]:
