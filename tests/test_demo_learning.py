@@ -23,6 +23,7 @@ import yaml
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
+PROGRESS_BAR = re.compile(r"\d+%\||it/s\]|s/it\]")  # tqdm's bars, redrawn with \r
 GAIN = re.compile(r"(All|Image|Video|VisDoc) ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]")
 
 
@@ -90,3 +91,18 @@ def test_stage1_loss_falls_over_the_demo_run(demo):
     fifth = len(losses) // 5
     first, last = sum(losses[:fifth]) / fifth, sum(losses[-fifth:]) / fifth
     assert last < 0.8 * first, (first, last)
+
+
+def test_the_demo_console_is_short_and_free_of_ray_data_internals(demo):
+    """A person reads the demo's console: at most 80 lines besides progress bars (a line
+    per finished task and Ray Data's execution plans stay off it), none of them Ray Data's
+    own INFO lines, and the closing lines say where to look next."""
+    _, out = demo
+    lines = [x for x in re.split(r"[\r\n]", out) if x.strip()]
+    shown = [x for x in lines if not PROGRESS_BAR.search(x)]
+    assert len(shown) <= 80, "\n".join(shown)
+    internal = [x for x in shown if "streaming_executor" in x or "Execution plan" in x]
+    assert internal == []
+    assert not [x for x in shown if "Finished in state Completed" in x]
+    for hint in ("model: models:/", "report: ", "lineage: rzenembed lineage", "serve: "):
+        assert any(hint in x for x in shown), hint

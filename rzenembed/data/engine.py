@@ -198,6 +198,7 @@ def _map(
     rows = [{"index": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     kind, size = pool
+    size = None if size is None else min(size, len(items))  # Ray Data warns at more
     compute = (
         ray.data.ActorPoolStrategy(size=size)
         if kind == "actors"
