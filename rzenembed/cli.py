@@ -10,6 +10,7 @@ rzenembed import-mmeb-v2 ROOT OUT [--release TAG] [--frames 8] [--dataset NAME .
 rzenembed mmeb-v2-fixture OUT [--broken]           a scaled-down MMEB-V2 release
 rzenembed soup ADAPTER... --out DIR [--method M] [--weights W,...] [--eval EVALSET]
 rzenembed lineage models:/rzenembed@champion [--tracking-uri URI] [--json]
+                  [--format text|json|dot|mermaid|svg]
 rzenembed verify models:/rzenembed@champion|FOLDER [--tracking-uri URI] [--json]
 rzenembed publish FOLDER URI [--endpoint-url URL]   a model folder onto the storage root
 rzenembed inspect-source --format F PATH [--rows N]  a download's first rows, converted
@@ -157,8 +158,19 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
 
     tracker = Tracker(TrackingConfig(tracking_uri=args.tracking_uri))
     tree = lineage(tracker, args.model_uri)
-    if args.json:
+    fmt = "json" if args.json else args.format
+    if fmt == "json":
         print(json.dumps(_tree_json(tree), indent=2))
+    elif fmt in ("dot", "mermaid", "svg"):
+        from rzenembed import lineage_graph
+
+        draw = {"dot": lineage_graph.to_dot, "mermaid": lineage_graph.to_mermaid}
+        text = (
+            lineage_graph.to_svg(tree, f"{args.model_uri}: lineage")
+            if fmt == "svg"
+            else draw[fmt](tree)
+        )
+        print(text, end="")
     else:
         print(render(tree))
         print(f"# {len(raw_sources(tree))} raw sources reached")
@@ -362,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     _tracking_option(lin)
     lin.add_argument("--json", action="store_true", help="print the tree as JSON")
+    lin.add_argument(
+        "--format",
+        choices=["text", "json", "dot", "mermaid", "svg"],
+        default="text",
+        help="text tree (default), JSON, or a graph: Graphviz DOT, Mermaid, a standalone SVG",
+    )
     lin.set_defaults(func=_cmd_lineage)
 
     ver = sub.add_parser(

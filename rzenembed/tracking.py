@@ -592,17 +592,32 @@ def raw_sources(node: LineageNode) -> list[LineageRef]:
     return found
 
 
-def render(node: LineageNode, prefix: str = "", last: bool = True, top: bool = True) -> str:
-    """A text tree: kind, name, digest (12 chars), the producing step and run."""
+def render(
+    node: LineageNode,
+    prefix: str = "",
+    last: bool = True,
+    top: bool = True,
+    shown: set[tuple[str, str, str]] | None = None,
+) -> str:
+    """A text tree: kind, name, digest (12 chars), the producing step and run. An input
+    read by several steps (the evaluation sets every clean step checked) is printed in
+    full once, then as "(as above)"; evaluation sets by count, not by their paths."""
+    shown = set() if shown is None else shown
     ref = node.ref
+    key = (ref.kind, ref.uri, ref.digest)
     producer = f" <- {node.step} run {ref.run_id}" if ref.run_id else ""
-    note = " (as above)" if node.seen_before else ""
-    line = f"{ref.kind} {ref.name} [{ref.digest[:12]}] {ref.uri}{producer}{note}"
+    where = f"{len(ref.extra.get('sets', []))} sets" if ref.kind == "eval-sets" else ref.uri
+    again = node.seen_before or (not ref.run_id and key in shown)
+    if again:
+        line = f"{ref.kind} {ref.name} [{ref.digest[:12]}] (as above)"
+    else:
+        line = f"{ref.kind} {ref.name} [{ref.digest[:12]}] {where}{producer}"
+    shown.add(key)
     if "eval_overlap" in ref.extra:  # a clean step's output: what decontamination removed
         counts = ", ".join(f"{k} {v}" for k, v in sorted(ref.extra["eval_overlap"].items()))
         line += f" | eval_overlap: {counts or 'none'}"
     out = [line if top else f"{prefix}{'└─ ' if last else '├─ '}{line}"]
     inner = prefix if top else prefix + ("   " if last else "│  ")
     for i, child in enumerate(node.children):
-        out.append(render(child, inner, i == len(node.children) - 1, top=False))
+        out.append(render(child, inner, i == len(node.children) - 1, top=False, shown=shown))
     return "\n".join(out)

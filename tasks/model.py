@@ -323,6 +323,26 @@ def _gating_note(decision: dict[str, Any]) -> str:
     return "".join(f"\n{line}\n" for line in lines)
 
 
+def _log_lineage_picture(tracker: Tracker, run_id: str, model_uri: str) -> None:
+    """The registered model's lineage drawn as one SVG (raw sources to the model, each
+    input once), logged to the registration run as ``lineage/lineage.svg``. A picture is
+    an aid: a failure to draw it is printed, never a failed registration."""
+    import tempfile
+    from pathlib import Path
+
+    from rzenembed.lineage_graph import to_svg
+    from rzenembed.tracking import lineage
+
+    try:
+        svg = to_svg(lineage(tracker, model_uri), f"{model_uri}: lineage")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "lineage.svg"
+            path.write_text(svg)
+            tracker.log_file(run_id, path, "lineage")
+    except Exception as error:  # the picture is optional (docstring)
+        print(f"lineage picture not drawn: {type(error).__name__}: {error}")
+
+
 def champion_level(metric: str) -> str:
     """``eval.champion_metric`` -> a report level (All, Image, Image/CLS, dataset:NAME)."""
     return CHAMPION_LEVELS.get(metric.lower(), metric)
@@ -483,6 +503,7 @@ def register_model(
             },
         ).to_json()
         tracker.record_lineage(run_id, "register", [as_ref(model), as_ref(report)], [as_ref(out)])
+        _log_lineage_picture(tracker, run_id, uri)
     champion = decision["champion_score"]
     create_markdown_artifact(
         f"# Registration\n\n{uri} (alias `candidate`)\n\n| model | {level} |\n|---|---|\n"

@@ -106,3 +106,23 @@ def test_the_demo_console_is_short_and_free_of_ray_data_internals(demo):
     assert not [x for x in shown if "Finished in state Completed" in x]
     for hint in ("model: models:/", "report: ", "lineage: rzenembed lineage", "serve: "):
         assert any(hint in x for x in shown), hint
+
+
+def test_the_commands_the_demo_prints_work_as_printed(demo):
+    """`lineage:` and `verify:` are run exactly as printed (the installed `rzenembed`);
+    `browse:` names `mlflow ui` with a store it accepts (a SQLite file, not a server)."""
+    _, out = demo
+    hints = dict(
+        x.split(": ", 1)
+        for x in out.splitlines()
+        if x.startswith(("lineage: ", "verify: ", "browse: "))
+    )
+    assert set(hints) == {"lineage", "verify", "browse"}, hints
+    rzenembed = Path(sys.executable).parent / "rzenembed"
+    for name in ("lineage", "verify"):
+        argv = hints[name].split()
+        assert argv[0] == "rzenembed"
+        done = subprocess.run([str(rzenembed), *argv[1:]], capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, (name, done.stdout[-2000:], done.stderr[-2000:])
+    assert hints["browse"].startswith("mlflow ui --backend-store-uri sqlite:///")

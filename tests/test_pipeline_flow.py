@@ -274,6 +274,12 @@ def test_the_first_run_registers_a_champion(runs):
     state = runs["first"]
     assert state.is_completed(), state.message
     result = state.result()
+    # The registration run carries the lineage drawn as one picture, each input once.
+    client = MlflowClient(tracking_uri=tracker_for(runs).cfg.tracking_uri)
+    picture = client.download_artifacts(result["registered"]["run_id"], "lineage/lineage.svg")
+    svg = Path(picture).read_text()
+    assert svg.startswith("<svg") and svg.count("eval-sets: decontamination") == 1
+    assert all(f"raw: {s}" in svg for s in ("sample-captions", "sample-visdoc"))
     assert result["model_uri"] == "models:/rzenembed/1"
     decision = result["registered"]["extra"]["decision"]
     assert decision["promoted"] and decision["champion_version"] is None  # the first model
