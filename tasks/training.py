@@ -135,6 +135,20 @@ def post_metrics(tracker: Tracker, run_id: str, rows: list[dict[str, Any]]) -> N
     tracker.log_metrics(run_id, out)
 
 
+def loss_summary(label: str, rows: list[dict[str, Any]], trained_now: bool = True) -> str:
+    """One line a person reads: the run's steps and its loss at the start and the end
+    (each the mean over a tenth of the run, at least one step; a step written twice, as
+    after a resume, counts once: its last line)."""
+    by_step = {int(r["step"]): float(r["loss"]) for r in rows if "loss" in r}
+    losses = [by_step[step] for step in sorted(by_step)]
+    if not losses:
+        return f"{label}: no steps recorded"
+    tenth = max(1, len(losses) // 10)
+    first, last = sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
+    how = "trained" if trained_now else "found already trained"
+    return f"{label}: {how}, {len(losses)} steps, loss {first:.3f} -> {last:.3f}"
+
+
 def plot_training(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
     """Loss and per-task temperature curves as one PNG."""
     import matplotlib
@@ -187,6 +201,7 @@ def _train(
             if progress is not None:
                 progress.close()
         rows = read_metrics(result.metrics_uri, endpoint)
+        print(loss_summary(label, rows, result.trained_now))
         # Live metrics went to the MLflow run of the attempt that submitted the job: a run
         # that found the job (a retry, a restarted worker) or found the adapter already
         # trained (another tracking store, a refresh) posts them from the file.

@@ -106,6 +106,9 @@ def test_the_demo_console_is_short_and_free_of_ray_data_internals(demo):
     assert not [x for x in shown if "Task run" in x and "Finished in state Completed" in x]
     for hint in ("model: models:/", "report: ", "lineage: rzenembed lineage", "serve: "):
         assert any(hint in x for x in shown), hint
+    # What each training run did, one line each: stage 1 and the two stage-2 mixtures.
+    trained = [x for x in shown if re.search(r"stage[12]/\S+: trained, \d+ steps, loss", x)]
+    assert len(trained) == 3, trained
 
 
 def test_the_commands_the_demo_prints_work_as_printed(demo):

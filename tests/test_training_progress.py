@@ -49,3 +49,15 @@ def test_the_poller_moves_the_runs_own_artifact_before_training_ends(prefect_api
         seen, final = progress_flow()
     assert seen[-1] == 50.0, seen  # 2 of 4 steps, before close()
     assert final == 75.0
+
+
+def test_the_loss_summary_line_reads_the_start_and_end_of_a_run():
+    from tasks.training import loss_summary
+
+    rows = [{"step": i, "loss": 3.0 - 0.1 * i} for i in range(20)]
+    rows.insert(0, {"step": 0, "loss": 99.0})  # written before a resume: the later line wins
+    # A tenth of 20 steps is 2: (3.0 + 2.9) / 2 and (1.2 + 1.1) / 2.
+    assert loss_summary("stage1/all", rows) == "stage1/all: trained, 20 steps, loss 2.950 -> 1.150"
+    found = loss_summary("stage2/even", rows[1:4], trained_now=False)
+    assert found == "stage2/even: found already trained, 3 steps, loss 3.000 -> 2.800"
+    assert loss_summary("stage1/all", []) == "stage1/all: no steps recorded"
