@@ -141,14 +141,18 @@ def to_svg(tree: LineageNode, title: str = "") -> str:
         f'<rect width="{width}" height="{height}" fill="white"/>',
     ]
     if title:
-        out.append(f'<text x="{MARGIN}" y="{MARGIN + 12}" font-size="15" font-weight="bold">'
-                   f"{html.escape(title)}</text>")  # fmt: skip
+        out.append(
+            f'<text x="{MARGIN}" y="{MARGIN + 12}" font-size="15" font-weight="bold">'
+            f"{html.escape(title)}</text>"
+        )
     for src, dst, step in graph.edges:
         (x1, y1), (x2, y2) = place[src], place[dst]
         x1, y1, x2, y2 = x1 + BOX_W, y1 + BOX_H / 2, x2, y2 + BOX_H / 2
-        out.append(f'<path d="M{x1},{y1} C{x1 + GAP_X / 2},{y1} {x2 - GAP_X / 2},{y2} {x2},{y2}" '
-                   f'fill="none" stroke="#999" marker-end="url(#arrow)"><title>'
-                   f"{html.escape(step)}</title></path>")  # fmt: skip
+        out.append(
+            f'<path d="M{x1},{y1} C{x1 + GAP_X / 2},{y1} {x2 - GAP_X / 2},{y2} {x2},{y2}" '
+            f'fill="none" stroke="#999" marker-end="url(#arrow)"><title>'
+            f"{html.escape(step)}</title></path>"
+        )
     for nid, ref in graph.nodes.items():
         x, y = place[nid]
         first, second = label(ref).split("\n", 1)

@@ -125,7 +125,8 @@ def test_the_commands_the_demo_prints_work_as_printed(demo):
     for name in ("lineage", "verify"):
         argv = hints[name].split()
         assert argv[0] == "rzenembed"
-        done = subprocess.run([str(rzenembed), *argv[1:]], capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
+        done = subprocess.run(
+            [str(rzenembed), *argv[1:]], capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, (name, done.stdout[-2000:], done.stderr[-2000:])
     assert hints["browse"].startswith("mlflow ui --backend-store-uri sqlite:///")

@@ -81,8 +81,9 @@ def test_ray_data_info_lines_stay_off_the_terminal_unless_verbose(ray_local, cap
 
     def reset() -> None:  # as a fresh process has them
         for handler in logging.getLogger("ray.data").handlers:
-            handler.setLevel(logging.NOTSET if type(handler).__name__ == "SessionFileHandler"
-                             else logging.INFO)  # fmt: skip
+            handler.setLevel(
+                logging.NOTSET if type(handler).__name__ == "SessionFileHandler" else logging.INFO
+            )
 
     monkeypatch.delenv("RZENEMBED_VERBOSE", raising=False)
     reset()

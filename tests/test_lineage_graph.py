@@ -13,26 +13,43 @@ from rzenembed.tracking import LineageNode, LineageRef, render
 SETS = [f"/data/eval/set-{i}" for i in range(14)]
 
 
+def node(
+    kind: str,
+    name: str,
+    digest: str,
+    run: str | None = None,
+    step: str | None = None,
+    inputs: tuple[LineageNode, ...] = (),
+    **extra,
+) -> LineageNode:
+    """A lineage node whose URI is derived from its name (each name is one thing here)."""
+    ref = LineageRef(kind, name, f"/{kind}/{name}", digest * 64, run, extra=extra)
+    return LineageNode(ref, step, list(inputs))
+
+
 def pipeline_tree() -> LineageNode:
-    evalsets = LineageRef("eval-sets", "decontamination", ",".join(SETS), "e" * 64,
-                          extra={"sets": SETS})  # fmt: skip
+    evalsets = LineageRef(
+        "eval-sets", "decontamination", ",".join(SETS), "e" * 64, extra={"sets": SETS}
+    )
 
     def cleaned(name: str) -> LineageNode:
-        raw = LineageNode(LineageRef("raw", name, f"/raw/{name}", name[0] * 64))
-        ingested = LineageNode(
-            LineageRef("dataset", f"{name}/ingest", f"/v/{name}/i", "1" * 64, f"r-{name}-i",
-                       extra={"rows": 10}), "ingest", [raw])  # fmt: skip
-        return LineageNode(
-            LineageRef("dataset", f"{name}/clean", f"/v/{name}/c", "2" * 64, f"r-{name}-c",
-                       extra={"rows": 9}), "clean",
-            [ingested, LineageNode(evalsets)])  # fmt: skip
+        raw = node("raw", name, name[0])
+        ingested = node("dataset", f"{name}/ingest", "1", f"r-{name}-i", "ingest", (raw,), rows=10)
+        return node(
+            "dataset",
+            f"{name}/clean",
+            "2",
+            f"r-{name}-c",
+            "clean",
+            (ingested, LineageNode(evalsets)),
+            rows=9,
+        )
 
-    manifest = LineageNode(LineageRef("stage-manifest", "stage1", "/m", "3" * 64, "r-mix"),
-                           "mixture", [cleaned("captions"), cleaned("pairs")])  # fmt: skip
-    adapter = LineageNode(LineageRef("adapter", "stage1/all", "/a", "4" * 64, "r-train"),
-                          "stage1", [manifest])  # fmt: skip
-    return LineageNode(LineageRef("registered-model", "rzenembed v1", "models:/rzenembed/1",
-                                  "5" * 64, "r-reg"), "register", [adapter])  # fmt: skip
+    manifest = node(
+        "stage-manifest", "stage1", "3", "r-mix", "mixture", (cleaned("captions"), cleaned("pairs"))
+    )
+    adapter = node("adapter", "stage1/all", "4", "r-train", "stage1", (manifest,))
+    return node("registered-model", "rzenembed v1", "5", "r-reg", "register", (adapter,))
 
 
 def test_the_text_tree_prints_the_shared_evaluation_sets_once_by_count():

@@ -1,6 +1,8 @@
-"""The local stack's listener check (``infra/local/status``): a service of the stack that
-listens beyond loopback is named, one on loopback is not. The stack itself is checked by
-tests/test_service_stack.py (every listener of a running stack, after a deployed run)."""
+"""The local stack's listener check (``infra/local/status``): the sockets its services listen
+on are found through their process groups, and one on any address but loopback is named.
+Nothing here listens beyond loopback: the exposed listener is planted in the list the check
+reads. The stack itself is checked by tests/test_service_stack.py (every listener of a
+running stack, after a deployed run)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ import pytest
 from .multiprocess import free_port
 
 STACK_PY = Path(__file__).resolve().parents[1] / "infra" / "local" / "stack.py"
+LOOPBACK_FORMS = ["127.0.0.1", "127.3.0.1", "::1", "::ffff:127.0.0.1"]
+# Addresses as a listener reports them, never bound here.
+REACHABLE_FORMS = ["0.0.0.0", "::", "192.0.2.2", "::ffff:192.0.2.2"]
 
 
 def load_stack_module():
@@ -26,49 +31,42 @@ def load_stack_module():
     return module
 
 
-def listen(host: str, port: int) -> subprocess.Popen:
+def listen_on_loopback(port: int) -> subprocess.Popen:
     """A process in a session of its own (as the stack starts each service) that listens."""
     code = (
         "import socket, time\n"
-        f"s = socket.socket(); s.bind(({host!r}, {port})); s.listen(); time.sleep(120)\n"
+        f"s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(120)\n"
     )
     return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
 
 
-def wait_listening(stack, pid: int) -> None:
-    deadline = time.monotonic() + 30
-    while not any(found[0] == pid for found in stack.listeners()):
-        assert time.monotonic() < deadline, "the planted listener never listened"
-        time.sleep(0.2)
+@pytest.mark.parametrize("address", LOOPBACK_FORMS)
+def test_loopback_forms_are_loopback(address):
+    assert load_stack_module().is_loopback(address)
 
 
-@pytest.mark.parametrize(
-    ("address", "expected"),
-    [("127.0.0.1", True), ("127.3.0.1", True), ("::1", True), ("::ffff:127.0.0.1", True),
-     ("0.0.0.0", False), ("::", False), ("192.0.2.2", False), ("::ffff:192.0.2.2", False)],
-)  # fmt: skip
-def test_loopback_addresses(address, expected):
-    assert load_stack_module().is_loopback(address) is expected
+@pytest.mark.parametrize("address", REACHABLE_FORMS)
+def test_wildcard_and_machine_addresses_are_not(address):
+    assert not load_stack_module().is_loopback(address)
 
 
-def test_a_service_listening_beyond_loopback_is_named(tmp_path):
+def test_the_stack_finds_its_services_listeners_and_names_a_planted_exposed_one(tmp_path):
     local = load_stack_module()
     stack = local.Stack(tmp_path)
-    exposed_port, private_port = free_port(), free_port()
-    planted = listen("0.0.0.0", exposed_port)
-    quiet = listen("127.0.0.1", private_port)
+    port = free_port()
+    service = listen_on_loopback(port)
     try:
-        stack.pid_file("ray-head").write_text(f"{planted.pid}\n")
-        stack.pid_file("mlflow-server").write_text(f"{quiet.pid}\n")
-        wait_listening(stack, planted.pid)
-        wait_listening(stack, quiet.pid)
-        assert [(p, a, port) for p, _, a, port in stack.exposed()] == [
-            (planted.pid, "0.0.0.0", exposed_port)
+        stack.pid_file("mlflow-server").write_text(f"{service.pid}\n")
+        deadline = time.monotonic() + 30
+        while not (found := stack.listeners()):
+            assert time.monotonic() < deadline, "the service never listened"
+            time.sleep(0.2)
+        assert [(pid, address, p) for pid, _, address, p in found] == [
+            (service.pid, "127.0.0.1", port)
         ]
-        assert (quiet.pid, "127.0.0.1", private_port) in [
-            (p, a, port) for p, _, a, port in stack.listeners()
-        ]
+        assert stack.exposed() == []
+        planted = (service.pid + 1, "gcs_server", "0.0.0.0", 6379)
+        assert local.beyond_loopback([*found, planted]) == [planted]
     finally:
-        for process in (planted, quiet):
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        os.killpg(service.pid, signal.SIGKILL)
+        service.wait()

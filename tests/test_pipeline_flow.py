@@ -47,6 +47,17 @@ CHANGED_SOURCE = "sample-image-qa"
 # The stage-2 setting the failed and resumed runs change: the ``doc-heavy`` mixture's weights
 # (its manifest changes, the ``even`` mixture's does not).
 REWEIGHTED = ["stage2.mixtures.1.datasets.sample-visdoc=8.0"]
+# The pipeline's executions on one storage root, in the order the fixture runs them.
+EXECUTIONS = [
+    "first",
+    "other_store",
+    "fresh",
+    "again",
+    "again_retrain",
+    "failed",
+    "resumed",
+    "retrain",
+]
 
 
 def pipeline_config(corpus, model_dir, root: Path, data: str = "data") -> Path:
@@ -213,9 +224,7 @@ def runs(ray_local, prefect_api, sample_corpus, tiny_model_dir, tmp_path_factory
             gated = [*changed, "eval.min_improvement=1.0"]  # no candidate can clear it
             out["retrain"] = retrain(str(config), gated, return_state=True)
             out["first_stage2_spans"] = stage2_spans(out["first"].state_details.flow_run_id)
-            names = ("first", "other_store", "fresh", "again", "again_retrain", "failed",
-                     "resumed", "retrain")  # fmt: skip
-            for name in names:
+            for name in EXECUTIONS:
                 state = out[name]
                 out[f"{name}_tasks"] = task_states(state.state_details.flow_run_id)
                 out[f"{name}_artifacts"] = artifacts(state.state_details.flow_run_id)

@@ -166,11 +166,16 @@ def test_the_retraining_deployment_carries_its_schedule(deployed_run):
     assert all(s.active for s in retraining.schedules)
 
 
+def stack_status(state: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``infra/local/status`` as a person runs it (its exit code is the answer)."""
+    argv = [str(ROOT / "infra/local/status"), "--state", str(state)]
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+
+
 def test_every_listener_of_the_stack_is_on_loopback(stack, deployed_run):
     """After a deployed run (Ray's workers, agents and client server all started), every
     socket the stack's process groups listen on is on loopback; `status` says so."""
-    done = subprocess.run([str(ROOT / "infra/local/status"), "--state", str(stack["state"])],
-                          cwd=ROOT, env=stack["env"], capture_output=True, text=True)  # fmt: skip
+    done = stack_status(stack["state"], stack["env"])
     assert "EXPOSED" not in done.stdout and done.returncode == 0, done.stdout
     counted = int(done.stdout.split("listening: ", 1)[1].split()[0])
     # Prefect, MLflow, and Ray's GCS, raylet (two), client server and agents at least.
@@ -180,13 +185,11 @@ def test_every_listener_of_the_stack_is_on_loopback(stack, deployed_run):
 def test_down_leaves_no_process_behind(stack, deployed_run):
     """Runs last: stop the stack and check every process group it started is gone."""
     state, env = stack["state"], stack["env"]
-    status = subprocess.run([str(ROOT / "infra/local/status"), "--state", str(state)],
-                            cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    status = stack_status(state, env)
     assert status.returncode == 0, status.stdout  # all four services were up
     sh([str(ROOT / "infra/local/down"), "--state", str(state)], env, timeout=180)
     alive = [g for g in stack["groups"] if group_alive(g)]
     assert alive == []
     assert not list(state.glob("*.pid"))
-    status = subprocess.run([str(ROOT / "infra/local/status"), "--state", str(state)],
-                            cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    status = stack_status(state, env)
     assert status.returncode == 1 and status.stdout.count("stopped") == 4

@@ -113,7 +113,6 @@ def test_a_published_adapter_is_returned_as_found_not_trained_now(trained):
 
     cfg, data, _, merged, stage2 = trained
     mixture = cfg.stage2.mixtures[-1]
-    again = run_training(cfg, "stage2", data.stages[f"stage2/{mixture.name}"], merged,
-                         mixture.name)  # fmt: skip
+    again = run_training(cfg, "stage2", data.stages[f"stage2/{mixture.name}"], merged, mixture.name)
     assert stage2[0].trained_now and not again.trained_now
     assert (again.adapter_uri, again.metrics_uri) == (stage2[0].adapter_uri, stage2[0].metrics_uri)

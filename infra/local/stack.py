@@ -62,6 +62,11 @@ def _alive(pid: int) -> bool:
     return not (stat.is_file() and stat.read_text().split(") ", 1)[-1].startswith("Z"))
 
 
+def beyond_loopback(listeners: list[tuple[int, str, str, int]]) -> list[tuple[int, str, str, int]]:
+    """The (pid, name, address, port) listeners that another machine could reach."""
+    return [x for x in listeners if not is_loopback(x[2])]
+
+
 class Stack:
     def __init__(self, state: Path):
         self.state = state.resolve()
@@ -265,7 +270,7 @@ class Stack:
 
     def exposed(self) -> list[tuple[int, str, str, int]]:
         """The stack's listeners on any address but loopback (none, when it is healthy)."""
-        return [x for x in self.listeners() if not is_loopback(x[2])]
+        return beyond_loopback(self.listeners())
 
     def status(self) -> int:
         s = self.settings()
