@@ -336,6 +336,10 @@ def reused_decision(registered: dict[str, Any], this_run: str | None) -> dict | 
     return decided if made_in and made_in != this_run else None
 
 
+def _reused_from(reused: dict[str, Any]) -> str:
+    return f"reused from flow run {reused['flow_run']} at {reused['at']}"
+
+
 def decision_text(registered: dict[str, Any], this_run: str | None) -> str:
     """What happened to ``champion``, as this run may say it: a decision made here, or one
     reused from the run that made it (never replayed as if it had just happened)."""
@@ -350,8 +354,8 @@ def decision_text(registered: dict[str, Any], this_run: str | None) -> str:
     if reused is None:
         return said
     return (
-        f"registration reused from flow run {reused['flow_run']} at {reused['at']}, whose "
-        f"decision was: {said}; nothing was decided or moved in this run"
+        f"registration {_reused_from(reused)}, whose decision was: {said}; "
+        "nothing was decided or moved in this run"
     )
 
 
@@ -365,14 +369,14 @@ def _comparison(
     )
     rows = [f"| {k} | {'–' if k not in old else f'{100 * old[k]:.1f}'} | {100 * new[k]:.1f} |"
             for k in keys]  # fmt: skip
-    verdict = "moved to the new model" if decision["promoted"] else "stays where it was"
-    verdict = f"Champion {verdict}"
+    outcome = "moved to the new model" if decision["promoted"] else "stays where it was"
     reused = reused_decision(registered, this_run)
-    if reused is not None:
-        verdict = (
-            f"Registration reused from flow run {reused['flow_run']} at {reused['at']} "
-            f"(nothing decided in this run); its decision: {verdict[0].lower()}{verdict[1:]}"
-        )
+    verdict = (
+        f"Champion {outcome}"
+        if reused is None
+        else f"Registration {_reused_from(reused)} (nothing decided in this run); its "
+        f"decision: champion {outcome}"
+    )
     return "\n".join([
         "# Retraining", "",
         f"Champion before: {'none' if old_version is None else f'v{old_version}'}; "

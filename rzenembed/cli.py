@@ -161,16 +161,14 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
     fmt = "json" if args.json else args.format
     if fmt == "json":
         print(json.dumps(_tree_json(tree), indent=2))
-    elif fmt in ("dot", "mermaid", "svg"):
-        from rzenembed import lineage_graph
+    elif fmt == "svg":
+        from rzenembed.lineage_graph import to_svg
 
-        draw = {"dot": lineage_graph.to_dot, "mermaid": lineage_graph.to_mermaid}
-        text = (
-            lineage_graph.to_svg(tree, f"{args.model_uri}: lineage")
-            if fmt == "svg"
-            else draw[fmt](tree)
-        )
-        print(text, end="")
+        print(to_svg(tree, f"{args.model_uri}: lineage"), end="")
+    elif fmt in ("dot", "mermaid"):
+        from rzenembed.lineage_graph import to_dot, to_mermaid
+
+        print((to_dot if fmt == "dot" else to_mermaid)(tree), end="")
     else:
         print(render(tree))
         print(f"# {len(raw_sources(tree))} raw sources reached")

@@ -56,7 +56,7 @@ class LineageGraph:
 
 def node_id(ref: LineageRef) -> str:
     """The same input read by several steps is one node: kind, URI and digest name it."""
-    key = f"{ref.kind}\0{ref.uri}\0{ref.digest}"
+    key = "\0".join(ref.identity)
     return "n" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 

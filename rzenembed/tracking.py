@@ -126,6 +126,12 @@ class LineageRef:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        """What makes two refs the same thing (one input read by several steps): kind, URI
+        and digest; not the run that read it."""
+        return (self.kind, self.uri, self.digest)
+
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LineageRef:
         return cls(**data)
@@ -265,10 +271,14 @@ class Tracker:
             self.client.log_batch(run_id, metrics=batch[start : start + 1000])
 
     def log_json(self, run_id: str, name: str, data: Any) -> None:
+        self.log_text(run_id, name, json.dumps(redact(data), indent=2, sort_keys=True) + "\n")
+
+    def log_text(self, run_id: str, name: str, text: str, artifact_path: str | None = None) -> None:
+        """``text`` as the run's artifact ``[artifact_path/]name``."""
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
-            path.write_text(json.dumps(redact(data), indent=2, sort_keys=True) + "\n")
-            self.client.log_artifact(run_id, str(path))
+            path.write_text(text)
+            self.client.log_artifact(run_id, str(path), artifact_path)
 
     def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
@@ -604,7 +614,7 @@ def render(
     full once, then as "(as above)"; evaluation sets by count, not by their paths."""
     shown = set() if shown is None else shown
     ref = node.ref
-    key = (ref.kind, ref.uri, ref.digest)
+    key = ref.identity
     producer = f" <- {node.step} run {ref.run_id}" if ref.run_id else ""
     where = f"{len(ref.extra.get('sets', []))} sets" if ref.kind == "eval-sets" else ref.uri
     again = node.seen_before or (not ref.run_id and key in shown)

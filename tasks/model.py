@@ -327,18 +327,12 @@ def _log_lineage_picture(tracker: Tracker, run_id: str, model_uri: str) -> None:
     """The registered model's lineage drawn as one SVG (raw sources to the model, each
     input once), logged to the registration run as ``lineage/lineage.svg``. A picture is
     an aid: a failure to draw it is printed, never a failed registration."""
-    import tempfile
-    from pathlib import Path
-
     from rzenembed.lineage_graph import to_svg
     from rzenembed.tracking import lineage
 
     try:
         svg = to_svg(lineage(tracker, model_uri), f"{model_uri}: lineage")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "lineage.svg"
-            path.write_text(svg)
-            tracker.log_file(run_id, path, "lineage")
+        tracker.log_text(run_id, "lineage.svg", svg, "lineage")
     except Exception as error:  # the picture is optional (docstring)
         print(f"lineage picture not drawn: {type(error).__name__}: {error}")
 

@@ -268,10 +268,6 @@ class Stack:
             found.append((conn.pid, name, conn.laddr.ip, conn.laddr.port))
         return sorted(found)
 
-    def exposed(self) -> list[tuple[int, str, str, int]]:
-        """The stack's listeners on any address but loopback (none, when it is healthy)."""
-        return beyond_loopback(self.listeners())
-
     def status(self) -> int:
         s = self.settings()
         running = 0
@@ -282,11 +278,12 @@ class Stack:
         if s and running:
             for key, value in self.env(s).items():
                 print(f"{key}={value}")
-            exposed = self.exposed()
+            found = self.listeners()
+            exposed = beyond_loopback(found)
             for pid, name, address, port in exposed:
                 print(f"EXPOSED: {name} (pid {pid}) listens on {address}:{port}")
             if not exposed:
-                print(f"listening: {len(self.listeners())} sockets, all on loopback")
+                print(f"listening: {len(found)} sockets, all on loopback")
             running -= bool(exposed)  # a service reachable from the network is not healthy
         return 0 if running == len(SERVICES) else 1
 
