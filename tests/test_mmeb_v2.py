@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 from collections import Counter
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from rzenembed.config import TrackingConfig, load_config
 from rzenembed.evaluation import evaluate, write_report
-from rzenembed.evaluation.benchmark import mmeb_v2
+from rzenembed.evaluation.benchmark import benchmark_dataset, mmeb_v2
 from rzenembed.evaluation.evalset import discover, load_eval_folder
 from rzenembed.evaluation.leaderboard import aggregate, leaderboard_scores, main_scores
 from rzenembed.evaluation.release import import_mmeb_v2, suite_skipped
@@ -21,6 +24,7 @@ from rzenembed.evaluation.release_fixture import (
     BREAKFAST_LABELS,
     COLORS,
     NAMES,
+    SHARD,
     build_release_fixture,
 )
 from rzenembed.evaluation.report import build_report, levels
@@ -36,6 +40,8 @@ WRITTEN = {
     "NExTQA",
     "MSR-VTT",
     "QVHighlight",
+    "MVBench",
+    "MomentSeeker",
     "ViDoRe_arxivqa",
     "ViDoRe_esg_reports_human_labeled_v2",
 }
@@ -94,7 +100,8 @@ def test_every_complete_dataset_is_written_and_the_broken_ones_are_skipped(impor
     assert set(result.written) == WRITTEN
     incomplete = {k: v for k, v in result.skipped.items() if v["kind"] == "incomplete"}
     assert incomplete["DiDeMo"]["counts"] == {"missing_frames": 1}
-    assert "didemo_1" in incomplete["DiDeMo"]["reason"]
+    # The path looked for, from the release root, so a person can check the folder.
+    assert "(e.g. video-tasks/frames/video_ret/DiDeMo/didemo_1/)" in incomplete["DiDeMo"]["reason"]
     assert incomplete["ViDoRe_docvqa"]["counts"] == {"qrel_to_absent_corpus_id": 1}
     assert "q1->999" in incomplete["ViDoRe_docvqa"]["reason"]
     assert set(incomplete) == {"DiDeMo", "ViDoRe_docvqa"}
@@ -103,6 +110,120 @@ def test_every_complete_dataset_is_written_and_the_broken_ones_are_skipped(impor
     suite = json.loads((result.out / "suite.json").read_text())
     assert suite["release"] == "fixture-1" and suite["frames"] == 8
     assert suite_skipped([result.out / "MSR-VTT"]) == suite["skipped"]
+
+
+# Where the reference loaders (TIGER-AI-Lab/VLM2Vec at 6e1e1d4, src/data/eval_dataset/)
+# find each video and visual-document dataset's media, transcribed from their code: a row
+# of the dataset's annotations, and the path the loader builds from it under the dataset's
+# frame_root / image_root. Kept apart from mmeb_v2.csv so that a change to either shows.
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _visrag(name):
+    base, ext = os.path.splitext(name)
+    return base[:50] + "_" + hashlib.md5(name.encode("utf-8")).hexdigest()[:8] + ext
+
+
+_VIDORE = ({"corpus-id": "3041"}, lambda r: f"{r['corpus-id']}.png")  # vidore_dataset.py
+_VISRAG = ({"corpus-id": "x" * 60 + ".v1.png"}, lambda r: _visrag(r["corpus-id"]))
+REFERENCE_MEDIA = {
+    # video_classification_datasets.py, ssv2_dataset.py: os.path.join(frame_root, video_id)
+    **dict.fromkeys(
+        ["K700", "HMDB51", "UCF101", "Breakfast", "SmthSmthV2"],
+        ({"video_id": "-abc_000010_000020"}, lambda r: r["video_id"]),
+    ),
+    # mvbench_dataset.py: f'{frame_root}/{subset}/{video_filename}', the extension kept
+    "MVBench": (
+        {"subset": "action_sequence", "video": "ZS9XR.mp4"},
+        lambda r: f"{r['subset']}/{r['video']}",
+    ),
+    "Video-MME": ({"videoID": "fFjv93ACGo8"}, lambda r: r["videoID"]),  # f'{frame_root}/{id}'
+    "NExTQA": ({"video": "4010069381"}, lambda r: r["video"]),
+    "EgoSchema": ({"video_idx": "001934bb-81bd"}, lambda r: r["video_idx"]),
+    "ActivityNetQA": ({"video_name": "0a1b2c"}, lambda r: f"v_{r['video_name']}"),
+    # didemo_dataset.py: splitext(basename(video)); the other retrieval sets: the id column
+    "DiDeMo": ({"video": "test/1234@N00_5_x.mp4"}, lambda r: _stem(r["video"])),
+    "MSR-VTT": (
+        {"video_id": "video7020", "video": "TestVideo/video7020.mp4"},
+        lambda r: r["video_id"],
+    ),
+    "MSVD": ({"video_id": "-4wsuPCjDBc_5_15"}, lambda r: r["video_id"]),
+    "VATEX": ({"videoID": "G_QnnS8Hvng_000004_000014"}, lambda r: r["videoID"]),
+    "YouCook2": ({"id": "xHr8X2Wpmno_0", "video_path": "val/xHr8X2Wpmno.mp4"}, lambda r: r["id"]),
+    # moment_retrieval_datasets.py: the folder holding query/ and the clip folders
+    **dict.fromkeys(
+        ["QVHighlight", "Charades-STA"],
+        ({"video_path": "videos/3MSZA.mp4"}, lambda r: _stem(r["video_path"])),
+    ),
+    # momentseeker_dataset.py: clips and video queries under video_frames/, flattened
+    "MomentSeeker": (
+        {"output_path": "movie101/77/10_20.mp4"},
+        lambda r: os.path.join("video_frames", r["output_path"].replace("/", "_").split(".mp4")[0]),
+    ),
+    **{item.dataset: _VIDORE for item in mmeb_v2() if item.parser == "visdoc_vidore"},
+    **{item.dataset: _VISRAG for item in mmeb_v2() if item.parser == "visdoc_visrag"},
+}
+
+
+def test_every_video_and_document_dataset_reads_media_where_the_reference_looks():
+    checked = {item.dataset for item in mmeb_v2() if item.modality in ("video", "visdoc")}
+    assert set(REFERENCE_MEDIA) == checked and len(checked) == 42
+    for name, (row, reference) in REFERENCE_MEDIA.items():
+        assert benchmark_dataset(name).media_of(row) == reference(row), name
+    # MomentSeeker's image queries: os.path.join(frame_root, "", f"query_{input_frames}")
+    row = {"input_frames": "images/q_7.jpg"}
+    expected = os.path.join("", f"query_{row['input_frames']}")
+    assert benchmark_dataset("MomentSeeker").media_of(row, rule=1) == expected
+    with pytest.raises(KeyError, match="video_id"):
+        benchmark_dataset("K700").media_of({"video": "x.mp4"})
+
+
+def test_mvbench_and_momentseeker_are_read_from_the_release_as_the_reference_lays_it(imported):
+    """The fixture release holds them where the reference looks; each query's media is
+    found there (so both are written and scored, not skipped)."""
+    root = imported[0].resolve()
+    mvbench = one(imported, "MVBench")
+    frame_root = root / benchmark_dataset("MVBench").media
+    notes = root / "annotations/VLM2Vec/MVBench"
+    rows = [
+        {**row, "subset": task.name}
+        for task in sorted(notes.iterdir())
+        for row in pq.read_table(next(task.glob("train-*.parquet"))).to_pylist()
+    ]
+    assert len(rows) == len(mvbench.queries) == 3
+    for row, query in zip(rows, mvbench.queries, strict=True):
+        (frames,) = query["query"]["media"]
+        expected = f"{frame_root}/{row['subset']}/{row['video']}"  # mvbench_dataset.py
+        assert expected.endswith(".mp4") and os.path.isdir(expected)
+        assert os.path.join(mvbench.media_root, frames["uri"]) == expected
+    seeker = one(imported, "MomentSeeker")
+    frame_root = str(root / benchmark_dataset("MomentSeeker").media)
+    table = root / "annotations/VLM2Vec/MomentSeeker/data" / SHARD
+    rows = pq.read_table(table).to_pylist()
+    kinds = []
+    for row, query in zip(rows, seeker.queries, strict=True):
+        given = row["input_frames"]
+        if given.endswith(".mp4"):
+            name = given.split(".mp4")[0].replace("/", "_")
+            expected = [os.path.join(frame_root, "video_frames", name)]
+        elif given.endswith(".jpg"):
+            expected = [os.path.join(frame_root, "", f"query_{given}")]
+        else:
+            expected = []
+        kinds.append(query["query"]["media"][0]["kind"] if expected else "text")
+        found = [os.path.join(seeker.media_root, m["uri"]) for m in query["query"]["media"]]
+        assert found == expected and all(os.path.exists(p) for p in found)
+        clips = [e["output_path"] for e in row["positive_frames"] + row["negative_frames"]]
+        folders = [
+            os.path.join(frame_root, "video_frames", c.replace("/", "_").split(".mp4")[0])
+            for c in clips
+        ]
+        assert [
+            os.path.join(seeker.media_root, t) for t in texts(seeker, query["candidate_ids"])
+        ] == folders
+        assert len(query["relevant_ids"]) == len(row["positive_frames"])
+    assert kinds == ["text", "image", "frames"]
 
 
 def test_image_classification_ranks_the_rows_labels_first_listed_relevant(imported):
@@ -152,7 +273,8 @@ def test_the_larger_release_holds_only_new_looks_and_sample_world_rows(tmp_path)
     assert not large.skipped or all(v.get("kind") == "absent" for v in large.skipped.values())
     by_name = {d.name: d for folder in discover(large.out) for d in load_eval_folder(folder)}
     before = {d.name: d for folder in discover(small.out) for d in load_eval_folder(folder)}
-    assert set(by_name) == set(before) and len(by_name) == 10
+    # The two reference-layout sets are in the small release only (they hold its looks).
+    assert set(by_name) == set(before) - {"MVBench", "MomentSeeker"} and len(by_name) == 10
     for name, dataset in by_name.items():
         assert len(dataset.queries) == 30, name
     for name in ("MSCOCO_t2i", "MSR-VTT", "ViDoRe_arxivqa"):
@@ -291,8 +413,9 @@ def test_an_encoder_that_sees_the_colours_scores_every_set_as_expected(imported,
         list(scores.values()), tmp_path, {"path": "colours"}, skipped=suite_skipped([result.out])
     )
     markdown = paths["markdown"].read_text()
-    assert "| DiDeMo | missing_frames: 1 (e.g. didemo_1) |" in markdown
-    assert "Not in the imported release (66)" in markdown
+    looked_for = "video-tasks/frames/video_ret/DiDeMo/didemo_1/"
+    assert f"| DiDeMo | missing_frames: 1 (e.g. {looked_for}) |" in markdown
+    assert "Not in the imported release (64)" in markdown
     low, high = json.loads(paths["json"].read_text())["intervals"]["dataset:Breakfast"]
     assert low - 1e-9 <= 0.1 <= high + 1e-9  # every query scores 1/10 (ties): a point
     interval = f"[{100 * low:.1f}, {100 * high:.1f}]"
@@ -468,7 +591,10 @@ def test_the_import_command_names_written_and_skipped_datasets(tmp_path, capsys)
     out = capsys.readouterr().out
     assert code == 0
     assert "MSR-VTT: 3 queries, 3 candidates" in out
-    assert "SKIPPED DiDeMo: missing_frames: 1 (e.g. didemo_1)" in out
+    assert (
+        "SKIPPED DiDeMo: missing_frames: 1 (e.g. video-tasks/frames/video_ret/DiDeMo/didemo_1/)"
+        in out
+    )
     assert "1 sets written" in out and "1 skipped" in out
     assert json.loads((tmp_path / "sets/MSR-VTT/evalset.json").read_text())["release"] == "v-test"
 
@@ -503,12 +629,12 @@ def test_mvbench_reads_every_task_folder_and_letters_its_options(tmp_path):
             "answer": "a dog",
         }
     ]
-    d = _release_with(tmp_path, "MVBench", rows, ["action_sequence/clip"], "action_sequence")
+    d = _release_with(tmp_path, "MVBench", rows, ["action_sequence/clip.mp4"], "action_sequence")
     q = d.queries[0]
     assert q["query"]["text"] == "what moves\nOptions:\n(A) a cat\n(B) a dog"
     assert texts(d, q["candidate_ids"]) == ["(A) a cat", "(B) a dog"]
     assert texts(d, q["relevant_ids"]) == ["(B) a dog"]
-    assert q["query"]["media"][0]["uri"] == "action_sequence/clip"
+    assert q["query"]["media"][0]["uri"] == "action_sequence/clip.mp4"
 
 
 def test_video_mme_and_egoschema_cut_option_letters(tmp_path):
@@ -578,18 +704,19 @@ def test_momentseeker_queries_follow_their_input_kind(tmp_path):
             "input_frames": "vid/0_5.mp4",
         },
     ]
-    d = _release_with(tmp_path, "MomentSeeker", rows, ["vid_0_5", "vid_5_9"], image="query_q_1.jpg")
+    folders = ["video_frames/vid_0_5", "video_frames/vid_5_9"]
+    d = _release_with(tmp_path, "MomentSeeker", rows, folders, image="query_q/1.jpg")
     text_only, with_image, with_clip = d.queries
     assert text_only["query"]["media"] == []
     assert text_only["query"]["instruction"] == "Find the clip that corresponds to the given text:"
-    assert texts(d, text_only["candidate_ids"]) == ["vid_0_5", "vid_5_9"]
-    assert texts(d, text_only["relevant_ids"]) == ["vid_0_5"]
+    assert texts(d, text_only["candidate_ids"]) == folders
+    assert texts(d, text_only["relevant_ids"]) == folders[:1]
     assert with_image["query"]["media"][0] == {
         **with_image["query"]["media"][0],
         "kind": "image",
-        "uri": "query_q_1.jpg",
+        "uri": "query_q/1.jpg",
     }
-    assert with_clip["query"]["media"][0]["uri"] == "vid_0_5"
+    assert with_clip["query"]["media"][0]["uri"] == "video_frames/vid_0_5"
 
 
 def test_visrag_pages_are_named_by_the_benchmarks_hash(tmp_path):
@@ -599,7 +726,8 @@ def test_visrag_pages_are_named_by_the_benchmarks_hash(tmp_path):
 
     root = tmp_path / "release"
     name = "a-very-long-page-name-that-goes-on-and-on-past-fifty-chars.png"
-    page = f"{name[:50]}_{hashlib.md5(name.encode()).hexdigest()[:8]}.png"
+    base, ext = os.path.splitext(name)  # visrag_dataset.py: the stem is cut, not the name
+    page = f"{base[:50]}_{hashlib.md5(name.encode()).hexdigest()[:8]}{ext}"
     _save(picture("red"), root / "visdoc-tasks/VisRAG_ChartQA" / page)
     repo = "openbmb/VisRAG-Ret-Test-ChartQA"
     _table(root, repo, "corpus/train-00000-of-00001.parquet", [{"corpus-id": name, "image": None}])

@@ -9,15 +9,29 @@ reference scores have. Code never spells out a dataset name or an instruction.
 
 ``video_momentseeker`` has three query instructions (a video, an image or no visual input
 in the query), in that order, separated by ``|``.
+
+``media_path`` is where the reference loaders (VLM2Vec's ``src/data/eval_dataset/*.py``,
+which define the release's layout) find a row's media under ``media``: a template over the
+row's fields. ``{field}`` is the value as given; ``{field:stem}`` its file name without the
+extension (``os.path.splitext(os.path.basename(...))[0]``); ``{field:flat}`` the path with
+``/`` turned into ``_`` and cut at ``.mp4`` (MomentSeeker's clip folders);
+``{field:visrag}`` VisRAG's page file name (the name's stem cut to 50 characters, ``_``, the
+first 8 hex digits of the whole name's MD5, the extension). MomentSeeker has two templates,
+``|``-separated: its clips and video queries, then its image queries.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import posixpath
+import string
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from rzenembed.evaluation.categories import category_of
 
@@ -61,7 +75,7 @@ class BenchmarkDataset:
     config: str
     split: str
     media: str  # the media folder under the release root
-    video_field: str
+    media_path: str  # where a row's media lie under ``media`` (a template, see above)
     text_field: str
     language: str
     queries: int  # rows the reference scores have (num_data)
@@ -71,6 +85,39 @@ class BenchmarkDataset:
     @property
     def query_instructions(self) -> list[str]:
         return self.query_instruction.split("|")
+
+    def media_of(self, row: Mapping[str, Any], rule: int = 0) -> str:
+        """The media path of ``row`` under ``media``, as the reference loader builds it
+        (``rule``: which of the ``|``-separated templates). A row lacking a field the
+        template names raises ``KeyError`` naming it."""
+        return _MEDIA_PATH.vformat(self.media_path.split("|")[rule], (), row)
+
+
+def visrag_page(name: str) -> str:
+    """VisRAG's page file for corpus id ``name``: long ids are cut, a hash keeps them apart."""
+    stem, suffix = posixpath.splitext(name)
+    return f"{stem[:50]}_{hashlib.md5(name.encode()).hexdigest()[:8]}{suffix}"
+
+
+# The conversions the reference loaders apply to row fields (see the module's docstring).
+_CONVERSIONS: dict[str, Callable[[str], str]] = {
+    "": str,
+    "stem": lambda v: posixpath.splitext(posixpath.basename(v))[0],
+    "flat": lambda v: v.replace("/", "_").split(".mp4")[0],
+    "visrag": visrag_page,
+}
+
+
+class _MediaPath(string.Formatter):
+    """``str.format`` whose format spec names one of ``_CONVERSIONS``."""
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        if format_spec not in _CONVERSIONS:
+            raise ValueError(f"unknown media path conversion {format_spec!r}")
+        return _CONVERSIONS[format_spec](str(value))
+
+
+_MEDIA_PATH = _MediaPath()
 
 
 def _int_or_none(value: str) -> int | None:
@@ -103,6 +150,13 @@ def mmeb_v2() -> tuple[BenchmarkDataset, ...]:
             if value not in allowed
         ]
         category_of(item.category)
+        problems += [
+            f"media_path conversion {spec!r}"
+            for _, _, spec, _ in string.Formatter().parse(item.media_path)
+            if spec is not None and spec not in _CONVERSIONS
+        ]
+        if item.modality == "video" and not item.media_path:
+            problems.append("media_path: a video dataset names no frame folders")
         if problems:
             raise ValueError(f"{TABLE.name}:{number} ({item.dataset}): unknown {problems}")
         out.append(item)

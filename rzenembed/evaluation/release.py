@@ -26,7 +26,7 @@ import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from rzenembed.data.formats.mmeb import MMEB_IMAGE_PLACEHOLDER
@@ -38,7 +38,6 @@ from rzenembed.modeling.digest import file_digest
 
 SUITE = "suite.json"
 ANNOTATIONS = "annotations"
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 DEFAULT_FRAMES = 8  # the benchmark's frames per video and per clip
 EXAMPLES = 3  # example paths or ids kept per problem
 
@@ -73,9 +72,10 @@ class Problems:
 class DatasetBuilder:
     """Queries and name-deduplicated candidates of one dataset, with media checks."""
 
-    def __init__(self, item: BenchmarkDataset, media_root: Path):
+    def __init__(self, item: BenchmarkDataset, release_root: Path):
         self.item = item
-        self.media_root = media_root
+        self.release_root = release_root
+        self.media_root = release_root / item.media
         self.queries: list[dict[str, Any]] = []
         self.candidates: list[dict[str, Any]] = []
         self.cids: dict[str, str] = {}
@@ -91,7 +91,7 @@ class DatasetBuilder:
 
     def image(self, uri: str) -> dict[str, Any]:
         if self._missing(uri, lambda p: p.is_file()):
-            self.problems.add("missing_image", uri)
+            self.problems.add("missing_image", self._looked_for(uri))
         return media("image", uri)
 
     def frames(self, folder: str) -> dict[str, Any]:
@@ -99,8 +99,26 @@ class DatasetBuilder:
             return path.is_dir() and any(f.suffix.lower() in FRAME_SUFFIXES for f in path.iterdir())
 
         if self._missing(folder, has_frames):
-            self.problems.add("missing_frames", folder)
+            self.problems.add("missing_frames", self._looked_for(folder) + "/")
         return media("frames", folder)
+
+    def media_of(self, row: dict[str, Any], rule: int = 0) -> str | None:
+        """Where the reference loader finds ``row``'s media (under the media folder); None,
+        with the problem recorded, when the row lacks a field the path is built from."""
+        try:
+            return self.item.media_of(row, rule)
+        except KeyError as error:
+            self.problems.add("row_lacks_field", f"{error.args[0]!r} in row {len(self.queries)}")
+            return None
+
+    def _looked_for(self, uri: str) -> str:
+        """The path that was looked for, as a person finds it in the release folder."""
+        path = self.media_root / uri
+        return (
+            str(path.relative_to(self.release_root))
+            if path.is_relative_to(self.release_root)
+            else str(path)
+        )
 
     def _missing(self, uri: str, present: Callable[[Path], bool]) -> bool:
         if uri not in self._checked:
@@ -247,15 +265,6 @@ def _no_tag(text: Any) -> str:
     return " ".join(str(text or "").replace(MMEB_IMAGE_PLACEHOLDER, " ").split())
 
 
-def _video_name(value: Any) -> str:
-    """A frame folder's name from a video id or path (folder part and extension dropped)."""
-    name = PurePosixPath(str(value)).name
-    for suffix in VIDEO_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _strip_letter(option: str) -> str:
     """``"B. a dog"`` -> ``"a dog"``, as the benchmark cuts option letters (an option
     without ``". "`` is kept whole instead of being cut to its last character)."""
@@ -317,10 +326,10 @@ def parse_video_cls(b: DatasetBuilder, notes: Annotations) -> None:
         if label not in b.cids:
             b.problems.add("label_not_in_list", label)
             continue
-        value = side(
-            instruction=b.item.query_instruction,
-            media_items=[b.frames(_video_name(row[b.item.video_field]))],
-        )
+        folder = b.media_of(row)
+        if folder is None:
+            continue
+        value = side(instruction=b.item.query_instruction, media_items=[b.frames(folder)])
         b.query(value, [], [b.cids[label]])
 
 
@@ -329,11 +338,11 @@ def parse_video_ssv2(b: DatasetBuilder, notes: Annotations) -> None:
     for row in rows[: b.item.limit] if b.item.limit else rows:
         positive = str(row["pos_text"])
         names = list(dict.fromkeys([positive, *map(str, _listed(row.get("neg_text")))]))
+        folder = b.media_of(row)
+        if folder is None:
+            continue
         listed = [b.candidate(n, side(text=n)) for n in names]
-        value = side(
-            instruction=b.item.query_instruction,
-            media_items=[b.frames(_video_name(row[b.item.video_field]))],
-        )
+        value = side(instruction=b.item.query_instruction, media_items=[b.frames(folder)])
         b.query(value, listed, [b.cids[positive]])
 
 
@@ -351,12 +360,14 @@ def parse_video_qa(b: DatasetBuilder, notes: Annotations) -> None:
         rows = notes.rows()
     for row in rows:
         question = str(row.get("question") or "")
-        folder = _video_name(row[b.item.video_field])
+        folder = b.media_of(row)
+        if folder is None:
+            continue
         if parser == "video_mvbench":
             options = [str(o) for o in _listed(row.get("candidates"))]
             names = [f"({chr(65 + i)}) {o}" for i, o in enumerate(options)]
             answer = options.index(str(row["answer"])) if str(row["answer"]) in options else -1
-            body, folder = (question + _options_text(options)).rstrip(), f"{row['subset']}/{folder}"
+            body = (question + _options_text(options)).rstrip()
         elif parser == "video_videomme":
             raw = [str(o) for o in _listed(row.get("options"))]
             names = [_strip_letter(o) for o in raw]
@@ -375,7 +386,7 @@ def parse_video_qa(b: DatasetBuilder, notes: Annotations) -> None:
             names = ["yes", "no"]
             said = str(row["answer"]).strip().lower()
             answer = names.index(said) if said in names else -1
-            body, folder = question + "? (A) yes; (B) no.", f"v_{row[b.item.video_field]}"
+            body = question + "? (A) yes; (B) no."
         listed = [b.candidate(n, side(text=n)) for n in names]
         if not 0 <= answer < len(listed):
             b.problems.add("answer_not_in_options", f"{question[:40]!r}")
@@ -385,7 +396,9 @@ def parse_video_qa(b: DatasetBuilder, notes: Annotations) -> None:
 
 def parse_video_ret(b: DatasetBuilder, notes: Annotations) -> None:
     for row in notes.rows():
-        video = _video_name(row[b.item.video_field])
+        video = b.media_of(row)  # the frame folder, which also names the candidate
+        if video is None:
+            continue
         target = side(instruction=b.item.target_instruction, media_items=[b.frames(video)])
         cid = b.candidate(video, target)
         caption = _first(row[b.item.text_field]).strip()
@@ -396,7 +409,9 @@ def parse_video_mret(b: DatasetBuilder, notes: Annotations) -> None:
     """QVHighlight, Charades-STA: a video's folder holds ``query/`` (the whole video's
     frames) and one folder per clip; clips named ``positive*`` are relevant."""
     for row in notes.rows():
-        video = _video_name(row[b.item.video_field])
+        video = b.media_of(row)
+        if video is None:
+            continue
         folder = b.media_root / video
         clips = (
             sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != "query")
@@ -422,16 +437,22 @@ def parse_video_mret(b: DatasetBuilder, notes: Annotations) -> None:
         b.query(value, listed, relevant)
 
 
-def _clip_folder(path: Any) -> str:
-    clip = str(path["output_path"] if isinstance(path, dict) else path).replace("/", "_")
-    return clip[: -len(".mp4")] if clip.endswith(".mp4") else clip
+def _clip_path(entry: Any) -> str:
+    return str(entry["output_path"] if isinstance(entry, dict) else entry)
 
 
 def parse_video_momentseeker(b: DatasetBuilder, notes: Annotations) -> None:
+    """Clips and video queries lie under ``video_frames/`` (their paths flattened); an image
+    query (``input_frames`` ending in ``.jpg``, exactly as the reference tests it) is the
+    file ``query_<input_frames>`` beside it, its folders kept; any other input is text only."""
     with_video, with_image, text_only = b.item.query_instructions
+
+    def clip(path: str) -> str:
+        return b.item.media_of({"output_path": path})
+
     for row in notes.rows():
-        positives = [_clip_folder(p) for p in _listed(row.get("positive_frames"))]
-        negatives = [_clip_folder(p) for p in _listed(row.get("negative_frames"))]
+        positives = [clip(_clip_path(p)) for p in _listed(row.get("positive_frames"))]
+        negatives = [clip(_clip_path(p)) for p in _listed(row.get("negative_frames"))]
         listed = [
             b.candidate(c, side(instruction=b.item.target_instruction, media_items=[b.frames(c)]))
             for c in positives + negatives
@@ -439,21 +460,14 @@ def parse_video_momentseeker(b: DatasetBuilder, notes: Annotations) -> None:
         given = str(row.get("input_frames") or "")
         text = str(row[b.item.text_field]).strip()
         if given.endswith(".mp4"):
-            clip = b.frames(_clip_folder(given))
-            value = side(text=text, instruction=with_video, media_items=[clip])
-        elif given.lower().endswith((".jpg", ".jpeg", ".png")):
-            image = b.image(f"query_{given.replace('/', '_')}")
+            frames = b.frames(clip(given))
+            value = side(text=text, instruction=with_video, media_items=[frames])
+        elif given.endswith(".jpg"):
+            image = b.image(b.item.media_of({"input_frames": given}, rule=1))
             value = side(text=text, instruction=with_image, media_items=[image])
         else:
             value = side(text=text, instruction=text_only)
         b.query(value, listed, listed[: len(positives)])
-
-
-def _page_name(item: BenchmarkDataset, corpus_id: str) -> str:
-    if item.parser == "visdoc_visrag":
-        suffix = PurePosixPath(corpus_id).suffix or ".png"
-        return f"{corpus_id[:50]}_{hashlib.md5(corpus_id.encode()).hexdigest()[:8]}{suffix}"
-    return f"{corpus_id}.png"
 
 
 def _image_bytes(value: Any) -> bytes | None:
@@ -478,7 +492,7 @@ def parse_visdoc(b: DatasetBuilder, notes: Annotations, pages_out: Path) -> None
             row = grades.setdefault(str(qrel["query-id"]), {})
             doc = str(qrel["corpus-id"])
             row[doc] = max(score, row.get(doc, 0.0))
-    names = {str(c["corpus-id"]): _page_name(item, str(c["corpus-id"])) for c in corpus}
+    names = {str(c["corpus-id"]): item.media_of({"corpus-id": str(c["corpus-id"])}) for c in corpus}
     on_disk = all((b.media_root / n).is_file() for n in names.values())
     if not on_disk:
         pages_out.mkdir(parents=True, exist_ok=True)
@@ -559,7 +573,7 @@ def import_mmeb_v2(
             continue
         folder = out / item.dataset
         shutil.rmtree(folder, ignore_errors=True)
-        builder = DatasetBuilder(item, root / item.media)
+        builder = DatasetBuilder(item, root)
         notes = Annotations(root, item)
         try:
             if item.parser.startswith("visdoc"):

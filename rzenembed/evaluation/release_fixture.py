@@ -1,6 +1,6 @@
 """A scaled-down MMEB-V2 release, generated in code, in exactly the release's layout.
 
-Ten datasets, three rows each by default: one of every image category (ImageNet-1K, OK-VQA,
+Ten datasets (twelve in the small release, see below), three rows each by default: one of every image category (ImageNet-1K, OK-VQA,
 MSCOCO_t2i, MSCOCO), one video dataset of every kind (MSR-VTT retrieval, Breakfast
 classification over its 10-label list, NExTQA multiple choice, QVHighlight moment
 retrieval with ``query/``, ``positive*`` and negative clip folders) and two BEIR
@@ -9,6 +9,14 @@ arXivQA with its pages only inside the corpus Parquet). Pictures are flat colour
 shape, named by the texts, so a model can learn the pairing. ``broken=True`` adds DiDeMo
 with a video whose frame folder is missing and ViDoRe DocVQA with a qrel to a corpus id
 that is not in the corpus: the importer must skip both and say why.
+
+The small release also holds the two video datasets whose layout is the reference's most
+particular: MVBench (a folder per task, frame folders named by the video file, extension
+included: ``<task>/<video>.mp4/``) and MomentSeeker (clips and video queries flattened
+under ``video_frames/``, image queries as ``query_<input_frames>`` with their folders
+kept, text-only queries). Media lie where VLM2Vec's loaders look for them
+(``rzenembed.evaluation.benchmark``'s ``media_path``), so importing this release proves the
+importer reads the release as published.
 
 ``queries`` asks for more rows per dataset (``make demo``: 30, so that a score's bootstrap
 interval is narrow enough to read). Those rows replace the first three, whose flat colours
@@ -104,8 +112,9 @@ def object_picture(colour: str, shape: str, shift: int = 0) -> Image.Image:
 
 
 # Raised whenever a change alters what the fixture writes (the demo rebuilds an older one).
-# 2: the larger release holds only new looks and sample-world rows.
-FIXTURE_VERSION = 2
+# 2: the larger release holds only new looks and sample-world rows. 3: the reference's
+# media layout (MomentSeeker's frame root), MVBench and MomentSeeker in the small release.
+FIXTURE_VERSION = 3
 FIRST = 3  # the rows every dataset has (the tests' golden numbers are on these)
 
 
@@ -353,6 +362,10 @@ def _video_tasks(root: Path, broken: bool, queries: int) -> None:
         rows.append({"query": text, "video_path": f"clip_{i}.mp4"})
     _table(root, "VLM2Vec/QVHighlight", f"data/{SHARD}", rows)
 
+    if queries <= FIRST:
+        _mvbench(root)
+        _momentseeker(root)
+
     if broken:
         rows = []
         for i in range(2):
@@ -360,6 +373,56 @@ def _video_tasks(root: Path, broken: bool, queries: int) -> None:
                 _frames(_media(root, "DiDeMo") / f"didemo_{i}", NAMES[i])
             rows.append({"video": f"didemo_{i}.mp4", "caption": f"scene {i}"})
         _table(root, "VLM2Vec/DiDeMo", f"data/{SHARD}", rows)
+
+
+def _mvbench(root: Path) -> None:
+    """Three questions over two task folders; frame folders carry the video's extension."""
+    tasks = {"action_sequence": [0, 1], "object_shuffle": [2]}
+    for task, indices in tasks.items():
+        rows = []
+        for i in indices:
+            colour = NAMES[i + 2]
+            video = f"{task}_{i}.mp4"
+            _frames(_media(root, "MVBench") / task / video, colour, "diamond")
+            k = NAMES.index(colour)
+            options = [NAMES[(k + 2) % 10], colour, NAMES[(k + 4) % 10]]
+            rows.append(
+                {
+                    "question": "What colour fills the scene?",
+                    "video": video,
+                    "candidates": options,
+                    "answer": colour,
+                }
+            )
+        _table(root, "VLM2Vec/MVBench", f"{task}/train-00000-of-00001.parquet", rows)
+
+
+def _momentseeker(root: Path) -> None:
+    """A text query, an image query and a video-segment query, each over its clips."""
+    media = _media(root, "MomentSeeker")
+    rows = []
+    for i, given in enumerate(["", "images/ms_1.jpg", "movies/ms_2/0_4.mp4"]):
+        colour = NAMES[i + 5]
+        clips = {
+            f"movies/ms_{i}/{start}_{start + 3}.mp4": c
+            for start, c in ((10, colour), (20, NAMES[(i + 7) % 10]), (30, NAMES[(i + 8) % 10]))
+        }
+        for path, c in clips.items():
+            _frames(media / "video_frames" / path.replace("/", "_")[: -len(".mp4")], c, "circle")
+        if given.endswith(".jpg"):
+            _save(picture(colour, "circle"), media / f"query_{given}")
+        elif given:
+            _frames(media / "video_frames" / given.replace("/", "_")[: -len(".mp4")], colour)
+        paths = list(clips)
+        rows.append(
+            {
+                "query": f"the moment shown in {colour}",
+                "input_frames": given,
+                "positive_frames": [{"output_path": paths[0]}],
+                "negative_frames": [{"output_path": p} for p in paths[1:]],
+            }
+        )
+    _table(root, "VLM2Vec/MomentSeeker", f"data/{SHARD}", rows)
 
 
 def _beir(
