@@ -68,6 +68,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 def _evaluate_to(model: str, evals: list[str], out: str, args: argparse.Namespace) -> dict:
     from rzenembed.evaluation import evaluate, write_report
+    from rzenembed.evaluation.published import read_scores_at
     from rzenembed.evaluation.release import suite_skipped
     from rzenembed.modeling import RzenEmbedder
     from rzenembed.modeling.digest import folder_digest
@@ -90,7 +91,10 @@ def _evaluate_to(model: str, evals: list[str], out: str, args: argparse.Namespac
         "max_visual_tokens": embedder.cfg.max_visual_tokens,
     }
     skipped = suite_skipped(evals)
-    return write_report(scores, out, info, previous=args.previous, skipped=skipped)
+    references = [read_scores_at(uri) for uri in args.reference]
+    return write_report(
+        scores, out, info, previous=args.previous, skipped=skipped, references=references
+    )
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -123,6 +127,32 @@ def _cmd_import_mmeb_v2(args: argparse.Namespace) -> int:
         f"{len(result.written)} sets written to {result.out}, {len(result.skipped)} skipped "
         f"(see {result.out / 'suite.json'})"
     )
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from rzenembed.evaluation import comparison
+    from rzenembed.evaluation.published import ScoreFileError, read_scores, read_scores_at
+
+    try:
+        ours = read_scores(args.ours, name=args.name)
+        references = [read_scores_at(uri) for uri in args.published]
+    except ScoreFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if ours.notes:
+        print(f"reading {ours.source}:")
+        print("\n".join(f"  {note}" for note in ours.notes))
+    found = comparison.compare_all(ours, references)
+    print(comparison.to_text(found))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / comparison.COMPARISON_JSON).write_text(json.dumps(found, indent=2) + "\n")
+        chart = comparison.plot(found, out / comparison.COMPARISON_PNG)
+        markdown = out / comparison.COMPARISON_MD
+        markdown.write_text(comparison.to_markdown(found, chart.name))
+        print(f"written: {markdown}, {out / comparison.COMPARISON_JSON}, {chart}")
     return 0
 
 
@@ -329,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("out", help="report folder (report.json, report.md, report.png)")
     ev.add_argument("--previous", help="an earlier report.json: adds a delta column")
     ev.add_argument("--dataset", action="append", default=[], help="only these datasets")
+    ev.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        help="a published MMEB-V2 score file to put the model beside (repeatable)",
+    )
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument(
         "--cache",
@@ -352,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     v2.add_argument("--frames", type=int, default=8, help="frames per video (benchmark: 8)")
     v2.add_argument("--dataset", action="append", default=[], help="only these (repeatable)")
     v2.set_defaults(func=_cmd_import_mmeb_v2)
+
+    cmp = sub.add_parser("compare", help="put an evaluation beside published MMEB-V2 score files")
+    cmp.add_argument("ours", help="a report.json (or its folder) or a leaderboard.json")
+    cmp.add_argument("published", nargs="+", help="published score files (paths or s3:// URIs)")
+    cmp.add_argument("--name", help="what to call our model (default: from the report)")
+    cmp.add_argument("--out", help="also write comparison.md, .json and .png here")
+    cmp.set_defaults(func=_cmd_compare)
 
     fx = sub.add_parser("mmeb-v2-fixture", help="write a scaled-down MMEB-V2 release")
     fx.add_argument("out")

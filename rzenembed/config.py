@@ -393,6 +393,10 @@ class EvalConfig(Strict):
     # release, an added dataset), score the champion again on the candidate's sets before
     # comparing; off: refuse to move ``champion`` and say why.
     rescore_champion: bool = True
+    # Published MMEB-V2 score files (paths or s3:// URIs, e.g. VLM2Vec's
+    # experiments/public/all_scores/*/<model>.json): every evaluation report puts the model
+    # beside them (report.md's "Beside published models", comparison.png).
+    reference_scores: list[str] = Field(default_factory=list)
 
 
 class TrackingConfig(Strict):

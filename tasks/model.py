@@ -17,6 +17,7 @@ from rzenembed.config import PipelineConfig, digest_of
 from rzenembed.data.folders import exists, listing_digest, read_text, stage_folder
 from rzenembed.data.storage import is_remote, join
 from rzenembed.evaluation import discover
+from rzenembed.evaluation.comparison import COMPARISON_PNG
 from rzenembed.evaluation.report import levels
 from rzenembed.evaluation.step import (
     REPORT_FILES,
@@ -265,6 +266,8 @@ def evaluate_model(
         folder = stage_folder(out_uri, endpoint)  # three small files, for MLflow and Prefect
         for name in REPORT_FILES.values():
             tracker.log_file(run_id, folder / name, "report")
+        if (folder / COMPARISON_PNG).is_file():  # eval.reference_scores: beside published
+            tracker.log_file(run_id, folder / COMPARISON_PNG, "report")
         now = levels(report)
         tracker.log_metrics(run_id, [(f"eval/{k.replace(':', '/')}", v, 0) for k, v in now.items()])
         create_markdown_artifact(

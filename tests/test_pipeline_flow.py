@@ -60,6 +60,14 @@ EXECUTIONS = [
 ]
 
 
+def published_scores(root: Path) -> Path:
+    """A published MMEB-V2 score file (its shape, one dataset) for the report to stand beside."""
+    path = root / "Published-2B.json"
+    metrics = {"image": {"ImageNet-1K": {"hit@1": 0.5, "num_data": 1000}}}
+    path.write_text(json.dumps({"metadata": {"model_name": "Published-2B"}, "metrics": metrics}))
+    return path
+
+
 def pipeline_config(corpus, model_dir, root: Path, data: str = "data") -> Path:
     sources = yaml.safe_load(corpus.sources_yaml.read_text())
     for source in sources:
@@ -107,7 +115,11 @@ def pipeline_config(corpus, model_dir, root: Path, data: str = "data") -> Path:
                 },
             ],
         },
-        "eval": {"sets": [str(corpus.root / "eval")], "batch_size": 8},
+        "eval": {
+            "sets": [str(corpus.root / "eval")],
+            "batch_size": 8,
+            "reference_scores": [str(published_scores(root))],
+        },
         "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": "flowtest"},
         # The two stage-2 mixtures train side by side (one CPU each of local Ray's two).
         "compute": {"num_workers": 1, "cpus_per_worker": 1, "concurrent_mixtures": 2},
@@ -377,7 +389,11 @@ def test_every_step_has_a_child_run_under_one_parent(runs):
 def test_the_evaluation_report_is_an_artifact(runs):
     report = runs["first"].result()["report"]
     assert Path(report["uri"]).is_file() and Path(report["extra"]["png"]).is_file()
-    assert "Summary (MMEB-V2 layout)" in runs["first_artifacts"]["evaluation-report"]
+    markdown = runs["first_artifacts"]["evaluation-report"]
+    assert "Summary (MMEB-V2 layout)" in markdown
+    # eval.reference_scores: the sample corpus's sets are not the benchmark's, so the
+    # section says there is nothing in common rather than inventing a comparison.
+    assert "### Published-2B" in markdown and "No dataset was scored on both sides." in markdown
     assert "data-counts" in runs["first_artifacts"]
     client = MlflowClient(tracking_uri=tracker_for(runs).cfg.tracking_uri)
     files = {f.path for f in client.list_artifacts(report["run_id"], "report")}
@@ -386,6 +402,7 @@ def test_the_evaluation_report_is_an_artifact(runs):
         "report/report.md",
         "report/report.png",
         "report/leaderboard.json",
+        "report/comparison.png",
     }
     # One artifact per finished dataset, for the model and the untrained baseline.
     finished = {k for k in runs["first_artifacts"] if k.startswith("eval-")}

@@ -6,6 +6,10 @@ metrics (``hit@1``, ``ndcg_linear@5``, ...) and ``num_pred``/``num_data``. A dat
 main score is ``hit@1`` (image, video) or ``ndcg_linear@5`` (visual documents); a
 sub-category's score is the mean over its datasets, a modality's the mean over its
 datasets, and the overall score the mean over every dataset (not over modalities).
+
+Files are written with the reference's current keys (the fixed page splits as
+``ViDoSeek-page-fixed`` and ``MMLongBench-page-fixed``) and read with every key it has
+used (``rzenembed.evaluation.published``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 from rzenembed.evaluation.benchmark import MODALITIES, benchmark_dataset, is_benchmark_dataset
 from rzenembed.evaluation.categories import category_of
+from rzenembed.evaluation.published import WRITTEN_AS, read_scores
 
 LEADERBOARD_JSON = "leaderboard.json"
 # This project's metric names -> the leaderboard's (NDCG gains are linear in both).
@@ -40,7 +45,7 @@ def leaderboard_scores(report: Mapping[str, Any], model_name: str) -> dict[str, 
             continue
         values = {_leaderboard_metric(k): v for k, v in entry["metrics"].items()}
         values.update({"num_pred": entry["queries"], "num_data": entry["queries"]})
-        metrics[benchmark_dataset(name).modality][name] = values
+        metrics[benchmark_dataset(name).modality][WRITTEN_AS.get(name, name)] = values
     scored = sum(len(v) for v in metrics.values())
     return {
         "metadata": {
@@ -69,18 +74,10 @@ def write_leaderboard(report: Mapping[str, Any], out: str | Path, model_name: st
     return path
 
 
-def main_scores(scores: Mapping[str, Any]) -> dict[str, float]:
-    """Each dataset's main score in a leaderboard score file (a dict or a path)."""
-    if isinstance(scores, str | Path):
-        scores = json.loads(Path(scores).read_text())
-    out = {}
-    for modality, datasets in scores["metrics"].items():
-        for name, values in datasets.items():
-            item = benchmark_dataset(name)
-            if item.modality != modality:
-                raise ValueError(f"{name} is a {item.modality} dataset, listed under {modality}")
-            out[name] = float(values[item.metric])
-    return out
+def main_scores(scores: Mapping[str, Any] | str | Path) -> dict[str, float]:
+    """Each benchmark dataset's main score in a score file (a dict or a path), by the
+    table's names; keys outside the benchmark are set aside (``read_scores`` says which)."""
+    return read_scores(scores).scores
 
 
 def aggregate(main: Mapping[str, float]) -> dict[str, float]:

@@ -1,14 +1,15 @@
 """A scaled-down MMEB-V2 release, generated in code, in exactly the release's layout.
 
-Ten datasets (twelve in the small release, see below), three rows each by default: one of every image category (ImageNet-1K, OK-VQA,
-MSCOCO_t2i, MSCOCO), one video dataset of every kind (MSR-VTT retrieval, Breakfast
-classification over its 10-label list, NExTQA multiple choice, QVHighlight moment
-retrieval with ``query/``, ``positive*`` and negative clip folders) and two BEIR
-visual-document sets with graded qrels (ViDoRe V2 ESG with its pages on disk, ViDoRe
-arXivQA with its pages only inside the corpus Parquet). Pictures are flat colours with a
-shape, named by the texts, so a model can learn the pairing. ``broken=True`` adds DiDeMo
-with a video whose frame folder is missing and ViDoRe DocVQA with a qrel to a corpus id
-that is not in the corpus: the importer must skip both and say why.
+Ten datasets (twelve in the small release, see below), three rows each by default: one of
+every image category (ImageNet-1K, OK-VQA, MSCOCO_t2i, MSCOCO), one video dataset of every
+kind (MSR-VTT retrieval, Breakfast classification over its 10-label list, NExTQA multiple
+choice, QVHighlight moment retrieval with ``query/``, ``positive*`` and negative clip
+folders) and two BEIR visual-document sets with graded qrels (ViDoRe V2 ESG with its pages
+on disk, ViDoRe arXivQA with its pages only inside the corpus Parquet). Pictures are flat
+colours with a shape, named by the texts, so a model can learn the pairing.
+``broken=True`` adds DiDeMo with a video whose frame folder is missing and ViDoRe DocVQA
+with a qrel to a corpus id that is not in the corpus: the importer must skip both and say
+why.
 
 The small release also holds the two video datasets whose layout is the reference's most
 particular: MVBench (a folder per task, frame folders named by the video file, extension

@@ -15,8 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from rzenembed.evaluation import comparison
 from rzenembed.evaluation.categories import COLUMNS, META_ORDER
 from rzenembed.evaluation.leaderboard import LEADERBOARD_JSON, write_leaderboard
+from rzenembed.evaluation.published import Scores, read_scores_text
 from rzenembed.evaluation.runner import DatasetScore
 from rzenembed.evaluation.uncertainty import CONFIDENCE, RESAMPLES, SEED, report_intervals
 
@@ -263,9 +265,12 @@ def write_report(
     model: dict[str, Any],
     previous: str | Path | dict[str, Any] | None = None,
     skipped: dict[str, dict[str, Any]] | None = None,
+    references: Sequence[Scores] = (),
 ) -> dict[str, Path]:
     """Write report.json, report.md, report.png and leaderboard.json (the benchmark's
-    datasets in the MMEB-V2 score-file shape) under ``out_dir``; return their paths."""
+    datasets in the MMEB-V2 score-file shape) under ``out_dir``; return their paths.
+    ``references`` (published score files, read) add a section beside them, in the
+    report and in comparison.json / comparison.png."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(previous, str | Path):
@@ -277,9 +282,16 @@ def write_report(
         "png": out / REPORT_PNG,
         "leaderboard": out / LEADERBOARD_JSON,
     }
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(to_markdown(report), encoding="utf-8")
-    plot(report, paths["png"], previous)
     name = model.get("name") or Path(str(model.get("path", "model"))).name
+    markdown = to_markdown(report)
+    if references:
+        ours = read_scores_text(report, str(paths["json"]), name="this model")
+        report["comparison"] = comparison.compare_all(ours, references)
+        paths["comparison"] = out / comparison.COMPARISON_PNG
+        comparison.plot(report["comparison"], paths["comparison"])
+        markdown += "\n" + comparison.to_markdown(report["comparison"], paths["comparison"].name)
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    paths["markdown"].write_text(markdown, encoding="utf-8")
+    plot(report, paths["png"], previous)
     write_leaderboard(report, paths["leaderboard"], name)
     return paths

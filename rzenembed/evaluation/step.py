@@ -137,12 +137,15 @@ def _evaluate_task(
 ) -> dict[str, Any]:
     """Coordinator: embedding actors per model, ranking here, reports published."""
     from rzenembed.evaluation import write_report
+    from rzenembed.evaluation.published import read_scores_at
     from rzenembed.evaluation.release import suite_skipped
     from rzenembed.identity import json_file_digest
 
     endpoint = cfg.storage.endpoint_url
     local_sets = [str(stage_eval_set(s, endpoint)) for s in sets]
     skipped = suite_skipped(local_sets)
+    # Read before any embedding: a wrong path fails the step at once, not after hours.
+    published = [read_scores_at(uri, endpoint) for uri in cfg.eval.reference_scores]
     work = Path(tempfile.mkdtemp(prefix="rzenembed-eval-"))
     out: dict[str, Any] = {}
     # One pool for both models: the actors that embedded the baseline load the model in
@@ -163,7 +166,10 @@ def _evaluate_task(
                 "video_frames": cfg.model.video_frames,
                 "max_visual_tokens": cfg.model.max_visual_tokens,
             }
-            paths = write_report(scores, folder, info, previous=previous, skipped=skipped)
+            references = published if role == "model" else ()
+            paths = write_report(
+                scores, folder, info, previous=previous, skipped=skipped, references=references
+            )
             previous = paths["json"]
             out[role] = {
                 "report": json.loads(paths["json"].read_text()),
