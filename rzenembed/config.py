@@ -368,6 +368,41 @@ class Stage2Config(StageConfig):
 # --------------------------------------------------------------------------- soup, eval
 
 
+class MiningConfig(Strict):
+    """Hard negatives mined with the stage-1 model (``rzenembed.mining``): each query's
+    top ``top_k`` of its dataset's pool, filtered, then ``negatives`` drawn from a window."""
+
+    # Candidates retrieved per query (by the ANN index) before any rule.
+    top_k: int = Field(default=50, gt=0)
+    # Negatives kept per query (stage 2's hard_negatives K stays the per-step limit).
+    negatives: int = Field(default=4, ge=1)
+    # The first survivors to pass over (the closest are the likeliest false negatives).
+    skip_first: int = Field(default=0, ge=0)
+    # Draw from survivors ranked [window[0], window[1]) after the skip (seeded per query).
+    window: tuple[int, int] = (0, 20)
+    # TopK-PercPos: drop a candidate scoring above percpos x the positive's score (None: off).
+    percpos: float | None = Field(default=0.95, gt=0)
+    # A candidate this close (cosine) to the query's positive is the same item, re-encoded.
+    near_duplicate: float = Field(default=0.98, gt=0, le=1)
+    # Exact search (FAISS flat inner product) up to this pool size, IVF beyond.
+    exact_limit: int = Field(default=300_000, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+
+    @model_validator(mode="after")
+    def _window_holds_the_negatives(self) -> MiningConfig:
+        low, high = self.window
+        if not 0 <= low < high:
+            raise ValueError(
+                f"mining.window must be [low, high) with 0 <= low < high: {self.window}"
+            )
+        if high - low < self.negatives:
+            raise ValueError(
+                f"mining.window {list(self.window)} holds fewer ranks than mining.negatives "
+                f"({self.negatives})"
+            )
+        return self
+
+
 class SoupConfig(Strict):
     method: Literal["delta", "factors", "greedy"] = "delta"
     weights: dict[str, float] | None = None
@@ -628,6 +663,7 @@ class PipelineConfig(Strict):
     loss: LossConfig = LossConfig()
     stage1: StageConfig = StageConfig()
     stage2: Stage2Config = Stage2Config()
+    mining: MiningConfig = MiningConfig()
     soup: SoupConfig = SoupConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rzenembed.data.storage import filesystem, is_remote, join
+from rzenembed.data.storage import filesystem, is_remote, join, read_whole
 
 COMMIT_FILE = "_COMMITTED.json"
 CACHE_ENV = "RZENEMBED_CACHE"
@@ -296,6 +296,12 @@ def read_text(uri: str, endpoint_url: str | None = None) -> str:
     fs, path = filesystem(uri, endpoint_url)
     with fs.open(path, "r", encoding="utf-8") as f:
         return f.read()
+
+
+def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
+    """A whole file in one request (``storage.read_whole``: on S3 one GET, no HEAD)."""
+    fs, path = filesystem(uri, endpoint_url)
+    return read_whole(fs, path)
 
 
 def write_text(uri: str, text: str, endpoint_url: str | None = None) -> None:

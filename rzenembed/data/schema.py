@@ -8,6 +8,13 @@ stored inline as encoded images (see docs/data.md for why and when).
 ``group_id`` ties together items that must never be each other's negative (identical
 label texts in merged classification, the same document); ``negatives`` may list siblings
 explicitly as hard negatives (clips of one video).
+
+A negative may be a *reference* (``ref``: another row's id) standing for that row's
+positive. Two kinds: a sibling reference (``reference``) resolves inside its own shard and
+leaves the slot empty when the row is gone (the cap and dedup count those); a mined
+reference (``mined_reference``, its instruction ``MINED``) was chosen by the mining step
+from anywhere in the version, resolves across the version's shards, and a missing target
+is an error.
 """
 
 from __future__ import annotations
@@ -149,6 +156,21 @@ def side(
 def reference(row_id: str) -> dict:
     """A negative that stands for the positive of row ``row_id`` of the same shard."""
     return side(text="", instruction="", ref=row_id)
+
+
+# The instruction of a mined reference (a reference's own fields are never embedded: it is
+# replaced by its target's positive, so the field can say where the reference came from).
+MINED = "rzenembed:mined"
+
+
+def mined_reference(row_id: str) -> dict:
+    """A negative the mining step chose: the positive of row ``row_id``, in any shard of
+    the same version."""
+    return side(text="", instruction=MINED, ref=row_id)
+
+
+def is_mined(negative: dict) -> bool:
+    return bool(negative.get("ref")) and negative.get("instruction") == MINED
 
 
 def record(

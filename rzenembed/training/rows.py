@@ -26,7 +26,12 @@ Sibling references
     them writes a video's clips into one shard, and later steps filter shards in place. A
     reference to a row no longer there (dropped by deduplication or the cap) leaves the
     slot empty; the stage manifest counts such references per dataset
-    (``unresolved_negatives``).
+    (``unresolved_negatives``). A *mined* reference (``rzenembed.data.schema.is_mined``)
+    may name a row of any shard of the version: it is looked up in its own shard first,
+    then in a version-wide id index (every shard's id column, read once, on the first
+    mined reference that needs it: about 100 bytes a row, 10 MB for a dataset capped at
+    100k rows). A mined reference to a row the version does not hold is an error naming
+    both rows: the mining step wrote it from that very version, so it means corruption.
 
 Memory
     Per dataset: the shard offsets (8 bytes a shard), footers up to ``footer_bytes``, the
@@ -49,6 +54,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rzenembed.data.parquet_ranges import FOOTER_SAMPLE_BYTES, read_footer, read_row_groups
+from rzenembed.data.schema import is_mined
 from rzenembed.data.storage import Storage
 from rzenembed.data.version import DatasetVersion, ShardInfo
 from rzenembed.training.collate import SourceInfo
@@ -59,6 +65,11 @@ DEFAULT_CACHE_BYTES = 64 * 2**20
 DEFAULT_FOOTER_BYTES = 8 * 2**20  # serialized footer bytes kept (parsed, a few times more)
 DEFAULT_ID_INDEX_CACHE = 64
 FOOTER_THREADS = 16  # footers loaded at once by ``prefetch_footers``
+NEGATIVE_CHOICES = ("given", "mined", "both")
+
+
+class UnresolvedReference(LookupError):
+    """A mined negative names a row its version does not hold."""
 
 
 class LruCache:
@@ -137,7 +148,14 @@ class DatasetRows:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         footer_bytes: int = DEFAULT_FOOTER_BYTES,
         id_index_cache: int = DEFAULT_ID_INDEX_CACHE,
+        negatives: str = "both",
     ):
+        """``negatives``: which of a row's negatives to train on: ``given`` (the dataset's
+        own and sibling references), ``mined`` (mined references only) or ``both``."""
+        if negatives not in NEGATIVE_CHOICES:
+            raise ValueError(f"negatives must be one of {NEGATIVE_CHOICES}, got {negatives!r}")
+        self.negatives = negatives
+        self._version_index: dict[str, tuple[int, int]] | None = None
         stats = version.manifest.stats
         self.version = version
         self.name = version.manifest.dataset
@@ -164,9 +182,11 @@ class DatasetRows:
         task_group: str,
         max_negatives: int,
         endpoint_url: str | None = None,
+        negatives: str = "both",
         **cache: int,
     ) -> DatasetRows:
-        return cls(DatasetVersion.open(uri, endpoint_url), task_group, max_negatives, **cache)
+        version = DatasetVersion.open(uri, endpoint_url)
+        return cls(version, task_group, max_negatives, negatives=negatives, **cache)
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -296,18 +316,45 @@ class DatasetRows:
     # ------------------------------------------------------------------ references
 
     def _resolved(self, shard: int, row: dict[str, Any], position: int) -> dict[str, Any]:
-        negatives = row.get("negatives") or []
+        negatives = [n for n in row.get("negatives") or [] if self._wanted(n)]
         if not any(n.get("ref") for n in negatives):
-            return row
+            return {**row, "negatives": negatives}
         index = self._id_index.get(shard, lambda: self._ids_of(shard))
         resolved = []
         for negative in negatives:
             ref = negative.get("ref")
             if not ref:
                 resolved.append(negative)
-            elif (target := index.get(ref)) is not None and target != position:
-                resolved.append(self._row(shard, target)["positive"])
+            elif (target := index.get(ref)) is not None:
+                if target != position:
+                    resolved.append(self._row(shard, target)["positive"])
+            elif is_mined(negative):
+                elsewhere, at = self._anywhere(ref, row["id"])
+                resolved.append(self._row(elsewhere, at)["positive"])
         return {**row, "negatives": resolved}
+
+    def _wanted(self, negative: dict[str, Any]) -> bool:
+        """Whether this dataset's ``negatives`` choice (given | mined | both) keeps it."""
+        if self.negatives == "both":
+            return True
+        return is_mined(negative) == (self.negatives == "mined")
+
+    def _anywhere(self, ref: str, row_id: str) -> tuple[int, int]:
+        """(shard, position) of row ``ref`` anywhere in the version (mined references)."""
+        with self._prefetch_lock:
+            if self._version_index is None:
+                index: dict[str, tuple[int, int]] = {}
+                for shard in range(len(self._shards)):
+                    for key, at in self._ids_of(shard).items():
+                        index.setdefault(key, (shard, at))
+                self._version_index = index
+        place = self._version_index.get(ref)
+        if place is None:
+            raise UnresolvedReference(
+                f"{self.name}: row {row_id!r} has a mined negative naming row {ref!r}, which "
+                f"is not in the version at {self.version.uri}"
+            )
+        return place
 
     def _ids_of(self, shard: int) -> dict[str, int]:
         metadata = self._metadata(shard)

@@ -1,0 +1,268 @@
+"""The ``mine`` step: one dataset version in, the same rows with mined negatives out.
+
+Identity: a version per (input version, model digest, mining config, seed), cached like
+every step (``rzenembed.prep.base.plan_step``); its manifest names the model that mined
+it (``stats.mined_by``) and carries the report's figures.
+
+Work, for one dataset:
+
+1. *embed* every row's query and positive with the stage-1 model, shard by shard (only
+   one shard's rows in memory); the vectors are cached on the storage root by (model
+   digest, dataset content digest), so mining again under another rule costs no pass;
+2. *search* each query's ``top_k`` nearest positives (``search.top_k``);
+3. *choose* by the rules (``rules.select_negatives``);
+4. *write* each input shard again with its rows' mined negatives appended as references
+   (``rzenembed.data.schema.mined_reference``: the chosen row's id, resolved by the training
+   reader across the version's shards; no media copied), and the report beside them.
+
+The pool is the dataset's own positives (a row's positive is the candidate the benchmark
+would rank for a query of its kind).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from rzenembed.config import PipelineConfig, digest_of
+from rzenembed.data.folders import exists, read_bytes, write_bytes
+from rzenembed.data.schema import RECORD_SCHEMA, mined_reference
+from rzenembed.data.storage import join
+from rzenembed.data.version import DatasetVersion, VersionWriter
+from rzenembed.evaluation.runner import Encoder, side_encoder
+from rzenembed.mining.report import REPORT_FILES, build_report, write_report_files
+from rzenembed.mining.rules import Selection, query_seed, select_negatives
+from rzenembed.mining.search import top_k
+from rzenembed.prep.base import committed, media_root_of, plan_step, shard_name
+
+STEP = "mine"
+CODE_VERSION = "1"
+EMBEDDINGS = "_mining"  # under the storage root: <model>/<dataset content>/*.npy
+
+
+@dataclass
+class Mined:
+    """A mined version and its report (``reused``: found committed, nothing ran)."""
+
+    version: DatasetVersion
+    report: dict[str, Any]
+    reused: bool
+
+
+@dataclass
+class _Rows:
+    """What mining keeps of every row: light, so a dataset of 100k rows is a few MB."""
+
+    ids: list[str]
+    groups: list[str | None]
+    items: list[str]
+    texts: list[str]
+
+
+def item_key(side: dict[str, Any]) -> str:
+    """The content of a side (text and media locations or bytes): equal keys, same item."""
+    media = [
+        [
+            m.get("kind"),
+            m.get("uri"),
+            m.get("start_s"),
+            m.get("end_s"),
+            [hashlib.sha1(f).hexdigest() for f in m.get("frames") or []],
+        ]
+        for m in side.get("media") or []
+    ]
+    payload = json.dumps([side.get("text") or "", media], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def mining_digest(cfg: PipelineConfig, model_digest: str) -> str:
+    return digest_of(
+        {
+            "mining": cfg.mining,
+            "model": model_digest,
+            "seed": cfg.seed,
+            "frames": cfg.model.video_frames,
+        }
+    )
+
+
+def _embeddings_uri(cfg: PipelineConfig, model_digest: str, version: DatasetVersion) -> str:
+    frames = cfg.model.video_frames
+    key = f"{model_digest[:16]}/{version.content_digest[:16]}-f{frames}"
+    return join(cfg.storage.root, EMBEDDINGS, key)
+
+
+def _save(uri: str, array: np.ndarray, endpoint: str | None) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_bytes(uri, buffer.getvalue(), endpoint)
+
+
+def embed_version(
+    cfg: PipelineConfig,
+    version: DatasetVersion,
+    encoder: Encoder,
+    model_digest: str,
+    show_progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray, _Rows]:
+    """Every row's query and positive vectors (cached by model and content) and the
+    rows' light columns."""
+    endpoint = cfg.storage.endpoint_url
+    cache = _embeddings_uri(cfg, model_digest, version)
+    rows = _Rows([], [], [], [])
+    queries, positives = [], []
+    cached = exists(join(cache, "positives.npy"), endpoint)
+    target = side_encoder(encoder, endpoint)
+    root = media_root_of(version)
+    frames, batch = cfg.model.video_frames, cfg.mining.batch_size
+    bar = tqdm(
+        total=version.rows * (1 if cached else 2),
+        desc=f"mine/{version.manifest.dataset}: embedding",
+        disable=not show_progress,
+        unit="item",
+    )
+    with bar:
+        for shard in version.manifest.shards:
+            table = version.read_shard(shard, ["id", "query", "positive", "group_id"])
+            part = table.to_pylist()
+            rows.ids += [r["id"] for r in part]
+            rows.groups += [r.get("group_id") for r in part]
+            rows.items += [item_key(r["positive"]) for r in part]
+            rows.texts += [(r["query"].get("text") or "")[:200] for r in part]
+            if cached:
+                bar.update(len(part))
+                continue
+            for column, out in (("query", queries), ("positive", positives)):
+                sides = [r[column] for r in part]
+                out.append(target.encode_sides(sides, root, frames, batch, bar.update).numpy())
+    if cached:
+        query_vectors = np.load(io.BytesIO(read_bytes(join(cache, "queries.npy"), endpoint)))
+        positive_vectors = np.load(io.BytesIO(read_bytes(join(cache, "positives.npy"), endpoint)))
+    else:
+        query_vectors = np.concatenate(queries).astype(np.float32)
+        positive_vectors = np.concatenate(positives).astype(np.float32)
+        _save(join(cache, "queries.npy"), query_vectors, endpoint)
+        _save(join(cache, "positives.npy"), positive_vectors, endpoint)  # the marker: last
+    return query_vectors, positive_vectors, rows
+
+
+def _normalised(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def mine_version(
+    cfg: PipelineConfig,
+    version: DatasetVersion,
+    make_encoder: Callable[[], Encoder],
+    model: dict[str, str],
+    show_progress: bool = True,
+) -> Mined:
+    """Mine ``version`` with the model ``{"uri", "digest"}``; ``make_encoder()`` gives what
+    embeds with it, called only when the version was not mined already."""
+    endpoint = cfg.storage.endpoint_url
+    dataset = version.manifest.dataset
+    plan = plan_step(
+        cfg,
+        STEP,
+        dataset,
+        CODE_VERSION,
+        mining_digest(cfg, model["digest"]),
+        [version.ref()],
+    )
+    found = committed(plan, cfg)
+    if found is not None:
+        return Mined(found, found.manifest.stats["mining"], reused=True)
+    queries, pool, rows = embed_version(
+        cfg, version, make_encoder(), model["digest"], show_progress
+    )
+    queries, pool = _normalised(queries), _normalised(pool)
+    scores, candidates, kind = top_k(queries, pool, cfg.mining.top_k, cfg.mining.exact_limit)
+    selection = select_negatives(
+        queries,
+        pool,
+        candidates,
+        scores,
+        positive_of=range(len(rows.ids)),
+        query_ids=rows.ids,
+        pool_items=rows.items,
+        pool_groups=rows.groups,
+        query_groups=rows.groups,
+        cfg=cfg.mining,
+        seed=cfg.seed,
+    )
+    random_scores = _random_candidates(queries, pool, rows.ids, cfg.seed)
+    report = build_report(
+        dataset,
+        selection,
+        random_scores,
+        rows.ids,
+        rows.texts,
+        index=kind,
+        mining=cfg.mining.model_dump(mode="json"),
+        model=model,
+    )
+    writer = VersionWriter(plan.uri, RECORD_SCHEMA, endpoint)
+    _write_shards(writer, version, selection, rows.ids)
+    write_report_files(report, join(writer.staging_uri, "report"), endpoint)
+    mined = writer.commit(
+        dataset=dataset,
+        step=STEP,
+        config_digest=plan.config_digest,
+        code_version=CODE_VERSION,
+        inputs=plan.inputs,
+        stats={
+            **{k: v for k, v in version.manifest.stats.items() if k in _KEPT_STATS},
+            "mined_by": model,
+            "mining": {k: v for k, v in report.items() if k != "distributions"},
+        },
+        side_folders=("report",),
+    )
+    return Mined(mined, report, reused=False)
+
+
+# Input statistics that still describe the mined rows (where media live, what groups mean).
+_KEPT_STATS = ("media_root", "group_semantics", "task_group")
+
+
+def _random_candidates(
+    queries: np.ndarray, pool: np.ndarray, ids: list[str], seed: int
+) -> np.ndarray:
+    """Each query's score for one random other pool entry: an in-batch negative drawn
+    uniformly, the baseline mined negatives must beat."""
+    if len(pool) < 2:
+        return np.zeros(0)
+    picks = np.array(
+        [
+            (i + 1 + int(query_seed(seed + 1, row_id).integers(len(pool) - 1))) % len(pool)
+            for i, row_id in enumerate(ids)
+        ]
+    )
+    return np.einsum("nd,nd->n", queries, pool[picks])
+
+
+def _write_shards(
+    writer: VersionWriter, version: DatasetVersion, selection: Selection, ids: list[str]
+) -> None:
+    start = 0
+    for shard in version.manifest.shards:
+        table = version.read_shard(shard)
+        negatives = table.column("negatives").to_pylist()
+        for offset in range(table.num_rows):
+            chosen = selection.chosen[start + offset]
+            given = negatives[offset] or []
+            negatives[offset] = [*given, *(mined_reference(ids[c]) for c in chosen)]
+        column = pa.array(negatives, type=RECORD_SCHEMA.field("negatives").type)
+        table = table.set_column(table.schema.get_field_index("negatives"), "negatives", column)
+        writer.write_shard(shard_name(shard), table)
+        start += table.num_rows
+
+
+__all__ = ["REPORT_FILES", "Mined", "embed_version", "item_key", "mine_version"]
