@@ -182,6 +182,29 @@ def _cmd_soup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mine(args: argparse.Namespace) -> int:
+    from rzenembed.data.version import DatasetVersion
+    from rzenembed.mining.mine import mine_version
+    from rzenembed.mining.report import one_line
+    from rzenembed.modeling import RzenEmbedder
+    from rzenembed.modeling.digest import folder_digest
+    from rzenembed.runtime import task_device
+
+    cfg = resolve_paths(load_config(args.config, [*args.set, f"model.name_or_path={args.model}"]))
+    version = DatasetVersion.open(args.version, cfg.storage.endpoint_url)
+    model = {"uri": str(Path(args.model).resolve()), "digest": folder_digest(args.model)}
+
+    def embedder() -> RzenEmbedder:
+        device = task_device(want_gpu=True)
+        return RzenEmbedder.from_pretrained(args.model, config=cfg.model, device=device)
+
+    mined = mine_version(cfg, version, embedder, model)
+    print(one_line(mined.report) + ("  (found already mined)" if mined.reused else ""))
+    print(f"mined version: {mined.version.uri}")
+    print(f"report: {mined.version.uri.rstrip('/')}/report/mining.md")
+    return 0
+
+
 def _cmd_lineage(args: argparse.Namespace) -> int:
     from rzenembed.config import TrackingConfig
     from rzenembed.tracking import Tracker, lineage, raw_sources, render
@@ -395,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--name", help="what to call our model (default: from the report)")
     cmp.add_argument("--out", help="also write comparison.md, .json and .png here")
     cmp.set_defaults(func=_cmd_compare)
+
+    mine = sub.add_parser("mine", help="mine hard negatives for one dataset version with one model")
+    mine.add_argument("version", help="a committed dataset version (its folder or s3:// URI)")
+    mine.add_argument("--model", required=True, help="the (merged stage-1) model folder")
+    mine.add_argument("--config", default="configs/tiny.yaml", help="storage, mining rules")
+    mine.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    mine.set_defaults(func=_cmd_mine)
 
     fx = sub.add_parser("mmeb-v2-fixture", help="write a scaled-down MMEB-V2 release")
     fx.add_argument("out")

@@ -298,7 +298,7 @@ def test_on_the_sample_corpus_mined_negatives_score_above_random_in_batch_ones(
     cfg = cfg.model_copy(
         update={
             "storage": cfg.storage.model_copy(update={"root": str(tmp_path / "store")}),
-            "mining": MiningConfig(negatives=2, window=(0, 8), top_k=20),
+            "mining": MiningConfig(negatives=2, window=(0, 4), top_k=20, percpos=None),
         }
     )
     version = data.final["sample-image-qa"]
@@ -316,3 +316,47 @@ def test_on_the_sample_corpus_mined_negatives_score_above_random_in_batch_ones(
     assert scores["mined"]["mean"] > scores["random"]["mean"]
     rows = DatasetRows(mined.version, "x", 8, negatives="mined").fetch(range(version.rows))
     assert all(len(r["negatives"]) == 2 for r in rows)
+
+
+class CountingEncoder(PaletteEncoder):
+    """The palette encoder that counts what it embeds and can fail on one colour."""
+
+    def __init__(self, fail_on: str | None = None):
+        self.seen = 0
+        self.fail_on = fail_on
+
+    def encode(self, items, batch_size=16):
+        if self.fail_on and any(self.fail_on in (item.text or "") for item in items):
+            raise RuntimeError("the node went away")
+        self.seen += len(items)
+        return super().encode(items, batch_size)
+
+
+def test_an_interrupted_embedding_pass_resumes_at_the_next_shard(tmp_path):
+    version = planted_version(tmp_path)  # shards of 7 and 5 rows
+    cfg = mining_config(tmp_path)
+    model = {"uri": "palette", "digest": "r" * 64}
+    failing = CountingEncoder(fail_on="gray")  # row 9: in the second shard
+    with pytest.raises(RuntimeError, match="went away"):
+        mine_version(cfg, version, lambda: failing, model, show_progress=False)
+    assert failing.seen == 2 * 7  # the first shard's queries and positives, stored
+    resumed = CountingEncoder()
+    mined = mine_version(cfg, version, lambda: resumed, model, show_progress=False)
+    assert resumed.seen == 2 * 5 and mined.report["queries"] == 12
+
+
+def test_the_mine_command_mines_a_version_with_a_model_folder(tmp_path, tiny_model_dir, capsys):
+    import yaml
+
+    from rzenembed.cli import main
+
+    version = planted_version(tmp_path)
+    config = tmp_path / "mine.yaml"
+    settings = {"model": {"name_or_path": "unused"}, "storage": {"root": str(tmp_path / "s")}}
+    config.write_text(yaml.safe_dump(settings))
+    command = ["mine", version.uri, "--model", str(tiny_model_dir), "--config", str(config)]
+    assert main([*command, "--set", "mining.negatives=2"]) == 0
+    out = capsys.readouterr().out
+    assert "mine/planted: 12 queries" in out and "mined version: " in out
+    assert main([*command, "--set", "mining.negatives=2"]) == 0
+    assert "(found already mined)" in capsys.readouterr().out

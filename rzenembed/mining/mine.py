@@ -7,8 +7,9 @@ it (``stats.mined_by``) and carries the report's figures.
 Work, for one dataset:
 
 1. *embed* every row's query and positive with the stage-1 model, shard by shard (only
-   one shard's rows in memory); the vectors are cached on the storage root by (model
-   digest, dataset content digest), so mining again under another rule costs no pass;
+   one shard's rows in memory); each shard's vectors are stored on the storage root under
+   (model digest, dataset content digest) as it finishes: an interrupted pass resumes at
+   the next shard, and mining again under other rules costs no pass;
 2. *search* each query's ``top_k`` nearest positives (``search.top_k``);
 3. *choose* by the rules (``rules.select_negatives``);
 4. *write* each input shard again with its rows' mined negatives appended as references
@@ -100,31 +101,27 @@ def _embeddings_uri(cfg: PipelineConfig, model_digest: str, version: DatasetVers
     return join(cfg.storage.root, EMBEDDINGS, key)
 
 
-def _save(uri: str, array: np.ndarray, endpoint: str | None) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    write_bytes(uri, buffer.getvalue(), endpoint)
-
-
 def embed_version(
     cfg: PipelineConfig,
     version: DatasetVersion,
-    encoder: Encoder,
+    make_encoder: Callable[[], Encoder],
     model_digest: str,
     show_progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, _Rows]:
-    """Every row's query and positive vectors (cached by model and content) and the
-    rows' light columns."""
+    """Every row's query and positive vectors and the rows' light columns. Vectors are
+    stored per shard under (model digest, dataset content digest) as each shard finishes,
+    so an interrupted pass resumes at the first shard without them, and mining the same
+    data again with other rules embeds nothing. ``make_encoder()`` is called only when some
+    shard still needs embedding (loading a 7B model is not free)."""
     endpoint = cfg.storage.endpoint_url
     cache = _embeddings_uri(cfg, model_digest, version)
-    rows = _Rows([], [], [], [])
-    queries, positives = [], []
-    cached = exists(join(cache, "positives.npy"), endpoint)
-    target = side_encoder(encoder, endpoint)
     root = media_root_of(version)
     frames, batch = cfg.model.video_frames, cfg.mining.batch_size
+    rows = _Rows([], [], [], [])
+    queries, positives = [], []
+    target = None
     bar = tqdm(
-        total=version.rows * (1 if cached else 2),
+        total=2 * version.rows,
         desc=f"mine/{version.manifest.dataset}: embedding",
         disable=not show_progress,
         unit="item",
@@ -137,21 +134,26 @@ def embed_version(
             rows.groups += [r.get("group_id") for r in part]
             rows.items += [item_key(r["positive"]) for r in part]
             rows.texts += [(r["query"].get("text") or "")[:200] for r in part]
-            if cached:
-                bar.update(len(part))
+            stored = join(cache, f"{shard_name(shard)}.npz")
+            if exists(stored, endpoint):
+                arrays = np.load(io.BytesIO(read_bytes(stored, endpoint)))
+                queries.append(arrays["queries"])
+                positives.append(arrays["positives"])
+                bar.update(2 * len(part))
                 continue
-            for column, out in (("query", queries), ("positive", positives)):
+            if target is None:
+                target = side_encoder(make_encoder(), endpoint)
+            vectors = {}
+            for column in ("query", "positive"):
                 sides = [r[column] for r in part]
-                out.append(target.encode_sides(sides, root, frames, batch, bar.update).numpy())
-    if cached:
-        query_vectors = np.load(io.BytesIO(read_bytes(join(cache, "queries.npy"), endpoint)))
-        positive_vectors = np.load(io.BytesIO(read_bytes(join(cache, "positives.npy"), endpoint)))
-    else:
-        query_vectors = np.concatenate(queries).astype(np.float32)
-        positive_vectors = np.concatenate(positives).astype(np.float32)
-        _save(join(cache, "queries.npy"), query_vectors, endpoint)
-        _save(join(cache, "positives.npy"), positive_vectors, endpoint)  # the marker: last
-    return query_vectors, positive_vectors, rows
+                encoded = target.encode_sides(sides, root, frames, batch, bar.update)
+                vectors[column] = encoded.numpy().astype(np.float32)
+            buffer = io.BytesIO()
+            np.savez(buffer, queries=vectors["query"], positives=vectors["positive"])
+            write_bytes(stored, buffer.getvalue(), endpoint)
+            queries.append(vectors["query"])
+            positives.append(vectors["positive"])
+    return np.concatenate(queries), np.concatenate(positives), rows
 
 
 def _normalised(vectors: np.ndarray) -> np.ndarray:
@@ -180,9 +182,7 @@ def mine_version(
     found = committed(plan, cfg)
     if found is not None:
         return Mined(found, found.manifest.stats["mining"], reused=True)
-    queries, pool, rows = embed_version(
-        cfg, version, make_encoder(), model["digest"], show_progress
-    )
+    queries, pool, rows = embed_version(cfg, version, make_encoder, model["digest"], show_progress)
     queries, pool = _normalised(queries), _normalised(pool)
     scores, candidates, kind = top_k(queries, pool, cfg.mining.top_k, cfg.mining.exact_limit)
     selection = select_negatives(

@@ -13,7 +13,12 @@ applies, in this order:
     document), never each other's negatives by the dataset's own statement;
 ``near_duplicate``
     a candidate whose embedding is within ``near_duplicate`` cosine of the positive's: the
-    same item re-encoded, resized or re-captioned, which no id or URI reveals;
+    same item re-encoded, resized or re-captioned, which no id or URI reveals. The cosine is
+    taken after the pool's mean vector is removed from both (and they are normalised
+    again): embedding spaces are anisotropic, an untrained or briefly trained model puts
+    every pair above 0.98, and even trained ones share a common direction; without it, a
+    copy stays near 1 while unrelated items fall towards 0, so one threshold serves any
+    model;
 ``above_percpos``
     a candidate the query scores above ``percpos`` x its positive's score (NV-Retriever's
     TopK-PercPos): so close that it is more likely an unlabelled positive than a negative
@@ -101,13 +106,15 @@ def select_negatives(
     groups = _codes([*pool_groups, *query_groups])
     pool_group, query_group = groups[: len(pool_groups)], groups[len(pool_groups) :]
     positive_scores = np.einsum("nd,nd->n", queries, pool[positive_of])
+    centred = pool - pool.mean(axis=0, keepdims=True)
+    centred /= np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
     rule = np.full((n, k), -1, dtype=np.int64)  # index into RULES, -1: survives so far
     valid = candidates >= 0
     safe = np.where(valid, candidates, 0)
     for start in range(0, n, CHUNK):
         rows = slice(start, min(n, start + CHUNK))
         cand, positive = safe[rows], positive_of[rows]
-        near = np.einsum("nkd,nd->nk", pool[cand], pool[positive]) >= cfg.near_duplicate
+        near = np.einsum("nkd,nd->nk", centred[cand], centred[positive]) >= cfg.near_duplicate
         if cfg.percpos is None:
             above = np.zeros_like(near)
         else:
