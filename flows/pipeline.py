@@ -41,6 +41,7 @@ from tasks.data import (
     recaption,
     split_clips,
 )
+from tasks.mining import mine_negatives
 from tasks.model import evaluate_model, register_model, soup_adapters
 from tasks.training import base_model_ref, merge_stage1_model, train_stage1, train_stage2
 
@@ -114,12 +115,33 @@ def run_data_prep(ex: Execution) -> dict[str, Any]:
     pending = {}  # the stages' manifests, built side by side (each may be a Ray Job)
     if stage1:
         pending["stage1"] = ex.opts(mixture).submit(cfg, "stage1", None, stage1, ctx)
-    for m in cfg.stage2.mixtures:
-        pending[f"stage2/{m.name}"] = ex.opts(mixture).submit(cfg, "stage2", m.name, stage2, ctx)
+    if not cfg.mining.enabled:  # else stage 2's manifests wait for the mined versions
+        pending.update(_stage2_manifests(ex, stage2))
     manifests = {name: future.result() for name, future in pending.items()}
     _counts_table(versions, finals)
     print(_data_summary(versions, finals))
-    return {"versions": versions, "finals": finals, "stages": manifests}
+    return {"versions": versions, "finals": finals, "stages": manifests, "stage2_finals": stage2}
+
+
+def _stage2_manifests(ex: Execution, finals: dict[str, Any]) -> dict[str, Any]:
+    """Each stage-2 mixture's manifest over ``finals``, submitted side by side (futures)."""
+    return {
+        f"stage2/{m.name}": ex.opts(mixture).submit(ex.cfg, "stage2", m.name, finals, ex.ctx)
+        for m in ex.cfg.stage2.mixtures
+    }
+
+
+def stage2_data(ex: Execution, data: dict[str, Any], merged: dict[str, Any]) -> dict[str, Any]:
+    """Stage 2's manifests by mixture: on the prepared data, or (``mining.enabled``) on it
+    with hard negatives mined by ``merged``, the stage-1 model stage 2 starts from."""
+    if not ex.cfg.mining.enabled:
+        return data["stages"]
+    mined = ex.opts(mine_negatives)(ex.cfg, data["stage2_finals"], merged, ex.ctx)
+    data["mined"] = mined
+    pending = _stage2_manifests(ex, mined)
+    stages = {**data["stages"], **{name: f.result() for name, f in pending.items()}}
+    data["stages"] = stages
+    return stages
 
 
 def _data_summary(versions: dict[str, dict[str, Any]], finals: dict[str, Any]) -> str:
@@ -170,17 +192,17 @@ def run_stage2_from(ex: Execution, data: dict[str, Any], merged: dict[str, Any])
     if not cfg.stage2.mixtures:
         raise ValueError("no stage-2 mixture configured (stage2.mixtures)")
     train = ex.opts(train_stage2)
+    stages = stage2_data(ex, data, merged)
     mixtures, at_once = cfg.stage2.mixtures, cfg.compute.concurrent_mixtures
     adapters = []
     for first in range(0, len(mixtures), at_once):
         group = mixtures[first : first + at_once]
         if len(group) == 1:  # a round of one trains in the flow's own thread
             m = group[0]
-            adapters.append(train(cfg, m.name, data["stages"][f"stage2/{m.name}"], merged, ctx))
+            adapters.append(train(cfg, m.name, stages[f"stage2/{m.name}"], merged, ctx))
             continue
         futures = [
-            train.submit(cfg, m.name, data["stages"][f"stage2/{m.name}"], merged, ctx)
-            for m in group
+            train.submit(cfg, m.name, stages[f"stage2/{m.name}"], merged, ctx) for m in group
         ]
         wait(futures)  # a failed mixture lets the others finish (cached for the rerun)
         adapters.extend(future.result() for future in futures)

@@ -343,6 +343,10 @@ class MixtureConfig(Strict):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     datasets: dict[str, float] = Field(min_length=1)
+    # Which hard negatives its rows train on: the ones a dataset ships (and sibling clips),
+    # the ones mined with the stage-1 model (``mining``), or both. ``both`` is mined alone
+    # where a dataset ships none. Stage 2's ``hard_negatives`` K stays the limit per step.
+    negatives: Literal["given", "mined", "both"] = "both"
 
     @field_validator("datasets")
     @classmethod
@@ -371,6 +375,10 @@ class Stage2Config(StageConfig):
 class MiningConfig(Strict):
     """Hard negatives mined with the stage-1 model (``rzenembed.mining``): each query's
     top ``top_k`` of its dataset's pool, filtered, then ``negatives`` drawn from a window."""
+
+    # Mine every stage-2 dataset between the stages (full-pipeline, retrain); off: stage 2
+    # trains on the negatives the datasets ship.
+    enabled: bool = True
 
     # Candidates retrieved per query (by the ANN index) before any rule.
     top_k: int = Field(default=50, gt=0)

@@ -275,9 +275,15 @@ class Tracker:
 
     def log_text(self, run_id: str, name: str, text: str, artifact_path: str | None = None) -> None:
         """``text`` as the run's artifact ``[artifact_path/]name``."""
+        self.log_bytes(run_id, name, text.encode(), artifact_path)
+
+    def log_bytes(
+        self, run_id: str, name: str, data: bytes, artifact_path: str | None = None
+    ) -> None:
+        """``data`` (a picture, say) as the run's artifact ``[artifact_path/]name``."""
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
-            path.write_text(text)
+            path.write_bytes(data)
             self.client.log_artifact(run_id, str(path), artifact_path)
 
     def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:

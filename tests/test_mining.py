@@ -27,6 +27,7 @@ from rzenembed.mining.mine import mine_version
 from rzenembed.mining.report import one_line
 from rzenembed.mining.rules import RULES, select_negatives
 from rzenembed.mining.search import top_k
+from rzenembed.prep.mixture import profile_negatives
 from rzenembed.training.rows import DatasetRows, UnresolvedReference
 
 # --------------------------------------------------------------------------- the rules
@@ -248,6 +249,17 @@ def test_planted_false_negatives_are_never_chosen_and_each_is_counted_under_its_
 # --------------------------------------------------------------------------- references
 
 
+def commit(writer, dataset):
+    return writer.commit(
+        dataset=dataset,
+        step="mine",
+        config_digest="c",
+        code_version="1",
+        inputs=[],
+        stats={"media_root": ""},
+    )
+
+
 def test_a_mined_reference_resolves_in_another_shard_and_a_missing_row_names_both(tmp_path):
     def row(i, negatives=()):
         return record(f"r{i}", "refs", "text", side(f"q{i}"), side(f"p{i}"), list(negatives))
@@ -260,16 +272,11 @@ def test_a_mined_reference_resolves_in_another_shard_and_a_missing_row_names_bot
     writer.write_shard(
         "part-00001", records_table([row(2), row(3), row(4, [mined_reference("r9")])])
     )
-    version = writer.commit(
-        dataset="refs",
-        step="mine",
-        config_digest="c",
-        code_version="1",
-        inputs=[],
-        stats={"media_root": ""},
-    )
+    version = commit(writer, "refs")
     both = DatasetRows(version, "text", 2).fetch([0])[0]["negatives"]
-    assert [n["text"] for n in both] == ["a shipped negative", "p3"]  # r3 lives in shard 1
+    assert sorted(n["text"] for n in both) == ["a shipped negative", "p3"]  # r3: shard 1
+    profile = profile_negatives(version, in_process=True)
+    assert (profile.given, profile.mined, profile.both, profile.unresolved) == (1, 1, 2, 0)
     assert [
         n["text"] for n in DatasetRows(version, "text", 2, negatives="given")[0]["negatives"]
     ] == ["a shipped negative"]
@@ -360,3 +367,26 @@ def test_the_mine_command_mines_a_version_with_a_model_folder(tmp_path, tiny_mod
     assert "mine/planted: 12 queries" in out and "mined version: " in out
     assert main([*command, "--set", "mining.negatives=2"]) == 0
     assert "(found already mined)" in capsys.readouterr().out
+
+
+def test_both_interleaves_given_and_mined_so_a_small_k_holds_both_kinds(tmp_path):
+    rows = [
+        record(
+            f"r{i}",
+            "mix",
+            "text",
+            side(f"q{i}"),
+            side(f"p{i}"),
+            [side(f"given {i}.{j}") for j in range(2)]
+            + [mined_reference(f"r{(i + j) % 40}") for j in (1, 2)],
+        )
+        for i in range(40)
+    ]
+    writer = VersionWriter(str(tmp_path / "v"), RECORD_SCHEMA)
+    writer.write_shard("part-00000", records_table(rows))
+    version = commit(writer, "mix")
+    fetched = DatasetRows(version, "text", 4).fetch(range(40))
+    kinds = [["given" in n["text"] for n in r["negatives"]] for r in fetched]
+    assert all(k in ([True, False, True, False], [False, True, False, True]) for k in kinds)
+    firsts = [k[0] for k in kinds]  # K = 1 takes the first: both kinds across the rows
+    assert 10 < sum(firsts) < 30

@@ -140,7 +140,8 @@ def test_stage_manifest_records_most_negatives_and_unresolved_references(tmp_pat
     from rzenembed.prep.mixture import profile_negatives
 
     version = write_version(str(tmp_path / "clips"), [text_rows(0)[:5], clip_rows()])
-    assert profile_negatives(version) == (2, 1)
+    profile = profile_negatives(version)
+    assert (profile.both, profile.given, profile.mined, profile.unresolved) == (2, 2, 0, 1)
 
 
 def test_rows_read_from_s3(s3_endpoint, version):

@@ -18,9 +18,8 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 
-import pyarrow.compute as pc
-
 from rzenembed.config import MixtureConfig, PipelineConfig
+from rzenembed.data.schema import is_mined
 from rzenembed.data.storage import filesystem, join
 from rzenembed.data.version import DatasetVersion, ShardInfo, write_atomically
 from rzenembed.identity import dumps_canonical, json_digest
@@ -41,6 +40,8 @@ class StageDataset:
     # and sibling references that point at no row of their shard (counted, left empty).
     max_negatives: int | None = None
     unresolved_negatives: int = 0
+    # Which of its negatives training reads: given | mined | both (the mixture's choice).
+    negatives: str = "both"
 
 
 @dataclass
@@ -100,31 +101,54 @@ def mixture_weights(
     return weights
 
 
-def _shard_negatives(job: tuple[str, ShardInfo, str | None]) -> tuple[int, int]:
-    """(most negatives of a row, references to no row of the shard) for one shard."""
+@dataclass(frozen=True)
+class NegativesProfile:
+    """The most negatives any row has, by choice (given, mined, both), and the sibling
+    references that point at no row of their shard."""
+
+    given: int = 0
+    mined: int = 0
+    both: int = 0
+    unresolved: int = 0
+
+    def most(self, choice: str) -> int:
+        return {"given": self.given, "mined": self.mined, "both": self.both}[choice]
+
+    def __add__(self, other: NegativesProfile) -> NegativesProfile:
+        return NegativesProfile(
+            max(self.given, other.given),
+            max(self.mined, other.mined),
+            max(self.both, other.both),
+            self.unresolved + other.unresolved,
+        )
+
+
+def _shard_negatives(job: tuple[str, ShardInfo, str | None]) -> NegativesProfile:
+    """The ``NegativesProfile`` of one shard (mined references may name any shard of the
+    version: they are never unresolved here)."""
     uri, shard, endpoint = job
     table = DatasetVersion.open(uri, endpoint).read_shard(shard, columns=["id", "negatives"])
-    lengths = pc.list_value_length(table.column("negatives")).fill_null(0)
-    most = int(pc.max(lengths).as_py() or 0) if table.num_rows else 0
     ids = set(table.column("id").to_pylist())
-    unresolved = 0
+    profile = NegativesProfile()
     for negatives in table.column("negatives").to_pylist():
-        for negative in negatives or []:
-            ref = negative.get("ref")
-            unresolved += bool(ref) and ref not in ids
-    return most, unresolved
+        mined = sum(is_mined(n) for n in negatives or [])
+        given = len(negatives or []) - mined
+        unresolved = sum(
+            bool(n.get("ref")) and not is_mined(n) and n["ref"] not in ids for n in negatives or []
+        )
+        profile = profile + NegativesProfile(given, mined, given + mined, unresolved)
+    return profile
 
 
-_PROFILES: dict[str, tuple[int, int]] = {}  # content digest -> profile, per process
+_PROFILES: dict[str, NegativesProfile] = {}  # content digest -> profile, per process
 
 
 def profile_negatives(
     version: DatasetVersion, show_progress: bool = False, in_process: bool = False
-) -> tuple[int, int]:
-    """(most hard negatives of any row, unresolved sibling references) of ``version``: one
-    pass over its ``id`` and ``negatives`` columns, a Ray task per shard (``in_process``:
-    shard by shard here); remembered per content digest, so the stage-2 mixtures of one
-    run scan each version once."""
+) -> NegativesProfile:
+    """The ``NegativesProfile`` of ``version``: one pass over its ``id`` and ``negatives``
+    columns, a Ray task per shard (``in_process``: shard by shard here); remembered per
+    content digest, so the stage-2 mixtures of one run scan each version once."""
     from rzenembed.data.engine import run_shards
 
     known = _PROFILES.get(version.content_digest)
@@ -135,7 +159,7 @@ def profile_negatives(
         results = [_shard_negatives(job) for job in jobs]
     else:
         results = run_shards(_shard_negatives, jobs, show_progress=show_progress) if jobs else []
-    profile = (max((m for m, _ in results), default=0), sum(u for _, u in results))
+    profile = sum(results, NegativesProfile())
     _PROFILES[version.content_digest] = profile
     return profile
 
@@ -153,8 +177,10 @@ def run_mixture(
         raise ValueError(f"stage {stage}: no non-empty dataset to train on")
     total = sum(weights.values())
     datasets = []
+    choice = mixture.negatives if mixture is not None else "both"
     for name in sorted(weights):
-        most, unresolved = profile_negatives(versions[name])
+        profile = profile_negatives(versions[name])
+        unresolved = profile.unresolved
         if unresolved:
             log.warning(
                 "%s: %d sibling negatives point at rows no longer in their shard (dropped "
@@ -170,8 +196,9 @@ def run_mixture(
                 versions[name].rows,
                 _task_group(cfg, name),
                 weights[name] / total,
-                max_negatives=most,
+                max_negatives=profile.most(choice),
                 unresolved_negatives=unresolved,
+                negatives=choice,
             )
         )
     manifest = StageManifest(stage, mixture.name if mixture else "all", datasets)

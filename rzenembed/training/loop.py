@@ -185,8 +185,10 @@ def load_sources(
         version = DatasetVersion.open(d.uri, endpoint_url)
         most = d.max_negatives
         if most is None:  # no Ray jobs from inside a training worker: read it here
-            most, _ = profile_negatives(version, in_process=True)
-        sources[d.dataset] = DatasetRows(version, d.task_group, most, cache_bytes=cache_bytes)
+            most = profile_negatives(version, in_process=True).most(d.negatives)
+        sources[d.dataset] = DatasetRows(
+            version, d.task_group, most, cache_bytes=cache_bytes, negatives=d.negatives
+        )
     return sources
 
 

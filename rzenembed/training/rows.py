@@ -43,6 +43,7 @@ Memory
 from __future__ import annotations
 
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -316,7 +317,7 @@ class DatasetRows:
     # ------------------------------------------------------------------ references
 
     def _resolved(self, shard: int, row: dict[str, Any], position: int) -> dict[str, Any]:
-        negatives = [n for n in row.get("negatives") or [] if self._wanted(n)]
+        negatives = self._chosen(row)
         if not any(n.get("ref") for n in negatives):
             return {**row, "negatives": negatives}
         index = self._id_index.get(shard, lambda: self._ids_of(shard))
@@ -333,11 +334,23 @@ class DatasetRows:
                 resolved.append(self._row(elsewhere, at)["positive"])
         return {**row, "negatives": resolved}
 
-    def _wanted(self, negative: dict[str, Any]) -> bool:
-        """Whether this dataset's ``negatives`` choice (given | mined | both) keeps it."""
-        if self.negatives == "both":
-            return True
-        return is_mined(negative) == (self.negatives == "mined")
+    def _chosen(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """The row's negatives this dataset's choice keeps: ``given`` or ``mined`` alone,
+        or ``both`` interleaved (one of each in turn, which kind first decided by the row's
+        id), so that a step's K slots, filled from the front, hold both kinds across the
+        dataset even when K is 1."""
+        every = row.get("negatives") or []
+        mined = [n for n in every if is_mined(n)]
+        given = [n for n in every if not is_mined(n)]
+        if self.negatives != "both":
+            return mined if self.negatives == "mined" else given
+        first, second = (
+            (mined, given) if zlib.crc32(str(row["id"]).encode()) % 2 else (given, mined)
+        )
+        out = []
+        for k in range(max(len(first), len(second))):
+            out += first[k : k + 1] + second[k : k + 1]
+        return out
 
     def _anywhere(self, ref: str, row_id: str) -> tuple[int, int]:
         """(shard, position) of row ``ref`` anywhere in the version (mined references)."""
