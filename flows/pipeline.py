@@ -305,8 +305,9 @@ def full_pipeline(
     base: str | None = None,
     refresh: bool = False,
 ) -> dict[str, Any]:
-    """Raw datasets -> data prep -> stage 1 -> stage 2 per mixture -> soup -> evaluate ->
-    register (champion only if better). Returns the model URI and where everything is."""
+    """Raw datasets -> data prep -> stage 1 -> mining -> stage 2 per mixture -> soup ->
+    evaluate -> register (champion only if better). Returns the model URI and where
+    everything is."""
 
     def body(ex: Execution) -> dict[str, Any]:
         data = run_data_prep(ex)

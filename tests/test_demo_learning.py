@@ -109,6 +109,27 @@ def test_the_demo_console_is_short_and_free_of_ray_data_internals(demo):
     # What each training run did, one line each: stage 1 and the two stage-2 mixtures.
     trained = [x for x in shown if re.search(r"stage[12]/\S+: trained, \d+ steps, loss", x)]
     assert len(trained) == 3, trained
+    # One mining line per stage-2 dataset (seven sources and the merged classification).
+    mined = [x for x in shown if re.search(r"mine/\S+: \d+ queries, [\d.]+ negatives each", x)]
+    assert len(mined) == 8, mined
+
+
+def test_stage2_trains_on_negatives_mined_by_the_stage1_model(demo):
+    """Both stage-2 mixtures' manifests name the mined versions, and their reports say the
+    chosen negatives score above random in-batch ones under the stage-1 model."""
+    root, _ = demo
+    manifests = [json.loads(p.read_text()) for p in root.rglob("stage-manifest.json")]
+    stage2 = [m for m in manifests if m["stage"] == "stage2"]
+    assert {m["mixture"] for m in stage2} == {"balanced", "doc-heavy"}
+    for manifest in stage2:
+        for d in manifest["datasets"]:
+            assert "/mine/" in d["uri"] and d["negatives"] == "both", d
+            assert d["max_negatives"] >= 1, d
+    reports = [json.loads(p.read_text()) for p in root.rglob("report/mining.json")]
+    assert len(reports) == 8
+    scores = [r["scores"] for r in reports if r["scores"]["mined"].get("count")]
+    above = [s["mined"]["mean"] > s["random"]["mean"] for s in scores]
+    assert len(scores) >= 6 and all(above), [(r["dataset"], r["scores"]) for r in reports]
 
 
 def test_the_commands_the_demo_prints_work_as_printed(demo):
@@ -129,4 +150,6 @@ def test_the_commands_the_demo_prints_work_as_printed(demo):
             [str(rzenembed), *argv[1:]], capture_output=True, text=True, timeout=300
         )
         assert done.returncode == 0, (name, done.stdout[-2000:], done.stderr[-2000:])
+        if name == "lineage":  # the registered model's data passes through the mining step
+            assert "/mine" in done.stdout, done.stdout[-3000:]
     assert hints["browse"].startswith("mlflow ui --backend-store-uri sqlite:///")

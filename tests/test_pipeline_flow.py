@@ -358,9 +358,27 @@ def test_lineage_reaches_every_raw_dataset_with_manifest_digests(runs):
     assert {n.step for n in nodes if n.step} >= DATA_STEPS | {
         "stage1",
         "merge-stage1",
+        "mine",
         "stage2",
         "soup",
     }
+
+
+def test_stage2_trains_on_the_versions_mined_by_the_stage1_model(runs):
+    """The mine step sits between the stages: every stage-2 dataset mined with the merged
+    stage-1 model, and the stage-2 manifests name the mined versions."""
+    result = runs["first"].result()
+    mined = result["data"]["mined"]
+    merged = result["trained"]["merged"]
+    assert set(mined) == set(result["data"]["stage2_finals"])
+    for name, ref in mined.items():
+        version = DatasetVersion.open(ref["uri"])
+        assert version.manifest.step == "mine" and version.manifest.dataset == name
+        assert version.manifest.stats["mined_by"]["digest"] == merged["digest"]
+        assert version.manifest.inputs[0].uri == result["data"]["stage2_finals"][name]["uri"]
+    for mixture in ("even", "doc-heavy"):
+        manifest = StageManifest.load(result["data"]["stages"][f"stage2/{mixture}"]["uri"])
+        assert all("/mine/" in d.uri for d in manifest.datasets), manifest.datasets
 
 
 def test_every_step_has_a_child_run_under_one_parent(runs):
@@ -374,6 +392,7 @@ def test_every_step_has_a_child_run_under_one_parent(runs):
     assert steps == DATA_STEPS | {
         "stage1",
         "merge-stage1",
+        "mine",
         "stage2",
         "soup",
         "evaluate",
