@@ -41,12 +41,15 @@ REPORT_FILES = {
 }
 
 
-def _actor_pool(
-    cfg: PipelineConfig, model_uri: str, local_sets: list[str], set_uris: Sequence[str] | None
+def embedding_pool(
+    cfg: PipelineConfig,
+    model_uri: str,
+    local_sets: Sequence[str] = (),
+    set_uris: Sequence[str] | None = None,
 ) -> ActorPoolEncoder:
     """``compute.eval_actors`` embedding actors of ``model_uri`` (started at the first
-    call). ``set_uris`` (where each of ``local_sets`` was staged from) lets an actor on
-    another node stage a remote set itself."""
+    call; evaluation and mining share them). ``set_uris`` (where each of ``local_sets`` was
+    staged from) lets an actor on another node stage a remote set itself."""
     staged = {
         local: uri
         for local, uri in zip(local_sets, set_uris or local_sets, strict=True)
@@ -84,7 +87,7 @@ def _score_with_actors(
     from rzenembed.evaluation import evaluate
 
     owned = encoder is None
-    pool = _actor_pool(cfg, model["uri"], local_sets, set_uris) if encoder is None else encoder
+    pool = embedding_pool(cfg, model["uri"], local_sets, set_uris) if encoder is None else encoder
     try:
         return evaluate(
             pool,
@@ -150,7 +153,7 @@ def _evaluate_task(
     out: dict[str, Any] = {}
     # One pool for both models: the actors that embedded the baseline load the model in
     # place (on a GPU cluster a new actor costs a process, a CUDA context and a staged set).
-    pool = _actor_pool(cfg, models["baseline"]["uri"], local_sets, sets)
+    pool = embedding_pool(cfg, models["baseline"]["uri"], local_sets, sets)
     try:
         previous = None
         for role in ("baseline", "model"):  # the baseline first: the model's report has deltas

@@ -3,8 +3,9 @@
 FAISS does the search: an exact flat index for pools up to ``exact_limit`` entries (a few
 hundred thousand: a 100k x 1536 pool is 600 MB and a query batch scans it in milliseconds
 per query on a GPU, well under a second per thousand on CPU), an inverted-file index
-beyond (``nlist`` about 4 x sqrt(pool), trained on a seeded sample, ``nprobe`` lists
-searched), whose recall is below 1 and which the report says it used. Queries are searched
+beyond (``nlist`` = sqrt(pool) lists, trained on a seeded sample of 64 per list,
+``IVF_PROBES`` lists searched), whose recall is below 1 (measured by
+benchmarks/mining_bench.py) and which the report names. Queries are searched
 in batches so memory stays at one batch of results.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 
 SEARCH_BATCH = 4096  # queries per FAISS call
 IVF_PROBES = 32
+TRAIN_PER_LIST = 64  # k-means training rows per inverted list
 
 
 def _normalised(vectors: np.ndarray) -> np.ndarray:
@@ -26,7 +28,7 @@ def _normalised(vectors: np.ndarray) -> np.ndarray:
 
 def build_index(pool: np.ndarray, exact_limit: int, seed: int = 0):
     """A FAISS inner-product index over ``pool`` (rows normalised here): flat when the pool
-    is at most ``exact_limit`` entries, IVF (trained on up to 256 x nlist rows) beyond."""
+    is at most ``exact_limit`` entries, IVF (trained on 64 x nlist sampled rows) beyond."""
     import faiss
 
     vectors = _normalised(pool)
@@ -34,10 +36,10 @@ def build_index(pool: np.ndarray, exact_limit: int, seed: int = 0):
     if size <= exact_limit:
         index = faiss.IndexFlatIP(dim)
     else:
-        lists = max(1, int(4 * math.sqrt(size)))
+        lists = max(1, int(math.sqrt(size)))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        sample = vectors[rng.choice(size, min(size, 256 * lists), replace=False)]
+        sample = vectors[rng.choice(size, min(size, TRAIN_PER_LIST * lists), replace=False)]
         index.train(sample)
         index.nprobe = min(IVF_PROBES, lists)
     index.add(vectors)
