@@ -37,8 +37,12 @@ def _mining_inputs(p: dict[str, Any]) -> list[str]:
     return [*finals, f"model:{p['model']['digest']}"]
 
 
-@task(name="mine", persist_result=True,
-      cache_key_fn=keyed("mine", _mining_section, _mining_inputs), **RETRIES)  # fmt: skip
+@task(
+    name="mine",
+    persist_result=True,
+    cache_key_fn=keyed("mine", _mining_section, _mining_inputs),
+    **RETRIES,
+)
 def mine_negatives(
     cfg: PipelineConfig,
     finals: dict[str, dict[str, Any]],
