@@ -106,15 +106,22 @@ def select_negatives(
     groups = _codes([*pool_groups, *query_groups])
     pool_group, query_group = groups[: len(pool_groups)], groups[len(pool_groups) :]
     positive_scores = np.einsum("nd,nd->n", queries, pool[positive_of])
-    centred = pool - pool.mean(axis=0, keepdims=True)
-    centred /= np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+    # Centred cosines without a centred copy of the pool: (a - m).(b - m) expands to
+    # a.b - a.m - b.m + m.m, with each entry's a.m and centred norm computed once.
+    mean = pool.mean(axis=0, dtype=np.float64).astype(np.float32)
+    shift = pool @ mean
+    lengths = np.sqrt(
+        np.maximum(np.einsum("nd,nd->n", pool, pool) - 2 * shift + mean @ mean, 1e-12)
+    )
     rule = np.full((n, k), -1, dtype=np.int64)  # index into RULES, -1: survives so far
     valid = candidates >= 0
     safe = np.where(valid, candidates, 0)
     for start in range(0, n, CHUNK):
         rows = slice(start, min(n, start + CHUNK))
         cand, positive = safe[rows], positive_of[rows]
-        near = np.einsum("nkd,nd->nk", centred[cand], centred[positive]) >= cfg.near_duplicate
+        dots = np.einsum("nkd,nd->nk", pool[cand], pool[positive])
+        centred = dots - shift[cand] - shift[positive][:, None] + mean @ mean
+        near = centred / (lengths[cand] * lengths[positive][:, None]) >= cfg.near_duplicate
         if cfg.percpos is None:
             above = np.zeros_like(near)
         else:
