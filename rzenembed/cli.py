@@ -184,7 +184,7 @@ def _cmd_soup(args: argparse.Namespace) -> int:
 
 def _cmd_mine(args: argparse.Namespace) -> int:
     from rzenembed.data.version import DatasetVersion
-    from rzenembed.mining.mine import mine_version
+    from rzenembed.mining.mine import local_judge, mine_version
     from rzenembed.mining.report import one_line
     from rzenembed.modeling import RzenEmbedder
     from rzenembed.modeling.digest import folder_digest
@@ -198,7 +198,8 @@ def _cmd_mine(args: argparse.Namespace) -> int:
         device = task_device(want_gpu=True)
         return RzenEmbedder.from_pretrained(args.model, config=cfg.model, device=device)
 
-    mined = mine_version(cfg, version, embedder, model)
+    judge = local_judge(cfg) if cfg.mining.judge.enabled else None
+    mined = mine_version(cfg, version, embedder, model, judge=judge)
     print(one_line(mined.report) + ("  (found already mined)" if mined.reused else ""))
     print(f"mined version: {mined.version.uri}")
     print(f"report: {mined.version.uri.rstrip('/')}/report/mining.md")

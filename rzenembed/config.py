@@ -372,6 +372,20 @@ class Stage2Config(StageConfig):
 # --------------------------------------------------------------------------- soup, eval
 
 
+class JudgeConfig(Strict):
+    """The optional relevance judge of mined negatives (``rzenembed.mining.judge``)."""
+
+    enabled: bool = False
+    # A Qwen-VL generation model folder; None: the recaption model (prep.recaption.model).
+    model: str | None = None
+    prompt: str = "Does the candidate also correctly answer or match the query? Answer yes or no."
+    # A mined candidate the judge gives P(yes) at or above this is dropped.
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    batch_size: int = Field(default=8, gt=0)
+    max_visual_tokens: int = Field(default=256, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
 class MiningConfig(Strict):
     """Hard negatives mined with the stage-1 model (``rzenembed.mining``): each query's
     top ``top_k`` of its dataset's pool, filtered, then ``negatives`` drawn from a window."""
@@ -395,6 +409,7 @@ class MiningConfig(Strict):
     # Exact search (FAISS flat inner product) up to this pool size, IVF beyond.
     exact_limit: int = Field(default=300_000, gt=0)
     batch_size: int = Field(default=16, gt=0)
+    judge: JudgeConfig = JudgeConfig()
 
     @model_validator(mode="after")
     def _window_holds_the_negatives(self) -> MiningConfig:

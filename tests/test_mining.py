@@ -390,3 +390,35 @@ def test_both_interleaves_given_and_mined_so_a_small_k_holds_both_kinds(tmp_path
     assert all(k in ([True, False, True, False], [False, True, False, True]) for k in kinds)
     firsts = [k[0] for k in kinds]  # K = 1 takes the first: both kinds across the rows
     assert 10 < sum(firsts) < 30
+
+
+def test_the_relevance_judge_drops_what_it_accepts_and_counts_it(tmp_path, tiny_model_dir):
+    """The judge's plumbing with the tiny model (random weights: its verdicts mean nothing,
+    so the thresholds decide): at 0 it accepts every drawn negative, above 1 none."""
+    from rzenembed.mining.judge import RelevanceJudge
+    from rzenembed.mining.mine import local_judge
+
+    version = planted_version(tmp_path)
+    model = {"uri": "palette", "digest": "j" * 64}
+    judged = {}
+    for threshold in (0.0, 1.0):
+        judge = {"enabled": True, "model": str(tiny_model_dir), "threshold": threshold}
+        cfg = mining_config(tmp_path / f"t{threshold}", judge=judge)
+        mined = mine_version(cfg, version, PaletteEncoder, model, False, local_judge(cfg))
+        judged[threshold] = mined.report
+    assert judged[0.0]["negatives"] == 0 and judged[0.0]["removed"]["judged_relevant"] == 36
+    assert judged[1.0]["negatives"] == 36 and judged[1.0]["removed"]["judged_relevant"] == 0
+    with pytest.raises(ValueError, match="no judge given"):
+        cfg = mining_config(tmp_path / "none", judge={"enabled": True})
+        mine_version(cfg, version, PaletteEncoder, model, False)
+    cfg = mining_config(tmp_path, judge={"model": str(tiny_model_dir)})
+    judge = RelevanceJudge(str(tiny_model_dir), cfg.mining.judge)
+    from rzenembed.modeling.embedder import EmbedInput
+
+    red = Image.new("RGB", (32, 32), PALETTE["red"])
+    pairs = [
+        (EmbedInput(text="find the red picture"), EmbedInput(images=[red])),
+        (EmbedInput(text="a question"), EmbedInput(text="an answer")),
+    ]
+    first, again = judge.relevance(pairs), judge.relevance(pairs)
+    assert first == again and all(0.0 <= p <= 1.0 for p in first)

@@ -160,15 +160,22 @@ def _normalised(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
+# What judges (query side, candidate side) pairs of a dataset: P(relevant) for each, given
+# the pairs and the dataset's media root (``judge.RelevanceJudge`` here or in a GPU task).
+Judge = Callable[[list[tuple[dict[str, Any], dict[str, Any]]], str], list[float]]
+
+
 def mine_version(
     cfg: PipelineConfig,
     version: DatasetVersion,
     make_encoder: Callable[[], Encoder],
     model: dict[str, str],
     show_progress: bool = True,
+    judge: Judge | None = None,
 ) -> Mined:
     """Mine ``version`` with the model ``{"uri", "digest"}``; ``make_encoder()`` gives what
-    embeds with it, called only when the version was not mined already."""
+    embeds with it, called only when the version was not mined already. ``judge`` (needed
+    when ``mining.judge.enabled``) drops drawn negatives it finds relevant."""
     endpoint = cfg.storage.endpoint_url
     dataset = version.manifest.dataset
     plan = plan_step(
@@ -198,6 +205,10 @@ def mine_version(
         cfg=cfg.mining,
         seed=cfg.seed,
     )
+    if cfg.mining.judge.enabled:
+        if judge is None:
+            raise ValueError("mining.judge.enabled: no judge given to mine_version")
+        _apply_judge(version, selection, judge, cfg.mining.judge.threshold)
     random_scores = _random_candidates(queries, pool, rows.ids, cfg.seed)
     report = build_report(
         dataset,
@@ -226,6 +237,53 @@ def mine_version(
         side_folders=("report",),
     )
     return Mined(mined, report, reused=False)
+
+
+def _apply_judge(
+    version: DatasetVersion, selection: Selection, judge: Judge, threshold: float
+) -> None:
+    """Ask ``judge`` about every drawn (query, negative) pair; drop those at or above
+    ``threshold`` from ``selection`` and count them."""
+    asked = [(i, c) for i, chosen in enumerate(selection.chosen) for c in chosen]
+    if not asked:
+        return
+    from rzenembed.training.rows import DatasetRows
+
+    rows = DatasetRows(version, "judge", 0, negatives="given")
+    needed = sorted({i for i, _ in asked} | {c for _, c in asked})
+    fetched = dict(zip(needed, rows.fetch(needed), strict=True))
+    pairs = [(fetched[i]["query"], fetched[c]["positive"]) for i, c in asked]
+    verdicts = judge(pairs, media_root_of(version))
+    dropped = {pair for pair, p in zip(asked, verdicts, strict=True) if p >= threshold}
+    for i, chosen in enumerate(selection.chosen):
+        kept = [k for k, c in enumerate(chosen) if (i, c) not in dropped]
+        selection.chosen[i] = [chosen[k] for k in kept]
+        selection.scores[i] = [selection.scores[i][k] for k in kept]
+    selection.removed["judged_relevant"] += len(dropped)
+
+
+def local_judge(cfg: PipelineConfig) -> Judge:
+    """A ``Judge`` running here (on this process's device): the model loaded once, at the
+    first call."""
+    loaded: list[Any] = []
+
+    def judge(pairs: list[tuple[dict[str, Any], dict[str, Any]]], media_root: str) -> list[float]:
+        from rzenembed.mining.judge import RelevanceJudge
+        from rzenembed.runtime import task_device
+        from rzenembed.training.collate import MediaReader, to_input
+
+        settings = cfg.mining.judge
+        if not loaded:
+            path = settings.model or cfg.prep.recaption.model
+            if not path:
+                raise ValueError("mining.judge: name the model (or prep.recaption.model)")
+            loaded.append(RelevanceJudge(path, settings, str(task_device(want_gpu=True))))
+        reader = MediaReader(media_root, cfg.storage.endpoint_url, remember=True)
+        frames = cfg.model.video_frames
+        inputs = [(to_input(q, reader, frames), to_input(c, reader, frames)) for q, c in pairs]
+        return loaded[0].relevance(inputs)
+
+    return judge
 
 
 # Input statistics that still describe the mined rows (where media live, what groups mean).

@@ -29,7 +29,10 @@ applies, in this order:
     survivors ranked outside ``window`` (after the skip);
 ``not_drawn``
     window members beyond the ``negatives`` drawn (seeded per query, so a rerun draws
-    the same ones and another seed others).
+    the same ones and another seed others);
+``judged_relevant``
+    drawn negatives a vision-language judge says also answer the query (``judge``; off
+    by default), dropped without replacement.
 
 Counts per rule are kept for the report: a rule that removes most candidates says the pool
 is full of duplicates or the thresholds are off.
@@ -55,6 +58,7 @@ RULES = (
     "skipped_rank",
     "outside_window",
     "not_drawn",
+    "judged_relevant",  # applied after the draw, by the optional judge (mining.judge)
 )
 CHUNK = 256  # queries whose candidate vectors are gathered at once (n x k x d floats)
 
