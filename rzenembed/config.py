@@ -271,6 +271,28 @@ class TemperatureConfig(Strict):
         return self
 
 
+class MatryoshkaConfig(Strict):
+    """Nested dimensions (Matryoshka representation learning): the loss on each prefix of
+    the embedding, renormalised, summed with ``weights`` (default: all 1)."""
+
+    dims: list[int] = Field(min_length=1)
+    weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _increasing_positive_dims(self) -> MatryoshkaConfig:
+        if any(d <= 0 for d in self.dims) or sorted(set(self.dims)) != self.dims:
+            raise ValueError(f"loss.matryoshka.dims must increase and be > 0: {self.dims}")
+        if self.weights is not None:
+            if len(self.weights) != len(self.dims):
+                raise ValueError(
+                    f"loss.matryoshka.weights has {len(self.weights)} entries for "
+                    f"{len(self.dims)} dims"
+                )
+            if any(w < 0 for w in self.weights) or not any(w > 0 for w in self.weights):
+                raise ValueError("loss.matryoshka.weights must be >= 0 with one > 0")
+        return self
+
+
 class LossConfig(Strict):
     """The RzenEmbed contrastive loss; each refinement can be switched off for ablations."""
 
@@ -280,6 +302,8 @@ class LossConfig(Strict):
     temperature: TemperatureConfig = TemperatureConfig()
     task_groups: list[str] = Field(default_factory=lambda: list(TASK_GROUPS), min_length=1)
     gather_across_ranks: bool = True
+    # Nested dimensions (off in the paper configs): see MatryoshkaConfig.
+    matryoshka: MatryoshkaConfig | None = None
 
     @field_validator("task_groups")
     @classmethod

@@ -469,3 +469,75 @@ def _check_same_shape_on_all_ranks(batch: int, num_neg: int, dim: int, device: A
             "every rank must pass the same local batch size, number of negatives and dim; "
             f"got (b, K, D) per rank {everyone.tolist()}"
         )
+
+
+class MatryoshkaLoss(nn.Module):
+    """The RzenEmbed loss on nested prefixes of the embeddings (Matryoshka representation
+    learning: Kusupati et al., 2022), so a vector cut to its first d values, renormalised,
+    still embeds well.
+
+    For each d in ``cfg.matryoshka.dims`` the full loss (hardness weights, false-negative
+    mask, per-task temperatures, cross-rank candidates) is computed on the first d values of
+    every query, positive and negative, each renormalised; the loss is the weighted sum.
+    Everything a prefix decides (the mask, the hardness weights) is decided on that prefix.
+    The temperatures are shared by all prefixes. Under GradCache the gradient of the summed
+    loss with respect to the cached full embeddings flows through the slicing, so chunked
+    and plain steps agree. The returned ``per_task_loss`` and ``masked_fraction`` are the
+    largest prefix's; ``per_dim_loss`` gives each prefix's loss.
+    """
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        if cfg.matryoshka is None:
+            raise ValueError("MatryoshkaLoss needs loss.matryoshka")
+        self.base = RzenEmbedLoss(cfg)
+        self.dims = list(cfg.matryoshka.dims)
+        self.weights = list(cfg.matryoshka.weights or [1.0] * len(self.dims))
+
+    @property
+    def cfg(self) -> LossConfig:
+        return self.base.cfg
+
+    @property
+    def theta(self) -> Tensor:
+        return self.base.theta
+
+    def temperatures(self) -> Tensor:
+        return self.base.temperatures()
+
+    def temperature_dict(self) -> dict[str, float]:
+        return self.base.temperature_dict()
+
+    def task_index(self, names: Sequence[str]) -> Tensor:
+        return self.base.task_index(names)
+
+    def forward(
+        self,
+        query: Tensor,
+        positive: Tensor,
+        task_index: Tensor,
+        negatives: Tensor | None = None,
+        **ids: Tensor | None,
+    ) -> dict[str, Any]:
+        full = query.shape[-1]
+        if self.dims[-1] > full:
+            raise ValueError(
+                f"loss.matryoshka.dims {self.dims} exceed the embedding dimension {full}"
+            )
+        total, out, per_dim = None, {}, {}
+        for dim, weight in zip(self.dims, self.weights, strict=True):
+
+            def cut(x: Tensor | None, d: int = dim) -> Tensor | None:
+                return None if x is None else F.normalize(x[..., :d], dim=-1)
+
+            out = self.base(cut(query), cut(positive), task_index, cut(negatives), **ids)
+            per_dim[dim] = out["loss"].detach()
+            term = weight * out["loss"]
+            total = term if total is None else total + term
+        return {**out, "loss": total, "per_dim_loss": per_dim}
+
+
+def make_loss(cfg: LossConfig) -> nn.Module:
+    """The loss ``cfg`` describes: ``MatryoshkaLoss`` with nested dimensions, else
+    ``RzenEmbedLoss``."""
+    return MatryoshkaLoss(cfg) if cfg.matryoshka is not None else RzenEmbedLoss(cfg)

@@ -22,8 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rzenembed.config import LoraConfig, LossConfig
-from rzenembed.losses import RzenEmbedLoss
+from rzenembed.config import LoraConfig, LossConfig, MatryoshkaConfig
+from rzenembed.losses import RzenEmbedLoss, make_loss
 from rzenembed.modeling import EmbedInput, RzenEmbedder
 from rzenembed.training import gradcache
 from rzenembed.training.gradcache import (
@@ -228,8 +228,9 @@ def toy_data(batch: int, num_neg: int, seed: int = 1) -> tuple[list, list, list]
     return list(query), list(pos), list(neg)
 
 
-def toy_loss() -> RzenEmbedLoss:
-    return RzenEmbedLoss(LossConfig(gather_across_ranks=True)).double()
+def toy_loss(matryoshka: bool = False) -> nn.Module:
+    nested = MatryoshkaConfig(dims=[2, 4, DIM], weights=[1.0, 0.5, 1.0]) if matryoshka else None
+    return make_loss(LossConfig(gather_across_ranks=True, matryoshka=nested)).double()
 
 
 def toy_step(
@@ -271,11 +272,14 @@ def test_prepare_batch_chunks_each_role_and_checks_counts():
         prepare_batch(StackPreparer(), q, p[:-1], None, 0, 3)
 
 
+@pytest.mark.parametrize("matryoshka", [False, True])
 @pytest.mark.parametrize("num_neg", [0, 2])
 @pytest.mark.parametrize("chunk", [None, 1, 3, 4])
-def test_toy_gradcache_matches_plain_step(num_neg, chunk):
+def test_toy_gradcache_matches_plain_step(num_neg, chunk, matryoshka):
+    """Also with nested dimensions: the summed prefix losses' gradient with respect to the
+    cached full embeddings gives the plain step's gradients (same tolerance)."""
     q, p, n = toy_data(7, num_neg)
-    encoder, loss = ToyEncoder(), toy_loss()
+    encoder, loss = ToyEncoder(), toy_loss(matryoshka)
     reference = prepare_batch(StackPreparer(), q, p, n, num_neg, None)
     want_result, want = toy_step(plain_step, encoder, loss, reference)
     batch = prepare_batch(StackPreparer(), q, p, n, num_neg, chunk)

@@ -445,3 +445,42 @@ def test_bad_inputs_raise(case: str) -> None:
     kwargs, message = _bad_inputs()[case]
     with pytest.raises(ValueError, match=message):
         make_loss()(**kwargs)
+
+
+def test_the_matryoshka_loss_is_the_weighted_sum_over_renormalised_prefixes():
+    """By hand: the base loss on each prefix (cut, renormalised), weighted and summed; the
+    masks and hardness weights are the prefix's own; the temperatures are shared."""
+    from rzenembed.config import MatryoshkaConfig
+    from rzenembed.losses import MatryoshkaLoss, make_loss
+
+    gen = torch.Generator().manual_seed(3)
+    q = F.normalize(torch.randn(5, 8, generator=gen, dtype=torch.float64), dim=-1)
+    p = F.normalize(q + 0.3 * torch.randn(5, 8, generator=gen, dtype=torch.float64), dim=-1)
+    n = F.normalize(torch.randn(5, 2, 8, generator=gen, dtype=torch.float64), dim=-1)
+    task = torch.zeros(5, dtype=torch.long)
+    nested = MatryoshkaConfig(dims=[2, 4, 8], weights=[0.25, 0.5, 1.0])
+    loss = make_loss(LossConfig(matryoshka=nested)).double()
+    assert isinstance(loss, MatryoshkaLoss)
+    base = RzenEmbedLoss(LossConfig()).double()
+
+    def prefix(x, d):
+        return F.normalize(x[..., :d], dim=-1)
+
+    expected = sum(
+        w * base(prefix(q, d), prefix(p, d), task, negatives=prefix(n, d))["loss"]
+        for d, w in ((2, 0.25), (4, 0.5), (8, 1.0))
+    )
+    out = loss(q, p, task, negatives=n)
+    assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-12)
+    assert set(out["per_dim_loss"]) == {2, 4, 8}
+    assert float(out["per_dim_loss"][8]) == pytest.approx(
+        float(base(q, p, task, negatives=n)["loss"]), rel=1e-12
+    )
+    out["loss"].backward()
+    assert loss.theta.grad is not None and loss.temperature_dict() == base.temperature_dict()
+    with pytest.raises(ValueError, match="exceed the embedding dimension 8"):
+        make_loss(LossConfig(matryoshka=MatryoshkaConfig(dims=[4, 16]))).double()(q, p, task)
+    with pytest.raises(ValueError, match="must increase"):
+        MatryoshkaConfig(dims=[8, 4])
+    with pytest.raises(ValueError, match="weights has 1 entries for 2 dims"):
+        MatryoshkaConfig(dims=[4, 8], weights=[1.0])

@@ -1,4 +1,5 @@
-"""RzenEmbedLoss across two gloo ranks equals the single-process loss on the whole batch.
+"""The RzenEmbed loss (and its Matryoshka form) across two gloo ranks equals the
+single-process loss on the whole batch.
 
 Two CPU processes each encode half of one batch with the same tiny encoder, compute the loss
 (candidates gathered with gradient), back-propagate and average gradients as DDP would. The
@@ -8,6 +9,7 @@ process gets on the whole batch. Results travel back to the parent as files in t
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rzenembed.config import LossConfig, TemperatureConfig
-from rzenembed.losses import RzenEmbedLoss
+from rzenembed.config import LossConfig, MatryoshkaConfig, TemperatureConfig
+from rzenembed.losses import make_loss
 
 from .multiprocess import gloo_rank, run_ranks
 
@@ -57,8 +59,9 @@ def make_inputs() -> dict[str, Tensor]:
     )
 
 
-def make_models(gather: bool = True) -> tuple[nn.Linear, RzenEmbedLoss]:
-    """Encoder and loss, identical wherever they are built (fixed seed, float64)."""
+def make_models(gather: bool = True, nested: bool = False) -> tuple[nn.Linear, nn.Module]:
+    """Encoder and loss, identical wherever they are built (fixed seed, float64);
+    ``nested``: the Matryoshka loss over prefixes 2, 4 and 6."""
     torch.manual_seed(0)
     encoder = nn.Linear(IN_DIM, DIM).double()
     cfg = LossConfig(
@@ -68,15 +71,16 @@ def make_models(gather: bool = True) -> tuple[nn.Linear, RzenEmbedLoss]:
         temperature=TemperatureConfig(learnable=True, init=0.05, min=0.01, max=1.0),
         task_groups=GROUPS,
         gather_across_ranks=gather,
+        matryoshka=MatryoshkaConfig(dims=[2, 4, DIM], weights=[0.5, 1.0, 1.0]) if nested else None,
     )
-    loss = RzenEmbedLoss(cfg).double()
+    loss = make_loss(cfg).double()
     with torch.no_grad():
         loss.theta.copy_(torch.tensor([0.05, 0.1, 0.2], dtype=torch.float64).log())
     return encoder, loss
 
 
 def forward_backward(
-    encoder: nn.Linear, loss: RzenEmbedLoss, data: dict[str, Tensor], rows: slice
+    encoder: nn.Linear, loss: nn.Module, data: dict[str, Tensor], rows: slice
 ) -> dict:
     """Encode the given rows, run the loss and back-propagate; returns the loss output."""
 
@@ -102,17 +106,22 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
     gloo_rank(_run_rank, rank, port, out_dir, WORLD)
 
 
-def _run_rank(rank: int) -> dict:
+def _rank_main_nested(rank: int, port: int, out_dir: str) -> None:
+    """``_rank_main`` with the Matryoshka loss."""
+    gloo_rank(functools.partial(_run_rank, nested=True), rank, port, out_dir, WORLD)
+
+
+def _run_rank(rank: int, nested: bool = False) -> dict:
     data = make_inputs()
     local = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
-    encoder, loss = make_models()
+    encoder, loss = make_models(nested=nested)
     out = forward_backward(encoder, loss, data, local)
     grads = [encoder.weight.grad, encoder.bias.grad, loss.theta.grad]
     for grad in grads:
         dist.all_reduce(grad)
         grad /= WORLD
     # The same rows without gathering, to show that gathering is what makes the sums agree.
-    enc_local, loss_local = make_models(gather=False)
+    enc_local, loss_local = make_models(gather=False, nested=nested)
     local_only = forward_backward(enc_local, loss_local, data, local)["loss"].item()
     return {
         "loss": out["loss"].item(),
@@ -123,9 +132,10 @@ def _run_rank(rank: int) -> dict:
     }
 
 
-def test_two_ranks_match_single_process(tmp_path: Path) -> None:
-    ranks = run_ranks(_rank_main, WORLD, tmp_path, JOIN_TIMEOUT_S)
-    encoder, loss = make_models()
+@pytest.mark.parametrize("nested", [False, True], ids=["full", "matryoshka"])
+def test_two_ranks_match_single_process(tmp_path: Path, nested: bool) -> None:
+    ranks = run_ranks(_rank_main_nested if nested else _rank_main, WORLD, tmp_path, JOIN_TIMEOUT_S)
+    encoder, loss = make_models(nested=nested)
     single = forward_backward(encoder, loss, make_inputs(), slice(None))
 
     mean_loss = sum(r["loss"] for r in ranks) / WORLD

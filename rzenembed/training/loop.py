@@ -36,7 +36,7 @@ from rzenembed.config import PipelineConfig, StageConfig
 from rzenembed.data.folders import is_published, publish_folder, write_text
 from rzenembed.data.storage import is_remote, join
 from rzenembed.data.version import DatasetVersion
-from rzenembed.losses import RzenEmbedLoss
+from rzenembed.losses import make_loss
 from rzenembed.modeling import RzenEmbedder
 from rzenembed.modeling.digest import digests_of
 from rzenembed.modeling.embedder import ThreadLocalPreparer
@@ -95,7 +95,7 @@ class RunSpec:
 class TrainModule(nn.Module):
     """The embedder and the loss (which owns the temperatures) as one module."""
 
-    def __init__(self, embedder: RzenEmbedder, loss: RzenEmbedLoss):
+    def __init__(self, embedder: RzenEmbedder, loss: nn.Module):
         super().__init__()
         self.embedder = embedder
         self.loss = loss
@@ -170,7 +170,7 @@ def build_model(spec: RunSpec, runtime: Runtime) -> TrainModule:
     )
     torch.manual_seed(spec.stage_config.seed)
     embedder.apply_lora(cfg.lora)
-    module = TrainModule(embedder, RzenEmbedLoss(cfg.loss))
+    module = TrainModule(embedder, make_loss(cfg.loss))
     runtime.place(module)
     return module
 
@@ -447,6 +447,12 @@ class Trainer:
         return {
             "loss": loss,
             "per_task_loss": {k: float(v) for k, v in out.get("per_task_loss", {}).items()},
+            # Nested dimensions (loss.matryoshka): each prefix's loss, the whole batch's.
+            **(
+                {"per_dim_loss": {str(d): global_mean(float(v), device) for d, v in nested.items()}}
+                if (nested := out.get("per_dim_loss"))
+                else {}
+            ),
             "temperature": {k: float(v) for k, v in out.get("temperatures", {}).items()},
             "masked_fraction": masked,
             "negatives_per_query": batch.num_negatives,
