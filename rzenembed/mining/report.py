@@ -21,6 +21,8 @@ from rzenembed.data.folders import write_bytes, write_text
 from rzenembed.data.storage import join
 from rzenembed.mining.rules import RULES, Selection
 
+FALSE_NEGATIVE_RULES = (*RULES[:5], "judged_relevant")
+
 REPORT_FILES = {"json": "mining.json", "markdown": "mining.md", "png": "mining.png"}
 EXAMPLES = 3
 DISTRIBUTION_SAMPLES = 5000  # scores per distribution kept for the picture
@@ -92,14 +94,17 @@ def build_report(
 
 def one_line(report: dict[str, Any]) -> str:
     """The flow's line for a dataset: what was mined, what the rules removed, the scores."""
-    removed = ", ".join(f"{k} {v}" for k, v in report["removed"].items() if v)
+    # The false-negative rules only; the window's and the draw's counts are in the report.
+    removed = ", ".join(
+        f"{k} {v}" for k, v in report["removed"].items() if v and k in FALSE_NEGATIVE_RULES
+    )
     scores = report["scores"]
     mean = {k: scores[k].get("mean") for k in ("positive", "mined", "random")}
     shown = " / ".join(f"{k} {'–' if v is None else f'{v:.3f}'}" for k, v in mean.items())
     return (
         f"mine/{report['dataset']}: {report['queries']} queries, "
         f"{report['negatives_per_query']:.1f} negatives each ({report['short_queries']} short); "
-        f"removed: {removed or 'none'}; mean score {shown}"
+        f"false negatives removed: {removed or 'none'}; mean score {shown}"
     )
 
 
