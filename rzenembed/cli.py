@@ -74,6 +74,7 @@ def _evaluate_to(model: str, evals: list[str], out: str, args: argparse.Namespac
     from rzenembed.modeling.digest import folder_digest
     from rzenembed.runtime import task_device
 
+    references = [read_scores_at(uri) for uri in args.reference]  # a bad path fails first
     embedder = RzenEmbedder.from_pretrained(model, device=task_device(want_gpu=True))
     digest = folder_digest(model)
     scores = evaluate(
@@ -91,7 +92,6 @@ def _evaluate_to(model: str, evals: list[str], out: str, args: argparse.Namespac
         "max_visual_tokens": embedder.cfg.max_visual_tokens,
     }
     skipped = suite_skipped(evals)
-    references = [read_scores_at(uri) for uri in args.reference]
     return write_report(
         scores, out, info, previous=args.previous, skipped=skipped, references=references
     )

@@ -220,10 +220,17 @@ def merge_classification(
 def _mixture_section(p: dict[str, Any]) -> dict[str, Any]:
     cfg: PipelineConfig = p["cfg"]
     mixture = p.get("mixture_name")
-    weights = None
+    weights, negatives = None, None
     if mixture:
-        weights = next(m for m in cfg.stage2.mixtures if m.name == mixture).datasets
-    return {**_prep_section(p), "stage": p["stage"], "mixture": mixture, "weights": weights}
+        config = next(m for m in cfg.stage2.mixtures if m.name == mixture)
+        weights, negatives = config.datasets, config.negatives
+    return {
+        **_prep_section(p),
+        "stage": p["stage"],
+        "mixture": mixture,
+        "weights": weights,
+        "negatives": negatives,
+    }
 
 
 def _final_digests(p: dict[str, Any]) -> list[str]:

@@ -115,6 +115,14 @@ def _weights(cfg: PipelineConfig, adapters: list[dict[str, Any]]) -> list[float]
     return [cfg.soup.weights[m] for m in mixtures]
 
 
+def _references_suffix(cfg: PipelineConfig) -> str:
+    """What the published score files add to a report's identity: a report made without
+    them (or with others) is not the one asked for, so it is made again (every dataset's
+    score is stored by model and content: nothing is embedded twice)."""
+    refs = cfg.eval.reference_scores
+    return f"-ref{digest_of(sorted(refs))[:8]}" if refs else ""
+
+
 @task(
     name="soup",
     persist_result=True,
@@ -240,7 +248,7 @@ def evaluate_model(
         run_id,
     ):
         root = output_root(cfg)
-        out_uri = join(root, f"eval-{model['digest'][:12]}")
+        out_uri = join(root, f"eval-{model['digest'][:12]}{_references_suffix(cfg)}")
         cache = join(root, "_embedding_cache")
         # Each dataset's score as it is stored, from this process (the work may be a job).
         watcher = ScoreWatcher(

@@ -183,3 +183,14 @@ def test_a_file_that_is_not_a_score_file_is_a_clear_error(tmp_path, capsys):
     assert "neither a score file" in capsys.readouterr().err
     assert main(["compare", str(published), str(tmp_path / "absent.json")]) == 2
     assert "score file not found" in capsys.readouterr().err
+
+
+def test_a_plain_page_key_beside_its_fixed_key_and_values_that_are_not_numbers(tmp_path):
+    data = json.loads(published_file(tmp_path / "p.json").read_text())
+    data["metrics"]["visdoc"]["ViDoSeek-page"] = {"ndcg_linear@5": 0.01, "num_data": 1142}
+    data["metrics"]["image"]["N24News"] = {"hit@1": "N/A", "num_data": 1000}
+    scores = read_scores(data, release_sizes=True)
+    assert scores.scores["ViDoSeek-page"] == _published_score("ViDoSeek-page")  # -fixed kept
+    assert "N24News" not in scores.scores
+    assert any("ViDoSeek-page: beside ViDoSeek-page-fixed" in n for n in scores.notes)
+    assert any("N24News: a value that is not a number" in n for n in scores.notes)

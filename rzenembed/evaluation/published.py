@@ -100,6 +100,9 @@ def _from_score_file(
             if item.modality != modality:
                 out.notes.append(f"{key}: a {item.modality} dataset listed under {modality}")
             if key in WRITTEN_AS:  # a plain page-split key: which split did it score?
+                if any(k == WRITTEN_AS[key] for k in datasets):
+                    out.notes.append(f"{key}: beside {WRITTEN_AS[key]}, which is kept")
+                    continue
                 if dated and dated < PAGE_SPLITS_FIXED:
                     out.notes.append(
                         f"{key}: scored on the page split before its fix "
@@ -107,19 +110,24 @@ def _from_score_file(
                     )
                     continue
                 out.notes.append(f"{key}: taken as the fixed page split ({WRITTEN_AS[key]})")
-            if item.metric not in values:
+            try:
+                score = float(values[item.metric])
+                count = None if values.get("num_data") is None else int(values["num_data"])
+            except KeyError:
                 out.notes.append(f"{key}: no {item.metric}, left out")
                 continue
-            count = values.get("num_data")
-            if release_sizes and count is not None and int(count) != item.queries:
+            except (TypeError, ValueError):
+                out.notes.append(f"{key}: a value that is not a number, left out")
+                continue
+            if release_sizes and count is not None and count != item.queries:
                 out.notes.append(
-                    f"{key}: scored on {int(count)} queries, the release has {item.queries} "
+                    f"{key}: scored on {count} queries, the release has {item.queries} "
                     f"(another version of the set); left out"
                 )
                 continue
-            out.scores[dataset] = float(values[item.metric])
+            out.scores[dataset] = score
             if count is not None:
-                out.queries[dataset] = int(count)
+                out.queries[dataset] = count
     return out
 
 

@@ -46,7 +46,8 @@ from rzenembed.prep.base import committed, media_root_of, plan_step, shard_name
 
 STEP = "mine"
 CODE_VERSION = "1"
-EMBEDDINGS = "_mining"  # under the storage root: <model>/<dataset content>/*.npy
+EMBEDDINGS = "_mining"  # under the storage root: <model>/<dataset content>-<settings>/*.npz
+JUDGE_CHUNK = 2048  # (query, negative) pairs whose rows are fetched and judged at once
 
 
 @dataclass
@@ -84,20 +85,28 @@ def item_key(side: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def _embedding_settings(cfg: PipelineConfig) -> str:
+    """What the vectors depend on besides the weights and the rows: how inputs reach the
+    model (dtype, visual and text budgets, frames, template), never where it lives."""
+    return digest_of(cfg.model.model_copy(update={"name_or_path": "-"}))
+
+
 def mining_digest(cfg: PipelineConfig, model_digest: str) -> str:
+    judge = cfg.mining.judge
     return digest_of(
         {
             "mining": cfg.mining,
             "model": model_digest,
             "seed": cfg.seed,
-            "frames": cfg.model.video_frames,
+            "settings": _embedding_settings(cfg),
+            # The judge's model when it falls back to the recaption model.
+            "judge_model": (judge.model or cfg.prep.recaption.model) if judge.enabled else None,
         }
     )
 
 
 def _embeddings_uri(cfg: PipelineConfig, model_digest: str, version: DatasetVersion) -> str:
-    frames = cfg.model.video_frames
-    key = f"{model_digest[:16]}/{version.content_digest[:16]}-f{frames}"
+    key = f"{model_digest[:16]}/{version.content_digest[:16]}-{_embedding_settings(cfg)[:8]}"
     return join(cfg.storage.root, EMBEDDINGS, key)
 
 
@@ -134,6 +143,8 @@ def embed_version(
             rows.groups += [r.get("group_id") for r in part]
             rows.items += [item_key(r["positive"]) for r in part]
             rows.texts += [(r["query"].get("text") or "")[:200] for r in part]
+            if not part:  # a shard a filter emptied: nothing to embed, nothing to store
+                continue
             stored = join(cache, f"{shard_name(shard)}.npz")
             if exists(stored, endpoint):
                 arrays = np.load(io.BytesIO(read_bytes(stored, endpoint)))
@@ -153,11 +164,16 @@ def embed_version(
             write_bytes(stored, buffer.getvalue(), endpoint)
             queries.append(vectors["query"])
             positives.append(vectors["positive"])
+    if not queries:
+        empty = np.zeros((0, 1), dtype=np.float32)
+        return empty, empty, rows
     return np.concatenate(queries), np.concatenate(positives), rows
 
 
 def _normalised(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    """``vectors`` (float32, owned here) made unit rows in place: no second copy of a pool."""
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors
 
 
 # What judges (query side, candidate side) pairs of a dataset: P(relevant) for each, given
@@ -191,7 +207,10 @@ def mine_version(
         return Mined(found, found.manifest.stats["mining"], reused=True)
     queries, pool, rows = embed_version(cfg, version, make_encoder, model["digest"], show_progress)
     queries, pool = _normalised(queries), _normalised(pool)
-    scores, candidates, kind = top_k(queries, pool, cfg.mining.top_k, cfg.mining.exact_limit)
+    if len(pool) == 0:  # no rows: nothing to mine, the version is written as it is
+        candidates, scores, kind = np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32), "none"
+    else:
+        scores, candidates, kind = top_k(queries, pool, cfg.mining.top_k, cfg.mining.exact_limit)
     selection = select_negatives(
         queries,
         pool,
@@ -208,7 +227,7 @@ def mine_version(
     if cfg.mining.judge.enabled:
         if judge is None:
             raise ValueError("mining.judge.enabled: no judge given to mine_version")
-        _apply_judge(version, selection, judge, cfg.mining.judge.threshold)
+        _apply_judge(version, selection, judge, cfg.mining.judge.threshold, cfg.mining.negatives)
     random_scores = _random_candidates(queries, pool, rows.ids, cfg.seed)
     report = build_report(
         dataset,
@@ -240,7 +259,7 @@ def mine_version(
 
 
 def _apply_judge(
-    version: DatasetVersion, selection: Selection, judge: Judge, threshold: float
+    version: DatasetVersion, selection: Selection, judge: Judge, threshold: float, negatives: int
 ) -> None:
     """Ask ``judge`` about every drawn (query, negative) pair; drop those at or above
     ``threshold`` from ``selection`` and count them."""
@@ -250,16 +269,21 @@ def _apply_judge(
     from rzenembed.training.rows import DatasetRows
 
     rows = DatasetRows(version, "judge", 0, negatives="given")
-    needed = sorted({i for i, _ in asked} | {c for _, c in asked})
-    fetched = dict(zip(needed, rows.fetch(needed), strict=True))
-    pairs = [(fetched[i]["query"], fetched[c]["positive"]) for i, c in asked]
-    verdicts = judge(pairs, media_root_of(version))
-    dropped = {pair for pair, p in zip(asked, verdicts, strict=True) if p >= threshold}
+    root = media_root_of(version)
+    dropped: set[tuple[int, int]] = set()
+    for start in range(0, len(asked), JUDGE_CHUNK):  # bounded: the rows of one chunk in memory
+        part = asked[start : start + JUDGE_CHUNK]
+        needed = sorted({i for i, _ in part} | {c for _, c in part})
+        fetched = dict(zip(needed, rows.fetch(needed), strict=True))
+        pairs = [(fetched[i]["query"], fetched[c]["positive"]) for i, c in part]
+        verdicts = judge(pairs, root)
+        dropped |= {pair for pair, p in zip(part, verdicts, strict=True) if p >= threshold}
     for i, chosen in enumerate(selection.chosen):
         kept = [k for k, c in enumerate(chosen) if (i, c) not in dropped]
         selection.chosen[i] = [chosen[k] for k in kept]
         selection.scores[i] = [selection.scores[i][k] for k in kept]
     selection.removed["judged_relevant"] += len(dropped)
+    selection.short = sum(len(c) < negatives for c in selection.chosen)
 
 
 def local_judge(cfg: PipelineConfig) -> Judge:

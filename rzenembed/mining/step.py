@@ -26,26 +26,60 @@ def mine_step(
     from rzenembed.evaluation.step import embedding_pool
 
     pool = embedding_pool(cfg, model["uri"])
-    judge = _judge_on_ray(cfg) if cfg.mining.judge.enabled else None
+    judge = _JudgeOnRay(cfg, pool.close) if cfg.mining.judge.enabled else None
     try:
         return mine_all(cfg, versions, model, lambda: pool, judge)
     finally:
         pool.close()
+        if judge is not None:
+            judge.close()
 
 
-def _judge_on_ray(cfg: PipelineConfig) -> Judge:
-    """The judge as a Ray task per dataset with the step's resources (a GPU on a cluster):
-    a generative model does not belong on the coordinator."""
-    from rzenembed.compute.steps import on_ray
+class _JudgeOnRay:
+    """The judge as one Ray actor with the step's resources (a GPU on a cluster): a
+    generative model does not belong on the coordinator, and an actor loads it once for all
+    of a dataset's chunks. The embedding actors are released before it starts (they may
+    hold every GPU) and it is released after each dataset (``close``), before the pool
+    starts its actors again for the next one."""
 
-    def judge(pairs: list, media_root: str) -> list[float]:
-        return on_ray(cfg, _judge_here, cfg, pairs, media_root)
+    def __init__(self, cfg: PipelineConfig, release: Callable[[], None]):
+        self.cfg = cfg
+        self.release = release
+        self.actor: Any = None
 
-    return judge
+    def __call__(self, pairs: list, media_root: str) -> list[float]:
+        import ray
+
+        from rzenembed.compute.admission import admit_for
+        from rzenembed.compute.steps import step_bundle
+        from rzenembed.compute.waiting import wait_for
+
+        if self.actor is None:
+            self.release()
+            gpus, cpus, custom = step_bundle(self.cfg)
+            resources = {"GPU": gpus, "CPU": cpus, **custom}
+            admit_for(self.cfg.compute, "the relevance judge", 1, resources)
+            options: dict[str, Any] = {"num_gpus": gpus, "num_cpus": cpus}
+            if custom:
+                options["resources"] = custom
+            self.actor = ray.remote(_JudgeActor).options(**options).remote(self.cfg)
+        work = self.actor.relevance.remote(pairs, media_root)
+        return wait_for(work, "judging mined negatives", self.cfg.compute.step_timeout_s)
+
+    def close(self) -> None:
+        import ray
+
+        if self.actor is not None:
+            ray.kill(self.actor)
+            self.actor = None
 
 
-def _judge_here(cfg: PipelineConfig, pairs: list, media_root: str) -> list[float]:
-    return local_judge(cfg)(pairs, media_root)
+class _JudgeActor:
+    def __init__(self, cfg: PipelineConfig):
+        self.judge = local_judge(cfg)
+
+    def relevance(self, pairs: list, media_root: str) -> list[float]:
+        return self.judge(pairs, media_root)
 
 
 def mine_all(
@@ -63,5 +97,7 @@ def mine_all(
     for name, uri in sorted(versions.items()):
         version = DatasetVersion.open(uri, endpoint)
         mined = mine_version(cfg, version, make_encoder, model, False, judge)
+        if hasattr(judge, "close"):  # its GPU back before the next dataset's embedding
+            judge.close()
         out[name] = {"uri": mined.version.uri, "reused": mined.reused, "report": mined.report}
     return out

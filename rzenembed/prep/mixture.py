@@ -180,6 +180,13 @@ def run_mixture(
     choice = mixture.negatives if mixture is not None else "both"
     for name in sorted(weights):
         profile = profile_negatives(versions[name])
+        if choice == "mined" and profile.mined == 0:
+            log.warning(
+                "%s: mixture %s trains on mined negatives but the dataset has none (is "
+                "mining.enabled off?): its rows train on in-batch negatives only",
+                name,
+                mixture.name if mixture else "all",
+            )
         unresolved = profile.unresolved
         if unresolved:
             log.warning(
