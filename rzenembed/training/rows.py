@@ -29,7 +29,7 @@ Sibling references
     (``unresolved_negatives``). A *mined* reference (``rzenembed.data.schema.is_mined``)
     may name a row of any shard of the version: it is looked up in its own shard first,
     then in a version-wide id index (every shard's id column, read once, on the first
-    mined reference that needs it: about 100 bytes a row, 10 MB for a dataset capped at
+    mined reference that needs it: about 200 bytes a row, 20 MB for a dataset capped at
     100k rows). A mined reference to a row the version does not hold is an error naming
     both rows: the mining step wrote it from that very version, so it means corruption.
 
