@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -249,6 +250,19 @@ def test_planted_false_negatives_are_never_chosen_and_each_is_counted_under_its_
 # --------------------------------------------------------------------------- references
 
 
+class RecordingPool(ThreadPoolExecutor):
+    """A thread pool that records what each ``map`` call was given."""
+
+    def __init__(self, workers):
+        super().__init__(workers)
+        self.calls = []
+
+    def map(self, fn, *iterables, **kw):
+        items = list(iterables[0])
+        self.calls.append(items)
+        return super().map(fn, items, **kw)
+
+
 def commit(writer, dataset):
     return writer.commit(
         dataset=dataset,
@@ -283,6 +297,13 @@ def test_a_mined_reference_resolves_in_another_shard_and_a_missing_row_names_bot
     assert [
         n["text"] for n in DatasetRows(version, "text", 2, negatives="mined")[0]["negatives"]
     ] == ["p3"]
+    # The target's row group (shard 1, group 0) is read through the caller's pool, with the
+    # batch's other reads, not afterwards one by one.
+    pool = RecordingPool(2)
+    fresh = DatasetRows(version, "text", 2, negatives="mined")
+    assert [n["text"] for n in fresh.fetch([0], pool)[0]["negatives"]] == ["p3"]
+    assert [(1, 0)] in pool.calls, pool.calls
+    pool.shutdown()
     with pytest.raises(UnresolvedReference, match=r"row 'r4' has a mined negative naming row 'r9'"):
         DatasetRows(version, "text", 2)[4]
     with pytest.raises(ValueError, match="negatives must be one of"):

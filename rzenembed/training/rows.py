@@ -230,10 +230,35 @@ class DatasetRows:
             zip(needed, run(lambda key: self._group(key, footers[key[0]]), needed), strict=True)
         )
         rows = [tables[(s, g)].slice(offset, 1).to_pylist()[0] for s, g, offset in places]
+        # Mined negatives name rows anywhere in the version (random row groups of other
+        # shards): their groups are read here, concurrently like the rows' own, so resolving
+        # them below finds them in the cache instead of reading one after another.
+        targets = self._mined_targets(located, rows)
+        if targets:
+            more = sorted({shard for shard, _ in targets} - set(footers))
+            footers.update(zip(more, run(self._footer, more), strict=True))
+            groups = {(shard, _group_of(footers[shard], at)[0]) for shard, at in targets}
+            missing = sorted(groups - set(tables))
+            list(run(lambda key: self._group(key, footers[key[0]]), missing))
         return [
             self._resolved(shard, row, position)
             for (shard, position), row in zip(located, rows, strict=True)
         ]
+
+    def _mined_targets(
+        self, located: list[tuple[int, int]], rows: list[dict[str, Any]]
+    ) -> list[tuple[int, int]]:
+        """(shard, position) of every mined negative the rows will resolve."""
+        out = []
+        for (shard, _), row in zip(located, rows, strict=True):
+            mined = [n["ref"] for n in self._chosen(row) if is_mined(n)]
+            if not mined:
+                continue
+            index = self._id_index.get(shard, lambda shard=shard: self._ids_of(shard))
+            for ref in mined:
+                at = index.get(ref)
+                out.append((shard, at) if at is not None else self._anywhere(ref, row["id"]))
+        return out
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.fetch([index])[0]
