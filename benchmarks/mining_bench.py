@@ -18,10 +18,10 @@ stage 2 (about 20 datasets x 100k rows + 400k clips) is computed there from them
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
+from rss import proc_status_kib
 
 from rzenembed.config import MiningConfig
 from rzenembed.mining.rules import select_negatives
@@ -29,8 +29,7 @@ from rzenembed.mining.search import build_index
 
 
 def rss_mib() -> float:
-    with open(f"/proc/{os.getpid()}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return proc_status_kib("VmRSS") / 1024
 
 
 def unit(rows: np.ndarray) -> np.ndarray:

@@ -22,9 +22,7 @@ would rank for a query of its kind).
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +41,7 @@ from rzenembed.mining.report import REPORT_FILES, build_report, write_report_fil
 from rzenembed.mining.rules import Selection, query_seed, select_negatives
 from rzenembed.mining.search import top_k
 from rzenembed.prep.base import committed, media_root_of, plan_step, shard_name
+from rzenembed.training.collate import item_key
 
 STEP = "mine"
 CODE_VERSION = "1"
@@ -67,22 +66,6 @@ class _Rows:
     groups: list[str | None]
     items: list[str]
     texts: list[str]
-
-
-def item_key(side: dict[str, Any]) -> str:
-    """The content of a side (text and media locations or bytes): equal keys, same item."""
-    media = [
-        [
-            m.get("kind"),
-            m.get("uri"),
-            m.get("start_s"),
-            m.get("end_s"),
-            [hashlib.sha1(f).hexdigest() for f in m.get("frames") or []],
-        ]
-        for m in side.get("media") or []
-    ]
-    payload = json.dumps([side.get("text") or "", media], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _embedding_settings(cfg: PipelineConfig) -> str:
@@ -347,4 +330,4 @@ def _write_shards(
         start += table.num_rows
 
 
-__all__ = ["REPORT_FILES", "Mined", "embed_version", "item_key", "mine_version"]
+__all__ = ["REPORT_FILES", "Mined", "embed_version", "mine_version"]
