@@ -479,6 +479,25 @@ class EvalConfig(Strict):
     # experiments/public/all_scores/*/<model>.json): every evaluation report puts the model
     # beside them (report.md's "Beside published models", comparison.png).
     reference_scores: list[str] = Field(default_factory=list)
+    # Nested dimensions scored besides the full size (one embedding pass; each a prefix,
+    # renormalised). None: the sizes the model was trained for (its card's matryoshka dims).
+    dimensions: list[int] | None = None
+    # Precisions scored at every dimension (rzenembed.compact): how much the compact codes
+    # an endpoint serves lose. uint8 and ubinary rank as int8 and binary (the same codes
+    # offset by 128), so they are not listed by default.
+    precisions: list[Literal["float", "int8", "uint8", "binary", "ubinary"]] = Field(
+        default_factory=lambda: ["float", "int8", "binary"], min_length=1
+    )
+    # Rows of the model's own training data whose embeddings calibrate the int8/uint8
+    # ranges (rzenembed.evaluation.calibration); 0: no calibration, no int8/uint8.
+    calibration_rows: int = Field(default=1024, ge=0)
+
+    @field_validator("dimensions")
+    @classmethod
+    def _positive_dimensions(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(d <= 0 for d in value):
+            raise ValueError(f"eval.dimensions must be > 0: {value}")
+        return None if value is None else sorted(set(value))
 
 
 class TrackingConfig(Strict):

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from safetensors.torch import load_file
 
+from rzenembed.compact import trained_dimensions
 from rzenembed.data.folders import FolderNotPublishedError, stage_folder
 from rzenembed.data.storage import is_remote
 from rzenembed.modeling.card import ModelCard, ModelFolderError
@@ -412,12 +413,21 @@ def soup(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        embedder.save_pretrained(staging, extra={"soup": recipe})
+        embedder.save_pretrained(staging, extra={"soup": recipe, **nested_dimensions(chosen)})
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return SoupResult(out, recipe)
+
+
+def nested_dimensions(chosen: list[Adapter]) -> dict[str, Any]:
+    """The nested dimensions every souped adapter was trained for (``loss.matryoshka``),
+    as the souped card's ``matryoshka`` entry; nothing when one adapter was trained
+    without them (a prefix only one ingredient learned is not a trained size of the soup)."""
+    sets = [set(trained_dimensions(a.card.extra)) for a in chosen]
+    common = sorted(set.intersection(*sets)) if sets else []
+    return {"matryoshka": {"dims": common}} if common else {}
 
 
 def _recipe(method, adapters, chosen, weights, normalize, trace) -> dict[str, Any]:
@@ -435,6 +445,8 @@ def _recipe(method, adapters, chosen, weights, normalize, trace) -> dict[str, An
                 "stage": a.card.extra.get("stage"),
                 "mixture": a.card.extra.get("mixture"),
                 "manifest_digest": a.card.extra.get("manifest_digest"),
+                # What it was trained on: int8 ranges are calibrated on a sample of it.
+                "stage_manifest": a.card.extra.get("stage_manifest"),
                 "weight": weights[chosen.index(a)] if a in chosen else 0.0,
                 "kept": a in chosen,
             }

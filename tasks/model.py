@@ -13,10 +13,12 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from rzenembed.compact import CALIBRATION_FILE
 from rzenembed.config import PipelineConfig, digest_of
-from rzenembed.data.folders import exists, listing_digest, read_text, stage_folder
+from rzenembed.data.folders import exists, listing_digest, read_bytes, read_text, stage_folder
 from rzenembed.data.storage import is_remote, join
 from rzenembed.evaluation import discover
+from rzenembed.evaluation.compact_report import DIMENSIONS_PNG
 from rzenembed.evaluation.comparison import COMPARISON_PNG
 from rzenembed.evaluation.report import levels
 from rzenembed.evaluation.step import (
@@ -212,6 +214,12 @@ def _aggregate_intervals(report: dict[str, Any]) -> dict[str, list[float]]:
 AGGREGATES = ("All", "Image", "Video", "VisDoc")
 
 
+def compact_summary(report: dict[str, Any]) -> dict[str, float]:
+    """All at every scored (dimension, precision), keyed ``<dimension>_<precision>``."""
+    variants = (report.get("compact") or {}).get("variants", {})
+    return {key.replace("/", "_"): entry["scores"]["All"] for key, entry in variants.items()}
+
+
 def _against_base(report: dict[str, Any], baseline: dict[str, Any]) -> dict[str, list[float]]:
     """Trained minus untrained, paired over the same queries: ``[mean, low, high]`` of the
     95% bootstrap interval per aggregate level. Whether training helped is this interval
@@ -274,10 +282,13 @@ def evaluate_model(
         folder = stage_folder(out_uri, endpoint)  # three small files, for MLflow and Prefect
         for name in REPORT_FILES.values():
             tracker.log_file(run_id, folder / name, "report")
-        if (folder / COMPARISON_PNG).is_file():  # eval.reference_scores: beside published
-            tracker.log_file(run_id, folder / COMPARISON_PNG, "report")
+        for picture in (COMPARISON_PNG, DIMENSIONS_PNG):  # when the report drew them
+            if (folder / picture).is_file():
+                tracker.log_file(run_id, folder / picture, "report")
         now = levels(report)
         tracker.log_metrics(run_id, [(f"eval/{k.replace(':', '/')}", v, 0) for k, v in now.items()])
+        compact = compact_summary(report)
+        tracker.log_metrics(run_id, [(f"eval/compact/{k}", v, 0) for k, v in compact.items()])
         create_markdown_artifact(
             (folder / REPORT_FILES["markdown"]).read_text(),
             key="evaluation-report",
@@ -301,6 +312,11 @@ def evaluate_model(
                 "png": uris["png"],
                 "leaderboard": uris["leaderboard"],
                 "evaluation_digest": report["evaluation_digest"],
+                # Nested sizes and precisions: All per "dimension/precision", the sizes
+                # trained and the int8/uint8 calibration stored with the model.
+                "compact": compact,
+                "trained_dimensions": report["model"].get("trained_dimensions") or [],
+                "calibration": report["model"].get("calibration"),
             },
         ).to_json()
         ref = with_job(ref, ran)
@@ -309,6 +325,22 @@ def evaluate_model(
 
 
 # --------------------------------------------------------------------------- register
+
+
+TRAINED_DIMS_TAG = "rzenembed.trained_dimensions"
+CALIBRATION_TAG = "rzenembed.calibration"
+
+
+def _compact_tags(report: dict[str, Any]) -> dict[str, str]:
+    """Registry tags: the nested sizes the version was trained for and its calibration
+    (``<digest> <uri>``), so a user of the registry sees what it can be cut to."""
+    extra = report["extra"]
+    tags = {}
+    if extra.get("trained_dimensions"):
+        tags[TRAINED_DIMS_TAG] = ",".join(str(d) for d in extra["trained_dimensions"])
+    if extra.get("calibration"):
+        tags[CALIBRATION_TAG] = f"{extra['calibration']['digest']} {extra['calibration']['uri']}"
+    return tags
 
 
 def _verdict(decision: dict[str, Any], version: str) -> str:
@@ -461,9 +493,16 @@ def register_model(
         )
     section = {"tracking": cfg.tracking.model_dump(mode="json"), "metric": level}
     with step_run(cfg, ctx, "register", "register", section) as (tracker, run_id):
-        version, reused = tracker.register(
-            model["model_id"], run_id, model["digest"], {REPORT_TAG: report["uri"]}
-        )
+        tags = {REPORT_TAG: report["uri"], **_compact_tags(report)}
+        version, reused = tracker.register(model["model_id"], run_id, model["digest"], tags)
+        calibration = report["extra"].get("calibration")
+        if calibration:  # the int8/uint8 ranges the endpoint codes this version with
+            tracker.log_bytes(
+                run_id,
+                CALIBRATION_FILE,
+                read_bytes(calibration["uri"], cfg.storage.endpoint_url),
+                "model",
+            )
         if reused:
             print(
                 f"model digest {model['digest'][:12]} is already registered as version "

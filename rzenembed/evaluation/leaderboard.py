@@ -22,6 +22,7 @@ from typing import Any
 
 from rzenembed.evaluation.benchmark import MODALITIES, benchmark_dataset, is_benchmark_dataset
 from rzenembed.evaluation.categories import category_of
+from rzenembed.evaluation.compact_report import compact_section
 from rzenembed.evaluation.published import WRITTEN_AS, read_scores
 
 LEADERBOARD_JSON = "leaderboard.json"
@@ -65,6 +66,26 @@ def leaderboard_scores(report: Mapping[str, Any], model_name: str) -> dict[str, 
             if not level.startswith("dataset:") or is_benchmark_dataset(level[8:])
         },
         "confidence": report.get("confidence", {}),
+        # Scores per nested dimension and precision ("256/int8") over the benchmark's
+        # datasets: by level with intervals, by dataset, and bytes a vector (empty when
+        # the report scored no compact form).
+        "compact": _compact(report),
+    }
+
+
+def _compact(report: Mapping[str, Any]) -> dict[str, Any]:
+    datasets = {n: e for n, e in report["datasets"].items() if is_benchmark_dataset(n)}
+    section = compact_section({"datasets": datasets, "model": report.get("model")})
+    if section is None:
+        return {}
+    return {
+        key: {
+            **{k: entry[k] for k in ("dimension", "precision", "bytes", "scores", "intervals")},
+            "datasets": {
+                WRITTEN_AS.get(n, n): e["variants"][key]["score"] for n, e in datasets.items()
+            },
+        }
+        for key, entry in section["variants"].items()
     }
 
 

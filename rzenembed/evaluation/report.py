@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rzenembed.evaluation import comparison
+from rzenembed.evaluation import compact_report, comparison
 from rzenembed.evaluation.categories import COLUMNS, META_ORDER
 from rzenembed.evaluation.leaderboard import LEADERBOARD_JSON, write_leaderboard
 from rzenembed.evaluation.published import Scores, read_scores_text
@@ -79,6 +79,9 @@ def build_report(
         "resamples": RESAMPLES,
         "seed": SEED,
     }
+    compact = compact_report.compact_section(report)
+    if compact is not None:  # nested dimensions and precisions (one embedding pass)
+        report["compact"] = compact
     if previous is not None:
         report["previous"] = {"model": previous.get("model"), "created": previous.get("created")}
         report["delta"] = deltas(report, previous)
@@ -284,6 +287,10 @@ def write_report(
     }
     name = model.get("name") or Path(str(model.get("path", "model"))).name
     markdown = to_markdown(report)
+    if "compact" in report:
+        paths["dimensions"] = out / compact_report.DIMENSIONS_PNG
+        compact_report.plot(report["compact"], paths["dimensions"])
+        markdown += "\n" + compact_report.to_markdown(report["compact"], paths["dimensions"].name)
     if references:
         ours = read_scores_text(report, str(paths["json"]), name="this model")
         report["comparison"] = comparison.compare_all(ours, references)

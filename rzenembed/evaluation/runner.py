@@ -23,6 +23,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rzenembed.compact import (
+    CALIBRATED,
+    Calibration,
+    compact,
+    comparable,
+    grid,
+    variant_key,
+)
 from rzenembed.data.folders import write_bytes
 from rzenembed.data.storage import filesystem, join
 from rzenembed.evaluation.categories import category_of, main_metric
@@ -39,7 +47,7 @@ from rzenembed.training.collate import MediaReader, to_input
 ENCODE_SLICE = 256  # items read from storage and embedded per slice
 SCORE_BLOCK = 1024  # queries scored against a global corpus per matrix product
 FIRST_LISTED = "first_listed:"  # metrics under the positional tie convention
-SCORE_FORMAT = 2  # stored dataset scores: 2 = with per-query values
+SCORE_FORMAT = 3  # stored dataset scores: 2 = with per-query values, 3 = with variants
 
 
 class ItemEncoder(Protocol):
@@ -122,6 +130,9 @@ class DatasetScore:
     # The main metric of every query, in the set's order (rounded to 1e-6): what the
     # bootstrap intervals and the paired champion comparison resample (uncertainty.py).
     per_query: list[float] = field(default_factory=list)
+    # Compact variants (``Variants``): "<dimension>/<precision>" -> the main metric's mean
+    # ("score") and per-query values ("per_query"), from the same embedding pass.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def first_listed(self) -> float | None:
@@ -243,6 +254,55 @@ def score_dataset(
     return [r for r in rows if r is not None]
 
 
+@dataclass
+class Variants:
+    """The compact forms scored beside the full float vectors: every prefix in ``dims``
+    (below the full size) and the full size, at each of ``precisions``; int8/uint8 only
+    with a ``calibration`` (its ranges are the ones the endpoint codes with)."""
+
+    dims: list[int]
+    precisions: list[str]
+    calibration: Calibration | None = None
+
+    def usable_precisions(self) -> list[str]:
+        return [p for p in self.precisions if p not in CALIBRATED or self.calibration]
+
+    def digest(self) -> str:
+        """What the variant scores depend on besides the model and the data."""
+        ranges = None if self.calibration is None else self.calibration.dumps()
+        payload = json.dumps([self.dims, self.usable_precisions(), ranges])
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def variant_scores(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    dataset: EvalDataset,
+    variants: Variants,
+    metric: str,
+    ndcg_k: int,
+) -> dict[str, dict[str, Any]]:
+    """The main metric of every (dimension, precision) of ``variants``: both sides cut,
+    renormalised and coded as the endpoint codes them, ranked as a store ranks the codes
+    (``compact.comparable``), ties exact as everywhere else."""
+    full = int(queries.shape[1])
+    out = {}
+    for dim, precision in grid(variants.dims, full, variants.usable_precisions()):
+        sides = [
+            torch.from_numpy(
+                comparable(compact(v.numpy(), dim, precision, variants.calibration), precision, dim)
+            )
+            for v in (queries, candidates)
+        ]
+        rows = score_dataset(sides[0], sides[1], dataset, ndcg_k=ndcg_k)
+        values = [round(float(row[metric]), 6) for row in rows]
+        out[variant_key(dim, precision)] = {
+            "score": float(np.mean([row[metric] for row in rows])),
+            "per_query": values,
+        }
+    return out
+
+
 def dataset_digest(dataset: EvalDataset, max_frames: int) -> str:
     """The content a dataset's score depends on (queries, candidates, media, frames)."""
     payload = json.dumps(
@@ -273,9 +333,11 @@ def score_one(
     show_progress: bool,
     endpoint_url: str | None,
     digest: str,
+    variants: Variants | None = None,
 ) -> DatasetScore:
-    """Embed one dataset (candidates through the cache) and score it; ``digest`` is its
-    ``dataset_digest`` (recorded in the score)."""
+    """Embed one dataset (candidates through the cache) and score it, and its compact
+    ``variants`` from the same vectors; ``digest`` is its ``dataset_digest`` (recorded in
+    the score)."""
     reader = MediaReader(dataset.media_root)
     candidates = _cached_candidates(
         encoder,
@@ -316,6 +378,11 @@ def score_one(
         digest=digest,
         provenance=dataset.provenance,
         per_query=[round(float(row[metric]), 6) for row in rows],
+        variants=(
+            {}
+            if variants is None
+            else variant_scores(queries, candidates, dataset, variants, metric, ndcg_k)
+        ),
     )
 
 
@@ -332,6 +399,7 @@ def evaluate(
     show_progress: bool = False,
     endpoint_url: str | None = None,
     on_dataset: Callable[[DatasetScore, bool], None] | None = None,
+    variants: Variants | None = None,
 ) -> list[DatasetScore]:
     """Score ``encoder`` on every dataset found under ``eval_paths`` (see ``discover``).
 
@@ -342,7 +410,8 @@ def evaluate(
     With ``cache_dir`` and ``model_digest``, every finished dataset's score is stored under
     ``cache_dir/scores/`` keyed by the model and the dataset's content, so a rerun after a
     crash resumes at the first unfinished dataset. ``on_dataset(score, resumed)`` is called
-    as each dataset finishes (progress reporting).
+    as each dataset finishes (progress reporting). ``variants``: the nested dimensions and
+    precisions to score beside the full float vectors (no second embedding pass).
     """
     if isinstance(eval_paths, str | Path):
         eval_paths = [eval_paths]
@@ -363,7 +432,8 @@ def evaluate(
         stored = None
         if cache is not None and model_digest is not None:
             # SCORE_FORMAT: a stored score of an older shape (no per-query values) is redone.
-            payload = f"{model_digest}:{ndcg_k}:{digest}:{SCORE_FORMAT}"
+            compact_key = "" if variants is None else f":{variants.digest()}"
+            payload = f"{model_digest}:{ndcg_k}:{digest}:{SCORE_FORMAT}{compact_key}"
             key = hashlib.sha256(payload.encode()).hexdigest()
             stored = join(cache, "scores", f"{model_digest[:16]}-{key}.json")
         score = _stored_score(stored, endpoint_url)
@@ -380,6 +450,7 @@ def evaluate(
                 show_progress,
                 endpoint_url,
                 digest,
+                variants,
             )
             if stored is not None:
                 write_bytes(stored, json.dumps(score.to_json()).encode(), endpoint_url)

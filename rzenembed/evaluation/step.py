@@ -78,12 +78,14 @@ def _score_with_actors(
     actors_seen: list[dict[str, Any]] | None = None,
     set_uris: Sequence[str] | None = None,
     encoder: ActorPoolEncoder | None = None,
+    variants: Any = None,
 ) -> list:
     """``model`` (``{"uri", "digest"}``) embedded by ``compute.eval_actors`` actors and
     scored here on ``local_sets``: this process sends raw sides and ranks, the actors
     decode and embed. Each started actor's ``describe()`` and ``work()`` are appended to
     ``actors_seen``. ``encoder``: a pool already holding ``model`` (``ActorPoolEncoder.
-    reload``), left open for the caller; else one is started here and closed."""
+    reload``), left open for the caller; else one is started here and closed.
+    ``variants`` (``runner.Variants``): compact forms scored from the same vectors."""
     from rzenembed.evaluation import evaluate
 
     owned = encoder is None
@@ -99,12 +101,45 @@ def _score_with_actors(
             ndcg_k=cfg.eval.ndcg_k,
             datasets=cfg.eval.datasets,
             endpoint_url=cfg.storage.endpoint_url,
+            variants=variants,
         )
     finally:
         if actors_seen is not None:
             actors_seen.extend(pool.take_work())
         if owned:
             pool.close()
+
+
+def compact_variants(
+    cfg: PipelineConfig, model: dict[str, str], encoder: Any
+) -> tuple[Any, dict[str, Any] | None]:
+    """The compact forms to score ``model`` at (``eval.dimensions``, else the nested sizes
+    its card names; ``eval.precisions``), and what the report records of them: the trained
+    sizes and the int8/uint8 calibration (made with ``encoder`` on a sample of the
+    model's training data and stored in its folder; None when there is none)."""
+    from rzenembed.compact import CALIBRATION_FILE, trained_dimensions
+    from rzenembed.evaluation.calibration import calibrate_model
+    from rzenembed.evaluation.runner import Variants
+    from rzenembed.identity import json_digest
+    from rzenembed.modeling.card import ModelCard
+
+    endpoint = cfg.storage.endpoint_url
+    extra = ModelCard.load(stage_folder(model["uri"], endpoint)).extra
+    dims = cfg.eval.dimensions if cfg.eval.dimensions is not None else trained_dimensions(extra)
+    calibration = None
+    if any(p in ("int8", "uint8") for p in cfg.eval.precisions):
+        calibration = calibrate_model(cfg, encoder, model["uri"], model["digest"], extra, dims)
+    variants = Variants(list(dims), list(cfg.eval.precisions), calibration)
+    facts: dict[str, Any] = {"trained_dimensions": trained_dimensions(extra), "calibration": None}
+    if calibration is not None:
+        facts["calibration"] = {
+            "uri": join(model["uri"], CALIBRATION_FILE),
+            "digest": json_digest(calibration.to_json()),
+            "dimensions": calibration.dimensions,
+            "rows": cfg.eval.calibration_rows,
+            "stage_manifests": calibration.source.get("stage_manifests", []),
+        }
+    return variants, facts
 
 
 def _rescore_task(
@@ -161,13 +196,19 @@ def _evaluate_task(
             if role != "baseline":
                 pool.reload(model["uri"], _actor_maker(cfg, model["uri"]))
             actors: list[dict[str, Any]] = []
-            scores = _score_with_actors(cfg, model, local_sets, cache_uri, actors, sets, pool)
+            variants, facts = None, {}
+            if role == "model":  # nested dimensions and precisions: the candidate's only
+                variants, facts = compact_variants(cfg, model, pool)
+            scores = _score_with_actors(
+                cfg, model, local_sets, cache_uri, actors, sets, pool, variants
+            )
             folder = work / "report" / ("baseline" if role == "baseline" else "")
             info = {
                 "path": model["uri"],
                 "digest": model["digest"],
                 "video_frames": cfg.model.video_frames,
                 "max_visual_tokens": cfg.model.max_visual_tokens,
+                **facts,
             }
             references = published if role == "model" else ()
             paths = write_report(

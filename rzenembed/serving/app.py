@@ -30,8 +30,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from rzenembed.compact import (
+    CALIBRATED,
+    PRECISIONS,
+    Calibration,
+    read_calibration,
+    trained_dimensions,
+)
 from rzenembed.config import PipelineConfig, ServeConfig, digest_of
+from rzenembed.data.folders import stage_folder
 from rzenembed.identity import source_digest
+from rzenembed.modeling.card import ModelCard
 from rzenembed.modeling.inputs import EmbedInput
 from rzenembed.serving import protocol
 from rzenembed.serving.auth import KeysFileError, KeyStore, keys_file, read_hashes
@@ -67,12 +76,20 @@ class EmbeddingModel:
         self.embedder = RzenEmbedder.from_pretrained(
             folder, config=config, device=device, endpoint_url=self.served.endpoint_url
         ).eval()
+        # int8/uint8 ranges calibrated at registration; the HTTP front asks for them once
+        # per model digest (``calibration``), never with each answer.
+        self.calibration = read_calibration(folder, self.served.endpoint_url)
+        card = ModelCard.load(stage_folder(folder, self.served.endpoint_url))  # staged above
+        precisions = [p for p in PRECISIONS if p not in CALIBRATED or self.calibration is not None]
         self.info_doc = {
             "name": self.served.name,
             "version": self.served.version,
             "digest": self.served.digest,
             "uri": self.served.uri,
             "dimensions": self.embedder.embedding_dim,
+            "trained_dimensions": trained_dimensions(card.extra),
+            "precisions": precisions,
+            "calibrated_dimensions": self.calibration.dimensions if self.calibration else [],
             "template": self.embedder.cfg.template,
             "family": self.embedder.family.family,
             "dtype": self.embedder.cfg.dtype,
@@ -91,6 +108,13 @@ class EmbeddingModel:
 
     async def info(self) -> dict[str, Any]:
         return self.info_doc
+
+    async def calibration_for(self, digest: str) -> dict[str, Any] | None:
+        """This replica's int8/uint8 ranges when it serves ``digest`` (None when it has
+        none); a replica of another content (mid-rollout) raises ``LookupError``."""
+        if digest != self.served.digest:
+            raise LookupError(f"this replica serves {self.served.digest[:12]}, not {digest[:12]}")
+        return None if self.calibration is None else self.calibration.to_json()
 
     async def embed(self, items: list[EmbedInput]) -> dict[str, Any]:
         """Vectors (float32) and token counts for one request's items, batched with other
@@ -241,6 +265,7 @@ class EmbeddingsAPI:
             roots, endpoint_url, enabled=self.settings.allow_locations
         )
         self._known: dict[str, Any] | None = None  # the model info last answered with
+        self._calibrations: dict[str, Calibration | None] = {}  # by model digest
         self.in_flight = 0  # requests this replica holds now (one event loop: no lock)
         self.replica = uuid.uuid4().hex[:12]  # which HTTP replica answered (for rollouts)
         self.metrics = EndpointMetrics()
@@ -283,6 +308,18 @@ class EmbeddingsAPI:
         self._schedule_push()
         return response
 
+    async def _calibration(self, digest: str) -> Calibration | None:
+        """The int8/uint8 ranges of the model with ``digest``, asked of a replica once."""
+        if digest not in self._calibrations:
+            try:
+                found = await self.model.calibration_for.remote(digest)
+            except Exception:  # mid-rollout: a replica of the other content answered
+                raise protocol.RequestError(
+                    "a rollout is in progress; retry the request", None, 503
+                ) from None
+            self._calibrations[digest] = None if found is None else Calibration.from_json(found)
+        return self._calibrations[digest]
+
     def _schedule_push(self) -> None:
         """Send this replica's counters to the board within ``PUSH_EVERY_S`` (one send
         for every burst of requests, and one after the last of them)."""
@@ -316,6 +353,7 @@ class EmbeddingsAPI:
         try:  # a name the endpoint does not serve costs no embedding
             known = self._known or await self._model_info()
             protocol.check_model_name(parsed.model, known, any_version=True)
+            protocol.check_precision(parsed, known)
             embedding = time.monotonic()
             answers = await asyncio.wait_for(
                 self._embed(parsed.items, request_id), self.settings.request_timeout_s
@@ -328,8 +366,11 @@ class EmbeddingsAPI:
             protocol.check_model_name(parsed.model, model)
             vectors = np.concatenate([a["vectors"] for a in answers])
             tokens = [t for a in answers for t in a["tokens"]]
+            calibration = None
+            if parsed.precision in CALIBRATED:
+                calibration = await self._calibration(model["digest"])
             body = await asyncio.to_thread(
-                protocol.embeddings_response, vectors, tokens, parsed, model
+                protocol.embeddings_response, vectors, tokens, parsed, model, calibration
             )
             batches = [a.get("batch_items", 0) for a in answers]
             self.metrics.embedded(len(parsed.items), sum(tokens), batches)

@@ -2,8 +2,10 @@
 
 Requests follow the OpenAI embeddings API (``input`` a string or a list, ``model``,
 ``encoding_format`` float|base64, ``dimensions``, ``user``), extended with multimodal
-items ``{"text", "image", "images", "video", "instruction"}`` and a request-wide
-``instruction``. Everything is validated and every image decoded here, before any item
+items ``{"text", "image", "images", "video", "instruction"}``, a request-wide
+``instruction`` and ``precision`` (``float``, ``int8``, ``uint8``, ``binary``,
+``ubinary``: compact codes, ``rzenembed.compact``; the OpenAI SDK sends it through
+``extra_body``). Everything is validated and every image decoded here, before any item
 reaches a model replica: a bad request is answered 4xx with a message naming the field,
 and nothing malformed ever joins a batch with other clients' items.
 """
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from rzenembed.compact import PRECISIONS, Calibration, PrecisionError, compact
 from rzenembed.config import ServeLimits
 from rzenembed.data.storage import (
     NOT_ALLOWED,
@@ -32,7 +35,15 @@ from rzenembed.data.storage import (
 )
 from rzenembed.modeling.inputs import EmbedInput
 
-REQUEST_FIELDS = {"input", "model", "encoding_format", "dimensions", "user", "instruction"}
+REQUEST_FIELDS = {
+    "input",
+    "model",
+    "encoding_format",
+    "dimensions",
+    "user",
+    "instruction",
+    "precision",
+}
 ITEM_FIELDS = {"text", "instruction", "image", "images", "video"}
 ENCODINGS = ("float", "base64")
 
@@ -65,6 +76,7 @@ class EmbeddingsRequest:
     model: str | None
     encoding_format: str
     dimensions: int | None
+    precision: str = "float"
 
 
 class LocationReader:
@@ -175,6 +187,11 @@ def parse_request(
         raise RequestError(
             f"dimensions must be a positive integer, got {dimensions!r}", "dimensions"
         )
+    precision = data.get("precision") or "float"
+    if precision not in PRECISIONS:
+        raise RequestError(
+            f"precision must be one of {list(PRECISIONS)}, got {precision!r}", "precision"
+        )
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("model must be a string", "model")
@@ -196,7 +213,7 @@ def parse_request(
         _item(value, f"input[{i}]", instruction, limits, reader, budget)
         for i, value in enumerate(raw)
     ]
-    return EmbeddingsRequest(items, model, encoding, dimensions)
+    return EmbeddingsRequest(items, model, encoding, dimensions, precision)
 
 
 def _text(value: Any, param: str, limits: ServeLimits) -> str:
@@ -364,28 +381,23 @@ def _image_bytes(value: str, param: str, limits: ServeLimits, reader: LocationRe
         ) from None
 
 
-def truncate(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
-    """The first ``dimensions`` components, renormalised to unit length (all of them,
-    unchanged, when None)."""
-    if dimensions is None or dimensions == vectors.shape[1]:
-        return vectors
-    head = vectors[:, :dimensions].astype(np.float32)
-    norms = np.linalg.norm(head, axis=1, keepdims=True)
-    return head / np.maximum(norms, 1e-12)
-
-
-def encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
-    """A vector as JSON floats, or (``base64``) its little-endian float32 bytes."""
+def encode_vector(vector: np.ndarray, encoding: str) -> list[float] | list[int] | str:
+    """A vector as JSON numbers (floats, or the integers of int8/uint8/packed-bit codes), or
+    (``base64``) its bytes: little-endian float32 for floats, one byte per code otherwise."""
     if encoding == "base64":
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return vector.astype(np.float32).tolist()
+        raw = vector.astype("<f4") if vector.dtype.kind == "f" else vector
+        return base64.b64encode(raw.tobytes()).decode("ascii")
+    if vector.dtype.kind == "f":
+        return vector.astype(np.float32).tolist()
+    return vector.tolist()
 
 
-def decode_vector(value: list[float] | str) -> np.ndarray:
+def decode_vector(value: list[float] | list[int] | str, precision: str = "float") -> np.ndarray:
     """The inverse of ``encode_vector`` (for clients and tests)."""
+    dtype = {"float": "<f4", "int8": np.int8, "binary": np.int8}.get(precision, np.uint8)
     if isinstance(value, str):
-        return np.frombuffer(base64.b64decode(value), dtype="<f4").copy()
-    return np.asarray(value, dtype=np.float32)
+        return np.frombuffer(base64.b64decode(value), dtype=dtype).copy()
+    return np.asarray(value, dtype=dtype)
 
 
 def embeddings_response(
@@ -393,15 +405,21 @@ def embeddings_response(
     tokens: Sequence[int],
     request: EmbeddingsRequest,
     model: dict[str, Any],
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
     """The OpenAI-shaped response, plus an ``rzenembed`` object naming the exact version
-    and digest that produced the vectors."""
+    and digest that produced the vectors. ``calibration``: the served model's int8/uint8
+    ranges (``quantization.json``), needed only for those precisions."""
     if request.dimensions is not None and request.dimensions > vectors.shape[1]:
         raise RequestError(
             f"dimensions {request.dimensions} is more than the model's {vectors.shape[1]}",
             "dimensions",
         )
-    out = truncate(vectors, request.dimensions)
+    try:
+        out = compact(vectors, request.dimensions, request.precision, calibration)
+    except PrecisionError as exc:
+        param = "precision" if calibration is None else "dimensions"
+        raise RequestError(str(exc), param) from None
     total = int(sum(tokens))
     return {
         "object": "list",
@@ -415,7 +433,10 @@ def embeddings_response(
         ],
         "model": model["name"],
         "usage": {"prompt_tokens": total, "total_tokens": total},
-        "rzenembed": {k: model.get(k) for k in ("version", "digest", "uri", "dimensions")},
+        "rzenembed": {
+            **{k: model.get(k) for k in ("version", "digest", "uri", "dimensions")},
+            "precision": request.precision,
+        },
     }
 
 
@@ -439,6 +460,18 @@ def check_model_name(asked: str | None, model: dict[str, Any], any_version: bool
             f"model {asked!r} is not served here; this endpoint serves {sorted(accepted)}",
             "model",
             404,
+        )
+
+
+def check_precision(request: EmbeddingsRequest, model: dict[str, Any]) -> None:
+    """A precision the served model cannot give (int8/uint8 without a calibration) is a
+    400 naming ``precision`` before anything is embedded."""
+    offered = model.get("precisions", PRECISIONS)
+    if request.precision not in offered:
+        raise RequestError(
+            f"precision {request.precision!r} needs a calibration this model does not have; "
+            f"it offers {list(offered)}",
+            "precision",
         )
 
 

@@ -621,6 +621,9 @@ def save_adapter(trainer: Trainer) -> str:
         "temperatures": trainer.module.loss.temperature_dict(),
         "steps": spec.total_steps,
     }
+    nested = spec.config.loss.matryoshka
+    if nested is not None:  # the sizes a user may cut the embedding to (compact.prefix)
+        extra["matryoshka"] = nested.model_dump(mode="json")
     uri = join(spec.output_dir, "adapter")
     endpoint = spec.config.storage.endpoint_url
     work = Path(tempfile.mkdtemp(prefix="rzenembed-adapter-"))
