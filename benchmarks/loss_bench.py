@@ -1,8 +1,14 @@
-"""Cost of RzenEmbedLoss (every refinement on) next to plain InfoNCE, forward + backward.
+"""Cost of RzenEmbedLoss (every refinement on) next to plain InfoNCE, forward + backward;
+with ``--nested``, the same loss on six nested dimensions (``loss.matryoshka``) next to it.
 
 Run from the repository root:
 
-    python benchmarks/loss_bench.py [--device cpu|cuda] [--repeats N]
+    python benchmarks/loss_bench.py [--device cpu|cuda] [--repeats N] [--nested]
+
+``--nested`` times ``MatryoshkaLoss`` with dims 64, 128, 256, 512, 1024 and the full 1536
+(the config ``configs/qwen2vl-2b-matryoshka.yaml`` trains) against ``RzenEmbedLoss`` at full
+size, and, for reference, the same sum computed the plain way (six separate losses on cut
+and renormalised embeddings, each with its own matrix product).
 
 Both losses see the same inputs: a global batch of 768 L2-normalised query, positive and
 one explicit hard negative embeddings of dim 1536 (leaf tensors, so backward computes the
@@ -26,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rzenembed.config import LossConfig
-from rzenembed.losses import RzenEmbedLoss
+from rzenembed.config import LossConfig, MatryoshkaConfig
+from rzenembed.losses import MatryoshkaLoss, RzenEmbedLoss
 
 Inputs = dict[str, Tensor]
 Step = Callable[[Inputs], Tensor]
@@ -78,6 +84,30 @@ def rzenembed_step(loss: RzenEmbedLoss) -> Step:
             positive_ids=x["positive_ids"],
             group_ids=x["group_ids"],
         )["loss"]
+
+    return step
+
+
+NESTED = [64, 128, 256, 512, 1024, 1536]
+
+
+def separate_prefixes_step(loss: RzenEmbedLoss, dims: list[int]) -> Step:
+    """The nested loss written out: one full loss per prefix, each on cut, renormalised
+    embeddings (a matrix product per prefix)."""
+
+    def step(x: Inputs) -> Tensor:
+        total = None
+        for d in dims:
+            out = loss(
+                F.normalize(x["query"][:, :d], dim=-1),
+                F.normalize(x["positive"][:, :d], dim=-1),
+                x["task_index"],
+                negatives=F.normalize(x["negatives"][..., :d], dim=-1),
+                positive_ids=x["positive_ids"],
+                group_ids=x["group_ids"],
+            )["loss"]
+            total = out if total is None else total + out
+        return total
 
     return step
 
@@ -160,6 +190,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=1536)
     parser.add_argument("--negatives", type=int, default=1)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--nested", action="store_true", help="six nested dimensions against the full loss"
+    )
     return parser.parse_args()
 
 
@@ -177,6 +210,16 @@ def main() -> None:
     x = make_inputs(args.batch, args.dim, args.negatives, args.device, dtype)
     loss = RzenEmbedLoss(LossConfig()).to(args.device)
     steps = {"plain InfoNCE": plain_infonce_step(0.02), "RzenEmbedLoss": rzenembed_step(loss)}
+    base, ours = "plain InfoNCE", "RzenEmbedLoss"
+    if args.nested:
+        dims = [d for d in NESTED if d < args.dim] + [args.dim]
+        nested = MatryoshkaLoss(LossConfig(matryoshka=MatryoshkaConfig(dims=dims)))
+        steps = {
+            "RzenEmbedLoss": rzenembed_step(loss),
+            f"nested x{len(dims)}": rzenembed_step(nested.to(args.device)),  # type: ignore[arg-type]
+            "separate": separate_prefixes_step(loss, dims),
+        }
+        base, ours = "RzenEmbedLoss", f"nested x{len(dims)}"
     how = (
         "torch.cuda.max_memory_allocated"
         if args.device == "cuda"
@@ -192,11 +235,11 @@ def main() -> None:
     peaks = {name: peak_bytes(step, x, args.device) for name, step in steps.items()}
     for name in steps:
         print(f"  {name:<14} {seconds[name] * 1e3:9.2f} ms   peak {peaks[name] / 2**20:8.1f} MiB")
-    base, ours = "plain InfoNCE", "RzenEmbedLoss"
-    print(
-        f"  ratio          {seconds[ours] / seconds[base]:9.2f} x    "
-        f"memory {peaks[ours] / peaks[base]:6.2f} x"
-    )
+    for name in (n for n in steps if n != base):
+        print(
+            f"  {name} / {base}: {seconds[name] / seconds[base]:.2f} x time, "
+            f"{peaks[name] / peaks[base]:.2f} x memory"
+        )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Run from the repository root:
 
     python benchmarks/train_bench.py [--batches 16,64,256] [--chunk 8] [--steps N]
-        [--threads 1] [--modes gradcache,plain,lazy]
+        [--threads 1] [--modes gradcache,plain,lazy] [--nested]
     python benchmarks/train_bench.py --gpu [--family qwen3-vl] [--gpu-chunk 32] [--gpu-batch 48]
         [--peak-tflops 989]
     python benchmarks/train_bench.py --gpu --dry-run
@@ -52,6 +52,10 @@ them (so the LoRA matmuls run in bf16 too). It reports step time, samples/s, tok
 torch.cuda.max_memory_allocated and max_memory_reserved, and model FLOPs utilisation;
 ``--dry-run`` runs the same code on CPU with a 2-layer version of the 2B config, tiny
 images, a batch of 4 and no autocast.
+
+``--nested`` (either mode) trains with ``loss.matryoshka`` on: the 2B's six nested sizes
+(64 .. 1024 and 1536, ``configs/qwen2vl-2b-matryoshka.yaml``), or the tiny model's 8, 16,
+32 and 64; run it beside a run without to read what nested sizes cost a step.
 """
 
 from __future__ import annotations
@@ -77,8 +81,8 @@ from PIL import Image, ImageDraw
 from rss import peak_rss_kib, proc_status_kib, reset_peak_rss
 from torch import Tensor, nn
 
-from rzenembed.config import LoraConfig, LossConfig, ModelConfig, OptimConfig
-from rzenembed.losses import RzenEmbedLoss
+from rzenembed.config import LoraConfig, LossConfig, MatryoshkaConfig, ModelConfig, OptimConfig
+from rzenembed.losses import make_loss
 from rzenembed.modeling import EmbedInput, RzenEmbedder
 from rzenembed.training.gradcache import (
     ContrastiveBatch,
@@ -188,10 +192,24 @@ class StepSetup:
     max_grad_norm: float | None
 
 
-def make_setup(embedder: RzenEmbedder, lora: LoraConfig, seed: int = 0) -> StepSetup:
+def nested_dims(full: int) -> list[int]:
+    """The nested sizes ``--nested`` trains: the 2B config's six (64 .. 1024 and full) for
+    a wide model, four (an eighth, a quarter, half, full) for the 64-d tiny one."""
+    if full >= 128:
+        return [d for d in (64, 128, 256, 512, 1024) if d < full] + [full]
+    return [full // 8, full // 4, full // 2, full]
+
+
+def make_setup(
+    embedder: RzenEmbedder, lora: LoraConfig, seed: int = 0, nested: bool = False
+) -> StepSetup:
     torch.manual_seed(seed)
     embedder.apply_lora(lora)
-    module = TrainModule(embedder, RzenEmbedLoss(LossConfig()))
+    loss = LossConfig()
+    if nested:  # loss.matryoshka: the same loss on every nested prefix (MatryoshkaLoss)
+        dims = nested_dims(embedder.embedding_dim)
+        loss = LossConfig(matryoshka=MatryoshkaConfig(dims=dims))
+    module = TrainModule(embedder, make_loss(loss))
     optim = OptimConfig()
     params = [p for p in module.parameters() if p.requires_grad]
     return StepSetup(module, params, build_optimizer(module, optim), optim.max_grad_norm)
@@ -256,7 +274,7 @@ def cpu_child(args: argparse.Namespace) -> dict[str, Any]:
         name_or_path=model_dir, max_visual_tokens=64, video_frames=4, max_text_tokens=128
     )
     embedder = RzenEmbedder.from_pretrained(model_dir, config=config)
-    setup = make_setup(embedder, LoraConfig(r=8, alpha=16.0))
+    setup = make_setup(embedder, LoraConfig(r=8, alpha=16.0), nested=args.nested)
     setup.module.train()
     items = synthetic_items(args.batch)
     chunk = None if args.mode == "plain" else args.chunk
@@ -333,6 +351,7 @@ def run_configuration(model_dir: Path, batch: int, mode: str, args) -> dict[str,
         str(args.steps),
         "--threads",
         str(args.threads),
+        *(["--nested"] if args.nested else []),
     ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -644,7 +663,7 @@ def run_gpu(args: argparse.Namespace) -> None:
         print(f"device: {torch.cuda.get_device_name()}")
     torch.manual_seed(0)
     embedder = build_gpu_embedder(config, device, torch.bfloat16, args.family)
-    setup = make_setup(embedder, LoraConfig(r=64, alpha=128.0))
+    setup = make_setup(embedder, LoraConfig(r=64, alpha=128.0), nested=args.nested)
     setup.module.to(device).train()
     batch = token_batch(config, batch_size, chunk, grid)
     work = batch_work(batch)
@@ -787,6 +806,11 @@ def report_gpu(
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="the 2B architecture on CUDA")
+    parser.add_argument(
+        "--nested",
+        action="store_true",
+        help="loss.matryoshka on (six nested sizes on the 2B, four on the tiny model)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: 2 layers on CPU")
     parser.add_argument(
         "--family", default="qwen2-vl", choices=sorted(GPU_ARCHITECTURE), help="GPU: backbone"

@@ -463,6 +463,31 @@ def browse_hint(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
+def compact_line(extra: dict[str, Any]) -> str:
+    """One console line on the nested sizes and precisions the report scored: All at each
+    float size (the share of full it keeps) and at each other precision at full size."""
+    compact = extra.get("compact") or {}
+    if not compact:
+        return ""
+    parsed = {tuple(key.rsplit("_", 1)): value for key, value in compact.items()}
+    sizes = sorted({int(d) for d, _ in parsed})
+    full = parsed.get((str(sizes[-1]), "float"))
+    floats = ", ".join(
+        f"{d} {100 * parsed[(str(d), 'float')]:.1f}"
+        + (f" ({100 * parsed[(str(d), 'float')] / full:.0f}%)" if full else "")
+        for d in sizes
+        if (str(d), "float") in parsed
+    )
+    coded = ", ".join(
+        f"{p} {100 * v:.1f}" for (d, p), v in parsed.items() if d == str(sizes[-1]) and p != "float"
+    )
+    trained = extra.get("trained_dimensions") or []
+    return (
+        f"sizes (All, float; share of full): {floats}; at {sizes[-1]}: {coded or 'float only'}"
+        f"{f'; trained {trained}' if trained else ''}\n"
+    )
+
+
 def _announce(ex: Execution, registered: dict[str, Any], report: dict[str, Any]) -> None:
     """Where to look: the model URI, the scores, the report, lineage and the MLflow UI."""
     scores, baseline = report["extra"]["scores"], report["extra"]["baseline"]
@@ -489,6 +514,7 @@ def _announce(ex: Execution, registered: dict[str, Any], report: dict[str, Any])
         for level, (mean, low, high) in report["extra"].get("gain_over_base", {}).items()
     )
     gain_line = f"gain over the untrained base (paired, 95%): {gains}\n" if gains else ""
+    gain_line += compact_line(report["extra"])
     print(
         f"model: {registered['uri']} ({moved})\n"
         f"score All {shown('All', scores, ours)} (untrained base "

@@ -77,6 +77,7 @@ def _evaluate_to(model: str, evals: list[str], out: str, args: argparse.Namespac
     references = [read_scores_at(uri) for uri in args.reference]  # a bad path fails first
     embedder = RzenEmbedder.from_pretrained(model, device=task_device(want_gpu=True))
     digest = folder_digest(model)
+    variants, trained, calibration = _cli_variants(model, args)
     scores = evaluate(
         embedder,
         evals,
@@ -85,16 +86,50 @@ def _evaluate_to(model: str, evals: list[str], out: str, args: argparse.Namespac
         batch_size=args.batch_size,
         datasets=args.dataset,
         show_progress=True,
+        variants=variants,
     )
     info = {
         "path": str(Path(model).resolve()),
         "digest": digest,
         "max_visual_tokens": embedder.cfg.max_visual_tokens,
+        "trained_dimensions": trained,
+        "calibration": calibration,
     }
     skipped = suite_skipped(evals)
     return write_report(
         scores, out, info, previous=args.previous, skipped=skipped, references=references
     )
+
+
+def _cli_variants(model: str, args: argparse.Namespace) -> tuple:
+    """``evaluate``'s compact variants: ``--dimensions`` (default: the card's trained
+    sizes), ``--precision`` (default float, int8, binary), int8/uint8 with the calibration
+    stored in the model folder (none: not scored); and what the report records of them."""
+    from rzenembed.compact import CALIBRATION_FILE, read_calibration, trained_dimensions
+    from rzenembed.evaluation.runner import Variants
+    from rzenembed.modeling.card import ModelCard
+
+    trained = trained_dimensions(ModelCard.load(model).extra)
+    dims = trained if args.dimensions is None else args.dimensions
+    calibration = read_calibration(model)
+    precisions = args.precision or ["float", "int8", "binary"]
+    recorded = None
+    if calibration is not None:
+        recorded = {
+            "uri": str(Path(model) / CALIBRATION_FILE),
+            "dimensions": calibration.dimensions,
+        }
+    return Variants(dims, precisions, calibration), trained, recorded
+
+
+def _dimension_list(text: str) -> list[int]:
+    try:
+        dims = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of sizes: {text!r}") from None
+    if any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"sizes must be > 0: {text!r}")
+    return dims
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -388,6 +423,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="a published MMEB-V2 score file to put the model beside (repeatable)",
+    )
+    ev.add_argument(
+        "--dimensions",
+        type=_dimension_list,
+        help="nested sizes to score besides the full one, e.g. 64,256 (default: the sizes "
+        "the model card says it was trained for)",
+    )
+    ev.add_argument(
+        "--precision",
+        action="append",
+        choices=["float", "int8", "uint8", "binary", "ubinary"],
+        help="precisions to score at every size (repeatable; default float, int8, binary; "
+        "int8/uint8 need the model's quantization.json)",
     )
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument(

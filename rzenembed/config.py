@@ -885,14 +885,35 @@ def _index(part: str, node: list[Any], where: str) -> int:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Read a YAML config, apply ``KEY.PATH=VALUE`` overrides in order, validate."""
-    path = Path(path)
+    return config_from_dict(_read_yaml(Path(path), ()), overrides)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """A config file's mapping; ``extends: OTHER.yaml`` (beside it) is read first and this
+    file's keys laid over it: mappings merged key by key, anything else replaced (a named
+    variant of a config states only what differs)."""
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' comes back to itself")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return config_from_dict(data, overrides)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = _read_yaml(path.parent / str(parent), (*seen, path.resolve()))
+    return _laid_over(base, data)
+
+
+def _laid_over(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        below = out.get(key)
+        both = isinstance(below, dict) and isinstance(value, dict)
+        out[key] = _laid_over(below, value) if both else value
+    return out
 
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> PipelineConfig:

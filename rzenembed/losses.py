@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -289,6 +289,87 @@ class RzenEmbedLoss(nn.Module):
             ``temperatures``: group name -> tau. ``masked_fraction``: share of would-be
             negatives that were masked (ids or false-negative rule).
         """
+        cands, cand_ids, targets, task_index = self.checked_candidates(
+            query,
+            positive,
+            task_index,
+            negatives,
+            positive_ids,
+            negative_ids,
+            group_ids,
+            negative_group_ids,
+            negative_mask,
+        )
+        dtype = self.similarity_dtype(query)
+        # Similarities in at least float32: at tau ~ 0.02 a bf16 rounding error of a cosine
+        # becomes a sizeable logit error.
+        cand_sim = query.to(dtype) @ cands.to(dtype).T  # (b, N)
+        return self.from_similarities(
+            cand_sim, targets, task_index, cand_ids, positive_ids, group_ids
+        )
+
+    def similarity_dtype(self, query: Tensor) -> torch.dtype:
+        return torch.promote_types(query.dtype, self.theta.dtype)
+
+    def from_similarities(
+        self,
+        cand_sim: Tensor,
+        targets: Tensor,
+        task_index: Tensor,
+        cand_ids: Tensor,
+        positive_ids: Tensor | None,
+        group_ids: Tensor | None,
+        id_excluded: Tensor | None = None,
+        report: bool = True,
+    ) -> dict[str, Any]:
+        """The loss from the ``(b, N)`` cosine similarities of the local queries to every
+        candidate (``candidates``' order): masks, hardness weights, temperatures, report.
+        ``id_excluded``: ``id_exclusions``' result when the caller already has it (it does
+        not depend on the similarities); ``report`` False: the loss alone, no numbers
+        leave the device."""
+        if id_excluded is None:
+            id_excluded = self.id_exclusions(cand_sim.shape[0], positive_ids, group_ids, cand_ids)
+        excluded = self._excluded(cand_sim, targets, id_excluded)  # (b, N)
+        padded = cand_ids[:, 2] == 0  # (N,) slots that hold no candidate at all
+        logits = self._logits(cand_sim, targets, task_index, excluded | padded[None, :])
+        del cand_sim  # autograd keeps it only if tau is learnable; else free it before softmax
+        row_loss = F.cross_entropy(logits, targets, reduction="none")  # (b,)
+        if not report:
+            return {"loss": row_loss.mean()}
+        return self._report(row_loss, task_index, excluded & ~padded[None, :], padded)
+
+    def id_exclusions(
+        self,
+        batch: int,
+        positive_ids: Tensor | None,
+        group_ids: Tensor | None,
+        cand_ids: Tensor,
+    ) -> Tensor | None:
+        """``(b, N)`` bool: candidates carrying a row's item id or group id (never its
+        negatives, whatever the similarities); None when no ids were given."""
+        out = None
+        for column, row_ids in enumerate((positive_ids, group_ids)):
+            if row_ids is not None:
+                row_ids = row_ids.to(device=cand_ids.device, dtype=torch.long)
+                same = same_id_mask(row_ids, cand_ids[:, column])
+                out = same if out is None else out | same
+        return out
+
+    def checked_candidates(
+        self,
+        query: Tensor,
+        positive: Tensor,
+        task_index: Tensor,
+        negatives: Tensor | None = None,
+        positive_ids: Tensor | None = None,
+        negative_ids: Tensor | None = None,
+        group_ids: Tensor | None = None,
+        negative_group_ids: Tensor | None = None,
+        negative_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``forward``'s inputs checked, and every candidate gathered (once, across ranks):
+        (candidates ``(N, D)``, their id columns, targets, ``task_index`` on the device:
+        ids and tasks often come straight from a CPU dataloader)."""
         self._check_inputs(
             query,
             positive,
@@ -300,8 +381,6 @@ class RzenEmbedLoss(nn.Module):
             negative_group_ids,
             negative_mask,
         )
-        # Ids and tasks often come straight from a CPU dataloader.
-        task_index = task_index.to(device=query.device, dtype=torch.long)
         cands, cand_ids, targets = self._candidates(
             positive,
             negatives,
@@ -311,16 +390,7 @@ class RzenEmbedLoss(nn.Module):
             negative_group_ids,
             negative_mask,
         )
-        dtype = torch.promote_types(query.dtype, self.theta.dtype)
-        # Similarities in at least float32: at tau ~ 0.02 a bf16 rounding error of a cosine
-        # becomes a sizeable logit error.
-        cand_sim = query.to(dtype) @ cands.to(dtype).T  # (b, N)
-        excluded = self._excluded(cand_sim, targets, positive_ids, group_ids, cand_ids)  # (b, N)
-        padded = cand_ids[:, 2] == 0  # (N,) slots that hold no candidate at all
-        logits = self._logits(cand_sim, targets, task_index, excluded | padded[None, :])
-        del cand_sim  # autograd keeps it only if tau is learnable; else free it before softmax
-        row_loss = F.cross_entropy(logits, targets, reduction="none")  # (b,)
-        return self._report(row_loss, task_index, excluded & ~padded[None, :], padded)
+        return cands, cand_ids, targets, task_index.to(device=query.device, dtype=torch.long)
 
     def _gathering(self) -> bool:
         return self.cfg.gather_across_ranks and distributed_world_size() > 1
@@ -358,24 +428,15 @@ class RzenEmbedLoss(nn.Module):
         targets = torch.arange(batch, device=positive.device) + offset
         return local, ids, targets
 
-    def _excluded(
-        self,
-        cand_sim: Tensor,
-        targets: Tensor,
-        positive_ids: Tensor | None,
-        group_ids: Tensor | None,
-        cand_ids: Tensor,
-    ) -> Tensor:
+    def _excluded(self, cand_sim: Tensor, targets: Tensor, id_excluded: Tensor | None) -> Tensor:
         """``(b, N)`` bool: candidates that are not negatives of the row (target included)."""
         batch = cand_sim.shape[0]
         pos_sim = cand_sim.detach().gather(1, targets[:, None]).squeeze(1)  # (b,)
         excluded = false_negative_mask(
             pos_sim, cand_sim, self.cfg.false_negative_delta, self.cfg.false_negative_rule
         )
-        for column, row_ids in enumerate((positive_ids, group_ids)):
-            if row_ids is not None:
-                row_ids = row_ids.to(device=cand_ids.device, dtype=torch.long)
-                excluded |= same_id_mask(row_ids, cand_ids[:, column])
+        if id_excluded is not None:
+            excluded |= id_excluded
         # The target is the numerator, not a negative: never count or mask it here.
         excluded[torch.arange(batch, device=targets.device), targets] = False
         return excluded
@@ -524,17 +585,50 @@ class MatryoshkaLoss(nn.Module):
             raise ValueError(
                 f"loss.matryoshka.dims {self.dims} exceed the embedding dimension {full}"
             )
+        cands, cand_ids, targets, task_index = self.base.checked_candidates(
+            query, positive, task_index, negatives, **ids
+        )
+        positive_ids, group_ids = ids.get("positive_ids"), ids.get("group_ids")
+        id_excluded = self.base.id_exclusions(query.shape[0], positive_ids, group_ids, cand_ids)
         total, out, per_dim = None, {}, {}
-        for dim, weight in zip(self.dims, self.weights, strict=True):
-
-            def cut(x: Tensor | None, d: int = dim) -> Tensor | None:
-                return None if x is None else F.normalize(x[..., :d], dim=-1)
-
-            out = self.base(cut(query), cut(positive), task_index, cut(negatives), **ids)
+        for dim, weight, cand_sim in zip(
+            self.dims, self.weights, self._prefix_similarities(query, cands), strict=True
+        ):
+            out = self.base.from_similarities(
+                cand_sim,
+                targets,
+                task_index,
+                cand_ids,
+                positive_ids,
+                group_ids,
+                id_excluded,
+                report=dim == self.dims[-1],  # the numbers logged are the largest prefix's
+            )
             per_dim[dim] = out["loss"].detach()
             term = weight * out["loss"]
             total = term if total is None else total + term
         return {**out, "loss": total, "per_dim_loss": per_dim}
+
+    def _prefix_similarities(self, query: Tensor, cands: Tensor) -> Iterator[Tensor]:
+        """The ``(b, N)`` cosine similarities of every prefix in ``dims``, in order, from one
+        pass over the dimensions: the raw dot products grow block by block (d_{k-1}..d_k),
+        so the matrix products together cost one full-size product, and each prefix is
+        renormalised by dividing by its queries' and candidates' prefix norms (the same as
+        cutting, renormalising and multiplying, as ``F.normalize`` does: norms below 1e-12
+        count as 1e-12)."""
+        dtype = self.base.similarity_dtype(query)
+        q, c = query.to(dtype), cands.to(dtype)
+        raw, q_sq, c_sq, start = None, 0.0, 0.0, 0
+        for dim in self.dims:
+            q_block, c_block = q[:, start:dim], c[:, start:dim]
+            block = q_block @ c_block.T
+            raw = block if raw is None else raw + block
+            q_sq = q_sq + (q_block * q_block).sum(dim=1)  # squared norms of the prefix
+            c_sq = c_sq + (c_block * c_block).sum(dim=1)
+            start = dim
+            q_inv = 1.0 / q_sq.sqrt().clamp_min(1e-12)
+            c_inv = 1.0 / c_sq.sqrt().clamp_min(1e-12)
+            yield raw * q_inv[:, None] * c_inv[None, :]
 
 
 def make_loss(cfg: LossConfig) -> nn.Module:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"model": {"name_or_path": "runs/tiny-model"}}
 
 
-@pytest.mark.parametrize("name", ["tiny", "qwen2vl-2b", "qwen2vl-7b"])
+@pytest.mark.parametrize("name", ["tiny", "qwen2vl-2b", "qwen2vl-7b", "qwen2vl-2b-matryoshka"])
 def test_shipped_configs_load_and_start_with_their_command(name):
     path = ROOT / "configs" / f"{name}.yaml"
     cfg = load_config(path)
@@ -43,6 +43,34 @@ def test_paper_configs_carry_the_paper_hyperparameters(name):
     assert cfg.model.gradient_checkpointing is True
     assert cfg.prep.cap_per_dataset == 100_000
     assert len(cfg.stage2.mixtures) >= 2
+
+
+def test_the_matryoshka_config_is_the_paper_config_with_nested_dimensions():
+    nested = load_config(ROOT / "configs/qwen2vl-2b-matryoshka.yaml")
+    paper = load_config(ROOT / "configs/qwen2vl-2b.yaml")
+    assert paper.loss.matryoshka is None
+    assert nested.loss.matryoshka.dims == [64, 128, 256, 512, 1024, 1536]  # 1536: Qwen2-VL-2B
+    same = nested.model_copy(update={"name": paper.name, "loss": paper.loss})
+    assert config_digest(same) == config_digest(paper)  # nothing else differs
+
+
+def test_extends_lays_a_file_over_its_parent_and_refuses_a_loop(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "model: {name_or_path: runs/tiny-model, video_frames: 4}\n"
+        "eval: {sets: [a, b], batch_size: 8}\n"
+    )
+    (tmp_path / "child.yaml").write_text(
+        "extends: base.yaml\nmodel: {video_frames: 8}\neval: {sets: [c]}\n"
+    )
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.model.name_or_path == "runs/tiny-model" and cfg.model.video_frames == 8
+    assert cfg.eval.sets == ["c"] and cfg.eval.batch_size == 8  # lists replaced, maps merged
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="'extends' comes back to itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing\.yaml' does not exist"):
+        load_config(tmp_path / "orphan.yaml")
 
 
 def test_dotted_overrides_apply_in_order_and_parse_yaml_values():
