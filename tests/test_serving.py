@@ -16,6 +16,7 @@ import requests
 import torch
 from PIL import Image
 
+from rzenembed.compact import CALIBRATION_FILE, Calibration, calibrate, compact
 from rzenembed.config import config_from_dict
 from rzenembed.modeling import RzenEmbedder
 from rzenembed.modeling.digest import model_digest
@@ -58,7 +59,15 @@ def registry(tmp_path_factory, tiny_model_dir, tiny_model_config):
             with torch.no_grad():
                 for p in embedder.parameters():
                     p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-        folders.append(embedder.save_pretrained(root / "data" / "models" / f"m{i + 1}"))
+        # v1 says it was trained for nested sizes and carries an int8 calibration (on a
+        # few captions' embeddings), as a registered demo model does.
+        extra = {} if i else {"matryoshka": {"dims": [8, 16, 32, 64]}}
+        folder = embedder.save_pretrained(root / "data" / "models" / f"m{i + 1}", extra)
+        if not i:
+            texts = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("circle", "square")]
+            vectors = embedder.encode([EmbedInput(text=t) for t in texts]).numpy()
+            (folder / CALIBRATION_FILE).write_text(calibrate(vectors, [8, 16, 32]).dumps())
+        folders.append(folder)
     (root / "data" / "media").mkdir()
     random_image(7).save(root / "data" / "media" / "stored.png")
     key = new_key(root / "api-keys", label="the tests")
@@ -325,6 +334,43 @@ def test_the_openai_sdk_with_the_key_embeds_text_in_base64_and_dimensions(
         )
 
 
+def test_the_openai_sdk_gets_int8_and_binary_codes_at_a_trained_size(server, registry, reference):
+    """``precision`` through the SDK's ``extra_body``: int8 codes of 16 values and binary
+    codes of 16 bits (2 bytes) at a trained size, equal to the codes made here from the
+    same model and its calibration; ``encoding_format="float"`` because the SDK decodes
+    base64 as float32. An unknown precision is a 400 naming the field."""
+    import openai
+
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=registry["key"])
+    texts = ["a red circle", "two blue squares"]
+    want = reference.encode([EmbedInput(text=t) for t in texts]).numpy()
+    calibration = Calibration.loads((registry["folders"][0] / CALIBRATION_FILE).read_text())
+    for precision, size in (("int8", 16), ("binary", 2), ("uint8", 16), ("ubinary", 2)):
+        answer = client.embeddings.create(
+            model=NAME,
+            input=texts,
+            dimensions=16,
+            encoding_format="float",
+            extra_body={"precision": precision},
+        )
+        got = np.array([d.embedding for d in answer.data])
+        expected = compact(want, 16, precision, calibration).astype(np.int64)
+        assert got.shape == (2, size), (precision, got.shape)
+        # The endpoint's float vectors match these to 1e-5: a code may sit on a rounding
+        # edge and move by one level, never more.
+        assert np.abs(got - expected).max() <= 1, (precision, got, expected)
+        assert (got == expected).mean() >= 0.9, (precision, got, expected)
+    raw = _post(server, {"input": texts[0], "precision": "int8", "encoding_format": "base64"})
+    assert raw.status_code == 200 and raw.json()["rzenembed"]["precision"] == "int8"
+    assert len(base64.b64decode(raw.json()["data"][0]["embedding"])) == 64  # 64 bytes
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model=NAME, input="x", extra_body={"precision": "fp4"})
+    assert refused.value.body["param"] == "precision"
+    uncalibrated = _post(server, {"input": "x", "precision": "int8", "dimensions": 12})
+    assert uncalibrated.status_code == 400
+    assert uncalibrated.json()["error"]["param"] == "dimensions"
+
+
 def test_models_and_health_name_the_served_version(server, registry):
     listing = _get(server, "/v1/models").json()
     (entry,) = listing["data"]
@@ -332,6 +378,9 @@ def test_models_and_health_name_the_served_version(server, registry):
     assert entry["version"] == registry["versions"][0]
     assert entry["digest"] == registry["digests"][0]
     assert entry["template"] == "rzenembed-paper" and entry["dimensions"] == 64
+    assert entry["trained_dimensions"] == [8, 16, 32, 64]
+    assert entry["calibrated_dimensions"] == [8, 16, 32, 64]
+    assert entry["precisions"] == ["float", "int8", "uint8", "binary", "ubinary"]
     health = requests.get(server["url"] + "/healthz", timeout=30)  # no key needed
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
