@@ -151,6 +151,19 @@ def test_evaluate_writes_the_report(model_dir, sample_corpus, tmp_path, capsys):
     assert (out / "report.md").is_file() and (out / "report.png").is_file()
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 4
     assert capsys.readouterr().out.startswith("All: ")
+    # The model has no calibration and no trained sizes: float and binary at the full size.
+    assert sorted(report["compact"]["variants"]) == ["64/binary", "64/float"]
+    assert report["compact"]["variants"]["64/float"]["scores"]["All"] == report["all"]["score"]
+    smaller = tmp_path / "smaller"
+    eval_sets = str(sample_corpus.root / "eval")
+    args = ["--dimensions", "8,16", "--precision", "float", "--precision", "ubinary"]
+    args += ["--cache", str(tmp_path / "cache")]
+    code = main(["evaluate", "--model", str(model_dir), "--eval", eval_sets, str(smaller), *args])
+    assert code == 0
+    compact = json.loads((smaller / "report.json").read_text())["compact"]
+    assert compact["dimensions"] == [8, 16, 64] and compact["precisions"] == ["float", "ubinary"]
+    assert compact["variants"]["8/ubinary"]["bytes"] == 1
+    assert "## Nested dimensions and precisions" in (smaller / "report.md").read_text()
 
 
 def test_import_mmeb_eval_command(tmp_path, capsys):

@@ -112,22 +112,21 @@ def test_a_calibration_holds_each_prefix_and_survives_its_file():
 
 
 def test_the_grid_is_every_smaller_trained_size_and_the_full_one():
-    assert grid([2, 8, 16], 8, ["float", "binary"]) == [
-        (2, "float"), (2, "binary"), (8, "float"), (8, "binary"),
-    ]  # fmt: skip
+    expected = [(2, "float"), (2, "binary"), (8, "float"), (8, "binary")]
+    assert grid([2, 8, 16], 8, ["float", "binary"]) == expected
     with pytest.raises(PrecisionError, match="precision must be one of"):
         grid([2], 8, ["fp4"])
 
 
 # Four components: the first two are the same for every text, the last two decide. A
 # 2-prefix therefore ties every candidate (tie-exact hit@1: 1/2 with two candidates).
-TABLE = {
-    "q1": [1, 0, 1, 0], "q2": [1, 0, -1, 0],
-    "a": [1, 0, 1, 0], "b": [1, 0, -1, 0],
-}  # fmt: skip
+TABLE = {"q1": [1, 0, 1, 0], "q2": [1, 0, -1, 0], "a": [1, 0, 1, 0], "b": [1, 0, -1, 0]}
 
 
-def _variants_report(tmp_path, precisions=("float", "int8", "uint8", "binary")):
+PRECISIONS = ("float", "int8", "uint8", "binary")
+
+
+def _variants_report(tmp_path, precisions=PRECISIONS):
     folder = write_set(tmp_path / "s", [("q1", [], ["a"]), ("q2", [], ["b"])], ["a", "b"])
     encoder = TextKeyEncoder(TABLE)
     unit = np.array([TABLE[k] for k in ("q1", "q2", "a", "b")], dtype=np.float32) / np.sqrt(2)
@@ -141,10 +140,7 @@ def test_every_prefix_and_precision_is_scored_from_one_embedding_pass(tmp_path):
     got = {k: v["score"] for k, v in score.variants.items()}
     # Full size: every precision keeps the deciding third component -> both queries hit.
     # The 2-prefix ties both candidates for every query -> 1/2 at every precision.
-    assert got == {
-        "2/float": 0.5, "2/int8": 0.5, "2/uint8": 0.5, "2/binary": 0.5,
-        "4/float": 1.0, "4/int8": 1.0, "4/uint8": 1.0, "4/binary": 1.0,
-    }  # fmt: skip
+    assert got == {f"{d}/{p}": {2: 0.5, 4: 1.0}[d] for d in (2, 4) for p in PRECISIONS}
     assert score.variants["4/float"]["per_query"] == score.per_query == [1.0, 1.0]
     assert score.score == 1.0
 

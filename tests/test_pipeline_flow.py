@@ -119,6 +119,7 @@ def pipeline_config(corpus, model_dir, root: Path, data: str = "data") -> Path:
             "sets": [str(corpus.root / "eval")],
             "batch_size": 8,
             "reference_scores": [str(published_scores(root))],
+            "calibration_rows": 32,  # int8 scored and served from a small sample
         },
         "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": "flowtest"},
         # The two stage-2 mixtures train side by side (one CPU each of local Ray's two).
@@ -422,6 +423,7 @@ def test_the_evaluation_report_is_an_artifact(runs):
         "report/report.png",
         "report/leaderboard.json",
         "report/comparison.png",
+        "report/dimensions.png",  # the full size at float, int8 and binary
     }
     # One artifact per finished dataset, for the model and the untrained baseline.
     finished = {k for k in runs["first_artifacts"] if k.startswith("eval-")}
