@@ -277,6 +277,14 @@ class Tracker:
         """``text`` as the run's artifact ``[artifact_path/]name``."""
         self.log_bytes(run_id, name, text.encode(), artifact_path)
 
+    def add_model_file(self, model_id: str, name: str, data: bytes) -> None:
+        """``data`` as the file ``name`` among a LoggedModel's uploaded files (one written
+        beside the weights after the upload, such as the int8 calibration)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_bytes(data)
+            self.client.log_model_artifact(model_id, str(path))
+
     def log_bytes(
         self, run_id: str, name: str, data: bytes, artifact_path: str | None = None
     ) -> None:

@@ -497,12 +497,10 @@ def register_model(
         version, reused = tracker.register(model["model_id"], run_id, model["digest"], tags)
         calibration = report["extra"].get("calibration")
         if calibration:  # the int8/uint8 ranges the endpoint codes this version with
-            tracker.log_bytes(
-                run_id,
-                CALIBRATION_FILE,
-                read_bytes(calibration["uri"], cfg.storage.endpoint_url),
-                "model",
-            )
+            ranges = read_bytes(calibration["uri"], cfg.storage.endpoint_url)
+            tracker.log_bytes(run_id, CALIBRATION_FILE, ranges, "model")
+            if cfg.tracking.upload_models:  # an endpoint serving the uploaded files has them
+                tracker.add_model_file(model["model_id"], CALIBRATION_FILE, ranges)
         if reused:
             print(
                 f"model digest {model['digest'][:12]} is already registered as version "

@@ -190,6 +190,9 @@ def test_the_demo_scores_every_trained_size_and_precision(demo):
     version = client.get_model_version_by_alias("rzenembed", "candidate")
     assert version.tags["rzenembed.trained_dimensions"] == "8,16,32,64"
     assert version.tags["rzenembed.calibration"].split()[1] == calibration["uri"]
+    model_id = version.tags["rzenembed.model_id"]
+    uploaded = {a.path for a in client.list_logged_model_artifacts(model_id)}
+    assert "quantization.json" in uploaded  # an endpoint serving the uploaded files has it
 
 
 def test_nested_training_keeps_more_of_its_score_at_the_smallest_size(demo, ray_local):
