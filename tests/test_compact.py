@@ -169,8 +169,8 @@ def test_report_and_leaderboard_show_scores_per_dimension_and_precision(tmp_path
     text = paths["markdown"].read_text()
     assert "## Nested dimensions and precisions" in text
     # One Image dataset: the Image and All columns, then the share of full kept.
-    assert "| 2 † | 8 | 50.0 [50.0, 50.0] | 50.0 [50.0, 50.0] | 50.0 |" in text
-    assert "| 4 | 16 | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | 100.0 |" in text
+    assert "| 2 † | 8 | 50.0 [50.0, 50.0] | 50.0 [50.0, 50.0] | 50% |" in text
+    assert "| 4 | 16 | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | 100% |" in text
     assert "100.0 [100.0, 100.0] (1 B)" in text  # binary at 4 dimensions: 4 bits, 1 byte
     assert paths["dimensions"].stat().st_size > 0 and paths["dimensions"].name == "dimensions.png"
     board = json.loads(paths["leaderboard"].read_text())
@@ -240,3 +240,87 @@ def test_an_unknown_or_uncalibrated_precision_is_a_400_naming_the_field():
     with pytest.raises(RequestError, match="needs a calibration") as err:
         check_precision(request, {**MODEL, "precisions": ["float", "binary", "ubinary"]})
     assert err.value.param == "precision"
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+class HashedSides:
+    """A side encoder whose vectors depend on the text only; counts what it embeds."""
+
+    def __init__(self):
+        self.embedded = 0
+
+    def encode_sides(self, sides, media_root, max_frames, batch_size=16, progress=None):
+        import torch
+
+        self.embedded += len(sides)
+        rows = [np.random.default_rng(abs(hash(s["text"])) % 2**32).normal(size=8) for s in sides]
+        return torch.nn.functional.normalize(torch.tensor(np.array(rows), dtype=torch.float32))
+
+
+def _training_manifest(tmp_path):
+    from rzenembed.data.schema import RECORD_SCHEMA, records_table
+    from rzenembed.data.version import VersionWriter
+    from rzenembed.prep.mixture import StageDataset, StageManifest
+    from tests.test_rows import text_rows
+
+    writer = VersionWriter(str(tmp_path / "v"), RECORD_SCHEMA)
+    for k in range(3):
+        writer.write_shard(f"part-{k:05d}", records_table(text_rows(k)))
+    version = writer.commit(
+        dataset="lazy",
+        step="test",
+        config_digest="c",
+        code_version="1",
+        inputs=[],
+        stats={"media_root": str(tmp_path / "media")},
+    )
+    dataset = StageDataset(
+        "lazy", version.uri, version.content_digest, version.rows, "text_retrieval", 1.0
+    )
+    path = tmp_path / "stage-manifest.json"
+    path.write_text(StageManifest("stage2", "m", [dataset]).to_json())
+    return str(path)
+
+
+def test_calibration_draws_training_rows_from_a_few_shards(tmp_path):
+    from rzenembed.evaluation.calibration import calibration_sides
+
+    manifest = _training_manifest(tmp_path)  # 3 shards of 150 rows
+    ((_, sides),) = calibration_sides([manifest], rows=40, seed=0)
+    queries, positives = sides[::2], sides[1::2]
+    assert len(queries) == 40 and len({q["text"] for q in queries}) == 40  # no row twice
+    # Each positive is its own row's ("query 1.7 xxx..." -> "answer 1.7").
+    pairs = zip(queries, positives, strict=True)
+    assert all(p["text"] == "answer " + q["text"].split()[1] for q, p in pairs)
+    shards = {q["text"].split()[1].split(".")[0] for q in queries}
+    assert len(shards) == 2  # ceil(40 / 32) shards read, never one per row
+    assert calibration_sides([manifest], rows=40, seed=0) == [(_, sides)]  # seeded
+    assert calibration_sides([manifest], rows=40, seed=1) != [(_, sides)]
+
+
+def test_a_model_is_calibrated_once_on_its_own_training_data(tmp_path):
+    from rzenembed.config import config_from_dict
+    from rzenembed.evaluation.calibration import calibrate_model, training_manifests
+
+    manifest = _training_manifest(tmp_path)
+    kept = [{"kept": True, "stage_manifest": manifest}, {"kept": False, "stage_manifest": "x"}]
+    extra = {"soup": {"adapters": kept}}
+    assert training_manifests(extra) == [manifest]  # the adapters the soup kept
+    cfg = config_from_dict({"model": {"name_or_path": "x"}, "eval": {"calibration_rows": 40}})
+    model = tmp_path / "model"
+    model.mkdir()
+    encoder = HashedSides()
+    first = calibrate_model(cfg, encoder, str(model), "digest", extra, [2, 4])
+    assert encoder.embedded == 80 and first.dimensions == [2, 4, 8]
+    stored = Calibration.loads((model / "quantization.json").read_text())
+    assert stored.source == first.source and stored.source["stage_manifests"] == [manifest]
+    again = calibrate_model(cfg, encoder, str(model), "digest", extra, [2])
+    assert encoder.embedded == 80 and again.dimensions == [2, 4, 8]  # read, not embedded
+    other = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"calibration_rows": 20})})
+    calibrate_model(other, encoder, str(model), "digest", extra, [2])
+    assert encoder.embedded == 120  # another sample: made again
+    off = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"calibration_rows": 0})})
+    assert calibrate_model(off, encoder, str(model), "digest", extra, [2]) is None
+    assert calibrate_model(cfg, encoder, str(model), "digest", {}, [2]) is None  # no data named

@@ -5,7 +5,8 @@ range must come from data the model will embed, and not from the evaluation sets
 scores would then measure codes fitted to them). A souped model's card names the stage
 manifests its adapters trained on (``soup.adapters[].stage_manifest``), an adapter's its
 own; a seeded draw of ``eval.calibration_rows`` rows across their datasets (each dataset
-in proportion to its rows, at least one row) is embedded, queries and positives both, and
+in proportion to its rows, at least one row, from a few of its shards) is embedded,
+queries and positives both, and
 the per-component minimum and maximum of every nested prefix are the ranges. They are
 written beside the weights as ``quantization.json`` (outside the model's content digest:
 the float vectors do not depend on them) and recorded with the registered version.
@@ -14,6 +15,7 @@ the float vectors do not depend on them) and recorded with the registered versio
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -48,33 +50,56 @@ def _quotas(sizes: Sequence[int], total: int) -> list[int]:
     return [min(n, max(1, round(total * n / whole))) if n else 0 for n in sizes]
 
 
+SHARD_ROWS_DRAWN = 32  # rows drawn per shard read, at most: a few shards per dataset
+READS_AT_ONCE = 16  # shard reads in flight (object-store latency, not bandwidth, bounds it)
+
+
+def _drawn(version: DatasetVersion, quota: int, rng: np.random.Generator) -> dict[int, list[int]]:
+    """Shard index -> row offsets in it: ``quota`` rows drawn without replacement from
+    ``ceil(quota / SHARD_ROWS_DRAWN)`` shards chosen at random (never one read per row: on
+    an object store a row spread over a 5M-row version would be a GET each)."""
+    shards = [i for i, shard in enumerate(version.manifest.shards) if shard.rows]
+    chosen = rng.permutation(shards)[: max(1, -(-quota // SHARD_ROWS_DRAWN))]
+    pool = [(int(i), r) for i in sorted(chosen) for r in range(version.manifest.shards[i].rows)]
+    picks = rng.choice(len(pool), size=min(quota, len(pool)), replace=False)
+    out: dict[int, list[int]] = {}
+    for k in sorted(picks):
+        shard, row = pool[k]
+        out.setdefault(shard, []).append(row)
+    return out
+
+
 def calibration_sides(
     manifests: Sequence[str], rows: int, seed: int, endpoint_url: str | None = None
 ) -> list[tuple[str, list[dict[str, Any]]]]:
     """(media root, sides) per dataset version: the query and positive of ``rows`` rows
-    drawn (seeded, without replacement) across every dataset the manifests name. Only the
-    shards holding a drawn row are read, and only those two columns."""
+    drawn (seeded, without replacement) across every dataset the manifests name, each in
+    proportion to its rows. Only a few shards per dataset are read, only those two
+    columns, ``READS_AT_ONCE`` at a time."""
     versions: dict[str, int] = {}
     for uri in manifests:
         for dataset in StageManifest.load(uri, endpoint_url).datasets:
             versions.setdefault(dataset.uri, dataset.rows)
     order = sorted(versions)
     rng = np.random.default_rng(seed)
-    out = []
+    plans = []
     for uri, quota in zip(order, _quotas([versions[u] for u in order], rows), strict=True):
-        if quota == 0:
-            continue
-        version = DatasetVersion.open(uri, endpoint_url)
-        picked = set(rng.choice(version.rows, size=min(quota, version.rows), replace=False))
-        sides, start = [], 0
-        for shard in version.manifest.shards:
-            wanted = [i - start for i in range(start, start + shard.rows) if i in picked]
-            start += shard.rows
-            if not wanted:
-                continue
-            table = version.read_shard(shard, ["query", "positive"]).to_pylist()
-            for i in wanted:
-                sides += [table[i]["query"], table[i]["positive"]]
+        if quota:
+            version = DatasetVersion.open(uri, endpoint_url)
+            plans.append((version, _drawn(version, quota, rng)))
+
+    def read(job: tuple[DatasetVersion, int, list[int]]) -> list[dict[str, Any]]:
+        version, index, offsets = job
+        table = version.read_shard(version.manifest.shards[index], ["query", "positive"])
+        picked = table.take(offsets).to_pylist()
+        return [side for row in picked for side in (row["query"], row["positive"])]
+
+    jobs = [(v, i, offsets) for v, drawn in plans for i, offsets in drawn.items()]
+    with ThreadPoolExecutor(READS_AT_ONCE) as pool:
+        parts = iter(list(pool.map(read, jobs)))
+    out = []
+    for version, drawn in plans:
+        sides = [side for _ in drawn for side in next(parts)]
         out.append((media_root_of(version), sides))
     return out
 

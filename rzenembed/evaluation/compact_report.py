@@ -130,7 +130,7 @@ def to_markdown(section: Mapping[str, Any], picture: str | None = DIMENSIONS_PNG
         lines.append(
             f"| {dim}{mark} | {code_bytes(dim, 'float')} | "
             + " | ".join(cells)
-            + f" | {_pct(share)} |"
+            + f" | {'–' if share is None else f'{100 * share:.0f}%'} |"
         )
     precisions = section["precisions"]
     lines += ["", "All by dimension and precision (bytes a vector in brackets):", ""]
@@ -157,7 +157,7 @@ def plot(section: Mapping[str, Any], path: Path) -> Path:
 
     variants = section["variants"]
     dims = section["dimensions"]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
     colours = {"Image": "#2f6db3", "Video": "#c0504d", "VisDoc": "#4f9a5a", "All": "#222222"}
     for level, colour in colours.items():
         points = [
@@ -191,7 +191,7 @@ def plot(section: Mapping[str, Any], path: Path) -> Path:
     ax.set_ylabel("score (%)")
     ax.set_title("Score against embedding size")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # off the lines
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
