@@ -70,3 +70,27 @@ def test_the_stack_finds_its_services_listeners_and_names_a_planted_exposed_one(
     finally:
         os.killpg(service.pid, signal.SIGKILL)
         service.wait()
+
+
+def test_the_in_process_ray_runtime_listens_on_loopback_only(ray_local):
+    """The runtime ``make demo`` and the flows start in their own process (``ensure_ray``
+    without an address): its GCS, raylet, workers and agents, all descendants of this
+    process, listen on loopback only."""
+    import psutil
+    import ray
+
+    @ray.remote
+    def worker_pid() -> int:
+        return os.getpid()
+
+    ray.get(worker_pid.remote())  # a worker is up and listening too
+    ours = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
+    listeners = [
+        (conn.pid, conn.laddr.ip)
+        for conn in psutil.net_connections(kind="tcp")
+        if conn.status == psutil.CONN_LISTEN and conn.pid in ours
+    ]
+    names = {psutil.Process(pid).name() for pid, _ in listeners}
+    assert {"gcs_server", "raylet"} <= names, names  # the check sees Ray's own servers
+    stack = load_stack_module()
+    assert [x for x in listeners if not stack.is_loopback(x[1])] == []

@@ -37,16 +37,30 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     elif address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(
-            # "local": always a fresh runtime for this process, never a cluster that a
-            # stale /tmp/ray/ray_current_cluster file points at.
-            address="local",
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            resources={"serving": LOCAL_SERVING_SLOTS},
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        from ray._private import ray_constants
+
+        # A local runtime is one node, so it keeps the node address 127.0.0.1 and every
+        # listener (GCS, raylet, workers, agents) binds to loopback; with Ray's cluster
+        # switch on (its Linux default) it takes the machine's address and listens on every
+        # interface. The module constant, for this start only, not
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER: in the environment it would reach `ray start`
+        # processes started from here (a node started with it cannot join a cluster), and
+        # left off, a later driver of a real cluster in this process would give 127.0.0.1.
+        switch = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(
+                # "local": always a fresh runtime for this process, never a cluster that a
+                # stale /tmp/ray/ray_current_cluster file points at.
+                address="local",
+                num_cpus=num_cpus or os.cpu_count() or 1,
+                resources={"serving": LOCAL_SERVING_SLOTS},
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = switch
 
 
 def connect_client(address: str, attempts: int = CLIENT_ATTEMPTS, pause_s: float = 2.0) -> None:
