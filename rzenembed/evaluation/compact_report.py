@@ -15,6 +15,7 @@ from typing import Any
 
 from rzenembed.compact import code_bytes, parse_variant, variant_key
 from rzenembed.evaluation.categories import META_ORDER
+from rzenembed.evaluation.formatting import bounds, pct
 from rzenembed.evaluation.uncertainty import level_members, report_intervals
 
 DIMENSIONS_PNG = "dimensions.png"
@@ -80,17 +81,13 @@ def _precision_rank(key: str) -> int:
     return _PRECISION_ORDER.index(parse_variant(key)[1])
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
 def _cell(entry: Mapping[str, Any] | None, level: str, with_interval: bool) -> str:
     if entry is None or level not in entry["scores"]:
         return "–"
-    text = _pct(entry["scores"][level])
-    bounds = entry["intervals"].get(level)
-    if with_interval and bounds is not None:
-        text += f" [{_pct(bounds[0])}, {_pct(bounds[1])}]"
+    text = pct(entry["scores"][level])
+    interval = entry["intervals"].get(level)
+    if with_interval and interval is not None:
+        text += f" {bounds(interval)}"
     return text
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from rzenembed.evaluation.benchmark import benchmark_dataset, mmeb_v2
 from rzenembed.evaluation.categories import COLUMNS, META_ORDER, category_of
+from rzenembed.evaluation.formatting import bounds, pct
 from rzenembed.evaluation.published import Scores
 from rzenembed.evaluation.uncertainty import dataset_draws, percentile_interval
 
@@ -132,14 +133,6 @@ def compare_all(ours: Scores, references: Sequence[Scores]) -> list[dict[str, An
 # --------------------------------------------------------------------------- showing it
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
-def _bounds(interval: list[float] | None) -> str:
-    return "–" if interval is None else f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
-
-
 def _count(entry: dict[str, Any]) -> str:
     star = "*" if entry["partial"] else ""
     return f"{entry['datasets']} of {entry['benchmark_datasets']}{star}"
@@ -188,8 +181,8 @@ def to_text(comparisons: Sequence[dict[str, Any]]) -> str:
                     f"{c['reference'][:width]:>{width}}  {'Δ':>6}"
                 )
             out.append(
-                f"  {name:<{first}}{count:>12}  {_pct(entry['ours']):>6}  "
-                f"{_bounds(entry['interval']):<14}{_pct(entry['reference']):>{width}}  "
+                f"  {name:<{first}}{count:>12}  {pct(entry['ours']):>6}  "
+                f"{bounds(entry['interval']):<14}{pct(entry['reference']):>{width}}  "
                 f"{100 * entry['difference']:>+6.1f}"
             )
         if any(e["partial"] for e in c["levels"]):
@@ -224,8 +217,8 @@ def to_markdown(comparisons: Sequence[dict[str, Any]], chart: str | None = None)
         ]
         for e in c["levels"]:
             lines.append(
-                f"| {e['level']} | {_count(e)} | **{_pct(e['ours'])}** | {_bounds(e['interval'])}"
-                f" | {_pct(e['reference'])} | {100 * e['difference']:+.1f} |"
+                f"| {e['level']} | {_count(e)} | **{pct(e['ours'])}** | {bounds(e['interval'])}"
+                f" | {pct(e['reference'])} | {100 * e['difference']:+.1f} |"
             )
         lines += [
             "",
@@ -235,7 +228,7 @@ def to_markdown(comparisons: Sequence[dict[str, Any]], chart: str | None = None)
         for d in c["datasets"]:
             lines.append(
                 f"| {d['dataset']} | {d['level'].replace('/', ' ')} | {d['queries'] or '–'} | "
-                f"{_pct(d['ours'])} | {_bounds(d['interval'])} | {_pct(d['reference'])} | "
+                f"{pct(d['ours'])} | {bounds(d['interval'])} | {pct(d['reference'])} | "
                 f"{100 * d['difference']:+.1f} |"
             )
         lines.append("")

@@ -17,6 +17,7 @@ from typing import Any
 
 from rzenembed.evaluation import compact_report, comparison
 from rzenembed.evaluation.categories import COLUMNS, META_ORDER
+from rzenembed.evaluation.formatting import bounds, pct, signed
 from rzenembed.evaluation.leaderboard import LEADERBOARD_JSON, write_leaderboard
 from rzenembed.evaluation.published import Scores, read_scores_text
 from rzenembed.evaluation.runner import DatasetScore
@@ -108,18 +109,9 @@ def deltas(report: dict[str, Any], previous: dict[str, Any]) -> dict[str, float]
     return {k: now[k] - before[k] for k in now if before.get(k) is not None}
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
-def _signed(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:+.1f}"
-
-
 def _interval(report: dict[str, Any], level: str) -> str:
     """``[low, high]`` in % for a level, or – when its datasets kept no per-query scores."""
-    bounds = report.get("intervals", {}).get(level)
-    return "–" if bounds is None else f"[{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]"
+    return bounds(report.get("intervals", {}).get(level))
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -143,14 +135,14 @@ def to_markdown(report: dict[str, Any]) -> str:
         for column in COLUMNS[meta]:
             key = f"{meta}/{column}"
             header.append(f"{meta} {column}")
-            row.append(_pct(report["categories"][key]["score"]) if key in present else "–")
-            change.append(_signed(delta.get(key)))
+            row.append(pct(report["categories"][key]["score"]) if key in present else "–")
+            change.append(signed(delta.get(key)))
         header.append(f"**{meta}**")
-        row.append(f"**{_pct(report['meta'].get(meta, {}).get('score'))}**")
-        change.append(_signed(delta.get(meta)))
+        row.append(f"**{pct(report['meta'].get(meta, {}).get('score'))}**")
+        change.append(signed(delta.get(meta)))
     header.append("**All**")
-    row.append(f"**{_pct(report['all']['score'])}**")
-    change.append(_signed(delta.get("All")))
+    row.append(f"**{pct(report['all']['score'])}**")
+    change.append(signed(delta.get("All")))
     table = [header, ["---"] * len(header), row] + ([change] if delta else [])
     lines += ["## Summary (MMEB-V2 layout)", ""] + ["| " + " | ".join(r) + " |" for r in table]
     confidence = report.get("confidence", {})
@@ -168,16 +160,16 @@ def to_markdown(report: dict[str, Any]) -> str:
     for key, entry in report["categories"].items():
         lines.append(
             f"| {entry['meta']} | {entry['column']} | {len(entry['datasets'])} | "
-            f"{_pct(entry['score'])} | {_interval(report, key)} | {_signed(delta.get(key))} |"
+            f"{pct(entry['score'])} | {_interval(report, key)} | {signed(delta.get(key))} |"
         )
     for meta, entry in report["meta"].items():
         lines.append(
-            f"| **{meta}** | all | {entry['datasets']} | **{_pct(entry['score'])}** | "
-            f"{_interval(report, meta)} | {_signed(delta.get(meta))} |"
+            f"| **{meta}** | all | {entry['datasets']} | **{pct(entry['score'])}** | "
+            f"{_interval(report, meta)} | {signed(delta.get(meta))} |"
         )
     lines.append(
-        f"| **All** | | {report['all']['datasets']} | **{_pct(report['all']['score'])}**"
-        f" | {_interval(report, 'All')} | {_signed(delta.get('All'))} |"
+        f"| **All** | | {report['all']['datasets']} | **{pct(report['all']['score'])}**"
+        f" | {_interval(report, 'All')} | {signed(delta.get('All'))} |"
     )
     lines += [
         "",
@@ -199,10 +191,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {d['meta']} {d['column']} | {d['ranking']} | {d['queries']} | "
             f"{d['candidates']} | {d.get('frames') or '–'} | {d['metric']} | "
-            f"**{_pct(d['score'])}** | {_interval(report, f'dataset:{name}')} | "
-            f"{_pct(listed) if differs else ''} | {_pct(m['hit@1'])} | "
-            f"{_pct(ndcg)} | {_pct(m.get('recall@5'))} | {_pct(m['mrr'])} | "
-            f"{_signed(delta.get(f'dataset:{name}'))} |"
+            f"**{pct(d['score'])}** | {_interval(report, f'dataset:{name}')} | "
+            f"{pct(listed) if differs else ''} | {pct(m['hit@1'])} | "
+            f"{pct(ndcg)} | {pct(m.get('recall@5'))} | {pct(m['mrr'])} | "
+            f"{signed(delta.get(f'dataset:{name}'))} |"
         )
     releases = Counter(
         f"{p['source']} release `{p['release']}`"
