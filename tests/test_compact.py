@@ -145,6 +145,29 @@ def test_every_prefix_and_precision_is_scored_from_one_embedding_pass(tmp_path):
     assert score.score == 1.0
 
 
+def test_other_sizes_asked_later_are_ranked_from_the_cached_vectors(tmp_path):
+    folder = write_set(tmp_path / "s", [("q1", [], ["a"]), ("q2", [], ["b"])], ["a", "b"])
+    encoder, cache = TextKeyEncoder(TABLE), tmp_path / "cache"
+    (plain,) = evaluate(encoder, folder, model_digest="m", cache_dir=cache)
+    assert plain.variants == {} and sorted(encoder.encoded) == ["a", "b", "q1", "q2"]
+    resumed = []
+    (halves,) = evaluate(
+        encoder,
+        folder,
+        model_digest="m",
+        cache_dir=cache,
+        variants=Variants([2], ["float"]),
+        on_dataset=lambda score, was_stored: resumed.append(was_stored),
+    )
+    assert len(encoder.encoded) == 4 and resumed == [True]  # nothing embedded again
+    assert {k: v["score"] for k, v in halves.variants.items()} == {"2/float": 0.5, "4/float": 1.0}
+    (again,) = evaluate(
+        encoder, folder, model_digest="m", cache_dir=cache, variants=Variants([2], ["float"])
+    )
+    assert again.variants == halves.variants  # stored beside the score this time
+    assert len(list((cache / "compact-scores").glob("*.json"))) == 1
+
+
 def test_int8_and_uint8_are_left_out_without_a_calibration(tmp_path):
     folder = write_set(tmp_path / "s", [("q1", [], ["a"])], ["a", "b"])
     variants = Variants([2], ["float", "int8", "uint8", "binary"], None)

@@ -15,7 +15,7 @@ import hashlib
 import io
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,7 +47,10 @@ from rzenembed.training.collate import MediaReader, to_input
 ENCODE_SLICE = 256  # items read from storage and embedded per slice
 SCORE_BLOCK = 1024  # queries scored against a global corpus per matrix product
 FIRST_LISTED = "first_listed:"  # metrics under the positional tie convention
-SCORE_FORMAT = 3  # stored dataset scores: 2 = with per-query values, 3 = with variants
+SCORE_FORMAT = 2  # stored dataset scores: 2 = with per-query values
+# Compact variants of a stored score, by the variants asked for (a folder of their own:
+# ``scores/`` holds dataset scores only, which progress watchers read as they appear).
+COMPACT_SCORES = "compact-scores"
 
 
 class ItemEncoder(Protocol):
@@ -161,15 +164,41 @@ def _encode(
         return target.encode_sides(list(sides), reader.root, max_frames, batch_size, bar.update)
 
 
+def _vectors_key(model_digest: str, sides: list[dict], media_root: str, max_frames: int) -> str:
+    with_media = any(side.get("media") for side in sides)
+    root = media_root if with_media else None  # text alone does not depend on it
+    payload = json.dumps([model_digest, root, max_frames, sides], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 def candidate_cache_key(model_digest: str, dataset: EvalDataset, max_frames: int) -> str:
     """What candidate vectors depend on: the model, the media root, the frame count and
     each candidate's content (not its id or dataset), so two datasets over one corpus
     share their vectors."""
     sides = [c["candidate"] for c in dataset.candidates]
-    with_media = any(side.get("media") for side in sides)
-    root = dataset.media_root if with_media else None  # text alone does not depend on it
-    payload = json.dumps([model_digest, root, max_frames, sides], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return _vectors_key(model_digest, sides, dataset.media_root, max_frames)
+
+
+def _query_cache_uri(cache_dir: str, model_digest: str, dataset: EvalDataset, frames: int) -> str:
+    """Where a dataset's query vectors are kept (``queries/`` beside the candidates'): a
+    score asked for again at other sizes or precisions is ranked from them, not embedded."""
+    sides = [q["query"] for q in dataset.queries]
+    key = _vectors_key(model_digest, sides, dataset.media_root, frames)
+    return join(cache_dir, "queries", f"{key}.pt")
+
+
+def _load_vectors(uri: str, endpoint_url: str | None) -> torch.Tensor | None:
+    fs, path = filesystem(uri, endpoint_url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return torch.load(io.BytesIO(f.read()), weights_only=True)
+
+
+def _save_vectors(uri: str, vectors: torch.Tensor, endpoint_url: str | None) -> None:
+    buffer = io.BytesIO()
+    torch.save(vectors, buffer)
+    write_bytes(uri, buffer.getvalue(), endpoint_url)  # whole or not at all
 
 
 def _cached_candidates(
@@ -197,16 +226,18 @@ def _cached_candidates(
             show_progress,
         )
     uri = join(str(cache_dir), f"{candidate_cache_key(model_digest, dataset, max_frames)}.pt")
-    fs, path = filesystem(uri, endpoint_url)
-    if fs.exists(path):
-        with fs.open(path, "rb") as f:
-            return torch.load(io.BytesIO(f.read()), weights_only=True)
-    vectors = _encode(
-        encoder, sides, reader, max_frames, batch_size, f"{dataset.name} candidates", show_progress
-    )
-    buffer = io.BytesIO()
-    torch.save(vectors, buffer)
-    write_bytes(uri, buffer.getvalue(), endpoint_url)  # whole or not at all
+    vectors = _load_vectors(uri, endpoint_url)
+    if vectors is None:
+        vectors = _encode(
+            encoder,
+            sides,
+            reader,
+            max_frames,
+            batch_size,
+            f"{dataset.name} candidates",
+            show_progress,
+        )
+        _save_vectors(uri, vectors, endpoint_url)
     return vectors
 
 
@@ -312,6 +343,36 @@ def dataset_digest(dataset: EvalDataset, max_frames: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def _variants_from_cache(
+    score: DatasetScore,
+    dataset: EvalDataset,
+    frames: int,
+    variants: Variants,
+    cache: str,
+    model_digest: str,
+    ndcg_k: int,
+    endpoint_url: str | None,
+) -> dict[str, Any] | None:
+    """A stored score's variants ranked from its cached query and candidate vectors (None
+    when either is gone: then the dataset is scored again)."""
+    uri = join(cache, f"{candidate_cache_key(model_digest, dataset, frames)}.pt")
+    candidates = _load_vectors(uri, endpoint_url)
+    queries = _load_vectors(_query_cache_uri(cache, model_digest, dataset, frames), endpoint_url)
+    if candidates is None or queries is None:
+        return None
+    return variant_scores(queries, candidates, dataset, variants, score.metric, ndcg_k)
+
+
+def _stored_variants(uri: str | None, endpoint_url: str | None) -> dict[str, Any] | None:
+    if uri is None:
+        return None
+    fs, path = filesystem(uri, endpoint_url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
 def _stored_score(uri: str | None, endpoint_url: str | None) -> DatasetScore | None:
     if uri is None:
         return None
@@ -350,15 +411,22 @@ def score_one(
         show_progress,
         endpoint_url,
     )
-    queries = _encode(
-        encoder,
-        [q["query"] for q in dataset.queries],
-        reader,
-        max_frames,
-        batch_size,
-        f"{dataset.name} queries",
-        show_progress,
-    )
+    query_uri = None
+    if cache is not None and model_digest is not None:
+        query_uri = _query_cache_uri(cache, model_digest, dataset, max_frames)
+    queries = None if query_uri is None else _load_vectors(query_uri, endpoint_url)
+    if queries is None:
+        queries = _encode(
+            encoder,
+            [q["query"] for q in dataset.queries],
+            reader,
+            max_frames,
+            batch_size,
+            f"{dataset.name} queries",
+            show_progress,
+        )
+        if query_uri is not None:
+            _save_vectors(query_uri, queries, endpoint_url)
     rows = score_dataset(queries, candidates, dataset, ndcg_k=ndcg_k)
     metrics = mean_metrics(rows)
     category = category_of(dataset.category)
@@ -429,14 +497,25 @@ def evaluate(
     for dataset in tqdm(chosen, desc="datasets", unit="dataset", disable=not show_progress):
         frames = dataset.frames or max_frames
         digest = dataset_digest(dataset, frames)
-        stored = None
+        stored, stored_variants = None, None
         if cache is not None and model_digest is not None:
             # SCORE_FORMAT: a stored score of an older shape (no per-query values) is redone.
-            compact_key = "" if variants is None else f":{variants.digest()}"
-            payload = f"{model_digest}:{ndcg_k}:{digest}:{SCORE_FORMAT}{compact_key}"
+            payload = f"{model_digest}:{ndcg_k}:{digest}:{SCORE_FORMAT}"
             key = hashlib.sha256(payload.encode()).hexdigest()
             stored = join(cache, "scores", f"{model_digest[:16]}-{key}.json")
+            if variants is not None:  # beside it, not in it: one score, any set of variants
+                name = f"{model_digest[:16]}-{key}-{variants.digest()}.json"
+                stored_variants = join(cache, COMPACT_SCORES, name)
         score = _stored_score(stored, endpoint_url)
+        if score is not None and variants is not None:
+            found = _stored_variants(stored_variants, endpoint_url)
+            if found is None:  # other sizes or precisions: ranked from the cached vectors
+                found = _variants_from_cache(
+                    score, dataset, frames, variants, cache, model_digest, ndcg_k, endpoint_url
+                )
+                if found is not None:
+                    write_bytes(stored_variants, json.dumps(found).encode(), endpoint_url)
+            score = None if found is None else replace(score, variants=found)
         resumed = score is not None
         if score is None:
             score = score_one(
@@ -453,7 +532,10 @@ def evaluate(
                 variants,
             )
             if stored is not None:
-                write_bytes(stored, json.dumps(score.to_json()).encode(), endpoint_url)
+                plain = replace(score, variants={})
+                write_bytes(stored, json.dumps(plain.to_json()).encode(), endpoint_url)
+            if stored_variants is not None:
+                write_bytes(stored_variants, json.dumps(score.variants).encode(), endpoint_url)
         results.append(score)
         if on_dataset is not None:
             on_dataset(score, resumed)

@@ -124,7 +124,9 @@ def compact_variants(
     from rzenembed.modeling.card import ModelCard
 
     endpoint = cfg.storage.endpoint_url
-    extra = ModelCard.load(stage_folder(model["uri"], endpoint)).extra
+    folder = stage_folder(model["uri"], endpoint)
+    # A raw checkpoint evaluated with a ModelConfig has no card: no trained sizes, no data.
+    extra = ModelCard.load(folder).extra if ModelCard.exists(folder) else {}
     dims = cfg.eval.dimensions if cfg.eval.dimensions is not None else trained_dimensions(extra)
     calibration = None
     if any(p in ("int8", "uint8") for p in cfg.eval.precisions):
