@@ -135,14 +135,14 @@ class Calibration:
 def calibrate(
     vectors: np.ndarray, dims: Iterable[int], source: Mapping[str, Any] | None = None
 ) -> Calibration:
-    """Ranges of ``vectors`` (calibration embeddings, full size) at each of ``dims`` and at
-    the full size."""
+    """Ranges of ``vectors`` (calibration embeddings, full size) at each of ``dims`` below
+    the full size and at the full size."""
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[0] < 2:
         raise ValueError("calibration needs at least two embeddings")
     full = vectors.shape[1]
     ranges = {}
-    for d in sorted({*dims, full}):
+    for d in sorted({d for d in dims if d < full} | {full}):  # sizes past the full one: none
         head = prefix(vectors, d)
         ranges[d] = (head.min(axis=0), head.max(axis=0))
     return Calibration(ranges, dict(source or {}))

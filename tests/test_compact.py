@@ -97,8 +97,8 @@ def test_uint8_ranks_as_int8_once_its_offset_is_taken_off():
 
 def test_a_calibration_holds_each_prefix_and_survives_its_file():
     vectors = np.array([[0.6, 0.8, 0.0], [0.0, 0.6, 0.8], [0.8, 0.0, 0.6]], dtype=np.float32)
-    calibration = calibrate(vectors, [1, 2], source={"rows": 3})
-    assert calibration.dimensions == [1, 2, 3]  # the full size is always calibrated
+    calibration = calibrate(vectors, [1, 2, 8], source={"rows": 3})
+    assert calibration.dimensions == [1, 2, 3]  # the full size always, none past it
     low, high = calibration.ranges[2]
     # 2-prefixes renormalised: (0.6, 0.8), (0, 1), (1, 0)
     assert np.allclose(low, [0.0, 0.0]) and np.allclose(high, [1.0, 1.0])
