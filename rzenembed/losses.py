@@ -532,7 +532,7 @@ def _check_same_shape_on_all_ranks(batch: int, num_neg: int, dim: int, device: A
         )
 
 
-class MatryoshkaLoss(nn.Module):
+class MatryoshkaLoss(RzenEmbedLoss):
     """The RzenEmbed loss on nested prefixes of the embeddings (Matryoshka representation
     learning: Kusupati et al., 2022), so a vector cut to its first d values, renormalised,
     still embeds well.
@@ -541,36 +541,19 @@ class MatryoshkaLoss(nn.Module):
     mask, per-task temperatures, cross-rank candidates) is computed on the first d values of
     every query, positive and negative, each renormalised; the loss is the weighted sum.
     Everything a prefix decides (the mask, the hardness weights) is decided on that prefix.
-    The temperatures are shared by all prefixes. Under GradCache the gradient of the summed
-    loss with respect to the cached full embeddings flows through the slicing, so chunked
-    and plain steps agree. The returned ``per_task_loss`` and ``masked_fraction`` are the
-    largest prefix's; ``per_dim_loss`` gives each prefix's loss.
+    The temperatures are shared by all prefixes (the same parameters as the plain loss's:
+    a checkpoint names them alike). Under GradCache the gradient of the summed loss with
+    respect to the cached full embeddings flows through the slicing, so chunked and plain
+    steps agree. The returned ``per_task_loss`` and ``masked_fraction`` are the largest
+    prefix's; ``per_dim_loss`` gives each prefix's loss.
     """
 
     def __init__(self, cfg: LossConfig) -> None:
-        super().__init__()
         if cfg.matryoshka is None:
             raise ValueError("MatryoshkaLoss needs loss.matryoshka")
-        self.base = RzenEmbedLoss(cfg)
+        super().__init__(cfg)
         self.dims = list(cfg.matryoshka.dims)
         self.weights = list(cfg.matryoshka.weights or [1.0] * len(self.dims))
-
-    @property
-    def cfg(self) -> LossConfig:
-        return self.base.cfg
-
-    @property
-    def theta(self) -> Tensor:
-        return self.base.theta
-
-    def temperatures(self) -> Tensor:
-        return self.base.temperatures()
-
-    def temperature_dict(self) -> dict[str, float]:
-        return self.base.temperature_dict()
-
-    def task_index(self, names: Sequence[str]) -> Tensor:
-        return self.base.task_index(names)
 
     def forward(
         self,
@@ -585,16 +568,16 @@ class MatryoshkaLoss(nn.Module):
             raise ValueError(
                 f"loss.matryoshka.dims {self.dims} exceed the embedding dimension {full}"
             )
-        cands, cand_ids, targets, task_index = self.base.checked_candidates(
+        cands, cand_ids, targets, task_index = self.checked_candidates(
             query, positive, task_index, negatives, **ids
         )
         positive_ids, group_ids = ids.get("positive_ids"), ids.get("group_ids")
-        id_excluded = self.base.id_exclusions(query.shape[0], positive_ids, group_ids, cand_ids)
+        id_excluded = self.id_exclusions(query.shape[0], positive_ids, group_ids, cand_ids)
         total, out, per_dim = None, {}, {}
         for dim, weight, cand_sim in zip(
             self.dims, self.weights, self._prefix_similarities(query, cands), strict=True
         ):
-            out = self.base.from_similarities(
+            out = self.from_similarities(
                 cand_sim,
                 targets,
                 task_index,
@@ -616,7 +599,7 @@ class MatryoshkaLoss(nn.Module):
         renormalised by dividing by its queries' and candidates' prefix norms (the same as
         cutting, renormalising and multiplying, as ``F.normalize`` does: norms below 1e-12
         count as 1e-12)."""
-        dtype = self.base.similarity_dtype(query)
+        dtype = self.similarity_dtype(query)
         q, c = query.to(dtype), cands.to(dtype)
         raw, q_sq, c_sq, start = None, 0.0, 0.0, 0
         for dim in self.dims:
