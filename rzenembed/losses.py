@@ -289,7 +289,7 @@ class RzenEmbedLoss(nn.Module):
             ``temperatures``: group name -> tau. ``masked_fraction``: share of would-be
             negatives that were masked (ids or false-negative rule).
         """
-        cands, cand_ids, targets, task_index = self.checked_candidates(
+        self._check_inputs(
             query,
             positive,
             task_index,
@@ -300,6 +300,33 @@ class RzenEmbedLoss(nn.Module):
             negative_group_ids,
             negative_mask,
         )
+        # Ids and tasks often come straight from a CPU dataloader.
+        task_index = task_index.to(device=query.device, dtype=torch.long)
+        cands, cand_ids, targets = self._candidates(
+            positive,
+            negatives,
+            positive_ids,
+            negative_ids,
+            group_ids,
+            negative_group_ids,
+            negative_mask,
+        )
+        return self._from_candidates(
+            query, cands, cand_ids, targets, task_index, positive_ids, group_ids
+        )
+
+    def _from_candidates(
+        self,
+        query: Tensor,
+        cands: Tensor,
+        cand_ids: Tensor,
+        targets: Tensor,
+        task_index: Tensor,
+        positive_ids: Tensor | None,
+        group_ids: Tensor | None,
+    ) -> dict[str, Any]:
+        """The loss of the local queries against the gathered candidates (checked inputs);
+        ``MatryoshkaLoss`` computes it on every nested prefix instead."""
         dtype = self.similarity_dtype(query)
         # Similarities in at least float32: at tau ~ 0.02 a bf16 rounding error of a cosine
         # becomes a sizeable logit error.
@@ -354,43 +381,6 @@ class RzenEmbedLoss(nn.Module):
                 same = same_id_mask(row_ids, cand_ids[:, column])
                 out = same if out is None else out | same
         return out
-
-    def checked_candidates(
-        self,
-        query: Tensor,
-        positive: Tensor,
-        task_index: Tensor,
-        negatives: Tensor | None = None,
-        positive_ids: Tensor | None = None,
-        negative_ids: Tensor | None = None,
-        group_ids: Tensor | None = None,
-        negative_group_ids: Tensor | None = None,
-        negative_mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``forward``'s inputs checked, and every candidate gathered (once, across ranks):
-        (candidates ``(N, D)``, their id columns, targets, ``task_index`` on the device:
-        ids and tasks often come straight from a CPU dataloader)."""
-        self._check_inputs(
-            query,
-            positive,
-            task_index,
-            negatives,
-            positive_ids,
-            negative_ids,
-            group_ids,
-            negative_group_ids,
-            negative_mask,
-        )
-        cands, cand_ids, targets = self._candidates(
-            positive,
-            negatives,
-            positive_ids,
-            negative_ids,
-            group_ids,
-            negative_group_ids,
-            negative_mask,
-        )
-        return cands, cand_ids, targets, task_index.to(device=query.device, dtype=torch.long)
 
     def _gathering(self) -> bool:
         return self.cfg.gather_across_ranks and distributed_world_size() > 1
@@ -555,23 +545,21 @@ class MatryoshkaLoss(RzenEmbedLoss):
         self.dims = list(cfg.matryoshka.dims)
         self.weights = list(cfg.matryoshka.weights or [1.0] * len(self.dims))
 
-    def forward(
+    def _from_candidates(
         self,
         query: Tensor,
-        positive: Tensor,
+        cands: Tensor,
+        cand_ids: Tensor,
+        targets: Tensor,
         task_index: Tensor,
-        negatives: Tensor | None = None,
-        **ids: Tensor | None,
+        positive_ids: Tensor | None,
+        group_ids: Tensor | None,
     ) -> dict[str, Any]:
         full = query.shape[-1]
         if self.dims[-1] > full:
             raise ValueError(
                 f"loss.matryoshka.dims {self.dims} exceed the embedding dimension {full}"
             )
-        cands, cand_ids, targets, task_index = self.checked_candidates(
-            query, positive, task_index, negatives, **ids
-        )
-        positive_ids, group_ids = ids.get("positive_ids"), ids.get("group_ids")
         id_excluded = self.id_exclusions(query.shape[0], positive_ids, group_ids, cand_ids)
         total, out, per_dim = None, {}, {}
         for dim, weight, cand_sim in zip(
