@@ -179,6 +179,12 @@ def candidate_cache_key(model_digest: str, dataset: EvalDataset, max_frames: int
     return _vectors_key(model_digest, sides, dataset.media_root, max_frames)
 
 
+def _candidate_cache_uri(
+    cache_dir: str, model_digest: str, dataset: EvalDataset, frames: int
+) -> str:
+    return join(cache_dir, f"{candidate_cache_key(model_digest, dataset, frames)}.pt")
+
+
 def _query_cache_uri(cache_dir: str, model_digest: str, dataset: EvalDataset, frames: int) -> str:
     """Where a dataset's query vectors are kept (``queries/`` beside the candidates'): a
     score asked for again at other sizes or precisions is ranked from them, not embedded."""
@@ -201,43 +207,24 @@ def _save_vectors(uri: str, vectors: torch.Tensor, endpoint_url: str | None) -> 
     write_bytes(uri, buffer.getvalue(), endpoint_url)  # whole or not at all
 
 
-def _cached_candidates(
+def _cached_encode(
     encoder: Encoder,
-    dataset: EvalDataset,
+    sides: Sequence[dict],
     reader: MediaReader,
     max_frames: int,
     batch_size: int,
-    cache_dir: str | None,
-    model_digest: str | None,
+    desc: str,
     show_progress: bool,
-    endpoint_url: str | None = None,
+    uri: str | None,
+    endpoint_url: str | None,
 ) -> torch.Tensor:
-    """Candidate vectors from the cache (a local folder or a URI on the storage root, so
-    every node shares it), or embedded and added to it."""
-    sides = [c["candidate"] for c in dataset.candidates]
-    if cache_dir is None or model_digest is None:
-        return _encode(
-            encoder,
-            sides,
-            reader,
-            max_frames,
-            batch_size,
-            f"{dataset.name} candidates",
-            show_progress,
-        )
-    uri = join(str(cache_dir), f"{candidate_cache_key(model_digest, dataset, max_frames)}.pt")
-    vectors = _load_vectors(uri, endpoint_url)
+    """``sides``' vectors from the cache at ``uri`` (a local folder or a URI on the storage
+    root, so every node shares it), or embedded and stored there; no cache when None."""
+    vectors = None if uri is None else _load_vectors(uri, endpoint_url)
     if vectors is None:
-        vectors = _encode(
-            encoder,
-            sides,
-            reader,
-            max_frames,
-            batch_size,
-            f"{dataset.name} candidates",
-            show_progress,
-        )
-        _save_vectors(uri, vectors, endpoint_url)
+        vectors = _encode(encoder, sides, reader, max_frames, batch_size, desc, show_progress)
+        if uri is not None:
+            _save_vectors(uri, vectors, endpoint_url)
     return vectors
 
 
@@ -355,15 +342,17 @@ def _variants_from_cache(
 ) -> dict[str, Any] | None:
     """A stored score's variants ranked from its cached query and candidate vectors (None
     when either is gone: then the dataset is scored again)."""
-    uri = join(cache, f"{candidate_cache_key(model_digest, dataset, frames)}.pt")
-    candidates = _load_vectors(uri, endpoint_url)
+    candidates = _load_vectors(
+        _candidate_cache_uri(cache, model_digest, dataset, frames), endpoint_url
+    )
     queries = _load_vectors(_query_cache_uri(cache, model_digest, dataset, frames), endpoint_url)
     if candidates is None or queries is None:
         return None
     return variant_scores(queries, candidates, dataset, variants, score.metric, ndcg_k)
 
 
-def _stored_variants(uri: str | None, endpoint_url: str | None) -> dict[str, Any] | None:
+def _stored_json(uri: str | None, endpoint_url: str | None) -> Any:
+    """The JSON stored at ``uri``; None when there is no such file (or no ``uri``)."""
     if uri is None:
         return None
     fs, path = filesystem(uri, endpoint_url)
@@ -374,13 +363,8 @@ def _stored_variants(uri: str | None, endpoint_url: str | None) -> dict[str, Any
 
 
 def _stored_score(uri: str | None, endpoint_url: str | None) -> DatasetScore | None:
-    if uri is None:
-        return None
-    fs, path = filesystem(uri, endpoint_url)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as f:
-        return DatasetScore(**json.loads(f.read()))
+    stored = _stored_json(uri, endpoint_url)
+    return None if stored is None else DatasetScore(**stored)
 
 
 def score_one(
@@ -396,37 +380,36 @@ def score_one(
     digest: str,
     variants: Variants | None = None,
 ) -> DatasetScore:
-    """Embed one dataset (candidates through the cache) and score it, and its compact
-    ``variants`` from the same vectors; ``digest`` is its ``dataset_digest`` (recorded in
-    the score)."""
+    """Embed one dataset (candidates and queries through the cache) and score it, and its
+    compact ``variants`` from the same vectors; ``digest`` is its ``dataset_digest``
+    (recorded in the score)."""
     reader = MediaReader(dataset.media_root)
-    candidates = _cached_candidates(
+    candidate_uri, query_uri = None, None
+    if cache is not None and model_digest is not None:
+        candidate_uri = _candidate_cache_uri(cache, model_digest, dataset, max_frames)
+        query_uri = _query_cache_uri(cache, model_digest, dataset, max_frames)
+    candidates = _cached_encode(
         encoder,
-        dataset,
+        [c["candidate"] for c in dataset.candidates],
         reader,
         max_frames,
         batch_size,
-        cache,
-        model_digest,
+        f"{dataset.name} candidates",
         show_progress,
+        candidate_uri,
         endpoint_url,
     )
-    query_uri = None
-    if cache is not None and model_digest is not None:
-        query_uri = _query_cache_uri(cache, model_digest, dataset, max_frames)
-    queries = None if query_uri is None else _load_vectors(query_uri, endpoint_url)
-    if queries is None:
-        queries = _encode(
-            encoder,
-            [q["query"] for q in dataset.queries],
-            reader,
-            max_frames,
-            batch_size,
-            f"{dataset.name} queries",
-            show_progress,
-        )
-        if query_uri is not None:
-            _save_vectors(query_uri, queries, endpoint_url)
+    queries = _cached_encode(
+        encoder,
+        [q["query"] for q in dataset.queries],
+        reader,
+        max_frames,
+        batch_size,
+        f"{dataset.name} queries",
+        show_progress,
+        query_uri,
+        endpoint_url,
+    )
     rows = score_dataset(queries, candidates, dataset, ndcg_k=ndcg_k)
     metrics = mean_metrics(rows)
     category = category_of(dataset.category)
@@ -508,7 +491,7 @@ def evaluate(
                 stored_variants = join(cache, COMPACT_SCORES, name)
         score = _stored_score(stored, endpoint_url)
         if score is not None and variants is not None:
-            found = _stored_variants(stored_variants, endpoint_url)
+            found = _stored_json(stored_variants, endpoint_url)
             if found is None:  # other sizes or precisions: ranked from the cached vectors
                 found = _variants_from_cache(
                     score, dataset, frames, variants, cache, model_digest, ndcg_k, endpoint_url
