@@ -21,6 +21,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import wait
 from prefect.runtime import flow_run
 
+from rzenembed.compact import parse_variant
 from rzenembed.compute.connect import ensure_ray
 from rzenembed.compute.steps import job_address
 from rzenembed.config import PipelineConfig, config_digest, load_config, resolve_paths
@@ -466,24 +467,22 @@ def browse_hint(tracking_uri: str) -> str:
 def compact_line(extra: dict[str, Any]) -> str:
     """One console line on the nested sizes and precisions the report scored: All at each
     float size (the share of full it keeps) and at each other precision at full size."""
-    compact = extra.get("compact") or {}
-    if not compact:
+    scores = {parse_variant(key): value for key, value in (extra.get("compact") or {}).items()}
+    if not scores:
         return ""
-    parsed = {tuple(key.rsplit("_", 1)): value for key, value in compact.items()}
-    sizes = sorted({int(d) for d, _ in parsed})
-    full = parsed.get((str(sizes[-1]), "float"))
+    full = max(d for d, _ in scores)
+    whole = scores.get((full, "float"))
     floats = ", ".join(
-        f"{d} {100 * parsed[(str(d), 'float')]:.1f}"
-        + (f" ({100 * parsed[(str(d), 'float')] / full:.0f}%)" if full else "")
-        for d in sizes
-        if (str(d), "float") in parsed
+        f"{d} {100 * v:.1f}" + (f" ({100 * v / whole:.0f}%)" if whole else "")
+        for (d, p), v in sorted(scores.items())
+        if p == "float"
     )
     coded = ", ".join(
-        f"{p} {100 * v:.1f}" for (d, p), v in parsed.items() if d == str(sizes[-1]) and p != "float"
+        f"{p} {100 * v:.1f}" for (d, p), v in scores.items() if d == full and p != "float"
     )
     trained = extra.get("trained_dimensions") or []
     return (
-        f"sizes (All, float; share of full): {floats}; at {sizes[-1]}: {coded or 'float only'}"
+        f"sizes (All, float; share of full): {floats}; at {full}: {coded or 'float only'}"
         f"{f'; trained {trained}' if trained else ''}\n"
     )
 

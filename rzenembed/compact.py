@@ -202,6 +202,11 @@ def compact(
     return quantize(prefix(vectors, dim), precision, calibration)
 
 
+def offered(precisions: Sequence[str], calibration: Calibration | None) -> list[str]:
+    """``precisions`` less int8/uint8 when there is no calibration to code them with."""
+    return [p for p in precisions if p not in CALIBRATED or calibration is not None]
+
+
 def variant_key(dim: int, precision: str) -> str:
     """How reports name one (dimension, precision) pair: ``256/int8``."""
     return f"{dim}/{precision}"

@@ -215,9 +215,9 @@ AGGREGATES = ("All", "Image", "Video", "VisDoc")
 
 
 def compact_summary(report: dict[str, Any]) -> dict[str, float]:
-    """All at every scored (dimension, precision), keyed ``<dimension>_<precision>``."""
+    """All at every scored (dimension, precision), keyed as the report keys them (``64/int8``)."""
     variants = (report.get("compact") or {}).get("variants", {})
-    return {key.replace("/", "_"): entry["scores"]["All"] for key, entry in variants.items()}
+    return {key: entry["scores"]["All"] for key, entry in variants.items()}
 
 
 def _against_base(report: dict[str, Any], baseline: dict[str, Any]) -> dict[str, list[float]]:
@@ -288,7 +288,8 @@ def evaluate_model(
         now = levels(report)
         tracker.log_metrics(run_id, [(f"eval/{k.replace(':', '/')}", v, 0) for k, v in now.items()])
         compact = compact_summary(report)
-        tracker.log_metrics(run_id, [(f"eval/compact/{k}", v, 0) for k, v in compact.items()])
+        metrics = [(f"eval/compact/{k.replace('/', '_')}", v, 0) for k, v in compact.items()]
+        tracker.log_metrics(run_id, metrics)
         create_markdown_artifact(
             (folder / REPORT_FILES["markdown"]).read_text(),
             key="evaluation-report",

@@ -24,11 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from rzenembed.compact import (
-    CALIBRATED,
     Calibration,
     compact,
     comparable,
     grid,
+    offered,
     variant_key,
 )
 from rzenembed.data.folders import write_bytes
@@ -283,7 +283,7 @@ class Variants:
     calibration: Calibration | None = None
 
     def usable_precisions(self) -> list[str]:
-        return [p for p in self.precisions if p not in CALIBRATED or self.calibration]
+        return offered(self.precisions, self.calibration)
 
     def digest(self) -> str:
         """What the variant scores depend on besides the model and the data."""

@@ -34,6 +34,7 @@ from rzenembed.compact import (
     CALIBRATED,
     PRECISIONS,
     Calibration,
+    offered,
     read_calibration,
     trained_dimensions,
 )
@@ -80,7 +81,6 @@ class EmbeddingModel:
         # per model digest (``calibration``), never with each answer.
         self.calibration = read_calibration(folder, self.served.endpoint_url)
         card = ModelCard.load(stage_folder(folder, self.served.endpoint_url))  # staged above
-        precisions = [p for p in PRECISIONS if p not in CALIBRATED or self.calibration is not None]
         self.info_doc = {
             "name": self.served.name,
             "version": self.served.version,
@@ -88,7 +88,7 @@ class EmbeddingModel:
             "uri": self.served.uri,
             "dimensions": self.embedder.embedding_dim,
             "trained_dimensions": trained_dimensions(card.extra),
-            "precisions": precisions,
+            "precisions": offered(PRECISIONS, self.calibration),
             "calibrated_dimensions": self.calibration.dimensions if self.calibration else [],
             "template": self.embedder.cfg.template,
             "family": self.embedder.family.family,
