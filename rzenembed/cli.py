@@ -26,6 +26,7 @@ import os
 import sys
 from pathlib import Path
 
+from rzenembed.compact import PRECISIONS
 from rzenembed.config import ConfigError, config_digest, load_config, resolve_paths
 from rzenembed.modeling.backbones import FAMILIES
 from rzenembed.telemetry import telemetry_off
@@ -106,13 +107,14 @@ def _cli_variants(model: str, args: argparse.Namespace) -> tuple:
     sizes), ``--precision`` (default float, int8, binary), int8/uint8 with the calibration
     stored in the model folder (none: not scored); and what the report records of them."""
     from rzenembed.compact import CALIBRATION_FILE, read_calibration, trained_dimensions
+    from rzenembed.config import EvalConfig
     from rzenembed.evaluation.runner import Variants
     from rzenembed.modeling.card import ModelCard
 
     trained = trained_dimensions(ModelCard.load(model).extra)
     dims = trained if args.dimensions is None else args.dimensions
     calibration = read_calibration(model)
-    precisions = args.precision or ["float", "int8", "binary"]
+    precisions = args.precision or EvalConfig().precisions
     recorded = None
     if calibration is not None:
         recorded = {
@@ -433,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--precision",
         action="append",
-        choices=["float", "int8", "uint8", "binary", "ubinary"],
+        choices=PRECISIONS,
         help="precisions to score at every size (repeatable; default float, int8, binary; "
         "int8/uint8 need the model's quantization.json)",
     )

@@ -929,6 +929,13 @@ def config_digest(cfg: BaseModel) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def embedding_settings(model: ModelConfig) -> str:
+    """What vectors depend on besides the weights and the inputs: how inputs reach the
+    model (dtype, visual and text budgets, frames, template), never where it lives. Keys
+    stored embeddings and calibrations."""
+    return digest_of(model.model_copy(update={"name_or_path": "-"}))
+
+
 def digest_of(value: Any) -> str:
     """sha256 of any JSON-able value (pydantic models are dumped first), canonically encoded."""
 

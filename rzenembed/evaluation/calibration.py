@@ -6,8 +6,8 @@ scores would then measure codes fitted to them). A souped model's card names the
 manifests its adapters trained on (``soup.adapters[].stage_manifest``), an adapter's its
 own; a seeded draw of ``eval.calibration_rows`` rows across their datasets (each dataset
 in proportion to its rows, at least one row, from a few of its shards) is embedded,
-queries and positives both, and
-the per-component minimum and maximum of every nested prefix are the ranges. They are
+queries and positives both, and the per-component minimum and maximum of every nested
+prefix are the ranges. They are
 written beside the weights as ``quantization.json`` (outside the model's content digest:
 the float vectors do not depend on them) and recorded with the registered version.
 """
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from rzenembed.compact import CALIBRATION_FILE, Calibration, calibrate, read_calibration
-from rzenembed.config import PipelineConfig, digest_of
+from rzenembed.config import PipelineConfig, embedding_settings
 from rzenembed.data.folders import write_bytes
 from rzenembed.data.storage import join
 from rzenembed.data.version import DatasetVersion
@@ -111,7 +111,7 @@ def calibration_source(cfg: PipelineConfig, manifests: Sequence[str], model_dige
         "stage_manifests": list(manifests),
         "rows": cfg.eval.calibration_rows,
         "seed": cfg.seed,
-        "settings": digest_of(cfg.model.model_copy(update={"name_or_path": "-"})),
+        "settings": embedding_settings(cfg.model),
     }
 
 

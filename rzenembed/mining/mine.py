@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from rzenembed.config import PipelineConfig, digest_of
+from rzenembed.config import PipelineConfig, digest_of, embedding_settings
 from rzenembed.data.folders import exists, read_bytes, write_bytes
 from rzenembed.data.schema import RECORD_SCHEMA, mined_reference
 from rzenembed.data.storage import join
@@ -68,12 +68,6 @@ class _Rows:
     texts: list[str]
 
 
-def _embedding_settings(cfg: PipelineConfig) -> str:
-    """What the vectors depend on besides the weights and the rows: how inputs reach the
-    model (dtype, visual and text budgets, frames, template), never where it lives."""
-    return digest_of(cfg.model.model_copy(update={"name_or_path": "-"}))
-
-
 def mining_digest(cfg: PipelineConfig, model_digest: str) -> str:
     judge = cfg.mining.judge
     return digest_of(
@@ -81,7 +75,7 @@ def mining_digest(cfg: PipelineConfig, model_digest: str) -> str:
             "mining": cfg.mining,
             "model": model_digest,
             "seed": cfg.seed,
-            "settings": _embedding_settings(cfg),
+            "settings": embedding_settings(cfg.model),
             # The judge's model when it falls back to the recaption model.
             "judge_model": (judge.model or cfg.prep.recaption.model) if judge.enabled else None,
         }
@@ -89,7 +83,7 @@ def mining_digest(cfg: PipelineConfig, model_digest: str) -> str:
 
 
 def _embeddings_uri(cfg: PipelineConfig, model_digest: str, version: DatasetVersion) -> str:
-    key = f"{model_digest[:16]}/{version.content_digest[:16]}-{_embedding_settings(cfg)[:8]}"
+    key = f"{model_digest[:16]}/{version.content_digest[:16]}-{embedding_settings(cfg.model)[:8]}"
     return join(cfg.storage.root, EMBEDDINGS, key)
 
 
