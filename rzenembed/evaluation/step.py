@@ -117,7 +117,7 @@ def compact_variants(
     its card names; ``eval.precisions``), and what the report records of them: the trained
     sizes and the int8/uint8 calibration (made with ``encoder`` on a sample of the
     model's training data and stored in its folder; None when there is none)."""
-    from rzenembed.compact import CALIBRATION_FILE, trained_dimensions
+    from rzenembed.compact import CALIBRATED, CALIBRATION_FILE, trained_dimensions
     from rzenembed.evaluation.calibration import calibrate_model
     from rzenembed.evaluation.runner import Variants
     from rzenembed.identity import json_digest
@@ -129,7 +129,7 @@ def compact_variants(
     extra = ModelCard.load(folder).extra if ModelCard.exists(folder) else {}
     dims = cfg.eval.dimensions if cfg.eval.dimensions is not None else trained_dimensions(extra)
     calibration = None
-    if any(p in ("int8", "uint8") for p in cfg.eval.precisions):
+    if set(cfg.eval.precisions) & set(CALIBRATED):  # only int8/uint8 need the ranges
         calibration = calibrate_model(cfg, encoder, model["uri"], model["digest"], extra, dims)
     variants = Variants(list(dims), list(cfg.eval.precisions), calibration)
     facts: dict[str, Any] = {"trained_dimensions": trained_dimensions(extra), "calibration": None}
