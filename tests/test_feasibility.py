@@ -6,6 +6,7 @@ scores; waiting on Ray work times out as ``StepTimeout`` for tasks and actor cal
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -91,6 +92,36 @@ def test_a_request_for_resources_someone_holds_waits_then_names_the_holder():
         holders=lambda kinds: [],
         poll_s=0.05,
     )
+
+
+def test_a_request_freed_a_moment_later_is_admitted_at_once_and_long_waits_poll_slowly():
+    """A step's workers are still being released when the next step asks: the first looks
+    come within a fraction of a second, not after a whole ``poll_s``; later ones back off
+    to ``poll_s`` and stay there."""
+    request = ResourceRequest.of("stage2 training", 1, {"CPU": 1})
+    busy, idle = [{"CPU": 0.0}], [{"CPU": 1.0}]
+    looks: list[float] = []
+
+    def freed_on_third_look():
+        looks.append(time.monotonic())
+        return idle if len(looks) >= 3 else busy
+
+    started = time.monotonic()
+    kwargs = {"nodes": lambda: idle, "holders": lambda kinds: []}
+    admit(request, wait_timeout_s=60, free=freed_on_third_look, poll_s=2.0, **kwargs)
+    assert len(looks) == 3 and time.monotonic() - started < 1.0  # 0.1 s, then 0.2 s
+
+    def look_busy():
+        looks.append(time.monotonic())
+        return busy
+
+    looks.clear()
+    with pytest.raises(InfeasibleRequest, match="not free within"):
+        admit(request, wait_timeout_s=1.6, free=look_busy, poll_s=0.4, **kwargs)
+    # looks: the first, the one the "waiting" line makes, the polls, the error's.
+    gaps = [b - a for a, b in itertools.pairwise(looks[1:-1])]
+    assert gaps[0] < 0.25 and gaps[0] < gaps[1] < gaps[2], gaps  # 0.1, 0.2, 0.4
+    assert all(0.35 < g < 0.6 for g in gaps[2:-1]), gaps  # then poll_s (the last one: cut short)
 
 
 @pytest.mark.slow

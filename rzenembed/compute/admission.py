@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 Resources = dict[str, float]
 # Resources Ray reports per node that no request of ours asks for.
 _IGNORED = ("memory", "object_store_memory")
+# The first look after a request did not fit; each later one waits twice as long, up to
+# ``admit``'s ``poll_s``.
+FIRST_POLL_S = 0.1
 
 
 class InfeasibleRequest(RuntimeError):
@@ -205,7 +208,11 @@ def admit(
     it can never fit, or after ``wait_timeout_s`` naming who holds the resources.
 
     ``free`` defaults to ``nodes`` when ``nodes`` is given (a cluster described by hand,
-    every resource free) and to ``free_nodes`` otherwise."""
+    every resource free) and to ``free_nodes`` otherwise.
+
+    The first looks come quickly (0.1 s, doubling up to ``poll_s``): the common wait is a
+    step that has just finished and whose workers Ray is still releasing, free a moment
+    later; a wait on a busy cluster settles at one look every ``poll_s``."""
     free = free or (free_nodes if nodes is live_nodes else nodes)
     if pack(request.bundles, free()) is not None:
         return
@@ -221,8 +228,10 @@ def admit(
     # Nothing is asked of Ray yet, so its autoscaler sees no demand: tell it what to add.
     asked = bool(autoscale) and demand(request.bundles)
     try:
+        pause = min(FIRST_POLL_S, poll_s)
         while time.monotonic() - started < wait_timeout_s:
-            time.sleep(min(poll_s, max(0.0, wait_timeout_s - (time.monotonic() - started))))
+            time.sleep(min(pause, max(0.0, wait_timeout_s - (time.monotonic() - started))))
+            pause = min(2 * pause, poll_s)
             if pack(request.bundles, free()) is not None:
                 return
             if time.monotonic() - last_report >= report_every_s:
