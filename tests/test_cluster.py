@@ -208,7 +208,7 @@ def cluster_config(corpus, root: Path, address: str, jobs: str, endpoint: str) -
             "ray_address": address,  # short calls only: serving the champion
             "job_address": jobs,  # every step: a Ray Job
             "driver_resources": {"driver": 1},
-            "job_poll_s": 1.0,
+            "job_poll_s": 0.5,
             "num_workers": 2,
             "cpus_per_worker": 1,
             "resources_per_worker": {"trainer": 1},
