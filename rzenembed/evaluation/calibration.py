@@ -7,9 +7,9 @@ manifests its adapters trained on (``soup.adapters[].stage_manifest``), an adapt
 own; a seeded draw of ``eval.calibration_rows`` rows across their datasets (each dataset
 in proportion to its rows, at least one row, from a few of its shards) is embedded,
 queries and positives both, and the per-component minimum and maximum of every nested
-prefix are the ranges. They are
-written beside the weights as ``quantization.json`` (outside the model's content digest:
-the float vectors do not depend on them) and recorded with the registered version.
+prefix are the ranges. They are written beside the weights as ``quantization.json``
+(outside the model's content digest: the float vectors do not depend on them) and recorded
+with the registered version.
 """
 
 from __future__ import annotations
