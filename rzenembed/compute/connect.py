@@ -17,10 +17,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 # Connections tried when the head fails to start a Ray Client server for this driver.
 CLIENT_ATTEMPTS = 4
+# How long a failed connection attempt waits for each of its stream threads (see
+# ``abandoned_streams``); they end once the attempt's channel is closed.
+FAILED_ATTEMPT_WAIT_S = 1.0
 # Serving slots of a local runtime (one per endpoint replica, see the module docstring).
 LOCAL_SERVING_SLOTS = 8
 
@@ -73,8 +78,10 @@ def connect_client(address: str, attempts: int = CLIENT_ATTEMPTS, pause_s: float
     import ray
 
     for attempt in range(1, attempts + 1):
+        started = time.monotonic()
         try:
-            ray.init(address=address, log_to_driver=False)
+            with abandoned_streams():
+                ray.init(address=address, log_to_driver=False)
             return
         except ConnectionAbortedError as error:
             ray.shutdown()
@@ -86,13 +93,55 @@ def connect_client(address: str, attempts: int = CLIENT_ATTEMPTS, pause_s: float
                 ) from error
             log.warning(
                 "Ray Client at %s: the head failed to start this driver's server "
-                "(attempt %d of %d); connecting again in %.0f s",
+                "(attempt %d of %d, %.1f s); connecting again in %.0f s",
                 address,
                 attempt,
                 attempts,
+                time.monotonic() - started,
                 pause_s * attempt,
             )
             time.sleep(pause_s * attempt)
+
+
+@contextmanager
+def abandoned_streams(wait_s: float = FAILED_ATTEMPT_WAIT_S) -> Iterator[None]:
+    """While connecting: a failed attempt's clean-up waits at most ``wait_s`` for each of its
+    two stream threads instead of until the head's proxy lets the streams go.
+
+    A Ray Client connection opens a data stream and a log stream to the head's proxy. When
+    the proxy fails to start this client's server, it answers the data stream's first
+    request with the failure, then keeps that stream open for the client's reconnect grace
+    period (``RAY_CLIENT_RECONNECT_GRACE_PERIOD``, 30 s by default) and the log stream while
+    it retries the dead server's channel (5 tries of ``RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S``
+    + 2 s). Ray's clean-up of the failed attempt joins both threads with no timeout: half a
+    minute or more per failed attempt, for nothing. Closing the attempt's channel, the next
+    step of that clean-up, cancels both streams and ends both threads (daemons), so nothing
+    is left behind. Ray's own ``close`` still runs; only its unbounded joins are bounded,
+    and only inside this block."""
+    from ray.util.client.dataclient import DataClient
+    from ray.util.client.logsclient import LogstreamClient
+
+    def bounded(ray_close, thread_attribute: str):
+        def close(self) -> None:
+            thread = getattr(self, thread_attribute)
+            setattr(self, thread_attribute, None)  # Ray's close joins no thread
+            try:
+                ray_close(self)
+            finally:
+                setattr(self, thread_attribute, thread)
+            if thread is not None:
+                thread.join(timeout=wait_s)
+
+        return close
+
+    saved = [(DataClient, DataClient.close), (LogstreamClient, LogstreamClient.close)]
+    DataClient.close = bounded(DataClient.close, "data_thread")
+    LogstreamClient.close = bounded(LogstreamClient.close, "log_thread")
+    try:
+        yield
+    finally:
+        for cls, ray_close in saved:
+            cls.close = ray_close
 
 
 def is_ray_client() -> bool:
