@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import os
 
+# `make test` runs two pytest-xdist workers (tests/xdist_layout.py); each gets a Prefect
+# home of its own, so that two processes never migrate or write one SQLite database.
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PREFECT_HOME"):
+    os.environ["PREFECT_HOME"] = os.path.join(
+        os.environ["PREFECT_HOME"], os.environ["PYTEST_XDIST_WORKER"]
+    )
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -44,6 +50,25 @@ import pytest
 from PIL import Image
 
 from rzenembed.config import ModelConfig
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """On an xdist worker: units longest first, as the scheduler below hands them out."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        from .xdist_layout import ordered
+
+        items[:] = ordered(items)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Modules and groups as units, in the order the workers collected them
+    (tests/xdist_layout.py says why)."""
+    from .xdist_layout import UnitScheduling
+
+    config.option.loadscopereorder = False
+    return UnitScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

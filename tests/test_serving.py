@@ -409,6 +409,17 @@ def test_moving_champion_rolls_the_endpoint_without_failed_requests(server, regi
             time.sleep(0.2)
         raise AssertionError(f"endpoint never switched to {digest[:12]}")
 
+    # Each registry look the follower makes: (when it started and ended, the digest found).
+    looks: list[tuple[float, float, str]] = []
+    resolve = follower.resolve
+
+    def looked():
+        started = time.time()
+        found = resolve()
+        looks.append((started, time.time(), found.digest))
+        return found
+
+    follower.resolve = looked
     front = replicas(registry["cfg"], "EmbeddingsAPI")
     assert len(front) == 2  # serve.api_replicas
     threads = [threading.Thread(target=client) for _ in range(2)]
@@ -421,6 +432,7 @@ def test_moving_champion_rolls_the_endpoint_without_failed_requests(server, regi
         for version, digest in ((versions[1], digests[1]), (versions[0], digests[0])):
             moved = time.time()  # promote, then roll back by moving the alias back
             tracker.client.set_registered_model_alias(NAME, "champion", version)
+            stored = time.time()  # the registry holds the new alias from here on
             switched = wait_for(digest, moved)
             rollout = follower.rollouts[-1]
             assert rollout.digest == digest
@@ -432,10 +444,15 @@ def test_moving_champion_rolls_the_endpoint_without_failed_requests(server, regi
             other = versions[0] if version == versions[1] else versions[1]
             stale = _post(server, {"input": "pinned", "model": f"{NAME}/{other}"})
             assert stale.status_code == 404, stale.text
-            # The alias is seen within one poll interval; the switch follows as soon as
-            # the new replicas are healthy.
-            assert rollout.seen_at - moved <= poll + 0.5
-            assert switched <= poll + rollout.deploy_s + 1.0, (switched, rollout)
+            # The alias is seen by the first look after it was stored, which came one poll
+            # interval after the previous look ended (a look's own time, a registry query,
+            # is the machine's: seconds on two loaded cores); the switch follows as soon
+            # as the new replicas are healthy.
+            first = next(n for n, look in enumerate(looks) if look[0] > stored)
+            assert looks[first][2] == digest, looks[first - 1 : first + 2]
+            assert looks[first][0] - looks[first - 1][1] <= poll + 1.0, looks[first - 1 :]
+            seen = rollout.seen_at - moved
+            assert switched <= seen + rollout.deploy_s + 2.0, (switched, rollout)
             switches.append(switched)
             time.sleep(1.0)
     finally:
@@ -443,6 +460,7 @@ def test_moving_champion_rolls_the_endpoint_without_failed_requests(server, regi
         stop_follow.set()
         for t in [*threads, watcher]:
             t.join(timeout=60)
+        follower.resolve = resolve
     failed = [a for a in answers if a[1] != 200]
     assert not failed, failed[:5]
     assert len(answers) > 10
