@@ -444,13 +444,14 @@ def test_moving_champion_rolls_the_endpoint_without_failed_requests(server, regi
             other = versions[0] if version == versions[1] else versions[1]
             stale = _post(server, {"input": "pinned", "model": f"{NAME}/{other}"})
             assert stale.status_code == 404, stale.text
-            # The alias is seen by the first look after it was stored, which came one poll
-            # interval after the previous look ended (a look's own time, a registry query,
-            # is the machine's: seconds on two loaded cores); the switch follows as soon
-            # as the new replicas are healthy.
-            first = next(n for n, look in enumerate(looks) if look[0] > stored)
-            assert looks[first][2] == digest, looks[first - 1 : first + 2]
-            assert looks[first][0] - looks[first - 1][1] <= poll + 1.0, looks[first - 1 :]
+            # The alias is found by the first look after it moved (or by one that began
+            # while it was being stored): no look begun after it was stored found the old
+            # version, and the finding look began one poll interval after the previous one
+            # ended (a look's own time, a registry query, is the machine's: seconds on two
+            # loaded cores). The switch follows as soon as the new replicas are healthy.
+            found = next(n for n, look in enumerate(looks) if look[0] > moved and look[2] == digest)
+            assert not [look for look in looks[:found] if look[0] > stored], looks[-4:]
+            assert looks[found][0] - looks[found - 1][1] <= poll + 1.0, looks[found - 1 :]
             seen = rollout.seen_at - moved
             assert switched <= seen + rollout.deploy_s + 2.0, (switched, rollout)
             switches.append(switched)
