@@ -45,7 +45,9 @@ from rzenembed.data.storage import filesystem
 
 from .ray_nodes import agent_ports, client_server_logs, free_port, start_node, stop_nodes
 
-pytestmark = pytest.mark.slow
+# The module fixture runs a whole pipeline (3-6 minutes beside the other xdist worker):
+# the first test's setup may pass the suite's 600 s per test on a slow machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
 BUCKET = "rzenembed-cluster"

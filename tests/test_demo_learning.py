@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
+# The module fixture runs a whole pipeline (3-6 minutes beside the other xdist worker):
+# the first test's setup may pass the suite's 600 s per test on a slow machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 REPO = Path(__file__).resolve().parent.parent
 PROGRESS_BAR = re.compile(r"\d+%\||it/s\]|s/it\]")  # tqdm's bars, redrawn with \r
 GAIN = re.compile(r"(All|Image|Video|VisDoc) ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]")

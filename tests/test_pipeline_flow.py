@@ -37,7 +37,9 @@ from rzenembed.tracking import Tracker, lineage, raw_sources
 
 from .faults import FailOnce
 
-pytestmark = pytest.mark.slow
+# The module fixture runs a whole pipeline (3-6 minutes beside the other xdist worker):
+# the first test's setup may pass the suite's 600 s per test on a slow machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 SECRET = "rz-secret-7f3a9c1e55"
 KEY_ID = "RZKEYID4242EXAMPLE"
