@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ CLIENT_ATTEMPTS = 4
 # How long a failed connection attempt waits for each of its stream threads (see
 # ``abandoned_streams``); they end once the attempt's channel is closed.
 FAILED_ATTEMPT_WAIT_S = 1.0
+# One connecting thread at a time swaps Ray's close methods (``abandoned_streams``).
+_STREAMS_PATCHED = threading.Lock()
 # Serving slots of a local runtime (one per endpoint replica, see the module docstring).
 LOCAL_SERVING_SLOTS = 8
 
@@ -117,7 +120,7 @@ def abandoned_streams(wait_s: float = FAILED_ATTEMPT_WAIT_S) -> Iterator[None]:
     minute or more per failed attempt, for nothing. Closing the attempt's channel, the next
     step of that clean-up, cancels both streams and ends both threads (daemons), so nothing
     is left behind. Ray's own ``close`` still runs; only its unbounded joins are bounded,
-    and only inside this block."""
+    and only inside this block (one thread's block at a time: the methods are the class's)."""
     from ray.util.client.dataclient import DataClient
     from ray.util.client.logsclient import LogstreamClient
 
@@ -134,14 +137,15 @@ def abandoned_streams(wait_s: float = FAILED_ATTEMPT_WAIT_S) -> Iterator[None]:
 
         return close
 
-    saved = [(DataClient, DataClient.close), (LogstreamClient, LogstreamClient.close)]
-    DataClient.close = bounded(DataClient.close, "data_thread")
-    LogstreamClient.close = bounded(LogstreamClient.close, "log_thread")
-    try:
-        yield
-    finally:
-        for cls, ray_close in saved:
-            cls.close = ray_close
+    with _STREAMS_PATCHED:
+        saved = [(DataClient, DataClient.close), (LogstreamClient, LogstreamClient.close)]
+        DataClient.close = bounded(DataClient.close, "data_thread")
+        LogstreamClient.close = bounded(LogstreamClient.close, "log_thread")
+        try:
+            yield
+        finally:
+            for cls, ray_close in saved:
+                cls.close = ray_close
 
 
 def is_ray_client() -> bool:
