@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from xdist.scheduler import LoadScopeScheduling
 
-WHOLE_PIPELINES = "whole-pipelines"
 GROUPS = {
-    WHOLE_PIPELINES: ("test_cluster.py", "test_demo_learning.py", "test_pipeline_flow.py"),
+    "whole-pipelines": ("test_cluster.py", "test_demo_learning.py", "test_pipeline_flow.py"),
     # prepared_for_training and adaptive_stage1 (tests/conftest.py)
     "trained-sample": (
         "test_training_resume.py",
@@ -68,10 +67,6 @@ def unit_of(nodeid: str) -> str:
     return GROUP_OF.get(module, nodeid.split("::", 1)[0])
 
 
-def unit_seconds(unit: str, modules: set[str]) -> float:
-    return sum(MODULE_SECONDS.get(m, 0.0) for m in modules)
-
-
 def ordered(items: list) -> list:
     """``items`` unit by unit, the longest unit first; within a unit, the group's module
     order, then each module's own test order. Stable: ties keep collection order."""
@@ -80,7 +75,7 @@ def ordered(items: list) -> list:
         units.setdefault(unit_of(item.nodeid), []).append(item)
 
     def cost(unit: str) -> float:
-        return unit_seconds(unit, {module_of(i.nodeid) for i in units[unit]})
+        return sum(MODULE_SECONDS.get(m, 0.0) for m in {module_of(i.nodeid) for i in units[unit]})
 
     out = []
     for unit in sorted(units, key=lambda u: -cost(u)):
