@@ -47,7 +47,12 @@ def stop_nodes(temp_dirs: list[Path]) -> None:
 def start_node(command: list[str], env: dict[str, str], temp_dir: Path, tries: int = 3) -> None:
     """``ray start``, tried again when it exits non-zero: on two loaded cores a joining
     node can time out waiting for a head that is still starting. The last failure raises
-    with Ray's own output, so a CI log says why."""
+    with Ray's own output, so a CI log says why. Nobody looks at a test node's dashboard:
+    its agent gathers per-process statistics once a minute, as a local runtime's does
+    (``rzenembed.compute.connect.local_node_env``), not every 5 s."""
+    from rzenembed.compute.connect import local_node_env
+
+    env = local_node_env(env)
     for attempt in range(1, tries + 1):
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
         if done.returncode == 0:

@@ -94,3 +94,34 @@ def test_the_in_process_ray_runtime_listens_on_loopback_only(ray_local):
     assert {"gcs_server", "raylet"} <= names, names  # the check sees Ray's own servers
     stack = load_stack_module()
     assert [x for x in listeners if not stack.is_loopback(x[1])] == []
+
+
+def raylet_environments(pids) -> list[dict[str, str]]:
+    """The environments of the raylets among ``pids``: a node's agent is the raylet's child
+    and inherits its environment (the agent's own cannot be read back: it rewrites its
+    command line over it, naming itself ``ray::DashboardAgent``)."""
+    import psutil
+
+    found = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.cmdline()[:1] and proc.cmdline()[0].endswith("/raylet"):
+                found.append(proc.environ())
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_the_in_process_runtime_gathers_process_statistics_once_a_minute(ray_local):
+    """A local runtime has no dashboard: its agent's statistics interval is a minute (Ray's
+    5 s default cost a quarter of a core beside training), and the setting was this
+    process's only while the runtime started."""
+    import psutil
+
+    from rzenembed.compute.connect import LOCAL_REPORTER_INTERVAL_MS, REPORTER_INTERVAL_ENV
+
+    nodes = raylet_environments(p.pid for p in psutil.Process().children(recursive=True))
+    assert nodes, "no raylet among this process's descendants"
+    assert {env.get(REPORTER_INTERVAL_ENV) for env in nodes} == {LOCAL_REPORTER_INTERVAL_MS}
+    assert os.environ.get(REPORTER_INTERVAL_ENV) is None

@@ -40,17 +40,18 @@ def mlflow_get(base: str, path: str, **params: str) -> dict:
         return json.loads(response.read())
 
 
+def in_group(entry: Path, group: int) -> bool:
+    """Whether the live (not zombie) process at ``/proc/<pid>`` is in process ``group``."""
+    try:
+        stat = (entry / "stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rsplit(") ", 1)[-1].split()
+    return fields[0] != "Z" and int(fields[2]) == group
+
+
 def group_alive(group: int) -> bool:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(") ", 1)[-1].split()
-            if fields[0] != "Z" and int(fields[2]) == group:
-                return True
-    return False
+    return any(e.name.isdigit() and in_group(e, group) for e in Path("/proc").iterdir())
 
 
 # A stage-1 and a stage-2 source: this test is about the services a run goes through
@@ -180,6 +181,20 @@ def test_every_listener_of_the_stack_is_on_loopback(stack, deployed_run):
     counted = int(done.stdout.split("listening: ", 1)[1].split()[0])
     # Prefect, MLflow, and Ray's GCS, raylet (two), client server and agents at least.
     assert counted >= 7, done.stdout
+
+
+def test_the_stack_node_gathers_process_statistics_once_a_minute(stack, deployed_run):
+    """The stack's Ray node has no dashboard: its agent gathers per-process statistics
+    once a minute, not every 5 s."""
+    from rzenembed.compute.connect import LOCAL_REPORTER_INTERVAL_MS, REPORTER_INTERVAL_ENV
+
+    from .test_local_stack import raylet_environments
+
+    head = int((stack["state"] / "ray-head.pid").read_text())
+    group = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and in_group(p, head)]
+    nodes = raylet_environments(group)
+    assert nodes, "no raylet in the stack's ray-head process group"
+    assert {env.get(REPORTER_INTERVAL_ENV) for env in nodes} == {LOCAL_REPORTER_INTERVAL_MS}
 
 
 def test_down_leaves_no_process_behind(stack, deployed_run):

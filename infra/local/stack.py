@@ -171,11 +171,15 @@ class Stack:
             "--backend-store-uri", s["mlflow_backend"],
             "--artifacts-destination", str(self.state / "mlartifacts"), "--workers", "1",
         ], env)  # fmt: skip
+        from rzenembed.compute.connect import local_node_env
+
         # On SIGTERM a Ray node first drains (up to 30 s) so that Serve proxies can move
         # traffic to other nodes; this stack has one node and `down` stops it whole. The
         # drain would wait for the GCS, which the same SIGTERM stops, or for Ray Data's
         # detached actors to let go: `down` took 31 s for the head alone (3.5 s without).
-        head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        # The node has no dashboard: its agent gathers per-process statistics once a minute,
+        # not every 5 s (rzenembed.compute.connect.local_node_env).
+        head_env = local_node_env({**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
         self.start("ray-head", self.ray_head_command(s), head_env)
         urls = self.env(s)
         self.wait_http("prefect-server", f"{urls['PREFECT_API_URL']}/health")

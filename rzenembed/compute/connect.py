@@ -31,6 +31,35 @@ FAILED_ATTEMPT_WAIT_S = 1.0
 _STREAMS_PATCHED = threading.Lock()
 # Serving slots of a local runtime (one per endpoint replica, see the module docstring).
 LOCAL_SERVING_SLOTS = 8
+# Every Ray node's agent gathers per-process statistics (psutil over every worker, its
+# memory maps included) every REPORTER_UPDATE_INTERVAL_MS (Ray's default 5 s) for Ray's
+# dashboard. A local runtime has no dashboard to show them, and beside a training or an
+# endpoint (workers holding torch) the gathering cost a quarter of a core of two
+# (docs/PERFORMANCE.md, "Ray's per-process statistics"). Local runtimes and the local
+# stack's node gather once a minute; a cluster keeps Ray's default, for its dashboard.
+LOCAL_REPORTER_INTERVAL_MS = "60000"
+REPORTER_INTERVAL_ENV = "REPORTER_UPDATE_INTERVAL_MS"
+
+
+def local_node_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for the processes of a local Ray node (``ray start`` or ``ray.init``): the
+    agent's statistics interval of a node without a dashboard, unless set already."""
+    return {REPORTER_INTERVAL_ENV: LOCAL_REPORTER_INTERVAL_MS, **env}
+
+
+@contextmanager
+def local_node_environment() -> Iterator[None]:
+    """``os.environ`` as ``local_node_env`` gives it while a local runtime starts (its
+    raylet and agent take the starting process's environment), then as it was: the
+    setting reaches the node's processes, not this process's other children."""
+    added = REPORTER_INTERVAL_ENV not in os.environ
+    if added:
+        os.environ[REPORTER_INTERVAL_ENV] = LOCAL_REPORTER_INTERVAL_MS
+    try:
+        yield
+    finally:
+        if added:
+            os.environ.pop(REPORTER_INTERVAL_ENV, None)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -57,16 +86,17 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         switch = ray_constants.ENABLE_RAY_CLUSTER
         ray_constants.ENABLE_RAY_CLUSTER = False
         try:
-            ray.init(
-                # "local": always a fresh runtime for this process, never a cluster that a
-                # stale /tmp/ray/ray_current_cluster file points at.
-                address="local",
-                num_cpus=num_cpus or os.cpu_count() or 1,
-                resources={"serving": LOCAL_SERVING_SLOTS},
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
+            with local_node_environment():
+                ray.init(
+                    # "local": always a fresh runtime for this process, never a cluster that a
+                    # stale /tmp/ray/ray_current_cluster file points at.
+                    address="local",
+                    num_cpus=num_cpus or os.cpu_count() or 1,
+                    resources={"serving": LOCAL_SERVING_SLOTS},
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = switch
 
