@@ -11,6 +11,13 @@ if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PREFECT_HOME"):
         os.environ["PREFECT_HOME"], os.environ["PYTEST_XDIST_WORKER"]
     )
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Two workers share two cores, and every Ray worker computes on one thread already (Ray
+# sets it, and a training rank sets its own). A test process or a driver it starts
+# computing on torch's default of one thread per core would have its OpenMP threads spin,
+# waiting for a core that the other worker holds: in-process torch tests two by two took
+# 24% fewer CPU-seconds and 25% less time with one thread (docs/PERFORMANCE.md, "The test
+# suite"). Set before anything here imports torch, and inherited by every child process.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Dummy credentials for the local S3 server (moto); set before Ray starts so its workers

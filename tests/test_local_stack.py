@@ -113,6 +113,26 @@ def raylet_environments(pids) -> list[dict[str, str]]:
     return found
 
 
+def gcs_system_configs(pids) -> list[dict]:
+    """The system configs the GCS servers among ``pids`` were started with (Ray hands them
+    to every process of the node; a GCS names them on its command line)."""
+    import base64
+    import json
+
+    import psutil
+
+    found = []
+    for pid in pids:
+        try:
+            argv = psutil.Process(pid).cmdline()
+        except psutil.Error:
+            continue
+        if argv and argv[0].endswith("/gcs_server"):
+            (config,) = [a.split("=", 1)[1] for a in argv if a.startswith("--config_list=")]
+            found.append(json.loads(base64.b64decode(config)))
+    return found
+
+
 def test_the_in_process_runtime_gathers_process_statistics_once_a_minute(ray_local):
     """A local runtime has no dashboard: its agent's statistics interval is a minute (Ray's
     5 s default cost a quarter of a core beside training), and the setting was this
@@ -125,3 +145,11 @@ def test_the_in_process_runtime_gathers_process_statistics_once_a_minute(ray_loc
     assert nodes, "no raylet among this process's descendants"
     assert {env.get(REPORTER_INTERVAL_ENV) for env in nodes} == {LOCAL_REPORTER_INTERVAL_MS}
     assert os.environ.get(REPORTER_INTERVAL_ENV) is None
+
+
+def test_the_in_process_runtime_collects_no_ray_metrics(ray_local):
+    """Nothing scrapes a local runtime's Ray metrics: its processes export none."""
+    import psutil
+
+    (config,) = gcs_system_configs(p.pid for p in psutil.Process().children(recursive=True))
+    assert config["enable_metrics_collection"] is False

@@ -185,16 +185,18 @@ def test_every_listener_of_the_stack_is_on_loopback(stack, deployed_run):
 
 def test_the_stack_node_gathers_process_statistics_once_a_minute(stack, deployed_run):
     """The stack's Ray node has no dashboard: its agent gathers per-process statistics
-    once a minute, not every 5 s."""
+    once a minute, not every 5 s, and its processes export no Ray metrics."""
     from rzenembed.compute.connect import LOCAL_REPORTER_INTERVAL_MS, REPORTER_INTERVAL_ENV
 
-    from .test_local_stack import raylet_environments
+    from .test_local_stack import gcs_system_configs, raylet_environments
 
     head = int((stack["state"] / "ray-head.pid").read_text())
     group = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and in_group(p, head)]
     nodes = raylet_environments(group)
     assert nodes, "no raylet in the stack's ray-head process group"
     assert {env.get(REPORTER_INTERVAL_ENV) for env in nodes} == {LOCAL_REPORTER_INTERVAL_MS}
+    (config,) = gcs_system_configs(group)  # and it collects no Ray metrics
+    assert config["enable_metrics_collection"] is False
 
 
 def test_down_leaves_no_process_behind(stack, deployed_run):

@@ -218,8 +218,8 @@ class Stack:
     def ray_head_command(s: dict) -> list[str]:
         """``ray start`` for the stack's one node: loopback, the given CPUs, the endpoint's
         ``serving`` slots (as a local runtime declares them: a served champion never holds
-        a CPU the scheduled retraining needs), no dashboard."""
-        from rzenembed.compute.connect import LOCAL_SERVING_SLOTS
+        a CPU the scheduled retraining needs), no dashboard, no Ray metrics."""
+        from rzenembed.compute.connect import LOCAL_SERVING_SLOTS, LOCAL_SYSTEM_CONFIG
 
         return [
             *(str(BIN / "ray"), "start", "--head", "--block"),
@@ -227,6 +227,8 @@ class Stack:
             *("--num-cpus", str(s["ray_cpus"])),
             *("--resources", json.dumps({"serving": LOCAL_SERVING_SLOTS})),
             *("--include-dashboard=false", "--disable-usage-stats"),
+            # No Ray metrics for a Prometheus the stack does not run (connect.py says why).
+            *("--system-config", json.dumps(LOCAL_SYSTEM_CONFIG)),
         ]
 
     def _forget_ray_head(self) -> None:

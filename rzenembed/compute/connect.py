@@ -38,6 +38,11 @@ LOCAL_SERVING_SLOTS = 8
 # (docs/PERFORMANCE.md, "Ray's per-process statistics"). Local runtimes and the local
 # stack's node gather once a minute; a cluster keeps Ray's default, for its dashboard.
 LOCAL_REPORTER_INTERVAL_MS = "60000"
+# Every worker of a node also exports Ray's own metrics to the node's agent every few
+# seconds, which ingests them point by point for a Prometheus that a local runtime does not
+# have (half of a local agent's work while training ran). Local runtimes and the local
+# stack's node collect none; a cluster keeps them.
+LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False}
 REPORTER_INTERVAL_ENV = "REPORTER_UPDATE_INTERVAL_MS"
 
 
@@ -96,6 +101,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                     include_dashboard=False,
                     log_to_driver=False,
                     configure_logging=False,
+                    _system_config=LOCAL_SYSTEM_CONFIG,
                 )
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = switch
