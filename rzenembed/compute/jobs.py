@@ -85,6 +85,11 @@ class JobSettings:
     python: str = "python"  # the interpreter on the cluster's image
 
 
+# A job's new log lines are fetched at most this often while it runs (and all of them when
+# it ends), however often its status is polled: a status is a small answer from the GCS,
+# a log the whole file read by a node's agent (at the simulated cluster's 0.5 s poll, the
+# head's agent read every running job's whole log twice a second).
+LOG_POLL_S = 5.0
 _ENV_LOCK = threading.Lock()
 # Ray's job client prefers these to the address it is given (a Prefect worker pod that
 # keeps RAY_ADDRESS=ray://head:10001 for short calls would otherwise reach the job server
@@ -351,9 +356,10 @@ class JobRunner:
                 info = self._info(step, sid)
                 status = str(info.status.value)
                 if status in ACTIVE or job.submitted or logs.offset:
-                    # The whole log comes back each time: every poll early on, then less
+                    # The whole log comes back each time, read from its file by the agent
+                    # of the driver's node: every LOG_POLL_S at most early on, then less
                     # often (a log of a day's training is large).
-                    every = self.settings.poll_s if logs.offset < 2**20 else 60.0
+                    every = max(self.settings.poll_s, LOG_POLL_S) if logs.offset < 2**20 else 60.0
                     if status not in ACTIVE or time.monotonic() - last_logs >= every:
                         text = self._ask(step, lambda: self.client.get_job_logs(sid))
                         self._emit(logs.new_lines(text))
