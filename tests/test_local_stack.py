@@ -106,7 +106,8 @@ def raylet_environments(pids) -> list[dict[str, str]]:
     for pid in pids:
         try:
             proc = psutil.Process(pid)
-            if proc.cmdline()[:1] and proc.cmdline()[0].endswith("/raylet"):
+            argv = proc.cmdline()
+            if argv and argv[0].endswith("/raylet"):
                 found.append(proc.environ())
         except psutil.Error:
             pass

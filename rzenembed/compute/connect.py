@@ -34,8 +34,8 @@ LOCAL_SERVING_SLOTS = 8
 # Every Ray node's agent gathers per-process statistics (psutil over every worker, its
 # memory maps included) every REPORTER_UPDATE_INTERVAL_MS (Ray's default 5 s) for Ray's
 # dashboard. A local runtime has no dashboard to show them, and beside a training or an
-# endpoint (workers holding torch) the gathering cost a quarter of a core of two
-# (docs/PERFORMANCE.md, "Ray's per-process statistics"). Local runtimes and the local
+# endpoint (workers holding torch) the gathering cost about a quarter of a core
+# (docs/PERFORMANCE.md, "The test suite", tenth session). Local runtimes and the local
 # stack's node gather once a minute; a cluster keeps Ray's default, for its dashboard.
 LOCAL_REPORTER_INTERVAL_MS = "60000"
 # Every worker of a node also exports Ray's own metrics to the node's agent every few
@@ -57,14 +57,13 @@ def local_node_environment() -> Iterator[None]:
     """``os.environ`` as ``local_node_env`` gives it while a local runtime starts (its
     raylet and agent take the starting process's environment), then as it was: the
     setting reaches the node's processes, not this process's other children."""
-    added = REPORTER_INTERVAL_ENV not in os.environ
-    if added:
-        os.environ[REPORTER_INTERVAL_ENV] = LOCAL_REPORTER_INTERVAL_MS
+    added = {k: v for k, v in local_node_env({}).items() if k not in os.environ}
+    os.environ.update(added)
     try:
         yield
     finally:
-        if added:
-            os.environ.pop(REPORTER_INTERVAL_ENV, None)
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
