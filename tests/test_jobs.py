@@ -23,6 +23,7 @@ import cloudpickle
 import pytest
 
 from rzenembed.compute.jobs import (
+    CANCEL_POLL_S,
     LOG_POLL_S,
     JobLost,
     JobRunner,
@@ -158,8 +159,8 @@ def test_a_driver_that_stops_waiting_leaves_the_job_running_for_the_next_to_find
         first.follow(job, "nap", on_poll=interrupt)
     assert first.client.get_job_status(job.submission_id).value in ("PENDING", "RUNNING")
     lines: list[str] = []
-    second = JobRunner(settings, log=lines.append)
-    asked = {"status": 0, "logs": 0}
+    asked = {"status": 0, "logs": 0, "cancelled": 0}
+    second = JobRunner(settings, log=lines.append, cancelled=lambda: count("cancelled") or False)
     for name, key in (("get_job_info", "status"), ("get_job_logs", "logs")):
         ask = getattr(second.client, name)
         setattr(second.client, name, lambda *a, _ask=ask, _key=key: count(_key) or _ask(*a))
@@ -173,9 +174,11 @@ def test_a_driver_that_stops_waiting_leaves_the_job_running_for_the_next_to_find
     assert (value, found.submission_id, found.submitted) == ("rested", job.submission_id, False)
     assert lines[0].startswith(f"nap: reattached to Ray Job {job.submission_id}")
     assert any("rzenembed job: nap done" in line for line in lines)  # its log's end, streamed
-    # The status every poll_s; the whole log at most every LOG_POLL_S, and once at the end.
+    # The status every poll_s; the whole log at most every LOG_POLL_S, and once at the end;
+    # whether the flow run was cancelled (Prefect's API) at most every CANCEL_POLL_S.
     assert asked["status"] >= 3, (asked, waited)
     assert asked["logs"] <= 2 + waited // LOG_POLL_S, (asked, waited)
+    assert 1 <= asked["cancelled"] <= 1 + waited // CANCEL_POLL_S, (asked, waited)
     assert len(jobs_named(address, "rzenembed-nap-k3-")) == 1
 
 
