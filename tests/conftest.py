@@ -58,6 +58,26 @@ from PIL import Image
 
 from rzenembed.config import ModelConfig
 
+SHARED_PREFECT = pytest.StashKey()
+
+
+def pytest_configure(config):
+    """On the xdist controller: start the suite's Prefect server before the workers start,
+    so that both share it (tests/prefect_server.py says why)."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    from .prefect_server import start_shared
+
+    config.stash[SHARED_PREFECT] = start_shared()
+
+
+def pytest_unconfigure(config):
+    server = config.stash.get(SHARED_PREFECT, None)
+    if server is not None:
+        from .prefect_server import stop_shared
+
+        stop_shared(server)
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
@@ -192,55 +212,24 @@ def adaptive_stage1(prepared_for_training):
 
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
-    """One Prefect API server for the session, as a deployment has one: ``prefect server
-    start`` on loopback with its own home and SQLite database. The flows the suite runs in
-    this process and the drivers it starts as processes (the demo, cluster and job drivers)
-    all report to it, instead of each migrating a fresh database and starting a temporary
-    server of its own (13 to 27 s apiece on two cores). Yields the API URL; flow runs are
-    told apart by their ids, never by being alone on the server."""
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    from pathlib import Path
-
+    """The suite's one Prefect API server (tests/prefect_server.py), as a deployment has
+    one: the flows the suite runs in this process and the drivers it starts as processes
+    (the demo, cluster and job drivers) all report to it, instead of each migrating a fresh
+    database and starting a temporary server of its own (13 to 27 s apiece on two cores).
+    Under xdist the controller started it for both workers; alone, this fixture starts it.
+    Yields the API URL; flow runs are told apart by their ids, never by being alone on the
+    server."""
+    from .prefect_server import SHARED_API_ENV, PrefectServer, wait_until_healthy
     from .ray_nodes import free_port
 
-    home = tmp_path_factory.mktemp("prefect-api")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false"
-    )
-    prefect = Path(sys.executable).parent / "prefect"
-    with (home / "server.log").open("w") as log:
-        server = subprocess.Popen(
-            [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
+    shared = os.environ.get(SHARED_API_ENV)
+    if shared:
+        wait_until_healthy(shared)
+        yield shared
+        return
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-api"), free_port())
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                said = (home / "server.log").read_text()[-4000:]
-                raise RuntimeError(f"the Prefect server did not start:\n{said}")
-            time.sleep(0.5)
-        yield url
+        wait_until_healthy(server.url, server)
+        yield server.url
     finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        server.stop()
