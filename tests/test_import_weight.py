@@ -1,7 +1,8 @@
 """What a process that does no model work imports: a data step's Ray task or Ray Job
-driver, the job driver's entry point and the CLI must not import torch, transformers or
-peft (about 3 CPU-seconds a process for torch, 7-9 with the rest, before any work; a
-pipeline starts hundreds of such processes). The packages' names still resolve on use."""
+driver, the job driver's entry point, the CLI and the endpoint's HTTP front (its replicas
+import ``rzenembed.serving.app``) must not import torch, transformers or peft (about 3
+CPU-seconds a process for torch, 7-9 with the rest, before any work; a pipeline starts
+hundreds of such processes). The packages' names still resolve on use."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ LIGHT_MODULES = [
     "rzenembed.evaluation.evalset",
     "rzenembed.modeling.backbones",
     "rzenembed.modeling.card",
+    "rzenembed.serving.app",
 ]
 HEAVY = ("torch", "transformers", "peft")
 

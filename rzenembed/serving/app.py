@@ -1,7 +1,9 @@
 """The Ray Serve application: an HTTP front and the model replicas.
 
 ``EmbeddingsAPI`` (CPU) owns the HTTP contract: it validates requests, decodes media and
-shapes responses (``protocol.py``); it never loads the model. ``EmbeddingModel`` replicas
+shapes responses (``protocol.py``); it never loads the model, and this module imports no
+torch (the front's replicas load it to find the class: torch alone is about 3 CPU-seconds
+and a few hundred MB per replica start). ``EmbeddingModel`` replicas
 (one GPU each on a cluster) hold the embedder and batch items across concurrent requests
 with ``@serve.batch``, counted in items, not requests. Each replica answers with the
 version and digest it loaded, so a response always names the model that produced it, also
@@ -25,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -176,13 +177,15 @@ class EmbeddingModel:
             return {"error": f"the input could not be prepared: {reason}", "kind": "input"}
         return None
 
-    @torch.inference_mode()
     def _forward(self, items: list[EmbedInput]) -> tuple[np.ndarray, list[int], float]:
         """Vectors, token counts and seconds taken for one batch."""
+        import torch  # loaded by the model already; this module's front replicas never do
+
         started = time.monotonic()
-        batch = self.embedder.prepare(items)
-        tokens = batch["attention_mask"].sum(dim=1).tolist()
-        vectors = self.embedder(**batch).float().cpu().numpy()
+        with torch.inference_mode():
+            batch = self.embedder.prepare(items)
+            tokens = batch["attention_mask"].sum(dim=1).tolist()
+            vectors = self.embedder(**batch).float().cpu().numpy()
         return vectors, [int(t) for t in tokens], time.monotonic() - started
 
     def _answer(self, vectors: np.ndarray, tokens: list[int]) -> dict[str, Any]:
@@ -192,6 +195,8 @@ class EmbeddingModel:
 def model_failure(exc: BaseException) -> dict[str, Any]:
     """A replica-side failure as the front answers it: no internal text; out of memory is
     worth a retry (503), anything else is the server's fault (500)."""
+    import torch  # called on the model's replica, where torch is loaded
+
     text = f"{type(exc).__name__}: {exc}"
     oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower()
     return {"error": "the model failed on this request", "kind": "model", "retry": oom}
