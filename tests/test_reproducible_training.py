@@ -1,5 +1,7 @@
 """The same tiny stage trained in two processes (side by side) with different hash seeds and
-storage roots: the same adapter digest and the same souped-model digest."""
+storage roots: the same adapter digest and the same souped-model digest. One is the test's
+own process (on the session's Ray), the other a process of its own with a fixed hash seed
+and its own local Ray."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import pytest
 
 from rzenembed.config import config_from_dict
 from rzenembed.prep.prepare import prepare_all
+
+from .reproduce_stage import train_and_soup
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -59,36 +63,34 @@ def test_hash_seed_and_storage_root_do_not_change_any_digest(
 ):
     data_cfg = config_from_dict(stage_config(sample_corpus, tiny_model_dir, tmp_path / "data"))
     manifest = prepare_all(data_cfg, show_progress=False).stages["stage1"]
-    # The two processes run side by side (each starts its own local Ray with one CPU); their
-    # output goes to files, so that neither waits on a full pipe while the other is read.
-    running = []
-    for seed, root in (("1", "run-a"), ("2", "run-b")):
-        config = tmp_path / f"{root}.json"
-        config.write_text(json.dumps(stage_config(sample_corpus, tiny_model_dir, tmp_path / root)))
-        env = {**os.environ, "PYTHONHASHSEED": seed, "RAY_ADDRESS": ""}
-        out, err = tmp_path / f"{root}.out", tmp_path / f"{root}.err"
-        with out.open("w") as stdout, err.open("w") as stderr:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "tests.reproduce_stage", str(config), manifest.uri],
-                cwd=REPO,
-                env=env,
-                stdout=stdout,
-                stderr=stderr,
-            )
-        running.append((process, out, err))
-    outputs = []
+    # The other process runs beside this one's training; its output goes to files, so that
+    # it never waits on a full pipe.
+    config = tmp_path / "run-b.json"
+    config.write_text(json.dumps(stage_config(sample_corpus, tiny_model_dir, tmp_path / "run-b")))
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"  # not this process's
+    env = {**os.environ, "PYTHONHASHSEED": seed, "RAY_ADDRESS": ""}
+    out, err = tmp_path / "run-b.out", tmp_path / "run-b.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.reproduce_stage", str(config), manifest.uri],
+            cwd=REPO,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+        )
     try:
-        for process, out, err in running:
-            process.wait(timeout=300)
-            assert process.returncode == 0, err.read_text()[-3000:]
-            outputs.append(json.loads(out.read_text().strip().splitlines()[-1]))
+        here = config_from_dict(stage_config(sample_corpus, tiny_model_dir, tmp_path / "run-a"))
+        outputs = [train_and_soup(here, manifest.uri)]
+        process.wait(timeout=300)
+        assert process.returncode == 0, err.read_text()[-3000:]
+        outputs.append(json.loads(out.read_text().strip().splitlines()[-1]))
     finally:
-        for process, _, _ in running:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     first, second = outputs
-    assert first["adapter_dir"] != second["adapter_dir"]  # two storage roots, two processes
+    assert first["adapter_dir"] != second["adapter_dir"]  # two storage roots
+    assert first["hash_probe"] != second["hash_probe"]  # two hash seeds
     modules = [
         json.loads((Path(o["adapter_dir"]) / "adapter_config.json").read_text())["target_modules"]
         for o in outputs
