@@ -9,6 +9,7 @@ on the node that declares their resource are in test_cluster.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -35,7 +36,7 @@ from rzenembed.compute.jobs import (
 from rzenembed.compute.steps import run_step
 from rzenembed.config import config_from_dict
 
-from .ray_nodes import head_with_job_server, stop_nodes
+from .ray_nodes import head_with_job_server, node_processes, stop_nodes
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -235,6 +236,29 @@ def test_cancelling_the_flow_run_stops_its_job(job_server, prefect_api, tmp_path
             driver.kill()
     assert job_client(address).get_job_status(job).value == "STOPPED", output
     assert f"stopping Ray Job {job}: the flow run was cancelled" in output
+
+
+def test_stopping_the_head_leaves_none_of_its_processes(job_server):
+    """Last in this module: the head is stopped the way every test node is, and nothing it
+    started lives on (its agents retitle themselves and name no folder: once, they outlived
+    it by a minute or two, some spinning a core)."""
+    import psutil
+
+    _, _, store = job_server
+    head = store.parent / "head"
+    started = []
+    for pid in node_processes(str(head)):
+        proc = psutil.Process(pid)
+        started += [proc, *proc.children(recursive=True)]
+    titles = {" ".join(p.cmdline())[:40] for p in started}
+    assert any("DashboardAgent" in t for t in titles), titles  # the retitled ones are seen
+    stop_nodes([head])
+    alive = []
+    for proc in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(" ".join(proc.cmdline())[:80])
+    assert alive == []
 
 
 def _wait_for_running(address: str, prefix: str, driver: subprocess.Popen) -> str:
