@@ -58,10 +58,15 @@ def start_node(command: list[str], env: dict[str, str], temp_dir: Path, tries: i
     node can time out waiting for a head that is still starting. The last failure raises
     with Ray's own output, so a CI log says why. Nobody looks at a test node's dashboard:
     its agent gathers per-process statistics once a minute, as a local runtime's does
-    (``rzenembed.compute.connect.local_node_env``), not every 5 s."""
-    from rzenembed.compute.connect import local_node_env
+    (``rzenembed.compute.connect.local_node_env``), not every 5 s; and a head starts its
+    cluster without Ray's metrics (nothing here scrapes them), as the local stack's does."""
+    import json
+
+    from rzenembed.compute.connect import LOCAL_SYSTEM_CONFIG, local_node_env
 
     env = local_node_env(env)
+    if "--head" in command and "--system-config" not in command:
+        command = [*command, "--system-config", json.dumps(LOCAL_SYSTEM_CONFIG)]
     for attempt in range(1, tries + 1):
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
         if done.returncode == 0:
