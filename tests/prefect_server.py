@@ -22,8 +22,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-# The URL of a server the xdist controller started for its workers.
+# The URL of a server the xdist controller started for its workers, and its log.
 SHARED_API_ENV = "RZENEMBED_TEST_PREFECT_API"
+SHARED_LOG_ENV = "RZENEMBED_TEST_PREFECT_LOG"
 START_TIMEOUT_S = 180
 
 
@@ -63,7 +64,8 @@ class PrefectServer:
 
 def wait_until_healthy(url: str, server: PrefectServer | None = None) -> None:
     """Return once ``url``'s health check answers; raise with the server's log when it
-    exited or did not answer within ``START_TIMEOUT_S``."""
+    exited or did not answer within ``START_TIMEOUT_S`` (a shared server's log is found
+    through ``SHARED_LOG_ENV``)."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         try:
@@ -74,7 +76,8 @@ def wait_until_healthy(url: str, server: PrefectServer | None = None) -> None:
             pass
         exited = server is not None and server.process.poll() is not None
         if exited or time.monotonic() > deadline:
-            said = (server.home / "server.log").read_text()[-4000:] if server else ""
+            log = server.home / "server.log" if server else Path(os.environ[SHARED_LOG_ENV])
+            said = log.read_text()[-4000:] if log.exists() else ""
             raise RuntimeError(f"the Prefect server at {url} did not start:\n{said}")
         time.sleep(0.5)
 
@@ -87,10 +90,12 @@ def start_shared() -> PrefectServer:
     home = Path(tempfile.mkdtemp(prefix="rz-prefect-api-"))
     server = PrefectServer(home, free_port())
     os.environ[SHARED_API_ENV] = server.url
+    os.environ[SHARED_LOG_ENV] = str(home / "server.log")
     return server
 
 
 def stop_shared(server: PrefectServer) -> None:
     server.stop()
     os.environ.pop(SHARED_API_ENV, None)
+    os.environ.pop(SHARED_LOG_ENV, None)
     shutil.rmtree(server.home, ignore_errors=True)
